@@ -1,0 +1,102 @@
+"""Compressors: small objects that turn a named tensor into a :class:`PackedTensor` and back.
+
+Following PyTorch's DDP comm hooks, each compressor is a pure coding step plus explicit, checkpointable
+state (``state_dict`` / ``load_state_dict``): the stochastic rounding RNG, and for
+:class:`ErrorFeedback` the residual per tensor name. :class:`IdentityCompressor` is the parity
+reference: it ships the tensor's own bytes, so "identity" and "no compression" give the same model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from fedq.codec.packed import PackedTensor
+from fedq.codec.quantize import QuantSpec, dequantize, quantize, raw
+
+
+class Compressor(Protocol):
+    def compress(self, name: str, x: torch.Tensor, bits: int | torch.Tensor) -> PackedTensor: ...
+
+    def decompress(self, p: PackedTensor) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class IdentityCompressor:
+    """Lossless: sends the tensor as it is (``bits`` is ignored). The parity reference."""
+
+    def compress(self, name: str, x: torch.Tensor, bits: int | torch.Tensor = 32) -> PackedTensor:
+        return raw(x)
+
+    def decompress(self, p: PackedTensor) -> torch.Tensor:
+        return dequantize(p)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+class QuantCompressor:
+    """Fixed-spec quantizer. With ``spec.stochastic`` it owns a seeded generator (checkpointed).
+
+    A bit-width of 9 or more means "send uncompressed" (bit policies such as the cosine schedule
+    start at 32 bits, and fp32 beats any 9..31-bit integer code in simplicity and exactness).
+    """
+
+    def __init__(self, spec: QuantSpec | None = None, *, seed: int = 0) -> None:
+        self.spec = spec or QuantSpec()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def compress(self, name: str, x: torch.Tensor, bits: int | torch.Tensor) -> PackedTensor:
+        if isinstance(bits, int) and bits > 8:
+            return raw(x)
+        gen = self.generator if self.spec.stochastic and x.device.type == "cpu" else None
+        return quantize(x, bits, self.spec, generator=gen)
+
+    def decompress(self, p: PackedTensor) -> torch.Tensor:
+        return dequantize(p)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "rng" in state:
+            self.generator.set_state(state["rng"])
+
+
+class ErrorFeedback:
+    """Error-feedback wrapper (EF-SGD, Karimireddy et al. 2019): compress ``x + e`` and keep
+    ``e <- (x + e) - decode(sent)`` per tensor name, so quantization error is re-sent later
+    instead of lost. The residuals are part of the state (checkpointed with the run)."""
+
+    def __init__(self, inner: Compressor) -> None:
+        self.inner = inner
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    def compress(self, name: str, x: torch.Tensor, bits: int | torch.Tensor) -> PackedTensor:
+        corrected = x.float()
+        residual = self.residuals.get(name)
+        if residual is not None and residual.shape == x.shape:
+            corrected = corrected + residual.to(x.device)
+        p = self.inner.compress(name, corrected.to(x.dtype), bits)
+        self.residuals[name] = (corrected - self.inner.decompress(p).float()).detach()
+        return p
+
+    def decompress(self, p: PackedTensor) -> torch.Tensor:
+        return self.inner.decompress(p)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state_dict(),
+            "residuals": {k: v.cpu().clone() for k, v in self.residuals.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state.get("inner", {}))
+        self.residuals = {k: v.clone() for k, v in state.get("residuals", {}).items()}

@@ -1,0 +1,217 @@
+"""Quantize / dequantize maths: per-tensor, per-channel or per-group blocks, symmetric or
+asymmetric, round-to-nearest or unbiased stochastic rounding, one bit-width per block (1..8).
+
+Design (documented choices):
+- Asymmetric blocks use min-max: ``offset = min``, ``scale = (max - min) / (2**b - 1)``,
+  ``q = round((x - offset) / scale)``, ``x_hat = offset + q * scale``. The float offset makes both
+  ends exact; round-to-nearest error is at most ``scale / 2``.
+- Symmetric blocks use mid-rise levels ``x_hat = scale * (q - (2**b - 1) / 2)`` with
+  ``scale = 2 * absmax / (2**b - 1)``: every code is used, the levels are symmetric around zero and
+  b = 1 is sign quantization with magnitude ``absmax``.
+- Scales and offsets are rounded to their storage dtype *before* coding (scales rounded up, offsets
+  down) so the error bound holds for what the receiver decodes.
+- Stochastic rounding ``q = floor(v + u)``, ``u ~ U[0, 1)`` from the caller's generator, is unbiased.
+- Zero-range blocks (constant tensors) get scale 0 and decode exactly.
+- NaN / Inf inputs raise :class:`~fedq.errors.CodecError`; no payload ever carries them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedq.codec.bitpack import pack_bits, unpack_bits
+from fedq.codec.layout import BlockLayout, Granularity
+from fedq.codec.packed import (
+    FLOAT_DTYPES,
+    SCALE_DTYPES,
+    Encoding,
+    PackedTensor,
+    dtype_name,
+)
+from fedq.errors import CodecError
+
+
+@dataclass(frozen=True, slots=True)
+class QuantSpec:
+    """How to cut and code a tensor (everything except the bit-widths)."""
+
+    granularity: Granularity = Granularity.CHANNEL
+    axis: int = 0
+    group_size: int = 128
+    symmetric: bool = False
+    stochastic: bool = False
+    scale_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise CodecError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}")
+        if self.granularity is Granularity.GROUP and self.group_size <= 0:
+            raise CodecError(f"group_size must be positive, got {self.group_size}")
+
+    def layout_for(self, shape: tuple[int, ...]) -> BlockLayout:
+        """Per-channel on a 0-d/1-d tensor degrades to per-tensor (one scale per element would
+        cost more than it saves)."""
+        gran = self.granularity
+        if gran is Granularity.CHANNEL and len(shape) < 2:
+            gran = Granularity.TENSOR
+        return BlockLayout.build(shape, gran, axis=self.axis, group_size=self.group_size)
+
+
+def _bit_map(bits: int | torch.Tensor, num_blocks: int) -> torch.Tensor:
+    if isinstance(bits, int):
+        if not 1 <= bits <= 8:
+            raise CodecError(f"bit-width must be in 1..8, got {bits}")
+        return torch.full((num_blocks,), bits, dtype=torch.uint8)
+    bm = bits.detach().to("cpu").reshape(-1)
+    if bm.is_floating_point():
+        raise CodecError("bit map must be integer (fractional bits are never transmitted)")
+    if bm.numel() != num_blocks:
+        raise CodecError(f"bit map has {bm.numel()} entries for {num_blocks} blocks")
+    if bm.numel() and (int(bm.min()) < 1 or int(bm.max()) > 8):
+        raise CodecError(f"bit map values must be in 1..8, got [{int(bm.min())}, {int(bm.max())}]")
+    return bm.to(torch.uint8)
+
+
+def _round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    y = x.to(dtype)
+    low = y.float() < x
+    if bool(low.any()):
+        y = torch.where(low, torch.nextafter(y, torch.full_like(y, float("inf"))), y)
+    return y
+
+
+def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    y = x.to(dtype)
+    high = y.float() > x
+    if bool(high.any()):
+        y = torch.where(high, torch.nextafter(y, torch.full_like(y, float("-inf"))), y)
+    return y
+
+
+def quantize(
+    x: torch.Tensor,
+    bits: int | torch.Tensor,
+    spec: QuantSpec | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> PackedTensor:
+    """Quantize and pack ``x`` at ``bits`` (an int, or a uint8 bit map with one entry per block)."""
+    spec = spec or QuantSpec()
+    name = dtype_name(x.dtype)
+    layout = spec.layout_for(tuple(x.shape))
+    bm = _bit_map(bits, layout.num_blocks)
+    sdt = SCALE_DTYPES[spec.scale_dtype]
+    if layout.numel == 0:
+        empty = torch.empty(0, dtype=sdt)
+        return PackedTensor(
+            tuple(x.shape), name, Encoding.QUANTIZED, layout.granularity, layout.axis,
+            layout.group_size, spec.symmetric, spec.scale_dtype, bm, empty,
+            None if spec.symmetric else empty.clone(), torch.empty(0, dtype=torch.uint8),
+        )  # fmt: skip
+    xb = layout.to_blocks(x.detach()).float()  # -> [num_blocks, block_len]
+    levels = (2 ** bm.to(device=xb.device, dtype=torch.int32) - 1).float()  # [num_blocks]
+    if spec.symmetric:
+        amax = xb.abs().amax(dim=1)
+        if not bool(torch.isfinite(amax).all()):
+            raise CodecError("cannot quantize a tensor containing NaN or Inf")
+        scale = _round_up(2.0 * amax / levels, sdt)
+        s = scale.float()
+        v = xb / torch.where(s > 0, s, 1.0).unsqueeze(1)
+        v += (levels / 2).unsqueeze(1)
+        offset = None
+    else:
+        lo, hi = torch.aminmax(xb, dim=1)
+        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+            raise CodecError("cannot quantize a tensor containing NaN or Inf")
+        offset = _round_down(lo, sdt)
+        scale = _round_up((hi - offset.float()) / levels, sdt)
+        s = scale.float()
+        v = xb - offset.float().unsqueeze(1)
+        v /= torch.where(s > 0, s, 1.0).unsqueeze(1)
+    if spec.stochastic:
+        v += torch.rand(v.shape, generator=generator, device=v.device)
+        v.floor_()
+    else:
+        v.round_()
+    v = torch.minimum(v.clamp_(min=0.0), levels.unsqueeze(1))
+    codes = v.to(torch.uint8)
+    payload = _pack_by_class(codes, bm, layout)
+    return PackedTensor(
+        tuple(x.shape), name, Encoding.QUANTIZED, layout.granularity, layout.axis,
+        layout.group_size, spec.symmetric, spec.scale_dtype, bm, scale.cpu(),
+        None if offset is None else offset.cpu(), payload,
+    )  # fmt: skip
+
+
+def _pack_by_class(codes: torch.Tensor, bm: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Pack [num_blocks, block_len] codes: one run per bit-width class, blocks in order."""
+    pad = layout.padding
+    present = torch.unique(bm).tolist()
+    if len(present) == 1:
+        flat = codes.reshape(-1)
+        return pack_bits(flat[: flat.numel() - pad] if pad else flat, int(present[0]))
+    parts = []
+    last = layout.num_blocks - 1
+    for b in present:
+        rows = (bm == b).nonzero().squeeze(1).to(codes.device)
+        flat = codes.index_select(0, rows).reshape(-1)
+        if pad and int(rows[-1]) == last:
+            flat = flat[: flat.numel() - pad]
+        parts.append(pack_bits(flat, int(b)))
+    return torch.cat(parts)
+
+
+def _unpack_by_class(p: PackedTensor, layout: BlockLayout) -> torch.Tensor:
+    """Inverse of :func:`_pack_by_class`: uint8 codes [num_blocks, block_len] (padding zero)."""
+    dev = p.payload.device
+    codes = torch.zeros((layout.num_blocks, layout.block_len), dtype=torch.uint8, device=dev)
+    lens = layout.block_lengths()
+    pos = 0
+    last = layout.num_blocks - 1
+    for b in torch.unique(p.bits).tolist():
+        rows = (p.bits == b).nonzero().squeeze(1)
+        n = int(lens[rows].sum())
+        nbytes = (n * int(b) + 7) // 8
+        flat = unpack_bits(p.payload[pos : pos + nbytes], int(b), n)
+        pos += nbytes
+        if layout.padding and int(rows[-1]) == last:
+            flat = torch.cat([flat, flat.new_zeros(layout.padding)])
+        codes.index_copy_(0, rows.to(dev), flat.view(-1, layout.block_len))
+    return codes
+
+
+def dequantize(p: PackedTensor, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Decode a :class:`PackedTensor` to a tensor of its original shape and dtype."""
+    out_dtype = FLOAT_DTYPES[p.dtype]
+    dev = torch.device(device) if device is not None else p.payload.device
+    if p.encoding is Encoding.RAW:
+        return p.payload.to(dev).view(out_dtype).reshape(p.shape).clone()
+    layout = p.layout
+    if layout.numel == 0:
+        return torch.empty(p.shape, dtype=out_dtype, device=dev)
+    codes = _unpack_by_class(p, layout).to(dev)
+    s = p.scales.to(device=dev, dtype=torch.float32).unsqueeze(1)
+    xb = codes.float()
+    if p.symmetric:
+        half = ((2 ** p.bits.to(device=dev, dtype=torch.int32) - 1).float() / 2).unsqueeze(1)
+        xb -= half
+        xb *= s
+    else:
+        assert p.offsets is not None
+        xb *= s
+        xb += p.offsets.to(device=dev, dtype=torch.float32).unsqueeze(1)
+    return layout.from_blocks(xb).to(out_dtype)
+
+
+def raw(x: torch.Tensor) -> PackedTensor:
+    """Encode ``x`` losslessly in its own dtype (identity codec / uncompressed baseline)."""
+    name = dtype_name(x.dtype)
+    flat = x.detach().contiguous().reshape(-1)
+    payload = flat.view(torch.uint8).clone() if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    none = torch.empty(0)
+    return PackedTensor(
+        tuple(x.shape), name, Encoding.RAW, Granularity.TENSOR, 0, 0, False, "float32",
+        torch.empty(0, dtype=torch.uint8), none, None, payload,
+    )  # fmt: skip
