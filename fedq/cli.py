@@ -7,9 +7,15 @@ import importlib
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fedq.bench import BENCHES
+from fedq.errors import FedqError
+
+if TYPE_CHECKING:
+    from fedq.config import RunConfig
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -22,10 +28,79 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    from fedq.config import load_scenario
+
+    overrides = list(args.set or [])
+    if getattr(args, "ray_address", None):
+        overrides.append(f"runtime.ray_address={args.ray_address}")
+    return load_scenario(args.scenario, overrides)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fedq.runtime.simulate import simulate
+
+    cfg = _load(args)
+    out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    up = cfg.compression.uplink
+    print(
+        f"fedq simulate: {cfg.name} | {cfg.fed.num_clients} clients, {cfg.fed.clients_per_round}"
+        f"/round, {cfg.fed.rounds} rounds | data {cfg.data.name} ({cfg.data.partition}) | "
+        f"model {cfg.model.name} | uplink {up.policy}"
+        + (f" {up.bits}-bit" if up.policy == "fixed" else "")
+        + (" +EF" if up.error_feedback else "")
+        + f" | downlink {cfg.compression.downlink.policy} | out {out}"
+    )
+    bar = tqdm(total=cfg.fed.rounds, unit="round", disable=args.quiet, dynamic_ncols=True)
+
+    def on_start(info: dict[str, Any]) -> None:
+        bar.write(
+            f"started in {info['startup_seconds']} s on {info['backend']} with "
+            f"{info['workers']} workers; {info['trainable_params']:,} trainable params "
+            f"({_fmt_bytes(4 * info['trainable_params'])} as fp32 per client per direction)"
+        )
+
+    def on_round(rec: dict[str, Any]) -> None:
+        acc = rec.get("accuracy")
+        bar.set_postfix_str(
+            (f"acc {acc:.3f} " if acc is not None else "")
+            + f"wire {_fmt_bytes(rec['cum_bytes'])} bits {rec.get('mean_bits') or 0:.1f}"
+        )
+        bar.update(1)
+
+    summary = simulate(cfg, out, on_start=on_start, on_round=on_round)
+    bar.close()
+    acc = summary.get("final_accuracy")
+    print(
+        f"done: accuracy {acc if acc is None else f'{acc:.4f}'} | wire "
+        f"{_fmt_bytes(summary.get('bytes_wire_total') or 0)} | {summary.get('compression_ratio') or 0:.2f}x "
+        f"smaller than fp32 | {summary.get('wall_seconds', 0):.1f} s | results in {out}"
+    )
+    return 130 if summary.get("interrupted") else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedq", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="run a simulated multi-client federated run (local Ray)")
+    s.add_argument("scenario", help="scenario YAML file, e.g. scenarios/quickstart.yaml")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
+    s.add_argument("--out", metavar="DIR", help="output folder (default runs/<name>-<time>)")
+    s.add_argument("--ray-address", metavar="ADDR", help="attach to an existing Ray cluster")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_simulate)
 
     b = sub.add_parser("bench", help="run a benchmark and print ratios against a same-run baseline")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="NAME")
@@ -44,10 +119,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    sys.exit(args.func(args))
+    try:
+        code = args.func(args)
+    except FedqError as e:
+        print(f"fedq: error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)
 
 
 if __name__ == "__main__":

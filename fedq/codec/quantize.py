@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedq.codec.bitpack import pack_bits, unpack_bits
+from fedq.codec.bitpack import pack_bits, unpack_bits, unpack_bits_into
 from fedq.codec.layout import BlockLayout, Granularity
 from fedq.codec.packed import (
     FLOAT_DTYPES,
@@ -90,6 +90,41 @@ def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return y
 
 
+#: Elements per working piece of the [num_blocks, block_len] view: one float32 piece (1 MiB) stays
+#: in L2 while it goes through the few elementwise steps of coding, and no step allocates a
+#: tensor the size of the input (fresh 64 MiB buffers cost more in page faults than the maths).
+_CHUNK_ELEMS = 1 << 18
+
+
+def _chunks(layout: BlockLayout) -> list[tuple[slice, slice, int]]:
+    """Cache-sized pieces ``(rows, cols, k)`` of the block view, in element order: whole rows when
+    blocks are short, else column ranges ``k = 0, 1, ...`` of one block at a time."""
+    nb, bl = layout.num_blocks, layout.block_len
+    if bl <= _CHUNK_ELEMS:
+        step = _CHUNK_ELEMS // bl
+        return [(slice(r, r + step), slice(0, bl), 0) for r in range(0, nb, step)]
+    cols = range(0, bl, _CHUNK_ELEMS)
+    return [
+        (slice(r, r + 1), slice(c, c + _CHUNK_ELEMS), k)
+        for r in range(nb)
+        for k, c in enumerate(cols)
+    ]
+
+
+def _block_min_max(xb: torch.Tensor, chunks: list[tuple[slice, slice, int]]) -> tuple[
+    torch.Tensor, torch.Tensor
+]:
+    """float32 (min, max) per block, one cache-friendly pass (NaN propagates)."""
+    parts = max(k for _, _, k in chunks) + 1
+    lo = torch.empty((xb.shape[0], parts), dtype=xb.dtype, device=xb.device)
+    hi = torch.empty_like(lo)
+    for rows, cols, k in chunks:
+        piece = xb[rows, cols]
+        torch.amin(piece, dim=1, out=lo[rows, k])
+        torch.amax(piece, dim=1, out=hi[rows, k])
+    return lo.amin(dim=1).float(), hi.amax(dim=1).float()
+
+
 def quantize(
     x: torch.Tensor,
     bits: int | torch.Tensor,
@@ -110,39 +145,76 @@ def quantize(
             layout.group_size, spec.symmetric, spec.scale_dtype, bm, empty,
             None if spec.symmetric else empty.clone(), torch.empty(0, dtype=torch.uint8),
         )  # fmt: skip
-    xb = layout.to_blocks(x.detach()).float()  # -> [num_blocks, block_len]
+    xb = layout.to_blocks(x.detach())  # -> [num_blocks, block_len], input dtype
+    chunks = _chunks(layout)
+    lo, hi = _block_min_max(xb, chunks)
+    if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
+        raise CodecError("cannot quantize a tensor containing NaN or Inf")
     levels = (2 ** bm.to(device=xb.device, dtype=torch.int32) - 1).float()  # [num_blocks]
     if spec.symmetric:
-        amax = xb.abs().amax(dim=1)
-        if not bool(torch.isfinite(amax).all()):
-            raise CodecError("cannot quantize a tensor containing NaN or Inf")
+        amax = torch.maximum(lo.abs(), hi.abs())
         scale = _round_up(2.0 * amax / levels, sdt)
-        s = scale.float()
-        v = xb / torch.where(s > 0, s, 1.0).unsqueeze(1)
-        v += (levels / 2).unsqueeze(1)
         offset = None
+        centre = levels / 2
     else:
-        lo, hi = torch.aminmax(xb, dim=1)
-        if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
-            raise CodecError("cannot quantize a tensor containing NaN or Inf")
         offset = _round_down(lo, sdt)
         scale = _round_up((hi - offset.float()) / levels, sdt)
-        s = scale.float()
-        v = xb - offset.float().unsqueeze(1)
-        v /= torch.where(s > 0, s, 1.0).unsqueeze(1)
-    if spec.stochastic:
-        v += torch.rand(v.shape, generator=generator, device=v.device)
-        v.floor_()
-    else:
-        v.round_()
-    v = torch.minimum(v.clamp_(min=0.0), levels.unsqueeze(1))
-    codes = v.to(torch.uint8)
+        centre = offset.float()
+    s = scale.float()
+    codes = _encode_blocks(
+        xb, chunks, torch.where(s > 0, s, 1.0), centre, levels, symmetric=spec.symmetric,
+        generator=generator if spec.stochastic else None, stochastic=spec.stochastic,
+    )  # fmt: skip
     payload = _pack_by_class(codes, bm, layout)
     return PackedTensor(
         tuple(x.shape), name, Encoding.QUANTIZED, layout.granularity, layout.axis,
         layout.group_size, spec.symmetric, spec.scale_dtype, bm, scale.cpu(),
         None if offset is None else offset.cpu(), payload,
     )  # fmt: skip
+
+
+def _encode_blocks(
+    xb: torch.Tensor,
+    chunks: list[tuple[slice, slice, int]],
+    s: torch.Tensor,
+    centre: torch.Tensor,
+    levels: torch.Tensor,
+    *,
+    symmetric: bool,
+    stochastic: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """uint8 codes [num_blocks, block_len]: ``clamp(round(v), 0, levels)`` with
+    ``v = x / s + centre`` (symmetric) or ``v = (x - centre) / s`` (asymmetric), computed piece by
+    piece in a reused float32 buffer. Stochastic rounding ``floor(v + u)`` draws its noise in
+    element order, so the generator is consumed exactly as by one ``torch.rand`` over the view."""
+    s, centre = s.unsqueeze(1), centre.unsqueeze(1)
+    uniform = bool((levels == levels[0]).all())
+    top = float(levels[0]) if uniform else levels.unsqueeze(1)
+    codes = torch.empty(xb.shape, dtype=torch.uint8, device=xb.device)
+    buf = torch.empty(_CHUNK_ELEMS, dtype=torch.float32, device=xb.device)
+    noise = torch.empty_like(buf) if stochastic else buf
+    for rows, cols, _ in chunks:
+        piece = xb[rows, cols]
+        v = buf[: piece.numel()].view(piece.shape)
+        if symmetric:
+            torch.div(piece, s[rows], out=v)
+            v += centre[rows]
+        else:
+            torch.sub(piece, centre[rows], out=v)
+            v /= s[rows]
+        if stochastic:
+            u = noise[: piece.numel()].view(piece.shape)
+            v += u.uniform_(generator=generator)
+            v.floor_()
+        else:
+            v.round_()
+        if isinstance(top, float):
+            v.clamp_(0.0, top)
+        else:
+            torch.minimum(v.clamp_(min=0.0), top[rows], out=v)
+        codes[rows, cols] = v
+    return codes
 
 
 def _pack_by_class(codes: torch.Tensor, bm: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -166,11 +238,17 @@ def _pack_by_class(codes: torch.Tensor, bm: torch.Tensor, layout: BlockLayout) -
 def _unpack_by_class(p: PackedTensor, layout: BlockLayout) -> torch.Tensor:
     """Inverse of :func:`_pack_by_class`: uint8 codes [num_blocks, block_len] (padding zero)."""
     dev = p.payload.device
-    codes = torch.zeros((layout.num_blocks, layout.block_len), dtype=torch.uint8, device=dev)
+    codes = torch.empty((layout.num_blocks, layout.block_len), dtype=torch.uint8, device=dev)
+    present = torch.unique(p.bits).tolist()
+    if len(present) == 1:  # one run in element order: decode straight into the block buffer
+        flat = codes.view(-1)
+        unpack_bits_into(p.payload, int(present[0]), flat[: layout.numel])
+        flat[layout.numel :] = 0
+        return codes
     lens = layout.block_lengths()
     pos = 0
     last = layout.num_blocks - 1
-    for b in torch.unique(p.bits).tolist():
+    for b in present:
         rows = (p.bits == b).nonzero().squeeze(1)
         n = int(lens[rows].sum())
         nbytes = (n * int(b) + 7) // 8
@@ -193,16 +271,25 @@ def dequantize(p: PackedTensor, *, device: torch.device | str | None = None) -> 
         return torch.empty(p.shape, dtype=out_dtype, device=dev)
     codes = _unpack_by_class(p, layout).to(dev)
     s = p.scales.to(device=dev, dtype=torch.float32).unsqueeze(1)
-    xb = codes.float()
     if p.symmetric:
-        half = ((2 ** p.bits.to(device=dev, dtype=torch.int32) - 1).float() / 2).unsqueeze(1)
-        xb -= half
-        xb *= s
+        centre = ((2 ** p.bits.to(device=dev, dtype=torch.int32) - 1).float() / 2).unsqueeze(1)
     else:
         assert p.offsets is not None
-        xb *= s
-        xb += p.offsets.to(device=dev, dtype=torch.float32).unsqueeze(1)
-    return layout.from_blocks(xb).to(out_dtype)
+        centre = p.offsets.to(device=dev, dtype=torch.float32).unsqueeze(1)
+    out = torch.empty(codes.shape, dtype=out_dtype, device=dev)
+    buf = None if out_dtype == torch.float32 else torch.empty(_CHUNK_ELEMS, device=dev)
+    for rows, cols, _ in _chunks(layout):  # float32 maths piece by piece, as in quantize
+        q = codes[rows, cols]
+        v = out[rows, cols] if buf is None else buf[: q.numel()].view(q.shape)
+        if p.symmetric:  # x_hat = (q - centre) * s
+            torch.sub(q, centre[rows], out=v)
+            v *= s[rows]
+        else:  # x_hat = q * s + offset
+            torch.mul(q, s[rows], out=v)
+            v += centre[rows]
+        if buf is not None:
+            out[rows, cols] = v
+    return layout.from_blocks(out)
 
 
 def raw(x: torch.Tensor) -> PackedTensor:

@@ -1,5 +1,36 @@
 """Wire format: ``PackedTensor`` <-> protobuf with full validation of untrusted input, and chunking.
 
-WARNING: never unpickle anything here; every byte from the network is parsed as protobuf and
-validated before any tensor is allocated.
+WARNING: never deserialize Python objects here; every byte from the network is parsed as protobuf
+and validated before any tensor is allocated. This package imports protobuf only (never
+grpc), so the codec and the wire format can be used without a transport.
 """
+
+from fedq.wire.limits import WireLimits
+from fedq.wire.message import (
+    WireMessage,
+    frame_nbytes,
+    message_from_frames,
+    message_to_frames,
+    read_message,
+)
+from fedq.wire.serde import (
+    bundle_from_bytes,
+    bundle_pieces,
+    bundle_to_bytes,
+    packed_from_proto,
+    packed_to_proto,
+)
+
+__all__ = [
+    "WireLimits",
+    "WireMessage",
+    "bundle_from_bytes",
+    "bundle_pieces",
+    "bundle_to_bytes",
+    "frame_nbytes",
+    "message_from_frames",
+    "message_to_frames",
+    "packed_from_proto",
+    "packed_to_proto",
+    "read_message",
+]

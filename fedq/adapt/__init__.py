@@ -1,0 +1,37 @@
+"""Bit policies: how many bits each tensor of an update travels at (ALGORITHMS.md §2.5-2.6, §3).
+
+``make_policy(name, **params)`` builds one from a scenario; every policy maps a
+``{name: tensor}`` update and a :class:`BitContext` to ``{name: bits}`` (1..8 packed, 9..32 raw).
+"""
+
+from fedq.adapt.base import MAX_BITS, MAX_PACKED_BITS, BitContext, BitPolicy
+from fedq.adapt.budget import BudgetBits, estimated_bytes, estimated_error
+from fedq.adapt.registry import POLICIES, make_policy
+from fedq.adapt.schedules import (
+    ClientEntropyBits,
+    CosineBits,
+    FixedBits,
+    client_importance,
+    cosine_factor,
+    label_entropy,
+    normalized_label_entropy,
+)
+
+__all__ = [
+    "MAX_BITS",
+    "MAX_PACKED_BITS",
+    "POLICIES",
+    "BitContext",
+    "BitPolicy",
+    "BudgetBits",
+    "ClientEntropyBits",
+    "CosineBits",
+    "FixedBits",
+    "client_importance",
+    "cosine_factor",
+    "estimated_bytes",
+    "estimated_error",
+    "label_entropy",
+    "make_policy",
+    "normalized_label_entropy",
+]

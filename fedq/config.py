@@ -1,0 +1,347 @@
+"""Typed run configuration, loaded from a scenario YAML file and validated before any work starts.
+
+Every problem in a scenario (unknown key, wrong type, impossible value) is collected and reported at
+once, each naming its dotted key, as one :class:`~fedq.errors.ConfigError`. ``--set key=value``
+overrides are applied to the raw mapping first, so they are validated the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from fedq.errors import ConfigError
+
+Problems = list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Data set and how it is split across clients."""
+
+    name: str = "digits"  # digits | mnist1d | rotten_tomatoes | npz:PATH | csv:PATH | py:mod:fn
+    partition: Literal["iid", "dirichlet", "classes"] = "dirichlet"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    max_train: int | None = None
+    max_test: int | None = None
+
+    def check(self) -> Problems:
+        p = []
+        if self.alpha <= 0:
+            p.append(f"data.alpha: must be > 0, got {self.alpha}")
+        if self.classes_per_client < 1:
+            p.append(f"data.classes_per_client: must be >= 1, got {self.classes_per_client}")
+        for k in ("max_train", "max_test"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                p.append(f"data.{k}: must be >= 1 or null, got {v}")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "mlp"  # mlp | cnn | minilm_lora | tiny_bert_lora
+    hidden: int = 64
+    lora_r: int = 8
+    max_length: int = 64
+
+    def check(self) -> Problems:
+        p = []
+        if self.hidden < 1:
+            p.append(f"model.hidden: must be >= 1, got {self.hidden}")
+        if self.lora_r < 1:
+            p.append(f"model.lora_r: must be >= 1, got {self.lora_r}")
+        if self.max_length < 2:
+            p.append(f"model.max_length: must be >= 2, got {self.max_length}")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Local training on each client."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def check(self) -> Problems:
+        p = []
+        if self.local_epochs < 1:
+            p.append(f"train.local_epochs: must be >= 1, got {self.local_epochs}")
+        if self.batch_size < 1:
+            p.append(f"train.batch_size: must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            p.append(f"train.lr: must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            p.append(f"train.momentum: must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            p.append(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedConfig:
+    """Federated rounds and the server strategy."""
+
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    num_clients: int = 10
+    clients_per_round: int = 10
+    rounds: int = 10
+    eval_every: int = 1
+    min_clients: int = 1  # a round with fewer surviving updates is discarded (nothing applied)
+    proximal_mu: float = 0.01  # fedprox
+    server_lr: float = 0.01  # fedadam
+    beta1: float = 0.9  # fedadam
+    beta2: float = 0.99  # fedadam
+    tau: float = 1e-3  # fedadam
+
+    def check(self) -> Problems:
+        p = []
+        for k in ("num_clients", "clients_per_round", "rounds", "eval_every", "min_clients"):
+            if getattr(self, k) < 1:
+                p.append(f"fed.{k}: must be >= 1, got {getattr(self, k)}")
+        if self.clients_per_round > self.num_clients:
+            p.append(
+                f"fed.clients_per_round: {self.clients_per_round} exceeds "
+                f"fed.num_clients={self.num_clients}"
+            )
+        if self.min_clients > self.clients_per_round:
+            p.append(
+                f"fed.min_clients: {self.min_clients} exceeds "
+                f"fed.clients_per_round={self.clients_per_round}"
+            )
+        if self.proximal_mu < 0:
+            p.append(f"fed.proximal_mu: must be >= 0, got {self.proximal_mu}")
+        if self.server_lr <= 0:
+            p.append(f"fed.server_lr: must be > 0, got {self.server_lr}")
+        for k in ("beta1", "beta2"):
+            if not 0 <= getattr(self, k) < 1:
+                p.append(f"fed.{k}: must be in [0, 1), got {getattr(self, k)}")
+        if self.tau <= 0:
+            p.append(f"fed.tau: must be > 0, got {self.tau}")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkConfig:
+    """Compression of one direction (uplink: client updates; downlink: global parameters)."""
+
+    policy: Literal["none", "fixed", "cosine", "client_entropy", "budget"] = "fixed"
+    bits: int = 8  # fixed
+    b_min: int = 8  # cosine / client_entropy / budget
+    b_max: int = 32  # cosine / client_entropy / budget (budget caps at 8)
+    budget_bytes: int = 0  # budget: bytes per update (per client per round)
+    granularity: Literal["tensor", "channel", "group"] = "channel"
+    group_size: int = 128
+    symmetric: bool = False
+    stochastic: bool = False
+    error_feedback: bool = False
+    scale_dtype: Literal["float16", "float32"] = "float16"
+
+    def check(self, prefix: str) -> Problems:
+        p = []
+        if not 1 <= self.bits <= 32:
+            p.append(f"{prefix}.bits: must be in 1..32, got {self.bits}")
+        if not 1 <= self.b_min <= self.b_max <= 32:
+            p.append(
+                f"{prefix}.b_min/b_max: need 1 <= b_min <= b_max <= 32, "
+                f"got b_min={self.b_min}, b_max={self.b_max}"
+            )
+        if self.policy == "budget" and self.budget_bytes <= 0:
+            p.append(f"{prefix}.budget_bytes: policy 'budget' needs a positive byte budget")
+        if self.group_size < 1:
+            p.append(f"{prefix}.group_size: must be >= 1, got {self.group_size}")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressionConfig:
+    uplink: LinkConfig = field(default_factory=LinkConfig)
+    downlink: LinkConfig = field(default_factory=lambda: LinkConfig(policy="none"))
+
+    def check(self) -> Problems:
+        return self.uplink.check("compression.uplink") + self.downlink.check(
+            "compression.downlink"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Where the run executes. ``workers: 0`` means one worker per core."""
+
+    backend: Literal["ray", "inprocess"] = "ray"
+    workers: int = 0
+    ray_address: str | None = None
+    object_store_mb: int = 256
+    num_cpus: int | None = None
+    threads_per_worker: int = 1
+    chunk_bytes: int = 1 << 20
+    transport: Literal["grpc", "local"] = "grpc"
+
+    def check(self) -> Problems:
+        p = []
+        if self.workers < 0:
+            p.append(f"runtime.workers: must be >= 0 (0 = one per core), got {self.workers}")
+        if self.object_store_mb < 64:
+            p.append(f"runtime.object_store_mb: must be >= 64, got {self.object_store_mb}")
+        if self.num_cpus is not None and self.num_cpus < 1:
+            p.append(f"runtime.num_cpus: must be >= 1 or null, got {self.num_cpus}")
+        if self.threads_per_worker < 1:
+            p.append(f"runtime.threads_per_worker: must be >= 1, got {self.threads_per_worker}")
+        if not 1024 <= self.chunk_bytes <= 4 << 20:
+            p.append(f"runtime.chunk_bytes: must be in [1 KiB, 4 MiB], got {self.chunk_bytes}")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str = "run"
+    mode: Literal["federated"] = "federated"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FedConfig = field(default_factory=FedConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def check(self) -> Problems:
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- generic typed loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            sub: Problems = []
+            out = _coerce(value, arg, key, sub)
+            if not sub:
+                return out
+        problems.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            problems.append(f"{key}: must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            problems.append(f"{key}: expected null, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, problems)
+    ok = (
+        (tp is bool and isinstance(value, bool))
+        or (tp is int and isinstance(value, int) and not isinstance(value, bool))
+        or (tp is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (tp is str and isinstance(value, str))
+    )
+    if not ok:
+        problems.append(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return None
+    return float(value) if tp is float else value
+
+
+def _build(cls: Any, raw: Any, prefix: str, problems: Problems) -> Any:
+    where = prefix or "scenario"
+    if not isinstance(raw, dict):
+        problems.append(f"{where}: expected a mapping, got {type(raw).__name__}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            problems.append(f"{dotted}: unknown key (allowed in {where}: {', '.join(fields)})")
+            continue
+        before = len(problems)
+        out = _coerce(value, hints[key], dotted, problems)
+        # Keep nested sections even when some of their keys were bad (those keep defaults), so
+        # the value checks below still run and every problem is reported in one go.
+        if len(problems) == before or (out is not None and dataclasses.is_dataclass(out)):
+            kwargs[key] = out
+    return cls(**kwargs)
+
+
+def _checks(obj: Any) -> Problems:
+    """Run every section's ``check()`` (LinkConfig sections are checked by their parent)."""
+    out: Problems = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v) and not isinstance(v, LinkConfig):
+            out += _checks(v)
+    return out + obj.check()
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a raw mapping."""
+    problems: Problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"--set {item!r}: expected key=value")
+            continue
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                problems.append(f"--set {key}: {part!r} is not a section")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = yaml.safe_load(text)
+    if problems:
+        raise ConfigError(problems)
+    return raw
+
+
+def config_from_dict(raw: Any) -> RunConfig:
+    """Validate a raw mapping; raises ConfigError listing every problem."""
+    problems: Problems = []
+    cfg = _build(RunConfig, raw if raw is not None else {}, "", problems)
+    if cfg is not None:
+        problems += _checks(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return typing.cast(RunConfig, cfg)
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a scenario YAML file (with optional ``key=value`` overrides)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"scenario file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a scenario must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides or []))

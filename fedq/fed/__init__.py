@@ -1,0 +1,1 @@
+"""Federated learning: strategies, the client update pipeline, and the server round logic."""

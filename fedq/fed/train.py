@@ -1,0 +1,79 @@
+"""Local training and evaluation loops shared by clients (training) and the server (evaluation)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedq.config import TrainConfig
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def batches(idx: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    perm = idx[torch.randperm(idx.numel(), generator=generator)]
+    for start in range(0, perm.numel(), batch_size):
+        yield perm[start : start + batch_size]
+
+
+def local_train(
+    bundle: Any,
+    data: Any,
+    idx: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    generator: torch.Generator,
+    proximal_mu: float = 0.0,
+) -> tuple[float, int]:
+    """Train ``bundle`` in place on ``data[idx]``; returns (mean training loss, steps).
+
+    With ``proximal_mu > 0`` adds the FedProx term (mu/2)||w - w_start||^2 over trainable weights.
+    """
+    model = bundle.module
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    opt = make_optimizer(params, cfg)
+    total, steps = 0.0, 0
+    for _ in range(cfg.local_epochs):
+        for b in batches(idx, cfg.batch_size, generator):
+            inputs, labels = bundle.make_batch(data, b)
+            loss = F.cross_entropy(bundle.forward(inputs), labels)
+            if proximal_mu > 0:
+                prox = sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
+                loss = loss + 0.5 * proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+    return total / max(steps, 1), steps
+
+
+@torch.no_grad()
+def evaluate(bundle: Any, data: Any, *, batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of ``bundle`` on all of ``data``."""
+    model = bundle.module
+    was_training = model.training
+    model.eval()
+    n = len(data)
+    correct, loss_sum = 0, 0.0
+    for start in range(0, n, batch_size):
+        b = torch.arange(start, min(start + batch_size, n))
+        inputs, labels = bundle.make_batch(data, b)
+        logits = bundle.forward(inputs)
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == labels).sum())
+    model.train(was_training)
+    return correct / max(n, 1), loss_sum / max(n, 1)

@@ -1,0 +1,77 @@
+"""Run host objects as Ray actors (default) or in the driver process (tests, debugging).
+
+Ray starts embedded and capped to the machine (CPUs, object-store memory) unless ``ray_address``
+attaches to an existing cluster. Only small scalars and lists travel through Ray; tensors travel
+over the transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+from fedq.config import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+class InProcessBackend:
+    name = "inprocess"
+
+    def spawn(self, cls: type, *args: Any) -> Any:
+        return cls(*args)
+
+    def call(self, handle: Any, method: str, *args: Any) -> Any:
+        return getattr(handle, method)(*args)
+
+    def get(self, futures: Sequence[Any]) -> list[Any]:
+        return list(futures)
+
+    def shutdown(self) -> None:
+        return None
+
+
+class RayBackend:
+    name = "ray"
+
+    def __init__(self, rt: RuntimeConfig) -> None:
+        import ray
+
+        self.ray = ray
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self._started = False
+        if not ray.is_initialized():
+            if rt.ray_address:
+                ray.init(address=rt.ray_address, log_to_driver=False)
+            else:
+                ray.init(
+                    num_cpus=rt.num_cpus or os.cpu_count() or 1,
+                    include_dashboard=False,
+                    object_store_memory=rt.object_store_mb << 20,
+                    log_to_driver=False,
+                    _temp_dir=tempfile.mkdtemp(prefix="fedq-ray-"),
+                )
+            self._started = True
+
+    def spawn(self, cls: type, *args: Any) -> Any:
+        # Hosts use 0 logical CPUs so N workers + a server always schedule on a small machine;
+        # each host caps its own torch threads instead.
+        return self.ray.remote(num_cpus=0, max_concurrency=4)(cls).remote(*args)
+
+    def call(self, handle: Any, method: str, *args: Any) -> Any:
+        return getattr(handle, method).remote(*args)
+
+    def get(self, futures: Sequence[Any]) -> list[Any]:
+        return list(self.ray.get(list(futures)))
+
+    def shutdown(self) -> None:
+        if self._started and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+def make_backend(rt: RuntimeConfig) -> InProcessBackend | RayBackend:
+    return RayBackend(rt) if rt.backend == "ray" else InProcessBackend()

@@ -1,0 +1,83 @@
+"""Plain host objects for one process each: the server (FedServer + gRPC server) and a client
+worker (ClientWorker + gRPC connections). ``fedq.runtime.backend`` runs them as Ray actors or
+in-process; they hold no Ray code themselves."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from fedq.config import RunConfig
+from fedq.fed.client import ClientWorker, Connection
+from fedq.fed.server import FedServer
+from fedq.runtime.setup import build_bundle, client_partitions, load_data
+from fedq.wire.limits import WireLimits
+
+log = logging.getLogger(__name__)
+
+
+def _quiet_process(threads: int) -> None:
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class ServerHost:
+    def __init__(self, cfg: RunConfig, tokens: dict[str, str]) -> None:
+        _quiet_process(cfg.runtime.threads_per_worker)
+        from fedq.transport.server import TransportServer
+
+        split = load_data(cfg)
+        sizes = [int(p.numel()) for p in client_partitions(cfg, split.train)]
+        bundle = build_bundle(cfg, split.train)
+        self.server = FedServer(cfg, bundle, split.test, sizes)
+        self.transport = TransportServer(
+            self.server, host="127.0.0.1", port=0, tokens=tokens, limits=WireLimits()
+        )
+        self.num_params = sum(v.numel() for v in self.server.global_state.values())
+
+    def start(self) -> str:
+        self.transport.start()
+        return str(self.transport.address)
+
+    def info(self) -> dict[str, Any]:
+        return {"trainable_params": self.num_params, "tensors": len(self.server.global_state)}
+
+    def open_round(self, r: int) -> list[int]:
+        self.transport.counters.take()  # bytes of a discarded stray request do not leak in
+        return self.server.open_round(r)
+
+    def close_round(self) -> dict[str, Any]:
+        out = self.server.close_round()
+        traffic = self.transport.counters.take()
+        out["bytes_up"] = int(traffic["bytes_up"])
+        out["bytes_down"] = int(traffic["bytes_down"])
+        return out
+
+    def stop(self) -> None:
+        self.transport.stop(0.5)
+
+
+class WorkerHost:
+    def __init__(self, cfg: RunConfig, address: str, tokens: dict[str, str]) -> None:
+        _quiet_process(cfg.runtime.threads_per_worker)
+        from fedq.transport.client import TransportClient
+
+        split = load_data(cfg)
+        parts = client_partitions(cfg, split.train)
+        bundle = build_bundle(cfg, split.train)
+        chunk = cfg.runtime.chunk_bytes
+
+        def connect(name: str) -> Connection:
+            limits = WireLimits(chunk_size=chunk)
+            return TransportClient(address, client_id=name, token=tokens[name], limits=limits)
+
+        self.worker = ClientWorker(cfg, bundle, split.train, parts, connect)
+
+    def ready(self) -> bool:
+        return True
+
+    def run_round(self, r: int, cids: list[int]) -> list[dict[str, Any]]:
+        return self.worker.run_round(r, cids)

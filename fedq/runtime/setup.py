@@ -1,0 +1,51 @@
+"""Deterministic set-up shared by the server, every worker and the driver.
+
+Each process loads the data and builds the model itself from the resolved config (same seed, same
+result), so no tensors travel through Ray: everything that crosses a process boundary at run time
+goes through the wire codec and the transport, and is counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fedq.config import RunConfig
+
+
+def load_data(cfg: RunConfig) -> Any:
+    from fedq.data import load_dataset
+
+    d = cfg.data
+    return load_dataset(d.name, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test)
+
+
+def client_partitions(cfg: RunConfig, train: Any) -> list[torch.Tensor]:
+    from fedq.data import partition
+
+    d = cfg.data
+    return partition(
+        train.y,
+        cfg.fed.num_clients,
+        d.partition,
+        seed=cfg.seed,
+        alpha=d.alpha,
+        classes_per_client=d.classes_per_client,
+    )
+
+
+def build_bundle(cfg: RunConfig, train: Any) -> Any:
+    from fedq.models import build_model
+
+    m = cfg.model
+    input_dim = int(train.x.shape[1]) if hasattr(train, "x") and train.x.dim() == 2 else None
+    return build_model(
+        m.name,
+        num_classes=int(train.num_classes),
+        input_dim=input_dim,
+        seed=cfg.seed,
+        hidden=m.hidden,
+        lora_r=m.lora_r,
+        max_length=m.max_length,
+    )

@@ -1,0 +1,16 @@
+"""gRPC transport: server and client, auth (TLS/mTLS, per-client tokens), limits, byte counters,
+standard health checks. Imports grpc; ``fedq.codec`` and ``fedq.wire`` never do."""
+
+from fedq.transport.client import TransportClient
+from fedq.transport.counters import ByteCounter
+from fedq.transport.security import TlsConfig
+from fedq.transport.server import FederatedHandler, SplitHandler, TransportServer
+
+__all__ = [
+    "ByteCounter",
+    "FederatedHandler",
+    "SplitHandler",
+    "TlsConfig",
+    "TransportClient",
+    "TransportServer",
+]

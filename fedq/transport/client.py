@@ -1,0 +1,195 @@
+"""gRPC client for fedq: pull tasks, push updates, run split steps, over one reused channel.
+
+Every call streams 1 MiB frames (ENV.md section 4: fastest over gRPC, and below its 4 MiB default
+message cap, so no channel options are needed). Failures of the call come back as
+:class:`~fedq.errors.TransportError` carrying the status code name and the server's reason;
+malformed data from the server raises :class:`~fedq.errors.WireFormatError`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from fedq.errors import TransportError
+from fedq.transport.counters import CountingFrames
+from fedq.transport.security import TlsConfig, client_metadata
+from fedq.transport.server import FEDERATED_SERVICE, check_chunk_size
+from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames, read_message
+from fedq.wire.pb import service_pb2, service_pb2_grpc
+from fedq.wire.pb import tensor_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+
+def _transport_error(e: grpc.RpcError) -> TransportError:
+    code = e.code() if isinstance(e, grpc.Call) else None
+    details = e.details() if isinstance(e, grpc.Call) else str(e)
+    return TransportError(code.name if code is not None else "UNKNOWN", details or "")
+
+
+class _SplitStream:
+    """One open bidi ``Split.Step`` stream: each step queues a message's frames and reads one reply.
+
+    The request side is a generator fed from a queue (gRPC consumes it on its own thread), so the
+    stream stays open between steps and no frame is built before gRPC asks for it.
+    """
+
+    _CLOSE = None
+
+    def __init__(self, stub: service_pb2_grpc.SplitStub, client: TransportClient) -> None:
+        self._queue: queue.SimpleQueue[Iterator[pb.Frame] | None] = queue.SimpleQueue()
+        self._client = client
+        self._sent = CountingFrames(self._requests())
+        self._calls = stub.Step(self._sent, metadata=client._metadata)
+        self._received = CountingFrames(self._calls)
+
+    def _requests(self) -> Iterator[pb.Frame]:
+        while (frames := self._queue.get()) is not self._CLOSE:
+            yield from frames
+
+    def step(self, msg: WireMessage) -> WireMessage:
+        frames = message_to_frames(msg, self._client.limits.chunk_size)
+        first = next(frames)  # encode now, so a bad message fails here and not in gRPC's thread
+        self._queue.put(itertools.chain([first], frames))
+        try:
+            reply = read_message(self._received, self._client.limits)
+        finally:
+            self._client._count(sent=self._sent.take(), received=self._received.take())
+        if reply is None:
+            raise TransportError("UNAVAILABLE", "split stream closed by the server")
+        return reply
+
+    def close(self) -> None:
+        self._queue.put(self._CLOSE)
+        self._calls.cancel()
+
+
+class TransportClient:
+    """A client of one fedq server. Not meant for concurrent calls from several threads, except that
+    counters are thread-safe. ``bytes_sent``/``bytes_received`` count like the server does."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        client_id: str,
+        token: str | None = None,
+        limits: WireLimits | None = None,
+        tls: TlsConfig | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        self.target = target
+        self.client_id = client_id
+        self.limits = limits or WireLimits()
+        check_chunk_size(self.limits)
+        self.timeout = timeout
+        self._metadata = client_metadata(client_id, token)
+        if tls is None:
+            self._channel = grpc.insecure_channel(target)
+        else:
+            options = []
+            if tls.server_name:
+                options.append(("grpc.ssl_target_name_override", tls.server_name))
+            self._channel = grpc.secure_channel(target, tls.channel_credentials(), options)
+        self._federated = service_pb2_grpc.FederatedStub(self._channel)
+        self._split_stub = service_pb2_grpc.SplitStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._lock = threading.Lock()
+        self._split_lock = threading.Lock()
+        self._split: _SplitStream | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _count(self, *, sent: int = 0, received: int = 0) -> None:
+        with self._lock:
+            self.bytes_sent += sent
+            self.bytes_received += received
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Block until the server's health service reports the Federated service SERVING."""
+        request = health_pb2.HealthCheckRequest(service=FEDERATED_SERVICE)
+        try:
+            reply = self._health.Check(request, timeout=timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise _transport_error(e) from e
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            raise TransportError("UNAVAILABLE", f"server {self.target} is {status}")
+
+    def get_task(self, round: int) -> WireMessage:
+        """Download this client's task (global parameters and instructions) for ``round``."""
+        request = service_pb2.TaskRequest(client_id=self.client_id, round=round)
+        self._count(sent=request.ByteSize())
+        call = self._federated.GetTask(request, metadata=self._metadata, timeout=self.timeout)
+        frames = CountingFrames(call)
+        try:
+            return message_from_frames(frames, self.limits)
+        except grpc.RpcError as e:
+            raise _transport_error(e) from e
+        except BaseException:
+            call.cancel()
+            raise
+        finally:
+            self._count(received=frames.nbytes)
+
+    def push_update(self, msg: WireMessage) -> int:
+        """Upload ``msg``; returns the bytes sent (the sum of the frames' serialized sizes)."""
+        frames = message_to_frames(msg, self.limits.chunk_size)
+        first = next(frames)  # encode before the call, so encoding errors surface as themselves
+        sent = CountingFrames(itertools.chain([first], frames))
+        try:
+            ack = self._federated.PushUpdate(sent, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _transport_error(e) from e
+        finally:
+            self._count(sent=sent.nbytes)
+        self._count(received=ack.ByteSize())
+        if not ack.accepted:
+            raise TransportError("REJECTED", ack.reason)
+        if ack.bytes_received != sent.nbytes:
+            logger.warning(
+                "server counted %d bytes, client sent %d", ack.bytes_received, sent.nbytes
+            )
+        return sent.nbytes
+
+    def split_step(self, msg: WireMessage) -> WireMessage:
+        """Send one split-learning message (activations) and return the reply (gradients).
+
+        Steps share one open bidi stream; after a failure the stream is dropped and the next step
+        opens a new one. The stream has no deadline (it lives across steps), so ``timeout`` does
+        not apply here; a dead server surfaces as UNAVAILABLE through gRPC keepalive/close.
+        """
+        with self._split_lock:
+            if self._split is None:
+                self._split = _SplitStream(self._split_stub, self)
+            try:
+                return self._split.step(msg)
+            except grpc.RpcError as e:
+                self._drop_split()
+                raise _transport_error(e) from e
+            except BaseException:
+                self._drop_split()
+                raise
+
+    def _drop_split(self) -> None:
+        if self._split is not None:
+            self._split.close()
+            self._split = None
+
+    def close(self) -> None:
+        with self._split_lock:
+            self._drop_split()
+        self._channel.close()
+
+    def __enter__(self) -> TransportClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

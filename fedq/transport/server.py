@@ -1,0 +1,283 @@
+"""gRPC server for fedq: the ``Federated`` and ``Split`` services plus standard gRPC health.
+
+The server is a thin shell around a plain handler object (the federated runtime), so the same
+handler runs in-process in tests. Failures travel as status codes with a reason, never as
+exceptions: malformed input is INVALID_ARGUMENT, a handler's :class:`~fedq.errors.FedqError`
+FAILED_PRECONDITION, a bad token UNAUTHENTICATED, anything else INTERNAL (logged); each ends one
+RPC only, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
+from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedq.errors import ConfigError, FedqError, TransportError
+from fedq.transport.counters import ByteCounter, CountingFrames
+from fedq.transport.security import (
+    AuthenticationError,
+    TlsConfig,
+    authenticate,
+    check_bind_policy,
+    format_address,
+)
+from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames, read_message
+from fedq.wire.pb import service_pb2, service_pb2_grpc
+from fedq.wire.pb import tensor_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+FEDERATED_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Federated"].full_name
+SPLIT_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Split"].full_name
+#: Largest chunk that keeps every frame under gRPC's default 4 MiB message limit.
+MAX_CHUNK_SIZE = 3 << 20
+
+
+class FederatedHandler(Protocol):
+    """What the federated runtime implements; called from gRPC worker threads."""
+
+    def get_task(self, client_id: str, round: int) -> WireMessage: ...
+
+    def push_update(self, msg: WireMessage) -> None: ...
+
+
+@runtime_checkable
+class SplitHandler(Protocol):
+    """Optional: a handler with ``split_step`` also gets the ``Split`` service."""
+
+    def split_step(self, msg: WireMessage) -> WireMessage: ...
+
+
+class _Phase(enum.Enum):
+    DECODE = "decode"  # parsing untrusted input: bad input is the caller's fault
+    HANDLER = "handler"  # the runtime's decision: FedqError is a refused precondition
+    ENCODE = "encode"  # serializing our own reply: any failure is a server bug
+
+
+def _status_for(phase: _Phase, error: Exception) -> grpc.StatusCode:
+    """Map a failure to a status code: whose fault it is depends on the phase it happened in."""
+    if phase is _Phase.DECODE and isinstance(error, ValueError):  # WireFormatError included
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if phase is _Phase.HANDLER and isinstance(error, FedqError):
+        return grpc.StatusCode.FAILED_PRECONDITION
+    return grpc.StatusCode.INTERNAL
+
+
+def check_chunk_size(limits: WireLimits) -> None:
+    if limits.chunk_size > MAX_CHUNK_SIZE:
+        raise ConfigError(
+            f"transport: chunk_size {limits.chunk_size} exceeds {MAX_CHUNK_SIZE} bytes; frames "
+            "must stay under gRPC's 4 MiB message limit"
+        )
+
+
+class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServicer):
+    """Implements both services; the Split half is only registered if the handler supports it."""
+
+    def __init__(
+        self,
+        handler: Any,
+        limits: WireLimits,
+        tokens: Mapping[str, str] | None,
+        counters: ByteCounter,
+    ) -> None:
+        self._handler = handler
+        self._limits = limits
+        self._tokens = tokens
+        self._counters = counters
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> NoReturn:
+        context.abort(code, reason)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    def _auth(self, context: grpc.ServicerContext) -> str | None:
+        try:
+            return authenticate(context.invocation_metadata(), self._tokens)
+        except AuthenticationError as e:
+            logger.warning("rejected call from %s: %s", context.peer(), e)
+            self._abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+    def _check_client(self, context: grpc.ServicerContext, authed: str | None, claimed: str) -> str:
+        if authed is not None and claimed != authed:
+            reason = f"client_id {claimed[:80]!r} does not match the authenticated client"
+            self._abort(context, grpc.StatusCode.PERMISSION_DENIED, reason)
+        return claimed
+
+    def _run(self, context: grpc.ServicerContext, phase: _Phase, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except grpc.RpcError:
+            raise  # the peer cancelled or the call ended: nothing to report back
+        except Exception as e:
+            code = _status_for(phase, e)
+            if code is grpc.StatusCode.INTERNAL:
+                logger.exception("fedq transport: %s step failed", phase.value)
+                reason = f"{type(e).__name__}: {e}"
+            else:
+                logger.warning("%s from %s: %s", code.name, context.peer(), e)
+                reason = str(e)
+        self._abort(context, code, reason[:2000])
+
+    def _frames(self, context: grpc.ServicerContext, msg: WireMessage) -> Iterator[pb.Frame]:
+        frames = message_to_frames(msg, self._limits.chunk_size)
+        yield self._run(context, _Phase.ENCODE, lambda: next(frames))  # serializes every tensor
+        yield from frames
+
+    # -- Federated -------------------------------------------------------------------------------
+    def GetTask(
+        self, request: service_pb2.TaskRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.Frame]:
+        authed = self._auth(context)
+        client = self._check_client(context, authed, request.client_id)
+        down = 0
+        try:
+            msg = self._run(
+                context, _Phase.HANDLER, lambda: self._handler.get_task(client, int(request.round))
+            )
+            for frame in self._frames(context, msg):
+                down += frame.ByteSize()
+                yield frame
+        finally:
+            self._counters.add(client, up=request.ByteSize(), down=down)
+
+    def PushUpdate(
+        self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
+    ) -> service_pb2.Ack:
+        authed = self._auth(context)
+        frames = CountingFrames(request_iterator)
+        who, ack_size = authed or "", 0
+        try:
+            msg = self._run(
+                context, _Phase.DECODE, lambda: message_from_frames(frames, self._limits)
+            )
+            who = self._check_client(context, authed, msg.client_id)
+            self._run(context, _Phase.HANDLER, lambda: self._handler.push_update(msg))
+            ack = service_pb2.Ack(accepted=True, bytes_received=frames.nbytes)
+            ack_size = ack.ByteSize()
+            return ack
+        finally:
+            self._counters.add(who, up=frames.nbytes, down=ack_size)
+
+    # -- Split -----------------------------------------------------------------------------------
+    def Step(
+        self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
+    ) -> Iterator[pb.Frame]:
+        """One bidi stream carries any number of steps: read one message, answer with one."""
+        authed = self._auth(context)
+        frames = CountingFrames(request_iterator)
+        who, down = authed or "", 0
+        try:
+            while True:
+                msg = self._run(context, _Phase.DECODE, lambda: read_message(frames, self._limits))
+                if msg is None:
+                    return
+                who = self._check_client(context, authed, msg.client_id)
+                reply = self._run(
+                    context, _Phase.HANDLER, functools.partial(self._handler.split_step, msg)
+                )
+                for frame in self._frames(context, reply):
+                    down += frame.ByteSize()
+                    yield frame
+                self._counters.add(who, up=frames.take(), down=down)
+                down = 0
+        finally:
+            self._counters.add(who, up=frames.take(), down=down)
+
+
+class TransportServer:
+    """Serves a handler over gRPC (see module docstring). Use as a context manager or call
+    :meth:`start` / :meth:`stop`. ``counters`` holds the bytes that crossed, per client.
+
+    Each in-flight call holds one of ``max_workers`` threads, and an open split stream holds one
+    for its whole life: size ``max_workers`` above the number of concurrently connected split
+    clients. The handler is called from those threads and must be thread-safe.
+    """
+
+    def __init__(
+        self,
+        handler: FederatedHandler,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: WireLimits | None = None,
+        tokens: Mapping[str, str] | None = None,
+        tls: TlsConfig | None = None,
+        max_workers: int = 8,
+        allow_insecure: bool = False,
+    ) -> None:
+        self._limits = limits or WireLimits()
+        check_bind_policy(host, tls, allow_insecure)
+        check_chunk_size(self._limits)
+        self.host = host
+        self.port = port
+        self.counters = ByteCounter()
+        self._handler = handler
+        self._tokens = dict(tokens) if tokens is not None else None
+        self._tls = tls
+        self._max_workers = max_workers
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    @property
+    def serves_split(self) -> bool:
+        return isinstance(self._handler, SplitHandler)
+
+    def start(self) -> int:
+        """Bind and start serving; returns the bound port (useful with ``port=0``)."""
+        if self._server is not None:
+            raise FedqError("transport server already started")
+        pool = futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="fedq-grpc")
+        server = grpc.server(pool)
+        servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters)
+        service_pb2_grpc.add_FederatedServicer_to_server(servicer, server)
+        services = ["", FEDERATED_SERVICE]
+        if self.serves_split:
+            service_pb2_grpc.add_SplitServicer_to_server(servicer, server)
+            services.append(SPLIT_SERVICE)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        addr = format_address(self.host, self.port)
+        try:
+            if self._tls is None:
+                bound = server.add_insecure_port(addr)
+            else:
+                bound = server.add_secure_port(addr, self._tls.server_credentials())
+        except RuntimeError as e:
+            raise TransportError("UNAVAILABLE", f"cannot bind {addr}: {e}") from e
+        if not bound:
+            raise TransportError("UNAVAILABLE", f"cannot bind {addr}")
+        server.start()
+        for name in services:
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._server, self.port = server, bound
+        logger.info("fedq transport serving %s on %s", services[1:], self.address)
+        return bound
+
+    def stop(self, grace: float = 1.0) -> None:
+        """Mark NOT_SERVING, let in-flight calls finish for up to ``grace`` seconds, then stop."""
+        if self._server is None:
+            return
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        self._server = None
+        logger.info("fedq transport on %s stopped", self.address)
+
+    def __enter__(self) -> TransportServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,186 @@
+"""``WireMessage`` and its framing: one Header frame, then Chunk frames of the serialized bundle.
+
+Why frames: gRPC caps a message at 4 MiB by default and protobuf at 2 GiB, while model updates and
+activations can be larger. Streaming 1 MiB chunks is also the fastest way to move bytes over gRPC
+(ENV.md section 4). The receiver checks the header (version, declared size against its limits) and
+the chunk sequence (contiguous offsets, no overflow, exact total) and grows its buffer only as data
+actually arrives, so a header that lies about the payload size costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from fedq.codec.packed import FORMAT_VERSION, PackedTensor
+from fedq.errors import WireFormatError
+from fedq.wire.limits import WireLimits
+from fedq.wire.pb import tensor_pb2 as pb
+from fedq.wire.serde import bundle_from_bytes, bundle_pieces
+
+
+@dataclass(slots=True)
+class WireMessage:
+    """One logical message of the protocol (a task, an update, activations, gradients, ...).
+
+    ``kind`` says what it is ("global", "update", "activations", "gradients", "error", ...),
+    ``scalars`` carry small numbers (num_samples, loss, ...), ``tags`` small strings.
+    """
+
+    kind: str
+    client_id: str
+    round: int = 0
+    step: int = 0
+    scalars: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, PackedTensor] = field(default_factory=dict)
+
+
+def frame_nbytes(frame: pb.Frame) -> int:
+    """Serialized size of a frame: the unit fedq's byte counters add up."""
+    return int(frame.ByteSize())
+
+
+def _header(msg: WireMessage, payload_size: int) -> pb.Header:
+    if not msg.kind:
+        raise WireFormatError("header: field 'kind': must be non-empty")
+    if msg.round < 0 or msg.step < 0:
+        raise WireFormatError(
+            f"header: field 'round'/'step': must be >= 0, got {msg.round}/{msg.step}"
+        )
+    bad = [k for k, v in msg.scalars.items() if not math.isfinite(v)]
+    if bad:
+        raise WireFormatError(f"header: field 'scalars': non-finite value for {bad[0]!r}")
+    return pb.Header(
+        format_version=FORMAT_VERSION,
+        kind=msg.kind,
+        client_id=msg.client_id,
+        round=msg.round,
+        step=msg.step,
+        payload_size=payload_size,
+        scalars=msg.scalars,
+        tags=msg.tags,
+    )
+
+
+def message_to_frames(msg: WireMessage, chunk_size: int = 1 << 20) -> Iterator[pb.Frame]:
+    """Frames of ``msg``: a Header with the payload size, then Chunks of <= ``chunk_size`` bytes.
+
+    A message without tensors has an empty payload and therefore no chunks. Chunks are cut lazily
+    across the bundle's pieces, so the whole payload is never joined into one buffer here.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    pieces = bundle_pieces(msg.tensors) if msg.tensors else []
+    total = sum(len(p) for p in pieces)
+    yield pb.Frame(header=_header(msg, total))
+    offset = 0
+    pending: list[memoryview] = []
+    pending_size = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            take = view[: chunk_size - pending_size]
+            pending.append(take)
+            pending_size += len(take)
+            view = view[len(take) :]
+            if pending_size == chunk_size:
+                yield pb.Frame(chunk=pb.Chunk(offset=offset, data=b"".join(pending)))
+                offset += pending_size
+                pending, pending_size = [], 0
+    if pending_size:
+        yield pb.Frame(chunk=pb.Chunk(offset=offset, data=b"".join(pending)))
+
+
+def _check_header(header: pb.Header, limits: WireLimits) -> None:
+    if header.format_version != FORMAT_VERSION:
+        raise WireFormatError(
+            f"header: field 'format_version': unsupported version {header.format_version} "
+            f"(expected {FORMAT_VERSION})"
+        )
+    if not header.kind:
+        raise WireFormatError("header: field 'kind': must be non-empty")
+    if header.payload_size > limits.max_payload_bytes:
+        raise WireFormatError(
+            f"header: field 'payload_size': {header.payload_size} bytes exceeds limit "
+            f"{limits.max_payload_bytes}"
+        )
+    for key, value in header.scalars.items():
+        if not math.isfinite(value):
+            raise WireFormatError(f"header: field 'scalars': non-finite value for {key[:80]!r}")
+
+
+def _decode(header: pb.Header, payload: bytearray, limits: WireLimits) -> WireMessage:
+    tensors = bundle_from_bytes(payload, limits) if header.payload_size else {}
+    return WireMessage(
+        kind=header.kind,
+        client_id=header.client_id,
+        round=int(header.round),
+        step=int(header.step),
+        scalars=dict(header.scalars),
+        tags=dict(header.tags),
+        tensors=tensors,
+    )
+
+
+def read_message(frames: Iterator[pb.Frame], limits: WireLimits) -> WireMessage | None:
+    """Consume exactly one message's frames from ``frames`` (a stream may carry several).
+
+    Returns None if the stream ends cleanly before a header. Stops right after the last chunk, so a
+    bidirectional stream can answer before the peer sends its next message.
+    """
+    first = next(frames, None)
+    if first is None:
+        return None
+    if first.WhichOneof("kind") != "header":
+        raise WireFormatError(
+            "frame 0: field 'header': the first frame of a message must be a header"
+        )
+    header = first.header
+    _check_header(header, limits)
+    size = header.payload_size
+    buf = bytearray()  # grown as data arrives: the declared size is not trusted for allocation
+    index = 0
+    while len(buf) < size:
+        index += 1
+        frame = next(frames, None)
+        if frame is None:
+            raise WireFormatError(
+                f"frame {index}: field 'chunk': stream ended after {len(buf)} of {size} bytes"
+            )
+        kind = frame.WhichOneof("kind")
+        if kind != "chunk":
+            raise WireFormatError(
+                f"frame {index}: field 'chunk': expected a chunk, got {kind or 'an empty frame'}"
+            )
+        chunk = frame.chunk
+        if chunk.offset != len(buf):
+            raise WireFormatError(
+                f"frame {index}: field 'chunk.offset': expected {len(buf)}, got {chunk.offset}"
+            )
+        if len(chunk.data) > size - len(buf):
+            raise WireFormatError(
+                f"frame {index}: field 'chunk.data': overflows payload_size {size} "
+                f"({len(buf)} + {len(chunk.data)} bytes)"
+            )
+        if not chunk.data:
+            raise WireFormatError(f"frame {index}: field 'chunk.data': empty chunk")
+        buf += chunk.data
+    return _decode(header, buf, limits)
+
+
+def message_from_frames(frames: Iterable[pb.Frame], limits: WireLimits) -> WireMessage:
+    """Reassemble and validate one message from a complete frame stream (nothing may follow it)."""
+    it = iter(frames)
+    msg = read_message(it, limits)
+    if msg is None:
+        raise WireFormatError("frame 0: field 'header': empty stream, no header")
+    extra = next(it, None)
+    if extra is not None:
+        kind = extra.WhichOneof("kind")
+        field_name = "header" if kind == "header" else "chunk"
+        raise WireFormatError(
+            f"frame: field {field_name!r}: unexpected {kind or 'empty'} frame after the payload"
+        )
+    return msg

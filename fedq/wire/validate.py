@@ -1,0 +1,184 @@
+"""Checks on an untrusted ``fedq.v1.PackedTensor`` message, run before anything is allocated.
+
+The order matters: cheap header checks (version, enums, rank, element count) come first, then the
+lengths of the byte fields are compared with what the declared shape and bit map imply, and only
+then are small tensors built (bit map, scales) to check their values. A hostile header
+that claims a huge shape is rejected by arithmetic alone.
+Every error names the tensor and the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedq.codec.layout import BlockLayout, Granularity
+from fedq.codec.packed import (
+    FLOAT_DTYPES,
+    FORMAT_VERSION,
+    SCALE_DTYPES,
+    Encoding,
+    expected_payload_nbytes,
+)
+from fedq.errors import WireFormatError
+from fedq.wire.limits import WireLimits
+from fedq.wire.pb import tensor_pb2 as pb
+
+DTYPE_TO_PB: dict[str, pb.DType] = {
+    "float32": pb.FLOAT32,
+    "float16": pb.FLOAT16,
+    "bfloat16": pb.BFLOAT16,
+}
+DTYPE_FROM_PB: dict[pb.DType, str] = {v: k for k, v in DTYPE_TO_PB.items()}
+ENCODING_TO_PB: dict[Encoding, pb.Encoding] = {
+    Encoding.QUANTIZED: pb.QUANTIZED,
+    Encoding.RAW: pb.RAW,
+}
+ENCODING_FROM_PB: dict[pb.Encoding, Encoding] = {v: k for k, v in ENCODING_TO_PB.items()}
+GRANULARITY_TO_PB: dict[Granularity, pb.Granularity] = {
+    Granularity.TENSOR: pb.TENSOR,
+    Granularity.CHANNEL: pb.CHANNEL,
+    Granularity.GROUP: pb.GROUP,
+}
+GRANULARITY_FROM_PB: dict[pb.Granularity, Granularity] = {
+    v: k for k, v in GRANULARITY_TO_PB.items()
+}
+
+_VALID_BITS = bytes(range(1, 9))
+_MAX_LABEL = 80
+
+
+def label(name: str) -> str:
+    """Quoted tensor name for error messages, truncated so a hostile name cannot bloat them
+    (the reason travels back in gRPC trailers, which have a size limit)."""
+    if len(name) > _MAX_LABEL:
+        name = name[:_MAX_LABEL] + "..."
+    return repr(name)
+
+
+def fail(name: str, field: str, detail: str) -> WireFormatError:
+    return WireFormatError(f"tensor {label(name)}: field {field!r}: {detail}")
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """The validated header of a tensor message (everything but the byte fields' contents)."""
+
+    shape: tuple[int, ...]
+    numel: int
+    dtype: str
+    encoding: Encoding
+    granularity: Granularity
+    scale_dtype: str
+    layout: BlockLayout | None  # None for RAW
+
+
+def _enum(name: str, field: str, value: int, table: Mapping[Any, object]) -> None:
+    if value not in table:
+        raise fail(name, field, f"unknown or unspecified value {value}")
+
+
+def _check_shape(msg: pb.PackedTensor, limits: WireLimits) -> tuple[tuple[int, ...], int]:
+    name = msg.name
+    if len(msg.shape) > limits.max_rank:
+        raise fail(name, "shape", f"rank {len(msg.shape)} exceeds limit {limits.max_rank}")
+    shape = tuple(int(d) for d in msg.shape)
+    for i, d in enumerate(shape):
+        if d > limits.max_elements:
+            raise fail(name, "shape", f"dim {i} = {d} exceeds limit {limits.max_elements}")
+    numel = math.prod(shape)
+    if numel > limits.max_elements:
+        raise fail(name, "shape", f"{numel} elements exceeds limit {limits.max_elements}")
+    return shape, numel
+
+
+def _check_empty(msg: pb.PackedTensor, fields: tuple[str, ...], why: str) -> None:
+    for field in fields:
+        if len(getattr(msg, field)):
+            raise fail(msg.name, field, f"must be empty {why}")
+
+
+def _quantized_layout(msg: pb.PackedTensor, shape: tuple[int, ...]) -> BlockLayout:
+    name = msg.name
+    gran = GRANULARITY_FROM_PB[msg.granularity]
+    if gran is Granularity.CHANNEL and not msg.axis < len(shape):
+        raise fail(name, "axis", f"value {msg.axis} out of range for rank {len(shape)}")
+    if gran is Granularity.GROUP and msg.group_size <= 0:
+        raise fail(name, "group_size", "must be positive for GROUP granularity")
+    try:
+        return BlockLayout.build(shape, gran, axis=int(msg.axis), group_size=int(msg.group_size))
+    except ValueError as e:  # defensive: the checks above should make this unreachable
+        raise fail(name, "granularity", str(e)) from e
+
+
+def _check_block_fields(msg: pb.PackedTensor, layout: BlockLayout, scale_dtype: str) -> None:
+    name, nb = msg.name, layout.num_blocks
+    if len(msg.bits) != nb:
+        raise fail(name, "bits", f"length {len(msg.bits)} != {nb} blocks")
+    invalid = msg.bits.translate(None, _VALID_BITS)
+    if invalid:
+        raise fail(name, "bits", f"value {invalid[0]} out of range 1..8")
+    itemsize = SCALE_DTYPES[scale_dtype].itemsize
+    if len(msg.scales) != nb * itemsize:
+        raise fail(name, "scales", f"length {len(msg.scales)} bytes != {nb} x {itemsize}")
+    if msg.symmetric:
+        _check_empty(msg, ("offsets",), "for a symmetric tensor")
+    elif len(msg.offsets) != nb * itemsize:
+        raise fail(name, "offsets", f"length {len(msg.offsets)} bytes != {nb} x {itemsize}")
+
+
+def check_tensor(msg: pb.PackedTensor, limits: WireLimits) -> TensorSpec:
+    """Check everything that needs no allocation; returns the decoded header."""
+    name = msg.name
+    if msg.format_version != FORMAT_VERSION:
+        raise fail(
+            name,
+            "format_version",
+            f"unsupported version {msg.format_version} (expected {FORMAT_VERSION})",
+        )
+    _enum(name, "dtype", msg.dtype, DTYPE_FROM_PB)
+    _enum(name, "encoding", msg.encoding, ENCODING_FROM_PB)
+    _enum(name, "granularity", msg.granularity, GRANULARITY_FROM_PB)
+    scale_dtype = DTYPE_FROM_PB.get(msg.scale_dtype)
+    if scale_dtype not in SCALE_DTYPES:
+        raise fail(name, "scale_dtype", f"value {msg.scale_dtype} is not FLOAT32 or FLOAT16")
+    shape, numel = _check_shape(msg, limits)
+    encoding = ENCODING_FROM_PB[msg.encoding]
+    dtype = DTYPE_FROM_PB[msg.dtype]
+    layout = None
+    if encoding is Encoding.RAW:
+        if msg.granularity != pb.TENSOR:
+            raise fail(name, "granularity", "RAW tensors must use TENSOR granularity")
+        _check_empty(msg, ("bits", "scales", "offsets"), "for a RAW tensor")
+        expected = numel * FLOAT_DTYPES[dtype].itemsize
+        if len(msg.payload) != expected:
+            raise fail(name, "payload", f"length {len(msg.payload)} bytes != expected {expected}")
+    else:
+        layout = _quantized_layout(msg, shape)
+        _check_block_fields(msg, layout, scale_dtype)
+    gran = GRANULARITY_FROM_PB[msg.granularity]
+    return TensorSpec(shape, numel, dtype, encoding, gran, scale_dtype, layout)
+
+
+def check_payload_size(msg: pb.PackedTensor, spec: TensorSpec, bits: torch.Tensor) -> None:
+    """QUANTIZED payloads must be exactly as long as the layout and bit map imply."""
+    if spec.layout is None:
+        return
+    expected = expected_payload_nbytes(spec.layout, bits)
+    if len(msg.payload) != expected:
+        raise fail(msg.name, "payload", f"length {len(msg.payload)} bytes != expected {expected}")
+
+
+def check_scales(name: str, scales: torch.Tensor, offsets: torch.Tensor | None) -> None:
+    """Scales must be finite and non-negative, offsets finite: a NaN here would poison the model."""
+    if scales.numel():
+        if not bool(torch.isfinite(scales).all()):
+            raise fail(name, "scales", "contains NaN or Inf")
+        if bool((scales < 0).any()):
+            raise fail(name, "scales", "contains a negative scale")
+    if offsets is not None and offsets.numel() and not bool(torch.isfinite(offsets).all()):
+        raise fail(name, "offsets", "contains NaN or Inf")

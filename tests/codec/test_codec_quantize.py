@@ -1,0 +1,299 @@
+"""Quantization maths: error bounds, unbiased stochastic rounding, mixed bit maps and edge cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedq.codec import Encoding, Granularity, QuantSpec, dequantize, quantize, raw
+from fedq.codec.layout import BlockLayout
+from fedq.codec.packed import PackedTensor, expected_payload_nbytes
+from fedq.codec.quantize import _pack_by_class, _unpack_by_class
+from fedq.errors import CodecError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPE = (6, 7, 5)  # 210 elements: no power of two anywhere
+
+# (granularity, axis, group_size): every way to cut SHAPE into blocks, awkward ones included.
+CUTS = [
+    (Granularity.TENSOR, 0, 0),
+    (Granularity.CHANNEL, 0, 0),
+    (Granularity.CHANNEL, 1, 0),
+    (Granularity.CHANNEL, -1, 0),
+    (Granularity.GROUP, 0, 16),  # 16 does not divide 210: partial last group of 2
+    (Granularity.GROUP, 0, 1),
+]
+
+
+def _spec(cut: tuple[Granularity, int, int], **kw: object) -> QuantSpec:
+    gran, axis, gs = cut
+    return QuantSpec(granularity=gran, axis=axis, group_size=gs or 128, **kw)  # type: ignore[arg-type]
+
+
+def _per_element(p: PackedTensor, per_block: torch.Tensor) -> torch.Tensor:
+    """Broadcast a [num_blocks] tensor to the element positions of ``p``'s shape."""
+    lay = p.layout
+    rows = per_block.float().unsqueeze(1).expand(lay.num_blocks, lay.block_len)
+    return lay.from_blocks(rows.contiguous())
+
+
+def _assert_within_half_step(x: torch.Tensor, p: PackedTensor) -> None:
+    """|x_hat - x| <= scale/2 per element, plus float slack (coding arithmetic and output rounding)."""
+    y = dequantize(p)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    xf, yf = x.float(), y.float()
+    s = _per_element(p, p.scales)
+    off = _per_element(p, p.offsets).abs() if p.offsets is not None else torch.zeros_like(s)
+    eps_out = torch.finfo(x.dtype).eps
+    eps32 = torch.finfo(torch.float32).eps
+    slack = 1e-4 * s + eps_out * yf.abs() + 8 * eps32 * (xf.abs() + off)
+    err = (yf - xf).abs()
+    worst = float((err - (s / 2 + slack)).max())
+    assert worst <= 0, f"error exceeds scale/2 by {worst}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cut", CUTS, ids=lambda c: f"{c[0].value}{c[1]}g{c[2]}")
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
+def test_round_to_nearest_error_within_half_step(
+    dtype: torch.dtype, cut: tuple[Granularity, int, int], symmetric: bool, scale_dtype: str
+) -> None:
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(SHAPE, generator=g) * 3 + 0.5).to(dtype)
+    spec = _spec(cut, symmetric=symmetric, scale_dtype=scale_dtype)
+    for bits in range(1, 9):
+        p = quantize(x, bits, spec)
+        assert p.scales.dtype == getattr(torch, scale_dtype)
+        assert p.mean_bits() == bits
+        _assert_within_half_step(x, p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    bits=st.integers(1, 8),
+    gran=st.sampled_from(list(Granularity)),
+    axis=st.integers(-3, 2),
+    group_size=st.integers(1, 40),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_error_bound_property(
+    shape: list[int],
+    bits: int,
+    gran: Granularity,
+    axis: int,
+    group_size: int,
+    symmetric: bool,
+    seed: int,
+) -> None:
+    axis = axis % len(shape)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 10
+    p = quantize(x, bits, QuantSpec(gran, axis=axis, group_size=group_size, symmetric=symmetric))
+    _assert_within_half_step(x, p)
+
+
+def test_per_channel_degrades_to_per_tensor_on_vectors() -> None:
+    p = quantize(torch.randn(33), 4)  # default spec is per-channel
+    assert p.granularity is Granularity.TENSOR and p.scales.numel() == 1
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_stochastic_rounding_is_unbiased(symmetric: bool) -> None:
+    """N independent stochastic quantizations of a fixed vector ``x`` (rows of a per-channel
+    tensor: every row is one block with the same scale, independent noise). Each decoded value is
+    within one step of x and its variance is at most scale**2/4, so the mean over N rows has std
+    at most scale/(2*sqrt(N)); we allow 5 of those. Round-to-nearest would be off by up to
+    scale/2, about 22x the tolerance here, so the test also catches "stochastic flag ignored"."""
+    n_rows, bits = 4000, 2
+    x = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    xs = x.expand(n_rows, 64)
+    spec = QuantSpec(Granularity.CHANNEL, symmetric=symmetric, stochastic=True, scale_dtype="float32")
+    gen = torch.Generator().manual_seed(11)
+    p = quantize(xs, bits, spec, generator=gen)
+    y = dequantize(p)
+    scale = float(p.scales[0])
+    assert torch.all(p.scales == scale)
+    assert float((y - xs).abs().max()) < scale  # never more than one step away
+    tol = 5 * math.sqrt(scale**2 / 4 / n_rows)
+    bias = (y.mean(dim=0) - x).abs()
+    assert float(bias.max()) <= tol, f"max |mean - x| = {float(bias.max())} > {tol}"
+    rtn = (dequantize(quantize(x, bits, QuantSpec(Granularity.TENSOR, symmetric=symmetric))) - x)
+    assert float(rtn.abs().max()) > 3 * tol  # the tolerance is tight enough to tell RTN apart
+
+
+def test_stochastic_rounding_follows_the_generator() -> None:
+    x = torch.randn(9, 31)
+    spec = QuantSpec(stochastic=True)
+    a = quantize(x, 3, spec, generator=torch.Generator().manual_seed(5))
+    b = quantize(x, 3, spec, generator=torch.Generator().manual_seed(5))
+    c = quantize(x, 3, spec, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.payload, b.payload)
+    assert not torch.equal(a.payload, c.payload)
+
+
+# ---- mixed bit maps ---------------------------------------------------------------------------
+
+
+def _random_codes(layout: BlockLayout, bm: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand((layout.num_blocks, layout.block_len), generator=g)
+    codes = (u * (2 ** bm.to(torch.int64)).unsqueeze(1)).floor().to(torch.uint8)
+    if layout.padding:
+        codes[-1, layout.last_len :] = 0  # padding decodes as zero codes
+    return codes
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        BlockLayout.build((13, 11), Granularity.CHANNEL, axis=0),
+        BlockLayout.build((5, 3, 7), Granularity.CHANNEL, axis=-1),
+        BlockLayout.build((1001,), Granularity.GROUP, group_size=64),  # partial last group
+        BlockLayout.build((9, 7), Granularity.GROUP, group_size=5),
+    ],
+    ids=["ch13x11", "ch5x3x7", "grp1001", "grp9x7"],
+)
+def test_mixed_map_codes_round_trip_exactly(layout: BlockLayout) -> None:
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        bm = torch.randint(1, 9, (layout.num_blocks,), generator=g, dtype=torch.uint8)
+        bm[-1] = 3  # the partial block sits in a non-byte-aligned class
+        codes = _random_codes(layout, bm, seed)
+        payload = _pack_by_class(codes, bm, layout)
+        assert payload.numel() == expected_payload_nbytes(layout, bm)
+        p = PackedTensor(
+            layout.shape, "float32", Encoding.QUANTIZED, layout.granularity, layout.axis,
+            layout.group_size, False, "float32", bm, torch.ones(layout.num_blocks),
+            torch.zeros(layout.num_blocks), payload,
+        )  # fmt: skip
+        assert torch.equal(_unpack_by_class(p, layout), codes)
+        # Decoding with unit scales and zero offsets returns the codes themselves.
+        assert torch.equal(dequantize(p), layout.from_blocks(codes.float()))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mixed_map_quantize_respects_each_blocks_width(symmetric: bool) -> None:
+    x = torch.randn(12, 17, generator=torch.Generator().manual_seed(1))
+    bm = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 8, 3, 1, 5], dtype=torch.uint8)
+    p = quantize(x, bm, QuantSpec(symmetric=symmetric, scale_dtype="float32"))
+    assert torch.equal(p.bits, bm)
+    _assert_within_half_step(x, p)
+    codes = _unpack_by_class(p, p.layout)
+    assert bool((codes.to(torch.int64) < (2 ** bm.to(torch.int64)).unsqueeze(1)).all())
+    # Finer blocks get finer steps: the error of each row shrinks with its width.
+    err = (dequantize(p) - x).abs().amax(dim=1)
+    assert float(err[7]) < float(err[0]) / 20
+
+
+def test_mixed_group_map_on_irregular_shape() -> None:
+    x = torch.randn(7, 13, 3) * 4
+    spec = QuantSpec(Granularity.GROUP, group_size=10)  # 273 elements -> 28 groups, last has 3
+    bm = torch.randint(1, 9, (28,), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    p = quantize(x, bm, spec)
+    assert p.payload_nbytes == expected_payload_nbytes(p.layout, bm)
+    _assert_within_half_step(x, p)
+
+
+def test_mean_bits_and_metadata_for_mixed_maps() -> None:
+    bm = torch.tensor([1, 2, 3, 8], dtype=torch.uint8)
+    x = torch.randn(4, 10)
+    p = quantize(x, bm, QuantSpec(scale_dtype="float16"))
+    assert p.mean_bits() == pytest.approx((10 * (1 + 2 + 3 + 8)) / 40)
+    assert p.metadata_nbytes == 4 * 2 + 4 * 2 + 4  # fp16 scales + fp16 offsets + bit map
+    assert p.payload_nbytes == 2 + 3 + 4 + 10  # ceil(10*b/8) per class
+    p = quantize(x, bm, QuantSpec(symmetric=True, scale_dtype="float32"))
+    assert p.metadata_nbytes == 4 * 4 + 4  # no offsets when symmetric
+    # Group blocks with a partial last group: lengths [10, 10, 5].
+    p = quantize(torch.randn(25), torch.tensor([8, 1, 4], dtype=torch.uint8), QuantSpec(
+        Granularity.GROUP, group_size=10))  # fmt: skip
+    assert p.mean_bits() == pytest.approx((80 + 10 + 20) / 25)
+    assert p.payload_nbytes == 2 + 3 + 10
+    assert raw(torch.randn(3, dtype=torch.float16)).mean_bits() == 16.0
+
+
+# ---- edge cases -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0), (3, 0, 2)])
+@pytest.mark.parametrize("cut", CUTS, ids=lambda c: f"{c[0].value}{c[1]}g{c[2]}")
+def test_empty_tensors(shape: tuple[int, ...], cut: tuple[Granularity, int, int]) -> None:
+    for symmetric in (False, True):
+        x = torch.empty(shape, dtype=torch.float16)
+        p = quantize(x, 4, _spec(cut, symmetric=symmetric))
+        assert p.payload_nbytes == 0 and p.scales.numel() == 0
+        y = dequantize(p)
+        assert y.shape == x.shape and y.dtype == x.dtype
+
+
+@pytest.mark.parametrize("cut", CUTS, ids=lambda c: f"{c[0].value}{c[1]}g{c[2]}")
+@pytest.mark.parametrize("value", [0.0, 3.25, -2.0, 0.1])
+def test_constant_tensors_decode_without_nan(
+    cut: tuple[Granularity, int, int], value: float
+) -> None:
+    x = torch.full(SHAPE, value)
+    for bits in (1, 3, 8):
+        for symmetric in (False, True):
+            for scale_dtype in ("float16", "float32"):
+                p = quantize(x, bits, _spec(cut, symmetric=symmetric, scale_dtype=scale_dtype))
+                y = dequantize(p)
+                assert bool(torch.isfinite(y).all())
+                _assert_within_half_step(x, p)
+                if value == 0.0 or (not symmetric and (scale_dtype == "float32" or value != 0.1)):
+                    assert torch.equal(y, x), (bits, symmetric, scale_dtype)  # zero range: exact
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("cut", CUTS, ids=lambda c: f"{c[0].value}{c[1]}g{c[2]}")
+def test_non_finite_input_is_a_codec_error(bad: float, cut: tuple[Granularity, int, int]) -> None:
+    x = torch.randn(SHAPE)
+    x[2, 3, 4] = bad
+    for symmetric in (False, True):
+        with pytest.raises(CodecError, match="NaN or Inf"):
+            quantize(x.to(torch.bfloat16), 4, _spec(cut, symmetric=symmetric))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_non_contiguous_inputs_match_contiguous_copies(symmetric: bool, stochastic: bool) -> None:
+    base = torch.randn(24, 40)
+    views = [base.t(), base[:, 3:37:2], base[5:19], base.view(4, 6, 40).permute(2, 0, 1)]
+    for view in views:
+        assert not view.is_contiguous() or view.storage_offset() != 0
+        for cut in CUTS:
+            if cut[0] is Granularity.CHANNEL and cut[1] >= view.dim():
+                continue
+            spec = _spec(cut, symmetric=symmetric, stochastic=stochastic)
+            a = quantize(view, 5, spec, generator=torch.Generator().manual_seed(0))
+            b = quantize(view.contiguous(), 5, spec, generator=torch.Generator().manual_seed(0))
+            assert torch.equal(a.payload, b.payload)
+            assert torch.equal(a.scales, b.scales)
+            assert torch.equal(dequantize(a), dequantize(b))
+
+
+@pytest.mark.parametrize("bits", [0, 9, -3])
+def test_bad_bit_widths_are_codec_errors(bits: int) -> None:
+    with pytest.raises(CodecError):
+        quantize(torch.randn(4, 4), bits)
+    with pytest.raises(CodecError):
+        quantize(torch.randn(4, 4), torch.tensor([4, 4, bits, 4]))
+
+
+def test_bad_bit_maps_are_codec_errors() -> None:
+    x = torch.randn(4, 6)
+    with pytest.raises(CodecError, match="integer"):
+        quantize(x, torch.tensor([4.0, 4.0, 4.0, 4.0]))
+    with pytest.raises(CodecError, match="entries"):
+        quantize(x, torch.tensor([4, 4, 4], dtype=torch.uint8))
+    with pytest.raises(CodecError, match="entries"):
+        quantize(x, torch.tensor([4, 4, 4, 4, 4], dtype=torch.uint8))
+
+
+def test_unsupported_dtype_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        quantize(torch.arange(8, dtype=torch.float64), 4)

@@ -1,0 +1,114 @@
+"""Real gRPC over 127.0.0.1: round trips, large streamed payloads, split steps, byte counters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedq.codec import PackedTensor, dequantize, quantize, raw
+from fedq.errors import TransportError
+from fedq.transport import TransportClient, TransportServer
+from fedq.wire import WireMessage, message_to_frames
+from fedq.wire.pb import service_pb2
+
+MiB = 1 << 20
+
+
+def _same(a: PackedTensor, b: PackedTensor) -> bool:
+    return (
+        (a.shape, a.dtype, a.encoding, a.granularity, a.axis, a.symmetric, a.scale_dtype)
+        == (b.shape, b.dtype, b.encoding, b.granularity, b.axis, b.symmetric, b.scale_dtype)
+        and torch.equal(a.payload, b.payload)
+        and torch.equal(a.bits, b.bits)
+        and torch.equal(a.scales, b.scales)
+    )
+
+
+def _frame_bytes(msg: WireMessage) -> int:
+    return sum(f.ByteSize() for f in message_to_frames(msg))
+
+
+def test_get_task_and_push_update_round_trip(client, handler, server) -> None:
+    task = client.get_task(3)
+    assert (task.kind, task.client_id, task.round) == ("global", "c1", 3)
+    assert task.scalars == {"lr": 0.1} and task.tags == {"strategy": "fedavg"}
+    assert set(task.tensors) == set(handler.global_tensors)
+    for name, p in handler.global_tensors.items():
+        assert _same(task.tensors[name], p)
+    update = WireMessage(
+        kind="update",
+        client_id="c1",
+        round=3,
+        scalars={"num_samples": 64.0},
+        tensors={"fc1.weight": quantize(torch.randn(16, 8), 3)},
+    )
+    sent = client.push_update(update)
+    assert sent == _frame_bytes(update)
+    got = handler.updates[-1]
+    assert got.client_id == "c1" and got.scalars == {"num_samples": 64.0}
+    assert _same(got.tensors["fc1.weight"], update.tensors["fc1.weight"])
+
+
+def test_payload_over_4mib_is_streamed(client, handler) -> None:
+    big = torch.randn(5 * MiB // 4 + 3)
+    update = WireMessage(kind="update", client_id="c1", round=1, tensors={"big": raw(big)})
+    frames = list(message_to_frames(update))
+    assert len(frames) == 7 and max(f.ByteSize() for f in frames) < 2 * MiB
+    assert client.push_update(update) > 5 * MiB
+    assert torch.equal(dequantize(handler.updates[-1].tensors["big"]), big)
+
+
+def test_byte_counters_agree_and_equal_frame_sizes(
+    server: TransportServer, handler, tokens: dict[str, str]
+) -> None:
+    server.counters.take()
+    with TransportClient(server.address, client_id="c2", token=tokens["c2"]) as c:
+        task = c.get_task(5)
+        update = WireMessage(kind="update", client_id="c2", round=5, tensors=task.tensors)
+        c.push_update(update)
+        request = service_pb2.TaskRequest(client_id="c2", round=5)
+        ack = service_pb2.Ack(accepted=True, bytes_received=_frame_bytes(update))
+        expect_up = request.ByteSize() + _frame_bytes(update)
+        expect_down = _frame_bytes(handler.get_task("c2", 5)) + ack.ByteSize()
+        assert (c.bytes_sent, c.bytes_received) == (expect_up, expect_down)
+    snap = server.counters.take()
+    assert snap["clients"]["c2"] == {"bytes_up": expect_up, "bytes_down": expect_down}
+    assert (snap["bytes_up"], snap["bytes_down"]) == (expect_up, expect_down)
+    assert server.counters.snapshot()["bytes_up"] == 0  # take() reset the counters
+
+
+def test_split_steps_share_one_stream(server: TransportServer, client) -> None:
+    server.counters.take()
+    sent_before = client.bytes_sent
+    replies, up = [], 0
+    for step in range(2):
+        act = torch.randn(4, 6)
+        msg = WireMessage(
+            kind="activations", client_id="c1", step=step, tensors={"act": quantize(act, 8)}
+        )
+        up += _frame_bytes(msg)
+        reply = client.split_step(msg)
+        assert reply.kind == "gradients" and reply.step == step
+        expected = 2 * dequantize(msg.tensors["act"])
+        assert torch.allclose(dequantize(reply.tensors["grad"]), expected, atol=0.1)
+        replies.append(reply)
+    assert client._split is not None  # still open between steps
+    assert client.bytes_sent - sent_before == up
+    assert server.counters.snapshot()["clients"]["c1"]["bytes_up"] == up
+    down = sum(_frame_bytes(r) for r in replies)
+    assert server.counters.snapshot()["clients"]["c1"]["bytes_down"] == down
+
+
+def test_health_reports_serving(client, server: TransportServer) -> None:
+    client.wait_ready(timeout=5)
+    assert server.serves_split
+
+
+def test_health_not_serving_after_stop(toy_handler_cls) -> None:
+    srv = TransportServer(toy_handler_cls())
+    srv.start()
+    with TransportClient(srv.address, client_id="x") as c:
+        c.wait_ready(timeout=5)
+        srv.stop(grace=0)
+        with pytest.raises(TransportError):
+            c.wait_ready(timeout=0.5)
