@@ -186,7 +186,6 @@ class RuntimeConfig:
     num_cpus: int | None = None
     threads_per_worker: int = 1
     chunk_bytes: int = 1 << 20
-    transport: Literal["grpc", "local"] = "grpc"
 
     def check(self) -> Problems:
         p = []

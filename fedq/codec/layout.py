@@ -14,6 +14,11 @@ from dataclasses import dataclass
 import torch
 
 
+#: A piece of the [num_blocks, block_len] view: ``(rows, cols, k)``, ``k`` numbering the column
+#: ranges of one block (0 when a piece holds whole blocks).
+Piece = tuple[slice, slice, int]
+
+
 class Granularity(enum.Enum):
     TENSOR = "tensor"
     CHANNEL = "channel"
@@ -72,6 +77,21 @@ class BlockLayout:
         if self.num_blocks:
             lens[-1] = self.last_len
         return lens
+
+    def pieces(self, max_elems: int) -> list[Piece]:
+        """Pieces of at most ``max_elems`` elements covering the block view in element order:
+        runs of whole blocks when blocks are short, else column ranges of one block at a time.
+        The codec works piece by piece so that its temporaries stay in cache."""
+        nb, bl = self.num_blocks, self.block_len
+        if bl <= max_elems:
+            step = max_elems // bl if bl else nb
+            return [(slice(r, r + step), slice(0, bl), 0) for r in range(0, nb, step)]
+        cols = range(0, bl, max_elems)
+        return [
+            (slice(r, r + 1), slice(c, c + max_elems), k)
+            for r in range(nb)
+            for k, c in enumerate(cols)
+        ]
 
     def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """View/copy ``x`` as [num_blocks, block_len]; a partial last group is padded by repeating

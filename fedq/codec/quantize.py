@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from fedq.codec.bitpack import pack_bits, unpack_bits, unpack_bits_into
-from fedq.codec.layout import BlockLayout, Granularity
+from fedq.codec.layout import BlockLayout, Granularity, Piece
 from fedq.codec.packed import (
     FLOAT_DTYPES,
     SCALE_DTYPES,
@@ -96,25 +96,8 @@ def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 _CHUNK_ELEMS = 1 << 18
 
 
-def _chunks(layout: BlockLayout) -> list[tuple[slice, slice, int]]:
-    """Cache-sized pieces ``(rows, cols, k)`` of the block view, in element order: whole rows when
-    blocks are short, else column ranges ``k = 0, 1, ...`` of one block at a time."""
-    nb, bl = layout.num_blocks, layout.block_len
-    if bl <= _CHUNK_ELEMS:
-        step = _CHUNK_ELEMS // bl
-        return [(slice(r, r + step), slice(0, bl), 0) for r in range(0, nb, step)]
-    cols = range(0, bl, _CHUNK_ELEMS)
-    return [
-        (slice(r, r + 1), slice(c, c + _CHUNK_ELEMS), k)
-        for r in range(nb)
-        for k, c in enumerate(cols)
-    ]
-
-
-def _block_min_max(xb: torch.Tensor, chunks: list[tuple[slice, slice, int]]) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
-    """float32 (min, max) per block, one cache-friendly pass (NaN propagates)."""
+def _block_min_max(xb: torch.Tensor, chunks: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (min, max) per block in one cache-friendly pass (NaN propagates)."""
     parts = max(k for _, _, k in chunks) + 1
     lo = torch.empty((xb.shape[0], parts), dtype=xb.dtype, device=xb.device)
     hi = torch.empty_like(lo)
@@ -146,7 +129,7 @@ def quantize(
             None if spec.symmetric else empty.clone(), torch.empty(0, dtype=torch.uint8),
         )  # fmt: skip
     xb = layout.to_blocks(x.detach())  # -> [num_blocks, block_len], input dtype
-    chunks = _chunks(layout)
+    chunks = layout.pieces(_CHUNK_ELEMS)
     lo, hi = _block_min_max(xb, chunks)
     if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
         raise CodecError("cannot quantize a tensor containing NaN or Inf")
@@ -163,7 +146,7 @@ def quantize(
     s = scale.float()
     codes = _encode_blocks(
         xb, chunks, torch.where(s > 0, s, 1.0), centre, levels, symmetric=spec.symmetric,
-        generator=generator if spec.stochastic else None, stochastic=spec.stochastic,
+        stochastic=spec.stochastic, generator=generator,
     )  # fmt: skip
     payload = _pack_by_class(codes, bm, layout)
     return PackedTensor(
@@ -175,7 +158,7 @@ def quantize(
 
 def _encode_blocks(
     xb: torch.Tensor,
-    chunks: list[tuple[slice, slice, int]],
+    chunks: list[Piece],
     s: torch.Tensor,
     centre: torch.Tensor,
     levels: torch.Tensor,
@@ -278,7 +261,7 @@ def dequantize(p: PackedTensor, *, device: torch.device | str | None = None) -> 
         centre = p.offsets.to(device=dev, dtype=torch.float32).unsqueeze(1)
     out = torch.empty(codes.shape, dtype=out_dtype, device=dev)
     buf = None if out_dtype == torch.float32 else torch.empty(_CHUNK_ELEMS, device=dev)
-    for rows, cols, _ in _chunks(layout):  # float32 maths piece by piece, as in quantize
+    for rows, cols, _ in layout.pieces(_CHUNK_ELEMS):  # float32 maths piece by piece
         q = codes[rows, cols]
         v = out[rows, cols] if buf is None else buf[: q.numel()].view(q.shape)
         if p.symmetric:  # x_hat = (q - centre) * s

@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 
 class Connection(Protocol):
+    bytes_sent: int
+    bytes_received: int
+
     def get_task(self, round: int) -> WireMessage: ...
 
     def push_update(self, msg: WireMessage) -> int: ...
@@ -90,6 +93,7 @@ class ClientWorker:
 
     def run_client(self, r: int, cid: int) -> dict[str, Any]:
         conn = self._conn(cid)
+        sent0, recv0 = conn.bytes_sent, conn.bytes_received
         task = conn.get_task(r)
         start = {k: dequantize(p) for k, p in task.tensors.items()}
         self.bundle.load_trainable_state(start)
@@ -119,9 +123,16 @@ class ClientWorker:
             "fp32_bytes": float(stats.fp32_bytes),
         }
         msg = WireMessage("update", client_name(cid), r, 0, scalars, {}, packed)
-        sent = conn.push_update(msg)
+        conn.push_update(msg)
         state.rounds_done += 1
-        return {"client": cid, "ok": True, "bytes_sent": sent, "numel": stats.numel, **scalars}
+        return {
+            "client": cid,
+            "ok": True,
+            "numel": stats.numel,
+            "wire_up": conn.bytes_sent - sent0,  # as counted by the client's own transport
+            "wire_down": conn.bytes_received - recv0,
+            **scalars,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {cid: {"uplink": s.uplink.state_dict(), "rounds_done": s.rounds_done}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from fedq.adapt import BitContext
+from fedq.codec import dequantize
 from fedq.config import RunConfig
 from fedq.errors import FedqError
 from fedq.fed.pipeline import LinkCodec
@@ -106,10 +107,10 @@ class FedServer:
             "applied": applied,
             "bits_down": rnd.downlink_bits,
         }
-        per_client = list(rnd.client_scalars.values())
-        if per_client:
-            n = sum(s["num_samples"] for s in per_client)
-            out["train_loss"] = sum(s["loss"] * s["num_samples"] for s in per_client) / n
+        with_loss = [s for s in rnd.client_scalars.values() if "loss" in s]
+        if with_loss:
+            n = sum(s["num_samples"] for s in with_loss)
+            out["train_loss"] = sum(s["loss"] * s["num_samples"] for s in with_loss) / n
         last = rnd.index + 1 == self.cfg.fed.rounds
         if (rnd.index + 1) % self.cfg.fed.eval_every == 0 or last:
             out["accuracy"], out["loss"] = self.evaluate()
@@ -156,8 +157,8 @@ class FedServer:
                     f"update from {msg.client_id}: tensor {k!r} has shape {list(p.shape)}, "
                     f"expected {list(expected[k].shape)}"
                 )
-        # Each client decodes with its own uplink codec config; decoding is stateless.
-        delta = {k: self._decode(p).float() for k, p in msg.tensors.items()}
+        # Decoding is stateless: everything needed is in the (validated) packed tensor.
+        delta = {k: dequantize(p).float() for k, p in msg.tensors.items()}
         for k, d in delta.items():
             if not bool(torch.isfinite(d).all()):
                 raise FedqError(f"update from {msg.client_id}: tensor {k!r} decodes to NaN/Inf")
@@ -168,12 +169,6 @@ class FedServer:
                 raise FedqError(f"duplicate update from {msg.client_id} in round {msg.round}")
             rnd.updates[msg.client_id] = (delta, n)
             rnd.client_scalars[msg.client_id] = dict(msg.scalars)
-
-    @staticmethod
-    def _decode(p: Any) -> torch.Tensor:
-        from fedq.codec import dequantize
-
-        return dequantize(p)
 
     # -------------------------------------------------------------- checkpoint
 

@@ -109,4 +109,6 @@ def _client_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
         "clients_failed": len(results) - len(ok),
         "mean_bits": (sum(x["mean_bits"] * x["numel"] for x in ok) / numel) if numel else None,
         "fp32_up": int(sum(x["fp32_bytes"] for x in ok)),
+        "client_bytes_up": int(sum(x["wire_up"] for x in ok)),
+        "client_bytes_down": int(sum(x["wire_down"] for x in ok)),
     }

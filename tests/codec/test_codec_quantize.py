@@ -113,7 +113,9 @@ def test_stochastic_rounding_is_unbiased(symmetric: bool) -> None:
     n_rows, bits = 4000, 2
     x = torch.randn(64, generator=torch.Generator().manual_seed(3))
     xs = x.expand(n_rows, 64)
-    spec = QuantSpec(Granularity.CHANNEL, symmetric=symmetric, stochastic=True, scale_dtype="float32")
+    spec = QuantSpec(
+        Granularity.CHANNEL, symmetric=symmetric, stochastic=True, scale_dtype="float32"
+    )
     gen = torch.Generator().manual_seed(11)
     p = quantize(xs, bits, spec, generator=gen)
     y = dequantize(p)
@@ -123,7 +125,7 @@ def test_stochastic_rounding_is_unbiased(symmetric: bool) -> None:
     tol = 5 * math.sqrt(scale**2 / 4 / n_rows)
     bias = (y.mean(dim=0) - x).abs()
     assert float(bias.max()) <= tol, f"max |mean - x| = {float(bias.max())} > {tol}"
-    rtn = (dequantize(quantize(x, bits, QuantSpec(Granularity.TENSOR, symmetric=symmetric))) - x)
+    rtn = dequantize(quantize(x, bits, QuantSpec(Granularity.TENSOR, symmetric=symmetric))) - x
     assert float(rtn.abs().max()) > 3 * tol  # the tolerance is tight enough to tell RTN apart
 
 

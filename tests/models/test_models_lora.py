@@ -129,7 +129,7 @@ def test_tiny_batches_truncate_pad_and_accept_token_ids(rt: DataSplit) -> None:
 @pytest.fixture(scope="module")
 def minilm() -> LoraTextBundle:
     t0 = time.perf_counter()
-    b = build_model("minilm_lora", num_classes=2, seed=0)
+    b = build_model("minilm_lora", num_classes=2, seed=0, max_length=32)  # halves step cost
     print(f"minilm_lora build: {time.perf_counter() - t0:.2f} s")
     assert isinstance(b, LoraTextBundle)
     return b
@@ -160,7 +160,7 @@ def test_minilm_second_build_reuses_cached_base() -> None:
     hits = encoders._pretrained_base.cache_info().hits
     b = build_model("minilm_lora", num_classes=3, seed=1)
     assert encoders._pretrained_base.cache_info().hits == hits + 1
-    assert b.module.head.out_features == 3
+    assert b.module.head.out_features == 3 and b.max_length == 64  # the default
 
 
 def test_minilm_sgd_steps_reduce_training_loss(minilm: LoraTextBundle, rt: DataSplit) -> None:
