@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedq.bench import BENCHES
-from fedq.errors import FedqError
+from fedq.errors import ConfigError, FedqError
 
 if TYPE_CHECKING:
     from fedq.config import RunConfig
@@ -50,8 +50,16 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from fedq.runtime.simulate import simulate
 
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ConfigError("--resume DIR writes into DIR; do not also pass a different --out")
+        args.scenario = args.scenario or str(Path(args.resume) / "config.json")
+    if not args.scenario:
+        raise ConfigError("simulate needs a SCENARIO file (or --resume DIR)")
     cfg = _load(args)
-    out = Path(args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(
+        args.resume or args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     up = cfg.compression.uplink
     print(
         f"fedq simulate: {cfg.name} | {cfg.fed.num_clients} clients, {cfg.fed.clients_per_round}"
@@ -65,10 +73,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
     def on_start(info: dict[str, Any]) -> None:
         bar.write(
-            f"started in {info['startup_seconds']} s on {info['backend']} with "
+            (f"resuming at round {info['start_round']}; " if info["start_round"] else "")
+            + f"started in {info['startup_seconds']} s on {info['backend']} with "
             f"{info['workers']} workers; {info['trainable_params']:,} trainable params "
             f"({_fmt_bytes(4 * info['trainable_params'])} as fp32 per client per direction)"
         )
+        bar.update(info["start_round"])
 
     def on_round(rec: dict[str, Any]) -> None:
         acc = rec.get("accuracy")
@@ -78,7 +88,7 @@ def _simulate(args: argparse.Namespace) -> int:
         )
         bar.update(1)
 
-    summary = simulate(cfg, out, on_start=on_start, on_round=on_round)
+    summary = simulate(cfg, out, resume=bool(args.resume), on_start=on_start, on_round=on_round)
     bar.close()
     acc = summary.get("final_accuracy")
     print(
@@ -95,10 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("simulate", help="run a simulated multi-client federated run (local Ray)")
-    s.add_argument("scenario", help="scenario YAML file, e.g. scenarios/quickstart.yaml")
+    s.add_argument("scenario", nargs="?", help="scenario YAML file, e.g. scenarios/quickstart.yaml")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
     s.add_argument("--out", metavar="DIR", help="output folder (default runs/<name>-<time>)")
     s.add_argument("--ray-address", metavar="ADDR", help="attach to an existing Ray cluster")
+    s.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint"
+    )
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_simulate)
 

@@ -1,9 +1,9 @@
 """Dense bit packing of unsigned codes, 1..8 bits per value (torch reference implementation).
 
-Layout rule (one rule for every width): the packed stream is little-endian and LSB-first. Value ``i``
-of a run packed at ``b`` bits occupies stream bits ``[i*b, (i+1)*b)``, where stream bit ``t`` is bit
-``t % 8`` of byte ``t // 8``. A run of ``n`` values takes exactly ``ceil(n*b/8)`` bytes: 3-, 5-, 6-
-and 7-bit values really pack; only the final byte of a run can hold unused (zero) bits.
+Layout rule (one rule for every width): the packed stream is little-endian and LSB-first. Value
+``i`` of a run packed at ``b`` bits occupies stream bits ``[i*b, (i+1)*b)``, where stream bit ``t``
+is bit ``t % 8`` of byte ``t // 8``. A run of ``n`` values takes exactly ``ceil(n*b/8)`` bytes:
+3-, 5-, 6- and 7-bit values really pack; only the final byte of a run can hold unused (zero) bits.
 
 Every width packs the same way: 8 byte-sized codes, viewed as one int64, are merged into the low
 ``b`` bytes of that word by three shift-and-mask steps on whole tensors (no per-value loops, no
@@ -14,6 +14,7 @@ strided per-column passes), processed in cache-sized chunks. Names follow HQQ's 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -158,7 +159,11 @@ def unpack_bits_into(data: torch.Tensor, bits: int, out: torch.Tensor) -> None:
         out[8 * full :] = last[: n - 8 * full]
 
 
-def _make_packer(b: int):  # type: ignore[no-untyped-def]
+Packer = Callable[[torch.Tensor], torch.Tensor]
+Unpacker = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def _make_packer(b: int) -> tuple[Packer, Unpacker]:
     def pack(codes: torch.Tensor) -> torch.Tensor:
         return pack_bits(codes, b)
 
@@ -170,4 +175,4 @@ def _make_packer(b: int):  # type: ignore[no-untyped-def]
 
 
 #: ``PACKERS[b] == (pack_<b>bit, unpack_<b>bit)`` for b in 1..8.
-PACKERS = {b: _make_packer(b) for b in range(1, 9)}
+PACKERS: dict[int, tuple[Packer, Unpacker]] = {b: _make_packer(b) for b in range(1, 9)}

@@ -1,7 +1,7 @@
 """Compressors: small objects that turn a named tensor into a :class:`PackedTensor` and back.
 
-Following PyTorch's DDP comm hooks, each compressor is a pure coding step plus explicit, checkpointable
-state (``state_dict`` / ``load_state_dict``): the stochastic rounding RNG, and for
+Following PyTorch's DDP comm hooks, each compressor is a pure coding step plus explicit,
+checkpointable state (``state_dict`` / ``load_state_dict``): the stochastic rounding RNG, and for
 :class:`ErrorFeedback` the residual per tensor name. :class:`IdentityCompressor` is the parity
 reference: it ships the tensor's own bytes, so "identity" and "no compression" give the same model.
 """

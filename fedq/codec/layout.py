@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 #: A piece of the [num_blocks, block_len] view: ``(rows, cols, k)``, ``k`` numbering the column
 #: ranges of one block (0 when a piece holds whole blocks).
 Piece = tuple[slice, slice, int]
@@ -29,8 +28,8 @@ class Granularity(enum.Enum):
 class BlockLayout:
     """Blocks of a tensor of ``shape``: ``num_blocks`` rows of ``block_len`` elements.
 
-    For groups the last block may be partial (``last_len < block_len``); channel and tensor blocks are
-    always full. ``axis`` is normalised to be non-negative.
+    For groups the last block may be partial (``last_len < block_len``); channel and tensor blocks
+    are always full. ``axis`` is normalised to be non-negative.
     """
 
     shape: tuple[int, ...]

@@ -10,7 +10,8 @@ Design (documented choices):
   b = 1 is sign quantization with magnitude ``absmax``.
 - Scales and offsets are rounded to their storage dtype *before* coding (scales rounded up, offsets
   down) so the error bound holds for what the receiver decodes.
-- Stochastic rounding ``q = floor(v + u)``, ``u ~ U[0, 1)`` from the caller's generator, is unbiased.
+- Stochastic rounding ``q = floor(v + u)``, ``u ~ U[0, 1)`` from the caller's generator, is
+  unbiased.
 - Zero-range blocks (constant tensors) get scale 0 and decode exactly.
 - NaN / Inf inputs raise :class:`~fedq.errors.CodecError`; no payload ever carries them.
 """

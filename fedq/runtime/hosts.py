@@ -59,6 +59,12 @@ class ServerHost:
     def stop(self) -> None:
         self.transport.stop(0.5)
 
+    def state_dict(self) -> dict[str, Any]:
+        return self.server.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.server.load_state_dict(state)
+
 
 class WorkerHost:
     def __init__(self, cfg: RunConfig, address: str, tokens: dict[str, str]) -> None:
@@ -81,3 +87,9 @@ class WorkerHost:
 
     def run_round(self, r: int, cids: list[int]) -> list[dict[str, Any]]:
         return self.worker.run_round(r, cids)
+
+    def state_dict(self) -> dict[int, Any]:
+        return self.worker.state_dict()
+
+    def load_state_dict(self, states: dict[int, Any]) -> None:
+        self.worker.load_state_dict(states)

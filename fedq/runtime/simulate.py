@@ -2,7 +2,8 @@
 
 The driver only orchestrates: it opens a round on the server host, fans the selected logical
 clients out to the worker hosts (client ``c`` always runs on worker ``c % K``, so its state stays
-put), closes the round, and writes one metrics record per round as it goes (Ctrl-C keeps them).
+put), closes the round, writes one metrics record and a checkpoint per round as it goes (Ctrl-C
+keeps them), and can resume from the checkpoint.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from typing import Any
 from fedq.config import RunConfig
 from fedq.fed.server import client_name
 from fedq.runtime.backend import make_backend
+from fedq.runtime.checkpoint import load_checkpoint, save_checkpoint
 from fedq.runtime.hosts import ServerHost, WorkerHost
 
 log = logging.getLogger(__name__)
 
-RoundCallback = Callable[[dict[str, Any]], None]
+Callback = Callable[[dict[str, Any]], None]
 
 
 def num_workers(cfg: RunConfig) -> int:
@@ -34,21 +36,33 @@ def simulate(
     cfg: RunConfig,
     out_dir: str | Path,
     *,
-    on_start: Callable[[dict[str, Any]], None] | None = None,
-    on_round: RoundCallback | None = None,
+    resume: bool = False,
+    on_start: Callback | None = None,
+    on_round: Callback | None = None,
 ) -> dict[str, Any]:
-    """Run ``cfg`` and write config.json, metrics.jsonl, summary.json and report.png to out_dir."""
-    from fedq.report import MetricsWriter, plot_report, summarize, write_config, write_summary
+    """Run ``cfg``; write config.json, metrics.jsonl, summary.json, report.png and a checkpoint.
+
+    With ``resume`` the run continues after the last checkpointed round of ``out_dir`` (model,
+    strategy, codec and client states, and any privacy ledger are restored, never reset).
+    """
+    if cfg.mode == "split":
+        from fedq.split.runner import run_split
+
+        return run_split(cfg, out_dir, on_start=on_start, on_round=on_round)
+    from fedq.report import MetricsWriter, plot_report, read_metrics, summarize, write_config
+    from fedq.report import write_summary
 
     out = Path(out_dir)
+    ckpt = load_checkpoint(out) if resume else None
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, cfg.to_dict())
+    if not resume and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
     writer = MetricsWriter(out)
     t0 = time.perf_counter()
     tokens = {client_name(i): secrets.token_urlsafe(24) for i in range(cfg.fed.num_clients)}
     backend = make_backend(cfg.runtime)
     interrupted = False
-    error: str | None = None
     server: Any = None
     try:
         server = backend.spawn(ServerHost, cfg, tokens)
@@ -56,14 +70,16 @@ def simulate(
         k = num_workers(cfg)
         workers = [backend.spawn(WorkerHost, cfg, address, tokens) for _ in range(k)]
         backend.get([backend.call(w, "ready") for w in workers])
+        start_round, cum_bytes = 0, 0
+        if ckpt is not None:
+            start_round, cum_bytes = _restore(backend, server, workers, ckpt)
         info = backend.get([backend.call(server, "info")])[0]
-        info.update(address=address, workers=k, backend=backend.name,
+        info.update(address=address, workers=k, backend=backend.name, start_round=start_round,
                     startup_seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
         log.info("run started: %s", info)
         if on_start:
             on_start(info)
-        cum_bytes = 0
-        for r in range(cfg.fed.rounds):
+        for r in range(start_round, cfg.fed.rounds):
             tr = time.perf_counter()
             ids = backend.get([backend.call(server, "open_round", r)])[0]
             futures = [
@@ -78,28 +94,55 @@ def simulate(
             record["bytes_fp32"] = record.pop("fp32_up") + 4 * info["trainable_params"] * len(ids)
             record.setdefault("accuracy", None)
             record.setdefault("loss", None)
-            record["epsilon"] = None
+            record.setdefault("epsilon", None)
             record["seconds"] = round(time.perf_counter() - tr, 3)
             writer.write(record)
+            _checkpoint(backend, server, workers, out, r + 1, cum_bytes)
             if on_round:
                 on_round(record)
+            if record.get("stopped"):
+                break
     except KeyboardInterrupt:
         interrupted = True
-        log.warning("interrupted: stopping Ray and gRPC, keeping partial metrics")
+        log.warning("interrupted: stopping Ray and gRPC, keeping metrics of finished rounds")
     finally:
         if server is not None:
             try:
                 backend.get([backend.call(server, "stop")])
-            except Exception as e:  # shutting down anyway; report but do not mask the cause
+            except Exception as e:  # shutting down anyway; report, but keep the original error
                 log.warning("server stop failed: %s", e)
         backend.shutdown()
-    summary = summarize(writer.records, wall_seconds=time.perf_counter() - t0,
+    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    summary = summarize(records, wall_seconds=time.perf_counter() - t0,
                         extra={"interrupted": interrupted, "name": cfg.name})  # fmt: skip
-    if error:
-        summary["error"] = error
     write_summary(out, summary)
-    plot_report(writer.records, out / "report.png")
+    plot_report(records, out / "report.png")
     return summary
+
+
+def _checkpoint(
+    backend: Any, server: Any, workers: list[Any], out: Path, next_round: int, cum_bytes: int
+) -> None:
+    server_state = backend.get([backend.call(server, "state_dict")])[0]
+    clients: dict[int, Any] = {}
+    for states in backend.get([backend.call(w, "state_dict") for w in workers]):
+        clients.update(states)
+    save_checkpoint(out, {"next_round": next_round, "cum_bytes": cum_bytes,
+                          "server": server_state, "clients": clients})  # fmt: skip
+
+
+def _restore(
+    backend: Any, server: Any, workers: list[Any], ckpt: dict[str, Any]
+) -> tuple[int, int]:
+    backend.get([backend.call(server, "load_state_dict", ckpt["server"])])
+    k = len(workers)
+    clients = ckpt["clients"]
+    backend.get([
+        backend.call(w, "load_state_dict", {c: s for c, s in clients.items() if int(c) % k == i})
+        for i, w in enumerate(workers)
+    ])  # fmt: skip
+    log.info("resumed at round %d", ckpt["next_round"])
+    return int(ckpt["next_round"]), int(ckpt["cum_bytes"])
 
 
 def _client_stats(results: list[dict[str, Any]]) -> dict[str, Any]:

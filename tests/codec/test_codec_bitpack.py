@@ -19,7 +19,7 @@ def _codes(n: int, bits: int, seed: int = 0) -> torch.Tensor:
 
 
 def _pack_reference(codes: list[int], bits: int) -> bytes:
-    """The layout rule spelled out bit by bit: value i owns stream bits [i*b, (i+1)*b), LSB first."""
+    """The layout rule bit by bit: value i owns stream bits [i*b, (i+1)*b), LSB first."""
     out = bytearray(packed_nbytes(len(codes), bits))
     for i, v in enumerate(codes):
         for k in range(bits):

@@ -42,7 +42,7 @@ def _per_element(p: PackedTensor, per_block: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_within_half_step(x: torch.Tensor, p: PackedTensor) -> None:
-    """|x_hat - x| <= scale/2 per element, plus float slack (coding arithmetic and output rounding)."""
+    """|x_hat - x| <= scale/2 per element, plus float slack (coding maths, output rounding)."""
     y = dequantize(p)
     assert y.dtype == x.dtype and y.shape == x.shape
     xf, yf = x.float(), y.float()
