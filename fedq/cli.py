@@ -93,7 +93,8 @@ def _simulate(args: argparse.Namespace) -> int:
     acc = summary.get("final_accuracy")
     print(
         f"done: accuracy {acc if acc is None else f'{acc:.4f}'} | wire "
-        f"{_fmt_bytes(summary.get('bytes_wire_total') or 0)} | {summary.get('compression_ratio') or 0:.2f}x "
+        f"{_fmt_bytes(summary.get('bytes_wire_total') or 0)} | "
+        f"{summary.get('compression_ratio') or 0:.2f}x "
         f"smaller than fp32 | {summary.get('wall_seconds', 0):.1f} s | results in {out}"
     )
     return 130 if summary.get("interrupted") else 0

@@ -170,9 +170,7 @@ class CompressionConfig:
     downlink: LinkConfig = field(default_factory=lambda: LinkConfig(policy="none"))
 
     def check(self) -> Problems:
-        return self.uplink.check("compression.uplink") + self.downlink.check(
-            "compression.downlink"
-        )
+        return self.uplink.check("compression.uplink") + self.downlink.check("compression.downlink")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -342,5 +340,7 @@ def load_scenario(path: str | Path, overrides: list[str] | None = None) -> RunCo
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: a scenario must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(
+            f"{p}: a scenario must be a mapping of sections, got {type(raw).__name__}"
+        )
     return config_from_dict(apply_overrides(raw, overrides or []))

@@ -1,7 +1,7 @@
 """One exception hierarchy for fedq.
 
-Inside a process every failure is a subclass of :class:`FedqError`; across the network failures travel
-as gRPC status codes with a reason (see ``fedq.transport``), never as pickled exceptions.
+Inside a process every failure is a subclass of :class:`FedqError`; across the network failures
+travel as gRPC status codes with a reason (see ``fedq.transport``), never as pickled exceptions.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
 """Benchmark suite (``fedq bench NAME``). Each module ``fedq.bench.<name>`` exposes
-``add_arguments(parser)`` and ``run(args) -> dict`` (printing a table; ``--json PATH`` writes the dict)."""
+``add_arguments(parser)`` and ``run(args) -> dict`` (printing a table; ``--json PATH`` writes the
+dict)."""
 
 BENCHES = ("codec", "fl", "dp", "split")

@@ -16,6 +16,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ def _cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
+    """What the numbers were measured on (a ratio means little without it)."""
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -83,8 +85,8 @@ def throughput(x: torch.Tensor, memcpy: float, repeats: int, seed: int) -> list[
     rows = []
     for label, bits in cases:
         packed = quantize(x, bits, spec)
-        q = x.nbytes / _best_seconds(lambda b=bits: quantize(x, b, spec), repeats) / 1e9
-        d = x.nbytes / _best_seconds(lambda p=packed: dequantize(p), repeats) / 1e9
+        q = x.nbytes / _best_seconds(partial(quantize, x, bits, spec), repeats) / 1e9
+        d = x.nbytes / _best_seconds(partial(dequantize, packed), repeats) / 1e9
         rows.append(
             {
                 "bits": label,
@@ -158,8 +160,7 @@ def _print_report(result: dict[str, Any]) -> None:
     )
     print(f"memcpy (empty_like + copy_): {result['memcpy_gbps']:.2f} GB/s")
     print()
-    head = f"{'bits':<11}{'quant GB/s':>11}{'ratio':>8}{'':>6}{'dequant GB/s':>14}{'ratio':>8}{'':>6}"
-    print(head)
+    print(f"{'bits':<11}{'quant GB/s':>11}{'ratio':>8}{'':>6}{'dequant GB/s':>14}{'ratio':>8}")
     for r in result["throughput"]:
         print(
             f"{r['bits']:<11}{r['quantize_gbps']:>11.2f}{r['quantize_ratio']:>8.0%}"

@@ -23,25 +23,37 @@ ROOT = Path(__file__).resolve().parents[2]
 ARMS: dict[str, list[str]] = {
     "fp32": ["compression.uplink.policy=none", "compression.downlink.policy=none"],
     "fixed8": [
-        "compression.uplink.policy=fixed", "compression.uplink.bits=8",
-        "compression.downlink.policy=fixed", "compression.downlink.bits=8",
+        "compression.uplink.policy=fixed",
+        "compression.uplink.bits=8",
+        "compression.downlink.policy=fixed",
+        "compression.downlink.bits=8",
     ],
     "cosine32to8+client (paper)": [
-        "compression.uplink.policy=client_entropy", "compression.uplink.b_min=8",
-        "compression.uplink.b_max=32", "compression.uplink.granularity=tensor",
-        "compression.uplink.symmetric=true", "compression.uplink.stochastic=true",
-        "compression.downlink.policy=cosine", "compression.downlink.b_min=8",
-        "compression.downlink.b_max=32", "compression.downlink.granularity=tensor",
-        "compression.downlink.symmetric=true", "compression.downlink.stochastic=true",
+        "compression.uplink.policy=client_entropy",
+        "compression.uplink.b_min=8",
+        "compression.uplink.b_max=32",
+        "compression.uplink.granularity=tensor",
+        "compression.uplink.symmetric=true",
+        "compression.uplink.stochastic=true",
+        "compression.downlink.policy=cosine",
+        "compression.downlink.b_min=8",
+        "compression.downlink.b_max=32",
+        "compression.downlink.granularity=tensor",
+        "compression.downlink.symmetric=true",
+        "compression.downlink.stochastic=true",
     ],
     "fedq best: 2-bit EF up, 4-bit down": [
-        "compression.uplink.policy=fixed", "compression.uplink.bits=2",
-        "compression.uplink.error_feedback=true", "compression.uplink.granularity=group",
+        "compression.uplink.policy=fixed",
+        "compression.uplink.bits=2",
+        "compression.uplink.error_feedback=true",
+        "compression.uplink.granularity=group",
         "compression.uplink.group_size=256",
-        "compression.downlink.policy=fixed", "compression.downlink.bits=4",
-        "compression.downlink.granularity=group", "compression.downlink.group_size=256",
+        "compression.downlink.policy=fixed",
+        "compression.downlink.bits=4",
+        "compression.downlink.granularity=group",
+        "compression.downlink.group_size=256",
     ],
-}  # fmt: skip
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,11 +65,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _base(args: argparse.Namespace) -> list[str]:
     return [
-        "name=bench_fl", f"seed={args.seed}", "data.name=digits", "data.partition=dirichlet",
-        "data.alpha=0.5", "fed.num_clients=20", "fed.clients_per_round=10",
-        f"fed.rounds={args.rounds}", "fed.strategy=fedavg", "model.name=mlp",
-        "train.local_epochs=2", "train.batch_size=16", "train.lr=0.1",
-    ]  # fmt: skip
+        "name=bench_fl",
+        f"seed={args.seed}",
+        "data.name=digits",
+        "data.partition=dirichlet",
+        "data.alpha=0.5",
+        "fed.num_clients=20",
+        "fed.clients_per_round=10",
+        f"fed.rounds={args.rounds}",
+        "fed.strategy=fedavg",
+        "model.name=mlp",
+        "train.local_epochs=2",
+        "train.batch_size=16",
+        "train.lr=0.1",
+    ]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,24 +91,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for arm, sets in ARMS.items():
         cfg = load_scenario(scenario, _base(args) + sets)
         s = simulate(cfg, tmp / arm.split()[0].replace(":", ""))
-        rows.append({"arm": arm, "accuracy": s["final_accuracy"], "bytes": s["bytes_wire_total"],
-                     "bytes_up": s["bytes_up_total"], "bytes_down": s["bytes_down_total"],
-                     "seconds": round(s["wall_seconds"], 1)})  # fmt: skip
+        rows.append(
+            {
+                "arm": arm,
+                "accuracy": s["final_accuracy"],
+                "bytes": s["bytes_wire_total"],
+                "bytes_up": s["bytes_up_total"],
+                "bytes_down": s["bytes_down_total"],
+                "seconds": round(s["wall_seconds"], 1),
+            }
+        )
     fp32 = rows[0]
-    print(f"\nfedq bench fl: digits, Dirichlet 0.5, 20 clients (10/round), {args.rounds} rounds, "
-          f"seed {args.seed} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"\nfedq bench fl: digits, Dirichlet 0.5, 20 clients (10/round), {args.rounds} rounds, "
+        f"seed {args.seed} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    )
     print(f"{'arm':38s} {'accuracy':>9s} {'wire bytes':>12s} {'vs fp32':>9s} {'acc delta':>9s}")
     for r in rows:
         r["reduction_vs_fp32"] = 1.0 - r["bytes"] / fp32["bytes"]
         r["accuracy_delta_points"] = 100.0 * (r["accuracy"] - fp32["accuracy"])
-        print(f"{r['arm']:38s} {r['accuracy']:9.4f} {r['bytes']:12,d} "
-              f"{-100 * r['reduction_vs_fp32']:8.1f}% {r['accuracy_delta_points']:+9.2f}")  # fmt: skip
+        print(
+            f"{r['arm']:38s} {r['accuracy']:9.4f} {r['bytes']:12,d} "
+            f"{-100 * r['reduction_vs_fp32']:8.1f}% {r['accuracy_delta_points']:+9.2f}"
+        )
     result: dict[str, Any] = {"arms": rows, "rounds": args.rounds, "seed": args.seed}
     best = rows[-1]
     result["goal_met"] = bool(
         best["reduction_vs_fp32"] >= 0.85 and best["accuracy_delta_points"] >= -1.0
     )
-    print(f"goal (>= 85% fewer bytes at <= 1 point loss): {'PASS' if result['goal_met'] else 'FAIL'}")
+    print(
+        f"goal (>= 85% fewer bytes at <= 1 point loss): {'PASS' if result['goal_met'] else 'FAIL'}"
+    )
     if not args.skip_scale:
         result["scale_100_clients"] = _scale(args, tmp)
     return result
@@ -105,17 +139,22 @@ def _scale(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         s = simulate(cfg, tmp / "scale100")
     per_round = sorted(r["seconds"] for r in _records(tmp / "scale100"))
     out = {
-        "clients": cfg.fed.num_clients, "clients_per_round": cfg.fed.clients_per_round,
-        "rounds": cfg.fed.rounds, "accuracy": s["final_accuracy"],
+        "clients": cfg.fed.num_clients,
+        "clients_per_round": cfg.fed.clients_per_round,
+        "rounds": cfg.fed.rounds,
+        "accuracy": s["final_accuracy"],
         "median_seconds_per_round": per_round[len(per_round) // 2],
         "wall_seconds_incl_startup": round(time.perf_counter() - t0, 1),
-        "peak_rss_gib": round(mem.peak_rss / 2**30, 2), "peak_pss_gib": round(mem.peak_pss / 2**30, 2),
-    }  # fmt: skip
+        "peak_rss_gib": round(mem.peak_rss / 2**30, 2),
+        "peak_pss_gib": round(mem.peak_pss / 2**30, 2),
+    }
     out["memory_goal_met"] = out["peak_rss_gib"] <= 6.0
-    print(f"\n100 clients ({cfg.fed.clients_per_round}/round): "
-          f"{out['median_seconds_per_round']:.2f} s/round (median), peak RSS "
-          f"{out['peak_rss_gib']} GiB, PSS {out['peak_pss_gib']} GiB "
-          f"(goal RSS <= 6 GiB: {'PASS' if out['memory_goal_met'] else 'FAIL'})")  # fmt: skip
+    print(
+        f"\n100 clients ({cfg.fed.clients_per_round}/round): "
+        f"{out['median_seconds_per_round']:.2f} s/round (median), peak RSS "
+        f"{out['peak_rss_gib']} GiB, PSS {out['peak_pss_gib']} GiB "
+        f"(goal RSS <= 6 GiB: {'PASS' if out['memory_goal_met'] else 'FAIL'})"
+    )
     return out
 
 

@@ -94,7 +94,7 @@ def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 #: Elements per working piece of the [num_blocks, block_len] view: one float32 piece (1 MiB) stays
 #: in L2 while it goes through the few elementwise steps of coding, and no step allocates a
 #: tensor the size of the input (fresh 64 MiB buffers cost more in page faults than the maths).
-_CHUNK_ELEMS = 1 << 18
+_CHUNK_ELEMS = 5
 
 
 def _block_min_max(xb: torch.Tensor, chunks: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +128,7 @@ def quantize(
             tuple(x.shape), name, Encoding.QUANTIZED, layout.granularity, layout.axis,
             layout.group_size, spec.symmetric, spec.scale_dtype, bm, empty,
             None if spec.symmetric else empty.clone(), torch.empty(0, dtype=torch.uint8),
-        )  # fmt: skip
+        )
     xb = layout.to_blocks(x.detach())  # -> [num_blocks, block_len], input dtype
     chunks = layout.pieces(_CHUNK_ELEMS)
     lo, hi = _block_min_max(xb, chunks)
@@ -148,13 +148,13 @@ def quantize(
     codes = _encode_blocks(
         xb, chunks, torch.where(s > 0, s, 1.0), centre, levels, symmetric=spec.symmetric,
         stochastic=spec.stochastic, generator=generator,
-    )  # fmt: skip
+    )
     payload = _pack_by_class(codes, bm, layout)
     return PackedTensor(
         tuple(x.shape), name, Encoding.QUANTIZED, layout.granularity, layout.axis,
         layout.group_size, spec.symmetric, spec.scale_dtype, bm, scale.cpu(),
         None if offset is None else offset.cpu(), payload,
-    )  # fmt: skip
+    )
 
 
 def _encode_blocks(
@@ -285,4 +285,4 @@ def raw(x: torch.Tensor) -> PackedTensor:
     return PackedTensor(
         tuple(x.shape), name, Encoding.RAW, Granularity.TENSOR, 0, 0, False, "float32",
         torch.empty(0, dtype=torch.uint8), none, None, payload,
-    )  # fmt: skip
+    )

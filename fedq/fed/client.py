@@ -101,9 +101,13 @@ class ClientWorker:
         idx = self.partitions[cid]
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, cid, r))
         loss, steps = local_train(
-            self.bundle, self.data, idx, self.cfg.train, generator=gen,
+            self.bundle,
+            self.data,
+            idx,
+            self.cfg.train,
+            generator=gen,
             proximal_mu=task.scalars.get("proximal_mu", 0.0),
-        )  # fmt: skip
+        )
         trained = self.bundle.trainable_state()
         delta = {k: (trained[k].detach().float() - start[k].float()) for k in start}
         ctx = BitContext(
@@ -134,9 +138,11 @@ class ClientWorker:
             **scalars,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {cid: {"uplink": s.uplink.state_dict(), "rounds_done": s.rounds_done}
-                for cid, s in self.states.items()}  # fmt: skip
+    def state_dict(self) -> dict[int, Any]:
+        return {
+            cid: {"uplink": s.uplink.state_dict(), "rounds_done": s.rounds_done}
+            for cid, s in self.states.items()
+        }
 
     def load_state_dict(self, state: dict[int, Any]) -> None:
         for cid, s in state.items():

@@ -80,9 +80,7 @@ class LinkCodec:
     def encode(
         self, tensors: Mapping[str, torch.Tensor], ctx: BitContext
     ) -> tuple[dict[str, PackedTensor], EncodeStats]:
-        bits = (
-            {k: 32 for k in tensors} if self.policy is None else self.policy.choose(tensors, ctx)
-        )
+        bits = {k: 32 for k in tensors} if self.policy is None else self.policy.choose(tensors, ctx)
         out: dict[str, PackedTensor] = {}
         numel = 0
         bit_sum = 0.0

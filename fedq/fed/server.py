@@ -75,9 +75,14 @@ class FedServer:
         scalars = {"total_rounds": float(fed.rounds), "max_samples": float(n_max)}
         scalars.update(self.strategy.client_scalars())
         task = WireMessage(
-            kind="global", client_id="", round=r, step=0, scalars=scalars,
-            tags={"strategy": self.strategy.name}, tensors=packed,
-        )  # fmt: skip
+            kind="global",
+            client_id="",
+            round=r,
+            step=0,
+            scalars=scalars,
+            tags={"strategy": self.strategy.name},
+            tensors=packed,
+        )
         with self._lock:
             self._round = _Round(r, {client_name(i) for i in ids}, task, stats.mean_bits)
         return ids
@@ -98,8 +103,11 @@ class FedServer:
         else:
             log.warning(
                 "round %d discarded: %d of %d updates arrived (min_clients=%d)",
-                rnd.index, received, len(rnd.selected), self.cfg.fed.min_clients,
-            )  # fmt: skip
+                rnd.index,
+                received,
+                len(rnd.selected),
+                self.cfg.fed.min_clients,
+            )
         out: dict[str, Any] = {
             "round": rnd.index,
             "clients_selected": len(rnd.selected),

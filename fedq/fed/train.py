@@ -21,7 +21,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def batches(idx: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def batches(
+    idx: torch.Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
     perm = idx[torch.randperm(idx.numel(), generator=generator)]
     for start in range(0, perm.numel(), batch_size):
         yield perm[start : start + batch_size]

@@ -60,7 +60,8 @@ class RayBackend:
     def spawn(self, cls: type, *args: Any) -> Any:
         # Hosts use 0 logical CPUs so N workers + a server always schedule on a small machine;
         # each host caps its own torch threads instead.
-        return self.ray.remote(num_cpus=0, max_concurrency=4)(cls).remote(*args)
+        actor: Any = self.ray.remote(cls).options(num_cpus=0, max_concurrency=4)
+        return actor.remote(*args)
 
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method).remote(*args)

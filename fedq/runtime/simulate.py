@@ -49,8 +49,14 @@ def simulate(
         from fedq.split.runner import run_split
 
         return run_split(cfg, out_dir, on_start=on_start, on_round=on_round)
-    from fedq.report import MetricsWriter, plot_report, read_metrics, summarize, write_config
-    from fedq.report import write_summary
+    from fedq.report import (
+        MetricsWriter,
+        plot_report,
+        read_metrics,
+        summarize,
+        write_config,
+        write_summary,
+    )
 
     out = Path(out_dir)
     ckpt = load_checkpoint(out) if resume else None
@@ -74,8 +80,13 @@ def simulate(
         if ckpt is not None:
             start_round, cum_bytes = _restore(backend, server, workers, ckpt)
         info = backend.get([backend.call(server, "info")])[0]
-        info.update(address=address, workers=k, backend=backend.name, start_round=start_round,
-                    startup_seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
+        info.update(
+            address=address,
+            workers=k,
+            backend=backend.name,
+            start_round=start_round,
+            startup_seconds=round(time.perf_counter() - t0, 2),
+        )
         log.info("run started: %s", info)
         if on_start:
             on_start(info)
@@ -113,8 +124,11 @@ def simulate(
                 log.warning("server stop failed: %s", e)
         backend.shutdown()
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    summary = summarize(records, wall_seconds=time.perf_counter() - t0,
-                        extra={"interrupted": interrupted, "name": cfg.name})  # fmt: skip
+    summary = summarize(
+        records,
+        wall_seconds=time.perf_counter() - t0,
+        extra={"interrupted": interrupted, "name": cfg.name},
+    )
     write_summary(out, summary)
     plot_report(records, out / "report.png")
     return summary
@@ -127,8 +141,15 @@ def _checkpoint(
     clients: dict[int, Any] = {}
     for states in backend.get([backend.call(w, "state_dict") for w in workers]):
         clients.update(states)
-    save_checkpoint(out, {"next_round": next_round, "cum_bytes": cum_bytes,
-                          "server": server_state, "clients": clients})  # fmt: skip
+    save_checkpoint(
+        out,
+        {
+            "next_round": next_round,
+            "cum_bytes": cum_bytes,
+            "server": server_state,
+            "clients": clients,
+        },
+    )
 
 
 def _restore(
@@ -137,10 +158,14 @@ def _restore(
     backend.get([backend.call(server, "load_state_dict", ckpt["server"])])
     k = len(workers)
     clients = ckpt["clients"]
-    backend.get([
-        backend.call(w, "load_state_dict", {c: s for c, s in clients.items() if int(c) % k == i})
-        for i, w in enumerate(workers)
-    ])  # fmt: skip
+    backend.get(
+        [
+            backend.call(
+                w, "load_state_dict", {c: s for c, s in clients.items() if int(c) % k == i}
+            )
+            for i, w in enumerate(workers)
+        ]
+    )
     log.info("resumed at round %d", ckpt["next_round"])
     return int(ckpt["next_round"]), int(ckpt["cum_bytes"])
 

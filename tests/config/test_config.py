@@ -62,7 +62,7 @@ def test_overrides_are_validated(tmp_path: Path) -> None:
     f.write_text("fed:\n  rounds: 2\n")
     cfg = load_scenario(f, ["fed.rounds=5", "compression.uplink.bits=3", "data.max_train=null"])
     assert cfg.fed.rounds == 5 and cfg.compression.uplink.bits == 3
-    with pytest.raises(ConfigError, match="fed.rounds: expected int"):
+    with pytest.raises(ConfigError, match=r"fed\.rounds: expected int"):
         load_scenario(f, ["fed.rounds=abc"])
     with pytest.raises(ConfigError, match="expected key=value"):
         load_scenario(f, ["fed.rounds"])

@@ -20,9 +20,13 @@ def _server(min_clients: int = 1) -> FedServer:
         {
             "data": {"name": "digits", "max_train": 200},
             "model": {"name": "mlp", "hidden": 8},
-            "fed": {"num_clients": 3, "clients_per_round": 3, "rounds": 2,
-                    "min_clients": min_clients},
-        }  # fmt: skip
+            "fed": {
+                "num_clients": 3,
+                "clients_per_round": 3,
+                "rounds": 2,
+                "min_clients": min_clients,
+            },
+        }
     )
     split = load_data(cfg)
     parts = client_partitions(cfg, split.train)

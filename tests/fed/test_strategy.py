@@ -43,4 +43,6 @@ def test_fedadam_matches_hand_computed_step_and_checkpoints() -> None:
     assert torch.allclose(new["w"], 0.1 * m / (v.sqrt() + 1e-3))
     s2 = make_strategy(cfg)
     s2.load_state_dict(s.state_dict())
-    assert torch.equal(s2.aggregate(new, [({"w": d}, 1.0)])["w"], s.aggregate(new, [({"w": d}, 1.0)])["w"])
+    assert torch.equal(
+        s2.aggregate(new, [({"w": d}, 1.0)])["w"], s.aggregate(new, [({"w": d}, 1.0)])["w"]
+    )

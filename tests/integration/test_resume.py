@@ -21,12 +21,16 @@ def _cfg() -> RunConfig:
             "model": {"name": "mlp", "hidden": 16},
             "fed": {"num_clients": 4, "clients_per_round": 2, "rounds": 4},
             "compression": {
-                "uplink": {"policy": "fixed", "bits": 3, "error_feedback": True,
-                           "stochastic": True},
+                "uplink": {
+                    "policy": "fixed",
+                    "bits": 3,
+                    "error_feedback": True,
+                    "stochastic": True,
+                },
                 "downlink": {"policy": "fixed", "bits": 6},
             },
             "runtime": {"backend": "inprocess", "workers": 2},
-        }  # fmt: skip
+        }
     )
 
 
@@ -57,5 +61,5 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no checkpoint.pt"):
+    with pytest.raises(ConfigError, match=r"no checkpoint\.pt"):
         simulate(_cfg(), tmp_path / "nothing", resume=True)

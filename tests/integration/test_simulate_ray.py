@@ -18,12 +18,25 @@ def test_simulate_on_ray_writes_contract_files(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as ei:
         main(
             [
-                "simulate", str(ROOT / "scenarios" / "quickstart.yaml"), "--out", str(out), "-q",
-                "--set", "fed.num_clients=3", "--set", "fed.clients_per_round=3",
-                "--set", "fed.rounds=2", "--set", "model.hidden=16",
-                "--set", "runtime.workers=2", "--set", "data.max_train=300",
+                "simulate",
+                str(ROOT / "scenarios" / "quickstart.yaml"),
+                "--out",
+                str(out),
+                "-q",
+                "--set",
+                "fed.num_clients=3",
+                "--set",
+                "fed.clients_per_round=3",
+                "--set",
+                "fed.rounds=2",
+                "--set",
+                "model.hidden=16",
+                "--set",
+                "runtime.workers=2",
+                "--set",
+                "data.max_train=300",
             ]
-        )  # fmt: skip
+        )
     assert ei.value.code == 0
     config = json.loads((out / "config.json").read_text())
     assert config["fed"]["rounds"] == 2 and config["runtime"]["backend"] == "ray"
