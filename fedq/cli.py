@@ -100,6 +100,28 @@ def _simulate(args: argparse.Namespace) -> int:
     return 130 if summary.get("interrupted") else 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from fedq.runtime.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep)
+    out = Path(args.out or Path("runs") / f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(
+        f"fedq sweep: {sweep.name} | {len(sweep.runs)} runs over {', '.join(sweep.axes)} | "
+        f"{sweep.parallel} in parallel | out {out}"
+    )
+
+    def on_done(row: dict[str, Any]) -> None:
+        acc, eps = row.get("final_accuracy"), row.get("epsilon_spent")
+        print(
+            f"  done {row['label']}: accuracy {acc if acc is None else f'{acc:.4f}'}, "
+            f"wire {_fmt_bytes(row.get('bytes_wire_total') or 0)}, epsilon {eps}"
+        )
+
+    run_sweep(sweep, out, on_done=on_done)
+    print(f"wrote {out / 'sweep.csv'}, {out / 'sweep.md'} and {out / 'sweep.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedq", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -115,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_simulate)
+
+    w = sub.add_parser("sweep", help="run a grid of scenarios (e.g. epsilon x bit policy)")
+    w.add_argument("sweep", help="sweep YAML file, e.g. scenarios/privacy_sweep.yaml")
+    w.add_argument("--out", metavar="DIR", help="output folder (default runs/<name>-<time>)")
+    w.set_defaults(func=_sweep)
 
     b = sub.add_parser("bench", help="run a benchmark and print ratios against a same-run baseline")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="NAME")

@@ -296,6 +296,18 @@ def _checks(obj: Any) -> Problems:
     return out + obj.check()
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping, creating sections; raises ConfigError on a clash."""
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.sub=value`` overrides (values parsed as YAML scalars) to a raw mapping."""
     problems: Problems = []
@@ -304,16 +316,10 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             problems.append(f"--set {item!r}: expected key=value")
             continue
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = raw
-        for part in parts[:-1]:
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict):
-                problems.append(f"--set {key}: {part!r} is not a section")
-                break
-            node = nxt
-        else:
-            node[parts[-1]] = yaml.safe_load(text)
+        try:
+            set_dotted(raw, key, yaml.safe_load(text))
+        except ConfigError as e:
+            problems += [f"--set {p}" for p in e.problems]
     if problems:
         raise ConfigError(problems)
     return raw

@@ -83,7 +83,7 @@ class BlockLayout:
         The codec works piece by piece so that its temporaries stay in cache."""
         nb, bl = self.num_blocks, self.block_len
         if bl <= max_elems:
-            step = max_elems // bl if bl else nb
+            step = max_elems // max(bl, 1)
             return [(slice(r, r + step), slice(0, bl), 0) for r in range(0, nb, step)]
         cols = range(0, bl, max_elems)
         return [

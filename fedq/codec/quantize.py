@@ -94,15 +94,15 @@ def _round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 #: Elements per working piece of the [num_blocks, block_len] view: one float32 piece (1 MiB) stays
 #: in L2 while it goes through the few elementwise steps of coding, and no step allocates a
 #: tensor the size of the input (fresh 64 MiB buffers cost more in page faults than the maths).
-_CHUNK_ELEMS = 5
+_PIECE_ELEMS = 1 << 18
 
 
-def _block_min_max(xb: torch.Tensor, chunks: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
+def _block_min_max(xb: torch.Tensor, pieces: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (min, max) per block in one cache-friendly pass (NaN propagates)."""
-    parts = max(k for _, _, k in chunks) + 1
+    parts = max(k for _, _, k in pieces) + 1
     lo = torch.empty((xb.shape[0], parts), dtype=xb.dtype, device=xb.device)
     hi = torch.empty_like(lo)
-    for rows, cols, k in chunks:
+    for rows, cols, k in pieces:
         piece = xb[rows, cols]
         torch.amin(piece, dim=1, out=lo[rows, k])
         torch.amax(piece, dim=1, out=hi[rows, k])
@@ -118,20 +118,17 @@ def quantize(
 ) -> PackedTensor:
     """Quantize and pack ``x`` at ``bits`` (an int, or a uint8 bit map with one entry per block)."""
     spec = spec or QuantSpec()
-    name = dtype_name(x.dtype)
+    dtype_name(x.dtype)  # rejects unsupported dtypes before any work
     layout = spec.layout_for(tuple(x.shape))
     bm = _bit_map(bits, layout.num_blocks)
     sdt = SCALE_DTYPES[spec.scale_dtype]
     if layout.numel == 0:
         empty = torch.empty(0, dtype=sdt)
-        return PackedTensor(
-            tuple(x.shape), name, Encoding.QUANTIZED, layout.granularity, layout.axis,
-            layout.group_size, spec.symmetric, spec.scale_dtype, bm, empty,
-            None if spec.symmetric else empty.clone(), torch.empty(0, dtype=torch.uint8),
-        )
+        return _packed(x, spec, layout, bm, empty, None if spec.symmetric else empty.clone(),
+                       torch.empty(0, dtype=torch.uint8))  # fmt: skip
     xb = layout.to_blocks(x.detach())  # -> [num_blocks, block_len], input dtype
-    chunks = layout.pieces(_CHUNK_ELEMS)
-    lo, hi = _block_min_max(xb, chunks)
+    pieces = layout.pieces(_PIECE_ELEMS)
+    lo, hi = _block_min_max(xb, pieces)
     if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
         raise CodecError("cannot quantize a tensor containing NaN or Inf")
     levels = (2 ** bm.to(device=xb.device, dtype=torch.int32) - 1).float()  # [num_blocks]
@@ -145,21 +142,42 @@ def quantize(
         scale = _round_up((hi - offset.float()) / levels, sdt)
         centre = offset.float()
     s = scale.float()
-    codes = _encode_blocks(
-        xb, chunks, torch.where(s > 0, s, 1.0), centre, levels, symmetric=spec.symmetric,
-        stochastic=spec.stochastic, generator=generator,
-    )
+    divisor = torch.where(s > 0, s, 1.0)  # zero-range blocks: every code is 0, decodes exactly
+    codes = _encode_blocks(xb, pieces, divisor, centre, levels, symmetric=spec.symmetric,
+                           stochastic=spec.stochastic, generator=generator)  # fmt: skip
     payload = _pack_by_class(codes, bm, layout)
+    return _packed(x, spec, layout, bm, scale.cpu(), None if offset is None else offset.cpu(),
+                   payload)  # fmt: skip
+
+
+def _packed(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    layout: BlockLayout,
+    bm: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor | None,
+    payload: torch.Tensor,
+) -> PackedTensor:
     return PackedTensor(
-        tuple(x.shape), name, Encoding.QUANTIZED, layout.granularity, layout.axis,
-        layout.group_size, spec.symmetric, spec.scale_dtype, bm, scale.cpu(),
-        None if offset is None else offset.cpu(), payload,
+        shape=tuple(x.shape),
+        dtype=dtype_name(x.dtype),
+        encoding=Encoding.QUANTIZED,
+        granularity=layout.granularity,
+        axis=layout.axis,
+        group_size=layout.group_size,
+        symmetric=spec.symmetric,
+        scale_dtype=spec.scale_dtype,
+        bits=bm,
+        scales=scales,
+        offsets=offsets,
+        payload=payload,
     )
 
 
 def _encode_blocks(
     xb: torch.Tensor,
-    chunks: list[Piece],
+    pieces: list[Piece],
     s: torch.Tensor,
     centre: torch.Tensor,
     levels: torch.Tensor,
@@ -176,9 +194,9 @@ def _encode_blocks(
     uniform = bool((levels == levels[0]).all())
     top = float(levels[0]) if uniform else levels.unsqueeze(1)
     codes = torch.empty(xb.shape, dtype=torch.uint8, device=xb.device)
-    buf = torch.empty(_CHUNK_ELEMS, dtype=torch.float32, device=xb.device)
+    buf = torch.empty(_PIECE_ELEMS, dtype=torch.float32, device=xb.device)
     noise = torch.empty_like(buf) if stochastic else buf
-    for rows, cols, _ in chunks:
+    for rows, cols, _ in pieces:
         piece = xb[rows, cols]
         v = buf[: piece.numel()].view(piece.shape)
         if symmetric:
@@ -261,8 +279,8 @@ def dequantize(p: PackedTensor, *, device: torch.device | str | None = None) -> 
         assert p.offsets is not None
         centre = p.offsets.to(device=dev, dtype=torch.float32).unsqueeze(1)
     out = torch.empty(codes.shape, dtype=out_dtype, device=dev)
-    buf = None if out_dtype == torch.float32 else torch.empty(_CHUNK_ELEMS, device=dev)
-    for rows, cols, _ in layout.pieces(_CHUNK_ELEMS):  # float32 maths piece by piece
+    buf = None if out_dtype == torch.float32 else torch.empty(_PIECE_ELEMS, device=dev)
+    for rows, cols, _ in layout.pieces(_PIECE_ELEMS):  # float32 maths piece by piece
         q = codes[rows, cols]
         v = out[rows, cols] if buf is None else buf[: q.numel()].view(q.shape)
         if p.symmetric:  # x_hat = (q - centre) * s
@@ -283,6 +301,16 @@ def raw(x: torch.Tensor) -> PackedTensor:
     payload = flat.view(torch.uint8).clone() if flat.numel() else torch.empty(0, dtype=torch.uint8)
     none = torch.empty(0)
     return PackedTensor(
-        tuple(x.shape), name, Encoding.RAW, Granularity.TENSOR, 0, 0, False, "float32",
-        torch.empty(0, dtype=torch.uint8), none, None, payload,
+        tuple(x.shape),
+        name,
+        Encoding.RAW,
+        Granularity.TENSOR,
+        0,
+        0,
+        False,
+        "float32",
+        torch.empty(0, dtype=torch.uint8),
+        none,
+        None,
+        payload,
     )

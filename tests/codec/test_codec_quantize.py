@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -299,3 +300,60 @@ def test_bad_bit_maps_are_codec_errors() -> None:
 def test_unsupported_dtype_is_rejected() -> None:
     with pytest.raises(ValueError):
         quantize(torch.arange(8, dtype=torch.float64), 4)
+
+
+# ---- piecewise processing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_elems", [1, 7, 64, 1000])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        BlockLayout.build((37, 29), Granularity.CHANNEL, axis=1),
+        BlockLayout.build((1001,), Granularity.TENSOR),
+        BlockLayout.build((1001,), Granularity.GROUP, group_size=100),
+    ],
+    ids=["channel", "tensor", "group"],
+)
+def test_pieces_tile_the_block_view_in_element_order(layout: BlockLayout, max_elems: int) -> None:
+    seen = torch.zeros(layout.num_blocks, layout.block_len, dtype=torch.int64)
+    order = torch.arange(seen.numel()).view_as(seen)
+    last = -1
+    for rows, cols, _ in layout.pieces(max_elems):
+        piece = order[rows, cols]
+        assert 0 < piece.numel() <= max_elems
+        assert int(piece.min()) == last + 1  # contiguous with the previous piece
+        last = int(piece.max())
+        seen[rows, cols] += 1
+    assert bool((seen == 1).all())
+
+
+@pytest.mark.parametrize("max_elems", [5, 96])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_results_do_not_depend_on_the_piece_size(
+    monkeypatch: pytest.MonkeyPatch, max_elems: int, symmetric: bool, stochastic: bool
+) -> None:
+    """The codec works in cache-sized pieces; piece boundaries (rows, or columns of one long
+    block) must not change a single bit of the output, nor the stochastic noise stream."""
+    qmod = importlib.import_module("fedq.codec.quantize")  # the package re-exports the function
+    x = torch.randn(30, 41, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    cases: list[tuple[QuantSpec, int | torch.Tensor]] = [
+        (QuantSpec(Granularity.CHANNEL), 3),
+        (QuantSpec(Granularity.CHANNEL, axis=1), torch.randint(1, 9, (41,), dtype=torch.uint8)),
+        (QuantSpec(Granularity.TENSOR), 5),
+        (QuantSpec(Granularity.GROUP, group_size=100), 2),
+    ]
+    for base, bits in cases:
+        spec = QuantSpec(
+            base.granularity, base.axis, base.group_size, symmetric, stochastic, "float32"
+        )
+        ref = quantize(x, bits, spec, generator=torch.Generator().manual_seed(1))
+        ref_y = dequantize(ref)
+        with monkeypatch.context() as m:
+            m.setattr(qmod, "_PIECE_ELEMS", max_elems)
+            got = quantize(x, bits, spec, generator=torch.Generator().manual_seed(1))
+            got_y = dequantize(got)
+        assert torch.equal(got.payload, ref.payload)
+        assert torch.equal(got.scales, ref.scales)
+        assert torch.equal(got_y, ref_y)
