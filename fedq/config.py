@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from fedq.errors import ConfigError
+from fedq.split.config import SplitConfig
 
 Problems = list[str]
 
@@ -203,7 +204,7 @@ class RuntimeConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     name: str = "run"
-    mode: Literal["federated"] = "federated"
+    mode: Literal["federated", "split"] = "federated"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -211,6 +212,7 @@ class RunConfig:
     fed: FedConfig = field(default_factory=FedConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
 
     def check(self) -> Problems:
         return []

@@ -4,6 +4,15 @@
 ``{name: tensor}`` update and a :class:`BitContext` to ``{name: bits}`` (1..8 packed, 9..32 raw).
 """
 
+from fedq.adapt.amaq import (
+    AmaqQuantizer,
+    BitSchedule,
+    FixedQuantizer,
+    IdentityQuantizer,
+    LinkQuantizer,
+    bit_penalty,
+    bit_stats,
+)
 from fedq.adapt.base import MAX_BITS, MAX_PACKED_BITS, BitContext, BitPolicy
 from fedq.adapt.budget import BudgetBits, estimated_bytes, estimated_error
 from fedq.adapt.registry import POLICIES, make_policy
@@ -21,12 +30,19 @@ __all__ = [
     "MAX_BITS",
     "MAX_PACKED_BITS",
     "POLICIES",
+    "AmaqQuantizer",
     "BitContext",
     "BitPolicy",
+    "BitSchedule",
     "BudgetBits",
     "ClientEntropyBits",
     "CosineBits",
     "FixedBits",
+    "FixedQuantizer",
+    "IdentityQuantizer",
+    "LinkQuantizer",
+    "bit_penalty",
+    "bit_stats",
     "client_importance",
     "cosine_factor",
     "estimated_bytes",

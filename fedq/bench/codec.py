@@ -17,12 +17,12 @@ import platform
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch and the codec load when the bench runs, not when the CLI starts
+    import torch
 
-from fedq.codec import PackedTensor, QuantSpec, dequantize, quantize
-from fedq.wire.serde import bundle_to_bytes
+    from fedq.codec import PackedTensor
 
 TARGET_RATIO = 0.15
 TARGET_FRAMING = 0.01
@@ -62,6 +62,8 @@ def _cpu_model() -> str:
 
 def machine() -> dict[str, Any]:
     """What the numbers were measured on (a ratio means little without it)."""
+    import torch
+
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -72,11 +74,17 @@ def machine() -> dict[str, Any]:
 
 
 def _memcpy_gbps(x: torch.Tensor, repeats: int) -> float:
+    import torch
+
     return x.nbytes / _best_seconds(lambda: torch.empty_like(x).copy_(x), repeats) / 1e9
 
 
 def throughput(x: torch.Tensor, memcpy: float, repeats: int, seed: int) -> list[dict[str, Any]]:
     """quantize+pack and unpack+dequantize GB/s (fp32 input bytes / s) per bit setting."""
+    import torch
+
+    from fedq.codec import QuantSpec, dequantize, quantize
+
     gen = torch.Generator().manual_seed(seed)
     mixed = torch.randint(2, 9, (x.shape[0],), generator=gen, dtype=torch.uint8)
     cases: list[tuple[str, int | torch.Tensor]] = [(str(b), b) for b in (1, 2, 3, 4, 8)]
@@ -103,11 +111,17 @@ def throughput(x: torch.Tensor, memcpy: float, repeats: int, seed: int) -> list[
 
 
 def _wire_bytes(p: PackedTensor) -> int:
+    from fedq.wire.serde import bundle_to_bytes
+
     return len(bundle_to_bytes({"w": p}))
 
 
 def wire_overhead(seed: int) -> list[dict[str, Any]]:
     """Serialized bytes over declared bytes (payload + metadata) at 4-bit per-channel."""
+    import torch
+
+    from fedq.codec import QuantSpec, quantize
+
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for shape in WIRE_SHAPES:
@@ -133,6 +147,11 @@ def wire_overhead(seed: int) -> list[dict[str, Any]]:
 
 
 def compression(seed: int) -> dict[str, Any]:
+    """fp32 bytes over wire bytes for one layer-sized tensor at 4-bit per-channel."""
+    import torch
+
+    from fedq.codec import QuantSpec, quantize
+
     shape = WIRE_SHAPES[0]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     wire = _wire_bytes(quantize(x, 4, QuantSpec()))
@@ -190,6 +209,8 @@ def _print_report(result: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.size_mib < 1 or args.repeats < 1:
         raise SystemExit("--size-mib and --repeats must be positive")
+    import torch
+
     rows = args.size_mib * 2**20 // (4 * COLS)
     x = torch.randn(rows, COLS, generator=torch.Generator().manual_seed(args.seed))
     before = _memcpy_gbps(x, args.repeats)

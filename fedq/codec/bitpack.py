@@ -123,6 +123,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(data: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: ``n`` uint8 codes from ``ceil(n*bits/8)`` bytes."""
+    if n < 0:
+        raise CodecError(f"unpack_bits: negative value count {n}")
     out = torch.empty(n, dtype=torch.uint8, device=data.device)
     unpack_bits_into(data, bits, out)
     return out

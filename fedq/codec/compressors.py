@@ -26,6 +26,25 @@ class Compressor(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+#: fp16's largest finite value; wider tensors stay in their own dtype.
+_FP16_MAX = 65504.0
+
+
+def raw_for_bits(x: torch.Tensor, bits: int) -> PackedTensor:
+    """Uncompressed encoding for a policy asking for more than 8 bits (the packer's limit).
+
+    9..16 bits travel as fp16 (never fewer bits than asked, and fp16 keeps 11 significant bits);
+    17..32 bits, or values beyond fp16's range, travel in the tensor's own dtype. Bit policies
+    such as the cosine schedule (ALGORITHMS.md 2.5) start at 32 bits; counting their bytes as
+    ``numel * b / 8`` for every intermediate b, as the paper does, would claim savings that no
+    real packing delivers, so fedq sends (and counts) what it can actually pack.
+    """
+    if bits <= 16 and x.dtype == torch.float32 and x.numel():
+        if float(x.detach().abs().max()) <= _FP16_MAX:
+            return raw(x.detach().to(torch.float16))
+    return raw(x)
+
+
 class IdentityCompressor:
     """Lossless: sends the tensor as it is (``bits`` is ignored). The parity reference."""
 
@@ -45,8 +64,7 @@ class IdentityCompressor:
 class QuantCompressor:
     """Fixed-spec quantizer. With ``spec.stochastic`` it owns a seeded generator (checkpointed).
 
-    A bit-width of 9 or more means "send uncompressed" (bit policies such as the cosine schedule
-    start at 32 bits, and fp32 beats any 9..31-bit integer code in simplicity and exactness).
+    A bit-width of 9 or more is sent uncompressed, see :func:`raw_for_bits`.
     """
 
     def __init__(self, spec: QuantSpec | None = None, *, seed: int = 0) -> None:
@@ -55,7 +73,7 @@ class QuantCompressor:
 
     def compress(self, name: str, x: torch.Tensor, bits: int | torch.Tensor) -> PackedTensor:
         if isinstance(bits, int) and bits > 8:
-            return raw(x)
+            return raw_for_bits(x, bits)
         gen = self.generator if self.spec.stochastic and x.device.type == "cpu" else None
         return quantize(x, bits, self.spec, generator=gen)
 

@@ -142,7 +142,7 @@ def quantize(
         scale = _round_up((hi - offset.float()) / levels, sdt)
         centre = offset.float()
     s = scale.float()
-    divisor = torch.where(s > 0, s, 1.0)  # zero-range blocks: every code is 0, decodes exactly
+    divisor = torch.where(s > 0, s, 1.0)  # scale 0 (zero range): every code decodes exactly
     codes = _encode_blocks(xb, pieces, divisor, centre, levels, symmetric=spec.symmetric,
                            stochastic=spec.stochastic, generator=generator)  # fmt: skip
     payload = _pack_by_class(codes, bm, layout)

@@ -1,9 +1,9 @@
 """Laplace noise calibration of Ardic & Genc (ALGORITHMS.md section 2.3), reproduced faithfully.
 
-The paper's client trains ``E`` local epochs with learning rate ``eta``, clipping every *mini-batch*
-gradient to L1 norm ``C``; it estimates a smoothness constant ``lambda`` of the loss from consecutive
-epochs, derives a sensitivity ``s`` of the trained model to one example, and adds ``Lap(0, b)`` to
-every entry of the model with ``b = s * T_L / epsilon``.
+The paper's client trains ``E`` local epochs with learning rate ``eta``, clipping every
+*mini-batch* gradient to L1 norm ``C``; it estimates a smoothness constant ``lambda`` of the loss
+from consecutive epochs, derives a sensitivity ``s`` of the trained model to one example, and adds
+``Lap(0, b)`` to every entry of the model with ``b = s * T_L / epsilon``.
 
 Where the argument is heuristic (read before quoting an epsilon from it):
 
@@ -38,7 +38,9 @@ LAMBDA_ZERO_TOL = 1e-8
 def _check(name: str, value: float, *, allow_zero: bool = False) -> float:
     v = float(value)
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise ConfigError(f"{name}: must be finite and {'>=' if allow_zero else '>'} 0, got {value!r}")
+        raise ConfigError(
+            f"{name}: must be finite and {'>=' if allow_zero else '>'} 0, got {value!r}"
+        )
     return v
 
 
@@ -87,8 +89,9 @@ def laplace_scale(
 ) -> float:
     """Laplace scale ``b = s * T_L / epsilon`` with ``T_L = (T / E) * (K / N)`` (ALGORITHMS.md 2.3).
 
-    ``T = rounds``, ``E = local_epochs``, ``K = clients_per_round``, ``N = num_clients``. Each release
-    is then ``(epsilon / T_L)``-DP for sensitivity ``s``; ``T_L`` releases compose to ``epsilon``.
+    ``T = rounds``, ``E = local_epochs``, ``K = clients_per_round``, ``N = num_clients``. Each
+    release is then ``(epsilon / T_L)``-DP for sensitivity ``s``; ``T_L`` releases compose to
+    ``epsilon``.
     """
     s = _check("sensitivity", sensitivity)
     eps = _check("epsilon", epsilon)
@@ -97,7 +100,9 @@ def laplace_scale(
     k = _check("clients_per_round", clients_per_round)
     n = _check("num_clients", num_clients)
     if k > n:
-        raise ConfigError(f"clients_per_round: {clients_per_round} exceeds num_clients={num_clients}")
+        raise ConfigError(
+            f"clients_per_round: {clients_per_round} exceeds num_clients={num_clients}"
+        )
     return s * (t / e) * (k / n) / eps
 
 

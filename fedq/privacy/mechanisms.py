@@ -186,7 +186,10 @@ class GaussianMechanism:
         }
 
     def __repr__(self) -> str:
-        return f"GaussianMechanism(clip_norm={self.clip_norm}, noise_multiplier={self.noise_multiplier})"
+        return (
+            f"GaussianMechanism(clip_norm={self.clip_norm}, "
+            f"noise_multiplier={self.noise_multiplier})"
+        )
 
 
 class LaplaceMechanism:
@@ -229,4 +232,3 @@ class LaplaceMechanism:
 
     def __repr__(self) -> str:
         return f"LaplaceMechanism(scale={self.scale}, clip_norm={self.clip_norm})"
-

@@ -114,5 +114,7 @@ def test_bad_inputs_are_codec_errors() -> None:
         pack_bits(torch.zeros(2, 4, dtype=torch.uint8), 4)
     with pytest.raises(CodecError):  # one byte short
         unpack_bits(torch.zeros(packed_nbytes(10, 3) - 1, dtype=torch.uint8), 3, 10)
+    with pytest.raises(CodecError):
+        unpack_bits(torch.zeros(0, dtype=torch.uint8), 3, -1)
     with pytest.raises(CodecError):  # one byte too many
         unpack_bits(torch.zeros(packed_nbytes(10, 3) + 1, dtype=torch.uint8), 3, 10)

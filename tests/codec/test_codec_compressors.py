@@ -27,8 +27,8 @@ def test_identity_is_exact(dtype: torch.dtype) -> None:
     assert c.state_dict() == {}
 
 
-@pytest.mark.parametrize("bits", [9, 16, 32])
-def test_quant_compressor_sends_wide_widths_uncompressed(bits: int) -> None:
+@pytest.mark.parametrize("bits", [17, 32])
+def test_quant_compressor_sends_17_to_32_bits_exactly(bits: int) -> None:
     c = QuantCompressor()
     x = torch.randn(5, 6)
     p = c.compress("w", x, bits)
@@ -116,3 +116,20 @@ def test_state_dict_is_a_snapshot() -> None:
     before = state["residuals"]["w"].clone()
     ef.compress("w", torch.randn(4, 4), 2)
     assert torch.equal(state["residuals"]["w"], before)
+
+
+def test_more_than_8_bits_travels_uncompressed_at_no_fewer_bits() -> None:
+    from fedq.codec import Encoding, QuantCompressor
+
+    x = torch.randn(64, 32)
+    comp = QuantCompressor()
+    for bits, dtype, nbytes in ((9, "float16", 2), (16, "float16", 2), (17, "float32", 4)):
+        p = comp.compress("w", x, bits)
+        assert p.encoding is Encoding.RAW and p.dtype == dtype, bits
+        assert p.payload_nbytes == nbytes * x.numel()
+        assert p.mean_bits() >= bits
+    big = torch.full((4,), 1e6)
+    assert comp.compress("w", big, 12).dtype == "float32"  # beyond fp16's range: keep fp32
+    torch.testing.assert_close(
+        comp.decompress(comp.compress("w", x, 12)).float(), x, rtol=1e-3, atol=1e-3
+    )

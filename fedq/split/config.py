@@ -1,0 +1,68 @@
+"""``split:`` section of a scenario: where the model is cut and how the cut is coded.
+
+Rounds, clients and evaluation cadence come from the ``fed`` section (``fed.rounds``,
+``fed.num_clients``, ``fed.clients_per_round``, ``fed.eval_every``), the LoRA optimizer from
+``train``; this section holds only what is specific to split learning and AMAQ
+(ALGORITHMS.md §1 and §4). Defaults are our [I] choices, documented in :mod:`fedq.adapt.amaq`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Codec = Literal["amaq", "fixed", "none"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitConfig:
+    """Split learning / SplitFed with AMAQ (see module docstring)."""
+
+    cut: int = 3  # the client holds embeddings + blocks [0, cut); the server the rest
+    all_boundaries: bool = False  # also quantize every block boundary inside each half
+    local_steps: int = 10  # R: split steps per client per round; client LoRA FedAvg'd after
+    tiny_layers: int = 4  # blocks of the tiny random test models (tiny_bert_lora, tiny_llama)
+    # -- codec of each direction: amaq (learned bits), fixed (QAT-Group), none (fp32)
+    act_codec: Codec = "amaq"
+    grad_codec: Codec = "amaq"
+    fixed_bits: int = 4  # fixed: bits of both directions
+    fixed_granularity: Literal["channel", "group"] = "channel"
+    group_size: int = 128
+    act_scale_dtype: Literal["float16", "float32"] = "float16"
+    grad_scale_dtype: Literal["float16", "float32"] = "float32"  # gradients are tiny
+    # -- AMAQ gates and regularizer
+    b_min: int = 2
+    b_max: int = 8
+    init_bits: float = 7.5
+    alpha: float = 1.0
+    per_token: bool = False
+    target_bits: float = 4.0
+    reg_mode: Literal["target", "mean"] = "target"
+    reg_lambda: float = 1.0
+    warmup_fraction: float = 0.5  # of all steps: the target moves from init_bits to target_bits
+    gate_lr: float = 0.05
+
+    def check(self) -> list[str]:
+        p = []
+        for k in ("cut", "local_steps", "tiny_layers", "group_size"):
+            if getattr(self, k) < 1:
+                p.append(f"split.{k}: must be >= 1, got {getattr(self, k)}")
+        if not 1 <= self.fixed_bits <= 8:
+            p.append(f"split.fixed_bits: must be in 1..8, got {self.fixed_bits}")
+        if not 1 <= self.b_min < self.b_max <= 8:
+            p.append(
+                f"split.b_min/b_max: need 1 <= b_min < b_max <= 8, got {self.b_min}, {self.b_max}"
+            )
+        elif not self.b_min <= self.init_bits <= self.b_max:
+            p.append(f"split.init_bits: must lie in [b_min, b_max], got {self.init_bits}")
+        elif not self.b_min <= self.target_bits <= self.b_max:
+            p.append(f"split.target_bits: must lie in [b_min, b_max], got {self.target_bits}")
+        if self.alpha <= 0:
+            p.append(f"split.alpha: must be > 0, got {self.alpha}")
+        if self.reg_lambda < 0:
+            p.append(f"split.reg_lambda: must be >= 0, got {self.reg_lambda}")
+        if not 0 <= self.warmup_fraction <= 1:
+            p.append(f"split.warmup_fraction: must be in [0, 1], got {self.warmup_fraction}")
+        if self.gate_lr <= 0:
+            p.append(f"split.gate_lr: must be > 0, got {self.gate_lr}")
+        return p

