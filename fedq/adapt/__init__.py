@@ -10,6 +10,7 @@ from fedq.adapt.amaq import (
     FixedQuantizer,
     IdentityQuantizer,
     LinkQuantizer,
+    QuantModule,
     bit_penalty,
     bit_stats,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "FixedQuantizer",
     "IdentityQuantizer",
     "LinkQuantizer",
+    "QuantModule",
     "bit_penalty",
     "bit_stats",
     "client_importance",

@@ -158,7 +158,7 @@ class AmaqQuantizer(nn.Module):
             return self.bits().round().clamp(self.b_min, self.b_max).to(torch.uint8).cpu()
 
     def bit_loss(self) -> torch.Tensor:
-        """Mean transmitted bits of this quantizer, differentiable (STE); see :func:`bit_penalty`."""
+        """Mean transmitted bits, differentiable (STE); see :func:`bit_penalty`."""
         return self.bits_ste().mean()
 
     # -- coding ----------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ class AmaqQuantizer(nn.Module):
             err = ((g_hat.float() - g.float()) ** 2).sum() / (g.float() ** 2).sum().clamp_min(1e-30)
             (grad,) = torch.autograd.grad(err, [self.gate])
         self.gate.grad = grad if self.gate.grad is None else self.gate.grad + grad
-        return g_hat.detach(), p, float(err)
+        return g_hat.detach(), p, float(err.detach())
 
     def extra_repr(self) -> str:
         return (
@@ -313,3 +313,7 @@ def bit_stats(q: nn.Module) -> dict[str, float] | None:
         return None
     b = q.int_bits().float()
     return {"mean": float(b.mean()), "min": float(b.min()), "max": float(b.max())}
+
+
+#: Any of the three quantizers (they share the :class:`LinkQuantizer` interface).
+QuantModule = AmaqQuantizer | FixedQuantizer | IdentityQuantizer

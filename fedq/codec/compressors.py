@@ -39,9 +39,9 @@ def raw_for_bits(x: torch.Tensor, bits: int) -> PackedTensor:
     ``numel * b / 8`` for every intermediate b, as the paper does, would claim savings that no
     real packing delivers, so fedq sends (and counts) what it can actually pack.
     """
-    if bits <= 16 and x.dtype == torch.float32 and x.numel():
-        if float(x.detach().abs().max()) <= _FP16_MAX:
-            return raw(x.detach().to(torch.float16))
+    fits_fp16 = x.numel() > 0 and float(x.detach().abs().max()) <= _FP16_MAX
+    if bits <= 16 and x.dtype == torch.float32 and fits_fp16:
+        return raw(x.detach().to(torch.float16))
     return raw(x)
 
 

@@ -51,8 +51,13 @@ class Strategy:
     def aggregate(
         self, global_state: Mapping[str, torch.Tensor], updates: Sequence[tuple[State, float]]
     ) -> State:
-        mean = weighted_mean(updates)
-        return {k: (global_state[k].float() + mean[k]).to(v.dtype) for k, v in global_state.items()}
+        """New global state from the round's (delta, num_samples) updates."""
+        return self.apply(global_state, weighted_mean(updates))
+
+    def apply(self, global_state: Mapping[str, torch.Tensor], mean_delta: State) -> State:
+        """New global state from an already averaged delta (central DP privatizes the mean and
+        calls this directly, so every strategy composes with it)."""
+        return {k: (v.float() + mean_delta[k]).to(v.dtype) for k, v in global_state.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -81,10 +86,8 @@ class FedAdam(Strategy):
         self.m: State = {}
         self.v: State = {}
 
-    def aggregate(
-        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[tuple[State, float]]
-    ) -> State:
-        mean = weighted_mean(updates)
+    def apply(self, global_state: Mapping[str, torch.Tensor], mean_delta: State) -> State:
+        mean = mean_delta
         c = self.cfg
         out: State = {}
         for k, w in global_state.items():

@@ -62,6 +62,10 @@ def laplace_sensitivity(
       if ``E < E0``: ``s = 2C / (lambda*|D|) * ((1 + lambda*eta)^E - 1)``,
       else ``s = 2C + 2*eta*C*(E - E0)``;
     - ``lambda ~ 0`` (``|lambda| < zero_tol``): ``s = 2*eta*C*E / |D|``.
+
+    The first branch tends to the last as ``lambda -> 0``. At ``E = E0`` the two ``lambda > 0``
+    sub-cases give ``2C/lambda`` and ``2C``, which agree only for ``lambda = 1``: the formula is
+    reproduced as published, jump included.
     """
     c = _check("clip_l1", clip_l1)
     eta = _check("lr", lr)

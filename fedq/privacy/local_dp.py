@@ -50,6 +50,16 @@ def check_dp_compatible(module: nn.Module, *, allow_trainable_embeddings: bool =
     from opacus.validators import ModuleValidator
 
     problems = [str(e) for e in ModuleValidator.validate(module, strict=False)]
+    flagged = [
+        f"{name} ({type(sub).__name__})"
+        for name, sub in module.named_modules()
+        if type(sub) in ModuleValidator.VALIDATORS and _trainable(sub)
+    ]
+    if flagged:
+        problems.append(
+            f"layers flagged by Opacus's ModuleValidator: {', '.join(flagged)} (replace them, e.g. "
+            "opacus.validators.ModuleValidator.fix turns BatchNorm into GroupNorm, or freeze them)"
+        )
     for name, sub in module.named_modules():
         lora_emb = [
             f"{attr}.{k}"

@@ -2,17 +2,25 @@
 
 Who holds what ([I], ALGORITHMS.md §1.6): the sender of a tensor owns its quantizer, so the client
 holds the activation gates at the cut and the server the gradient gates. In all-boundaries mode
-every inner boundary gets both (simulated in process, :class:`~fedq.split.models.SimulatedBoundary`).
+every inner boundary gets both (simulated in process, see
+:class:`~fedq.split.models.SimulatedBoundary`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
-from fedq.adapt.amaq import AmaqQuantizer, BitSchedule, FixedQuantizer, IdentityQuantizer
+from fedq.adapt.amaq import (
+    AmaqQuantizer,
+    BitSchedule,
+    FixedQuantizer,
+    IdentityQuantizer,
+    QuantModule,
+)
 from fedq.codec import Granularity, PackedTensor, QuantSpec, dequantize, quantize, raw
 from fedq.errors import FedqError
 from fedq.split.config import SplitConfig
@@ -21,7 +29,9 @@ from fedq.split.models import SimulatedBoundary
 Direction = Literal["act", "grad"]
 
 
-def make_quantizer(sc: SplitConfig, direction: Direction, hidden: int, max_length: int) -> nn.Module:
+def make_quantizer(
+    sc: SplitConfig, direction: Direction, hidden: int, max_length: int
+) -> QuantModule:
     """The quantizer for one boundary and direction (``act_codec`` / ``grad_codec``)."""
     codec = sc.act_codec if direction == "act" else sc.grad_codec
     sdt = sc.act_scale_dtype if direction == "act" else sc.grad_scale_dtype
@@ -57,7 +67,7 @@ def bit_schedule(sc: SplitConfig, total_steps: int) -> BitSchedule:
     )  # fmt: skip
 
 
-def gate_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+def gate_parameters(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     return [p for m in modules for n, p in m.named_parameters() if n.endswith("gate")]
 
 
@@ -68,7 +78,7 @@ def split_optimizer(
     groups: list[dict[str, object]] = [{"params": lora, "lr": lr}]
     if gates:
         groups.append({"params": gates, "lr": gate_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)  # type: ignore[arg-type]
+    return torch.optim.AdamW(groups)
 
 
 # -- small side tensors of an activations message ------------------------------------------------
@@ -93,6 +103,8 @@ def pack_labels(labels: torch.Tensor) -> PackedTensor:
 
 def unpack_labels(p: PackedTensor, low: int, high: int) -> torch.Tensor:
     y = dequantize(p)
-    if not bool((y == y.round()).all()) or not bool(((y == -100) | ((y >= low) & (y < high))).all()):
+    if not bool((y == y.round()).all()) or not bool(
+        ((y == -100) | ((y >= low) & (y < high))).all()
+    ):
         raise FedqError(f"labels must be integers in [{low}, {high}) or -100")
     return y.long()

@@ -40,7 +40,7 @@ class SplitConfig:
     reg_mode: Literal["target", "mean"] = "target"
     reg_lambda: float = 1.0
     warmup_fraction: float = 0.5  # of all steps: the target moves from init_bits to target_bits
-    gate_lr: float = 0.05
+    gate_lr: float = 0.1
 
     def check(self) -> list[str]:
         p = []

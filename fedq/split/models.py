@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedq.adapt.amaq import QuantModule
 from fedq.codec import PackedTensor
 from fedq.errors import ConfigError
 
@@ -64,10 +65,10 @@ class SimulatedBoundary(nn.Module):
     """A block boundary coded in process: activations through ``act_q`` on the way forward,
     gradients through ``grad_q`` on the way back; the last packed tensors are kept for stats."""
 
-    def __init__(self, act_q: nn.Module, grad_q: nn.Module) -> None:
+    def __init__(self, act_q: QuantModule, grad_q: QuantModule) -> None:
         super().__init__()
-        self.act_q = act_q
-        self.grad_q = grad_q
+        self.act_q: QuantModule = act_q
+        self.grad_q: QuantModule = grad_q
         self.last_act: PackedTensor | None = None
         self.last_grad: PackedTensor | None = None
 
@@ -309,7 +310,14 @@ def _build_bert(
     bert = module.encoder.base_model.model
     mods_b = nn.ModuleDict({"embeddings": bert.embeddings})
     mods_t = nn.ModuleDict({"head": module.head})
-    return module, bundle.tokenizer, list(bert.encoder.layer), mods_b, mods_t, bert.config.hidden_size
+    return (
+        module,
+        bundle.tokenizer,
+        list(bert.encoder.layer),
+        mods_b,
+        mods_t,
+        bert.config.hidden_size,
+    )
 
 
 def smollm2_gguf() -> Path:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from fedq.adapt.amaq import bit_penalty, bit_stats
+from fedq.adapt.amaq import QuantModule, bit_penalty, bit_stats
 from fedq.codec import PackedTensor, dequantize, raw
 from fedq.config import RunConfig
 from fedq.errors import FedqError
@@ -122,9 +122,10 @@ class SplitServer:
             raise FedqError("close_round called with no open round")
         if rnd.updates:
             total = sum(w for _, w in rnd.updates.values())
-            avg = {k: sum(s[k] * (w / total) for s, w in rnd.updates.values())
-                   for k in self.client_state}  # fmt: skip
-            self.client_state = {k: v.to(self.client_state[k].dtype) for k, v in avg.items()}
+            self.client_state = {
+                k: torch.stack([s[k] * (w / total) for s, w in rnd.updates.values()]).sum(0)
+                for k in self.client_state
+            }
         out: dict[str, Any] = {"round": rnd.index, "clients_ok": len(rnd.updates)}
         n = sum(c for _, c in rnd.losses)
         out["train_loss"] = sum(lo * c for lo, c in rnd.losses) / n if n else None
@@ -149,7 +150,7 @@ class SplitServer:
             named += [(f"b{i}/act", b.act_q), (f"b{i}/grad", b.grad_q)]
         out = {}
         for name, q in named:
-            ib = q.int_bits() if hasattr(q, "gate") else None
+            ib = q.int_bits()
             if ib is not None:
                 out[name] = [int(x) for x in ib.tolist()]
         return out
@@ -240,8 +241,8 @@ class SplitServer:
             self.opt.zero_grad(set_to_none=True)
             self.steps += 1
             if self._round is not None:
-                self._round.losses.append((float(loss), count))
-        scalars = {"loss": float(loss), "correct": float(correct), "count": float(count),
+                self._round.losses.append((float(loss.detach()), count))
+        scalars = {"loss": float(loss.detach()), "correct": float(correct), "count": float(count),
                    "grad_rel_err": rel_err, "grad_bits": pg.mean_bits()}  # fmt: skip
         for k, v in _stats_row("grad", self.grad_q).items():
             scalars[k.replace("/", "_")] = v
@@ -251,12 +252,13 @@ class SplitServer:
 # ----------------------------------------------------------------------------------- client
 
 
-def _boundaries(model: SplitModel) -> list[Any]:
+def _boundaries(model: SplitModel) -> list[Any]:  # SimulatedBoundary
     return [*model.bottom.boundaries, *model.top.boundaries]
 
 
-def _boundary_quantizers(part: torch.nn.Module) -> list[torch.nn.Module]:
-    return [q for b in getattr(part, "boundaries", []) for q in (b.act_q, b.grad_q)]
+def _boundary_quantizers(part: torch.nn.Module) -> list[QuantModule]:
+    bounds: Any = getattr(part, "boundaries", [])
+    return [q for b in bounds for q in (b.act_q, b.grad_q)]
 
 
 def _client_state(model: SplitModel, act_q: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -376,7 +378,8 @@ class SplitClientWorker:
         for k in ("mean", "min", "max"):
             if f"grad_{k}" in reply.scalars:
                 row[f"bits/cut/grad/{k}"] = reply.scalars[f"grad_{k}"]
-        for i, b in enumerate(self.model.bottom.boundaries):
+        bounds: Any = self.model.bottom.boundaries
+        for i, b in enumerate(bounds):
             row |= _stats_row(f"bits/b{i}/act", b.act_q) | _stats_row(f"bits/b{i}/grad", b.grad_q)
         return row
 

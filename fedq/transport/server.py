@@ -139,16 +139,15 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
     ) -> Iterator[pb.Frame]:
         authed = self._auth(context)
         client = self._check_client(context, authed, request.client_id)
-        down = 0
-        try:
-            msg = self._run(
-                context, _Phase.HANDLER, lambda: self._handler.get_task(client, int(request.round))
-            )
-            for frame in self._frames(context, msg):
-                down += frame.ByteSize()
-                yield frame
-        finally:
-            self._counters.add(client, up=request.ByteSize(), down=down)
+        self._counters.add(client, up=request.ByteSize())
+        msg = self._run(
+            context, _Phase.HANDLER, lambda: self._handler.get_task(client, int(request.round))
+        )
+        for frame in self._frames(context, msg):
+            # Counted as it is handed to gRPC, so the count is complete once the client has the
+            # last frame (a reader of the counters never races the tail of this generator).
+            self._counters.add(client, down=frame.ByteSize())
+            yield frame
 
     def PushUpdate(
         self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
@@ -175,7 +174,7 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         """One bidi stream carries any number of steps: read one message, answer with one."""
         authed = self._auth(context)
         frames = CountingFrames(request_iterator)
-        who, down = authed or "", 0
+        who = authed or ""
         try:
             while True:
                 msg = self._run(context, _Phase.DECODE, lambda: read_message(frames, self._limits))
@@ -185,13 +184,13 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
                 reply = self._run(
                     context, _Phase.HANDLER, functools.partial(self._handler.split_step, msg)
                 )
-                for frame in self._frames(context, reply):
-                    down += frame.ByteSize()
-                    yield frame
-                self._counters.add(who, up=frames.take(), down=down)
-                down = 0
+                # Count the step before its last frame leaves: the client may read the counters
+                # as soon as it has the reply, so the bytes must already be there.
+                out = list(self._frames(context, reply))
+                self._counters.add(who, up=frames.take(), down=sum(f.ByteSize() for f in out))
+                yield from out
         finally:
-            self._counters.add(who, up=frames.take(), down=down)
+            self._counters.add(who, up=frames.take())
 
 
 class TransportServer:

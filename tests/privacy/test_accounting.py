@@ -1,4 +1,4 @@
-"""Accountants match Opacus exactly, what-if queries do not mutate, state round-trips, budget stop."""
+"""Accountants equal Opacus; what-if queries do not mutate; state round-trips, budget stop."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def test_guard_stops_laplace_rounds_before_the_target() -> None:
 def test_guard_stops_gaussian_steps_before_the_target() -> None:
     acc, guard = GaussianAccountant("rdp", DELTA), BudgetGuard(2.5, DELTA)
     rounds = 0
-    with pytest.raises(PrivacyBudgetExceeded, match="over the target 2.5000"):
+    with pytest.raises(PrivacyBudgetExceeded, match=r"over the target 2\.5000"):
         for _ in range(10_000):
             guard.check(acc.epsilon_if(1.0, 0.01, 100), spent_epsilon=acc.epsilon())
             acc.step(1.0, 0.01, 100)

@@ -132,3 +132,15 @@ def test_mechanisms_reject_invalid_parameters() -> None:
         GaussianMechanism(1.0, 0.0)
     with pytest.raises(ConfigError, match="scale"):
         LaplaceMechanism(-1.0)
+
+
+def test_insecure_rng_warning_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    from fedq.privacy import mechanisms
+
+    mechanisms._warned_insecure = False
+    with caplog.at_level("WARNING", logger="fedq.privacy.mechanisms"):
+        for _ in range(3):
+            GaussianMechanism(1.0, 1.0).privatize(_update(), torch.Generator().manual_seed(0))
+            LaplaceMechanism(1.0).noise(_update(), torch.Generator().manual_seed(0))
+    hits = [r for r in caplog.records if "not cryptographically secure" in r.getMessage()]
+    assert len(hits) == 1

@@ -9,9 +9,6 @@ HEAVY = ("opacus", "transformers", "peft", "ray")
 
 
 def test_importing_privacy_does_not_import_opacus() -> None:
-    code = (
-        "import sys, fedq.privacy; "
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    )
+    code = f"import sys, fedq.privacy; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -1,0 +1,117 @@
+"""Split learning with AMAQ vs fixed-bit and fp32 cuts: MiniLM-L6 cut after block 3, LoRA, Rotten
+Tomatoes (ALGORITHMS.md §1.7-1.9, §5.A). Same steps and seeds per arm, both directions coded, bits
+and bytes as actually sent (frames counted at the gRPC transport). Time per step on an emulated
+link = measured compute + bytes / bandwidth (+ latency), §1.9.
+
+Arms: fp32; fixed 4/2/1-bit per channel (QAT, straight-through); AMAQ to an average of 4, 2 and 1.5
+bits (b_min = 1); all-boundaries fixed 2-bit vs AMAQ-2; with ``--smollm2`` SmolLM2-135M perplexity
+arms (fp32, fixed 4, AMAQ 4). Each arm is a ``fedq simulate`` run (in-process hosts, real gRPC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ARMS: dict[str, list[str]] = {
+    "fp32": ["split.act_codec=none", "split.grad_codec=none"],
+    "fixed4": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=4"],
+    "fixed2": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=2"],
+    "fixed1": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=1"],
+    "amaq4": ["split.target_bits=4.0"],
+    "amaq2": ["split.target_bits=2.0"],
+    "amaq1.5": ["split.target_bits=1.5"],
+    "all-b fixed2": ["split.all_boundaries=true", "split.act_codec=fixed",
+                     "split.grad_codec=fixed", "split.fixed_bits=2"],
+    "all-b amaq2": ["split.all_boundaries=true", "split.target_bits=2.0"],
+}  # fmt: skip
+SMOL_ARMS = {
+    "smol fp32": ARMS["fp32"],
+    "smol fixed4": ARMS["fixed4"],
+    "smol amaq4": ARMS["amaq4"],
+}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=60, help="split steps per run")
+    p.add_argument("--local-steps", type=int, default=20, help="steps per round (eval each)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
+    p.add_argument("--max-train", type=int, default=2000)
+    p.add_argument("--max-test", type=int, default=300)
+    p.add_argument("--mbps", type=float, default=100.0, help="emulated link bandwidth")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="emulated one-way latency")
+    p.add_argument("--smollm2", action="store_true", help="also run the SmolLM2 arms")
+
+
+def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    from fedq.config import load_scenario
+    from fedq.report import read_metrics
+    from fedq.runtime.simulate import simulate
+
+    smol = name.startswith("smol")
+    scenario = "split_smollm2_amaq.yaml" if smol else "split_minilm_amaq.yaml"
+    rounds = max(1, args.steps // args.local_steps)
+    base = [
+        f"seed={seed}", "fed.num_clients=1", "fed.clients_per_round=1", f"fed.rounds={rounds}",
+        f"split.local_steps={args.local_steps}", "split.b_min=1", "runtime.backend=inprocess",
+        "runtime.workers=1", f"data.max_train={args.max_train}", f"data.max_test={args.max_test}",
+    ]  # fmt: skip
+    cfg = load_scenario(ROOT / "scenarios" / scenario, base + overrides)
+    with tempfile.TemporaryDirectory(prefix="fedq-bench-split-") as out:
+        summary = simulate(cfg, out)
+        recs = read_metrics(Path(out))
+    steps = rounds * args.local_steps
+    wire = summary["bytes_wire_total"] - sum(r.get("state_bytes", 0) for r in recs)
+    step_bytes = sum(r["step_bytes_up"] + r["step_bytes_down"] for r in recs) / len(recs)
+    compute = sum(r["seconds"] for r in recs) / steps
+    link = step_bytes * 8 / (args.mbps * 1e6) + 2 * args.latency_ms / 1000
+    last = recs[-1]
+    return {
+        "accuracy": last.get("accuracy"), "perplexity": last.get("perplexity"),
+        "mean_bits_run": sum(r["mean_bits"] for r in recs) / len(recs),
+        "mean_bits_final": last["mean_bits"], "step_bytes": step_bytes, "cut_bytes": wire,
+        "s_per_step_compute": compute, "s_per_step_link": compute + link,
+    }  # fmt: skip
+
+
+def _fmt(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not xs:
+        return "-"
+    m = statistics.fmean(xs) * scale
+    spread = (max(xs) - min(xs)) / 2 * scale
+    return f"{m:.{digits}f}±{spread:.{digits}f}"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    arms = {a: ARMS[a] for a in args.arms.split(",") if a}
+    unknown = [a for a in args.arms.split(",") if a and a not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+    if args.smollm2:
+        arms.update(SMOL_ARMS)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, ov in arms.items():
+        results[name] = [_run(name, ov, s, args) for s in range(args.seeds)]
+        print(f"  done {name}: acc {[r['accuracy'] for r in results[name]]}", flush=True)
+    print(f"\nsplit bench: {args.steps} steps x {args.seeds} seeds, link {args.mbps} Mbit/s")
+    head = f"{'arm':<14} {'acc %':>12} {'ppl':>10} {'bits(run)':>10} {'bits(end)':>10} "
+    print(head + f"{'KiB/step':>10} {'s/step':>8} {'s/step@link':>12}")
+    table = {}
+    for name, rs in results.items():
+        acc = [r["accuracy"] for r in rs if r["accuracy"] is not None]
+        ppl = [r["perplexity"] for r in rs if r["perplexity"] is not None]
+        row: dict[str, Any] = {k: statistics.fmean(r[k] for r in rs) for k in
+               ("mean_bits_run", "mean_bits_final", "step_bytes", "s_per_step_compute",
+                "s_per_step_link")}  # fmt: skip
+        row["accuracy"] = acc
+        table[name] = row
+        print(f"{name:<14} {_fmt(acc, 100, 1):>12} {_fmt(ppl, 1, 1):>10} "
+              f"{row['mean_bits_run']:>10.2f} {row['mean_bits_final']:>10.2f} "
+              f"{row['step_bytes'] / 1024:>10.1f} {row['s_per_step_compute']:>8.2f} "
+              f"{row['s_per_step_link']:>12.2f}")  # fmt: skip
+    return {"args": vars(args) | {"func": None}, "arms": table, "runs": results}
