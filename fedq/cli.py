@@ -78,6 +78,14 @@ def _simulate(args: argparse.Namespace) -> int:
             f"{info['workers']} workers; {info['trainable_params']:,} trainable params "
             f"({_fmt_bytes(4 * info['trainable_params'])} as fp32 per client per direction)"
         )
+        priv = info.get("privacy", {})
+        if priv.get("mechanism", "none") != "none":
+            shown = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                for k, v in priv.items()
+                if v is not None
+            )
+            bar.write(f"privacy: {shown}")
         bar.update(info["start_round"])
 
     def on_round(rec: dict[str, Any]) -> None:
@@ -92,11 +100,15 @@ def _simulate(args: argparse.Namespace) -> int:
     bar.close()
     acc = summary.get("final_accuracy")
     print(
-        f"done: accuracy {acc if acc is None else f'{acc:.4f}'} | wire "
+        f"done: accuracy {acc if acc is None else f'{acc:.4f}'} | "
+        + (f"epsilon {summary['epsilon_spent']:.4g} | " if summary.get("epsilon_spent") else "")
+        + "wire "
         f"{_fmt_bytes(summary.get('bytes_wire_total') or 0)} | "
         f"{summary.get('compression_ratio') or 0:.2f}x "
         f"smaller than fp32 | {summary.get('wall_seconds', 0):.1f} s | results in {out}"
     )
+    if summary.get("stopped_reason"):
+        print(f"stopped early: {summary['stopped_reason']}")
     return 130 if summary.get("interrupted") else 0
 
 

@@ -175,6 +175,50 @@ class CompressionConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PrivacyConfig:
+    """Differential privacy (see README "Privacy" for the guarantee each mechanism gives).
+
+    - ``dpsgd``: local DP-SGD on every client (Opacus; per-example clipping + Gaussian noise),
+      record-level DP for each client's data, one RDP/PRV accountant per client.
+    - ``central``: client-level DP-FedAvg: each update is L2-clipped (by the client before
+      quantization, and again by the server after decoding), the unweighted mean gets Gaussian
+      noise, accounted with client sampling rate K/N, one step per round.
+    - ``laplace``: Laplace noise on each client update before quantization with a pure-epsilon
+      ledger per client (Ardic & Genc). ``laplace_calibration: sound`` L1-clips the update to
+      ``clip_norm`` (sensitivity 2C); ``paper`` reproduces the paper's heuristic calibration.
+    """
+
+    mechanism: Literal["none", "dpsgd", "central", "laplace"] = "none"
+    target_epsilon: float | None = None  # stop before exceeding; null = account only
+    delta: float = 1e-5
+    noise_multiplier: float | None = None  # dpsgd / central; null = planned from target_epsilon
+    clip_norm: float = 1.0  # L2 (dpsgd per example, central per update) or L1 (laplace)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["hooks", "ghost"] = "hooks"
+    laplace_calibration: Literal["sound", "paper"] = "sound"
+
+    def check(self) -> Problems:
+        p = []
+        if self.target_epsilon is not None and not self.target_epsilon > 0:
+            p.append(f"privacy.target_epsilon: must be > 0 or null, got {self.target_epsilon}")
+        if not 0 < self.delta < 1:
+            p.append(f"privacy.delta: must be in (0, 1), got {self.delta}")
+        if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+            p.append(f"privacy.noise_multiplier: must be > 0 or null, got {self.noise_multiplier}")
+        if not self.clip_norm > 0:
+            p.append(f"privacy.clip_norm: must be > 0, got {self.clip_norm}")
+        needs_plan = self.mechanism in ("dpsgd", "central") and self.noise_multiplier is None
+        if needs_plan and self.target_epsilon is None:
+            p.append(
+                f"privacy.noise_multiplier: mechanism {self.mechanism!r} needs a noise_multiplier"
+                " or a target_epsilon to plan one from"
+            )
+        if self.mechanism == "laplace" and self.target_epsilon is None:
+            p.append("privacy.target_epsilon: mechanism 'laplace' calibrates its noise to a target")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     """Where the run executes. ``workers: 0`` means one worker per core."""
 
@@ -211,11 +255,18 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
 
     def check(self) -> Problems:
-        return []
+        p = []
+        if self.privacy.mechanism == "dpsgd" and self.fed.strategy == "fedprox":
+            p.append(
+                "privacy.mechanism: 'dpsgd' does not support fed.strategy 'fedprox' "
+                "(the proximal term is not per-example clipped); use fedavg or fedadam"
+            )
+        return p
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ bytes, codecs and failures are the real ones.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,8 +21,9 @@ from fedq.codec import dequantize
 from fedq.config import RunConfig
 from fedq.errors import FedqError
 from fedq.fed.pipeline import LinkCodec
+from fedq.fed.privacy import privatize_update
 from fedq.fed.server import client_name
-from fedq.fed.train import local_train
+from fedq.fed.train import local_train, make_optimizer
 from fedq.wire.message import WireMessage
 
 log = logging.getLogger(__name__)
@@ -100,16 +102,14 @@ class ClientWorker:
         start = {k: v.detach().clone() for k, v in self.bundle.trainable_state().items()}
         idx = self.partitions[cid]
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, cid, r))
-        loss, steps = local_train(
-            self.bundle,
-            self.data,
-            idx,
-            self.cfg.train,
-            generator=gen,
-            proximal_mu=task.scalars.get("proximal_mu", 0.0),
-        )
+        mechanism = task.tags.get("dp_mechanism", "none")
+        loss, steps, laplace_sensitivity = self._train(task, idx, gen, mechanism)
         trained = self.bundle.trainable_state()
         delta = {k: (trained[k].detach().float() - start[k].float()) for k in start}
+        # The one fixed order: clip -> noise here, then bits -> quantize in the uplink codec.
+        delta, update_norm = privatize_update(
+            delta, mechanism, task.scalars, gen, laplace_sensitivity=laplace_sensitivity
+        )
         ctx = BitContext(
             round=r,
             total_rounds=int(task.scalars.get("total_rounds", self.cfg.fed.rounds)),
@@ -120,6 +120,7 @@ class ClientWorker:
         state = self._state(cid)
         packed, stats = state.uplink.encode(delta, ctx)
         scalars = {
+            "update_norm": update_norm if math.isfinite(update_norm) else -1.0,
             "num_samples": float(idx.numel()),
             "loss": loss,
             "steps": float(steps),
@@ -137,6 +138,52 @@ class ClientWorker:
             "wire_down": conn.bytes_received - recv0,
             **scalars,
         }
+
+    def _train(
+        self, task: WireMessage, idx: torch.Tensor, gen: torch.Generator, mechanism: str
+    ) -> tuple[float, int, float | None]:
+        """Local training as the privacy mechanism requires: (loss, steps, laplace sensitivity)."""
+        tc = self.cfg.train
+        if mechanism == "dpsgd":
+            from fedq.privacy import dp_local_train
+
+            res = dp_local_train(
+                self.bundle,
+                self.data,
+                idx,
+                batch_size=tc.batch_size,
+                epochs=tc.local_epochs,
+                noise_multiplier=task.scalars["dp_noise_multiplier"],
+                max_grad_norm=task.scalars["dp_clip"],
+                generator=gen,
+                optimizer_factory=lambda ps: make_optimizer(ps, tc),
+                grad_sample_mode=self.cfg.privacy.grad_sample_mode,
+            )
+            return res.loss, res.steps, None
+        paper = mechanism == "laplace" and task.tags.get("laplace_calibration") == "paper"
+        smooth = None
+        if paper:
+            from fedq.privacy import SmoothnessEstimator
+
+            smooth = SmoothnessEstimator()
+        loss, steps = local_train(
+            self.bundle,
+            self.data,
+            idx,
+            tc,
+            generator=gen,
+            proximal_mu=task.scalars.get("proximal_mu", 0.0),
+            grad_clip_l1=task.scalars["dp_clip"] if paper else None,
+            smoothness=smooth,
+        )
+        if smooth is None:
+            return loss, steps, None
+        from fedq.privacy import laplace_sensitivity
+
+        s = laplace_sensitivity(
+            task.scalars["dp_clip"], tc.lr, tc.local_epochs, int(idx.numel()), smooth.value
+        )
+        return loss, steps, s
 
     def state_dict(self) -> dict[int, Any]:
         return {

@@ -21,6 +21,7 @@ from fedq.codec import dequantize
 from fedq.config import RunConfig
 from fedq.errors import FedqError
 from fedq.fed.pipeline import LinkCodec
+from fedq.fed.privacy import ServerPrivacy
 from fedq.fed.strategy import State, make_strategy
 from fedq.fed.train import evaluate
 from fedq.wire.message import WireMessage
@@ -55,6 +56,7 @@ class FedServer:
         self.client_sizes = client_sizes
         self.strategy = make_strategy(cfg.fed)
         self.downlink = LinkCodec(cfg.compression.downlink, seed=cfg.seed)
+        self.privacy = ServerPrivacy(cfg, client_sizes)
         self.global_state: State = {
             k: v.detach().clone() for k, v in bundle.trainable_state().items()
         }
@@ -66,21 +68,36 @@ class FedServer:
 
     def open_round(self, r: int) -> list[int]:
         """Select this round's clients and encode the downlink once (all selected clients get
-        the same bytes). Returns the selected client indices."""
+        the same bytes). Returns the selected client indices.
+
+        Raises PrivacyBudgetExceeded (nothing selected, nothing charged) when the round would
+        exceed the privacy target; otherwise charges the privacy accounting before any release.
+        """
         fed = self.cfg.fed
-        ids = self.strategy.select(r, fed.num_clients, fed.clients_per_round, self.cfg.seed)
+        self.privacy.check_round()
+        eligible = self.privacy.eligible()
+        ids = self.strategy.select(
+            r, fed.num_clients, fed.clients_per_round, self.cfg.seed, eligible
+        )
+        self.privacy.charge(ids)
         ctx = BitContext(round=r, total_rounds=fed.rounds)
         packed, stats = self.downlink.encode(self.global_state, ctx)
         n_max = max(self.client_sizes[i] for i in ids)
         scalars = {"total_rounds": float(fed.rounds), "max_samples": float(n_max)}
         scalars.update(self.strategy.client_scalars())
+        scalars.update(self.privacy.client_scalars())
+        tags = {
+            "strategy": self.strategy.name,
+            "dp_mechanism": self.cfg.privacy.mechanism,
+            "laplace_calibration": self.cfg.privacy.laplace_calibration,
+        }
         task = WireMessage(
             kind="global",
             client_id="",
             round=r,
             step=0,
             scalars=scalars,
-            tags={"strategy": self.strategy.name},
+            tags=tags,
             tensors=packed,
         )
         with self._lock:
@@ -97,7 +114,9 @@ class FedServer:
         applied = received >= self.cfg.fed.min_clients
         if applied:
             updates = [rnd.updates[c] for c in sorted(rnd.updates)]
-            new_state = self.strategy.aggregate(self.global_state, updates)
+            noise_gen = torch.Generator().manual_seed(self.cfg.seed * 7_368_787 + rnd.index)
+            mean = self.privacy.aggregate(updates, noise_gen)
+            new_state = self.strategy.apply(self.global_state, mean)
             self.global_state = new_state  # swap in one assignment: no half-applied round
             self.round_done = rnd.index
         else:
@@ -114,6 +133,7 @@ class FedServer:
             "clients_ok": received,
             "applied": applied,
             "bits_down": rnd.downlink_bits,
+            "epsilon": self.privacy.epsilon(),
         }
         with_loss = [s for s in rnd.client_scalars.values() if "loss" in s]
         if with_loss:
@@ -186,6 +206,7 @@ class FedServer:
             "global_state": {k: v.clone() for k, v in self.global_state.items()},
             "strategy": self.strategy.state_dict(),
             "downlink": self.downlink.state_dict(),
+            "privacy": self.privacy.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -193,3 +214,5 @@ class FedServer:
         self.global_state = {k: v.clone() for k, v in state["global_state"].items()}
         self.strategy.load_state_dict(state.get("strategy", {}))
         self.downlink.load_state_dict(state.get("downlink", {}))
+        if "privacy" in state:
+            self.privacy.load_state_dict(state["privacy"])

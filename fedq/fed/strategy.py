@@ -39,10 +39,14 @@ class Strategy:
     def __init__(self, cfg: FedConfig) -> None:
         self.cfg = cfg
 
-    def select(self, round_idx: int, num_clients: int, k: int, seed: int) -> list[int]:
-        """K distinct clients, reproducible from (seed, round)."""
+    def select(
+        self, round_idx: int, num_clients: int, k: int, seed: int, eligible: list[int] | None = None
+    ) -> list[int]:
+        """K distinct clients (from ``eligible`` if given), reproducible from (seed, round)."""
+        pool = list(range(num_clients)) if eligible is None else list(eligible)
         g = torch.Generator().manual_seed(seed * 1_000_003 + round_idx)
-        return sorted(torch.randperm(num_clients, generator=g)[:k].tolist())
+        order = torch.randperm(len(pool), generator=g)[:k].tolist()
+        return sorted(pool[i] for i in order)
 
     def client_scalars(self) -> dict[str, float]:
         """Hyper-parameters the strategy sends to clients with each task."""

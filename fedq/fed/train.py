@@ -37,10 +37,15 @@ def local_train(
     *,
     generator: torch.Generator,
     proximal_mu: float = 0.0,
+    grad_clip_l1: float | None = None,
+    smoothness: Any = None,
 ) -> tuple[float, int]:
     """Train ``bundle`` in place on ``data[idx]``; returns (mean training loss, steps).
 
     With ``proximal_mu > 0`` adds the FedProx term (mu/2)||w - w_start||^2 over trainable weights.
+    ``grad_clip_l1`` clips every mini-batch gradient to that L1 norm and ``smoothness`` (a
+    :class:`fedq.privacy.SmoothnessEstimator`) records (weights, grads) per batch index: both are
+    the Laplace calibration of Ardic & Genc (ALGORITHMS.md 2.3, ``laplace_calibration: paper``).
     """
     model = bundle.module
     model.train()
@@ -49,7 +54,7 @@ def local_train(
     opt = make_optimizer(params, cfg)
     total, steps = 0.0, 0
     for _ in range(cfg.local_epochs):
-        for b in batches(idx, cfg.batch_size, generator):
+        for batch_index, b in enumerate(batches(idx, cfg.batch_size, generator)):
             inputs, labels = bundle.make_batch(data, b)
             loss = F.cross_entropy(bundle.forward(inputs), labels)
             if proximal_mu > 0:
@@ -57,6 +62,11 @@ def local_train(
                 loss = loss + 0.5 * proximal_mu * prox
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip_l1 is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip_l1, norm_type=1.0)
+            if smoothness is not None:
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                smoothness.record(batch_index, [p.detach() for p in params], grads)
             opt.step()
             total += float(loss.detach())
             steps += 1

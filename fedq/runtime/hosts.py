@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from fedq.config import RunConfig
+from fedq.errors import PrivacyBudgetExceeded
 from fedq.fed.client import ClientWorker, Connection
 from fedq.fed.server import FedServer
 from fedq.runtime.setup import build_bundle, client_partitions, load_data
@@ -43,11 +44,20 @@ class ServerHost:
         return str(self.transport.address)
 
     def info(self) -> dict[str, Any]:
-        return {"trainable_params": self.num_params, "tensors": len(self.server.global_state)}
+        return {
+            "trainable_params": self.num_params,
+            "tensors": len(self.server.global_state),
+            "privacy": self.server.privacy.plan(),
+        }
 
-    def open_round(self, r: int) -> list[int]:
+    def open_round(self, r: int) -> dict[str, Any]:
+        """{"clients": [...]} or, when the privacy budget does not allow the round,
+        {"stop": reason} (nothing was selected or charged)."""
         self.transport.counters.take()  # bytes of a discarded stray request do not leak in
-        return self.server.open_round(r)
+        try:
+            return {"clients": self.server.open_round(r)}
+        except PrivacyBudgetExceeded as e:
+            return {"stop": str(e)}
 
     def close_round(self) -> dict[str, Any]:
         out = self.server.close_round()

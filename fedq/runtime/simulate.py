@@ -69,6 +69,7 @@ def simulate(
     tokens = {client_name(i): secrets.token_urlsafe(24) for i in range(cfg.fed.num_clients)}
     backend = make_backend(cfg.runtime)
     interrupted = False
+    stopped: str | None = None
     server: Any = None
     try:
         server = backend.spawn(ServerHost, cfg, tokens)
@@ -92,7 +93,12 @@ def simulate(
             on_start(info)
         for r in range(start_round, cfg.fed.rounds):
             tr = time.perf_counter()
-            ids = backend.get([backend.call(server, "open_round", r)])[0]
+            opened = backend.get([backend.call(server, "open_round", r)])[0]
+            if "stop" in opened:
+                stopped = opened["stop"]
+                log.warning("stopping before round %d: %s", r, stopped)
+                break
+            ids = opened["clients"]
             futures = [
                 backend.call(w, "run_round", r, [c for c in ids if c % k == i])
                 for i, w in enumerate(workers)
@@ -111,8 +117,6 @@ def simulate(
             _checkpoint(backend, server, workers, out, r + 1, cum_bytes)
             if on_round:
                 on_round(record)
-            if record.get("stopped"):
-                break
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: stopping Ray and gRPC, keeping metrics of finished rounds")
@@ -124,14 +128,18 @@ def simulate(
                 log.warning("server stop failed: %s", e)
         backend.shutdown()
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    summary = summarize(
-        records,
-        wall_seconds=time.perf_counter() - t0,
-        extra={"interrupted": interrupted, "name": cfg.name},
-    )
+    extra: dict[str, Any] = {"interrupted": interrupted, "name": cfg.name}
+    extra["stopped_reason"] = stopped
+    extra["privacy"] = info_privacy(cfg)
+    summary = summarize(records, wall_seconds=time.perf_counter() - t0, extra=extra)
     write_summary(out, summary)
     plot_report(records, out / "report.png")
     return summary
+
+
+def info_privacy(cfg: RunConfig) -> dict[str, Any]:
+    p = cfg.privacy
+    return {"mechanism": p.mechanism, "target_epsilon": p.target_epsilon, "delta": p.delta}
 
 
 def _checkpoint(

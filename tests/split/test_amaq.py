@@ -90,8 +90,8 @@ def test_schedule_moves_target_then_holds() -> None:
     s = BitSchedule(lam=1.0, target_bits=3.0, start_bits=7.0, warmup_steps=10)
     assert [s.target_at(t) for t in (0, 5, 10, 50)] == [7.0, 5.0, 3.0, 3.0]
     q = AmaqQuantizer(8, b_min=1, b_max=8, init_bits=7.0)
-    assert float(bit_penalty([q], s, 0)) == 0.0  # at the start target: no pressure
-    assert float(bit_penalty([q], s, 10)) == pytest.approx(16.0)  # (7 - 3)^2
+    assert float(bit_penalty([q], s, 0).detach()) == 0.0  # at the start target: no pressure
+    assert float(bit_penalty([q], s, 10).detach()) == pytest.approx(16.0)  # (7 - 3)^2
     assert bit_penalty([IdentityQuantizer()], s, 10) is None
 
 
