@@ -186,9 +186,11 @@ class PrivacyConfig:
     - ``laplace``: Laplace noise on each client update before quantization with a pure-epsilon
       ledger per client (Ardic & Genc). ``laplace_calibration: sound`` L1-clips the update to
       ``clip_norm`` (sensitivity 2C); ``paper`` reproduces the paper's heuristic calibration.
+    - ``activations`` (``mode: split`` only): each example's cut activation is L2-clipped to
+      ``clip_norm`` and Gaussian-noised before quantization; see :mod:`fedq.split.privacy`.
     """
 
-    mechanism: Literal["none", "dpsgd", "central", "laplace"] = "none"
+    mechanism: Literal["none", "dpsgd", "central", "laplace", "activations"] = "none"
     target_epsilon: float | None = None  # stop before exceeding; null = account only
     delta: float = 1e-5
     noise_multiplier: float | None = None  # dpsgd / central; null = planned from target_epsilon
@@ -207,7 +209,8 @@ class PrivacyConfig:
             p.append(f"privacy.noise_multiplier: must be > 0 or null, got {self.noise_multiplier}")
         if not self.clip_norm > 0:
             p.append(f"privacy.clip_norm: must be > 0, got {self.clip_norm}")
-        needs_plan = self.mechanism in ("dpsgd", "central") and self.noise_multiplier is None
+        planned = ("dpsgd", "central", "activations")
+        needs_plan = self.mechanism in planned and self.noise_multiplier is None
         if needs_plan and self.target_epsilon is None:
             p.append(
                 f"privacy.noise_multiplier: mechanism {self.mechanism!r} needs a noise_multiplier"
@@ -265,6 +268,13 @@ class RunConfig:
             p.append(
                 "privacy.mechanism: 'dpsgd' does not support fed.strategy 'fedprox' "
                 "(the proximal term is not per-example clipped); use fedavg or fedadam"
+            )
+        split = self.mode == "split"
+        allowed = ("none", "activations") if split else ("none", "dpsgd", "central", "laplace")
+        if self.privacy.mechanism not in allowed:
+            p.append(
+                f"privacy.mechanism: {self.privacy.mechanism!r} is not available in mode "
+                f"{self.mode!r}; use one of {', '.join(allowed)}"
             )
         return p
 

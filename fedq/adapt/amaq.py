@@ -17,11 +17,13 @@ our own inference ([I] in ALGORITHMS.md §0) and is named so it can be ablated:
   micro-batch, exactly as :func:`fedq.codec.quantize` does it (float16 offset rounded down, scale
   rounded up). Nothing is ever clipped, so the straight-through gradient into the sender's layers
   is the identity everywhere (§1.3 item 4).
-- [I] **Integer bits** (§1.3 item 2): ``round(b)``, not ``ceil(b)``. With ``round`` the mean of
-  the transmitted bits tracks the mean of the continuous bits (``ceil`` adds ~0.5 bit to every
-  channel and makes averages such as 1.5 bits unreachable with ``b_min = 1``); the budget is still
-  honoured because the regularizer is applied to the *rounded* bits through a straight-through
-  estimator (``d round(b) / d b = 1``), i.e. to what is actually sent.
+- [I] **Integer bits** (§1.3 item 2): *largest-remainder rounding* of the continuous bits of one
+  quantizer: every channel gets ``floor(b_c)`` and the ``round(sum_c b_c) - sum_c floor(b_c)``
+  channels with the largest fractional parts get one bit more (ties: lower index). So the sum of
+  the transmitted bits is ``round(sum_c b_c)``: the mean sent bits equal the mean continuous bits
+  to within ``0.5 / C``, which plain ``round`` does not guarantee (with all gates equal at
+  ``b = 1.5``, ``round`` sends 2 bits everywhere) and ``ceil`` over-delivers by ~0.5 bit. Both
+  directions use a straight-through estimator (``d b_hat / d b = 1``).
 - [I] **Task loss into Q** (§1.3 item 3): LSQ-style. ``Delta(b) = range / (2^b - 1)`` is a
   differentiable function of the (STE-rounded) bits and ``d x_hat / d Delta = round(v) - v`` with
   ``v = (x - offset) / Delta`` (Esser et al. 2020). Chosen over FracBits interpolation because the
@@ -33,15 +35,31 @@ our own inference ([I] in ALGORITHMS.md §0) and is named so it can be ablated:
 - [I] **Gradient direction** (§1.6): the gradient ``dL/dX`` has its own gates (statistics differ
   from activations), held by the party that sends it (the server). The task loss has no
   differentiable path into those gates, so they are trained on a distortion proxy, the relative
-  quantization error ``||g_hat - g||^2 / ||g||^2`` (LSQ path again), plus the same bit regularizer.
+  quantization error ``||g_hat - g||^2 / ||g||^2`` (LSQ path again), under the same budget.
   Gradients are tiny (the loss is a batch mean), so the gradient direction defaults to float32
   scales: float16 would flush their steps to subnormals.
-- [I] **Regularizer** (§1.4): ``lambda * relu(mean(b_hat) - target_t)^2`` over every quantizer of
-  one party and direction (all boundaries together, so sensitive layers may keep more bits:
-  layer-wise importance), or plain ``lambda_t * mean(b_hat)``. :class:`BitSchedule` moves the
-  target linearly from ``init_bits`` to the final target over ``warmup_steps`` (§1.5: start at
-  6-8, end at 3-4 or lower), then holds it.
-- [I] **Optimizer**: gates go in their own parameter group (Adam, own lr; §1.3 "separately").
+- [I] **Budget** (§1.4-1.5), default ``mode="budget"``: an exact *projection*, not a penalty.
+  After every gate update all gates of one group (one party and direction, over all its
+  boundaries) are shifted by one common offset ``s`` (bisection; the sigmoid is monotone) so
+  that their mean continuous bits equal the scheduled target; with largest-remainder rounding
+  the mean *integer* bits sent then equal the target to within ``0.5 / C`` at every step.
+  A shift preserves the gates' order, so the task loss alone decides *which* channels (and, with
+  all-boundaries, which layers: one shift per group) keep more bits; the budget decides how many.
+  Why not the penalty of the first version (``lambda * relu(mean(b) - target)^2`` or
+  ``lambda * mean(b)``, still available as ``mode="target"`` / ``"mean"`` for ablation): with Adam
+  the regularizer moves every gate by the same normalised step, which swamps the task signal
+  (every channel ended at the same width) and, with a fixed lr, lags the schedule (a 40-step
+  run ended at ~4 bits for targets 2 and 1.5). An adaptive Lagrangian ``lambda`` tracks the
+  target only on average and needs its own step size; the projection needs neither.
+- [I] **Gate optimizer** (budget mode): momentum SGD on the task-loss gradient after removing
+  its mean over the group (a common shift is undone by the projection anyway) and dividing by
+  its RMS over the group (:class:`GateController`). Normalising per *group*, not per gate as Adam
+  does, keeps the relative magnitudes that carry importance, and makes ``gate_lr`` a loss-scale
+  free step in logit units. ``alpha`` only sets the sigmoid's slope here (1.0).
+- [I] **Schedule** (§1.5): :class:`BitSchedule` moves the target linearly from ``init_bits`` to
+  the final target over ``warmup_steps`` (start at 6-8 bits, end at 3-4 or lower), then holds it.
+- [I] **Optimizer**: gates are never in the LoRA optimizer in budget mode (own controller, own
+  lr); in the penalty modes they form their own Adam parameter group (§1.3 "separately").
 
 Bit maps are small (one byte per channel) and are always sent with each tensor: caching them saves
 ~0.1% of a step and would need a stateful receiver, so we do not (ALGORITHMS.md §1.9 item 3).
@@ -60,7 +78,7 @@ from torch import nn
 from fedq.codec import Granularity, PackedTensor, QuantSpec, dequantize, quantize, raw
 from fedq.errors import ConfigError
 
-RegMode = Literal["target", "mean"]
+RegMode = Literal["budget", "target", "mean"]
 
 
 class LinkQuantizer(Protocol):
@@ -102,6 +120,21 @@ def _lsq_fake_quant(
         surr = xb + delta * resid
     out = layout.to_blocks(exact).float() + (surr - surr.detach())
     return layout.from_blocks(out).to(x.dtype)
+
+
+def largest_remainder(b: torch.Tensor, b_min: int, b_max: int) -> torch.Tensor:
+    """Integer bits whose sum is ``round(sum(b))``: ``floor(b)`` plus one bit for the channels with
+    the largest fractional parts (ties: lower index first). Float tensor, values in
+    ``[b_min, b_max]`` (module docstring, "Integer bits")."""
+    b = b.detach().float().clamp(b_min, b_max)
+    base = b.floor()
+    frac = b - base
+    extra = round(float(frac.double().sum()))
+    out = base.clone()
+    if extra > 0:
+        order = torch.sort(frac, descending=True, stable=True).indices[:extra]
+        out[order] += 1.0
+    return out.clamp(b_min, b_max)
 
 
 class AmaqQuantizer(nn.Module):
@@ -148,14 +181,16 @@ class AmaqQuantizer(nn.Module):
         return self.b_min + (self.b_max - self.b_min) * torch.sigmoid(self.alpha * self.gate)
 
     def bits_ste(self) -> torch.Tensor:
-        """Rounded bits in value, continuous bits in gradient (straight-through)."""
+        """Transmitted bits in value, continuous bits in gradient (straight-through)."""
         b = self.bits()
-        return b + (b.detach().round().clamp(self.b_min, self.b_max) - b.detach())
+        return b + (largest_remainder(b.detach(), self.b_min, self.b_max) - b.detach())
 
     def int_bits(self) -> torch.Tensor:
-        """The uint8 bit map that is transmitted: ``round(b)`` (module docstring)."""
+        """The uint8 bit map that is transmitted: largest-remainder rounding of the continuous
+        bits, so its sum is ``round(sum(b))`` (module docstring)."""
         with torch.no_grad():
-            return self.bits().round().clamp(self.b_min, self.b_max).to(torch.uint8).cpu()
+            b = largest_remainder(self.bits(), self.b_min, self.b_max)
+            return b.to(torch.uint8).cpu()
 
     def bit_loss(self) -> torch.Tensor:
         """Mean transmitted bits, differentiable (STE); see :func:`bit_penalty`."""
@@ -267,19 +302,20 @@ class IdentityQuantizer(nn.Module):
 
 @dataclass(frozen=True, slots=True)
 class BitSchedule:
-    """Regularizer weight and target over training steps (ALGORITHMS.md §1.4-1.5, [I]).
+    """Bit target (and penalty weight) over training steps (ALGORITHMS.md §1.4-1.5, [I]).
 
-    ``mode="target"``: penalty ``lam * relu(mean_bits - target(step))^2`` where the target moves
-    linearly from ``start_bits`` to ``target_bits`` over ``warmup_steps`` and then holds.
-    ``mode="mean"``: ``lam(step) * mean_bits`` with ``lam`` ramped linearly from 0 over
-    ``warmup_steps`` (no target: the task loss alone decides where bits stop).
+    The target moves linearly from ``start_bits`` to ``target_bits`` over ``warmup_steps`` and
+    then holds. ``mode="budget"`` (default): :class:`GateController` projects the gates onto the
+    target exactly; no penalty. ``mode="target"``: penalty ``lam * relu(mean_bits -
+    target(step))^2``. ``mode="mean"``: ``lam(step) * mean_bits`` with ``lam`` ramped linearly from
+    0 over ``warmup_steps`` (no target: the task loss alone decides where bits stop).
     """
 
     lam: float = 1.0
     target_bits: float = 4.0
     start_bits: float = 8.0
     warmup_steps: int = 100
-    mode: RegMode = "target"
+    mode: RegMode = "budget"
 
     def progress(self, step: int) -> float:
         return 1.0 if self.warmup_steps <= 0 else min(max(step / self.warmup_steps, 0.0), 1.0)
@@ -297,14 +333,97 @@ def bit_penalty(
 ) -> torch.Tensor | None:
     """The bit regularizer over every AMAQ quantizer in ``quantizers`` (others are skipped):
     ``mean`` over all their channels of the transmitted (STE-rounded) bits, then the schedule's
-    penalty. ``None`` when there is no learned quantizer."""
+    penalty. ``None`` when there is no learned quantizer or in budget mode (no penalty)."""
     amaq = [q for q in quantizers if isinstance(q, AmaqQuantizer)]
-    if not amaq:
+    if not amaq or schedule.mode == "budget":
         return None
     mean = torch.cat([q.bits_ste() for q in amaq]).mean()
     if schedule.mode == "mean":
         return schedule.lam_at(step) * mean
     return schedule.lam * torch.relu(mean - schedule.target_at(step)) ** 2
+
+
+def project_budget(quantizers: Sequence[nn.Module], target: float) -> float:
+    """Shift the gates of every AMAQ quantizer in ``quantizers`` by one common offset so that the
+    mean continuous bits over all their channels equal ``target`` (bisection); returns the shift.
+
+    The target is kept 0.01 bit inside ``(b_min, b_max)`` of the group, which the sigmoid cannot
+    reach exactly; largest-remainder rounding then sends exactly ``b_min``/``b_max`` bits."""
+    amaq = [q for q in quantizers if isinstance(q, AmaqQuantizer)]
+    if not amaq:
+        return 0.0
+    lo_b = sum(q.b_min * q.gate.numel() for q in amaq)
+    hi_b = sum(q.b_max * q.gate.numel() for q in amaq)
+    n = sum(q.gate.numel() for q in amaq)
+    want = min(max(target * n, lo_b + 0.01 * n), hi_b - 0.01 * n)
+
+    def total(shift: float) -> float:
+        return sum(
+            float((q.b_min + (q.b_max - q.b_min) * torch.sigmoid(q.alpha * (q.gate + shift))).sum())
+            for q in amaq
+        )
+
+    with torch.no_grad():
+        span = max(float(q.gate.abs().max()) for q in amaq) + max(20.0 / q.alpha for q in amaq)
+        lo, hi = -span, span
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if total(mid) < want:
+                lo = mid
+            else:
+                hi = mid
+        shift = 0.5 * (lo + hi)
+        for q in amaq:
+            q.gate.add_(shift)
+    return shift
+
+
+class GateController:
+    """Gate updates of one party in budget mode (module docstring, "Budget" and "Gate
+    optimizer"): per group, centre and RMS-normalise the task-loss gradient of all its gates,
+    take a momentum-SGD step, then :func:`project_budget` onto the scheduled target of the next
+    step. ``groups`` are lists of quantizers (non-AMAQ members are ignored)."""
+
+    def __init__(
+        self,
+        groups: Sequence[Sequence[nn.Module]],
+        schedule: BitSchedule,
+        lr: float,
+        momentum: float = 0.9,
+    ) -> None:
+        self.groups = [[q for q in g if isinstance(q, AmaqQuantizer)] for g in groups]
+        self.groups = [g for g in self.groups if g]
+        self.schedule = schedule
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self._buf: list[torch.Tensor | None] = [None] * len(self.groups)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [q.gate for g in self.groups for q in g]
+
+    @torch.no_grad()
+    def step(self, step: int) -> None:
+        """Update, project to ``target_at(step + 1)`` and zero the gates' gradients."""
+        target = self.schedule.target_at(step + 1)
+        for i, group in enumerate(self.groups):
+            grads = [q.gate.grad if q.gate.grad is not None else torch.zeros_like(q.gate)
+                     for q in group]  # fmt: skip
+            g = torch.cat([x.detach().float().reshape(-1) for x in grads])
+            g = g - g.mean()
+            rms = float(g.square().mean().sqrt())
+            if rms > 0 and torch.isfinite(g).all():
+                g = g / rms
+                buf = self._buf[i]
+                buf = g if buf is None else self.momentum * buf + g
+                self._buf[i] = buf
+                off = 0
+                for q in group:
+                    k = q.gate.numel()
+                    q.gate.sub_(self.lr * buf[off : off + k].view_as(q.gate).to(q.gate.dtype))
+                    off += k
+            project_budget(group, target)
+            for q in group:
+                q.gate.grad = None
 
 
 def bit_stats(q: nn.Module) -> dict[str, float] | None:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
+
+from fedq.bench.machine import machine_info
 
 if TYPE_CHECKING:  # torch and the codec load when the bench runs, not when the CLI starts
     import torch
@@ -49,28 +49,9 @@ def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on (a ratio means little without it)."""
-    import torch
-
-    return {
-        "cpu": _cpu_model(),
-        "cores": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
+    """What the numbers were measured on."""
+    return machine_info()
 
 
 def _memcpy_gbps(x: torch.Tensor, repeats: int) -> float:

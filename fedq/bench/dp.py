@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Any
 
+from fedq.bench.machine import cpu_model
+
 MODES = ("nonprivate", "hooks", "ghost")
 TIME_GOAL = 1.5
 MEMORY_GOAL = 1.2
@@ -154,17 +156,6 @@ def _spawn(cfg: dict[str, Any]) -> dict[str, Any]:
     return dict(json.loads(lines[-1][2:]))
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(MODES))
@@ -183,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         r["peak_rss_ratio"] = r["peak_rss_bytes"] / max(ref["peak_rss_bytes"], 1)
         r["goal_met"] = r["time_ratio"] <= TIME_GOAL and r["memory_ratio"] <= MEMORY_GOAL
     machine = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": ref["torch_threads"],
         "device": ref.get("cuda_device", "cpu"),

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from fedq.bench.machine import cpu_model, machine_info
 from fedq.bench.memory import TreeMemorySampler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fp32 = rows[0]
     print(
         f"\nfedq bench fl: digits, Dirichlet 0.5, 20 clients (10/round), {args.rounds} rounds, "
-        f"seed {args.seed} | {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        f"seed {args.seed} | {cpu_model()}, {os.cpu_count()} cores"
     )
     print(f"{'arm':38s} {'accuracy':>9s} {'wire bytes':>12s} {'vs fp32':>9s} {'acc delta':>9s}")
     for r in rows:
@@ -114,7 +114,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{r['arm']:38s} {r['accuracy']:9.4f} {r['bytes']:12,d} "
             f"{-100 * r['reduction_vs_fp32']:8.1f}% {r['accuracy_delta_points']:+9.2f}"
         )
-    result: dict[str, Any] = {"arms": rows, "rounds": args.rounds, "seed": args.seed}
+    result: dict[str, Any] = {
+        "arms": rows,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "machine": machine_info(),
+    }
     best = rows[-1]
     result["goal_met"] = bool(
         best["reduction_vs_fp32"] >= 0.85 and best["accuracy_delta_points"] >= -1.0

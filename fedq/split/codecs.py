@@ -18,6 +18,7 @@ from fedq.adapt.amaq import (
     AmaqQuantizer,
     BitSchedule,
     FixedQuantizer,
+    GateController,
     IdentityQuantizer,
     QuantModule,
 )
@@ -69,6 +70,17 @@ def bit_schedule(sc: SplitConfig, total_steps: int) -> BitSchedule:
 
 def gate_parameters(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
     return [p for m in modules for n, p in m.named_parameters() if n.endswith("gate")]
+
+
+def gate_controller(
+    sc: SplitConfig, groups: Sequence[Sequence[nn.Module]], schedule: BitSchedule
+) -> GateController | None:
+    """Budget mode: the party's :class:`GateController` over its groups (one per direction);
+    None in the penalty modes (gates then sit in the optimizer) or without AMAQ quantizers."""
+    if sc.reg_mode != "budget":
+        return None
+    ctl = GateController(groups, schedule, sc.gate_lr, sc.gate_momentum)
+    return ctl if ctl.groups else None
 
 
 def split_optimizer(

@@ -37,10 +37,12 @@ class SplitConfig:
     alpha: float = 1.0
     per_token: bool = False
     target_bits: float = 4.0
-    reg_mode: Literal["target", "mean"] = "target"
-    reg_lambda: float = 1.0
+    # budget: exact projection onto the scheduled target (default); target / mean: penalties
+    reg_mode: Literal["budget", "target", "mean"] = "budget"
+    reg_lambda: float = 1.0  # penalty modes only
     warmup_fraction: float = 0.5  # of all steps: the target moves from init_bits to target_bits
-    gate_lr: float = 0.1
+    gate_lr: float = 0.03  # budget: normalised-SGD step in logit units; penalty modes: Adam lr
+    gate_momentum: float = 0.9  # budget mode only
 
     def check(self) -> list[str]:
         p = []
@@ -65,4 +67,6 @@ class SplitConfig:
             p.append(f"split.warmup_fraction: must be in [0, 1], got {self.warmup_fraction}")
         if self.gate_lr <= 0:
             p.append(f"split.gate_lr: must be > 0, got {self.gate_lr}")
+        if not 0 <= self.gate_momentum < 1:
+            p.append(f"split.gate_momentum: must be in [0, 1), got {self.gate_momentum}")
         return p

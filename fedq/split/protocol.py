@@ -31,12 +31,14 @@ from typing import Any, Protocol
 
 import torch
 
-from fedq.adapt.amaq import QuantModule, bit_penalty, bit_stats
+from fedq.adapt.amaq import GateController, QuantModule, bit_penalty, bit_stats
 from fedq.codec import PackedTensor, dequantize, raw
 from fedq.config import RunConfig
 from fedq.errors import FedqError
+from fedq.privacy import GaussianMechanism
 from fedq.split.codecs import (
     bit_schedule,
+    gate_controller,
     gate_parameters,
     make_quantizer,
     pack_labels,
@@ -46,6 +48,8 @@ from fedq.split.codecs import (
     unpack_mask,
 )
 from fedq.split.models import CLASSIFY, SplitModel
+from fedq.split.privacy import enabled as dp_enabled
+from fedq.split.privacy import planned_noise_multiplier, privatize_activations
 from fedq.wire.message import WireMessage
 
 log = logging.getLogger(__name__)
@@ -101,8 +105,11 @@ class SplitServer:
         self.schedule = bit_schedule(sc, total_steps(cfg))
         quantizers = [self.grad_q, *_boundary_quantizers(model.top)]
         self.quantizers = quantizers
+        self.gates = gate_controller(sc, _gate_groups(model.top, grad=[self.grad_q]),
+                                     self.schedule)  # fmt: skip
         lora = [p for n, p in model.top.named_parameters() if p.requires_grad and "gate" not in n]
-        self.opt = split_optimizer(lora, gate_parameters(quantizers), cfg.train.lr, sc.gate_lr)
+        gates = [] if self.gates else gate_parameters(quantizers)
+        self.opt = split_optimizer(lora, gates, cfg.train.lr, sc.gate_lr)
         self.client_state = _client_state(model, self.eval_act_q)
         self._lock = threading.Lock()
         self._round: _Round | None = None
@@ -239,6 +246,8 @@ class SplitServer:
             _, pg, rel_err = self.grad_q.quantize_gradient(h.grad)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
+            if self.gates is not None:
+                self.gates.step(msg.step)
             self.steps += 1
             if self._round is not None:
                 self._round.losses.append((float(loss.detach()), count))
@@ -261,6 +270,18 @@ def _boundary_quantizers(part: torch.nn.Module) -> list[QuantModule]:
     return [q for b in bounds for q in (b.act_q, b.grad_q)]
 
 
+def _gate_groups(
+    part: torch.nn.Module, act: list[QuantModule] | None = None,
+    grad: list[QuantModule] | None = None,
+) -> list[list[QuantModule]]:  # fmt: skip
+    """One budget group per direction: the party's cut quantizer plus its inner boundaries'."""
+    bounds: Any = getattr(part, "boundaries", [])
+    return [
+        [*(act or []), *(b.act_q for b in bounds)],
+        [*(grad or []), *(b.grad_q for b in bounds)],
+    ]
+
+
 def _client_state(model: SplitModel, act_q: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.bottom_state()
     state.update({f"act_q.{n}": p.detach().clone() for n, p in act_q.named_parameters()})
@@ -274,6 +295,10 @@ def _load_client_state(
     with torch.no_grad():
         for n, p in act_q.named_parameters():
             p.copy_(state[f"act_q.{n}"])
+
+
+#: XOR-ed into the client seed for the activation-DP noise stream (independent of batch order).
+_NOISE_STREAM = 0x5EED_D0_0D
 
 
 def client_seed(seed: int, cid: int, r: int) -> int:
@@ -302,6 +327,10 @@ class SplitClientWorker:
         self.quantizers = [self.act_q, *_boundary_quantizers(model.bottom)]
         self.schedule = bit_schedule(sc, total_steps(cfg))
         self._conns: dict[int, SplitConnection] = {}
+        self.dp: GaussianMechanism | None = None
+        if dp_enabled(cfg):  # activation DP (fedq.split.privacy): same plan as the driver's
+            z = planned_noise_multiplier(cfg, [int(p.numel()) for p in partitions])
+            self.dp = GaussianMechanism(cfg.privacy.clip_norm, z)
 
     def _conn(self, cid: int) -> SplitConnection:
         if cid not in self._conns:
@@ -318,17 +347,20 @@ class SplitClientWorker:
                                                    task.tensors.items()})  # fmt: skip
         lora = [p for n, p in self.model.bottom.named_parameters()
                 if p.requires_grad and "gate" not in n]  # fmt: skip
-        opt = split_optimizer(lora, gate_parameters(self.quantizers), self.cfg.train.lr,
-                              self.cfg.split.gate_lr)  # fmt: skip
+        gates = gate_controller(self.cfg.split, _gate_groups(self.model.bottom, act=[self.act_q]),
+                                self.schedule)  # fmt: skip
+        opt = split_optimizer(lora, [] if gates else gate_parameters(self.quantizers),
+                              self.cfg.train.lr, self.cfg.split.gate_lr)  # fmt: skip
         idx = self.partitions[cid]
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, cid, r))
         steps = []
         bs = self.cfg.train.batch_size
         order = idx[torch.randperm(idx.numel(), generator=gen)]
+        noise = torch.Generator().manual_seed(client_seed(self.cfg.seed, cid, r) ^ _NOISE_STREAM)
         for s in range(self.cfg.split.local_steps):
             take = order[(torch.arange(bs) + s * bs) % max(order.numel(), 1)]
             step = r * self.cfg.split.local_steps + s
-            steps.append(self.step(conn, opt, take, r, step))
+            steps.append(self.step(conn, opt, take, r, step, gates, noise))
         state = _client_state(self.model, self.act_q)
         n = float(idx.numel() or 1)
         msg = WireMessage("update", client_name(cid), r, 0, {"num_samples": n}, {},
@@ -340,13 +372,17 @@ class SplitClientWorker:
 
     def step(
         self, conn: SplitConnection, opt: torch.optim.Optimizer, take: torch.Tensor, r: int,
-        step: int,
+        step: int, gates: GateController | None = None, noise: torch.Generator | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """One split step (module docstring, 1, 2 and 5); returns its stats."""
         m = self.model
         batch = m.make_batch([self.data.texts[int(i)] for i in take], self.data.y[take],
                              pad_to_max=self.cfg.split.per_token)  # fmt: skip
         h = m.bottom(batch)
+        clipped = 0
+        if self.dp is not None:  # clip + noise before quantization (fedq.split.privacy)
+            assert noise is not None
+            h, clipped = privatize_activations(h, self.dp, noise)
         h_hat, ph = self.act_q.forward_encode(h)
         tensors = {"h": ph, "mask": pack_mask(batch["attention_mask"]),
                    "labels": pack_labels(batch["labels"])}  # fmt: skip
@@ -368,12 +404,16 @@ class SplitClientWorker:
         torch.autograd.backward(outs, grads)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if gates is not None:
+            gates.step(step)
         row: dict[str, Any] = {
             "step": step, "loss": reply.scalars.get("loss"), "bytes_up": up, "bytes_down": down,
             "numel": h.numel(), "act_bits": ph.mean_bits(), "grad_bits": pg.mean_bits(),
             "act_payload": ph.payload_nbytes, "act_meta": ph.metadata_nbytes,
             "grad_payload": pg.payload_nbytes, "grad_meta": pg.metadata_nbytes,
         }  # fmt: skip
+        if self.dp is not None:
+            row["dp_clipped_frac"] = clipped / max(int(h.shape[0]), 1)
         row.update(_stats_row("bits/cut/act", self.act_q))
         for k in ("mean", "min", "max"):
             if f"grad_{k}" in reply.scalars:

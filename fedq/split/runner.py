@@ -10,7 +10,9 @@ concurrently; the server serialises their steps on its shared top (SFL-V2, ALGOR
 
 Files (ARCHITECTURE.md contract): ``config.json``, ``metrics.jsonl`` (one record per round:
 ``round``, ``step``, ``accuracy``, ``loss``, ``bytes_up``/``bytes_down`` as counted by the server's
-transport, ``bytes_fp32``, ``mean_bits`` of the cut payloads as sent, ``epsilon`` (None: no DP),
+transport, ``bytes_fp32``, ``mean_bits`` of the cut payloads as sent, ``epsilon`` (the worst
+client's with ``privacy.mechanism: activations``, None without DP; the run stops before a round
+that would exceed ``privacy.target_epsilon``, reason in ``summary.json``),
 ``bits/<boundary>/<dir>/{mean,min,max}``), ``bits.jsonl`` (the same bit stats per client step),
 ``bit_maps.json`` (final per-channel bits), ``summary.json`` and ``report.png``.
 """
@@ -29,7 +31,10 @@ from typing import Any
 import torch
 
 from fedq.config import RunConfig
+from fedq.errors import PrivacyBudgetExceeded
 from fedq.runtime.backend import make_backend
+from fedq.split.privacy import ActivationAccounting
+from fedq.split.privacy import enabled as dp_enabled
 from fedq.split.protocol import client_name
 
 log = logging.getLogger(__name__)
@@ -68,12 +73,13 @@ def _setup(threads: int) -> None:
 class SplitServerHost:
     def __init__(self, cfg: RunConfig, tokens: dict[str, str]) -> None:
         _setup(cfg.runtime.threads_per_worker)
-        from fedq.runtime.setup import load_data
+        from fedq.runtime.setup import client_partitions, load_data
         from fedq.split.protocol import SplitServer
         from fedq.transport.server import TransportServer
 
         split = load_data(cfg)
         model = _build(cfg, split)
+        self.client_sizes = [int(p.numel()) for p in client_partitions(cfg, split.train)]
         self.server = SplitServer(cfg, model, split.test, _num_labels(model, split))
         self.transport = TransportServer(self.server, host="127.0.0.1", port=0, tokens=tokens,
                                          max_workers=cfg.fed.num_clients + 4)  # fmt: skip
@@ -84,7 +90,8 @@ class SplitServerHost:
         return str(self.transport.address)
 
     def info(self) -> dict[str, Any]:
-        return {"trainable_params": self.state_numel, "task": self.server.model.task}
+        return {"trainable_params": self.state_numel, "task": self.server.model.task,
+                "client_sizes": self.client_sizes}  # fmt: skip
 
     def open_round(self, r: int, selected: list[int]) -> None:
         self.transport.counters.take()
@@ -152,6 +159,9 @@ def round_record(cfg: RunConfig, r: int, server_out: dict[str, Any],
     rec.setdefault("accuracy", None)
     rec.setdefault("loss", None)
     rec["epsilon"] = None
+    clipped = [s["dp_clipped_frac"] for s in steps if "dp_clipped_frac" in s]
+    if clipped:
+        rec["dp_clipped_frac"] = sum(clipped) / len(clipped)
     return rec
 
 
@@ -177,6 +187,8 @@ def run_split(
     backend = make_backend(cfg.runtime)
     server: Any = None
     interrupted = False
+    stopped: str | None = None
+    accounting: Any = None
     bit_maps: dict[str, list[int]] = {}
     try:
         server = backend.spawn(SplitServerHost, cfg, tokens)
@@ -187,6 +199,9 @@ def run_split(
         info = backend.get([backend.call(server, "info")])[0]
         info.update(address=address, workers=k, backend=backend.name, start_round=0,
                     startup_seconds=round(time.perf_counter() - t0, 2))  # fmt: skip
+        if dp_enabled(cfg):  # activation DP: per-client accountants (fedq.split.privacy)
+            accounting = ActivationAccounting(cfg, info["client_sizes"])
+            info["privacy"] = accounting.plan()
         if on_start:
             on_start(info)
         cum = 0
@@ -194,6 +209,13 @@ def run_split(
             for r in range(cfg.fed.rounds):
                 tr = time.perf_counter()
                 ids = _select(cfg, r)
+                if accounting is not None:
+                    try:  # charged before any release; stop before exceeding the target
+                        accounting.check_and_charge(ids)
+                    except PrivacyBudgetExceeded as e:
+                        stopped = str(e)
+                        log.warning("stopping before round %d: %s", r, stopped)
+                        break
                 backend.get([backend.call(server, "open_round", r, ids)])
                 futures = [backend.call(w, "run_round", r, [c for c in ids if c % k == i])
                            for i, w in enumerate(workers)]  # fmt: skip
@@ -201,6 +223,8 @@ def run_split(
                 due = (r + 1) % cfg.fed.eval_every == 0 or r + 1 == cfg.fed.rounds
                 srv = backend.get([backend.call(server, "close_round", due)])[0]
                 rec = round_record(cfg, r, srv, results, info["trainable_params"])
+                if accounting is not None:
+                    rec["epsilon"] = accounting.epsilon()
                 cum += rec["bytes_up"] + rec["bytes_down"]
                 rec["cum_bytes"] = cum
                 rec["seconds"] = round(time.perf_counter() - tr, 3)
@@ -227,7 +251,10 @@ def run_split(
     (out / "bit_maps.json").write_text(json.dumps(bit_maps) + "\n")
     records = writer.records
     extra = {"interrupted": interrupted, "name": cfg.name, "mode": "split",
-             "final_mean_bits": records[-1]["mean_bits"] if records else None}  # fmt: skip
+             "final_mean_bits": records[-1]["mean_bits"] if records else None,
+             "stopped_reason": stopped,
+             "privacy": accounting.plan() if accounting is not None else {"mechanism": "none"},
+             "epsilon": accounting.epsilon() if accounting is not None else None}  # fmt: skip
     summary = summarize(records, wall_seconds=time.perf_counter() - t0, extra=extra)
     write_summary(out, summary)
     plot_split_report(records, bit_maps, out / "report.png", steps_path=out / "bits.jsonl")

@@ -14,6 +14,7 @@ from fedq.adapt import (
     IdentityQuantizer,
     bit_penalty,
 )
+from fedq.adapt.amaq import GateController, project_budget
 from fedq.codec import dequantize
 from fedq.errors import ConfigError
 
@@ -69,7 +70,11 @@ def test_int_bits_round_and_init() -> None:
     assert float(q.bits().detach().mean()) == pytest.approx(7.5, abs=1e-4)
     with torch.no_grad():
         q.gate.copy_(torch.tensor([-50.0, 0.0, 0.2, 50.0]))  # b = 1, 4.5, ~4.85, 8
-    assert q.int_bits().tolist() == [1, 4, 5, 8]  # round (half to even at 4.5), never ceil
+    # largest remainder: floors [1, 4, 4, 8] + round(0.5 + 0.85) = 1 extra bit, to the 0.85 channel
+    assert q.int_bits().tolist() == [1, 4, 5, 8]
+    with torch.no_grad():  # all gates equal at b = 1.5: half the channels get 2 bits, not all
+        q.gate.fill_(math.log((0.5 / 7) / (1 - 0.5 / 7)))
+    assert q.int_bits().tolist() == [2, 2, 1, 1]
     with pytest.raises(ConfigError):
         AmaqQuantizer(4, b_min=4, b_max=3)
 
@@ -87,17 +92,18 @@ def test_fixed_group_and_identity_match_the_codec() -> None:
 
 
 def test_schedule_moves_target_then_holds() -> None:
-    s = BitSchedule(lam=1.0, target_bits=3.0, start_bits=7.0, warmup_steps=10)
+    s = BitSchedule(lam=1.0, target_bits=3.0, start_bits=7.0, warmup_steps=10, mode="target")
     assert [s.target_at(t) for t in (0, 5, 10, 50)] == [7.0, 5.0, 3.0, 3.0]
     q = AmaqQuantizer(8, b_min=1, b_max=8, init_bits=7.0)
     assert float(bit_penalty([q], s, 0).detach()) == 0.0  # at the start target: no pressure
     assert float(bit_penalty([q], s, 10).detach()) == pytest.approx(16.0)  # (7 - 3)^2
     assert bit_penalty([IdentityQuantizer()], s, 10) is None
+    assert bit_penalty([q], BitSchedule(mode="budget"), 10) is None  # budget: projection instead
 
 
-def test_gates_move_to_target_while_task_loss_falls() -> None:
-    """Tiny problem: regress y = x @ w* through the quantizer; the regularizer drives the mean
-    transmitted bits from 7.5 to the 3-bit target while the task loss still falls."""
+def test_penalty_ablation_moves_gates_to_target_while_task_loss_falls() -> None:
+    """Penalty mode (ablation): regress y = x @ w* through the quantizer; the regularizer drives
+    the mean transmitted bits from 7.5 to the 3-bit target while the task loss still falls."""
     torch.manual_seed(0)
     d = 16
     q = AmaqQuantizer(d, b_min=1, b_max=8, init_bits=7.5)
@@ -105,7 +111,7 @@ def test_gates_move_to_target_while_task_loss_falls() -> None:
     w_true = torch.randn(d, 1)
     opt = torch.optim.Adam([{"params": lin.parameters(), "lr": 0.05},
                             {"params": [q.gate], "lr": 0.1}])  # fmt: skip
-    sched = BitSchedule(lam=1.0, target_bits=3.0, start_bits=7.5, warmup_steps=100)
+    sched = BitSchedule(lam=1.0, target_bits=3.0, start_bits=7.5, warmup_steps=100, mode="target")
     losses, bits = [], []
     for step in range(200):
         x = torch.randn(8, 4, d)
@@ -120,3 +126,79 @@ def test_gates_move_to_target_while_task_loss_falls() -> None:
     assert bits[0] >= 7.0
     assert bits[-1] <= 3.5  # reached the target average (within half a bit)
     assert sum(losses[-20:]) / 20 < 0.2 * sum(losses[:20]) / 20  # and still learned the task
+
+
+def _budget_run(target: float, steps: int = 160) -> tuple[list[float], list[int], float]:
+    """Regress y from x through AMAQ where only channels 0-3 carry the signal; budget mode with
+    the :class:`GateController`. Returns (mean bits sent per step, final bit map, final loss)."""
+    torch.manual_seed(0)
+    d = 16
+    q = AmaqQuantizer(d, b_min=1, b_max=8, init_bits=7.5)
+    lin = torch.nn.Linear(d, 1)
+    w = torch.zeros(d, 1)
+    w[:4, 0] = torch.tensor([1.0, -1.5, 2.0, 1.2])
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05)
+    sched = BitSchedule(target_bits=target, start_bits=7.5, warmup_steps=steps // 2)
+    ctl = GateController([[q]], sched, lr=0.03)
+    sent, loss = [], 0.0
+    for step in range(steps):
+        x = torch.randn(8, 4, d)
+        x_hat, p = q.forward_encode(x)
+        task = ((lin(x_hat) - x @ w) ** 2).mean()
+        opt.zero_grad()
+        task.backward()
+        opt.step()
+        ctl.step(step)
+        sent.append(p.mean_bits())
+        loss = float(task)
+    return sent, [int(b) for b in q.int_bits().tolist()], loss
+
+
+@pytest.mark.parametrize("target", [4.0, 2.0, 1.5])
+def test_budget_tracks_schedule_and_gives_bits_to_the_signal_channels(target: float) -> None:
+    sent, bits, loss = _budget_run(target)
+    assert sent[0] >= 7.0  # starts near b_max
+    # the bits actually sent follow the schedule: halfway down at a quarter of the run ...
+    sched = BitSchedule(target_bits=target, start_bits=7.5, warmup_steps=80)
+    for step in (20, 40, 79):
+        assert sent[step] == pytest.approx(sched.target_at(step), abs=0.25), step
+    assert abs(sent[-1] - target) <= 0.25  # ... and end at the target
+    assert abs(sum(bits) / len(bits) - target) <= 0.25
+    assert len(set(bits)) > 1  # channels differ ...
+    signal, noise = bits[:4], bits[4:]
+    assert min(signal) > max(noise) or sum(signal) / 4 > sum(noise) / 12 + 1  # ... by importance
+    assert loss < 0.5
+
+
+def test_budget_amaq_beats_fixed_bits_at_the_same_average() -> None:
+    """Same problem at 2 bits on average: AMAQ's mixed map loses less than fixed 2-bit."""
+    _, bits, amaq_loss = _budget_run(2.0)
+    assert sum(bits) / len(bits) == pytest.approx(2.0, abs=0.07)
+    torch.manual_seed(0)
+    d, fq = 16, FixedQuantizer(2)
+    lin = torch.nn.Linear(d, 1)
+    w = torch.zeros(d, 1)
+    w[:4, 0] = torch.tensor([1.0, -1.5, 2.0, 1.2])
+    opt = torch.optim.Adam(lin.parameters(), lr=0.05)
+    for _ in range(160):
+        x = torch.randn(8, 4, d)
+        task = ((lin(fq(x)) - x @ w) ** 2).mean()
+        opt.zero_grad()
+        task.backward()
+        opt.step()
+    assert amaq_loss < 0.5 * float(task)
+
+
+def test_projection_hits_target_and_keeps_gate_order() -> None:
+    q1 = AmaqQuantizer(8, b_min=1, b_max=8, init_bits=6.0)
+    q2 = AmaqQuantizer(24, b_min=1, b_max=8, init_bits=6.0)
+    with torch.no_grad():
+        q1.gate.copy_(torch.linspace(-2, 3, 8))
+        q2.gate.copy_(torch.linspace(-1, 1, 24))
+    order = torch.argsort(torch.cat([q1.gate, q2.gate]).detach())
+    project_budget([q1, q2], 2.5)
+    b = torch.cat([q1.bits(), q2.bits()]).detach()
+    assert float(b.mean()) == pytest.approx(2.5, abs=1e-4)
+    assert torch.equal(torch.argsort(torch.cat([q1.gate, q2.gate]).detach()), order)
+    sent = torch.cat([q1.int_bits(), q2.int_bits()]).float()
+    assert abs(float(sent.mean()) - 2.5) <= 1.0 / 8  # largest remainder per quantizer
