@@ -65,6 +65,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mbps", type=float, default=100.0, help="emulated link bandwidth")
     p.add_argument("--latency-ms", type=float, default=0.0, help="emulated one-way latency")
     p.add_argument("--smollm2", action="store_true", help="also run the SmolLM2 arms")
+    p.add_argument(
+        "--link",
+        default=None,
+        metavar="RATE",
+        help="also time fp32 / fixed-4 / AMAQ-4 steps between two network namespaces "
+        "over a veth shaped with tc to RATE (e.g. 100mbit); needs root",
+    )
+    p.add_argument("--link-steps", type=int, default=8, help="timed steps per link arm")
+    p.add_argument("--link-batch", type=int, default=32, help="batch of the link arms")
 
 
 def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -106,6 +115,51 @@ def _fmt(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{m:.{digits}f}±{spread:.{digits}f}"
 
 
+#: Link arms: AMAQ starts at its 4-bit target (no warm-up schedule) so the timed steps send 4 bits.
+LINK_ARMS: dict[str, list[str]] = {
+    "fp32": ARMS["fp32"],
+    "fixed4": ARMS["fixed4"],
+    "amaq4": ["split.target_bits=4.0", "split.init_bits=4.0", "split.b_min=1"],
+}
+
+
+def run_link(args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds per step between two network namespaces over a shaped veth (real gRPC, real
+    link; :mod:`fedq.split.netlink`). Goal (issue 5): the speed-up over fp32 reaches >= 80% of
+    what the byte reduction allows, i.e. of ``t_fp32 / (t_fp32 - (B_fp32 - B_arm) / rate)``."""
+    from fedq.split.netlink import LinkUnavailable, rate_bits_per_s, run_link_arm, veth_link
+
+    scenario = ROOT / "scenarios" / "split_minilm_amaq.yaml"
+    base = [f"train.batch_size={args.link_batch}", "data.max_train=512", "data.max_test=8",
+            "runtime.threads_per_worker=1"]  # fmt: skip
+    bps = rate_bits_per_s(args.link)
+    res: dict[str, dict[str, Any]] = {}
+    try:
+        with veth_link(args.link) as link:
+            for name, ov in LINK_ARMS.items():
+                res[name] = run_link_arm(link, scenario, [*base, *ov], steps=args.link_steps,
+                                         warmup=2)  # fmt: skip
+                print(f"  link {name}: {res[name]['s_per_step']:.3f} s/step", flush=True)
+    except LinkUnavailable as e:
+        print(f"link emulation skipped: {e}")
+        return {"skipped": str(e)}
+    f = res["fp32"]
+    print(
+        f"\nlink {args.link} between two network namespaces (MiniLM-L6 cut 3, batch "
+        f"{args.link_batch}, len 64, 1 thread per side; median of {args.link_steps} steps)"
+    )
+    print(f"{'arm':<8} {'s/step':>8} {'KiB/step':>10} {'speed-up':>9} {'allowed':>8} {'share':>6}")
+    for name, r in res.items():
+        saved = (f["bytes_per_step"] - r["bytes_per_step"]) * 8 / bps
+        allowed = f["s_per_step"] / max(f["s_per_step"] - saved, 1e-9)
+        speed = f["s_per_step"] / r["s_per_step"]
+        share = (speed - 1) / (allowed - 1) if allowed > 1 else float("nan")
+        r.update(speedup=speed, allowed_speedup=allowed, share_of_allowed=share)
+        print(f"{name:<8} {r['s_per_step']:>8.3f} {r['bytes_per_step'] / 1024:>10.1f} "
+              f"{speed:>9.2f} {allowed:>8.2f} {share:>6.2f}")  # fmt: skip
+    return res
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     arms = {a: ARMS[a] for a in args.arms.split(",") if a}
     unknown = [a for a in args.arms.split(",") if a and a not in ARMS]
@@ -133,4 +187,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"{row['mean_bits_run']:>10.2f} {row['mean_bits_final']:>10.2f} "
               f"{row['step_bytes'] / 1024:>10.1f} {row['s_per_step_compute']:>8.2f} "
               f"{row['s_per_step_link']:>12.2f}")  # fmt: skip
-    return {"args": vars(args) | {"func": None}, "arms": table, "runs": results}
+    out = {"args": vars(args) | {"func": None}, "arms": table, "runs": results}
+    if args.link:
+        out["link"] = run_link(args)
+    return out

@@ -334,17 +334,58 @@ def smollm2_gguf() -> Path:
     return found[0]
 
 
+def smollm2_cache_dir() -> Path:
+    """Where the fp32 copy of SmolLM2 is kept: ``$FEDQ_CACHE`` or ``~/.cache/fedq``."""
+    root = os.environ.get("FEDQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedq")
+    gguf = smollm2_gguf()
+    return Path(root) / f"smollm2-135m-fp32-{gguf.stat().st_size}"
+
+
+def smollm2_fp32_cache() -> Path:
+    """Dequantize the GGUF once and keep an fp32 safetensors copy (ENV.md §6b): loading the GGUF
+    costs ~24 s and 3 GB per process, the fp32 folder reloads in ~1 s, so every later host (and
+    run) of the same machine skips the dequantization. ``save_pretrained`` refuses a GGUF-loaded
+    model, hence the rebuild from its config without ``quantization_config``. Written to a
+    temporary folder and renamed, so concurrent hosts never read a half-written copy."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    target = smollm2_cache_dir()
+    if (target / "config.json").exists():
+        return target
+    gguf = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    q = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = q.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)  # type: ignore[arg-type]  # a LlamaConfig at runtime
+    model.load_state_dict(q.state_dict())
+    del q
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    try:
+        tmp.rename(target)
+    except OSError:  # another host finished first: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 @functools.lru_cache(maxsize=2)
 def _llama_base(name: str, hidden: int, layers: int) -> tuple[nn.Module, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     if name == "smollm2_lora":
-        gguf = smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
+        path = smollm2_fp32_cache()
+        tok = AutoTokenizer.from_pretrained(str(path))
+        model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return model.eval(), tok

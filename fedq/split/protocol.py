@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -374,7 +375,9 @@ class SplitClientWorker:
         self, conn: SplitConnection, opt: torch.optim.Optimizer, take: torch.Tensor, r: int,
         step: int, gates: GateController | None = None, noise: torch.Generator | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        """One split step (module docstring, 1, 2 and 5); returns its stats."""
+        """One split step (module docstring, 1, 2 and 5); returns its stats (``seconds``: wall
+        time of the whole step, compute + coding + transfer)."""
+        t0 = time.perf_counter()
         m = self.model
         batch = m.make_batch([self.data.texts[int(i)] for i in take], self.data.y[take],
                              pad_to_max=self.cfg.split.per_token)  # fmt: skip
@@ -406,7 +409,9 @@ class SplitClientWorker:
         opt.zero_grad(set_to_none=True)
         if gates is not None:
             gates.step(step)
+        seconds = time.perf_counter() - t0
         row: dict[str, Any] = {
+            "seconds": seconds,
             "step": step, "loss": reply.scalars.get("loss"), "bytes_up": up, "bytes_down": down,
             "numel": h.numel(), "act_bits": ph.mean_bits(), "grad_bits": pg.mean_bits(),
             "act_payload": ph.payload_nbytes, "act_meta": ph.metadata_nbytes,

@@ -54,6 +54,7 @@ def test_ste_identity_into_input_and_lsq_gradient_into_gates() -> None:
     bh = b.round()
     xb = x.detach().movedim(-1, 0).reshape(16, -1)
     wb = w.movedim(-1, 0).reshape(16, -1)
+    assert p.offsets is not None
     off, s = p.offsets.float().unsqueeze(1), p.scales.float().unsqueeze(1)
     v = (xb - off) / s
     resid = ((dequantize(p).movedim(-1, 0).reshape(16, -1) - off) / s).round() - v
@@ -86,7 +87,7 @@ def test_fixed_group_and_identity_match_the_codec() -> None:
     assert p.bits.unique().tolist() == [3] and p.layout.num_blocks == math.ceil(x.numel() / 24)
     assert torch.equal(y.detach(), dequantize(p))
     y.sum().backward()
-    assert torch.equal(x.grad, torch.ones_like(x))
+    assert x.grad is not None and torch.equal(x.grad, torch.ones_like(x))
     yi, pi = IdentityQuantizer().forward_encode(x)
     assert yi is x and torch.equal(dequantize(pi), x.detach())
 
@@ -95,8 +96,10 @@ def test_schedule_moves_target_then_holds() -> None:
     s = BitSchedule(lam=1.0, target_bits=3.0, start_bits=7.0, warmup_steps=10, mode="target")
     assert [s.target_at(t) for t in (0, 5, 10, 50)] == [7.0, 5.0, 3.0, 3.0]
     q = AmaqQuantizer(8, b_min=1, b_max=8, init_bits=7.0)
-    assert float(bit_penalty([q], s, 0).detach()) == 0.0  # at the start target: no pressure
-    assert float(bit_penalty([q], s, 10).detach()) == pytest.approx(16.0)  # (7 - 3)^2
+    p0, p10 = bit_penalty([q], s, 0), bit_penalty([q], s, 10)
+    assert p0 is not None and p10 is not None
+    assert float(p0.detach()) == 0.0  # at the start target: no pressure
+    assert float(p10.detach()) == pytest.approx(16.0)  # (7 - 3)^2
     assert bit_penalty([IdentityQuantizer()], s, 10) is None
     assert bit_penalty([q], BitSchedule(mode="budget"), 10) is None  # budget: projection instead
 

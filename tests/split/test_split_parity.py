@@ -42,6 +42,7 @@ def test_identity_split_matches_unsplit_loss_and_lora_grads(model: str, kit) -> 
     h_srv = dequantize(packed).requires_grad_()  # what the server decodes
     loss, _, _ = sm.top(h_srv, batch["attention_mask"], batch["labels"])
     loss.backward()
+    assert h_srv.grad is not None
     h_hat.backward(dequantize(IdentityQuantizer().encode(h_srv.grad)))
     split = {n: p.grad.clone() for n, p in sm.full.named_parameters() if p.requires_grad}
     sm.full.zero_grad()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -73,7 +74,8 @@ def test_all_boundaries_quantizes_every_block_boundary(kit) -> None:  # type: ig
     # the inner gates trained (FedAvg'd state changed) and so did the server's
     assert not torch.equal(server.client_state["boundaries.0.act_q.gate"],
                            before["boundaries.0.act_q.gate"])  # fmt: skip
-    assert server.model.top.boundaries[0].act_q.gate.grad is None  # zeroed after its step
+    top_b: Any = server.model.top.boundaries[0]
+    assert top_b.act_q.gate.grad is None  # zeroed after its step
 
 
 def test_importing_split_stays_light() -> None:

@@ -1,0 +1,238 @@
+"""Split learning over an emulated link: two network namespaces joined by a veth pair shaped with
+``tc tbf`` (ALGORITHMS.md §1.9 / §5.A "multi-machine run": time per step under a fixed bandwidth
+cap, measured, not modelled).
+
+:func:`veth_link` creates namespaces ``fqs-<tag>`` (server) and ``fqc-<tag>`` (client), a veth
+pair ``fqs<tag>``/``fqc<tag>`` with addresses from a fresh ``10.200.X.Y/30`` it owns, and a token
+bucket (``tbf rate <rate> burst 64kb latency 100ms``) on *both* ends, so each direction is capped;
+everything is deleted in ``finally`` (deleting a namespace deletes its veth end). Only those
+namespaces and addresses are touched. Root and iproute2 (``ip``, ``tc``) are required;
+:class:`LinkUnavailable` says why not.
+
+:func:`run_link_arm` starts the split server (``python -m fedq.split.netlink serve``) in the
+server namespace and a client (``... client``) in the other with ``ip netns exec``; they talk
+real gRPC over the veth (token-authenticated; plaintext is allowed explicitly because the link is
+a private veth). The client reports seconds per step (compute + serialisation + transfer) and
+bytes per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedq.errors import FedqError
+
+
+class LinkUnavailable(FedqError):
+    """Network namespaces cannot be created here (not root, no iproute2, no veth/tbf support)."""
+
+
+@dataclass(frozen=True)
+class LinkPair:
+    server_ns: str
+    client_ns: str
+    server_ip: str
+    client_ip: str
+    rate: str
+
+
+def link_unavailable_reason() -> str | None:
+    """Why :func:`veth_link` cannot work here, or None."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"needs iproute2's {tool!r} on PATH"
+    return None
+
+
+def _sh(*args: str) -> None:
+    out = subprocess.run(list(args), capture_output=True, text=True)
+    if out.returncode != 0:
+        raise LinkUnavailable(f"{' '.join(args)} failed: {out.stderr.strip()}")
+
+
+@contextmanager
+def veth_link(rate: str = "100mbit") -> Iterator[LinkPair]:
+    """Two namespaces and a shaped veth pair between them (module docstring); always cleaned."""
+    reason = link_unavailable_reason()
+    if reason:
+        raise LinkUnavailable(reason)
+    tag = secrets.token_hex(3)
+    ns_s, ns_c, if_s, if_c = f"fqs-{tag}", f"fqc-{tag}", f"fqs{tag}", f"fqc{tag}"
+    rng = random.Random(tag)
+    net, host = rng.randrange(256), 4 * rng.randrange(64)
+    ip_s, ip_c = f"10.200.{net}.{host + 1}", f"10.200.{net}.{host + 2}"
+    try:
+        _sh("ip", "netns", "add", ns_s)
+        _sh("ip", "netns", "add", ns_c)
+        _sh("ip", "link", "add", if_s, "type", "veth", "peer", "name", if_c)
+        for ns, dev, ip in ((ns_s, if_s, ip_s), (ns_c, if_c, ip_c)):
+            _sh("ip", "link", "set", dev, "netns", ns)
+            _sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                "rate", rate, "burst", "64kb", "latency", "100ms")  # fmt: skip
+        yield LinkPair(ns_s, ns_c, ip_s, ip_c, rate)
+    finally:
+        for ns in (ns_s, ns_c):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", if_s], capture_output=True)  # if never moved
+
+
+def namespaces_left(tag_prefix: str = "fq") -> list[str]:
+    """Namespaces whose name starts with ``fqs-``/``fqc-`` (for tests: nothing must leak)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    return [n for n in names if n.startswith((f"{tag_prefix}s-", f"{tag_prefix}c-"))]
+
+
+# ------------------------------------------------------------------------------ the two roles
+
+
+def _config(spec: dict[str, Any]) -> Any:
+    from fedq.config import load_scenario
+
+    return load_scenario(spec["scenario"], spec["overrides"])
+
+
+def _build(cfg: Any, split: Any) -> Any:
+    from fedq.split.runner import _build as build
+
+    return build(cfg, split)
+
+
+def serve(spec: dict[str, Any]) -> None:
+    """Server role: split server on ``spec['host']:spec['port']``; one round for ``client-0``;
+    prints ``READY`` and serves until stdin closes."""
+    import torch
+
+    from fedq.runtime.setup import load_data
+    from fedq.split.protocol import SplitServer
+    from fedq.split.runner import _num_labels
+    from fedq.transport.server import TransportServer
+
+    cfg = _config(spec)
+    torch.set_num_threads(cfg.runtime.threads_per_worker)
+    split = load_data(cfg)
+    model = _build(cfg, split)
+    server = SplitServer(cfg, model, split.test, _num_labels(model, split))
+    ts = TransportServer(server, host=spec["host"], port=int(spec["port"]),
+                         tokens={"client-0": spec["token"]}, max_workers=4,
+                         allow_insecure=True)  # fmt: skip
+    ts.start()
+    server.open_round(0, [0])
+    print("READY", flush=True)
+    sys.stdin.read()
+    ts.stop(0.5)
+
+
+def client(spec: dict[str, Any]) -> dict[str, Any]:
+    """Client role: run ``split.local_steps`` steps against the server; per-step seconds and
+    bytes as JSON on stdout."""
+    import torch
+
+    from fedq.runtime.setup import client_partitions, load_data
+    from fedq.split.protocol import SplitClientWorker
+    from fedq.transport.client import TransportClient
+
+    cfg = _config(spec)
+    torch.set_num_threads(cfg.runtime.threads_per_worker)
+    split = load_data(cfg)
+    parts = client_partitions(cfg, split.train)
+    model = _build(cfg, split)
+    target = f"{spec['host']}:{spec['port']}"
+
+    def connect(name: str) -> Any:
+        return TransportClient(target, client_id=name, token=spec["token"], timeout=300)
+
+    worker = SplitClientWorker(cfg, model, split.train, parts, connect)
+    out = worker.run_client(0, 0)
+    steps = out["steps"]
+    return {
+        "seconds": [s["seconds"] for s in steps],
+        "bytes": [s["bytes_up"] + s["bytes_down"] for s in steps],
+        "act_bits": [s["act_bits"] for s in steps],
+    }
+
+
+def run_link_arm(
+    link: LinkPair, scenario: str | Path, overrides: Sequence[str], *, steps: int,
+    warmup: int = 1, port: int = 50_551, timeout: float = 600.0,
+) -> dict[str, Any]:  # fmt: skip
+    """One arm over ``link``: median seconds per step after ``warmup`` steps, and mean bytes."""
+    spec = {
+        "scenario": str(scenario), "token": secrets.token_urlsafe(16), "port": port,
+        "overrides": [*overrides, "fed.num_clients=1", "fed.clients_per_round=1",
+                      "fed.rounds=1", f"split.local_steps={steps + warmup}"],
+        "host": link.server_ip,
+    }  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    py = [sys.executable, "-m", "fedq.split.netlink"]
+    srv = subprocess.Popen(["ip", "netns", "exec", link.server_ns, *py, "serve", json.dumps(spec)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                           env=env)  # fmt: skip
+    try:
+        assert srv.stdout is not None
+        t0 = time.monotonic()
+        line = srv.stdout.readline()
+        if line.strip() != "READY":
+            raise FedqError(f"split server in {link.server_ns} did not start (got {line!r})")
+        cmd = ["ip", "netns", "exec", link.client_ns, *py, "client", json.dumps(spec)]
+        left = max(timeout - (time.monotonic() - t0), 1.0)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=left)
+        if res.returncode != 0:
+            raise FedqError(f"split client failed: {res.stderr.strip()[-2000:]}")
+        data = json.loads(res.stdout.strip().splitlines()[-1])
+    finally:
+        if srv.stdin is not None:
+            srv.stdin.close()
+        try:
+            srv.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+    timed = data["seconds"][warmup:]
+    return {
+        "s_per_step": statistics.median(timed), "s_per_step_all": data["seconds"],
+        "bytes_per_step": statistics.fmean(data["bytes"][warmup:]),
+        "act_bits": statistics.fmean(data["act_bits"][warmup:]),
+    }  # fmt: skip
+
+
+def rate_bits_per_s(rate: str) -> float:
+    """``100mbit`` -> 1e8 (tc units: kbit, mbit, gbit; decimal)."""
+    r = rate.strip().lower()
+    for unit, mult in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3), ("bit", 1.0)):
+        if r.endswith(unit):
+            return float(r[: -len(unit)]) * mult
+    raise FedqError(f"link rate {rate!r}: use kbit, mbit or gbit")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    role, spec = args[0], json.loads(args[1])
+    if role == "serve":
+        serve(spec)
+    elif role == "client":
+        print(json.dumps(client(spec)), flush=True)
+    else:
+        raise SystemExit(f"unknown role {role!r}")
+
+
+if __name__ == "__main__":
+    main()
