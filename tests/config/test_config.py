@@ -8,11 +8,24 @@ from fedq.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "scenarios").glob("*.yaml")), ids=lambda p: p.name)
+SHIPPED = sorted((ROOT / "scenarios").glob("*.yaml"))
+SWEEPS = [p for p in SHIPPED if "grid:" in p.read_text()]
+
+
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p not in SWEEPS], ids=lambda p: p.name)
 def test_shipped_scenarios_are_valid(path: Path) -> None:
     cfg = load_scenario(path)
     assert isinstance(cfg, RunConfig)
     assert cfg.fed.clients_per_round <= cfg.fed.num_clients
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweeps_are_valid(path: Path) -> None:
+    from fedq.runtime.sweep import load_sweep
+
+    sweep = load_sweep(path)
+    assert len(sweep.runs) >= 2
+    assert len({r.label for r in sweep.runs}) == len(sweep.runs)
 
 
 def test_defaults_and_int_widens_to_float() -> None:
