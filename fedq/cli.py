@@ -45,6 +45,31 @@ def _load(args: argparse.Namespace) -> RunConfig:
     return load_scenario(args.scenario, overrides)
 
 
+def _describe(cfg: RunConfig) -> str:
+    """One line saying what will run: the numbers a user checks before waiting for a run."""
+    head = (
+        f"{cfg.name} | {cfg.fed.num_clients} clients, {cfg.fed.clients_per_round}/round, "
+        f"{cfg.fed.rounds} rounds | data {cfg.data.name} ({cfg.data.partition}) | "
+        f"model {cfg.model.name}"
+    )
+    if cfg.mode == "split":
+        sp = cfg.split
+        return (
+            f"{head} | split after block {sp.cut}"
+            + (" (all boundaries)" if sp.all_boundaries else "")
+            + f" | activations {sp.act_codec}, gradients {sp.grad_codec}"
+            + (f" -> {sp.target_bits} bits" if "amaq" in (sp.act_codec, sp.grad_codec) else "")
+        )
+    up, down = cfg.compression.uplink, cfg.compression.downlink
+
+    def link(c: Any) -> str:
+        bits = f" {c.bits}-bit" if c.policy == "fixed" else ""
+        return f"{c.policy}{bits}" + (" +EF" if c.error_feedback else "")
+
+    dp = "" if cfg.privacy.mechanism == "none" else f" | privacy {cfg.privacy.mechanism}"
+    return f"{head} | uplink {link(up)} | downlink {link(down)}{dp}"
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -60,15 +85,7 @@ def _simulate(args: argparse.Namespace) -> int:
     out = Path(
         args.resume or args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
-    up = cfg.compression.uplink
-    print(
-        f"fedq simulate: {cfg.name} | {cfg.fed.num_clients} clients, {cfg.fed.clients_per_round}"
-        f"/round, {cfg.fed.rounds} rounds | data {cfg.data.name} ({cfg.data.partition}) | "
-        f"model {cfg.model.name} | uplink {up.policy}"
-        + (f" {up.bits}-bit" if up.policy == "fixed" else "")
-        + (" +EF" if up.error_feedback else "")
-        + f" | downlink {cfg.compression.downlink.policy} | out {out}"
-    )
+    print(f"fedq simulate: {_describe(cfg)} | out {out}")
     bar = tqdm(total=cfg.fed.rounds, unit="round", disable=args.quiet, dynamic_ncols=True)
 
     def on_start(info: dict[str, Any]) -> None:
