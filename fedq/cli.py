@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # transformers 5.x deprecation noise from inside PEFT; not actionable for fedq users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -46,13 +46,14 @@ class RayBackend:
         self._started = False
         if not ray.is_initialized():
             if rt.ray_address:
-                ray.init(address=rt.ray_address, log_to_driver=False)
+                ray.init(address=rt.ray_address, log_to_driver=False, logging_level=logging.WARNING)
             else:
                 ray.init(
                     num_cpus=rt.num_cpus or os.cpu_count() or 1,
                     include_dashboard=False,
                     object_store_memory=rt.object_store_mb << 20,
                     log_to_driver=False,
+                    logging_level=logging.WARNING,
                     _temp_dir=tempfile.mkdtemp(prefix="fedq-ray-"),
                 )
             self._started = True
