@@ -7,6 +7,8 @@
 - :mod:`fedq.split.protocol`: the plain-class step protocol (client step, server ``split_step``,
   FedAvg of client LoRA) over any connection (gRPC or in-process loopback).
 - :mod:`fedq.split.runner`: ``fedq simulate`` with ``mode: split``.
+- :mod:`fedq.split.privacy`: DP on the activations sent (``privacy.mechanism: activations``).
+- :mod:`fedq.split.netlink`: server and client in two network namespaces over a shaped veth.
 
 Importing this package imports nothing heavy (config only); torch-side modules are imported by
 name.

