@@ -8,7 +8,7 @@ bits (b_min = 1); all-boundaries fixed 2-bit vs AMAQ-2; with ``--smollm2`` SmolL
 arms (fp32, fixed 4, AMAQ 4). Each arm is a ``fedq simulate`` run (in-process hosts, real gRPC).
 
 ``--link 100mbit`` also *measures* seconds per step between two network namespaces over a veth
-shaped with ``tc tbf`` (fp32, fixed 4, AMAQ 4; :mod:`fedq.split.netlink`, needs root).
+shaped with ``tc tbf`` (fp32, fixed 4, AMAQ 4; :mod:`fedq.runtime.netlink`, needs root).
 
 Recorded runs and which goals pass: BENCHMARKS.md, "Split learning (`fedq bench split`)". In
 short (one seed, 80 steps, 400 test examples): AMAQ now ends exactly at its targets (4 / 2 / 1.5
@@ -115,9 +115,9 @@ LINK_ARMS: dict[str, list[str]] = {
 
 def run_link(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per step between two network namespaces over a shaped veth (real gRPC, real
-    link; :mod:`fedq.split.netlink`). Goal (issue 5): the speed-up over fp32 reaches >= 80% of
+    link; :mod:`fedq.runtime.netlink`). Goal (issue 5): the speed-up over fp32 reaches >= 80% of
     what the byte reduction allows, i.e. of ``t_fp32 / (t_fp32 - (B_fp32 - B_arm) / rate)``."""
-    from fedq.split.netlink import LinkUnavailable, rate_bits_per_s, run_link_arm, veth_link
+    from fedq.runtime.netlink import LinkUnavailable, rate_bits_per_s, run_link_arm, veth_link
 
     scenario = ROOT / "scenarios" / "split_minilm_amaq.yaml"
     base = [f"train.batch_size={args.link_batch}", "data.max_train=512", "data.max_test=8",

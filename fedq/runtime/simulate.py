@@ -46,7 +46,7 @@ def simulate(
     strategy, codec and client states, and any privacy ledger are restored, never reset).
     """
     if cfg.mode == "split":
-        from fedq.split.runner import run_split
+        from fedq.runtime.split_runner import run_split
 
         return run_split(cfg, out_dir, on_start=on_start, on_round=on_round)
     from fedq.report import (

@@ -6,9 +6,11 @@
 - :mod:`fedq.split.codecs`: building the quantizers of each boundary and direction from config.
 - :mod:`fedq.split.protocol`: the plain-class step protocol (client step, server ``split_step``,
   FedAvg of client LoRA) over any connection (gRPC or in-process loopback).
-- :mod:`fedq.split.runner`: ``fedq simulate`` with ``mode: split``.
 - :mod:`fedq.split.privacy`: DP on the activations sent (``privacy.mechanism: activations``).
-- :mod:`fedq.split.netlink`: server and client in two network namespaces over a shaped veth.
+
+Where they run lives in :mod:`fedq.runtime` (imports flow split -> runtime):
+:mod:`fedq.runtime.split_runner` (``fedq simulate`` with ``mode: split``) and
+:mod:`fedq.runtime.netlink` (server and client in two network namespaces over a shaped veth).
 
 Importing this package imports nothing heavy (config only); torch-side modules are imported by
 name.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedq.split.netlink import (
+from fedq.runtime.netlink import (
     link_unavailable_reason,
     namespaces_left,
     rate_bits_per_s,

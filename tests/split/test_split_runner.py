@@ -84,7 +84,7 @@ def test_importing_split_stays_light() -> None:
 
     heavy = ("transformers", "peft", "ray")
     code = (
-        "import sys, fedq.config, fedq.split.runner, fedq.split.protocol; "
+        "import sys, fedq.config, fedq.runtime.split_runner, fedq.split.protocol; "
         f"print(','.join(m for m in {heavy!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -9,7 +9,7 @@ everything is deleted in ``finally`` (deleting a namespace deletes its veth end)
 namespaces and addresses are touched. Root and iproute2 (``ip``, ``tc``) are required;
 :class:`LinkUnavailable` says why not.
 
-:func:`run_link_arm` starts the split server (``python -m fedq.split.netlink serve``) in the
+:func:`run_link_arm` starts the split server (``python -m fedq.runtime.netlink serve``) in the
 server namespace and a client (``... client``) in the other with ``ip netns exec``; they talk
 real gRPC over the veth (token-authenticated; plaintext is allowed explicitly because the link is
 a private veth). The client reports seconds per step (compute + serialisation + transfer) and
@@ -111,7 +111,7 @@ def _config(spec: dict[str, Any]) -> Any:
 
 
 def _build(cfg: Any, split: Any) -> Any:
-    from fedq.split.runner import _build as build
+    from fedq.runtime.split_runner import _build as build
 
     return build(cfg, split)
 
@@ -122,8 +122,8 @@ def serve(spec: dict[str, Any]) -> None:
     import torch
 
     from fedq.runtime.setup import load_data
+    from fedq.runtime.split_runner import _num_labels
     from fedq.split.protocol import SplitServer
-    from fedq.split.runner import _num_labels
     from fedq.transport.server import TransportServer
 
     cfg = _config(spec)
@@ -182,7 +182,7 @@ def run_link_arm(
         "host": link.server_ip,
     }  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    py = [sys.executable, "-m", "fedq.split.netlink"]
+    py = [sys.executable, "-m", "fedq.runtime.netlink"]
     srv = subprocess.Popen(["ip", "netns", "exec", link.server_ns, *py, "serve", json.dumps(spec)],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                            env=env)  # fmt: skip
