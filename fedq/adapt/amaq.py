@@ -38,6 +38,13 @@ our own inference ([I] in ALGORITHMS.md §0) and is named so it can be ablated:
   quantization error ``||g_hat - g||^2 / ||g||^2`` (LSQ path again), under the same budget.
   Gradients are tiny (the loss is a batch mean), so the gradient direction defaults to float32
   scales: float16 would flush their steps to subnormals.
+- [I] **Stochastic rounding of gradients** (``stochastic=True``; split key ``grad_stochastic``,
+  off by default): the codec's unbiased ``floor(v + u)``, ``u ~ U[0, 1)``, so ``E[g_hat] = g``
+  and the rounding error of a 1-2 bit gradient averages out over steps instead of adding the
+  same bias every step (the usual argument for low-bit gradient compression, as in QSGD). Each
+  quantizer owns a seeded CPU generator (reproducible, global RNG untouched). The fake-quant
+  value is still exactly ``dequantize(encode(x))`` and the LSQ residual becomes ``code - v``
+  (zero mean), so the gradient gates' distortion proxy keeps its sign.
 - [I] **Budget** (§1.4-1.5), default ``mode="budget"``: an exact *projection*, not a penalty.
   After every gate update all gates of one group (one party and direction, over all its
   boundaries) are shifted by one common offset ``s`` (bisection; the sigmoid is monotone) so
@@ -122,6 +129,17 @@ def _lsq_fake_quant(
     return layout.from_blocks(out).to(x.dtype)
 
 
+def _rounding_generator(stochastic: bool, seed: int) -> torch.Generator | None:
+    """The quantizer's own CPU generator for stochastic rounding (None: round to nearest), so
+    the rounding noise is reproducible and leaves the global RNG (dropout, batches) untouched."""
+    return torch.Generator().manual_seed(int(seed)) if stochastic else None
+
+
+def _gen_for(q: nn.Module, x: torch.Tensor) -> torch.Generator | None:
+    gen = getattr(q, "generator", None)
+    return gen if gen is not None and x.device.type == "cpu" else None
+
+
 def largest_remainder(b: torch.Tensor, b_min: int, b_max: int) -> torch.Tensor:
     """Integer bits whose sum is ``round(sum(b))``: ``floor(b)`` plus one bit for the channels with
     the largest fractional parts (ties: lower index first). Float tensor, values in
@@ -153,6 +171,8 @@ class AmaqQuantizer(nn.Module):
         init_bits: float = 7.5,
         per_token: bool = False,
         scale_dtype: str = "float16",
+        stochastic: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         problems = []
@@ -169,8 +189,10 @@ class AmaqQuantizer(nn.Module):
         self.b_min, self.b_max, self.alpha = int(b_min), int(b_max), float(alpha)
         self.per_token = per_token
         self.spec = QuantSpec(
-            granularity=Granularity.CHANNEL, axis=-2 if per_token else -1, scale_dtype=scale_dtype
-        )
+            granularity=Granularity.CHANNEL, axis=-2 if per_token else -1, scale_dtype=scale_dtype,
+            stochastic=stochastic,
+        )  # fmt: skip
+        self.generator = _rounding_generator(stochastic, seed)
         frac = min(max((init_bits - b_min) / (b_max - b_min), 0.02), 0.98)
         q0 = math.log(frac / (1 - frac)) / self.alpha
         self.gate = nn.Parameter(torch.full((num_channels,), q0))
@@ -206,7 +228,7 @@ class AmaqQuantizer(nn.Module):
     def encode(self, x: torch.Tensor) -> PackedTensor:
         """Pack ``x`` at the current integer bit map (exactly what ``forward`` models)."""
         self._check(x)
-        return quantize(x.detach(), self.int_bits(), self.spec)
+        return quantize(x.detach(), self.int_bits(), self.spec, generator=_gen_for(self, x))
 
     def forward_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, PackedTensor]:
         """``(fake-quantized x, packed x)``; the first equals ``dequantize`` of the second."""
@@ -230,7 +252,7 @@ class AmaqQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.gate.numel()}, bits=[{self.b_min}, {self.b_max}], "
-            f"alpha={self.alpha}, per_token={self.per_token}"
+            f"alpha={self.alpha}, per_token={self.per_token}, stochastic={self.spec.stochastic}"
         )
 
 
@@ -245,6 +267,8 @@ class FixedQuantizer(nn.Module):
         granularity: Literal["channel", "group", "tensor"] = "channel",
         group_size: int = 128,
         scale_dtype: str = "float16",
+        stochastic: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not 1 <= bits <= 8:
@@ -252,8 +276,9 @@ class FixedQuantizer(nn.Module):
         self.bits = int(bits)
         self.spec = QuantSpec(
             granularity=Granularity(granularity), axis=-1, group_size=group_size,
-            scale_dtype=scale_dtype,
+            scale_dtype=scale_dtype, stochastic=stochastic,
         )  # fmt: skip
+        self.generator = _rounding_generator(stochastic, seed)
 
     def int_bits(self) -> torch.Tensor | None:
         return None
@@ -262,7 +287,7 @@ class FixedQuantizer(nn.Module):
         return torch.zeros(())
 
     def encode(self, x: torch.Tensor) -> PackedTensor:
-        return quantize(x.detach(), self.bits, self.spec)
+        return quantize(x.detach(), self.bits, self.spec, generator=_gen_for(self, x))
 
     def forward_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, PackedTensor]:
         p = self.encode(x)

@@ -50,6 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-steps", type=int, default=20, help="steps per round (eval each)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated arm names")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra scenario override applied to every arm after the arm's own (repeatable), "
+        "e.g. --set split.grad_stochastic=true --set split.warmup_fraction=0.25",
+    )
     p.add_argument("--max-train", type=int, default=2000)
     p.add_argument("--max-test", type=int, default=300)
     p.add_argument("--mbps", type=float, default=100.0, help="emulated link bandwidth")
@@ -79,7 +87,7 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
         f"split.local_steps={args.local_steps}", "split.b_min=1", "runtime.backend=inprocess",
         "runtime.workers=1", f"data.max_train={args.max_train}", f"data.max_test={args.max_test}",
     ]  # fmt: skip
-    cfg = load_scenario(ROOT / "scenarios" / scenario, base + overrides)
+    cfg = load_scenario(ROOT / "scenarios" / scenario, base + overrides + list(args.set))
     with tempfile.TemporaryDirectory(prefix="fedq-bench-split-") as out:
         summary = simulate(cfg, out)
         recs = read_metrics(Path(out))
@@ -91,6 +99,7 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
     last = recs[-1]
     return {
         "accuracy": last.get("accuracy"), "perplexity": last.get("perplexity"),
+        "accuracy_rounds": [r.get("accuracy") for r in recs],
         "mean_bits_run": sum(r["mean_bits"] for r in recs) / len(recs),
         "mean_bits_final": last["mean_bits"], "step_bytes": step_bytes, "cut_bytes": wire,
         "s_per_step_compute": compute, "s_per_step_link": compute + link,
@@ -160,7 +169,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, list[dict[str, Any]]] = {}
     for name, ov in arms.items():
         results[name] = [_run(name, ov, s, args) for s in range(args.seeds)]
-        print(f"  done {name}: acc {[r['accuracy'] for r in results[name]]}", flush=True)
+        curves = [r["accuracy_rounds"] for r in results[name]]
+        print(f"  done {name}: acc {[r['accuracy'] for r in results[name]]}, per round {curves}",
+              flush=True)  # fmt: skip
     print(f"\nsplit bench: {args.steps} steps x {args.seeds} seeds, link {args.mbps} Mbit/s")
     head = f"{'arm':<14} {'acc %':>12} {'ppl':>10} {'bits(run)':>10} {'bits(end)':>10} "
     print(head + f"{'KiB/step':>10} {'s/step':>8} {'s/step@link':>12}")

@@ -34,6 +34,10 @@ from fedq.codec.packed import (
 from fedq.errors import CodecError
 
 
+#: Shortest channel kept per-channel by :meth:`QuantSpec.layout_for`; shorter ones use groups.
+MIN_CHANNEL_BLOCK = 16
+
+
 @dataclass(frozen=True, slots=True)
 class QuantSpec:
     """How to cut and code a tensor (everything except the bit-widths)."""
@@ -51,12 +55,26 @@ class QuantSpec:
         if self.granularity is Granularity.GROUP and self.group_size <= 0:
             raise CodecError(f"group_size must be positive, got {self.group_size}")
 
-    def layout_for(self, shape: tuple[int, ...]) -> BlockLayout:
-        """Per-channel on a 0-d/1-d tensor degrades to per-tensor (one scale per element would
-        cost more than it saves)."""
+    def layout_for(self, shape: tuple[int, ...], *, bit_map: bool = False) -> BlockLayout:
+        """The block layout used for a tensor of ``shape``.
+
+        Per-channel degrades where its metadata would cost more than it saves: a 0-d/1-d tensor
+        goes per-tensor, and channels shorter than :data:`MIN_CHANNEL_BLOCK` elements (e.g. the
+        [out, r] LoRA ``B`` matrices, 8 values per row at r=8, where 5 bytes of scale, offset and
+        width per row would outweigh 4 bytes of 4-bit codes) go to groups of ``group_size``,
+        unless the caller passes its own per-channel ``bit_map`` (then the channels are the blocks
+        it chose). The packed tensor records the layout used, so decoding needs nothing else.
+        """
         gran = self.granularity
         if gran is Granularity.CHANNEL and len(shape) < 2:
             gran = Granularity.TENSOR
+        elif gran is Granularity.CHANNEL and not bit_map:
+            numel = 1
+            for d in shape:
+                numel *= d
+            channels = shape[self.axis]
+            if channels and numel // channels < MIN_CHANNEL_BLOCK:
+                gran = Granularity.GROUP
         return BlockLayout.build(shape, gran, axis=self.axis, group_size=self.group_size)
 
 
@@ -119,7 +137,7 @@ def quantize(
     """Quantize and pack ``x`` at ``bits`` (an int, or a uint8 bit map with one entry per block)."""
     spec = spec or QuantSpec()
     dtype_name(x.dtype)  # rejects unsupported dtypes before any work
-    layout = spec.layout_for(tuple(x.shape))
+    layout = spec.layout_for(tuple(x.shape), bit_map=not isinstance(bits, int))
     bm = _bit_map(bits, layout.num_blocks)
     sdt = SCALE_DTYPES[spec.scale_dtype]
     if layout.numel == 0:

@@ -31,19 +31,23 @@ Direction = Literal["act", "grad"]
 
 
 def make_quantizer(
-    sc: SplitConfig, direction: Direction, hidden: int, max_length: int
+    sc: SplitConfig, direction: Direction, hidden: int, max_length: int, seed: int = 0
 ) -> QuantModule:
-    """The quantizer for one boundary and direction (``act_codec`` / ``grad_codec``)."""
+    """The quantizer for one boundary and direction (``act_codec`` / ``grad_codec``); ``seed``
+    seeds its stochastic-rounding generator (``grad_stochastic``)."""
     codec = sc.act_codec if direction == "act" else sc.grad_codec
     sdt = sc.act_scale_dtype if direction == "act" else sc.grad_scale_dtype
+    sr = direction == "grad" and sc.grad_stochastic
     if codec == "none":
         return IdentityQuantizer()
     if codec == "fixed":
         return FixedQuantizer(sc.fixed_bits, granularity=sc.fixed_granularity,
-                              group_size=sc.group_size, scale_dtype=sdt)  # fmt: skip
+                              group_size=sc.group_size, scale_dtype=sdt, stochastic=sr,
+                              seed=seed)  # fmt: skip
     return AmaqQuantizer(
         max_length if sc.per_token else hidden, b_min=sc.b_min, b_max=sc.b_max, alpha=sc.alpha,
-        init_bits=sc.init_bits, per_token=sc.per_token, scale_dtype=sdt,
+        init_bits=sc.init_bits, per_token=sc.per_token, scale_dtype=sdt, stochastic=sr,
+        seed=seed,
     )  # fmt: skip
 
 
@@ -52,10 +56,13 @@ def boundary_factory(sc: SplitConfig, hidden: int, max_length: int) -> object:
     if not sc.all_boundaries:
         return None
 
+    made = [0]
+
     def make() -> SimulatedBoundary:
+        made[0] += 1  # a distinct stochastic-rounding stream per inner boundary
         return SimulatedBoundary(
             make_quantizer(sc, "act", hidden, max_length),
-            make_quantizer(sc, "grad", hidden, max_length),
+            make_quantizer(sc, "grad", hidden, max_length, seed=made[0]),
         )
 
     return make

@@ -30,6 +30,9 @@ class SplitConfig:
     group_size: int = 128
     act_scale_dtype: Literal["float16", "float32"] = "float16"
     grad_scale_dtype: Literal["float16", "float32"] = "float32"  # gradients are tiny
+    # unbiased stochastic rounding (floor(v + u)) of the gradient direction, fixed and AMAQ alike:
+    # E[g_hat] = g, so 2-bit rounding bias does not accumulate in the sender's LoRA updates
+    grad_stochastic: bool = False
     # -- AMAQ gates and regularizer
     b_min: int = 2
     b_max: int = 8

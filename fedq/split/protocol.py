@@ -105,7 +105,7 @@ class SplitServer:
         self.test_data = test_data
         self.num_labels = num_labels
         sc = cfg.split
-        self.grad_q = make_quantizer(sc, "grad", model.hidden, model.max_length)
+        self.grad_q = make_quantizer(sc, "grad", model.hidden, model.max_length, seed=cfg.seed)
         self.eval_act_q = make_quantizer(sc, "act", model.hidden, model.max_length)
         self.schedule = bit_schedule(sc, total_steps(cfg))
         quantizers = [self.grad_q, *_boundary_quantizers(model.top)]

@@ -51,13 +51,16 @@ def test_estimated_bytes_above_8_bits_is_raw_fp16_or_fp32() -> None:
 
 
 def test_error_weight_matches_hand_computation() -> None:
-    x = torch.tensor([[0.0, 1.0, 3.0], [-2.0, 2.0, 0.0]])
-    # per-channel asymmetric: ranges 3 and 4, 3 elements each -> (3*9 + 3*16) / 12
-    assert error_weight(x, QuantSpec()) == pytest.approx((27 + 48) / 12)
+    row = torch.tensor([[0.0, 1.0, 3.0], [-2.0, 2.0, 0.0]])
+    x = row.repeat(1, 6)  # channels of 18 elements: long enough to stay per-channel
+    # per-channel asymmetric: ranges 3 and 4, 18 elements each -> (18*9 + 18*16) / 12
+    assert error_weight(x, QuantSpec()) == pytest.approx((18 * 9 + 18 * 16) / 12)
     # symmetric: ranges 2*3 and 2*2
-    assert error_weight(x, QuantSpec(symmetric=True)) == pytest.approx((3 * 36 + 3 * 16) / 12)
+    assert error_weight(x, QuantSpec(symmetric=True)) == pytest.approx((18 * 36 + 18 * 16) / 12)
     # err(b) = S / (2^b - 1)^2
-    assert estimated_error({"x": x}, {"x": 2}, QuantSpec()) == pytest.approx(75 / 12 / 9)
+    assert estimated_error({"x": x}, {"x": 2}, QuantSpec()) == pytest.approx(450 / 12 / 9)
+    # channels of 3 elements are too short for per-channel metadata: one group of 6, range 5
+    assert error_weight(row, QuantSpec()) == pytest.approx(6 * 25 / 12)
 
 
 def test_error_weight_partial_group_uses_valid_lengths() -> None:

@@ -357,3 +357,17 @@ def test_results_do_not_depend_on_the_piece_size(
         assert torch.equal(got.payload, ref.payload)
         assert torch.equal(got.scales, ref.scales)
         assert torch.equal(got_y, ref_y)
+
+
+def test_short_channels_use_groups_unless_a_bit_map_is_given() -> None:
+    from fedq.codec.quantize import MIN_CHANNEL_BLOCK
+
+    spec = QuantSpec(Granularity.CHANNEL, axis=0, group_size=128)
+    lora_b = torch.randn(384, 8)  # [out, r]: 8 values per row
+    p = quantize(lora_b, 4, spec)
+    assert 8 < MIN_CHANNEL_BLOCK and p.granularity is Granularity.GROUP
+    assert p.metadata_nbytes < p.payload_nbytes / 10  # 24 groups, not 384 rows of metadata
+    long_rows = quantize(torch.randn(8, 384), 4, spec)
+    assert long_rows.granularity is Granularity.CHANNEL and long_rows.bits.numel() == 8
+    explicit = quantize(lora_b, torch.full((384,), 4, dtype=torch.uint8), spec)
+    assert explicit.granularity is Granularity.CHANNEL  # the caller chose the blocks

@@ -17,7 +17,9 @@ from fedq.wire.pb import tensor_pb2 as pb
 from fedq.wire.protowire import encode_len_field
 
 LIMITS = WireLimits()
-X = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+# Rows of 16 values: long enough that per-channel quantization stays per-channel (shorter rows
+# fall back to groups, see QuantSpec.layout_for), so the corpus covers CHANNEL messages.
+X = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
 
 
 def _asym() -> pb.PackedTensor:

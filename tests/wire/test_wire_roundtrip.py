@@ -53,7 +53,7 @@ def test_quantized_roundtrip_every_bit_width(spec: QuantSpec, assert_packed_equa
 def test_mixed_bit_maps_roundtrip(spec: QuantSpec, assert_packed_equal) -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, 10, generator=gen)
-    nb = spec.layout_for(tuple(x.shape)).num_blocks
+    nb = spec.layout_for(tuple(x.shape), bit_map=True).num_blocks
     bit_map = torch.randint(1, 9, (nb,), generator=gen, dtype=torch.uint8)
     p = quantize(x, bit_map, spec)
     back = bundle_from_bytes(bundle_to_bytes({"mixed": p}), LIMITS)["mixed"]
