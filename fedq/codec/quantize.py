@@ -33,7 +33,6 @@ from fedq.codec.packed import (
 )
 from fedq.errors import CodecError
 
-
 #: Shortest channel kept per-channel by :meth:`QuantSpec.layout_for`; shorter ones use groups.
 MIN_CHANNEL_BLOCK = 16
 
