@@ -75,5 +75,16 @@ class RayBackend:
             self.ray.shutdown()
 
 
+def stop_all(backend: InProcessBackend | RayBackend, server: Any) -> None:
+    """Stop the server host (if it was started), then the backend. Used in ``finally`` blocks:
+    a failing stop is logged, never raised, so it cannot mask the error being handled."""
+    if server is not None:
+        try:
+            backend.get([backend.call(server, "stop")])
+        except Exception as e:
+            log.warning("server stop failed: %s", e)
+    backend.shutdown()
+
+
 def make_backend(rt: RuntimeConfig) -> InProcessBackend | RayBackend:
     return RayBackend(rt) if rt.backend == "ray" else InProcessBackend()

@@ -18,7 +18,7 @@ from typing import Any
 
 from fedq.config import RunConfig
 from fedq.fed.server import client_name
-from fedq.runtime.backend import make_backend
+from fedq.runtime.backend import make_backend, stop_all
 from fedq.runtime.checkpoint import load_checkpoint, save_checkpoint
 from fedq.runtime.hosts import ServerHost, WorkerHost
 
@@ -121,12 +121,7 @@ def simulate(
         interrupted = True
         log.warning("interrupted: stopping Ray and gRPC, keeping metrics of finished rounds")
     finally:
-        if server is not None:
-            try:
-                backend.get([backend.call(server, "stop")])
-            except Exception as e:  # shutting down anyway; report, but keep the original error
-                log.warning("server stop failed: %s", e)
-        backend.shutdown()
+        stop_all(backend, server)
     records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
     extra: dict[str, Any] = {"interrupted": interrupted, "name": cfg.name}
     extra["stopped_reason"] = stopped

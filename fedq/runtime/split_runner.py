@@ -32,7 +32,7 @@ import torch
 
 from fedq.config import RunConfig
 from fedq.errors import PrivacyBudgetExceeded
-from fedq.runtime.backend import make_backend
+from fedq.runtime.backend import make_backend, stop_all
 from fedq.split.privacy import ActivationAccounting
 from fedq.split.privacy import enabled as dp_enabled
 from fedq.split.protocol import client_name
@@ -241,12 +241,7 @@ def run_split(
         interrupted = True
         log.warning("interrupted: keeping metrics of finished rounds")
     finally:
-        if server is not None:
-            try:
-                backend.get([backend.call(server, "stop")])
-            except Exception as e:  # shutting down anyway
-                log.warning("server stop failed: %s", e)
-        backend.shutdown()
+        stop_all(backend, server)
         writer.close()
     (out / "bit_maps.json").write_text(json.dumps(bit_maps) + "\n")
     records = writer.records
