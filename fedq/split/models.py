@@ -24,6 +24,7 @@ between every pair of blocks inside each half too, the "all-layer quantization" 
 
 from __future__ import annotations
 
+import abc
 import functools
 import importlib.util
 import os
@@ -77,25 +78,28 @@ class SimulatedBoundary(nn.Module):
         return _GradQuant.apply(y, self) if torch.is_grad_enabled() else y
 
 
-class _Ops:
+class _Ops(abc.ABC):
     """How one model family embeds, builds attention context, runs a block and computes loss."""
 
     task: str
 
+    @abc.abstractmethod
     def embed(self, mods: nn.ModuleDict, batch: Batch) -> torch.Tensor:
-        raise NotImplementedError
+        """Family-specific; see the subclasses."""
 
+    @abc.abstractmethod
     def context(self, mods: nn.ModuleDict, h: torch.Tensor, mask: torch.Tensor) -> Any:
-        raise NotImplementedError
+        """Family-specific; see the subclasses."""
 
+    @abc.abstractmethod
     def block(self, blk: nn.Module, h: torch.Tensor, ctx: Any) -> torch.Tensor:
-        raise NotImplementedError
+        """Family-specific; see the subclasses."""
 
+    @abc.abstractmethod
     def head(
         self, mods: nn.ModuleDict, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, int, int]:
         """``(mean loss, correct predictions, predictions)``."""
-        raise NotImplementedError
 
 
 class _BertOps(_Ops):

@@ -243,5 +243,7 @@ def test_grad_stochastic_key_reaches_the_gradient_quantizer_only() -> None:
         assert isinstance(act, (FixedQuantizer, AmaqQuantizer))
         assert isinstance(grad, (FixedQuantizer, AmaqQuantizer))
         assert not act.spec.stochastic and grad.spec.stochastic
-    off = make_quantizer(SplitConfig(), "grad", 16, 8)
+    on = make_quantizer(SplitConfig(), "grad", 16, 8)  # the default
+    assert isinstance(on, AmaqQuantizer) and on.spec.stochastic
+    off = make_quantizer(SplitConfig(grad_stochastic=False), "grad", 16, 8)
     assert isinstance(off, AmaqQuantizer) and not off.spec.stochastic
