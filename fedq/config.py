@@ -399,17 +399,21 @@ def config_from_dict(raw: Any) -> RunConfig:
     return typing.cast(RunConfig, cfg)
 
 
-def load_scenario(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a scenario YAML file (with optional ``key=value`` overrides)."""
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; every failure is a ConfigError naming the file."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"scenario file not found: {p}")
+        raise ConfigError(f"{what} file not found: {p}")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{p}: a scenario must be a mapping of sections, got {type(raw).__name__}"
-        )
+        raise ConfigError(f"{p}: a {what} must be a mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a scenario YAML file (with optional ``key=value`` overrides)."""
+    raw = read_yaml_mapping(path, "scenario")
     return config_from_dict(apply_overrides(raw, overrides or []))

@@ -12,6 +12,7 @@ Python's ``round`` (half to even), as the reference's ``int(round(b))`` (FL_DPQS
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -60,17 +61,15 @@ def _clamp_round(value: float, b_min: int, b_max: int) -> int:
     return max(b_min, min(b_max, round(value)))
 
 
-class FixedBits:
-    """The same width for every tensor in every round (static-bit baselines, §2.2 run 5)."""
+class _UniformSchedule(abc.ABC):
+    """A stateless policy that gives every tensor of a round the same width."""
 
-    name = "fixed"
-
-    def __init__(self, bits: int = 8) -> None:
-        check_bit_range(bits, bits)
-        self.bits = bits
+    @abc.abstractmethod
+    def bits_at(self, ctx: BitContext) -> int:
+        """The width for this round (and client)."""
 
     def choose(self, tensors: Mapping[str, torch.Tensor], ctx: BitContext) -> dict[str, int]:
-        return dict.fromkeys(tensors, self.bits)
+        return dict.fromkeys(tensors, self.bits_at(ctx))
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -79,7 +78,20 @@ class FixedBits:
         return None
 
 
-class CosineBits:
+class FixedBits(_UniformSchedule):
+    """The same width for every tensor in every round (static-bit baselines, §2.2 run 5)."""
+
+    name = "fixed"
+
+    def __init__(self, bits: int = 8) -> None:
+        check_bit_range(bits, bits)
+        self.bits = bits
+
+    def bits_at(self, ctx: BitContext) -> int:
+        return self.bits
+
+
+class CosineBits(_UniformSchedule):
     """Round-based cosine annealing (§2.5): ``b(t) = round(b_min + (b_max-b_min) * cosine_factor)``.
 
     Defaults are the paper's MNIST/CIFAR10 values (32 -> 8); the medical runs use ``b_min = 12``.
@@ -96,17 +108,8 @@ class CosineBits:
         f = cosine_factor(ctx.round, ctx.total_rounds)
         return _clamp_round(self.b_min + (self.b_max - self.b_min) * f, self.b_min, self.b_max)
 
-    def choose(self, tensors: Mapping[str, torch.Tensor], ctx: BitContext) -> dict[str, int]:
-        return dict.fromkeys(tensors, self.bits_at(ctx))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
-
-
-class ClientEntropyBits:
+class ClientEntropyBits(_UniformSchedule):
     """Client-based scheduler (§2.6): ``b = round(b_min + (b_max-b_min) * cosine_factor * nu)``.
 
     ``nu`` is :func:`client_importance`. Without client information (no ``label_counts``, or
@@ -143,12 +146,3 @@ class ClientEntropyBits:
         nu = client_importance(ctx, w_h=self.w_h, w_s=self.w_s)
         f = cosine_factor(ctx.round, ctx.total_rounds)
         return _clamp_round(self.b_min + (self.b_max - self.b_min) * f * nu, self.b_min, self.b_max)
-
-    def choose(self, tensors: Mapping[str, torch.Tensor], ctx: BitContext) -> dict[str, int]:
-        return dict.fromkeys(tensors, self.bits_at(ctx))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fedq.config import RunConfig, config_from_dict, set_dotted
+from fedq.config import RunConfig, config_from_dict, read_yaml_mapping, set_dotted
 from fedq.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,17 +63,10 @@ def _axis(key: str, spec: Any, problems: list[str]) -> list[tuple[str, Any, dict
     return []
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
+def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; every problem of every run is reported at once."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"sweep file not found: {p}")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: a sweep must be a mapping")
+    raw = read_yaml_mapping(p, "sweep")
     problems = [
         f"{k}: unknown key (allowed: {', '.join(SWEEP_KEYS)})" for k in raw if k not in SWEEP_KEYS
     ]
@@ -85,10 +76,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
         problems.append("scenario: the base scenario file is required")
     else:
         bp = (p.parent / base_path) if not Path(base_path).is_absolute() else Path(base_path)
-        if not bp.is_file():
-            problems.append(f"scenario: file not found: {bp}")
-        else:
-            base = yaml.safe_load(bp.read_text()) or {}
+        try:
+            base = read_yaml_mapping(bp, "scenario")
+        except ConfigError as e:
+            problems += [f"scenario: {x}" for x in e.problems]
     common = raw.get("set") or {}
     if not isinstance(common, dict):
         problems.append("set: expected a mapping of key: value")
@@ -118,8 +109,6 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
             problems += [f"run {label}: {x}" for x in e.problems]
             continue
         runs.append(SweepRun(label, {k: c[1] for k, c in zip(axes, combo, strict=True)}, cfg))
-    if overrides:
-        raise ConfigError("fedq sweep takes no --set; put common overrides under 'set:'")
     if problems:
         raise ConfigError(problems)
     n = parallel or os.cpu_count() or 1

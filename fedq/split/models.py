@@ -165,8 +165,8 @@ class _LlamaOps(_Ops):
         return loss, correct, int(valid.sum())
 
 
-class ClientBottom(nn.Module):
-    """Embeddings + blocks ``[0, cut)`` (+ LoRA); ``forward(batch) -> hidden states at the cut``."""
+class _Half(nn.Module):
+    """A run of consecutive blocks of one model family, with optional inner boundaries."""
 
     def __init__(
         self, ops: _Ops, mods: nn.ModuleDict, blocks: Sequence[nn.Module],
@@ -177,6 +177,10 @@ class ClientBottom(nn.Module):
         self.mods = mods
         self.blocks = nn.ModuleList(blocks)
         self.boundaries = nn.ModuleList(boundaries)
+
+
+class ClientBottom(_Half):
+    """Embeddings + blocks ``[0, cut)`` (+ LoRA); ``forward(batch) -> hidden states at the cut``."""
 
     def forward(self, batch: Batch) -> torch.Tensor:
         h = self.ops.embed(self.mods, batch)
@@ -188,18 +192,8 @@ class ClientBottom(nn.Module):
         return h
 
 
-class ServerTop(nn.Module):
+class ServerTop(_Half):
     """Blocks ``[cut, L)`` (+ LoRA), final norm / pooling, head and loss."""
-
-    def __init__(
-        self, ops: _Ops, mods: nn.ModuleDict, blocks: Sequence[nn.Module],
-        boundaries: Sequence[SimulatedBoundary] = (),
-    ) -> None:  # fmt: skip
-        super().__init__()
-        self.ops = ops
-        self.mods = mods
-        self.blocks = nn.ModuleList(blocks)
-        self.boundaries = nn.ModuleList(boundaries)
 
     def forward(
         self, h: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor

@@ -60,3 +60,14 @@ def test_small_sweep_writes_table_and_plot(tmp_path: Path) -> None:
         assert (Path(r["out_dir"]) / "metrics.jsonl").exists()
     assert (tmp_path / "out" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     assert "| label | epsilon |" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_broken_base_scenario_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "base.yaml").write_text("fed: [unclosed\n")
+    p = tmp_path / "sweep.yaml"
+    p.write_text("scenario: base.yaml\ngrid:\n  fed.rounds: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"scenario: .*not valid YAML"):
+        load_sweep(p)
+    (tmp_path / "missing.yaml").write_text("scenario: nowhere.yaml\ngrid: {fed.rounds: [1]}\n")
+    with pytest.raises(ConfigError, match="scenario: scenario file not found"):
+        load_sweep(tmp_path / "missing.yaml")
