@@ -13,10 +13,21 @@ our own inference ([I] in ALGORITHMS.md §0) and is named so it can be ablated:
   channel (last dim of ``[B, T, d]``) or, with ``per_token``, per token position (axis -2).
   ``Q`` is initialised so that ``b = init_bits`` (near ``b_max``: training starts at 6-8 bits,
   §1.5). ``alpha`` scales both the sigmoid's slope and, through it, every gradient into ``Q``.
-- [I] **Range** (§1.3 item 1): asymmetric min-max per channel over the ``B*T`` tokens of the
+- [I] **Range** (§1.3 item 1): asymmetric per channel over the ``B*T`` tokens of the
   micro-batch, exactly as :func:`fedq.codec.quantize` does it (float16 offset rounded down, scale
-  rounded up). Nothing is ever clipped, so the straight-through gradient into the sender's layers
-  is the identity everywhere (§1.3 item 4).
+  rounded up). ``quant_range="minmax"`` (the quantizers' default) clips nothing;
+  ``"sigma"`` (the split runtime's default, ``split.quant_range``) clips each channel to
+  ``mean +- k_b std`` for its *own* integer width ``b`` (the Gaussian-optimal uniform quantizer,
+  :data:`fedq.codec.quantize.SIGMA_CLIP`), so a channel that AMAQ pushes to 1-2 bits gets the range
+  that suits 1-2 bits. ``row_scale=True`` (``split.row_scale``, default there) also divides each
+  token's vector by its RMS first (two-way scaling, one fp16 per token on the wire). Either way the
+  straight-through gradient into the sender's layers is the identity everywhere, clipped values
+  included (§1.3 item 4; the usual STE, not LSQ's zero outside the range), and the fake-quant
+  value stays bit-identical to what the receiver decodes. Why: min-max wastes the levels of a 1-3
+  bit channel on its extremes and one scale per channel cannot follow gradients whose per-token
+  size varies 20x; with both options 2-bit relative error at a MiniLM cut falls from 0.39 / 3.1
+  (activations / gradients) to 0.16 / 0.19, and AMAQ-2 gains more from it than fixed 2-bit
+  (BENCHMARKS.md, "Split learning").
 - [I] **Integer bits** (§1.3 item 2): *largest-remainder rounding* of the continuous bits of one
   quantizer: every channel gets ``floor(b_c)`` and the ``round(sum_c b_c) - sum_c floor(b_c)``
   channels with the largest fractional parts get one bit more (ties: lower index). So the sum of
@@ -77,6 +88,7 @@ Bit maps are small (one byte per channel) and are always sent with each tensor: 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -110,12 +122,19 @@ def _lsq_fake_quant(
 ) -> torch.Tensor:
     """``dequantize(p)`` in value; gradients: identity into ``x`` and LSQ's
     ``d x_hat / d Delta = round(v) - v`` into ``bits_ste`` (when given) through
-    ``Delta = range / (2^b - 1)``."""
+    ``Delta = range / (2^b - 1)``. With row scales the surrogate lives in the normalised units the
+    blocks were coded in and is multiplied back by each row's scale (still identity into ``x``)."""
     exact = dequantize(p, device=x.device)
     if not x.requires_grad and bits_ste is None:
         return exact
     layout = p.layout
-    xb = layout.to_blocks(x).float()
+    div, xs, exact_n = None, x, exact
+    if p.row_scales is not None:
+        rf = p.row_scales.float().to(x.device)
+        div = torch.where(rf > 0, rf, torch.ones_like(rf)).view(*x.shape[:-1], 1)
+        xs = x / div
+        exact_n = dequantize(dataclasses.replace(p, row_scales=None), device=x.device)
+    xb = layout.to_blocks(xs).float()
     offset = p.offsets.float().to(x.device).unsqueeze(1) if p.offsets is not None else None
     scale = p.scales.float().to(x.device).unsqueeze(1)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -123,13 +142,15 @@ def _lsq_fake_quant(
     if bits_ste is not None and offset is not None:
         with torch.no_grad():
             v = (xb - offset) / safe
-            q = (layout.to_blocks(exact).float() - offset) / safe
+            q = (layout.to_blocks(exact_n).float() - offset) / safe
             resid = q.round() - v  # round(v) - v, with the clamp the codec applied
             rng = scale * (2.0 ** p.bits.to(x.device).float().unsqueeze(1) - 1.0)
         delta = rng / (2.0 ** bits_ste.unsqueeze(1) - 1.0)
         surr = xb + delta * resid
-    out = layout.to_blocks(exact).float() + (surr - surr.detach())
-    return layout.from_blocks(out).to(x.dtype)
+    grad_path = layout.from_blocks(surr - surr.detach())  # zero in value
+    if div is not None:
+        grad_path = grad_path * div
+    return (exact.float() + grad_path).to(x.dtype)
 
 
 def _rounding_generator(stochastic: bool, seed: int) -> torch.Generator | None:
@@ -176,6 +197,8 @@ class AmaqQuantizer(nn.Module):
         scale_dtype: str = "float16",
         stochastic: bool = False,
         seed: int = 0,
+        quant_range: Literal["minmax", "sigma"] = "minmax",
+        row_scale: bool = False,
     ) -> None:
         super().__init__()
         problems = []
@@ -193,7 +216,7 @@ class AmaqQuantizer(nn.Module):
         self.per_token = per_token
         self.spec = QuantSpec(
             granularity=Granularity.CHANNEL, axis=-2 if per_token else -1, scale_dtype=scale_dtype,
-            stochastic=stochastic,
+            stochastic=stochastic, range=quant_range, row_scale=row_scale,
         )  # fmt: skip
         self.generator = _rounding_generator(stochastic, seed)
         frac = min(max((init_bits - b_min) / (b_max - b_min), 0.02), 0.98)
@@ -272,6 +295,8 @@ class FixedQuantizer(nn.Module):
         scale_dtype: str = "float16",
         stochastic: bool = False,
         seed: int = 0,
+        quant_range: Literal["minmax", "sigma"] = "minmax",
+        row_scale: bool = False,
     ) -> None:
         super().__init__()
         if not 1 <= bits <= 8:
@@ -279,7 +304,7 @@ class FixedQuantizer(nn.Module):
         self.bits = int(bits)
         self.spec = QuantSpec(
             granularity=Granularity(granularity), axis=-1, group_size=group_size,
-            scale_dtype=scale_dtype, stochastic=stochastic,
+            scale_dtype=scale_dtype, stochastic=stochastic, range=quant_range, row_scale=row_scale,
         )  # fmt: skip
         self.generator = _rounding_generator(stochastic, seed)
 

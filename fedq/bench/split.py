@@ -47,7 +47,9 @@ ARMS: dict[str, list[str]] = {
 SMOL_ARMS = {
     "smol fp32": ARMS["fp32"],
     "smol fixed4": ARMS["fixed4"],
+    "smol fixed3": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=3"],
     "smol amaq4": ARMS["amaq4"],
+    "smol amaq3": ["split.target_bits=3.0"],
 }
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from fedq.codec.bitpack import packed_nbytes
 from fedq.codec.layout import BlockLayout, Granularity
 
 #: Version of the packed format (payload layout + metadata meaning). Bumped on any change.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: Floating dtypes fedq quantizes; the decoded tensor has the same dtype as the input.
 FLOAT_DTYPES: dict[str, torch.dtype] = {
@@ -47,6 +47,8 @@ class PackedTensor:
       ``scale * (q - (2**b - 1)/2)`` (mid-rise levels, symmetric around zero, valid for b=1).
     - ``payload``: uint8, codes grouped by bit-width class (1, then 2, ... 8), each class packed as
       one run in element order (see :mod:`fedq.codec.bitpack`); RAW holds the tensor's bytes.
+    - ``row_scales`` (optional, float16 [numel / shape[-1]]): each row of the last dimension of
+      the decoded tensor is multiplied by its entry (``QuantSpec.row_scale``, version 2).
     """
 
     shape: tuple[int, ...]
@@ -61,6 +63,7 @@ class PackedTensor:
     scales: torch.Tensor
     offsets: torch.Tensor | None
     payload: torch.Tensor
+    row_scales: torch.Tensor | None = None
     version: int = FORMAT_VERSION
 
     @property
@@ -79,8 +82,10 @@ class PackedTensor:
 
     @property
     def metadata_nbytes(self) -> int:
-        """Declared metadata: bit map (one byte per block) plus scales and offsets."""
+        """Declared metadata: bit map (one byte per block) plus scales, offsets and row scales."""
         n = self.scales.numel() * self.scales.element_size()
+        if self.row_scales is not None:
+            n += self.row_scales.numel() * self.row_scales.element_size()
         if self.offsets is not None:
             n += self.offsets.numel() * self.offsets.element_size()
         return int(n + self.bits.numel())

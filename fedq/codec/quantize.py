@@ -12,13 +12,26 @@ Design (documented choices):
   down) so the error bound holds for what the receiver decodes.
 - Stochastic rounding ``q = floor(v + u)``, ``u ~ U[0, 1)`` from the caller's generator, is
   unbiased.
-- Zero-range blocks (constant tensors) get scale 0 and decode exactly.
+- ``range="sigma"`` ([I], encoder only: the receiver decodes scale and offset as always) clips an
+  asymmetric block to ``mean +- k_b * std`` (within its min-max), ``k_b`` the half-width of the
+  uniform quantizer with ``2**b`` levels that minimises the MSE of a Gaussian (:data:`SIGMA_CLIP`,
+  Max 1960): at 2 bits ``k = 1.49``. Min-max spends the few levels of a 1-3 bit block on its
+  extremes; on MiniLM activations / gradients at a split cut, 2-bit per-channel relative MSE falls
+  from 0.39 / 3.1 (min-max) to 0.17 / 0.53. Values outside the range are clamped to its ends.
+- ``row_scale=True`` ([I], "two-way" scaling, format version 2): every row of the last dimension
+  (a token's hidden vector of ``[B, T, d]``) is first divided by its RMS, stored as float16 in
+  ``row_scales`` and multiplied back on decoding; the blocks then quantize the normalised tensor.
+  Per-channel blocks capture channel outliers, the row scales the per-token magnitude (gradients
+  at a split cut differ by 20x between tokens; 2-bit relative MSE 0.53 -> 0.19 with ``sigma``).
+  Cost: 2 bytes per row (0.04 bit per value at d = 384).
+- Zero-range blocks (constant tensors) get scale 0 and decode exactly; zero rows get row scale 0.
 - NaN / Inf inputs raise :class:`~fedq.errors.CodecError`; no payload ever carries them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -36,6 +49,15 @@ from fedq.errors import CodecError
 #: Shortest channel kept per-channel by :meth:`QuantSpec.layout_for`; shorter ones use groups.
 MIN_CHANNEL_BLOCK = 16
 
+#: ``range="sigma"``: half-width in standard deviations of the MSE-optimal uniform quantizer with
+#: ``2**b`` levels for a Gaussian source (levels at ``mean +- k``; Max 1960, recomputed by
+#: numerical minimisation: MSE 0.363, 0.119, 0.037, 0.012 of the variance at 1-4 bits).
+SIGMA_CLIP: dict[int, float] = {
+    1: 0.798, 2: 1.494, 3: 2.051, 4: 2.514, 5: 2.916, 6: 3.278, 7: 3.611, 8: 3.922,
+}  # fmt: skip
+#: Storage dtype of the per-row scales of ``row_scale`` (2 bytes per row).
+ROW_SCALE_DTYPE = torch.float16
+
 
 @dataclass(frozen=True, slots=True)
 class QuantSpec:
@@ -47,10 +69,16 @@ class QuantSpec:
     symmetric: bool = False
     stochastic: bool = False
     scale_dtype: str = "float16"
+    range: Literal["minmax", "sigma"] = "minmax"  # how an asymmetric block's range is chosen
+    row_scale: bool = False  # divide each row of the last dim by its RMS first (float16, sent)
 
     def __post_init__(self) -> None:
         if self.scale_dtype not in SCALE_DTYPES:
             raise CodecError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}")
+        if self.range not in ("minmax", "sigma"):
+            raise CodecError(f"range must be 'minmax' or 'sigma', got {self.range!r}")
+        if self.range == "sigma" and self.symmetric:
+            raise CodecError("range='sigma' needs asymmetric blocks (symmetric=False)")
         if self.granularity is Granularity.GROUP and self.group_size <= 0:
             raise CodecError(f"group_size must be positive, got {self.group_size}")
 
@@ -126,6 +154,30 @@ def _block_min_max(xb: torch.Tensor, pieces: list[Piece]) -> tuple[torch.Tensor,
     return lo.amin(dim=1).float(), hi.amax(dim=1).float()
 
 
+def _block_mean_std(xb: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (mean, std) over the real elements of each block (a partial last group's padding
+    excluded)."""
+    lens = layout.block_lengths().to(device=xb.device, dtype=torch.float32)
+    x = xb.float()
+    if layout.padding:
+        x = x.clone()
+        x[-1, layout.last_len :] = 0.0
+    mean = x.sum(dim=1) / lens.clamp(min=1)
+    var = (x.square().sum(dim=1) / lens.clamp(min=1) - mean.square()).clamp(min=0.0)
+    return mean, var.sqrt()
+
+
+def _row_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(float16 RMS of each row of the last dim, x divided by it)``; zero rows stay zero."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    r = rows.square().mean(dim=1).sqrt().to(ROW_SCALE_DTYPE)
+    if not bool(torch.isfinite(r).all()):
+        raise CodecError("cannot quantize a tensor containing NaN or Inf")
+    rf = r.float()
+    div = torch.where(rf > 0, rf, torch.ones_like(rf)).unsqueeze(1)
+    return r, (rows / div).reshape(x.shape)
+
+
 def quantize(
     x: torch.Tensor,
     bits: int | torch.Tensor,
@@ -139,16 +191,28 @@ def quantize(
     layout = spec.layout_for(tuple(x.shape), bit_map=not isinstance(bits, int))
     bm = _bit_map(bits, layout.num_blocks)
     sdt = SCALE_DTYPES[spec.scale_dtype]
+    if spec.row_scale and x.dim() == 0:
+        raise CodecError("row_scale needs a tensor with at least 1 dim")
     if layout.numel == 0:
         empty = torch.empty(0, dtype=sdt)
+        rs = torch.empty(0, dtype=ROW_SCALE_DTYPE) if spec.row_scale else None
         return _packed(x, spec, layout, bm, empty, None if spec.symmetric else empty.clone(),
-                       torch.empty(0, dtype=torch.uint8))  # fmt: skip
-    xb = layout.to_blocks(x.detach())  # -> [num_blocks, block_len], input dtype
+                       torch.empty(0, dtype=torch.uint8), rs)  # fmt: skip
+    row_scales = None
+    src = x.detach()
+    if spec.row_scale:
+        row_scales, src = _row_scales(src)
+    xb = layout.to_blocks(src)  # -> [num_blocks, block_len], input dtype
     pieces = layout.pieces(_PIECE_ELEMS)
     lo, hi = _block_min_max(xb, pieces)
     if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
         raise CodecError("cannot quantize a tensor containing NaN or Inf")
     levels = (2 ** bm.to(device=xb.device, dtype=torch.int32) - 1).float()  # [num_blocks]
+    if spec.range == "sigma":
+        mean, std = _block_mean_std(xb, layout)
+        k = torch.tensor([0.0] + [SIGMA_CLIP[b] for b in range(1, 9)], device=xb.device)
+        half = k[bm.to(device=xb.device, dtype=torch.int64)] * std
+        lo, hi = torch.maximum(lo, mean - half), torch.minimum(hi, mean + half)
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         scale = _round_up(2.0 * amax / levels, sdt)
@@ -164,7 +228,7 @@ def quantize(
                            stochastic=spec.stochastic, generator=generator)  # fmt: skip
     payload = _pack_by_class(codes, bm, layout)
     return _packed(x, spec, layout, bm, scale.cpu(), None if offset is None else offset.cpu(),
-                   payload)  # fmt: skip
+                   payload, None if row_scales is None else row_scales.cpu())  # fmt: skip
 
 
 def _packed(
@@ -175,6 +239,7 @@ def _packed(
     scales: torch.Tensor,
     offsets: torch.Tensor | None,
     payload: torch.Tensor,
+    row_scales: torch.Tensor | None,
 ) -> PackedTensor:
     return PackedTensor(
         shape=tuple(x.shape),
@@ -189,6 +254,7 @@ def _packed(
         scales=scales,
         offsets=offsets,
         payload=payload,
+        row_scales=row_scales,
     )
 
 
@@ -308,7 +374,11 @@ def dequantize(p: PackedTensor, *, device: torch.device | str | None = None) -> 
             v += centre[rows]
         if buf is not None:
             out[rows, cols] = v
-    return layout.from_blocks(out)
+    y = layout.from_blocks(out)
+    if p.row_scales is not None:
+        r = p.row_scales.to(device=dev, dtype=torch.float32).unsqueeze(1)
+        y = (y.reshape(-1, p.shape[-1]).float() * r).to(out_dtype).reshape(p.shape)
+    return y
 
 
 def raw(x: torch.Tensor) -> PackedTensor:

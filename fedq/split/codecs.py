@@ -43,11 +43,12 @@ def make_quantizer(
     if codec == "fixed":
         return FixedQuantizer(sc.fixed_bits, granularity=sc.fixed_granularity,
                               group_size=sc.group_size, scale_dtype=sdt, stochastic=sr,
-                              seed=seed)  # fmt: skip
+                              seed=seed, quant_range=sc.quant_range,
+                              row_scale=sc.row_scale)  # fmt: skip
     return AmaqQuantizer(
         max_length if sc.per_token else hidden, b_min=sc.b_min, b_max=sc.b_max, alpha=sc.alpha,
         init_bits=sc.init_bits, per_token=sc.per_token, scale_dtype=sdt, stochastic=sr,
-        seed=seed,
+        seed=seed, quant_range=sc.quant_range, row_scale=sc.row_scale,
     )  # fmt: skip
 
 

@@ -35,6 +35,12 @@ class SplitConfig:
     # On by default: MiniLM 200 steps at 2 bits, fixed 67.8 -> 78.5, AMAQ 75.8 -> 78.5 (seed 0,
     # BENCHMARKS.md "Split learning"); false gives the round-to-nearest runs recorded before it.
     grad_stochastic: bool = True
+    # block ranges of both directions and codecs (fedq.codec.quantize): min-max, or clipped to
+    # mean +- k_b std (the Gaussian-optimal uniform quantizer at b bits)
+    quant_range: Literal["minmax", "sigma"] = "sigma"
+    # divide each token's vector by its RMS first (float16, 2 bytes per token, sent): per-channel
+    # blocks then see one scale per channel and per token ("two-way" scaling)
+    row_scale: bool = True
     # -- AMAQ gates and regularizer
     b_min: int = 2
     b_max: int = 8

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 
 from fedq.codec.layout import Granularity
 from fedq.codec.packed import FORMAT_VERSION, SCALE_DTYPES, Encoding, PackedTensor
+from fedq.codec.quantize import ROW_SCALE_DTYPE
 from fedq.errors import WireFormatError
 from fedq.wire import validate
 from fedq.wire.limits import WireLimits
@@ -73,6 +74,7 @@ def packed_to_proto(p: PackedTensor, name: str) -> pb.PackedTensor:
         scales=_tensor_bytes(p.scales),
         offsets=b"" if p.offsets is None else _tensor_bytes(p.offsets),
         payload=_tensor_bytes(p.payload.to(torch.uint8)),
+        row_scales=b"" if p.row_scales is None else _tensor_bytes(p.row_scales.to(ROW_SCALE_DTYPE)),
     )
 
 
@@ -89,6 +91,10 @@ def packed_from_proto(msg: pb.PackedTensor, limits: WireLimits) -> tuple[str, Pa
         else (_tensor_from_bytes(msg.offsets, sdt))
     )
     validate.check_scales(msg.name, scales, offsets)
+    row_scales = None
+    if msg.row_scales:
+        row_scales = _tensor_from_bytes(msg.row_scales, ROW_SCALE_DTYPE)
+        validate.check_row_scales(msg.name, row_scales)
     tensor = PackedTensor(
         shape=spec.shape,
         dtype=spec.dtype,
@@ -102,6 +108,7 @@ def packed_from_proto(msg: pb.PackedTensor, limits: WireLimits) -> tuple[str, Pa
         scales=scales,
         offsets=offsets,
         payload=_tensor_from_bytes(msg.payload, torch.uint8),
+        row_scales=row_scales,
         version=int(msg.format_version),
     )
     return msg.name, tensor

@@ -153,13 +153,17 @@ def check_tensor(msg: pb.PackedTensor, limits: WireLimits) -> TensorSpec:
     if encoding is Encoding.RAW:
         if msg.granularity != pb.TENSOR:
             raise fail(name, "granularity", "RAW tensors must use TENSOR granularity")
-        _check_empty(msg, ("bits", "scales", "offsets"), "for a RAW tensor")
+        _check_empty(msg, ("bits", "scales", "offsets", "row_scales"), "for a RAW tensor")
         expected = numel * FLOAT_DTYPES[dtype].itemsize
         if len(msg.payload) != expected:
             raise fail(name, "payload", f"length {len(msg.payload)} bytes != expected {expected}")
     else:
         layout = _quantized_layout(msg, shape)
         _check_block_fields(msg, layout, scale_dtype)
+        if msg.row_scales:
+            rows = numel // shape[-1] if shape and shape[-1] else 0
+            if not shape or len(msg.row_scales) != 2 * rows:
+                raise fail(name, "row_scales", f"length {len(msg.row_scales)} bytes != {rows} x 2")
     gran = GRANULARITY_FROM_PB[msg.granularity]
     return TensorSpec(shape, numel, dtype, encoding, gran, scale_dtype, layout)
 
@@ -171,6 +175,14 @@ def check_payload_size(msg: pb.PackedTensor, spec: TensorSpec, bits: torch.Tenso
     expected = expected_payload_nbytes(spec.layout, bits)
     if len(msg.payload) != expected:
         raise fail(msg.name, "payload", f"length {len(msg.payload)} bytes != expected {expected}")
+
+
+def check_row_scales(name: str, row_scales: torch.Tensor) -> None:
+    """Row scales multiply decoded values: finite and non-negative."""
+    if not bool(torch.isfinite(row_scales).all()):
+        raise fail(name, "row_scales", "contains NaN or Inf")
+    if bool((row_scales < 0).any()):
+        raise fail(name, "row_scales", "contains a negative scale")
 
 
 def check_scales(name: str, scales: torch.Tensor, offsets: torch.Tensor | None) -> None:

@@ -371,3 +371,69 @@ def test_short_channels_use_groups_unless_a_bit_map_is_given() -> None:
     assert long_rows.granularity is Granularity.CHANNEL and long_rows.bits.numel() == 8
     explicit = quantize(lora_b, torch.full((384,), 4, dtype=torch.uint8), spec)
     assert explicit.granularity is Granularity.CHANNEL  # the caller chose the blocks
+
+
+def _gaussian_channels(n: int = 4096, c: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(n, c, generator=g) * torch.linspace(0.5, 4.0, c) + torch.arange(c)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_sigma_range_reaches_the_gaussian_optimum(bits: int) -> None:
+    """Clipping each block to mean +- k_b std gives (about) the MSE of Max's optimal uniform
+    quantizer of a Gaussian, far below min-max at 1-2 bits, and stays inside the block's range."""
+    x = _gaussian_channels()
+    var = x.var(dim=0)
+    optimum = {1: 0.363, 2: 0.119, 3: 0.0374, 4: 0.0115}[bits]
+
+    def rel_mse(spec: QuantSpec) -> torch.Tensor:
+        return ((dequantize(quantize(x, bits, spec)) - x) ** 2).mean(dim=0) / var
+
+    sigma = rel_mse(QuantSpec(axis=1, range="sigma", scale_dtype="float32"))
+    minmax = rel_mse(QuantSpec(axis=1, scale_dtype="float32"))
+    assert torch.allclose(sigma, torch.full_like(sigma, optimum), rtol=0.15), sigma
+    assert bool((sigma < minmax).all())
+    if bits <= 2:
+        assert bool((sigma < minmax / 2).all())
+    y = dequantize(quantize(x, bits, QuantSpec(axis=1, range="sigma")))
+    assert bool((y.amin(0) >= x.amin(0) - 1e-2).all() and (y.amax(0) <= x.amax(0) + 1e-2).all())
+
+
+def test_sigma_range_needs_asymmetric_blocks() -> None:
+    with pytest.raises(CodecError, match="asymmetric"):
+        QuantSpec(range="sigma", symmetric=True)
+    with pytest.raises(CodecError, match="range"):
+        QuantSpec(range="max")  # type: ignore[arg-type]
+
+
+def test_row_scales_follow_each_rows_magnitude() -> None:
+    """Two-way scaling: rows of very different magnitude (gradients of different tokens) keep the
+    same relative error, a zero row decodes to exact zeros, and the row scales are counted."""
+    g = torch.Generator().manual_seed(5)
+    mags = torch.logspace(-6, -1, 64)
+    x = torch.randn(2, 64, 48, generator=g) * mags[:, None] * torch.linspace(1, 3, 48)
+    x[1, 7] = 0.0
+    spec = QuantSpec(axis=-1, row_scale=True, range="sigma", scale_dtype="float32")
+    p = quantize(x, 3, spec)
+    assert p.row_scales is not None and p.row_scales.dtype == torch.float16
+    assert p.row_scales.shape == (128,) and float(p.row_scales[64 + 7]) == 0.0
+    y = dequantize(p)
+    assert torch.equal(y[1, 7], torch.zeros(48))
+    row_err = ((y - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-30)).reshape(-1)
+    row_err = torch.cat([row_err[: 64 + 7], row_err[64 + 8 :]])
+    plain = dequantize(quantize(x, 3, QuantSpec(axis=-1, range="sigma", scale_dtype="float32")))
+    plain_err = ((plain - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-30)).reshape(-1)
+    assert float(row_err.max()) < 0.35
+    assert float(plain_err.max()) > 1.0  # small rows drown in the large rows' step
+    base = quantize(x, 3, QuantSpec(axis=-1, range="sigma", scale_dtype="float32"))
+    assert p.metadata_nbytes == base.metadata_nbytes + 2 * 128
+
+
+def test_row_scales_leave_rows_of_equal_rms_unchanged() -> None:
+    """With every row at RMS 1 the normalisation is the identity: same codes as without it."""
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(2))
+    x = x / x.square().mean(dim=1, keepdim=True).sqrt()
+    a = quantize(x, 2, QuantSpec(axis=-1, row_scale=True))
+    b = quantize(x, 2, QuantSpec(axis=-1))
+    assert torch.equal(a.payload, b.payload)
+    assert torch.allclose(dequantize(a), dequantize(b), atol=2e-3)

@@ -28,8 +28,13 @@ def _x(*shape: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fake_quant_is_bit_exact_with_the_wire(per_token: bool, dtype: torch.dtype) -> None:
-    q = AmaqQuantizer(8 if per_token else 16, b_min=1, b_max=8, init_bits=4.0, per_token=per_token)
+@pytest.mark.parametrize("two_way", [False, True], ids=["minmax", "sigma+rows"])
+def test_fake_quant_is_bit_exact_with_the_wire(
+    per_token: bool, dtype: torch.dtype, two_way: bool
+) -> None:
+    extra: dict = {"quant_range": "sigma", "row_scale": True} if two_way else {}
+    q = AmaqQuantizer(8 if per_token else 16, b_min=1, b_max=8, init_bits=4.0,
+                      per_token=per_token, **extra)  # fmt: skip
     with torch.no_grad():  # a mixed bit map 1..8
         q.gate.copy_(torch.linspace(-6, 6, q.gate.numel()))
     x = _x(4, 8, 16).to(dtype).requires_grad_()
@@ -64,6 +69,26 @@ def test_ste_identity_into_input_and_lsq_gradient_into_gates() -> None:
     db_dq = (q.b_max - q.b_min) * q.alpha * sig * (1 - sig)
     expected = (wb * resid).sum(1) * d_delta_db * db_dq
     torch.testing.assert_close(q.gate.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_two_way_scaling_keeps_the_straight_through_identity() -> None:
+    """With clipped (sigma) ranges and per-token row scales the input still gets the incoming
+    gradient unchanged, the gates a finite LSQ gradient, and the error is far below min-max."""
+    kw: dict = {"b_min": 1, "b_max": 8, "init_bits": 2.0}
+    q = AmaqQuantizer(16, quant_range="sigma", row_scale=True, **kw)
+    x = _x(3, 5, 16) * torch.logspace(-4, 0, 5).view(1, 5, 1)  # tokens of very different size
+    x.requires_grad_()
+    w = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    y = q(x)
+    (y * w).sum().backward()
+    assert x.grad is not None  # identity up to float rounding of (w / r) * r
+    torch.testing.assert_close(x.grad, w, rtol=1e-6, atol=0.0)
+    assert q.gate.grad is not None and bool(torch.isfinite(q.gate.grad).all())
+    assert float(q.gate.grad.abs().sum()) > 0
+    plain = AmaqQuantizer(16, **kw)(x.detach())
+    err = ((y.detach() - x.detach()) ** 2).sum(-1) / (x.detach() ** 2).sum(-1)
+    err_plain = ((plain - x.detach()) ** 2).sum(-1) / (x.detach() ** 2).sum(-1)
+    assert float(err.max()) < 0.5 < float(err_plain.max())
 
 
 def test_int_bits_round_and_init() -> None:

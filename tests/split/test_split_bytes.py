@@ -58,7 +58,9 @@ def test_bytes_per_step_match_transport_and_bit_maps(kit) -> None:  # type: igno
         assert ph.payload_nbytes == by_hand == expected_payload_nbytes(ph.layout, ph.bits)
         assert s["act_payload"] == by_hand
         assert s["act_bits"] == float((lens * ph.bits.long()).sum()) / ph.numel
-        assert s["act_meta"] == ph.bits.numel() * (1 + 2 + 2)  # bit map + fp16 scale + offset
+        rows = ph.numel // ph.shape[-1]  # bit map + fp16 scale + offset; fp16 row (token) scales
+        assert ph.row_scales is not None and ph.row_scales.numel() == rows
+        assert s["act_meta"] == ph.bits.numel() * (1 + 2 + 2) + 2 * rows
     # ... and the server's transport counted the same bytes, both ways
     request = TaskRequest(client_id="client-0", round=0).ByteSize()  # the get_task call
     assert traffic["bytes_up"] == client.bytes_sent == up_total + request

@@ -9,7 +9,7 @@ import grpc
 import pytest
 import torch
 
-from fedq.codec import quantize
+from fedq.codec import FORMAT_VERSION, quantize
 from fedq.errors import ConfigError, TransportError
 from fedq.transport import TransportClient, TransportServer
 from fedq.wire import WireMessage, bundle_to_bytes, message_to_frames, packed_to_proto
@@ -40,8 +40,10 @@ def _bad_offsets() -> list[pb.Frame]:
 def _bits_nine() -> list[pb.Frame]:
     t = packed_to_proto(quantize(torch.randn(4, 4), 4), "fc1.weight")
     t.bits = b"\x09" + t.bits[1:]
-    payload = pb.TensorBundle(format_version=1, tensors=[t]).SerializeToString()
-    header = pb.Header(format_version=1, kind="update", client_id="c1", payload_size=len(payload))
+    payload = pb.TensorBundle(format_version=FORMAT_VERSION, tensors=[t]).SerializeToString()
+    header = pb.Header(
+        format_version=FORMAT_VERSION, kind="update", client_id="c1", payload_size=len(payload)
+    )
     return [pb.Frame(header=header), pb.Frame(chunk=pb.Chunk(offset=0, data=payload))]
 
 
@@ -50,7 +52,9 @@ def _no_header() -> list[pb.Frame]:
 
 
 def _payload_claim() -> list[pb.Frame]:
-    header = pb.Header(format_version=1, kind="update", client_id="c1", payload_size=1 << 62)
+    header = pb.Header(
+        format_version=FORMAT_VERSION, kind="update", client_id="c1", payload_size=1 << 62
+    )
     return [pb.Frame(header=header)]
 
 

@@ -28,6 +28,8 @@ def packed_equal(a: PackedTensor, b: PackedTensor) -> None:
     _same(a.scales, b.scales, "scales")
     _same(a.offsets, b.offsets, "offsets")
     _same(a.payload, b.payload, "payload")
+    assert (a.row_scales is None) == (b.row_scales is None), "row_scales presence"
+    _same(a.row_scales, b.row_scales, "row_scales")
 
 
 @pytest.fixture

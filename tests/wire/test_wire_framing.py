@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from fedq.codec import quantize, raw
+from fedq.codec import FORMAT_VERSION, quantize, raw
 from fedq.errors import WireFormatError
 from fedq.wire import (
     WireLimits,
@@ -115,7 +115,7 @@ def _overflow() -> list[pb.Frame]:
 
 
 def _garbage_payload() -> list[pb.Frame]:
-    f = [pb.Frame(header=pb.Header(format_version=1, kind="update", payload_size=3))]
+    f = [pb.Frame(header=pb.Header(format_version=FORMAT_VERSION, kind="update", payload_size=3))]
     return [*f, pb.Frame(chunk=pb.Chunk(offset=0, data=b"\x12\xff\x01"))]
 
 
@@ -150,7 +150,9 @@ def test_malformed_frames_are_rejected_naming_the_field(case: str) -> None:
 def test_hostile_payload_size_does_not_preallocate() -> None:
     """A header claiming 7 GiB followed by 10 bytes must fail without reserving 7 GiB."""
     frames = [
-        pb.Frame(header=pb.Header(format_version=1, kind="update", payload_size=7 << 30)),
+        pb.Frame(
+            header=pb.Header(format_version=FORMAT_VERSION, kind="update", payload_size=7 << 30)
+        ),
         pb.Frame(chunk=pb.Chunk(offset=0, data=b"0123456789")),
     ]
     tracemalloc.start()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from fedq.codec import Granularity, QuantSpec, quantize, raw
+from fedq.codec import FORMAT_VERSION, Granularity, QuantSpec, quantize, raw
 from fedq.errors import WireFormatError
 from fedq.wire import WireLimits, bundle_from_bytes, bundle_to_bytes, packed_to_proto
 from fedq.wire.pb import tensor_pb2 as pb
@@ -35,11 +35,16 @@ def _group() -> pb.PackedTensor:
     return packed_to_proto(quantize(X, 3, spec), "fc1.weight")
 
 
+def _rows() -> pb.PackedTensor:
+    spec = QuantSpec(axis=-1, range="sigma", row_scale=True)
+    return packed_to_proto(quantize(X, 2, spec), "h")
+
+
 def _raw() -> pb.PackedTensor:
     return packed_to_proto(raw(X), "fc1.weight")
 
 
-def _bundle(*msgs: pb.PackedTensor, version: int = 1) -> bytes:
+def _bundle(*msgs: pb.PackedTensor, version: int = FORMAT_VERSION) -> bytes:
     return pb.TensorBundle(format_version=version, tensors=list(msgs)).SerializeToString()
 
 
@@ -70,9 +75,9 @@ def _truncated_entry() -> bytes:
 CORPUS: dict[str, tuple[Callable[[], bytes], str]] = {
     "truncated bundle": (lambda: bundle_to_bytes({"a": quantize(X, 4)})[:-3], "tensors"),
     "truncated tensor entry": (_truncated_entry, "tensors"),
-    "bundle version": (lambda: _bundle(_asym(), version=2), "format_version"),
+    "bundle version": (lambda: _bundle(_asym(), version=FORMAT_VERSION + 1), "format_version"),
     "bundle version missing": (lambda: _bundle(_asym(), version=0), "format_version"),
-    "tensor version": (lambda: _set(_asym, format_version=2), "format_version"),
+    "tensor version": (lambda: _set(_asym, format_version=FORMAT_VERSION + 1), "format_version"),
     "payload too long": (lambda: _set(_asym, payload=_asym().payload + b"\0"), "payload"),
     "payload too short": (lambda: _set(_group, payload=_group().payload[:-1]), "payload"),
     "raw payload short": (lambda: _set(_raw, payload=_raw().payload[:-4]), "payload"),
@@ -93,6 +98,16 @@ CORPUS: dict[str, tuple[Callable[[], bytes], str]] = {
         "offsets",
     ),
     "scales length": (lambda: _set(_asym, scales=_asym().scales + b"\0\0\0\0"), "scales"),
+    "row scales length": (lambda: _set(_rows, row_scales=_rows().row_scales[:-2]), "row_scales"),
+    "row scales NaN": (
+        lambda: _set(_rows, row_scales=b"\x00\x7e" + _rows().row_scales[2:]),
+        "row_scales",
+    ),
+    "row scales negative": (
+        lambda: _set(_rows, row_scales=b"\x00\xbc" + _rows().row_scales[2:]),
+        "row_scales",
+    ),
+    "row scales on raw": (lambda: _set(_raw, row_scales=b"\x00\x3c"), "row_scales"),
     "offsets on symmetric": (lambda: _set(_sym, offsets=_sym().scales), "offsets"),
     "offsets missing on asymmetric": (lambda: _set(_asym, offsets=b""), "offsets"),
     "huge shape": (lambda: _set(_asym, shape=[2**40, 2**40]), "shape"),

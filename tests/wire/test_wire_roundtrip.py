@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from fedq.codec import Granularity, QuantSpec, dequantize, quantize, raw
+from fedq.codec import FORMAT_VERSION, Granularity, QuantSpec, dequantize, quantize, raw
 from fedq.wire import (
     WireLimits,
     bundle_from_bytes,
@@ -29,10 +29,15 @@ def _specs() -> list[QuantSpec]:
         (Granularity.GROUP, 0, 8),
         (Granularity.GROUP, 0, 7),  # partial last group
     ]
-    return [
+    plain = [
         QuantSpec(granularity=g, axis=a, group_size=gs or 128, symmetric=sym, scale_dtype=sdt)
         for (g, a, gs), sym, sdt in itertools.product(grans, [False, True], ["float16", "float32"])
     ]
+    two_way = [  # clipped ranges and per-row scales (format version 2)
+        QuantSpec(granularity=g, axis=a, group_size=gs or 128, range="sigma", row_scale=True)
+        for g, a, gs in grans
+    ]
+    return plain + two_way
 
 
 @pytest.mark.parametrize("spec", _specs(), ids=str)
@@ -87,6 +92,6 @@ def test_bundle_bytes_match_protobuf_serialization() -> None:
     x = torch.randn(3, 4)
     tensors = {"a": quantize(x, 2), "b": raw(x)}
     whole = pb.TensorBundle(
-        format_version=1, tensors=[packed_to_proto(p, n) for n, p in tensors.items()]
+        format_version=FORMAT_VERSION, tensors=[packed_to_proto(p, n) for n, p in tensors.items()]
     ).SerializeToString()
     assert bundle_to_bytes(tensors) == whole

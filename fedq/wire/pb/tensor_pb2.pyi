@@ -39,7 +39,7 @@ CHANNEL: Granularity
 GROUP: Granularity
 
 class PackedTensor(_message.Message):
-    __slots__ = ("format_version", "name", "shape", "dtype", "encoding", "granularity", "axis", "group_size", "symmetric", "scale_dtype", "bits", "scales", "offsets", "payload")
+    __slots__ = ("format_version", "name", "shape", "dtype", "encoding", "granularity", "axis", "group_size", "symmetric", "scale_dtype", "bits", "scales", "offsets", "payload", "row_scales")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class PackedTensor(_message.Message):
     SCALES_FIELD_NUMBER: _ClassVar[int]
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ROW_SCALES_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -68,7 +69,8 @@ class PackedTensor(_message.Message):
     scales: bytes
     offsets: bytes
     payload: bytes
-    def __init__(self, format_version: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., axis: _Optional[int] = ..., group_size: _Optional[int] = ..., symmetric: _Optional[bool] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., bits: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    row_scales: bytes
+    def __init__(self, format_version: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., axis: _Optional[int] = ..., group_size: _Optional[int] = ..., symmetric: _Optional[bool] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., bits: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., row_scales: _Optional[bytes] = ...) -> None: ...
 
 class TensorBundle(_message.Message):
     __slots__ = ("format_version", "tensors")
