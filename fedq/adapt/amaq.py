@@ -124,16 +124,19 @@ def _lsq_fake_quant(
     ``d x_hat / d Delta = round(v) - v`` into ``bits_ste`` (when given) through
     ``Delta = range / (2^b - 1)``. With row scales the surrogate lives in the normalised units the
     blocks were coded in and is multiplied back by each row's scale (still identity into ``x``)."""
-    exact = dequantize(p, device=x.device)
     if not x.requires_grad and bits_ste is None:
-        return exact
+        return dequantize(p, device=x.device)
     layout = p.layout
-    div, xs, exact_n = None, x, exact
-    if p.row_scales is not None:
+    div, xs = None, x
+    if p.row_scales is None:
+        exact = exact_n = dequantize(p, device=x.device)
+    else:  # decode once in normalised units; scale rows exactly as dequantize does
+        exact_n = dequantize(dataclasses.replace(p, row_scales=None), device=x.device)
         rf = p.row_scales.float().to(x.device)
+        exact = (exact_n.reshape(-1, x.shape[-1]).float() * rf.unsqueeze(1)).to(x.dtype)
+        exact = exact.reshape(x.shape)
         div = torch.where(rf > 0, rf, torch.ones_like(rf)).view(*x.shape[:-1], 1)
         xs = x / div
-        exact_n = dequantize(dataclasses.replace(p, row_scales=None), device=x.device)
     xb = layout.to_blocks(xs).float()
     offset = p.offsets.float().to(x.device).unsqueeze(1) if p.offsets is not None else None
     scale = p.scales.float().to(x.device).unsqueeze(1)
