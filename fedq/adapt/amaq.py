@@ -122,12 +122,13 @@ def _lsq_fake_quant(
 ) -> torch.Tensor:
     """``dequantize(p)`` in value; gradients: identity into ``x`` and LSQ's
     ``d x_hat / d Delta = round(v) - v`` into ``bits_ste`` (when given) through
-    ``Delta = range / (2^b - 1)``. With row scales the surrogate lives in the normalised units the
-    blocks were coded in and is multiplied back by each row's scale (still identity into ``x``)."""
+    ``Delta = range / (2^b - 1)``. With row scales ``v`` lives in the normalised units the blocks
+    were coded in and the term is multiplied back by each row's scale. Per-channel layouts (all
+    AMAQ quantizers) broadcast the block parameters instead of copying into the block view."""
     if not x.requires_grad and bits_ste is None:
         return dequantize(p, device=x.device)
     layout = p.layout
-    div, xs = None, x
+    div = None
     if p.row_scales is None:
         exact = exact_n = dequantize(p, device=x.device)
     else:  # decode once in normalised units; scale rows exactly as dequantize does
@@ -136,24 +137,40 @@ def _lsq_fake_quant(
         exact = (exact_n.reshape(-1, x.shape[-1]).float() * rf.unsqueeze(1)).to(x.dtype)
         exact = exact.reshape(x.shape)
         div = torch.where(rf > 0, rf, torch.ones_like(rf)).view(*x.shape[:-1], 1)
-        xs = x / div
-    xb = layout.to_blocks(xs).float()
-    offset = p.offsets.float().to(x.device).unsqueeze(1) if p.offsets is not None else None
-    scale = p.scales.float().to(x.device).unsqueeze(1)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    surr = xb
-    if bits_ste is not None and offset is not None:
-        with torch.no_grad():
-            v = (xb - offset) / safe
-            q = (layout.to_blocks(exact_n).float() - offset) / safe
-            resid = q.round() - v  # round(v) - v, with the clamp the codec applied
-            rng = scale * (2.0 ** p.bits.to(x.device).float().unsqueeze(1) - 1.0)
-        delta = rng / (2.0 ** bits_ste.unsqueeze(1) - 1.0)
-        surr = xb + delta * resid
-    grad_path = layout.from_blocks(surr - surr.detach())  # zero in value
-    if div is not None:
-        grad_path = grad_path * div
-    return (exact.float() + grad_path).to(x.dtype)
+    out = exact
+    if x.requires_grad:  # straight-through: identity into x, zero in value
+        out = (exact.float() + (x - x.detach()).float()).to(x.dtype)
+    if bits_ste is None or p.offsets is None:
+        return out
+    chan = layout.granularity is Granularity.CHANNEL
+    shape = [1] * len(p.shape)
+    if chan:
+        shape[layout.axis] = -1
+
+    def par(t: torch.Tensor) -> torch.Tensor:  # one value per block, broadcastable
+        return t.view(shape) if chan else t.unsqueeze(1)
+
+    def blk(t: torch.Tensor) -> torch.Tensor:
+        return t.float() if chan else layout.to_blocks(t).float()
+
+    with torch.no_grad():  # resid = code - v per element (in place: one buffer each)
+        offset = par(p.offsets.float().to(x.device))
+        scale = p.scales.float().to(x.device)
+        safe = par(torch.where(scale > 0, scale, torch.ones_like(scale)))
+        xs = x.detach() if div is None else x.detach() / div
+        v = torch.sub(blk(xs), offset).div_(safe)  # first op out of place: never touch x
+        resid = torch.sub(blk(exact_n), offset).div_(safe).round_().sub_(v)
+        if not chan:
+            resid = layout.from_blocks(resid)
+        if div is not None:
+            resid.mul_(div)
+        rng = scale * (2.0 ** p.bits.to(x.device).float() - 1.0)
+    delta = rng / (2.0**bits_ste - 1.0)
+    d = delta - delta.detach()  # zero in value
+    term = (
+        d.view(shape) if chan else layout.from_blocks(d.unsqueeze(1).expand(-1, layout.block_len))
+    )
+    return (out.float() + term * resid).to(x.dtype)
 
 
 def _rounding_generator(stochastic: bool, seed: int) -> torch.Generator | None:
