@@ -21,6 +21,8 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 }
 #: Dtypes the metadata (scales, offsets) may be stored in.
 SCALE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
+#: Storage dtype of the optional per-row scales (format version 2): 2 bytes per row.
+ROW_SCALE_DTYPE = torch.float16
 
 
 def dtype_name(dtype: torch.dtype) -> str:

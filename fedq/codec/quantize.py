@@ -39,6 +39,7 @@ from fedq.codec.bitpack import pack_bits, unpack_bits, unpack_bits_into
 from fedq.codec.layout import BlockLayout, Granularity, Piece
 from fedq.codec.packed import (
     FLOAT_DTYPES,
+    ROW_SCALE_DTYPE,
     SCALE_DTYPES,
     Encoding,
     PackedTensor,
@@ -55,8 +56,6 @@ MIN_CHANNEL_BLOCK = 16
 SIGMA_CLIP: dict[int, float] = {
     1: 0.798, 2: 1.494, 3: 2.051, 4: 2.514, 5: 2.916, 6: 3.278, 7: 3.611, 8: 3.922,
 }  # fmt: skip
-#: Storage dtype of the per-row scales of ``row_scale`` (2 bytes per row).
-ROW_SCALE_DTYPE = torch.float16
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,10 +193,9 @@ def quantize(
     if spec.row_scale and x.dim() == 0:
         raise CodecError("row_scale needs a tensor with at least 1 dim")
     if layout.numel == 0:
-        empty = torch.empty(0, dtype=sdt)
-        rs = torch.empty(0, dtype=ROW_SCALE_DTYPE) if spec.row_scale else None
+        empty = torch.empty(0, dtype=sdt)  # no rows to scale either: row_scales stays None
         return _packed(x, spec, layout, bm, empty, None if spec.symmetric else empty.clone(),
-                       torch.empty(0, dtype=torch.uint8), rs)  # fmt: skip
+                       torch.empty(0, dtype=torch.uint8), None)  # fmt: skip
     row_scales = None
     src = x.detach()
     if spec.row_scale:

@@ -5,29 +5,21 @@ in-process; they hold no Ray code themselves."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
-
-import torch
 
 from fedq.config import RunConfig
 from fedq.errors import PrivacyBudgetExceeded
 from fedq.fed.client import ClientWorker, Connection
 from fedq.fed.server import FedServer
-from fedq.runtime.setup import build_bundle, client_partitions, load_data
+from fedq.runtime.setup import build_bundle, client_partitions, load_data, quiet_process
 from fedq.wire.limits import WireLimits
 
 log = logging.getLogger(__name__)
 
 
-def _quiet_process(threads: int) -> None:
-    torch.set_num_threads(threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 class ServerHost:
     def __init__(self, cfg: RunConfig, tokens: dict[str, str]) -> None:
-        _quiet_process(cfg.runtime.threads_per_worker)
+        quiet_process(cfg.runtime.threads_per_worker)
         from fedq.transport.server import TransportServer
 
         split = load_data(cfg)
@@ -78,7 +70,7 @@ class ServerHost:
 
 class WorkerHost:
     def __init__(self, cfg: RunConfig, address: str, tokens: dict[str, str]) -> None:
-        _quiet_process(cfg.runtime.threads_per_worker)
+        quiet_process(cfg.runtime.threads_per_worker)
         from fedq.transport.client import TransportClient
 
         split = load_data(cfg)

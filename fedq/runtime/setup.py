@@ -7,11 +7,18 @@ goes through the wire codec and the transport, and is counted.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from fedq.config import RunConfig
+
+
+def quiet_process(threads: int) -> None:
+    """Per-process set-up of a host (server or client worker): torch threads, no tokenizer pool."""
+    torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def load_data(cfg: RunConfig) -> Any:

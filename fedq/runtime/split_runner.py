@@ -33,6 +33,7 @@ import torch
 from fedq.config import RunConfig
 from fedq.errors import PrivacyBudgetExceeded
 from fedq.runtime.backend import make_backend, stop_all
+from fedq.runtime.setup import quiet_process
 from fedq.split.privacy import ActivationAccounting
 from fedq.split.privacy import enabled as dp_enabled
 from fedq.split.protocol import client_name
@@ -65,14 +66,9 @@ def _num_labels(model: Any, split: Any) -> int:
     return int(split.train.num_classes) if model.task == CLASSIFY else len(model.tokenizer)
 
 
-def _setup(threads: int) -> None:
-    torch.set_num_threads(threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
 class SplitServerHost:
     def __init__(self, cfg: RunConfig, tokens: dict[str, str]) -> None:
-        _setup(cfg.runtime.threads_per_worker)
+        quiet_process(cfg.runtime.threads_per_worker)
         from fedq.runtime.setup import client_partitions, load_data
         from fedq.split.protocol import SplitServer
         from fedq.transport.server import TransportServer
@@ -112,7 +108,7 @@ class SplitServerHost:
 
 class SplitWorkerHost:
     def __init__(self, cfg: RunConfig, address: str, tokens: dict[str, str]) -> None:
-        _setup(cfg.runtime.threads_per_worker)
+        quiet_process(cfg.runtime.threads_per_worker)
         from fedq.runtime.setup import client_partitions, load_data
         from fedq.split.protocol import SplitClientWorker
         from fedq.transport.client import TransportClient

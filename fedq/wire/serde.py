@@ -15,8 +15,13 @@ import torch
 from google.protobuf.message import DecodeError
 
 from fedq.codec.layout import Granularity
-from fedq.codec.packed import FORMAT_VERSION, SCALE_DTYPES, Encoding, PackedTensor
-from fedq.codec.quantize import ROW_SCALE_DTYPE
+from fedq.codec.packed import (
+    FORMAT_VERSION,
+    ROW_SCALE_DTYPE,
+    SCALE_DTYPES,
+    Encoding,
+    PackedTensor,
+)
 from fedq.errors import WireFormatError
 from fedq.wire import validate
 from fedq.wire.limits import WireLimits

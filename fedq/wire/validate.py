@@ -20,6 +20,7 @@ from fedq.codec.layout import BlockLayout, Granularity
 from fedq.codec.packed import (
     FLOAT_DTYPES,
     FORMAT_VERSION,
+    ROW_SCALE_DTYPE,
     SCALE_DTYPES,
     Encoding,
     expected_payload_nbytes,
@@ -162,8 +163,11 @@ def check_tensor(msg: pb.PackedTensor, limits: WireLimits) -> TensorSpec:
         _check_block_fields(msg, layout, scale_dtype)
         if msg.row_scales:
             rows = numel // shape[-1] if shape and shape[-1] else 0
-            if not shape or len(msg.row_scales) != 2 * rows:
-                raise fail(name, "row_scales", f"length {len(msg.row_scales)} bytes != {rows} x 2")
+            size = ROW_SCALE_DTYPE.itemsize
+            if not shape or len(msg.row_scales) != size * rows:
+                raise fail(
+                    name, "row_scales", f"length {len(msg.row_scales)} bytes != {rows} x {size}"
+                )
     gran = GRANULARITY_FROM_PB[msg.granularity]
     return TensorSpec(shape, numel, dtype, encoding, gran, scale_dtype, layout)
 
@@ -177,20 +181,21 @@ def check_payload_size(msg: pb.PackedTensor, spec: TensorSpec, bits: torch.Tenso
         raise fail(msg.name, "payload", f"length {len(msg.payload)} bytes != expected {expected}")
 
 
+def _finite_non_negative(name: str, field: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise fail(name, field, "contains NaN or Inf")
+    if bool((t < 0).any()):
+        raise fail(name, field, "contains a negative scale")
+
+
 def check_row_scales(name: str, row_scales: torch.Tensor) -> None:
     """Row scales multiply decoded values: finite and non-negative."""
-    if not bool(torch.isfinite(row_scales).all()):
-        raise fail(name, "row_scales", "contains NaN or Inf")
-    if bool((row_scales < 0).any()):
-        raise fail(name, "row_scales", "contains a negative scale")
+    _finite_non_negative(name, "row_scales", row_scales)
 
 
 def check_scales(name: str, scales: torch.Tensor, offsets: torch.Tensor | None) -> None:
     """Scales must be finite and non-negative, offsets finite: a NaN here would poison the model."""
     if scales.numel():
-        if not bool(torch.isfinite(scales).all()):
-            raise fail(name, "scales", "contains NaN or Inf")
-        if bool((scales < 0).any()):
-            raise fail(name, "scales", "contains a negative scale")
+        _finite_non_negative(name, "scales", scales)
     if offsets is not None and offsets.numel() and not bool(torch.isfinite(offsets).all()):
         raise fail(name, "offsets", "contains NaN or Inf")
