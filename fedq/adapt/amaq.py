@@ -28,6 +28,11 @@ our own inference ([I] in ALGORITHMS.md §0) and is named so it can be ablated:
   size varies 20x; with both options 2-bit relative error at a MiniLM cut falls from 0.39 / 3.1
   (activations / gradients) to 0.16 / 0.19, and AMAQ-2 gains more from it than fixed 2-bit
   (BENCHMARKS.md, "Split learning").
+- [I] **Outlier rows** (``outlier_ratio``; ``split.act_outlier_ratio``, 3 by default there):
+  tokens whose vector is far larger than the median token's (the attention-sink "massive
+  activations" of pre-norm causal LMs) go as float16 rows beside the codes
+  (:mod:`fedq.codec.quantize`); their fake-quant value is that float16 row, their gradient the
+  straight-through identity, and they add no LSQ term to the gates (no bits are spent on them).
 - [I] **Integer bits** (§1.3 item 2): *largest-remainder rounding* of the continuous bits of one
   quantizer: every channel gets ``floor(b_c)`` and the ``round(sum_c b_c) - sum_c floor(b_c)``
   channels with the largest fractional parts get one bit more (ties: lower index). So the sum of
@@ -98,6 +103,7 @@ import torch
 from torch import nn
 
 from fedq.codec import Granularity, PackedTensor, QuantSpec, dequantize, quantize, raw
+from fedq.codec.quantize import restore_rows
 from fedq.errors import ConfigError
 
 RegMode = Literal["budget", "target", "mean"]
@@ -129,14 +135,15 @@ def _lsq_fake_quant(
         return dequantize(p, device=x.device)
     layout = p.layout
     div = None
-    if p.row_scales is None:
+    if p.row_scales is None and p.outlier_index is None:
         exact = exact_n = dequantize(p, device=x.device)
-    else:  # decode once in normalised units; scale rows exactly as dequantize does
-        exact_n = dequantize(dataclasses.replace(p, row_scales=None), device=x.device)
-        rf = p.row_scales.float().to(x.device)
-        exact = (exact_n.reshape(-1, x.shape[-1]).float() * rf.unsqueeze(1)).to(x.dtype)
-        exact = exact.reshape(x.shape)
-        div = torch.where(rf > 0, rf, torch.ones_like(rf)).view(*x.shape[:-1], 1)
+    else:  # decode the blocks once (normalised units), then the row steps as dequantize does
+        core = dataclasses.replace(p, row_scales=None, outlier_index=None, outlier_values=None)
+        exact_n = dequantize(core, device=x.device)
+        exact = restore_rows(exact_n if p.row_scales is not None else exact_n.clone(), p)
+        if p.row_scales is not None:
+            rf = p.row_scales.float().to(x.device)
+            div = torch.where(rf > 0, rf, torch.ones_like(rf)).view(*x.shape[:-1], 1)
     out = exact
     if x.requires_grad:  # straight-through: identity into x, zero in value
         out = (exact.float() + (x - x.detach()).float()).to(x.dtype)
@@ -164,6 +171,10 @@ def _lsq_fake_quant(
             resid = layout.from_blocks(resid)
         if div is not None:
             resid.mul_(div)
+        if p.outlier_index is not None:  # sent as float16, not coded: no LSQ term
+            resid = resid.reshape(-1, x.shape[-1])
+            resid[p.outlier_index.to(device=x.device, dtype=torch.int64)] = 0.0
+            resid = resid.reshape(x.shape)
         rng = scale * (2.0 ** p.bits.to(x.device).float() - 1.0)
     delta = rng / (2.0**bits_ste - 1.0)
     d = delta - delta.detach()  # zero in value
@@ -219,6 +230,7 @@ class AmaqQuantizer(nn.Module):
         seed: int = 0,
         quant_range: Literal["minmax", "sigma"] = "minmax",
         row_scale: bool = False,
+        outlier_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         problems = []
@@ -237,6 +249,7 @@ class AmaqQuantizer(nn.Module):
         self.spec = QuantSpec(
             granularity=Granularity.CHANNEL, axis=-2 if per_token else -1, scale_dtype=scale_dtype,
             stochastic=stochastic, range=quant_range, row_scale=row_scale,
+            outlier_ratio=outlier_ratio,
         )  # fmt: skip
         self.generator = _rounding_generator(stochastic, seed)
         frac = min(max((init_bits - b_min) / (b_max - b_min), 0.02), 0.98)
@@ -317,6 +330,7 @@ class FixedQuantizer(nn.Module):
         seed: int = 0,
         quant_range: Literal["minmax", "sigma"] = "minmax",
         row_scale: bool = False,
+        outlier_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         if not 1 <= bits <= 8:
@@ -325,6 +339,7 @@ class FixedQuantizer(nn.Module):
         self.spec = QuantSpec(
             granularity=Granularity(granularity), axis=-1, group_size=group_size,
             scale_dtype=scale_dtype, stochastic=stochastic, range=quant_range, row_scale=row_scale,
+            outlier_ratio=outlier_ratio,
         )  # fmt: skip
         self.generator = _rounding_generator(stochastic, seed)
 

@@ -11,7 +11,7 @@ from fedq.codec.bitpack import packed_nbytes
 from fedq.codec.layout import BlockLayout, Granularity
 
 #: Version of the packed format (payload layout + metadata meaning). Bumped on any change.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: Floating dtypes fedq quantizes; the decoded tensor has the same dtype as the input.
 FLOAT_DTYPES: dict[str, torch.dtype] = {
@@ -23,6 +23,11 @@ FLOAT_DTYPES: dict[str, torch.dtype] = {
 SCALE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16}
 #: Storage dtype of the optional per-row scales (format version 2): 2 bytes per row.
 ROW_SCALE_DTYPE = torch.float16
+#: Outlier rows (format version 3): int32 row indices, float16 values (2 bytes per element).
+OUTLIER_INDEX_DTYPE = torch.int32
+OUTLIER_VALUE_DTYPE = torch.float16
+#: At most this share of a tensor's rows is sent as outlier rows (the receiver enforces it too).
+MAX_OUTLIER_FRACTION = 0.125
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -51,6 +56,10 @@ class PackedTensor:
       one run in element order (see :mod:`fedq.codec.bitpack`); RAW holds the tensor's bytes.
     - ``row_scales`` (optional, float16 [numel / shape[-1]]): each row of the last dimension of
       the decoded tensor is multiplied by its entry (``QuantSpec.row_scale``, version 2).
+    - ``outlier_index`` / ``outlier_values`` (optional, int32 [k] strictly increasing / float16
+      [k, shape[-1]]): rows of the last dimension sent as float16 instead of codes
+      (``QuantSpec.outlier_ratio``, version 3); they replace those rows of the decoded tensor
+      after the row scales are applied.
     """
 
     shape: tuple[int, ...]
@@ -66,6 +75,8 @@ class PackedTensor:
     offsets: torch.Tensor | None
     payload: torch.Tensor
     row_scales: torch.Tensor | None = None
+    outlier_index: torch.Tensor | None = None
+    outlier_values: torch.Tensor | None = None
     version: int = FORMAT_VERSION
 
     @property
@@ -84,10 +95,12 @@ class PackedTensor:
 
     @property
     def metadata_nbytes(self) -> int:
-        """Declared metadata: bit map (one byte per block) plus scales, offsets and row scales."""
+        """Declared metadata: bit map (one byte per block) plus scales, offsets, row scales and
+        outlier rows (indices and float16 values)."""
         n = self.scales.numel() * self.scales.element_size()
-        if self.row_scales is not None:
-            n += self.row_scales.numel() * self.row_scales.element_size()
+        for t in (self.row_scales, self.outlier_index, self.outlier_values):
+            if t is not None:
+                n += t.numel() * t.element_size()
         if self.offsets is not None:
             n += self.offsets.numel() * self.offsets.element_size()
         return int(n + self.bits.numel())

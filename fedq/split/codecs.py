@@ -38,17 +38,18 @@ def make_quantizer(
     codec = sc.act_codec if direction == "act" else sc.grad_codec
     sdt = sc.act_scale_dtype if direction == "act" else sc.grad_scale_dtype
     sr = direction == "grad" and sc.grad_stochastic
+    outl = sc.act_outlier_ratio if direction == "act" else sc.grad_outlier_ratio
     if codec == "none":
         return IdentityQuantizer()
     if codec == "fixed":
         return FixedQuantizer(sc.fixed_bits, granularity=sc.fixed_granularity,
                               group_size=sc.group_size, scale_dtype=sdt, stochastic=sr,
                               seed=seed, quant_range=sc.quant_range,
-                              row_scale=sc.row_scale)  # fmt: skip
+                              row_scale=sc.row_scale, outlier_ratio=outl)  # fmt: skip
     return AmaqQuantizer(
         max_length if sc.per_token else hidden, b_min=sc.b_min, b_max=sc.b_max, alpha=sc.alpha,
         init_bits=sc.init_bits, per_token=sc.per_token, scale_dtype=sdt, stochastic=sr,
-        seed=seed, quant_range=sc.quant_range, row_scale=sc.row_scale,
+        seed=seed, quant_range=sc.quant_range, row_scale=sc.row_scale, outlier_ratio=outl,
     )  # fmt: skip
 
 

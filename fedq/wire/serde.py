@@ -17,6 +17,8 @@ from google.protobuf.message import DecodeError
 from fedq.codec.layout import Granularity
 from fedq.codec.packed import (
     FORMAT_VERSION,
+    OUTLIER_INDEX_DTYPE,
+    OUTLIER_VALUE_DTYPE,
     ROW_SCALE_DTYPE,
     SCALE_DTYPES,
     Encoding,
@@ -80,7 +82,13 @@ def packed_to_proto(p: PackedTensor, name: str) -> pb.PackedTensor:
         offsets=b"" if p.offsets is None else _tensor_bytes(p.offsets),
         payload=_tensor_bytes(p.payload.to(torch.uint8)),
         row_scales=b"" if p.row_scales is None else _tensor_bytes(p.row_scales.to(ROW_SCALE_DTYPE)),
+        outlier_index=_opt_bytes(p.outlier_index, OUTLIER_INDEX_DTYPE),
+        outlier_values=_opt_bytes(p.outlier_values, OUTLIER_VALUE_DTYPE),
     )
+
+
+def _opt_bytes(t: torch.Tensor | None, dtype: torch.dtype) -> bytes:
+    return b"" if t is None else _tensor_bytes(t.to(dtype))
 
 
 def packed_from_proto(msg: pb.PackedTensor, limits: WireLimits) -> tuple[str, PackedTensor]:
@@ -100,6 +108,11 @@ def packed_from_proto(msg: pb.PackedTensor, limits: WireLimits) -> tuple[str, Pa
     if msg.row_scales:
         row_scales = _tensor_from_bytes(msg.row_scales, ROW_SCALE_DTYPE)
         validate.check_row_scales(msg.name, row_scales)
+    outlier_index = outlier_values = None
+    if msg.outlier_index:
+        outlier_index = _tensor_from_bytes(msg.outlier_index, OUTLIER_INDEX_DTYPE)
+        outlier_values = _tensor_from_bytes(msg.outlier_values, OUTLIER_VALUE_DTYPE)
+        validate.check_outliers(msg.name, spec, outlier_index, outlier_values)
     tensor = PackedTensor(
         shape=spec.shape,
         dtype=spec.dtype,
@@ -114,6 +127,8 @@ def packed_from_proto(msg: pb.PackedTensor, limits: WireLimits) -> tuple[str, Pa
         offsets=offsets,
         payload=_tensor_from_bytes(msg.payload, torch.uint8),
         row_scales=row_scales,
+        outlier_index=outlier_index,
+        outlier_values=None if outlier_values is None else outlier_values.view(-1, spec.shape[-1]),
         version=int(msg.format_version),
     )
     return msg.name, tensor

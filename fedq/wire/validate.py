@@ -20,6 +20,9 @@ from fedq.codec.layout import BlockLayout, Granularity
 from fedq.codec.packed import (
     FLOAT_DTYPES,
     FORMAT_VERSION,
+    MAX_OUTLIER_FRACTION,
+    OUTLIER_INDEX_DTYPE,
+    OUTLIER_VALUE_DTYPE,
     ROW_SCALE_DTYPE,
     SCALE_DTYPES,
     Encoding,
@@ -154,7 +157,10 @@ def check_tensor(msg: pb.PackedTensor, limits: WireLimits) -> TensorSpec:
     if encoding is Encoding.RAW:
         if msg.granularity != pb.TENSOR:
             raise fail(name, "granularity", "RAW tensors must use TENSOR granularity")
-        _check_empty(msg, ("bits", "scales", "offsets", "row_scales"), "for a RAW tensor")
+        _check_empty(
+            msg, ("bits", "scales", "offsets", "row_scales", "outlier_index", "outlier_values"),
+            "for a RAW tensor",
+        )  # fmt: skip
         expected = numel * FLOAT_DTYPES[dtype].itemsize
         if len(msg.payload) != expected:
             raise fail(name, "payload", f"length {len(msg.payload)} bytes != expected {expected}")
@@ -168,8 +174,42 @@ def check_tensor(msg: pb.PackedTensor, limits: WireLimits) -> TensorSpec:
                 raise fail(
                     name, "row_scales", f"length {len(msg.row_scales)} bytes != {rows} x {size}"
                 )
+        _check_outlier_sizes(msg, shape, numel)
     gran = GRANULARITY_FROM_PB[msg.granularity]
     return TensorSpec(shape, numel, dtype, encoding, gran, scale_dtype, layout)
+
+
+def _check_outlier_sizes(msg: pb.PackedTensor, shape: tuple[int, ...], numel: int) -> None:
+    """Outlier rows: indices and values together, whole rows, at most 1/8 of the rows."""
+    name = msg.name
+    if not msg.outlier_index:
+        _check_empty(msg, ("outlier_values",), "without outlier_index")
+        return
+    isz, vsz = OUTLIER_INDEX_DTYPE.itemsize, OUTLIER_VALUE_DTYPE.itemsize
+    width = shape[-1] if shape else 0
+    rows = numel // width if width else 0
+    k, rem = divmod(len(msg.outlier_index), isz)
+    if rem or not width:
+        raise fail(name, "outlier_index", f"length {len(msg.outlier_index)} bytes is not k x {isz}")
+    if k > int(rows * MAX_OUTLIER_FRACTION):
+        raise fail(name, "outlier_index", f"{k} outlier rows of {rows} (at most 1/8)")
+    if len(msg.outlier_values) != k * width * vsz:
+        raise fail(
+            name, "outlier_values",
+            f"length {len(msg.outlier_values)} bytes != {k} x {width} x {vsz}",
+        )  # fmt: skip
+
+
+def check_outliers(name: str, spec: TensorSpec, index: torch.Tensor, values: torch.Tensor) -> None:
+    """Outlier row indices strictly increasing and inside the tensor; values finite."""
+    rows = spec.numel // spec.shape[-1]
+    i = index.to(torch.int64)
+    if int(i.min()) < 0 or int(i.max()) >= rows:
+        raise fail(name, "outlier_index", f"row index outside [0, {rows})")
+    if i.numel() > 1 and not bool((i[1:] > i[:-1]).all()):
+        raise fail(name, "outlier_index", "row indices must be strictly increasing")
+    if not bool(torch.isfinite(values).all()):
+        raise fail(name, "outlier_values", "contains NaN or Inf")
 
 
 def check_payload_size(msg: pb.PackedTensor, spec: TensorSpec, bits: torch.Tensor) -> None:

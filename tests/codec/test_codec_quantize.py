@@ -437,3 +437,70 @@ def test_row_scales_leave_rows_of_equal_rms_unchanged() -> None:
     b = quantize(x, 2, QuantSpec(axis=-1))
     assert torch.equal(a.payload, b.payload)
     assert torch.allclose(dequantize(a), dequantize(b), atol=2e-3)
+
+
+def _massive(seed: int = 3) -> torch.Tensor:
+    """[4, 16, 32] with the first token of every sequence 40x the others (an attention sink)."""
+    x = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(seed))
+    x[:, 0] *= 40.0
+    x[:, 0, 5] = 900.0  # and one massive channel on it, as LLaMA residual streams have
+    return x
+
+
+@pytest.mark.parametrize("two_way", [False, True], ids=["minmax", "sigma+rows"])
+def test_outlier_rows_go_as_float16_and_free_the_other_rows(two_way: bool) -> None:
+    x = _massive()
+    extra: dict = {"range": "sigma", "row_scale": True} if two_way else {}
+    p = quantize(x, 3, QuantSpec(axis=-1, outlier_ratio=3.0, **extra))
+    assert p.outlier_index is not None and p.outlier_values is not None
+    assert p.outlier_index.dtype == torch.int32
+    assert p.outlier_index.tolist() == [0, 16, 32, 48]  # the sink rows, nothing else
+    assert p.outlier_values.dtype == torch.float16 and p.outlier_values.shape == (4, 32)
+    y = dequantize(p)
+    assert torch.equal(y[:, 0], x[:, 0].half().float())  # exact up to float16
+    plain = dequantize(quantize(x, 3, QuantSpec(axis=-1, **extra)))
+
+    def err(z: torch.Tensor, rows: slice | int) -> float:
+        i = (slice(None), rows)
+        return float(((z[i] - x[i]) ** 2).sum() / (x[i] ** 2).sum())
+
+    assert err(y, slice(1, None)) < 0.05
+    if two_way:  # row scales already serve the other rows; clipping ruined the sinks
+        assert err(plain, 0) > 0.1
+    else:  # min-max: the sinks set every channel's range, the other rows drown
+        assert err(plain, slice(1, None)) > 1.0
+    base = quantize(x, 3, QuantSpec(axis=-1, **extra))
+    assert p.metadata_nbytes == base.metadata_nbytes + 4 * 4 + 4 * 32 * 2
+    assert p.payload_nbytes == base.payload_nbytes  # the kept rows are coded as zeros
+
+
+def test_no_outlier_rows_means_the_same_tensor_as_without_the_option() -> None:
+    x = torch.randn(8, 24, 16, generator=torch.Generator().manual_seed(4))
+    for extra in ({}, {"range": "sigma", "row_scale": True}):
+        a = quantize(x, 2, QuantSpec(axis=-1, outlier_ratio=3.0, **extra))  # type: ignore[arg-type]
+        b = quantize(x, 2, QuantSpec(axis=-1, **extra))  # type: ignore[arg-type]
+        assert a.outlier_index is None and a.outlier_values is None
+        assert torch.equal(a.payload, b.payload) and torch.equal(dequantize(a), dequantize(b))
+        assert a.metadata_nbytes == b.metadata_nbytes
+
+
+def test_outlier_rows_are_capped_at_an_eighth_of_the_rows_largest_first() -> None:
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(6))
+    x = x / x.square().mean(dim=1, keepdim=True).sqrt()  # every row at RMS 1
+    x[:20] *= torch.linspace(10, 200, 20).unsqueeze(1)  # 20 outlier rows, growing
+    p = quantize(x, 4, QuantSpec(axis=-1, outlier_ratio=2.0))
+    assert p.outlier_index is not None
+    assert p.outlier_index.tolist() == list(range(12, 20))  # 64 / 8 = 8 rows, the largest
+    assert torch.equal(dequantize(p)[12:20], x[12:20].half().float())
+
+
+def test_outlier_rows_beyond_float16_and_bad_ratios_are_refused() -> None:
+    x = torch.randn(16, 8)
+    x[0] = 1e6
+    with pytest.raises(CodecError, match="float16"):
+        quantize(x, 4, QuantSpec(axis=-1, outlier_ratio=3.0))
+    for bad in (0.5, -1.0, float("nan"), float("inf")):
+        with pytest.raises(CodecError, match="outlier_ratio"):
+            QuantSpec(outlier_ratio=bad)
+    with pytest.raises(CodecError, match="at least 1 dim"):
+        quantize(torch.tensor(1.0), 4, QuantSpec(outlier_ratio=3.0))

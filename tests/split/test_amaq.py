@@ -272,3 +272,43 @@ def test_grad_stochastic_key_reaches_the_gradient_quantizer_only() -> None:
     assert isinstance(on, AmaqQuantizer) and on.spec.stochastic
     off = make_quantizer(SplitConfig(grad_stochastic=False), "grad", 16, 8)
     assert isinstance(off, AmaqQuantizer) and not off.spec.stochastic
+
+
+@pytest.mark.parametrize("two_way", [False, True], ids=["minmax", "sigma+rows"])
+@pytest.mark.parametrize("kind", ["amaq", "fixed"])
+def test_outlier_rows_fake_quant_is_the_wire_and_passes_gradients_straight(
+    two_way: bool, kind: str
+) -> None:
+    """Tokens sent as float16 outlier rows: the fake-quant value is still exactly what the
+    receiver decodes, the input gradient is the identity, and those rows add nothing to the
+    gates' LSQ gradient (changing them leaves it unchanged)."""
+    extra: dict = {"quant_range": "sigma", "row_scale": True} if two_way else {}
+    x = _x(4, 8, 16)
+    x[:, 0] *= 40.0  # attention-sink tokens
+    w = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(1))
+
+    def run(x: torch.Tensor) -> tuple:
+        if kind == "amaq":
+            q: torch.nn.Module = AmaqQuantizer(16, b_min=1, b_max=8, init_bits=3.0,
+                                               outlier_ratio=3.0, **extra)  # fmt: skip
+            with torch.no_grad():
+                q.gate.copy_(torch.linspace(-3, 3, 16))
+        else:
+            q = FixedQuantizer(3, outlier_ratio=3.0, **extra)
+        xg = x.clone().requires_grad_()
+        y, p = q.forward_encode(xg)
+        (y * w).sum().backward()
+        return y.detach(), p, xg.grad, getattr(q, "gate", None), q
+
+    y, p, xgrad, gate, q = run(x)
+    assert p.outlier_index is not None and p.outlier_index.tolist() == [0, 8, 16, 24]
+    assert torch.equal(y, dequantize(q.encode(x)))
+    assert torch.equal(y[:, 0], x[:, 0].half().float())
+    torch.testing.assert_close(xgrad, w, rtol=1e-6, atol=0.0)
+    if gate is not None:
+        assert gate.grad is not None and float(gate.grad.abs().sum()) > 0
+        x2 = x.clone()
+        x2[:, 0] *= 1.5  # still outliers; the coded rows (and their LSQ terms) are unchanged
+        _, p2, _, gate2, _ = run(x2)
+        assert torch.equal(p2.payload, p.payload)
+        torch.testing.assert_close(gate2.grad, gate.grad, rtol=1e-5, atol=1e-7)

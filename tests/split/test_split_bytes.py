@@ -15,7 +15,9 @@ from fedq.wire.pb.service_pb2 import TaskRequest
 
 
 def test_bytes_per_step_match_transport_and_bit_maps(kit) -> None:  # type: ignore[no-untyped-def]
-    cfg = kit.tiny_cfg(local_steps=3, b_min=1, init_bits=4.0)
+    # act_outlier_ratio 1: every token above the median one is an outlier row (capped at 1/8),
+    # so the float16 rows are on the wire and must be counted too
+    cfg = kit.tiny_cfg(local_steps=3, b_min=1, init_bits=4.0, act_outlier_ratio=1.0)
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     sent_msgs: list = []
@@ -60,7 +62,11 @@ def test_bytes_per_step_match_transport_and_bit_maps(kit) -> None:  # type: igno
         assert s["act_bits"] == float((lens * ph.bits.long()).sum()) / ph.numel
         rows = ph.numel // ph.shape[-1]  # bit map + fp16 scale + offset; fp16 row (token) scales
         assert ph.row_scales is not None and ph.row_scales.numel() == rows
-        assert s["act_meta"] == ph.bits.numel() * (1 + 2 + 2) + 2 * rows
+        assert ph.outlier_index is not None and ph.outlier_values is not None
+        k = ph.outlier_index.numel()
+        assert 0 < k <= rows // 8 and ph.outlier_values.shape == (k, ph.shape[-1])
+        outliers = k * (4 + 2 * ph.shape[-1])  # int32 index + float16 row
+        assert s["act_meta"] == ph.bits.numel() * (1 + 2 + 2) + 2 * rows + outliers
     # ... and the server's transport counted the same bytes, both ways
     request = TaskRequest(client_id="client-0", round=0).ByteSize()  # the get_task call
     assert traffic["bytes_up"] == client.bytes_sent == up_total + request

@@ -30,6 +30,10 @@ def packed_equal(a: PackedTensor, b: PackedTensor) -> None:
     _same(a.payload, b.payload, "payload")
     assert (a.row_scales is None) == (b.row_scales is None), "row_scales presence"
     _same(a.row_scales, b.row_scales, "row_scales")
+    _same(a.outlier_index, b.outlier_index, "outlier_index")
+    _same(a.outlier_values, b.outlier_values, "outlier_values")
+    if a.outlier_values is not None and b.outlier_values is not None:
+        assert a.outlier_values.shape == b.outlier_values.shape, "outlier_values shape"
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ LIMITS = WireLimits()
 # Rows of 16 values: long enough that per-channel quantization stays per-channel (shorter rows
 # fall back to groups, see QuantSpec.layout_for), so the corpus covers CHANNEL messages.
 X = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+XO = torch.randn(16, 16, generator=torch.Generator().manual_seed(1))
 
 
 def _asym() -> pb.PackedTensor:
@@ -38,6 +39,16 @@ def _group() -> pb.PackedTensor:
 def _rows() -> pb.PackedTensor:
     spec = QuantSpec(axis=-1, range="sigma", row_scale=True)
     return packed_to_proto(quantize(X, 2, spec), "h")
+
+
+def _outl() -> pb.PackedTensor:
+    x = XO.clone()
+    x[0] *= 100.0  # one outlier row (of 16: at most 2 allowed)
+    return packed_to_proto(quantize(x, 3, QuantSpec(axis=-1, outlier_ratio=3.0)), "h")
+
+
+def _index(*rows: int) -> bytes:
+    return struct.pack(f"<{len(rows)}i", *rows)
 
 
 def _raw() -> pb.PackedTensor:
@@ -108,6 +119,35 @@ CORPUS: dict[str, tuple[Callable[[], bytes], str]] = {
         "row_scales",
     ),
     "row scales on raw": (lambda: _set(_raw, row_scales=b"\x00\x3c"), "row_scales"),
+    "outlier index length": (
+        lambda: _set(_outl, outlier_index=_outl().outlier_index[:-1]),
+        "outlier_index",
+    ),
+    "outlier values length": (
+        lambda: _set(_outl, outlier_values=_outl().outlier_values[:-2]),
+        "outlier_values",
+    ),
+    "outlier values alone": (lambda: _set(_outl, outlier_index=b""), "outlier_values"),
+    "outlier row out of range": (
+        lambda: _set(_outl, outlier_index=_index(XO.shape[0])),
+        "outlier_index",
+    ),
+    "outlier row negative": (lambda: _set(_outl, outlier_index=_index(-1)), "outlier_index"),
+    "outlier rows repeated": (
+        lambda: _set(_outl, outlier_index=_index(1, 1), outlier_values=_outl().outlier_values * 2),
+        "outlier_index",
+    ),
+    "too many outlier rows": (
+        lambda: _set(
+            _outl, outlier_index=_index(*range(3)), outlier_values=_outl().outlier_values * (3)
+        ),
+        "outlier_index",
+    ),
+    "outlier values NaN": (
+        lambda: _set(_outl, outlier_values=b"\x00\x7e" + _outl().outlier_values[2:]),
+        "outlier_values",
+    ),
+    "outlier rows on raw": (lambda: _set(_raw, outlier_index=_index(0)), "outlier_index"),
     "offsets on symmetric": (lambda: _set(_sym, offsets=_sym().scales), "offsets"),
     "offsets missing on asymmetric": (lambda: _set(_asym, offsets=b""), "offsets"),
     "huge shape": (lambda: _set(_asym, shape=[2**40, 2**40]), "shape"),

@@ -40,6 +40,20 @@ def _specs() -> list[QuantSpec]:
     return plain + two_way
 
 
+@pytest.mark.parametrize("two_way", [False, True], ids=["minmax", "sigma+rows"])
+def test_outlier_rows_roundtrip(two_way: bool, assert_packed_equal) -> None:
+    x = torch.randn(3, 16, 24, generator=torch.Generator().manual_seed(2))
+    x[:, 0] *= 50.0
+    extra: dict = {"range": "sigma", "row_scale": True} if two_way else {}
+    p = quantize(x, 3, QuantSpec(axis=-1, outlier_ratio=3.0, **extra))
+    assert p.outlier_index is not None and p.outlier_index.numel() == 3
+    _, back = packed_from_proto(
+        pb.PackedTensor.FromString(packed_to_proto(p, "h").SerializeToString()), LIMITS
+    )
+    assert_packed_equal(p, back)
+    assert torch.equal(dequantize(back), dequantize(p))
+
+
 @pytest.mark.parametrize("spec", _specs(), ids=str)
 def test_quantized_roundtrip_every_bit_width(spec: QuantSpec, assert_packed_equal) -> None:
     gen = torch.Generator().manual_seed(0)

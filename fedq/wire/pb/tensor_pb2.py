@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64q/wire/pb/tensor.proto\x12\x07\x66\x65\x64q.v1\"\xe0\x02\n\x0cPackedTensor\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x1d\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0e.fedq.v1.DType\x12#\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x11.fedq.v1.Encoding\x12)\n\x0bgranularity\x18\x06 \x01(\x0e\x32\x14.fedq.v1.Granularity\x12\x0c\n\x04\x61xis\x18\x07 \x01(\r\x12\x12\n\ngroup_size\x18\x08 \x01(\r\x12\x11\n\tsymmetric\x18\t \x01(\x08\x12#\n\x0bscale_dtype\x18\n \x01(\x0e\x32\x0e.fedq.v1.DType\x12\x0c\n\x04\x62its\x18\x0b \x01(\x0c\x12\x0e\n\x06scales\x18\x0c \x01(\x0c\x12\x0f\n\x07offsets\x18\r \x01(\x0c\x12\x0f\n\x07payload\x18\x0e \x01(\x0c\x12\x12\n\nrow_scales\x18\x0f \x01(\x0c\"N\n\x0cTensorBundle\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12&\n\x07tensors\x18\x02 \x03(\x0b\x32\x15.fedq.v1.PackedTensor\"\xa9\x02\n\x06Header\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12-\n\x07scalars\x18\x07 \x03(\x0b\x32\x1c.fedq.v1.Header.ScalarsEntry\x12\'\n\x04tags\x18\x08 \x03(\x0b\x32\x19.fedq.v1.Header.TagsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"S\n\x05\x46rame\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x0f.fedq.v1.HeaderH\x00\x12\x1f\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0e.fedq.v1.ChunkH\x00\x42\x06\n\x04kind*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03*<\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\r\n\tQUANTIZED\x10\x01\x12\x07\n\x03RAW\x10\x02*N\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\n\n\x06TENSOR\x10\x01\x12\x0b\n\x07\x43HANNEL\x10\x02\x12\t\n\x05GROUP\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66\x65\x64q/wire/pb/tensor.proto\x12\x07\x66\x65\x64q.v1\"\x8f\x03\n\x0cPackedTensor\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x1d\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0e.fedq.v1.DType\x12#\n\x08\x65ncoding\x18\x05 \x01(\x0e\x32\x11.fedq.v1.Encoding\x12)\n\x0bgranularity\x18\x06 \x01(\x0e\x32\x14.fedq.v1.Granularity\x12\x0c\n\x04\x61xis\x18\x07 \x01(\r\x12\x12\n\ngroup_size\x18\x08 \x01(\r\x12\x11\n\tsymmetric\x18\t \x01(\x08\x12#\n\x0bscale_dtype\x18\n \x01(\x0e\x32\x0e.fedq.v1.DType\x12\x0c\n\x04\x62its\x18\x0b \x01(\x0c\x12\x0e\n\x06scales\x18\x0c \x01(\x0c\x12\x0f\n\x07offsets\x18\r \x01(\x0c\x12\x0f\n\x07payload\x18\x0e \x01(\x0c\x12\x12\n\nrow_scales\x18\x0f \x01(\x0c\x12\x15\n\routlier_index\x18\x10 \x01(\x0c\x12\x16\n\x0eoutlier_values\x18\x11 \x01(\x0c\"N\n\x0cTensorBundle\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12&\n\x07tensors\x18\x02 \x03(\x0b\x32\x15.fedq.v1.PackedTensor\"\xa9\x02\n\x06Header\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x11\n\tclient_id\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\x12\x0c\n\x04step\x18\x05 \x01(\x04\x12\x14\n\x0cpayload_size\x18\x06 \x01(\x04\x12-\n\x07scalars\x18\x07 \x03(\x0b\x32\x1c.fedq.v1.Header.ScalarsEntry\x12\'\n\x04tags\x18\x08 \x03(\x0b\x32\x19.fedq.v1.Header.TagsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"S\n\x05\x46rame\x12!\n\x06header\x18\x01 \x01(\x0b\x32\x0f.fedq.v1.HeaderH\x00\x12\x1f\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x0e.fedq.v1.ChunkH\x00\x42\x06\n\x04kind*F\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03*<\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\r\n\tQUANTIZED\x10\x01\x12\x07\n\x03RAW\x10\x02*N\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\n\n\x06TENSOR\x10\x01\x12\x0b\n\x07\x43HANNEL\x10\x02\x12\t\n\x05GROUP\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADER_SCALARSENTRY']._serialized_options = b'8\001'
   _globals['_HEADER_TAGSENTRY']._loaded_options = None
   _globals['_HEADER_TAGSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=897
-  _globals['_DTYPE']._serialized_end=967
-  _globals['_ENCODING']._serialized_start=969
-  _globals['_ENCODING']._serialized_end=1029
-  _globals['_GRANULARITY']._serialized_start=1031
-  _globals['_GRANULARITY']._serialized_end=1109
+  _globals['_DTYPE']._serialized_start=944
+  _globals['_DTYPE']._serialized_end=1014
+  _globals['_ENCODING']._serialized_start=1016
+  _globals['_ENCODING']._serialized_end=1076
+  _globals['_GRANULARITY']._serialized_start=1078
+  _globals['_GRANULARITY']._serialized_end=1156
   _globals['_PACKEDTENSOR']._serialized_start=39
-  _globals['_PACKEDTENSOR']._serialized_end=391
-  _globals['_TENSORBUNDLE']._serialized_start=393
-  _globals['_TENSORBUNDLE']._serialized_end=471
-  _globals['_HEADER']._serialized_start=474
-  _globals['_HEADER']._serialized_end=771
-  _globals['_HEADER_SCALARSENTRY']._serialized_start=680
-  _globals['_HEADER_SCALARSENTRY']._serialized_end=726
-  _globals['_HEADER_TAGSENTRY']._serialized_start=728
-  _globals['_HEADER_TAGSENTRY']._serialized_end=771
-  _globals['_CHUNK']._serialized_start=773
-  _globals['_CHUNK']._serialized_end=810
-  _globals['_FRAME']._serialized_start=812
-  _globals['_FRAME']._serialized_end=895
+  _globals['_PACKEDTENSOR']._serialized_end=438
+  _globals['_TENSORBUNDLE']._serialized_start=440
+  _globals['_TENSORBUNDLE']._serialized_end=518
+  _globals['_HEADER']._serialized_start=521
+  _globals['_HEADER']._serialized_end=818
+  _globals['_HEADER_SCALARSENTRY']._serialized_start=727
+  _globals['_HEADER_SCALARSENTRY']._serialized_end=773
+  _globals['_HEADER_TAGSENTRY']._serialized_start=775
+  _globals['_HEADER_TAGSENTRY']._serialized_end=818
+  _globals['_CHUNK']._serialized_start=820
+  _globals['_CHUNK']._serialized_end=857
+  _globals['_FRAME']._serialized_start=859
+  _globals['_FRAME']._serialized_end=942
 # @@protoc_insertion_point(module_scope)

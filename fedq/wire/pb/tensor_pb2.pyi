@@ -39,7 +39,7 @@ CHANNEL: Granularity
 GROUP: Granularity
 
 class PackedTensor(_message.Message):
-    __slots__ = ("format_version", "name", "shape", "dtype", "encoding", "granularity", "axis", "group_size", "symmetric", "scale_dtype", "bits", "scales", "offsets", "payload", "row_scales")
+    __slots__ = ("format_version", "name", "shape", "dtype", "encoding", "granularity", "axis", "group_size", "symmetric", "scale_dtype", "bits", "scales", "offsets", "payload", "row_scales", "outlier_index", "outlier_values")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,8 @@ class PackedTensor(_message.Message):
     OFFSETS_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     ROW_SCALES_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    OUTLIER_VALUES_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
@@ -70,7 +72,9 @@ class PackedTensor(_message.Message):
     offsets: bytes
     payload: bytes
     row_scales: bytes
-    def __init__(self, format_version: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., axis: _Optional[int] = ..., group_size: _Optional[int] = ..., symmetric: _Optional[bool] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., bits: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., row_scales: _Optional[bytes] = ...) -> None: ...
+    outlier_index: bytes
+    outlier_values: bytes
+    def __init__(self, format_version: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., granularity: _Optional[_Union[Granularity, str]] = ..., axis: _Optional[int] = ..., group_size: _Optional[int] = ..., symmetric: _Optional[bool] = ..., scale_dtype: _Optional[_Union[DType, str]] = ..., bits: _Optional[bytes] = ..., scales: _Optional[bytes] = ..., offsets: _Optional[bytes] = ..., payload: _Optional[bytes] = ..., row_scales: _Optional[bytes] = ..., outlier_index: _Optional[bytes] = ..., outlier_values: _Optional[bytes] = ...) -> None: ...
 
 class TensorBundle(_message.Message):
     __slots__ = ("format_version", "tensors")
