@@ -113,6 +113,7 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
         "accuracy_rounds": [r.get("accuracy") for r in recs],
         "mean_bits_run": sum(r["mean_bits"] for r in recs) / len(recs),
         "mean_bits_final": last["mean_bits"], "step_bytes": step_bytes, "cut_bytes": wire,
+        "act_wire_bits_final": last.get("act_wire_bits"),
         "s_per_step_compute": compute, "s_per_step_link": compute + link,
     }  # fmt: skip
 
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               flush=True)  # fmt: skip
     print(f"\nsplit bench: {args.steps} steps x {args.seeds} seeds, link {args.mbps} Mbit/s")
     head = f"{'arm':<14} {'acc %':>12} {'ppl':>10} {'bits(run)':>10} {'bits(end)':>10} "
-    print(head + f"{'KiB/step':>10} {'s/step':>8} {'s/step@link':>12}")
+    print(head + f"{'act wire(end)':>14} {'KiB/step':>10} {'s/step':>8} {'s/step@link':>12}")
     table = {}
     for name, rs in results.items():
         acc = [r["accuracy"] for r in rs if r["accuracy"] is not None]
@@ -196,11 +197,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = {k: statistics.fmean(r[k] for r in rs) for k in
                ("mean_bits_run", "mean_bits_final", "step_bytes", "s_per_step_compute",
                 "s_per_step_link")}  # fmt: skip
+        wire = [r["act_wire_bits_final"] for r in rs if r.get("act_wire_bits_final") is not None]
+        row["act_wire_bits_final"] = statistics.fmean(wire) if wire else float("nan")
         row["accuracy"] = acc
         table[name] = row
         print(f"{name:<14} {_fmt(acc, 100, 1):>12} {_fmt(ppl, 1, 1):>10} "
               f"{row['mean_bits_run']:>10.2f} {row['mean_bits_final']:>10.2f} "
-              f"{row['step_bytes'] / 1024:>10.1f} {row['s_per_step_compute']:>8.2f} "
+              f"{row['act_wire_bits_final']:>14.2f} {row['step_bytes'] / 1024:>10.1f} "
+              f"{row['s_per_step_compute']:>8.2f} "
               f"{row['s_per_step_link']:>12.2f}")  # fmt: skip
     out = {"args": vars(args) | {"func": None}, "arms": table, "runs": results}
     if args.link:

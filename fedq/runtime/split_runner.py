@@ -10,7 +10,9 @@ concurrently; the server serialises their steps on its shared top (SFL-V2, ALGOR
 
 Files (ARCHITECTURE.md contract): ``config.json``, ``metrics.jsonl`` (one record per round:
 ``round``, ``step``, ``accuracy``, ``loss``, ``bytes_up``/``bytes_down`` as counted by the server's
-transport, ``bytes_fp32``, ``mean_bits`` of the cut payloads as sent, ``epsilon`` (the worst
+transport, ``bytes_fp32``, ``mean_bits`` of the cut payloads' codes as sent, ``act_wire_bits`` /
+``grad_wire_bits`` (all bytes of each tensor, metadata and float16 outlier rows included, per
+value), ``epsilon`` (the worst
 client's with ``privacy.mechanism: activations``, None without DP; the run stops before a round
 that would exceed ``privacy.target_epsilon``, reason in ``summary.json``),
 ``bits/<boundary>/<dir>/{mean,min,max}``), ``bits.jsonl`` (the same bit stats per client step),
@@ -149,6 +151,11 @@ def round_record(cfg: RunConfig, r: int, server_out: dict[str, Any],
     rec["mean_bits"] = bits / (2 * numel) if numel else None
     rec["act_bits"] = sum(s["act_bits"] * s["numel"] for s in steps) / numel if numel else None
     rec["grad_bits"] = sum(s["grad_bits"] * s["numel"] for s in steps) / numel if numel else None
+    # everything the activation / gradient tensors put on the wire (codes, scales, offsets, bit
+    # maps, row scales, float16 outlier rows), in bits per value: what mean_bits does not show
+    for d in ("act", "grad"):
+        nbytes = sum(s[f"{d}_payload"] + s[f"{d}_meta"] for s in steps if f"{d}_meta" in s)
+        rec[f"{d}_wire_bits"] = 8 * nbytes / numel if numel else None
     rec["step_bytes_up"] = sum(s["bytes_up"] for s in steps) / max(len(steps), 1)
     rec["step_bytes_down"] = sum(s["bytes_down"] for s in steps) / max(len(steps), 1)
     rec["state_bytes"] = sum(res["state_bytes"] for res in results)

@@ -44,6 +44,8 @@ def test_simulate_split_writes_the_run_contract(tmp_path: Path) -> None:
     # the bits fall under the regularizer, and bytes with them
     assert recs[-1]["mean_bits"] < recs[0]["mean_bits"] <= 8
     assert recs[-1]["step_bytes_up"] < recs[0]["step_bytes_up"]
+    for d in ("act", "grad"):  # metadata (scales, bit maps, row scales) is on top of the codes
+        assert recs[-1][f"{d}_bits"] < recs[-1][f"{d}_wire_bits"] < recs[-1][f"{d}_bits"] + 4
     assert summary["bytes_wire_total"] == sum(r["bytes_up"] + r["bytes_down"] for r in recs)
     assert summary["compression_ratio"] > 1.5
     steps = [json.loads(x) for x in (tmp_path / "bits.jsonl").read_text().splitlines()]
