@@ -21,9 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_split_section_is_validated_with_every_problem_named() -> None:
     with pytest.raises(ConfigError) as e:
         config_from_dict({"mode": "split", "split": {"cut": 0, "b_min": 5, "b_max": 3,
-                                                      "act_codec": "zip", "nope": 1}})  # fmt: skip
+                                                      "act_codec": "zip", "nope": 1,
+                                                      "act_outlier_ratio": 0.5,
+                                                      "grad_outlier_ratio": -1}})  # fmt: skip
     text = "\n".join(e.value.problems)
-    for key in ("split.cut", "split.b_min/b_max", "split.act_codec", "split.nope"):
+    for key in ("split.cut", "split.b_min/b_max", "split.act_codec", "split.nope",
+                "split.act_outlier_ratio", "split.grad_outlier_ratio"):  # fmt: skip
         assert key in text
     with pytest.raises(ConfigError, match="mode"):
         config_from_dict({"mode": "pipeline"})
