@@ -31,8 +31,8 @@ Design (documented choices):
   (LLaMA, SmolLM2) carry "massive activations" on the first token and a few delimiter tokens
   (SmolLM2-135M after block 4: RMS 20-36 against a median of 4.3); per-channel ranges are then
   set by a handful of tokens, and clipping them destroys the attention sink. On SmolLM2 3-bit
-  activations (untuned perplexity, fp32 128.7): min-max 150 -> 135, sigma + row scales
-  364 -> 134 with ``t = 3`` (3.7% of the rows kept). Cost: 16 bits per value of a kept row plus
+  activations (untuned perplexity, fp32 128.7): min-max 150 -> 136, sigma + row scales
+  364 -> 135 with ``t = 3`` (3.7% of the rows kept). Cost: 16 bits per value of a kept row plus
   4 bytes of index, on top of the (zero) codes; a tensor without such rows pays nothing.
 - Zero-range blocks (constant tensors) get scale 0 and decode exactly; zero rows get row scale 0.
 - NaN / Inf inputs raise :class:`~fedq.errors.CodecError`; no payload ever carries them.
