@@ -81,7 +81,7 @@ def packed_to_proto(p: PackedTensor, name: str) -> pb.PackedTensor:
         scales=_tensor_bytes(p.scales),
         offsets=b"" if p.offsets is None else _tensor_bytes(p.offsets),
         payload=_tensor_bytes(p.payload.to(torch.uint8)),
-        row_scales=b"" if p.row_scales is None else _tensor_bytes(p.row_scales.to(ROW_SCALE_DTYPE)),
+        row_scales=_opt_bytes(p.row_scales, ROW_SCALE_DTYPE),
         outlier_index=_opt_bytes(p.outlier_index, OUTLIER_INDEX_DTYPE),
         outlier_values=_opt_bytes(p.outlier_values, OUTLIER_VALUE_DTYPE),
     )
