@@ -223,9 +223,12 @@ class PrivacyConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-    """Where the run executes. ``workers: 0`` means one worker per core."""
+    """Where the run executes. ``workers: 0`` means one worker per core. ``device``: where split
+    mode's models and cut codecs compute (``cuda`` needs a CUDA build of torch; ``auto`` takes
+    CUDA when torch sees a GPU); federated mode trains on the CPU."""
 
     backend: Literal["ray", "inprocess"] = "ray"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
     workers: int = 0
     ray_address: str | None = None
     object_store_mb: int = 256
@@ -270,6 +273,9 @@ class RunConfig:
                 "(the proximal term is not per-example clipped); use fedavg or fedadam"
             )
         split = self.mode == "split"
+        if self.runtime.device == "cuda" and not split:
+            p.append("runtime.device: 'cuda' is supported in mode 'split' only (federated mode "
+                     "trains on the CPU)")  # fmt: skip
         allowed = ("none", "activations") if split else ("none", "dpsgd", "central", "laplace")
         if self.privacy.mechanism not in allowed:
             p.append(

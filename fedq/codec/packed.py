@@ -46,7 +46,8 @@ class Encoding(enum.Enum):
 
 @dataclass(frozen=True, slots=True, eq=False)
 class PackedTensor:
-    """A tensor encoded for transmission.
+    """A tensor encoded for transmission. Its tensors live on the CPU (it is the wire form, whatever
+    device the source was on); ``dequantize(p, device=...)`` decodes onto a device.
 
     - ``bits``: uint8 [num_blocks], the bit map (one width per block, 1..8); empty for RAW.
     - ``scales``: [num_blocks] in ``scale_dtype``: the step between adjacent codes.

@@ -296,10 +296,10 @@ def _packed(
         group_size=layout.group_size,
         symmetric=spec.symmetric,
         scale_dtype=spec.scale_dtype,
-        bits=bm,
+        bits=bm.cpu(),
         scales=scales,
         offsets=offsets,
-        payload=payload,
+        payload=payload.cpu(),  # a PackedTensor is the wire form: it always lives on the CPU
         row_scales=row_scales,
     )
 
@@ -400,7 +400,9 @@ def dequantize(p: PackedTensor, *, device: torch.device | str | None = None) -> 
     layout = p.layout
     if layout.numel == 0:
         return torch.empty(p.shape, dtype=out_dtype, device=dev)
-    codes = _unpack_by_class(p, layout).to(dev)
+    if p.payload.device != dev:  # unpack where the tensor is wanted (the packed form is smaller)
+        p = dataclasses.replace(p, payload=p.payload.to(dev))
+    codes = _unpack_by_class(p, layout)
     s = p.scales.to(device=dev, dtype=torch.float32).unsqueeze(1)
     if p.symmetric:
         centre = ((2 ** p.bits.to(device=dev, dtype=torch.int32) - 1).float() / 2).unsqueeze(1)
@@ -442,7 +444,9 @@ def raw(x: torch.Tensor) -> PackedTensor:
     """Encode ``x`` losslessly in its own dtype (identity codec / uncompressed baseline)."""
     name = dtype_name(x.dtype)
     flat = x.detach().contiguous().reshape(-1)
-    payload = flat.view(torch.uint8).clone() if flat.numel() else torch.empty(0, dtype=torch.uint8)
+    payload = torch.empty(0, dtype=torch.uint8)
+    if flat.numel():  # a PackedTensor is the wire form: it always lives on the CPU
+        payload = flat.view(torch.uint8).cpu().clone()
     none = torch.empty(0)
     return PackedTensor(
         tuple(x.shape),

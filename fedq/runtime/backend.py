@@ -18,6 +18,18 @@ from fedq.config import RuntimeConfig
 log = logging.getLogger(__name__)
 
 
+#: GPU share each Ray host asks for with ``runtime.device: cuda`` (up to 100 hosts per GPU).
+GPU_SHARE = 0.01
+
+
+def wants_gpu(rt: RuntimeConfig) -> bool:
+    if rt.device == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return rt.device == "cuda"
+
+
 class InProcessBackend:
     name = "inprocess"
 
@@ -57,11 +69,16 @@ class RayBackend:
                     _temp_dir=tempfile.mkdtemp(prefix="fedq-ray-"),
                 )
             self._started = True
+        # runtime.device cuda: each host asks for a small share of a GPU so that Ray shows it
+        # the device (CUDA_VISIBLE_DEVICES) and packs the server and workers onto one GPU
+        self._gpu_share = GPU_SHARE if wants_gpu(rt) else 0.0
 
     def spawn(self, cls: type, *args: Any) -> Any:
         # Hosts use 0 logical CPUs so N workers + a server always schedule on a small machine;
         # each host caps its own torch threads instead.
-        actor: Any = self.ray.remote(cls).options(num_cpus=0, max_concurrency=4)
+        actor: Any = self.ray.remote(cls).options(
+            num_cpus=0, num_gpus=self._gpu_share, max_concurrency=4
+        )
         return actor.remote(*args)
 
     def call(self, handle: Any, method: str, *args: Any) -> Any:

@@ -13,6 +13,18 @@ from typing import Any
 import torch
 
 from fedq.config import RunConfig
+from fedq.errors import ConfigError
+
+
+def torch_device(name: str) -> torch.device:
+    """``runtime.device`` as a torch device: ``auto`` takes CUDA when torch sees a GPU; ``cuda``
+    without one is a :class:`~fedq.errors.ConfigError` (not a silent fall-back to the CPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device: 'cuda' asked for, but torch sees no CUDA GPU "
+                          f"(torch {torch.__version__}); use 'cpu' or 'auto'")  # fmt: skip
+    return torch.device(name)
 
 
 def quiet_process(threads: int) -> None:

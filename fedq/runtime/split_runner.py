@@ -35,7 +35,7 @@ import torch
 from fedq.config import RunConfig
 from fedq.errors import PrivacyBudgetExceeded
 from fedq.runtime.backend import make_backend, stop_all
-from fedq.runtime.setup import quiet_process
+from fedq.runtime.setup import quiet_process, torch_device
 from fedq.split.privacy import ActivationAccounting
 from fedq.split.privacy import enabled as dp_enabled
 from fedq.split.protocol import client_name
@@ -50,11 +50,12 @@ def _build(cfg: RunConfig, split: Any) -> Any:
     from fedq.split.models import build_split_model
 
     m, sc = cfg.model, cfg.split
-    return build_split_model(
+    model = build_split_model(
         m.name, cut=sc.cut, num_classes=int(split.train.num_classes), seed=cfg.seed,
         lora_r=m.lora_r, max_length=m.max_length, hidden=m.hidden, tiny_layers=sc.tiny_layers,
         make_boundary=boundary_factory(sc, _hidden_of(cfg), m.max_length),
     )  # fmt: skip
+    return model.to(torch_device(cfg.runtime.device))
 
 
 def _hidden_of(cfg: RunConfig) -> int:
@@ -179,6 +180,8 @@ def run_split(
     from fedq.report import MetricsWriter, summarize, write_config, write_summary
     from fedq.split.report import plot_split_report
 
+    if not cfg.runtime.ray_address:  # local hosts: a missing GPU is a config error, said now
+        torch_device(cfg.runtime.device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, cfg.to_dict())

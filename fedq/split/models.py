@@ -29,7 +29,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,15 @@ class SplitModel:
     max_length: int
     hidden: int
     num_blocks: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def to(self, device: torch.device | str) -> SplitModel:
+        """Move both halves (inner boundaries' quantizers included) to ``device``; batches from
+        :meth:`make_batch` are made there too."""
+        for part in (self.full, self.bottom, self.top):
+            part.to(device)
+        self.device = torch.device(device)
+        return self
 
     def make_batch(self, texts: Sequence[str], labels: torch.Tensor, *, pad_to_max: bool) -> Batch:
         """Tokenize ``texts``; classification keeps ``labels``, causal LM uses the tokens
@@ -234,6 +243,8 @@ class SplitModel:
             batch["labels"] = labels.long()
         else:
             batch["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device) for k, v in batch.items()}
         return batch
 
     def bottom_state(self) -> dict[str, torch.Tensor]:

@@ -107,6 +107,8 @@ class SplitServer:
         sc = cfg.split
         self.grad_q = make_quantizer(sc, "grad", model.hidden, model.max_length, seed=cfg.seed)
         self.eval_act_q = make_quantizer(sc, "act", model.hidden, model.max_length)
+        self.grad_q.to(model.device)
+        self.eval_act_q.to(model.device)
         self.schedule = bit_schedule(sc, total_steps(cfg))
         quantizers = [self.grad_q, *_boundary_quantizers(model.top)]
         self.quantizers = quantizers
@@ -229,12 +231,12 @@ class SplitServer:
             raise FedqError(f"activations must be [B, T<={m.max_length}, {m.hidden}], "
                             f"got {list(ph.shape)}")  # fmt: skip
         b, t = ph.shape[0], ph.shape[1]
-        mask = unpack_mask(msg.tensors["mask"])
-        labels = unpack_labels(msg.tensors["labels"], 0, self.num_labels)
+        mask = unpack_mask(msg.tensors["mask"]).to(m.device)
+        labels = unpack_labels(msg.tensors["labels"], 0, self.num_labels).to(m.device)
         want = (b,) if m.task == CLASSIFY else (b, t)
         if tuple(mask.shape) != (b, t) or tuple(labels.shape) != want:
             raise FedqError(f"mask {list(mask.shape)} / labels {list(labels.shape)} do not fit h")
-        h = dequantize(ph).float()
+        h = dequantize(ph, device=m.device).float()
         if not bool(torch.isfinite(h).all()):
             raise FedqError("activations decode to NaN/Inf")
         return h, mask, labels
@@ -329,6 +331,7 @@ class SplitClientWorker:
         self.connect = connect
         sc = cfg.split
         self.act_q = make_quantizer(sc, "act", model.hidden, model.max_length)
+        self.act_q.to(model.device)
         self.quantizers = [self.act_q, *_boundary_quantizers(model.bottom)]
         self.schedule = bit_schedule(sc, total_steps(cfg))
         self._conns: dict[int, SplitConnection] = {}
@@ -402,7 +405,7 @@ class SplitClientWorker:
         pg = reply.tensors["g"]
         if tuple(pg.shape) != tuple(h.shape):
             raise FedqError(f"gradient shape {list(pg.shape)} != activations {list(h.shape)}")
-        g = dequantize(pg).to(h_hat.dtype)
+        g = dequantize(pg, device=h_hat.device).to(h_hat.dtype)
         reg = bit_penalty(self.quantizers, self.schedule, step)
         outs, grads = [h_hat], [g]
         if reg is not None:
