@@ -117,6 +117,7 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
         "mean_bits_run": sum(r["mean_bits"] for r in recs) / len(recs),
         "mean_bits_final": last["mean_bits"], "step_bytes": step_bytes, "cut_bytes": wire,
         "act_wire_bits_final": last.get("act_wire_bits"),
+        "act_bits_range_final": [last.get("bits/cut/act/min"), last.get("bits/cut/act/max")],
         "s_per_step_compute": compute, "s_per_step_link": compute + link,
     }  # fmt: skip
 
