@@ -17,13 +17,11 @@ or ``split.warmup_fraction=0.25``), ``--first-seed`` shifts the seeds (each seed
 train/test subset; all arms of one seed share it).
 
 Recorded runs and which goals pass: BENCHMARKS.md, "Split learning (`fedq bench split`)". In
-short (200 steps, 1000 test examples, 6 seeds): fp32 79.7, fixed-2 78.3, AMAQ-2 78.4 with the
-default 50% warm-up and 79.3 with ``--set split.warmup_fraction=0.1`` (within 1 point of fp32 on
-the mean, not on every seed; the short warm-up hurts AMAQ-1.5, so it is not the default);
-all-boundaries AMAQ-2 70.4 vs fixed-2 65.1 (3 seeds); SmolLM2 with fp16 outlier rows (default)
-perplexity fp32 90.7, fixed-3 98.9, AMAQ-3 100.9 (the 5% goal fails, and AMAQ is not below
-fixed there); on a GPU (``--set runtime.device=cuda``) over 600 steps, fixed-3 84.0 and AMAQ-3
-89.2-92.0 against an fp32 median of 78.4 (AMAQ still worse than fixed bits).
+short, with the current defaults (gate step ``split.gate_lr`` 0.01; 200 steps, 1000 test examples,
+6 seeds): fp32 79.7, fixed-2 78.3, AMAQ-2 79.3 (within 1 point of fp32 on the mean, not on every
+seed); all-boundaries AMAQ-2 72.9 vs fixed-2 65.1 (3 seeds); SmolLM2 (fp16 outlier rows, 60
+steps) perplexity fp32 90.7, fixed-3 98.9, AMAQ-3 97.4 (below fixed-3 on every seed; the 5% goal
+fails); on a GPU (``--set runtime.device=cuda``) over 600 steps AMAQ-3 83.9 vs fixed-3 84.0.
 """
 
 from __future__ import annotations

@@ -59,7 +59,7 @@ class SplitConfig:
     reg_mode: Literal["budget", "target", "mean"] = "budget"
     reg_lambda: float = 1.0  # penalty modes only
     warmup_fraction: float = 0.5  # of all steps: the target moves from init_bits to target_bits
-    gate_lr: float = 0.03  # budget: normalised-SGD step in logit units; penalty modes: Adam lr
+    gate_lr: float = 0.01  # budget: normalised-SGD step in logit units; penalty modes: Adam lr
     gate_momentum: float = 0.9  # budget mode only
 
     def check(self) -> list[str]:
