@@ -3,11 +3,11 @@ Tomatoes (ALGORITHMS.md §1.7-1.9, §5.A). Same steps and seeds per arm, both di
 and bytes as actually sent (frames counted at the gRPC transport). Time per step on an emulated
 link = measured compute + bytes / bandwidth (+ latency), §1.9.
 
-Arms: fp32; fixed 4/2/1-bit per channel (QAT, straight-through); AMAQ to an average of 4, 2 and 1.5
-bits (b_min = 1); all-boundaries fixed 2-bit vs AMAQ-2; with ``--smollm2`` (or by name in
-``--arms``) SmolLM2-135M perplexity arms (fp32, fixed 4 and 3, AMAQ 4 and 3). Each arm is a
-``fedq simulate`` run (in-process hosts, real gRPC) with the split defaults (clipped ranges,
-per-token row scales, stochastic gradient rounding).
+Arms: fp32; fixed 4/2/1-bit per channel (QAT, straight-through); AMAQ to an average of 4 (b_min =
+2), 2 and 1.5 bits (b_min = 1); all-boundaries fixed 2-bit vs AMAQ-2; with ``--smollm2`` (or by
+name in ``--arms``) SmolLM2-135M perplexity arms (fp32, fixed 4 and 3, AMAQ 4 and 3; b_min 1).
+Each arm is a ``fedq simulate`` run (in-process hosts, real gRPC) with the split defaults (clipped
+ranges, per-token row scales, stochastic gradient rounding).
 
 ``--link 100mbit`` also *measures* seconds per step between two network namespaces over a veth
 shaped with ``tc tbf`` (fp32, fixed 4, AMAQ 4; :mod:`fedq.runtime.netlink`, needs root).
@@ -37,7 +37,7 @@ ARMS: dict[str, list[str]] = {
     "fixed4": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=4"],
     "fixed2": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=2"],
     "fixed1": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=1"],
-    "amaq4": ["split.target_bits=4.0"],
+    "amaq4": ["split.target_bits=4.0", "split.b_min=2"],  # floor 2 at a 4-bit target (BENCHMARKS)
     "amaq2": ["split.target_bits=2.0"],
     "amaq1.5": ["split.target_bits=1.5"],
     "all-b fixed2": ["split.all_boundaries=true", "split.act_codec=fixed",
@@ -48,7 +48,7 @@ SMOL_ARMS = {
     "smol fp32": ARMS["fp32"],
     "smol fixed4": ARMS["fixed4"],
     "smol fixed3": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=3"],
-    "smol amaq4": ARMS["amaq4"],
+    "smol amaq4": ["split.target_bits=4.0"],  # floor 1, as recorded
     "smol amaq3": ["split.target_bits=3.0"],
 }
 ROOT = Path(__file__).resolve().parents[2]
