@@ -84,8 +84,8 @@ our own inference ([I] in ALGORITHMS.md §0) and is named so it can be ablated:
   free step in logit units. ``alpha`` only sets the sigmoid's slope here (1.0). The flip side:
   every step has the same size whatever its signal-to-noise ratio, so the step must be small
   for long runs. ``split.gate_lr`` is 0.01: on SmolLM2 over 600 steps AMAQ-3 reached perplexity
-  83.9 with it against 92.0 with 0.03 (fixed-3: 84.0); on MiniLM over 200 steps the two tie
-  (BENCHMARKS.md, "Split learning").
+  83.9 with it against 92.0 with 0.03 (fixed-3: 84.0); on MiniLM over 200 steps it is level
+  or better on every arm (BENCHMARKS.md, "AMAQ gate step").
 - [I] **Schedule** (§1.5): :class:`BitSchedule` moves the target linearly from ``init_bits`` to
   the final target over ``warmup_steps`` (start at 6-8 bits, end at 3-4 or lower), then holds it.
 - [I] **Optimizer**: gates are never in the LoRA optimizer in budget mode (own controller, own
