@@ -5,7 +5,8 @@ link = measured compute + bytes / bandwidth (+ latency), §1.9.
 
 Arms: fp32; fixed 4/2/1-bit per channel (QAT, straight-through); AMAQ to an average of 4 (b_min =
 2), 2 and 1.5 bits (b_min = 1); all-boundaries fixed 2-bit vs AMAQ-2; with ``--smollm2`` (or by
-name in ``--arms``) SmolLM2-135M perplexity arms (fp32, fixed 4 and 3, AMAQ 4 and 3; b_min 1).
+name in ``--arms``) SmolLM2-135M perplexity arms (fp32, fixed 4 and 3, AMAQ 4 and 3, floors as
+above).
 Each arm is a ``fedq simulate`` run (in-process hosts, real gRPC) with the split defaults (clipped
 ranges, per-token row scales, stochastic gradient rounding).
 
@@ -48,7 +49,7 @@ SMOL_ARMS = {
     "smol fp32": ARMS["fp32"],
     "smol fixed4": ARMS["fixed4"],
     "smol fixed3": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=3"],
-    "smol amaq4": ["split.target_bits=4.0"],  # floor 1, as recorded
+    "smol amaq4": ARMS["amaq4"],
     "smol amaq3": ["split.target_bits=3.0"],
 }
 ROOT = Path(__file__).resolve().parents[2]
