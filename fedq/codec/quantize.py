@@ -446,7 +446,7 @@ def raw(x: torch.Tensor) -> PackedTensor:
     flat = x.detach().contiguous().reshape(-1)
     payload = torch.empty(0, dtype=torch.uint8)
     if flat.numel():  # a PackedTensor is the wire form: it always lives on the CPU
-        payload = flat.view(torch.uint8).cpu().clone()
+        payload = flat.view(torch.uint8).to("cpu", copy=True)  # one copy from any device
     none = torch.empty(0)
     return PackedTensor(
         tuple(x.shape),
