@@ -16,11 +16,14 @@ our own inference ([I] in ALGORITHMS.md §0) and is named so it can be ablated:
 - [I] **Range** (§1.3 item 1): asymmetric per channel over the ``B*T`` tokens of the
   micro-batch, exactly as :func:`fedq.codec.quantize` does it (float16 offset rounded down, scale
   rounded up). ``quant_range="minmax"`` (the quantizers' default) clips nothing;
-  ``"sigma"`` (the split runtime's default, ``split.quant_range``) clips each channel to
-  ``mean +- k_b std`` for its *own* integer width ``b`` (the Gaussian-optimal uniform quantizer,
-  :data:`fedq.codec.quantize.SIGMA_CLIP`), so a channel that AMAQ pushes to 1-2 bits gets the range
-  that suits 1-2 bits. ``row_scale=True`` (``split.row_scale``, default there) also divides each
-  token's vector by its RMS first (two-way scaling, one fp16 per token on the wire). Either way the
+  ``"sigma"`` clips each channel to ``mean +- k_b std`` for its *own* integer width ``b`` (the
+  Gaussian-optimal uniform quantizer, :data:`fedq.codec.quantize.SIGMA_CLIP`), so a channel that
+  AMAQ pushes to 1-2 bits gets the range that suits 1-2 bits; ``"mse"`` (the split runtime's
+  default, ``split.quant_range``) picks per channel, again for its own width, the least-error
+  range among ``mean +- f k_b std`` (``f`` 1 to 3) and min-max, since heavy-tailed channels
+  (SmolLM2's residual stream) want wider ranges than a Gaussian's, the more so the more bits.
+  ``row_scale=True`` (``split.row_scale``, default there) also divides each token's vector by
+  its RMS first (two-way scaling, one fp16 per token on the wire). Either way the
   straight-through gradient into the sender's layers is the identity everywhere, clipped values
   included (§1.3 item 4; the usual STE, not LSQ's zero outside the range), and the fake-quant
   value stays bit-identical to what the receiver decodes. Why: min-max wastes the levels of a 1-3
@@ -232,7 +235,7 @@ class AmaqQuantizer(nn.Module):
         scale_dtype: str = "float16",
         stochastic: bool = False,
         seed: int = 0,
-        quant_range: Literal["minmax", "sigma"] = "minmax",
+        quant_range: Literal["minmax", "sigma", "mse"] = "minmax",
         row_scale: bool = False,
         outlier_ratio: float = 0.0,
     ) -> None:
@@ -332,7 +335,7 @@ class FixedQuantizer(nn.Module):
         scale_dtype: str = "float16",
         stochastic: bool = False,
         seed: int = 0,
-        quant_range: Literal["minmax", "sigma"] = "minmax",
+        quant_range: Literal["minmax", "sigma", "mse"] = "minmax",
         row_scale: bool = False,
         outlier_ratio: float = 0.0,
     ) -> None:

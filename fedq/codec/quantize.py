@@ -18,6 +18,16 @@ Design (documented choices):
   Max 1960): at 2 bits ``k = 1.49``. Min-max spends the few levels of a 1-3 bit block on its
   extremes; on MiniLM activations / gradients at a split cut, 2-bit per-channel relative MSE falls
   from 0.39 / 3.1 (min-max) to 0.17 / 0.53. Values outside the range are clamped to its ends.
+- ``range="mse"`` ([I], encoder only, the split runtime's default) chooses per block among
+  ``mean +- f * k_b * std`` for ``f`` in :data:`MSE_CLIP_FACTORS` (1 to 3) and min-max the range
+  whose round-to-nearest reconstruction has the least squared error (rounding error estimated on
+  a strided sample of a long block, clipping error exact). The Gaussian ``k_b`` clips heavy tails
+  too hard, more so the more bits: Laplace blocks of 4096 values lose 11-15 / 29-33 / 91-96% of
+  their error against ``sigma`` at 3 / 4 / 8 bits (none at 2). MiniLM at a split cut (row
+  scales on), relative error of activations / gradients at 4 bits 0.018 / 0.039 -> 0.010 / 0.017,
+  at 2 bits 0.117 / 0.189 -> 0.115 / 0.189. SmolLM2 after block 4, untuned perplexity with 3 /
+  4-bit activations: +7.0 / +2.0% over fp32 -> +5.4 / +0.3%. Cost: encoding a [32, 64, 384]
+  tensor takes about 1.8x as long as with ``sigma`` (one CPU thread, 4 bits: 14-19 vs 8-10 ms).
 - ``row_scale=True`` ([I], "two-way" scaling, format version 2): every row of the last dimension
   (a token's hidden vector of ``[B, T, d]``) is first divided by its RMS, stored as float16 in
   ``row_scales`` and multiplied back on decoding; the blocks then quantize the normalised tensor.
@@ -71,6 +81,14 @@ SIGMA_CLIP: dict[int, float] = {
     1: 0.798, 2: 1.494, 3: 2.051, 4: 2.514, 5: 2.916, 6: 3.278, 7: 3.611, 8: 3.922,
 }  # fmt: skip
 
+#: ``range="mse"``: the candidate half-widths, as multiples of :data:`SIGMA_CLIP`'s (``inf``:
+#: min-max). Heavy-tailed blocks (an LLM's residual stream) want wider ranges than a Gaussian.
+MSE_CLIP_FACTORS: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0, 3.0, float("inf"))
+#: ``range="mse"``: a longer block's rounding error is estimated on a strided sample of this many
+#: of its values (its clipping error is exact), which keeps the search cheap: on a split cut's
+#: [32, 64, 384] tensor, scoring every value would triple the coding time.
+MSE_SEARCH_SAMPLES = 256
+
 
 @dataclass(frozen=True, slots=True)
 class QuantSpec:
@@ -82,17 +100,17 @@ class QuantSpec:
     symmetric: bool = False
     stochastic: bool = False
     scale_dtype: str = "float16"
-    range: Literal["minmax", "sigma"] = "minmax"  # how an asymmetric block's range is chosen
+    range: Literal["minmax", "sigma", "mse"] = "minmax"  # how an asymmetric block's range is chosen
     row_scale: bool = False  # divide each row of the last dim by its RMS first (float16, sent)
     outlier_ratio: float = 0.0  # > 0: rows with RMS > ratio * median row RMS go as float16
 
     def __post_init__(self) -> None:
         if self.scale_dtype not in SCALE_DTYPES:
             raise CodecError(f"scale_dtype must be one of {sorted(SCALE_DTYPES)}")
-        if self.range not in ("minmax", "sigma"):
-            raise CodecError(f"range must be 'minmax' or 'sigma', got {self.range!r}")
-        if self.range == "sigma" and self.symmetric:
-            raise CodecError("range='sigma' needs asymmetric blocks (symmetric=False)")
+        if self.range not in ("minmax", "sigma", "mse"):
+            raise CodecError(f"range must be 'minmax', 'sigma' or 'mse', got {self.range!r}")
+        if self.range != "minmax" and self.symmetric:
+            raise CodecError(f"range={self.range!r} needs asymmetric blocks (symmetric=False)")
         if not (self.outlier_ratio == 0 or 1 <= self.outlier_ratio < float("inf")):
             raise CodecError(f"outlier_ratio must be 0 (off) or >= 1, got {self.outlier_ratio}")
         if self.granularity is Granularity.GROUP and self.group_size <= 0:
@@ -183,6 +201,69 @@ def _block_mean_std(xb: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor
     return mean, var.sqrt()
 
 
+def _mse_range(
+    xb: torch.Tensor,
+    layout: BlockLayout,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    mean: torch.Tensor,
+    half: torch.Tensor,
+    levels: torch.Tensor,
+    sdt: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``range="mse"``: per block, the candidate range ``mean +- f * half`` (``f`` in
+    :data:`MSE_CLIP_FACTORS`, ``inf`` = min-max) whose round-to-nearest reconstruction, with scale
+    and offset rounded to ``sdt`` as sent, has the smallest squared error over the block.
+
+    A block of at most :data:`MSE_SEARCH_SAMPLES` values is scored exactly. A longer one is scored
+    as the sum of its rounding error, estimated on a strided sample of that many values (scaled
+    to the block), and its clipping error ``sum (x - clamp(x))^2``, computed exactly over the
+    values outside the narrowest candidate (the tails that decide the choice, and which a sample
+    would miss)."""
+    nb, n = xb.shape
+    step = -(-n // MSE_SEARCH_SAMPLES)
+    x = xb.float()
+    real = torch.full((nb,), float(n), device=x.device)
+    if layout.padding:  # the last group's padding repeats its last element: not a real value
+        real[-1] = float(layout.last_len)
+    xs = x[:, ::step]
+    in_sample = (torch.arange(xs.shape[1], device=x.device) * step).unsqueeze(0) < real.unsqueeze(1)
+    scale_up = real / in_sample.sum(dim=1).float()
+    if step > 1:  # the tails, exactly: values outside the narrowest candidate range
+        f0 = MSE_CLIP_FACTORS[0]
+        n_lo = torch.maximum(lo, mean - f0 * half).unsqueeze(1)
+        n_hi = torch.minimum(hi, mean + f0 * half).unsqueeze(1)
+        tail = (x < n_lo) | (x > n_hi)
+        if layout.padding:
+            tail[-1, layout.last_len :] = False
+        t_blk, t_col = tail.nonzero(as_tuple=True)
+        t_val = x[t_blk, t_col]
+    top = levels.unsqueeze(1)
+    best_err = torch.full_like(lo, float("inf"))
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for f in MSE_CLIP_FACTORS:
+        if f == float("inf"):
+            c_lo, c_hi = lo, hi
+        else:
+            c_lo, c_hi = torch.maximum(lo, mean - f * half), torch.minimum(hi, mean + f * half)
+        off = _round_down(c_lo, sdt).float().unsqueeze(1)
+        sc = _round_up((c_hi - off.squeeze(1)) / levels, sdt).float()
+        s = torch.where(sc > 0, sc, 1.0).unsqueeze(1)
+        # exact blocks: the error against x itself; sampled ones: against the clamped value
+        ref = xs if step == 1 else torch.minimum(torch.maximum(xs, c_lo.unsqueeze(1)),
+                                                 c_hi.unsqueeze(1))  # fmt: skip
+        recon = torch.clamp(torch.round((xs - off) / s), min=0.0).minimum(top) * s + off
+        err = ((recon - ref).square_() * in_sample).sum(dim=1) * scale_up
+        if step > 1:
+            clipped = torch.minimum(torch.maximum(t_val, c_lo[t_blk]), c_hi[t_blk])
+            err.index_add_(0, t_blk, (t_val - clipped).square_())
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, c_lo, best_lo)
+        best_hi = torch.where(better, c_hi, best_hi)
+    return best_lo, best_hi
+
+
 def _row_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(float16 RMS of each row of the last dim, x divided by it)``; zero rows stay zero."""
     rows = x.reshape(-1, x.shape[-1]).float()
@@ -251,11 +332,14 @@ def quantize(
     if not bool(torch.isfinite(lo).all() & torch.isfinite(hi).all()):
         raise CodecError("cannot quantize a tensor containing NaN or Inf")
     levels = (2 ** bm.to(device=xb.device, dtype=torch.int32) - 1).float()  # [num_blocks]
-    if spec.range == "sigma":
+    if spec.range != "minmax":
         mean, std = _block_mean_std(xb, layout)
         k = torch.tensor([0.0] + [SIGMA_CLIP[b] for b in range(1, 9)], device=xb.device)
         half = k[bm.to(device=xb.device, dtype=torch.int64)] * std
-        lo, hi = torch.maximum(lo, mean - half), torch.minimum(hi, mean + half)
+        if spec.range == "sigma":
+            lo, hi = torch.maximum(lo, mean - half), torch.minimum(hi, mean + half)
+        else:
+            lo, hi = _mse_range(xb, layout, lo, hi, mean, half, levels, sdt)
     if spec.symmetric:
         amax = torch.maximum(lo.abs(), hi.abs())
         scale = _round_up(2.0 * amax / levels, sdt)

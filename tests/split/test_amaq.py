@@ -28,11 +28,13 @@ def _x(*shape: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("per_token", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("two_way", [False, True], ids=["minmax", "sigma+rows"])
+@pytest.mark.parametrize(
+    "rng", ["minmax", "sigma", "mse"], ids=["minmax", "sigma+rows", "mse+rows"]
+)
 def test_fake_quant_is_bit_exact_with_the_wire(
-    per_token: bool, dtype: torch.dtype, two_way: bool
+    per_token: bool, dtype: torch.dtype, rng: str
 ) -> None:
-    extra: dict = {"quant_range": "sigma", "row_scale": True} if two_way else {}
+    extra: dict = {"quant_range": rng, "row_scale": True} if rng != "minmax" else {}
     q = AmaqQuantizer(8 if per_token else 16, b_min=1, b_max=8, init_bits=4.0,
                       per_token=per_token, **extra)  # fmt: skip
     with torch.no_grad():  # a mixed bit map 1..8
