@@ -201,6 +201,13 @@ def _block_mean_std(xb: torch.Tensor, layout: BlockLayout) -> tuple[torch.Tensor
     return mean, var.sqrt()
 
 
+def _clip(
+    lo: torch.Tensor, hi: torch.Tensor, mean: torch.Tensor, half: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's range ``[lo, hi]`` narrowed to ``mean +- half``."""
+    return torch.maximum(lo, mean - half), torch.minimum(hi, mean + half)
+
+
 def _mse_range(
     xb: torch.Tensor,
     layout: BlockLayout,
@@ -230,10 +237,8 @@ def _mse_range(
     in_sample = (torch.arange(xs.shape[1], device=x.device) * step).unsqueeze(0) < real.unsqueeze(1)
     scale_up = real / in_sample.sum(dim=1).float()
     if step > 1:  # the tails, exactly: values outside the narrowest candidate range
-        f0 = MSE_CLIP_FACTORS[0]
-        n_lo = torch.maximum(lo, mean - f0 * half).unsqueeze(1)
-        n_hi = torch.minimum(hi, mean + f0 * half).unsqueeze(1)
-        tail = (x < n_lo) | (x > n_hi)
+        n_lo, n_hi = _clip(lo, hi, mean, MSE_CLIP_FACTORS[0] * half)
+        tail = (x < n_lo.unsqueeze(1)) | (x > n_hi.unsqueeze(1))
         if layout.padding:
             tail[-1, layout.last_len :] = False
         t_blk, t_col = tail.nonzero(as_tuple=True)
@@ -242,10 +247,7 @@ def _mse_range(
     best_err = torch.full_like(lo, float("inf"))
     best_lo, best_hi = lo.clone(), hi.clone()
     for f in MSE_CLIP_FACTORS:
-        if f == float("inf"):
-            c_lo, c_hi = lo, hi
-        else:
-            c_lo, c_hi = torch.maximum(lo, mean - f * half), torch.minimum(hi, mean + f * half)
+        c_lo, c_hi = (lo, hi) if f == float("inf") else _clip(lo, hi, mean, f * half)
         off = _round_down(c_lo, sdt).float().unsqueeze(1)
         sc = _round_up((c_hi - off.squeeze(1)) / levels, sdt).float()
         s = torch.where(sc > 0, sc, 1.0).unsqueeze(1)
@@ -337,7 +339,7 @@ def quantize(
         k = torch.tensor([0.0] + [SIGMA_CLIP[b] for b in range(1, 9)], device=xb.device)
         half = k[bm.to(device=xb.device, dtype=torch.int64)] * std
         if spec.range == "sigma":
-            lo, hi = torch.maximum(lo, mean - half), torch.minimum(hi, mean + half)
+            lo, hi = _clip(lo, hi, mean, half)
         else:
             lo, hi = _mse_range(xb, layout, lo, hi, mean, half, levels, sdt)
     if spec.symmetric:
