@@ -252,13 +252,11 @@ def _mse_range(
         sc = _round_up((c_hi - off.squeeze(1)) / levels, sdt).float()
         s = torch.where(sc > 0, sc, 1.0).unsqueeze(1)
         # exact blocks: the error against x itself; sampled ones: against the clamped value
-        ref = xs if step == 1 else torch.minimum(torch.maximum(xs, c_lo.unsqueeze(1)),
-                                                 c_hi.unsqueeze(1))  # fmt: skip
+        ref = xs if step == 1 else xs.clamp(c_lo.unsqueeze(1), c_hi.unsqueeze(1))
         recon = torch.clamp(torch.round((xs - off) / s), min=0.0).minimum(top) * s + off
         err = ((recon - ref).square_() * in_sample).sum(dim=1) * scale_up
         if step > 1:
-            clipped = torch.minimum(torch.maximum(t_val, c_lo[t_blk]), c_hi[t_blk])
-            err.index_add_(0, t_blk, (t_val - clipped).square_())
+            err.index_add_(0, t_blk, (t_val - t_val.clamp(c_lo[t_blk], c_hi[t_blk])).square_())
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, c_lo, best_lo)
