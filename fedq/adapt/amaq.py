@@ -91,6 +91,12 @@ our own inference ([I] in ALGORITHMS.md §0) and is named so it can be ablated:
   or better on every arm (BENCHMARKS.md, "AMAQ gate step").
 - [I] **Schedule** (§1.5): :class:`BitSchedule` moves the target linearly from ``init_bits`` to
   the final target over ``warmup_steps`` (start at 6-8 bits, end at 3-4 or lower), then holds it.
+  Optionally (``freeze_step``; split key ``gate_freeze_fraction``, off by default) the gates
+  stop taking task steps from some step on, the "hard-freeze the integer bits" of §1.5: frozen
+  after the warm-up, the bit map sent never changes again. Off by default: freezing at the end
+  of the warm-up did not help on MiniLM (AMAQ-2, 6 seeds: 78.95% vs 79.2%) and hurt on SmolLM2
+  (AMAQ-3 perplexity 93.3 vs 92.5, worse on 5 of 6 seeds; BENCHMARKS.md, "Split learning"): the
+  gates' moves after the warm-up still pay.
 - [I] **Optimizer**: gates are never in the LoRA optimizer in budget mode (own controller, own
   lr); in the penalty modes they form their own Adam parameter group (§1.3 "separately").
 
@@ -400,7 +406,9 @@ class BitSchedule:
     """Bit target (and penalty weight) over training steps (ALGORITHMS.md §1.4-1.5, [I]).
 
     The target moves linearly from ``start_bits`` to ``target_bits`` over ``warmup_steps`` and
-    then holds. ``mode="budget"`` (default): :class:`GateController` projects the gates onto the
+    then holds. From ``freeze_step`` on (budget mode; None: never) the gates take no task-loss
+    step, only the projection, so the integer bit map stops changing once the target holds.
+    ``mode="budget"`` (default): :class:`GateController` projects the gates onto the
     target exactly; no penalty. ``mode="target"``: penalty ``lam * relu(mean_bits -
     target(step))^2``. ``mode="mean"``: ``lam(step) * mean_bits`` with ``lam`` ramped linearly from
     0 over ``warmup_steps`` (no target: the task loss alone decides where bits stop).
@@ -411,6 +419,10 @@ class BitSchedule:
     start_bits: float = 8.0
     warmup_steps: int = 100
     mode: RegMode = "budget"
+    freeze_step: int | None = None  # budget mode: from this step on the gates take no task step
+
+    def frozen(self, step: int) -> bool:
+        return self.freeze_step is not None and step >= self.freeze_step
 
     def progress(self, step: int) -> float:
         return 1.0 if self.warmup_steps <= 0 else min(max(step / self.warmup_steps, 0.0), 1.0)
@@ -498,27 +510,33 @@ class GateController:
 
     @torch.no_grad()
     def step(self, step: int) -> None:
-        """Update, project to ``target_at(step + 1)`` and zero the gates' gradients."""
+        """Update (unless the schedule has frozen the gates), project to ``target_at(step + 1)``
+        and zero the gates' gradients."""
         target = self.schedule.target_at(step + 1)
         for i, group in enumerate(self.groups):
-            grads = [q.gate.grad if q.gate.grad is not None else torch.zeros_like(q.gate)
-                     for q in group]  # fmt: skip
-            g = torch.cat([x.detach().float().reshape(-1) for x in grads])
-            g = g - g.mean()
-            rms = float(g.square().mean().sqrt())
-            if rms > 0 and torch.isfinite(g).all():
-                g = g / rms
-                buf = self._buf[i]
-                buf = g if buf is None else self.momentum * buf + g
-                self._buf[i] = buf
-                off = 0
-                for q in group:
-                    k = q.gate.numel()
-                    q.gate.sub_(self.lr * buf[off : off + k].view_as(q.gate).to(q.gate.dtype))
-                    off += k
+            if not self.schedule.frozen(step):
+                self._task_step(i, group)
             project_budget(group, target)
             for q in group:
                 q.gate.grad = None
+
+    def _task_step(self, i: int, group: list[AmaqQuantizer]) -> None:
+        grads = [q.gate.grad if q.gate.grad is not None else torch.zeros_like(q.gate)
+                 for q in group]  # fmt: skip
+        g = torch.cat([x.detach().float().reshape(-1) for x in grads])
+        g = g - g.mean()
+        rms = float(g.square().mean().sqrt())
+        if not (rms > 0 and torch.isfinite(g).all()):
+            return
+        g = g / rms
+        buf = self._buf[i]
+        buf = g if buf is None else self.momentum * buf + g
+        self._buf[i] = buf
+        off = 0
+        for q in group:
+            k = q.gate.numel()
+            q.gate.sub_(self.lr * buf[off : off + k].view_as(q.gate).to(q.gate.dtype))
+            off += k
 
 
 def bit_stats(q: nn.Module) -> dict[str, float] | None:

@@ -74,6 +74,9 @@ def bit_schedule(sc: SplitConfig, total_steps: int) -> BitSchedule:
     return BitSchedule(
         lam=sc.reg_lambda, target_bits=sc.target_bits, start_bits=sc.init_bits,
         warmup_steps=max(1, round(sc.warmup_fraction * total_steps)), mode=sc.reg_mode,
+        freeze_step=(
+            None if sc.gate_freeze_fraction >= 1 else round(sc.gate_freeze_fraction * total_steps)
+        ),
     )  # fmt: skip
 
 

@@ -64,6 +64,9 @@ class SplitConfig:
     warmup_fraction: float = 0.5  # of all steps: the target moves from init_bits to target_bits
     gate_lr: float = 0.01  # budget: normalised-SGD step in logit units; penalty modes: Adam lr
     gate_momentum: float = 0.9  # budget mode only
+    # budget mode: from this fraction of all steps on the gates take no task-loss step, so the
+    # integer bit map stops changing once the target holds (1 = never freeze)
+    gate_freeze_fraction: float = 1.0
 
     def check(self) -> list[str]:
         p = []
@@ -90,6 +93,12 @@ class SplitConfig:
             v = getattr(self, k)
             if not (v == 0 or 1 <= v < float("inf")):
                 p.append(f"split.{k}: must be 0 (off) or >= 1, got {v}")
+        if not 0 <= self.gate_freeze_fraction <= 1:
+            p.append(
+                f"split.gate_freeze_fraction: must be in [0, 1], got {self.gate_freeze_fraction}"
+            )
+        elif self.gate_freeze_fraction < 1 and self.reg_mode != "budget":
+            p.append("split.gate_freeze_fraction < 1 needs split.reg_mode: budget")
         if self.gate_lr <= 0:
             p.append(f"split.gate_lr: must be > 0, got {self.gate_lr}")
         if not 0 <= self.gate_momentum < 1:

@@ -158,9 +158,12 @@ def test_penalty_ablation_moves_gates_to_target_while_task_loss_falls() -> None:
     assert sum(losses[-20:]) / 20 < 0.2 * sum(losses[:20]) / 20  # and still learned the task
 
 
-def _budget_run(target: float, steps: int = 160) -> tuple[list[float], list[int], float]:
+def _budget_run(
+    target: float, steps: int = 160, freeze_step: int | None = None, maps: list | None = None
+) -> tuple[list[float], list[int], float]:
     """Regress y from x through AMAQ where only channels 0-3 carry the signal; budget mode with
-    the :class:`GateController`. Returns (mean bits sent per step, final bit map, final loss)."""
+    the :class:`GateController`. Returns (mean bits sent per step, final bit map, final loss);
+    appends each step's bit map to ``maps`` when given."""
     torch.manual_seed(0)
     d = 16
     q = AmaqQuantizer(d, b_min=1, b_max=8, init_bits=7.5)
@@ -168,7 +171,9 @@ def _budget_run(target: float, steps: int = 160) -> tuple[list[float], list[int]
     w = torch.zeros(d, 1)
     w[:4, 0] = torch.tensor([1.0, -1.5, 2.0, 1.2])
     opt = torch.optim.Adam(lin.parameters(), lr=0.05)
-    sched = BitSchedule(target_bits=target, start_bits=7.5, warmup_steps=steps // 2)
+    sched = BitSchedule(
+        target_bits=target, start_bits=7.5, warmup_steps=steps // 2, freeze_step=freeze_step
+    )
     ctl = GateController([[q]], sched, lr=0.03)
     sent, loss = [], 0.0
     for step in range(steps):
@@ -181,6 +186,8 @@ def _budget_run(target: float, steps: int = 160) -> tuple[list[float], list[int]
         ctl.step(step)
         sent.append(p.mean_bits())
         loss = float(task)
+        if maps is not None:
+            maps.append(p.bits.tolist())
     return sent, [int(b) for b in q.int_bits().tolist()], loss
 
 
@@ -217,6 +224,28 @@ def test_budget_amaq_beats_fixed_bits_at_the_same_average() -> None:
         task.backward()
         opt.step()
     assert amaq_loss < 0.5 * float(task)
+
+
+@pytest.mark.parametrize("freeze_step", [80, 40])
+def test_frozen_gates_keep_the_bit_map_and_the_schedule(freeze_step: int) -> None:
+    """From the freeze step on the gates take no task step: after the target is reached the bit
+    map sent never changes; frozen during the warm-up, only the projection moves them (order
+    kept) and the bits sent still follow the schedule to the target."""
+    free: list[list[int]] = []
+    _budget_run(2.0, maps=free)
+    maps: list[list[int]] = []
+    sent, bits, loss = _budget_run(2.0, freeze_step=freeze_step, maps=maps)
+    assert maps[: freeze_step + 1] == free[: freeze_step + 1]  # the same run until the freeze
+    assert maps[freeze_step + 1 :] != free[freeze_step + 1 :]  # free gates keep moving after
+    if freeze_step >= 80:  # target already held: the map is fixed from the freeze on
+        assert all(m == maps[freeze_step + 1] for m in maps[freeze_step + 1 :])
+    else:  # still projected onto the falling target
+        assert maps[-1] != maps[freeze_step + 1]
+    sched = BitSchedule(target_bits=2.0, start_bits=7.5, warmup_steps=80)
+    for step in (20, 60, 79, 159):
+        assert sent[step] == pytest.approx(sched.target_at(step), abs=0.25), step
+    assert sum(bits[:4]) / 4 > sum(bits[4:]) / 12 + 0.5  # the order learned before the freeze
+    assert loss < (0.5 if freeze_step >= 80 else 1.0)  # var(y) = 8.7: still learns the task
 
 
 def test_projection_hits_target_and_keeps_gate_order() -> None:
