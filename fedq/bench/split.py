@@ -44,7 +44,11 @@ ARMS: dict[str, list[str]] = {
     "all-b fixed2": ["split.all_boundaries=true", "split.act_codec=fixed",
                      "split.grad_codec=fixed", "split.fixed_bits=2"],
     "all-b amaq2": ["split.all_boundaries=true", "split.target_bits=2.0"],
+    # AQ-SGD (optional baseline): activations as the change since the example's last visit
+    "aqsgd4": ["split.act_codec=aqsgd", "split.grad_codec=fixed", "split.fixed_bits=4"],
+    "aqsgd2": ["split.act_codec=aqsgd", "split.grad_codec=fixed", "split.fixed_bits=2"],
 }  # fmt: skip
+DEFAULT_ARMS = [a for a in ARMS if not a.startswith("aqsgd")]
 SMOL_ARMS = {
     "smol fp32": ARMS["fp32"],
     "smol fixed4": ARMS["fixed4"],
@@ -61,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--first-seed", type=int, default=0, help="seeds run: first .. first+seeds-1")
     p.add_argument(
-        "--arms", default=",".join(ARMS), help="comma-separated arm names (MiniLM or smol ...)"
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help="comma-separated arm names (MiniLM or smol ...; aqsgd4 / aqsgd2 only by name)",
     )
     p.add_argument(
         "--set",

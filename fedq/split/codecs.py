@@ -22,6 +22,7 @@ from fedq.adapt.amaq import (
     IdentityQuantizer,
     QuantModule,
 )
+from fedq.adapt.aqsgd import DeltaQuantizer
 from fedq.codec import Granularity, PackedTensor, QuantSpec, dequantize, quantize, raw
 from fedq.errors import FedqError
 from fedq.split.config import SplitConfig
@@ -41,6 +42,11 @@ def make_quantizer(
     outl = sc.act_outlier_ratio if direction == "act" else sc.grad_outlier_ratio
     if codec == "none":
         return IdentityQuantizer()
+    if codec == "aqsgd":
+        return DeltaQuantizer(sc.fixed_bits, granularity=sc.fixed_granularity,
+                              group_size=sc.group_size, scale_dtype=sdt,
+                              quant_range=sc.quant_range, row_scale=sc.row_scale,
+                              outlier_ratio=outl)  # fmt: skip
     if codec == "fixed":
         return FixedQuantizer(sc.fixed_bits, granularity=sc.fixed_granularity,
                               group_size=sc.group_size, scale_dtype=sdt, stochastic=sr,

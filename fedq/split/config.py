@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Codec = Literal["amaq", "fixed", "none"]
+Codec = Literal["amaq", "fixed", "none", "aqsgd"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +22,9 @@ class SplitConfig:
     all_boundaries: bool = False  # also quantize every block boundary inside each half
     local_steps: int = 10  # R: split steps per client per round; client LoRA FedAvg'd after
     tiny_layers: int = 4  # blocks of the tiny random test models (tiny_bert_lora, tiny_llama)
-    # -- codec of each direction: amaq (learned bits), fixed (QAT-Group), none (fp32)
+    # -- codec of each direction: amaq (learned bits), fixed (QAT-Group), none (fp32);
+    # activations only: aqsgd (AQ-SGD baseline, fixed_bits on each example's change since its
+    # last visit, fedq.adapt.aqsgd)
     act_codec: Codec = "amaq"
     grad_codec: Codec = "amaq"
     fixed_bits: int = 4  # fixed: bits of both directions
@@ -73,6 +75,10 @@ class SplitConfig:
         for k in ("cut", "local_steps", "tiny_layers", "group_size"):
             if getattr(self, k) < 1:
                 p.append(f"split.{k}: must be >= 1, got {getattr(self, k)}")
+        if self.grad_codec == "aqsgd":
+            p.append("split.grad_codec: aqsgd codes activations only (use fixed for gradients)")
+        if self.act_codec == "aqsgd" and self.all_boundaries:
+            p.append("split.act_codec: aqsgd works at the cut only, not with all_boundaries")
         if not 1 <= self.fixed_bits <= 8:
             p.append(f"split.fixed_bits: must be in 1..8, got {self.fixed_bits}")
         if not 1 <= self.b_min < self.b_max <= 8:

@@ -12,6 +12,12 @@ One step (ARCHITECTURE.md "One split step"; ALGORITHMS.md §1.2):
 4. server -> client ``WireMessage(kind="gradients", tensors={"g"})`` plus scalars (loss, bits);
 5. client: ``h_hat.backward(g_hat)`` + its regularizer, step (bottom LoRA + activation gates).
 
+With the AQ-SGD baseline (``split.act_codec: aqsgd``, :mod:`fedq.adapt.aqsgd`) step 1 codes the
+change of each example's activation since its last visit, step 2 adds the example ids and the
+versions coded against (``ids``, ``ref``), step 3 decodes against the server's copy of that
+client's activations, and each side commits the new activations only once the step has gone
+through; evaluation codes the activations directly.
+
 In budget mode (default) each party's gates are stepped by a :class:`GateController` after the
 LoRA optimizer: normalised SGD, then projection onto the scheduled mean bits.
 
@@ -37,6 +43,7 @@ from typing import Any, Protocol
 import torch
 
 from fedq.adapt.amaq import GateController, QuantModule, bit_penalty, bit_stats
+from fedq.adapt.aqsgd import ActivationMemory, DeltaQuantizer, PendingCommit, decode_delta
 from fedq.codec import PackedTensor, dequantize, raw
 from fedq.config import RunConfig
 from fedq.errors import FedqError
@@ -121,6 +128,8 @@ class SplitServer:
         self._lock = threading.Lock()
         self._round: _Round | None = None
         self.steps = 0
+        self.aqsgd = sc.act_codec == "aqsgd"
+        self.aq_memory: dict[str, ActivationMemory] = {}  # AQ-SGD: per client, per example
 
     # -- round lifecycle (driver) ---------------------------------------------------------------
     def open_round(self, r: int, selected: list[int]) -> None:
@@ -221,9 +230,12 @@ class SplitServer:
                 raise FedqError(f"late or duplicate client state from {msg.client_id}")
             rnd.updates[msg.client_id] = (state, n)
 
-    def _decode_step(self, msg: WireMessage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if msg.kind != "activations" or set(msg.tensors) != {"h", "mask", "labels"}:
-            raise FedqError(f"expected activations h/mask/labels, got {msg.kind!r} "
+    def _decode_step(
+        self, msg: WireMessage
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PendingCommit | None]:
+        names = {"h", "mask", "labels"} | ({"ids", "ref"} if self.aqsgd else set())
+        if msg.kind != "activations" or set(msg.tensors) != names:
+            raise FedqError(f"expected activations {'/'.join(sorted(names))}, got {msg.kind!r} "
                             f"{sorted(msg.tensors)}")  # fmt: skip
         ph = msg.tensors["h"]
         m = self.model
@@ -236,14 +248,24 @@ class SplitServer:
         want = (b,) if m.task == CLASSIFY else (b, t)
         if tuple(mask.shape) != (b, t) or tuple(labels.shape) != want:
             raise FedqError(f"mask {list(mask.shape)} / labels {list(labels.shape)} do not fit h")
-        h = dequantize(ph, device=m.device).float()
+        pending = None
+        if self.aqsgd:
+            ids = unpack_labels(msg.tensors["ids"], 0, 2**24)
+            ref = unpack_labels(msg.tensors["ref"], 0, 2**24)
+            if tuple(ids.shape) != (b,) or tuple(ref.shape) != (b,) or bool((ids < 0).any()):
+                raise FedqError("AQ-SGD ids / ref must be one non-negative integer per example")
+            with self._lock:
+                memory = self.aq_memory.setdefault(msg.client_id, ActivationMemory())
+                h, pending = decode_delta(memory, ids.tolist(), ref.tolist(), ph, m.device)
+        else:
+            h = dequantize(ph, device=m.device).float()
         if not bool(torch.isfinite(h).all()):
             raise FedqError("activations decode to NaN/Inf")
-        return h, mask, labels
+        return h, mask, labels, pending
 
     def split_step(self, msg: WireMessage) -> WireMessage:
         """One server step (module docstring, 3-4). Thread-safe: steps are serialised."""
-        h, mask, labels = self._decode_step(msg)
+        h, mask, labels, pending = self._decode_step(msg)
         with self._lock:
             h.requires_grad_(True)
             loss, correct, count = self.model.top(h, mask, labels)
@@ -255,6 +277,8 @@ class SplitServer:
             self.opt.zero_grad(set_to_none=True)
             if self.gates is not None:
                 self.gates.step(msg.step)
+            if pending is not None:
+                self.aq_memory[msg.client_id].commit(pending.ids, pending.versions, pending.value)
             self.steps += 1
             if self._round is not None:
                 self._round.losses.append((float(loss.detach()), count))
@@ -332,6 +356,7 @@ class SplitClientWorker:
         sc = cfg.split
         self.act_q = make_quantizer(sc, "act", model.hidden, model.max_length)
         self.act_q.to(model.device)
+        self.delta = self.act_q if isinstance(self.act_q, DeltaQuantizer) else None
         self.quantizers = [self.act_q, *_boundary_quantizers(model.bottom)]
         self.schedule = bit_schedule(sc, total_steps(cfg))
         self._conns: dict[int, SplitConnection] = {}
@@ -393,9 +418,16 @@ class SplitClientWorker:
         if self.dp is not None:  # clip + noise before quantization (fedq.split.privacy)
             assert noise is not None
             h, clipped = privatize_activations(h, self.dp, noise)
-        h_hat, ph = self.act_q.forward_encode(h)
+        pending = None
+        if self.delta is not None:  # AQ-SGD: the change since the example's last visit
+            h_hat, ph, pending = self.delta.forward_encode_delta(h, take.tolist())
+        else:
+            h_hat, ph = self.act_q.forward_encode(h)
         tensors = {"h": ph, "mask": pack_mask(batch["attention_mask"]),
                    "labels": pack_labels(batch["labels"])}  # fmt: skip
+        if pending is not None:
+            tensors["ids"] = pack_labels(torch.tensor(pending.ids))
+            tensors["ref"] = pack_labels(torch.tensor(pending.versions))
         msg = WireMessage("activations", self._name(conn), r, step, {}, {}, tensors)
         sent0, recv0 = conn.bytes_sent, conn.bytes_received
         reply = conn.split_step(msg)
@@ -406,6 +438,8 @@ class SplitClientWorker:
         if tuple(pg.shape) != tuple(h.shape):
             raise FedqError(f"gradient shape {list(pg.shape)} != activations {list(h.shape)}")
         g = dequantize(pg, device=h_hat.device).to(h_hat.dtype)
+        if self.delta is not None and pending is not None:  # the server took the step
+            self.delta.commit(pending)
         reg = bit_penalty(self.quantizers, self.schedule, step)
         outs, grads = [h_hat], [g]
         if reg is not None:

@@ -1,0 +1,148 @@
+"""AQ-SGD baseline: send the quantized *change* of each training example's activation.
+
+Wang et al., "Fine-tuning Language Models over Slow Networks using Activation Compression with
+Guarantees" (NeurIPS 2022; ALGORITHMS.md §1.7). Both parties keep, per training example ``i``,
+the activation ``m_i`` they last agreed on. For a batch the sender transmits ``Q(a_i - m_i)``,
+and both sides set ``m_i += dequantize(Q(a_i - m_i))``; the receiver's activation is that new
+``m_i``. As the model changes slowly between two visits of one example, the change is much
+smaller than the activation, so the same bits code it with far less error. Gradients are
+quantized directly (the split runtime's fixed codec).
+
+Design choices ([I], the paper's text could not be checked here):
+
+- **First visit.** ``m_i`` starts at zero, so an example's first visit sends its activation
+  quantized directly at the same bits (no full-precision epoch, no special message). With the
+  split defaults each token row is scaled by its own RMS first (``row_scale``), so first-visit
+  rows and small deltas in one batch do not share a scale.
+- **Sequence length.** Batches are padded to their longest member, so one example can come with
+  different lengths ``T``. ``m_i`` keeps the longest length seen (a shorter visit updates its
+  first ``T`` rows) and is cut or zero-padded to the batch's ``T``; the positions beyond the
+  example's own tokens are padding that attention masks out, and both sides do the same, so
+  they stay in step. Zero-padding codes a padding row that is new to ``m_i`` at full size.
+- **Repeated ids in a batch** (a partition smaller than the batch): every row is coded against
+  ``m`` before the batch, and the rows are stored in order, so the last one wins on both sides.
+- **Cost.** One ``[T, d]`` float32 activation per training example on each side (the known
+  memory cost of AQ-SGD), and the two copies must see the same messages, which a stateless
+  codec (fixed, AMAQ) does not need. Each ``m_i`` carries a version (changes committed); the
+  sender names the versions it coded against (``ids`` and ``ref`` beside the codes, 4 bytes
+  each per example) and both commit only once the step has gone through, so a lost message or
+  a restarted party is an error naming the example, never a silent mis-decode.
+- The forward value on the sender is exactly the receiver's activation, ``m + dequantize(p)``,
+  computed with the same float32 operations on both sides; the straight-through gradient into
+  the sender's layers is the identity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fedq.adapt.amaq import FixedQuantizer
+from fedq.codec import PackedTensor, dequantize
+from fedq.errors import FedqError
+
+
+class ActivationMemory:
+    """``m_i`` per training example (one party's copy) with a version, the number of changes
+    committed to it: the sender names the version it coded against, so a receiver whose copy
+    differs (a lost message) fails loudly instead of decoding garbage."""
+
+    def __init__(self) -> None:
+        self._m: dict[int, tuple[int, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._m)
+
+    def versions(self, ids: Sequence[int]) -> list[int]:
+        """The version held for each id (0: never seen)."""
+        return [self._m[int(i)][0] if int(i) in self._m else 0 for i in ids]
+
+    def reference(
+        self, ids: Sequence[int], versions: Sequence[int], length: int, hidden: int
+    ) -> torch.Tensor:
+        """``[B, length, hidden]`` float32: each id's ``m`` at ``versions`` (zeros for 0), cut
+        or zero-padded to ``length``. Raises :class:`FedqError` if a version is not the one
+        held."""
+        out = torch.zeros(len(ids), length, hidden)
+        for row, (i, v) in enumerate(zip(ids, versions, strict=True)):
+            if v == 0:
+                continue
+            held = self._m.get(int(i))
+            if held is None or held[0] != v:
+                have = 0 if held is None else held[0]
+                raise FedqError(
+                    f"AQ-SGD: example {int(i)} coded against version {v}, this side holds "
+                    f"{have}; the two copies are out of step"
+                )
+            m = held[1]
+            n = min(length, m.shape[0])
+            out[row, :n] = m[:n]
+        return out
+
+    def commit(self, ids: Sequence[int], versions: Sequence[int], value: torch.Tensor) -> None:
+        """Store ``value[b]`` (``[B, T, d]``, the new agreed activation) as version
+        ``versions[b] + 1`` of each id (rows in order: a repeated id keeps its last row); rows
+        beyond ``T`` of a longer earlier visit are kept."""
+        v = value.detach().float().cpu()
+        for row, (i, ver) in enumerate(zip(ids, versions, strict=True)):
+            new = v[row].clone()
+            old = self._m.get(int(i))
+            if old is not None and old[1].shape[0] > new.shape[0]:  # keep the longer tail
+                new = torch.cat([new, old[1][new.shape[0] :]])
+            self._m[int(i)] = (int(ver) + 1, new)
+
+    def nbytes(self) -> int:
+        return sum(m.numel() * m.element_size() for _, m in self._m.values())
+
+
+@dataclass(frozen=True)
+class PendingCommit:
+    """What the sender commits once the receiver has taken the step."""
+
+    ids: list[int]
+    versions: list[int]
+    value: torch.Tensor
+
+
+class DeltaQuantizer(FixedQuantizer):
+    """The sender's side of AQ-SGD at ``bits`` per value: :meth:`forward_encode_delta` codes the
+    change against its :class:`ActivationMemory`. ``forward`` / ``forward_encode`` (no example
+    ids: evaluation) code the activation itself, as the fixed codec does."""
+
+    def __init__(self, bits: int, **kwargs: Any) -> None:
+        super().__init__(bits, **kwargs)
+        self.memory = ActivationMemory()
+
+    def forward_encode_delta(
+        self, x: torch.Tensor, ids: Sequence[int]
+    ) -> tuple[torch.Tensor, PackedTensor, PendingCommit]:
+        """``(m + dequantize(p), p, pending)`` with ``p`` the coded ``x - m``; call
+        ``memory.commit`` with ``pending`` once the step has gone through."""
+        ids = [int(i) for i in ids]
+        versions = self.memory.versions(ids)
+        m = self.memory.reference(ids, versions, x.shape[1], x.shape[2]).to(x.device)
+        p = self.encode(x.detach().float() - m)
+        agreed = m + dequantize(p, device=x.device).float()
+        out = agreed
+        if x.requires_grad:  # straight-through: identity into x, zero in value
+            out = agreed + (x.float() - x.detach().float())
+        return out.to(x.dtype), p, PendingCommit(ids, versions, agreed)
+
+    def commit(self, pending: PendingCommit) -> None:
+        self.memory.commit(pending.ids, pending.versions, pending.value)
+
+
+def decode_delta(
+    memory: ActivationMemory, ids: Sequence[int], versions: Sequence[int], p: PackedTensor,
+    device: torch.device | str,
+) -> tuple[torch.Tensor, PendingCommit]:  # fmt: skip
+    """The receiver's side: ``m + dequantize(p)`` for the batch's ids and the commit to make
+    once the step has gone through; the same float32 operations as
+    :meth:`DeltaQuantizer.forward_encode_delta`."""
+    _, length, hidden = p.shape
+    m = memory.reference(ids, versions, length, hidden).to(device)
+    agreed = m + dequantize(p, device=device).float()
+    return agreed, PendingCommit([int(i) for i in ids], [int(v) for v in versions], agreed)

@@ -1,0 +1,111 @@
+"""AQ-SGD baseline: both copies of each example's activation stay in step, the change codes with
+less error than the activation, and a lost message is a clear error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from fedq.adapt.aqsgd import ActivationMemory, DeltaQuantizer, decode_delta
+from fedq.codec import dequantize
+from fedq.config import config_from_dict
+from fedq.errors import ConfigError, FedqError
+from fedq.split.codecs import make_quantizer
+from fedq.split.protocol import LoopbackSplitConnection, SplitClientWorker, SplitServer
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).square().sum() / b.square().sum())
+
+
+def test_sender_and_receiver_agree_bit_for_bit_and_the_change_codes_better() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = DeltaQuantizer(2, quant_range="mse", row_scale=True)
+    recv = ActivationMemory()
+    base = torch.randn(4, 10, 32, generator=g)
+    errs = []
+    for visit, (ids, length) in enumerate([([0, 1, 2, 3], 10), ([2, 3, 0, 1], 7),
+                                          ([1, 0, 3, 2], 12)]):  # fmt: skip
+        x = torch.zeros(4, length, 32)
+        n = min(length, 10)
+        order = torch.tensor(ids)
+        x[:, :n] = base[order, :n] + 0.05 * visit * torch.randn(4, n, 32, generator=g)
+        x.requires_grad_(True)
+        out, p, pending = q.forward_encode_delta(x, ids)
+        assert pending.versions == [visit] * 4
+        h, theirs = decode_delta(recv, ids, pending.versions, p, "cpu")
+        assert torch.equal(out.detach(), h)  # what the server trains on, exactly
+        (out * 3.0).sum().backward()  # straight-through identity
+        assert x.grad is not None and torch.equal(x.grad, torch.full_like(x, 3.0))
+        q.commit(pending)
+        recv.commit(theirs.ids, theirs.versions, theirs.value)
+        errs.append(_rel(out.detach()[:, :n], x.detach()[:, :n]))
+    assert len(q.memory) == len(recv) == 4
+    assert recv.versions([0, 1, 2, 3, 9]) == [3, 3, 3, 3, 0]
+    # first visit: the activation itself at 2 bits; later visits: only a small change
+    assert errs[1] < 0.2 * errs[0] and errs[2] < 0.2 * errs[0], errs
+    # without ids it is the fixed codec (evaluation)
+    x = torch.randn(2, 5, 32, generator=g)
+    assert torch.equal(q(x), dequantize(q.encode(x)))
+
+
+def test_repeated_ids_and_a_version_mismatch() -> None:
+    q = DeltaQuantizer(4)
+    x = torch.randn(3, 6, 16)
+    out, _, pending = q.forward_encode_delta(x, [5, 5, 7])
+    q.commit(pending)
+    assert q.memory.versions([5, 7]) == [1, 1]
+    m = q.memory.reference([5], [1], 6, 16)
+    assert torch.equal(m[0], out[1].detach())  # the last row of a repeated id wins
+    recv = ActivationMemory()  # a receiver that never saw version 1 (a lost message)
+    with pytest.raises(FedqError, match="example 5 coded against version 1, this side holds 0"):
+        decode_delta(recv, [5], [1], q.encode(x[:1]), "cpu")
+
+
+def test_aqsgd_is_checked_in_the_config() -> None:
+    raw = {"mode": "split", "split": {"grad_codec": "aqsgd", "act_codec": "aqsgd",
+                                      "all_boundaries": True}}  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    text = "\n".join(e.value.problems)
+    assert "split.grad_codec: aqsgd codes activations only" in text
+    assert "not with all_boundaries" in text
+
+
+def test_split_steps_over_the_wire_keep_both_copies_in_step(kit: Any) -> None:
+    cfg = kit.tiny_cfg(act_codec="aqsgd", grad_codec="fixed", fixed_bits=2, local_steps=6)
+    split, parts = kit.data(cfg)
+    server = SplitServer(cfg, kit.build(cfg), split.test, 2)
+    sent: list[Any] = []
+
+    class Spy(LoopbackSplitConnection):
+        def split_step(self, msg):  # type: ignore[no-untyped-def]
+            sent.append(msg)
+            return super().split_step(msg)
+
+    worker = SplitClientWorker(cfg, kit.build(cfg), split.train, parts, lambda n: Spy(server, n))
+    assert isinstance(worker.act_q, DeltaQuantizer)
+    assert type(make_quantizer(cfg.split, "act", 32, 24)) is DeltaQuantizer
+    for r in range(2):
+        server.open_round(r, [0])
+        stats = worker.run_client(r, 0)
+        server.close_round(evaluate=False)
+    # 2 rounds of 6 steps of 8 over a 64-example partition (a new order each round): some
+    # examples seen once, some twice
+    assert len(stats["steps"]) == 6 and len(sent) == 12
+    refs = torch.cat([dequantize(m.tensors["ref"]) for m in sent])
+    assert float(refs.max()) >= 1 and float(refs.min()) == 0
+    ids = sorted(worker.act_q.memory._m)
+    mine = worker.act_q.memory
+    theirs = server.aq_memory["client-0"]
+    assert 48 < len(mine) == len(theirs) <= 64 and ids == sorted(theirs._m)
+    for i in ids:
+        assert mine._m[i][0] == theirs._m[i][0]
+        assert torch.equal(mine._m[i][1], theirs._m[i][1])
+    # a replayed message codes against a version the server has moved past: refused, no change
+    before = {i: theirs._m[i][0] for i in ids}
+    with pytest.raises(FedqError, match="out of step"):
+        server.split_step(sent[-1])
+    assert {i: theirs._m[i][0] for i in ids} == before
