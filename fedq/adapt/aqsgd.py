@@ -31,7 +31,9 @@ Design choices ([I], the paper's text could not be checked here):
   codec (fixed, AMAQ) does not need. Each ``m_i`` carries a version (changes committed); the
   sender names the versions it coded against (``ids`` and ``ref`` beside the codes, 4 bytes
   each per example) and both commit only once the step has gone through, so a lost message or
-  a restarted party is an error naming the example, never a silent mis-decode.
+  a restarted party is an error naming the example, never a silent mis-decode. A sender whose
+  step fails forgets that batch's examples, and a version of 0 makes the receiver start them
+  afresh, so the two copies are back in step at the next visit.
 - The forward value on the sender is exactly the receiver's activation, ``m + dequantize(p)``,
   computed with the same float32 operations on both sides; the straight-through gradient into
   the sender's layers is the identity.
@@ -98,6 +100,12 @@ class ActivationMemory:
             if old is not None and old[1].shape[0] > new.shape[0]:  # keep the longer tail
                 new = torch.cat([new, old[1][new.shape[0] :]])
             self._m[int(i)] = (int(ver) + 1, new)
+
+    def forget(self, ids: Sequence[int]) -> None:
+        """Drop these ids: their next visit is coded against zero with version 0, which the
+        other side takes as a fresh start whatever it holds."""
+        for i in ids:
+            self._m.pop(int(i), None)
 
     def nbytes(self) -> int:
         return sum(m.numel() * m.element_size() for _, m in self._m.values())

@@ -430,14 +430,19 @@ class SplitClientWorker:
             tensors["ref"] = pack_labels(torch.tensor(pending.versions))
         msg = WireMessage("activations", self._name(conn), r, step, {}, {}, tensors)
         sent0, recv0 = conn.bytes_sent, conn.bytes_received
-        reply = conn.split_step(msg)
+        try:
+            reply = conn.split_step(msg)
+            if reply.kind != "gradients" or set(reply.tensors) != {"g"}:
+                raise FedqError(f"expected a gradients reply, got {reply.kind!r}")
+            pg = reply.tensors["g"]
+            if tuple(pg.shape) != tuple(h.shape):
+                raise FedqError(f"gradient shape {list(pg.shape)} != activations {list(h.shape)}")
+            g = dequantize(pg, device=h_hat.device).to(h_hat.dtype)
+        except Exception:
+            if self.delta is not None and pending is not None:  # the server may or may not
+                self.delta.memory.forget(pending.ids)  # have committed: both start afresh
+            raise
         up, down = conn.bytes_sent - sent0, conn.bytes_received - recv0
-        if reply.kind != "gradients" or set(reply.tensors) != {"g"}:
-            raise FedqError(f"expected a gradients reply, got {reply.kind!r}")
-        pg = reply.tensors["g"]
-        if tuple(pg.shape) != tuple(h.shape):
-            raise FedqError(f"gradient shape {list(pg.shape)} != activations {list(h.shape)}")
-        g = dequantize(pg, device=h_hat.device).to(h_hat.dtype)
         if self.delta is not None and pending is not None:  # the server took the step
             self.delta.commit(pending)
         reg = bit_penalty(self.quantizers, self.schedule, step)

@@ -109,3 +109,35 @@ def test_split_steps_over_the_wire_keep_both_copies_in_step(kit: Any) -> None:
     with pytest.raises(FedqError, match="out of step"):
         server.split_step(sent[-1])
     assert {i: theirs._m[i][0] for i in ids} == before
+
+
+def test_a_lost_reply_puts_the_copies_back_in_step_at_the_next_visit(kit: Any) -> None:
+    cfg = kit.tiny_cfg(act_codec="aqsgd", grad_codec="fixed", fixed_bits=2)
+    split, parts = kit.data(cfg)
+    server = SplitServer(cfg, kit.build(cfg), split.test, 2)
+    lose = [False]
+
+    class Lossy(LoopbackSplitConnection):
+        def split_step(self, msg):  # type: ignore[no-untyped-def]
+            reply = super().split_step(msg)  # the server has taken the step ...
+            if lose[0]:
+                raise ConnectionError("reply lost")  # ... but the client never hears of it
+            return reply
+
+    worker = SplitClientWorker(cfg, kit.build(cfg), split.train, parts, lambda n: Lossy(server, n))
+    conn = worker._conn(0)
+    opt = torch.optim.SGD([p for p in worker.model.bottom.parameters() if p.requires_grad], lr=0.0)
+    take = parts[0][:8]
+    ids = take.tolist()
+    worker.step(conn, opt, take, 0, 0)
+    theirs = server.aq_memory["client-0"]
+    assert worker.act_q.memory.versions(ids) == theirs.versions(ids) == [1] * 8
+    lose[0] = True
+    with pytest.raises(ConnectionError):
+        worker.step(conn, opt, take, 0, 1)
+    assert theirs.versions(ids) == [2] * 8 and worker.act_q.memory.versions(ids) == [0] * 8
+    lose[0] = False
+    worker.step(conn, opt, take, 0, 2)  # version 0: the server starts these examples afresh
+    assert worker.act_q.memory.versions(ids) == theirs.versions(ids) == [1] * 8
+    for i in ids:
+        assert torch.equal(worker.act_q.memory._m[i][1], theirs._m[i][1])
