@@ -30,8 +30,9 @@ Design choices ([I], the paper's text could not be checked here):
   memory cost of AQ-SGD), and the two copies must see the same messages, which a stateless
   codec (fixed, AMAQ) does not need. Each ``m_i`` carries a version (changes committed); the
   sender names the versions it coded against (``ids`` and ``ref`` beside the codes, 4 bytes
-  each per example) and both commit only once the step has gone through, so a lost message or
-  a restarted party is an error naming the example, never a silent mis-decode. A sender whose
+  each per example) and both commit only once the step has gone through, so copies out of step
+  (a lost reply, a restarted server) are an error naming the example, never a silent
+  mis-decode. A sender whose
   step fails forgets that batch's examples, and a version of 0 makes the receiver start them
   afresh, so the two copies are back in step at the next visit.
 - The forward value on the sender is exactly the receiver's activation, ``m + dequantize(p)``,
@@ -106,9 +107,6 @@ class ActivationMemory:
         other side takes as a fresh start whatever it holds."""
         for i in ids:
             self._m.pop(int(i), None)
-
-    def nbytes(self) -> int:
-        return sum(m.numel() * m.element_size() for _, m in self._m.values())
 
 
 @dataclass(frozen=True)

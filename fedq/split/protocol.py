@@ -252,7 +252,11 @@ class SplitServer:
         if self.aqsgd:
             ids = unpack_labels(msg.tensors["ids"], 0, 2**24)
             ref = unpack_labels(msg.tensors["ref"], 0, 2**24)
-            if tuple(ids.shape) != (b,) or tuple(ref.shape) != (b,) or bool((ids < 0).any()):
+            if (
+                tuple(ids.shape) != (b,)
+                or tuple(ref.shape) != (b,)
+                or bool((ids < 0).any() or (ref < 0).any())
+            ):
                 raise FedqError("AQ-SGD ids / ref must be one non-negative integer per example")
             with self._lock:
                 memory = self.aq_memory.setdefault(msg.client_id, ActivationMemory())

@@ -3,6 +3,7 @@ less error than the activation, and a lost message is a clear error."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from fedq.adapt.aqsgd import ActivationMemory, DeltaQuantizer, decode_delta
 from fedq.codec import dequantize
 from fedq.config import config_from_dict
 from fedq.errors import ConfigError, FedqError
-from fedq.split.codecs import make_quantizer
+from fedq.split.codecs import make_quantizer, pack_labels
 from fedq.split.protocol import LoopbackSplitConnection, SplitClientWorker, SplitServer
 
 
@@ -109,6 +110,18 @@ def test_split_steps_over_the_wire_keep_both_copies_in_step(kit: Any) -> None:
     with pytest.raises(FedqError, match="out of step"):
         server.split_step(sent[-1])
     assert {i: theirs._m[i][0] for i in ids} == before
+    # malformed AQ-SGD fields: clear errors, nothing stored
+    msg = sent[-1]
+    n = msg.tensors["h"].shape[0]
+    bad_ref = dict(msg.tensors, ref=pack_labels(torch.full((n,), -100.0)))
+    short = dict(msg.tensors, ids=pack_labels(torch.zeros(n - 1)))
+    no_ids = {k: v for k, v in msg.tensors.items() if k != "ids"}
+    for tensors, match in ((bad_ref, "one non-negative integer per example"),
+                           (short, "one non-negative integer per example"),
+                           (no_ids, "expected activations h/ids/labels/mask/ref")):  # fmt: skip
+        with pytest.raises(FedqError, match=match):
+            server.split_step(dataclasses.replace(msg, tensors=tensors))
+    assert {i: theirs._m[i][0] for i in ids} == before and len(theirs) == len(mine)
 
 
 def test_a_lost_reply_puts_the_copies_back_in_step_at_the_next_visit(kit: Any) -> None:
