@@ -16,6 +16,7 @@ from fedq.config import RunConfig, config_from_dict
 from fedq.runtime.setup import client_partitions, load_data
 from fedq.split.codecs import boundary_factory
 from fedq.split.models import SplitModel, build_split_model
+from fedq.split.protocol import LoopbackSplitConnection, SplitClientWorker, SplitServer
 
 
 def tiny_cfg(model: str = "tiny_bert_lora", **split: Any) -> RunConfig:
@@ -45,6 +46,23 @@ def data(cfg: RunConfig) -> tuple[Any, list[Any]]:
     return split, client_partitions(cfg, split.train)
 
 
+def recording_worker(
+    cfg: RunConfig, split: Any, parts: list[Any], server: SplitServer
+) -> tuple[SplitClientWorker, list[Any]]:
+    """A client worker on loopback connections to ``server`` and the list of every activations
+    message it sends (as sent, before the wire)."""
+    sent: list[Any] = []
+
+    class Recording(LoopbackSplitConnection):
+        def split_step(self, msg: Any) -> Any:
+            sent.append(msg)
+            return super().split_step(msg)
+
+    worker = SplitClientWorker(cfg, build(cfg), split.train, parts,
+                               lambda n: Recording(server, n))  # fmt: skip
+    return worker, sent
+
+
 @pytest.fixture(autouse=True)
 def _one_thread() -> Iterator[None]:
     before = torch.get_num_threads()
@@ -55,4 +73,5 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture
 def kit() -> SimpleNamespace:
-    return SimpleNamespace(tiny_cfg=tiny_cfg, build=build, data=data)
+    return SimpleNamespace(tiny_cfg=tiny_cfg, build=build, data=data,
+                           recording_worker=recording_worker)  # fmt: skip

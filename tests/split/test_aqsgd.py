@@ -79,14 +79,7 @@ def test_split_steps_over_the_wire_keep_both_copies_in_step(kit: Any) -> None:
     cfg = kit.tiny_cfg(act_codec="aqsgd", grad_codec="fixed", fixed_bits=2, local_steps=6)
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
-    sent: list[Any] = []
-
-    class Spy(LoopbackSplitConnection):
-        def split_step(self, msg):  # type: ignore[no-untyped-def]
-            sent.append(msg)
-            return super().split_step(msg)
-
-    worker = SplitClientWorker(cfg, kit.build(cfg), split.train, parts, lambda n: Spy(server, n))
+    worker, sent = kit.recording_worker(cfg, split, parts, server)
     assert isinstance(worker.act_q, DeltaQuantizer)
     assert type(make_quantizer(cfg.split, "act", 32, 24)) is DeltaQuantizer
     for r in range(2):

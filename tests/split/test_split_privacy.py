@@ -16,7 +16,7 @@ from fedq.errors import ConfigError
 from fedq.privacy import GaussianMechanism
 from fedq.runtime.simulate import simulate
 from fedq.split.privacy import privatize_activations, sample_rate
-from fedq.split.protocol import LoopbackSplitConnection, SplitClientWorker, SplitServer
+from fedq.split.protocol import SplitServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,14 +53,7 @@ def test_client_sends_clipped_noised_activations(kit) -> None:  # type: ignore[n
     cfg = _dp_cfg(kit, noise_multiplier=0.8)
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
-    sent: list[Any] = []
-
-    class Spy(LoopbackSplitConnection):
-        def split_step(self, msg):  # type: ignore[no-untyped-def]
-            sent.append(msg)
-            return super().split_step(msg)
-
-    worker = SplitClientWorker(cfg, kit.build(cfg), split.train, parts, lambda n: Spy(server, n))
+    worker, sent = kit.recording_worker(cfg, split, parts, server)
     ref = kit.build(cfg)  # same init: the noiseless activations of the first step
     for m in (worker.model, ref):
         m.full.eval()
