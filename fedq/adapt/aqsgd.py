@@ -32,9 +32,8 @@ Design choices ([I], the paper's text could not be checked here):
   sender names the versions it coded against (``ids`` and ``ref`` beside the codes, 4 bytes
   each per example) and both commit only once the step has gone through, so copies out of step
   (a lost reply, a restarted server) are an error naming the example, never a silent
-  mis-decode. A sender whose
-  step fails forgets that batch's examples, and a version of 0 makes the receiver start them
-  afresh, so the two copies are back in step at the next visit.
+  mis-decode. A sender whose step fails forgets that batch's examples, and a version of 0 makes
+  the receiver start them afresh, so the two copies are back in step at the next visit.
 - The forward value on the sender is exactly the receiver's activation, ``m + dequantize(p)``,
   computed with the same float32 operations on both sides; the straight-through gradient into
   the sender's layers is the identity.
