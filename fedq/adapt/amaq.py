@@ -51,6 +51,18 @@ our own inference ([I] in ALGORITHMS.md §0) and is named so it can be ablated:
   The forward is computed by the codec itself, ``dequantize(quantize(x))``, and the surrogate only
   adds ``s - s.detach()`` (exactly zero), so fake-quant equals ``dequantize(encode(x))`` **bit for
   bit** (tested).
+- [I] **Gate signal** (``signal``; split key ``act_gate_signal``): what the activation gates
+  learn from. ``"task"``: the task loss through the LSQ step size, as above. ``"fisher"``: the
+  Fisher-weighted distortion ``sum_i g_i^2 (x_hat_i - x_i)^2``, ``g = dL/dx_hat`` being the
+  gradient that comes back (at the cut: the decoded gradient the server sent), taken through the
+  same LSQ path by a hook on ``x_hat`` when the backward reaches it; the task backward then adds
+  nothing to the gates. Why: to second order the loss the coding costs is
+  ``1/2 sum_i H_ii e_i^2`` (``e = x_hat - x``), and the LSQ gradient of the task loss estimates
+  that with a first-order term ``sum_i g_i * (round(v_i) - v_i)`` on top, zero on average but
+  not per step; with the empirical Fisher ``g_i^2`` for ``H_ii`` (as HAWQ-V2 and BRECQ weight
+  quantization error by curvature) every term of the proxy's gradient has the same sign, so
+  a channel's importance shows without the rounding noise. Default ``"task"``: the measured
+  comparison is in BENCHMARKS.md ("Split learning").
 - [I] **Gradient direction** (§1.6): the gradient ``dL/dX`` has its own gates (statistics differ
   from activations), held by the party that sends it (the server). The task loss has no
   differentiable path into those gates, so they are trained on a distortion proxy, the relative
@@ -120,6 +132,7 @@ from fedq.codec.quantize import restore_rows
 from fedq.errors import ConfigError
 
 RegMode = Literal["budget", "target", "mean"]
+GateSignal = Literal["task", "fisher"]
 
 
 class LinkQuantizer(Protocol):
@@ -244,9 +257,12 @@ class AmaqQuantizer(nn.Module):
         quant_range: Literal["minmax", "sigma", "mse"] = "minmax",
         row_scale: bool = False,
         outlier_ratio: float = 0.0,
+        signal: GateSignal = "task",
     ) -> None:
         super().__init__()
         problems = []
+        if signal not in ("task", "fisher"):
+            problems.append(f"signal must be 'task' or 'fisher', got {signal!r}")
         if num_channels < 1:
             problems.append(f"num_channels must be >= 1, got {num_channels}")
         if not 1 <= b_min < b_max <= 8:
@@ -259,6 +275,7 @@ class AmaqQuantizer(nn.Module):
             raise ConfigError(problems)
         self.b_min, self.b_max, self.alpha = int(b_min), int(b_max), float(alpha)
         self.per_token = per_token
+        self.signal: GateSignal = signal
         self.spec = QuantSpec(
             granularity=Granularity.CHANNEL, axis=-2 if per_token else -1, scale_dtype=scale_dtype,
             stochastic=stochastic, range=quant_range, row_scale=row_scale,
@@ -303,9 +320,31 @@ class AmaqQuantizer(nn.Module):
         return quantize(x.detach(), self.int_bits(), self.spec, generator=_gen_for(self, x))
 
     def forward_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, PackedTensor]:
-        """``(fake-quantized x, packed x)``; the first equals ``dequantize`` of the second."""
+        """``(fake-quantized x, packed x)``; the first equals ``dequantize`` of the second.
+
+        With ``signal="fisher"`` the output carries no path into the gates; instead, when the
+        backward reaches it, :meth:`_fisher_grad` adds the Fisher-weighted distortion's gradient
+        (module docstring, "Gate signal") to ``gate.grad``."""
         p = self.encode(x)
-        return _lsq_fake_quant(x, p, self.bits_ste()), p
+        if self.signal == "task":
+            return _lsq_fake_quant(x, p, self.bits_ste()), p
+        out = _lsq_fake_quant(x, p, None)
+        if torch.is_grad_enabled() and self.gate.requires_grad:
+            if not out.requires_grad:  # data straight from the input: still want dL/dx_hat
+                out.requires_grad_()
+            xd = x.detach()
+            out.register_hook(lambda g: self._fisher_grad(xd, p, g))
+        return out, p
+
+    def _fisher_grad(self, x: torch.Tensor, p: PackedTensor, g: torch.Tensor) -> None:
+        """Accumulate ``d/d gate`` of ``sum(g^2 * (x_hat - x)^2)`` (``g``: the gradient that
+        reached the fake-quantized output) into ``gate.grad``; returns None so ``g`` goes on
+        unchanged."""
+        with torch.enable_grad():
+            err = _lsq_fake_quant(x, p, self.bits_ste()).float() - x.float()
+            w = g.detach().float().square()
+            (grad,) = torch.autograd.grad((w * err.square()).sum(), [self.gate])
+        self.gate.grad = grad if self.gate.grad is None else self.gate.grad + grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_encode(x)[0]
@@ -314,8 +353,10 @@ class AmaqQuantizer(nn.Module):
         """Quantize a gradient for sending and accumulate the distortion proxy's gradient
         (relative squared error) into ``gate.grad``. Returns ``(g_hat, packed, rel_error)``."""
         g = g.detach()
-        with torch.enable_grad():
-            g_hat, p = self.forward_encode(g)
+        with torch.enable_grad():  # the LSQ path whatever ``signal`` (that is for activations)
+            self._check(g)
+            p = quantize(g, self.int_bits(), self.spec, generator=_gen_for(self, g))
+            g_hat = _lsq_fake_quant(g, p, self.bits_ste())
             err = ((g_hat.float() - g.float()) ** 2).sum() / (g.float() ** 2).sum().clamp_min(1e-30)
             (grad,) = torch.autograd.grad(err, [self.gate])
         self.gate.grad = grad if self.gate.grad is None else self.gate.grad + grad
@@ -324,7 +365,8 @@ class AmaqQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.gate.numel()}, bits=[{self.b_min}, {self.b_max}], "
-            f"alpha={self.alpha}, per_token={self.per_token}, stochastic={self.spec.stochastic}"
+            f"alpha={self.alpha}, per_token={self.per_token}, stochastic={self.spec.stochastic}, "
+            f"signal={self.signal}"
         )
 
 

@@ -56,6 +56,7 @@ def make_quantizer(
         max_length if sc.per_token else hidden, b_min=sc.b_min, b_max=sc.b_max, alpha=sc.alpha,
         init_bits=sc.init_bits, per_token=sc.per_token, scale_dtype=sdt, stochastic=sr,
         seed=seed, quant_range=sc.quant_range, row_scale=sc.row_scale, outlier_ratio=outl,
+        signal=sc.act_gate_signal if direction == "act" else "task",
     )  # fmt: skip
 
 

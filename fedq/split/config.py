@@ -66,6 +66,11 @@ class SplitConfig:
     warmup_fraction: float = 0.5  # of all steps: the target moves from init_bits to target_bits
     gate_lr: float = 0.01  # budget: normalised-SGD step in logit units; penalty modes: Adam lr
     gate_momentum: float = 0.9  # budget mode only
+    # what trains the activation gates: the task loss through the LSQ step size (task), or the
+    # Fisher-weighted distortion sum(g^2 (x_hat - x)^2) with g the gradient that comes back
+    # (fisher: the second-order estimate of the loss the coding costs). Gradient gates always
+    # use their relative error.
+    act_gate_signal: Literal["task", "fisher"] = "task"
     # budget mode: from this fraction of all steps on the gates take no task-loss step, so the
     # integer bit map stops changing once the target holds (1 = never freeze)
     gate_freeze_fraction: float = 1.0

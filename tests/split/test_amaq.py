@@ -73,6 +73,37 @@ def test_ste_identity_into_input_and_lsq_gradient_into_gates() -> None:
     torch.testing.assert_close(q.gate.grad, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("two_way", [False, True])
+def test_fisher_signal_is_the_weighted_distortion_gradient(two_way: bool) -> None:
+    """``signal="fisher"``: the task backward adds nothing through the LSQ path; the gates get
+    the gradient of ``sum(g^2 (x_hat - x)^2)`` with ``g`` the gradient that reached x_hat, and
+    the channels with larger ``g`` are pushed hardest towards more bits."""
+    extra: dict = {"quant_range": "mse", "row_scale": True} if two_way else {}
+    q = AmaqQuantizer(16, b_min=1, b_max=8, init_bits=3.0, signal="fisher", **extra)
+    ref = AmaqQuantizer(16, b_min=1, b_max=8, init_bits=3.0, **extra)  # same gates, task signal
+    x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    w = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(3))
+    w[..., :4] *= 10.0  # channels 0-3 matter ten times more downstream
+    y, p = q.forward_encode(x)
+    assert torch.equal(y.detach(), dequantize(p))  # still the wire, bit for bit
+    assert q.gate.grad is None  # nothing until the backward reaches x_hat
+    (y * w).sum().backward()
+    assert x.grad is not None and q.gate.grad is not None
+    if not two_way:  # min-max clips nothing: the straight-through identity exactly
+        assert torch.equal(x.grad, w)
+    xd = x.detach()
+    err = ref.forward_encode(xd)[0].float() - xd
+    (want,) = torch.autograd.grad((w.square() * err.square()).sum(), [ref.gate])
+    torch.testing.assert_close(q.gate.grad, want)
+    assert float(q.gate.grad[:4].max()) < float(q.gate.grad[4:].min())  # more bits wanted there
+    q.gate.grad = None
+    with torch.no_grad():  # no backward, no gate gradient
+        q(x)
+    assert q.gate.grad is None
+    q.quantize_gradient(w)  # a gradient quantizer keeps its relative-error proxy
+    assert q.gate.grad is not None and bool(q.gate.grad.ne(0).any())
+
+
 def test_two_way_scaling_keeps_the_straight_through_identity() -> None:
     """With clipped (sigma) ranges and per-token row scales the input still gets the incoming
     gradient unchanged, the gates a finite LSQ gradient, and the error is far below min-max."""
@@ -159,14 +190,18 @@ def test_penalty_ablation_moves_gates_to_target_while_task_loss_falls() -> None:
 
 
 def _budget_run(
-    target: float, steps: int = 160, freeze_step: int | None = None, maps: list | None = None
+    target: float,
+    steps: int = 160,
+    freeze_step: int | None = None,
+    maps: list | None = None,
+    signal: str = "task",
 ) -> tuple[list[float], list[int], float]:
     """Regress y from x through AMAQ where only channels 0-3 carry the signal; budget mode with
     the :class:`GateController`. Returns (mean bits sent per step, final bit map, final loss);
     appends each step's bit map to ``maps`` when given."""
     torch.manual_seed(0)
     d = 16
-    q = AmaqQuantizer(d, b_min=1, b_max=8, init_bits=7.5)
+    q = AmaqQuantizer(d, b_min=1, b_max=8, init_bits=7.5, signal=signal)  # type: ignore[arg-type]
     lin = torch.nn.Linear(d, 1)
     w = torch.zeros(d, 1)
     w[:4, 0] = torch.tensor([1.0, -1.5, 2.0, 1.2])
@@ -191,9 +226,12 @@ def _budget_run(
     return sent, [int(b) for b in q.int_bits().tolist()], loss
 
 
+@pytest.mark.parametrize("signal", ["task", "fisher"])
 @pytest.mark.parametrize("target", [4.0, 2.0, 1.5])
-def test_budget_tracks_schedule_and_gives_bits_to_the_signal_channels(target: float) -> None:
-    sent, bits, loss = _budget_run(target)
+def test_budget_tracks_schedule_and_gives_bits_to_the_signal_channels(
+    target: float, signal: str
+) -> None:
+    sent, bits, loss = _budget_run(target, signal=signal)
     assert sent[0] >= 7.0  # starts near b_max
     # the bits actually sent follow the schedule: halfway down at a quarter of the run ...
     sched = BitSchedule(target_bits=target, start_bits=7.5, warmup_steps=80)
@@ -207,9 +245,10 @@ def test_budget_tracks_schedule_and_gives_bits_to_the_signal_channels(target: fl
     assert loss < 0.5
 
 
-def test_budget_amaq_beats_fixed_bits_at_the_same_average() -> None:
+@pytest.mark.parametrize("signal", ["task", "fisher"])
+def test_budget_amaq_beats_fixed_bits_at_the_same_average(signal: str) -> None:
     """Same problem at 2 bits on average: AMAQ's mixed map loses less than fixed 2-bit."""
-    _, bits, amaq_loss = _budget_run(2.0)
+    _, bits, amaq_loss = _budget_run(2.0, signal=signal)
     assert sum(bits) / len(bits) == pytest.approx(2.0, abs=0.07)
     torch.manual_seed(0)
     d, fq = 16, FixedQuantizer(2)

@@ -62,8 +62,10 @@ def test_simulate_split_writes_the_run_contract(tmp_path: Path) -> None:
     assert set(maps) == {"cut/act", "cut/grad"} and len(maps["cut/act"]) == 32
 
 
-def test_all_boundaries_quantizes_every_block_boundary(kit) -> None:  # type: ignore[no-untyped-def]
-    cfg = kit.tiny_cfg(all_boundaries=True, local_steps=2, b_min=1, target_bits=2.0)
+@pytest.mark.parametrize("signal", ["task", "fisher"])
+def test_all_boundaries_quantizes_every_block_boundary(kit, signal: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = kit.tiny_cfg(all_boundaries=True, local_steps=2, b_min=1, target_bits=2.0,
+                       act_gate_signal=signal)  # fmt: skip
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     worker = SplitClientWorker(cfg, kit.build(cfg), split.train, parts,
@@ -82,8 +84,10 @@ def test_all_boundaries_quantizes_every_block_boundary(kit) -> None:  # type: ig
     inner = worker.model.bottom.boundaries[0]
     assert inner.last_act is not None and inner.last_grad is not None  # both directions coded
     # the inner gates trained (FedAvg'd state changed) and so did the server's
-    assert not torch.equal(server.client_state["boundaries.0.act_q.gate"],
-                           before["boundaries.0.act_q.gate"])  # fmt: skip
+    for key in ("boundaries.0.act_q.gate", "act_q.gate"):  # inner boundary and the cut
+        gate = server.client_state[key]
+        assert not torch.equal(gate, before[key]), key
+        assert float(gate.std()) > 0, key  # not the projection alone: it moves all by one shift
     top_b: Any = server.model.top.boundaries[0]
     assert top_b.act_q.gate.grad is None  # zeroed after its step
 
