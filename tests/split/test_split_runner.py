@@ -30,6 +30,8 @@ def test_split_section_is_validated_with_every_problem_named() -> None:
         assert key in text
     with pytest.raises(ConfigError, match="mode"):
         config_from_dict({"mode": "pipeline"})
+    with pytest.raises(ConfigError, match=r"split\.act_gate_signal: must be one of"):
+        config_from_dict({"mode": "split", "split": {"act_gate_signal": "hessian"}})
     with pytest.raises(ConfigError, match=r"split.gate_freeze_fraction: must be in \[0, 1\]"):
         config_from_dict({"mode": "split", "split": {"gate_freeze_fraction": 1.5}})
     with pytest.raises(ConfigError, match=r"gate_freeze_fraction < 1 needs split\.reg_mode"):
