@@ -357,8 +357,7 @@ class AmaqQuantizer(nn.Module):
         (relative squared error) into ``gate.grad``. Returns ``(g_hat, packed, rel_error)``."""
         g = g.detach()
         with torch.enable_grad():  # the LSQ path whatever ``signal`` (that is for activations)
-            self._check(g)
-            p = quantize(g, self.int_bits(), self.spec, generator=_gen_for(self, g))
+            p = self.encode(g)
             g_hat = _lsq_fake_quant(g, p, self.bits_ste())
             err = ((g_hat.float() - g.float()) ** 2).sum() / (g.float() ** 2).sum().clamp_min(1e-30)
             (grad,) = torch.autograd.grad(err, [self.gate])
