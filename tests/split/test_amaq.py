@@ -14,7 +14,7 @@ from fedq.adapt import (
     IdentityQuantizer,
     bit_penalty,
 )
-from fedq.adapt.amaq import GateController, project_budget
+from fedq.adapt.amaq import GateController, GateSignal, project_budget
 from fedq.codec import dequantize
 from fedq.errors import ConfigError
 
@@ -194,14 +194,14 @@ def _budget_run(
     steps: int = 160,
     freeze_step: int | None = None,
     maps: list | None = None,
-    signal: str = "task",
+    signal: GateSignal = "task",
 ) -> tuple[list[float], list[int], float]:
     """Regress y from x through AMAQ where only channels 0-3 carry the signal; budget mode with
     the :class:`GateController`. Returns (mean bits sent per step, final bit map, final loss);
     appends each step's bit map to ``maps`` when given."""
     torch.manual_seed(0)
     d = 16
-    q = AmaqQuantizer(d, b_min=1, b_max=8, init_bits=7.5, signal=signal)  # type: ignore[arg-type]
+    q = AmaqQuantizer(d, b_min=1, b_max=8, init_bits=7.5, signal=signal)
     lin = torch.nn.Linear(d, 1)
     w = torch.zeros(d, 1)
     w[:4, 0] = torch.tensor([1.0, -1.5, 2.0, 1.2])
@@ -226,12 +226,12 @@ def _budget_run(
     return sent, [int(b) for b in q.int_bits().tolist()], loss
 
 
-@pytest.mark.parametrize("signal", ["task", "fisher"])
+@pytest.mark.parametrize("gate_signal", ["task", "fisher"])
 @pytest.mark.parametrize("target", [4.0, 2.0, 1.5])
 def test_budget_tracks_schedule_and_gives_bits_to_the_signal_channels(
-    target: float, signal: str
+    target: float, gate_signal: GateSignal
 ) -> None:
-    sent, bits, loss = _budget_run(target, signal=signal)
+    sent, bits, loss = _budget_run(target, signal=gate_signal)
     assert sent[0] >= 7.0  # starts near b_max
     # the bits actually sent follow the schedule: halfway down at a quarter of the run ...
     sched = BitSchedule(target_bits=target, start_bits=7.5, warmup_steps=80)
@@ -246,7 +246,7 @@ def test_budget_tracks_schedule_and_gives_bits_to_the_signal_channels(
 
 
 @pytest.mark.parametrize("signal", ["task", "fisher"])
-def test_budget_amaq_beats_fixed_bits_at_the_same_average(signal: str) -> None:
+def test_budget_amaq_beats_fixed_bits_at_the_same_average(signal: GateSignal) -> None:
     """Same problem at 2 bits on average: AMAQ's mixed map loses less than fixed 2-bit."""
     _, bits, amaq_loss = _budget_run(2.0, signal=signal)
     assert sum(bits) / len(bits) == pytest.approx(2.0, abs=0.07)
