@@ -345,8 +345,11 @@ class AmaqQuantizer(nn.Module):
         unchanged."""
         with torch.enable_grad():
             err = _lsq_fake_quant(x, p, self.bits_ste()).float() - x.float()
-            w = g.detach().float().square()
-            (grad,) = torch.autograd.grad((w * err.square()).sum(), [self.gate])
+            self._add_gate_grad((g.detach().float().square() * err.square()).sum())
+
+    def _add_gate_grad(self, proxy: torch.Tensor) -> None:
+        """Accumulate ``d proxy / d gate`` into ``gate.grad`` (the proxies' gradients)."""
+        (grad,) = torch.autograd.grad(proxy, [self.gate])
         self.gate.grad = grad if self.gate.grad is None else self.gate.grad + grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -360,8 +363,7 @@ class AmaqQuantizer(nn.Module):
             p = self.encode(g)
             g_hat = _lsq_fake_quant(g, p, self.bits_ste())
             err = ((g_hat.float() - g.float()) ** 2).sum() / (g.float() ** 2).sum().clamp_min(1e-30)
-            (grad,) = torch.autograd.grad(err, [self.gate])
-        self.gate.grad = grad if self.gate.grad is None else self.gate.grad + grad
+            self._add_gate_grad(err)
         return g_hat.detach(), p, float(err.detach())
 
     def extra_repr(self) -> str:
