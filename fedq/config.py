@@ -3,11 +3,21 @@
 Every problem in a scenario (unknown key, wrong type, impossible value) is collected and reported at
 once, each naming its dotted key, as one :class:`~fedq.errors.ConfigError`. ``--set key=value``
 overrides are applied to the raw mapping first, so they are validated the same way.
+
+A key the chosen ``mode`` does not use (the ``split`` section in federated mode; ``compression``,
+the FedProx / FedAdam parameters and ``train.local_epochs`` in split mode) is an error that says
+so, rather than being silently ignored; the saved ``config.json`` holds only what the mode uses.
+Defaults that differ by mode (the optimizer) are resolved here and saved resolved.
+
+This module imports nothing from fedq but :mod:`fedq.errors`: names that live in registries (data
+sets, models) and problems that need the data are checked by :mod:`fedq.runtime.preflight` before
+any host starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,7 +27,6 @@ from typing import Any, Literal
 import yaml
 
 from fedq.errors import ConfigError
-from fedq.split.config import SplitConfig
 
 Problems = list[str]
 
@@ -64,16 +73,24 @@ class ModelConfig:
         return p
 
 
+#: ``train.optimizer`` / ``train.weight_decay`` when the scenario leaves them out, by mode: local
+#: SGD for federated clients; AdamW (torch's default decay) for the LoRA halves of a split model.
+OPTIMIZER_DEFAULTS: dict[str, tuple[str, float]] = {
+    "federated": ("sgd", 0.0),
+    "split": ("adamw", 0.01),
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Local training on each client."""
+    """Local training on each client (in split mode: the optimizer of both halves' LoRA)."""
 
-    local_epochs: int = 1
+    local_epochs: int = 1  # federated only (split mode runs split.local_steps per round)
     batch_size: int = 32
     lr: float = 0.1
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw"] | None = None  # None: the mode's default
     momentum: float = 0.0
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # None: the mode's default
 
     def check(self) -> Problems:
         p = []
@@ -85,7 +102,7 @@ class TrainConfig:
             p.append(f"train.lr: must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             p.append(f"train.momentum: must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
+        if self.weight_decay is not None and self.weight_decay < 0:
             p.append(f"train.weight_decay: must be >= 0, got {self.weight_decay}")
         return p
 
@@ -251,6 +268,73 @@ class RuntimeConfig:
         return p
 
 
+#: Split-learning cut codecs (the registry in :mod:`fedq.adapt.cut` must hold exactly these).
+CutCodecName = Literal["amaq", "fixed", "none", "aqsgd"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitConfig:
+    """``split:``: where the model is cut and how the cut is coded (``mode: split`` only).
+
+    Rounds, clients and the evaluation cadence come from ``fed``, the optimizer of the LoRA halves
+    from ``train``. Only options a user chooses between are here, each with a measured reason
+    (BENCHMARKS.md, "Split options"); the fixed choices behind them are in docs/algorithms.md §5.
+    """
+
+    cut: int = 3  # the client holds embeddings + blocks [0, cut); the server the rest
+    all_boundaries: bool = False  # also code every block boundary inside each half (stress test)
+    local_steps: int = 10  # split steps per selected client per round; client state FedAvg'd after
+    tiny_layers: int = 4  # blocks of the tiny random test models (tiny_bert_lora, tiny_llama_lora)
+    # codec of each direction: amaq (learned bits per channel), fixed (fixed_bits per channel),
+    # none (fp32); activations only: aqsgd (each example's change since its last visit)
+    act_codec: CutCodecName = "amaq"
+    grad_codec: CutCodecName = "amaq"
+    fixed_bits: int = 4  # fixed and aqsgd
+    # block ranges: the least-error clip per channel (mse), or plain min-max (cheaper to encode)
+    quant_range: Literal["minmax", "sigma", "mse"] = "mse"
+    # activation rows (tokens) with RMS above this many times the median go as float16 (0 = off)
+    act_outlier_ratio: float = 3.0
+    # AMAQ: bits per channel in [b_min, b_max]; the mean moves from init_bits to target_bits over
+    # the first warmup_fraction of all steps, then holds; gate_lr is the gates' step
+    b_min: int = 2
+    b_max: int = 8
+    init_bits: float = 7.5
+    target_bits: float = 4.0
+    warmup_fraction: float = 0.5
+    gate_lr: float = 0.01
+    # what trains the activation gates: the task loss (task) or the gradient-weighted coding
+    # error (fisher: better for causal LMs at 3+ bits)
+    act_gate_signal: Literal["task", "fisher"] = "task"
+
+    def check(self) -> Problems:
+        p = []
+        for k in ("cut", "local_steps", "tiny_layers"):
+            if getattr(self, k) < 1:
+                p.append(f"split.{k}: must be >= 1, got {getattr(self, k)}")
+        if self.grad_codec == "aqsgd":
+            p.append("split.grad_codec: aqsgd codes activations only (use fixed for gradients)")
+        if self.act_codec == "aqsgd" and self.all_boundaries:
+            p.append("split.act_codec: aqsgd works at the cut only, not with all_boundaries")
+        if not 1 <= self.fixed_bits <= 8:
+            p.append(f"split.fixed_bits: must be in 1..8, got {self.fixed_bits}")
+        if not 1 <= self.b_min < self.b_max <= 8:
+            p.append(
+                f"split.b_min/b_max: need 1 <= b_min < b_max <= 8, got {self.b_min}, {self.b_max}"
+            )
+        elif not self.b_min <= self.init_bits <= self.b_max:
+            p.append(f"split.init_bits: must lie in [b_min, b_max], got {self.init_bits}")
+        elif not self.b_min <= self.target_bits <= self.b_max:
+            p.append(f"split.target_bits: must lie in [b_min, b_max], got {self.target_bits}")
+        if not 0 <= self.warmup_fraction <= 1:
+            p.append(f"split.warmup_fraction: must be in [0, 1], got {self.warmup_fraction}")
+        v = self.act_outlier_ratio
+        if not (v == 0 or 1 <= v < float("inf")):
+            p.append(f"split.act_outlier_ratio: must be 0 (off) or >= 1, got {v}")
+        if self.gate_lr <= 0:
+            p.append(f"split.gate_lr: must be > 0, got {self.gate_lr}")
+        return p
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     name: str = "run"
@@ -285,7 +369,65 @@ class RunConfig:
         return p
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The resolved configuration, without the keys the mode does not use (what config.json
+        holds, so that it loads back under the same checks)."""
+        out = dataclasses.asdict(self)
+        for key in MODE_IGNORES[self.mode]:
+            section, _, name = key.partition(".")
+            if name:
+                out[section].pop(name, None)
+            else:
+                out.pop(section, None)
+        return out
+
+
+#: Keys each mode does not use; setting one is an error naming the mode (see module docstring).
+MODE_IGNORES: dict[str, tuple[str, ...]] = {
+    "federated": ("split",),
+    "split": (
+        "compression",
+        "train.local_epochs",
+        "fed.proximal_mu",
+        "fed.server_lr",
+        "fed.beta1",
+        "fed.beta2",
+        "fed.tau",
+    ),
+}
+_WHY_IGNORED: dict[str, str] = {
+    "split": "split learning settings; this scenario has mode 'federated'",
+    "compression": "mode 'split' codes the cut with split.act_codec / split.grad_codec",
+    "train.local_epochs": "mode 'split' runs split.local_steps steps per round",
+}
+
+
+def _mode_problems(raw: dict[str, Any], mode: str) -> Problems:
+    """Keys in the scenario that ``mode`` would ignore (every one, each naming why)."""
+    p = []
+    for key in MODE_IGNORES.get(mode, ()):
+        section, _, name = key.partition(".")
+        node = raw.get(section)
+        present = section in raw if not name else isinstance(node, dict) and name in node
+        if present:
+            why = _WHY_IGNORED.get(key, "a FedProx / FedAdam parameter; split mode uses fedavg")
+            p.append(f"{key}: not used in mode {mode!r} ({why}); remove it")
+    strategy = (raw.get("fed") or {}).get("strategy") if isinstance(raw.get("fed"), dict) else None
+    if mode == "split" and strategy not in (None, "fedavg"):
+        p.append(
+            f"fed.strategy: mode 'split' averages the clients' state with fedavg only, "
+            f"got {strategy!r}"
+        )
+    return p
+
+
+def _resolve_mode_defaults(cfg: RunConfig) -> RunConfig:
+    optimizer, weight_decay = OPTIMIZER_DEFAULTS[cfg.mode]
+    train = dataclasses.replace(
+        cfg.train,
+        optimizer=cfg.train.optimizer or optimizer,  # type: ignore[arg-type]
+        weight_decay=weight_decay if cfg.train.weight_decay is None else cfg.train.weight_decay,
+    )
+    return dataclasses.replace(cfg, train=train)
 
 
 # ---------------------------------------------------------------- generic typed loading
@@ -397,23 +539,31 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def config_from_dict(raw: Any) -> RunConfig:
     """Validate a raw mapping; raises ConfigError listing every problem."""
     problems: Problems = []
-    cfg = _build(RunConfig, raw if raw is not None else {}, "", problems)
+    raw = raw if raw is not None else {}
+    cfg = _build(RunConfig, raw, "", problems)
     if cfg is not None:
         problems += _checks(cfg)
+        problems += _mode_problems(raw, cfg.mode)
     if problems:
         raise ConfigError(problems)
-    return typing.cast(RunConfig, cfg)
+    return _resolve_mode_defaults(typing.cast(RunConfig, cfg))
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
-    """Read a YAML file that must hold a mapping; every failure is a ConfigError naming the file."""
+    """Read a YAML file (or a ``.json`` file, such as a run's saved ``config.json``) that must hold
+    a mapping; every failure is a ConfigError naming the file.
+
+    JSON goes through :mod:`json`, not the YAML loader: YAML 1.1 reads a JSON number such as
+    ``1e-05`` (no dot) as a string."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what} file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        text = p.read_text()
+        raw = (json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)) or {}
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        kind = "JSON" if p.suffix == ".json" else "YAML"
+        raise ConfigError(f"{p}: not valid {kind}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a {what} must be a mapping, got {type(raw).__name__}")
     return raw

@@ -1,17 +1,14 @@
 """AQ-SGD baseline: send the quantized *change* of each training example's activation.
 
 Wang et al., "Fine-tuning Language Models over Slow Networks using Activation Compression with
-Guarantees" (NeurIPS 2022; ALGORITHMS.md §1.7). Both parties keep, per training example ``i``,
+Guarantees" (NeurIPS 2022; docs/algorithms.md §1.7). Both parties keep, per training example ``i``,
 the activation ``m_i`` they last agreed on. For a batch the sender transmits ``Q(a_i - m_i)``,
 and both sides set ``m_i += dequantize(Q(a_i - m_i))``; the receiver's activation is that new
 ``m_i``. As the model changes slowly between two visits of one example, the change is much
 smaller than the activation, so the same bits code it with far less error. Gradients are
 quantized directly (the split runtime's fixed codec).
 
-Measured (BENCHMARKS.md, "Split learning", MiniLM, 200 steps, 3 seeds): 80.3% at 4 bits (fixed
-80.1) and 76.1% at 2 bits (fixed 79.1). Evaluation has no earlier visit to code against, so the
-test activations are coded directly, an error the AQ-SGD-trained top never saw: evaluated
-without coding at the cut the two 2-bit models are level (79.5 both).
+Measured results: BENCHMARKS.md, "Split learning" (AQ-SGD rows).
 
 Design choices ([I], the paper's text could not be checked here):
 
@@ -41,15 +38,19 @@ Design choices ([I], the paper's text could not be checked here):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from fedq.adapt.amaq import FixedQuantizer
-from fedq.codec import PackedTensor, dequantize
+from fedq.adapt.cut import Coded, CutReceiver, Direction, Received
+from fedq.codec import PackedTensor, dequantize, raw
 from fedq.errors import FedqError
+
+#: Largest example id / version a message may carry (sent as float32, exact below 2**24).
+MAX_ID = 2**24
 
 
 class ActivationMemory:
@@ -107,6 +108,21 @@ class ActivationMemory:
         for i in ids:
             self._m.pop(int(i), None)
 
+    def state_dict(self) -> dict[str, Any]:
+        ids = sorted(self._m)
+        return {
+            "ids": ids,
+            "versions": [self._m[i][0] for i in ids],
+            "values": [self._m[i][1].clone() for i in ids],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        ids, versions, values = state["ids"], state["versions"], state["values"]
+        if not len(ids) == len(versions) == len(values):
+            raise FedqError("AQ-SGD memory state: ids, versions and values differ in length")
+        rows = zip(ids, versions, values, strict=True)
+        self._m = {int(i): (int(v), t.clone()) for i, v, t in rows}
+
 
 @dataclass(frozen=True)
 class PendingCommit:
@@ -117,14 +133,61 @@ class PendingCommit:
     value: torch.Tensor
 
 
+def pack_ids(values: Sequence[int]) -> PackedTensor:
+    """Example ids or versions as float32 (exact below :data:`MAX_ID`)."""
+    return raw(torch.tensor([float(v) for v in values]))
+
+
+def unpack_ids(p: PackedTensor, count: int, what: str) -> list[int]:
+    """``count`` integers in ``[0, MAX_ID)`` from :func:`pack_ids`; FedqError otherwise."""
+    v = dequantize(p)
+    bad = tuple(p.shape) != (count,) or not bool((v == v.round()).all())
+    if bad or bool(((v < 0) | (v >= MAX_ID)).any()):
+        raise FedqError(f"AQ-SGD {what} must be one non-negative integer per example (< {MAX_ID})")
+    return [int(x) for x in v.tolist()]
+
+
 class DeltaQuantizer(FixedQuantizer):
-    """The sender's side of AQ-SGD at ``bits`` per value: :meth:`forward_encode_delta` codes the
-    change against its :class:`ActivationMemory`. ``forward`` / ``forward_encode`` (no example
-    ids: evaluation) code the activation itself, as the fixed codec does."""
+    """The sender's side of AQ-SGD at ``bits`` per value: :meth:`send` with the batch's example
+    ids codes the change against its :class:`ActivationMemory` and adds ``ids`` / ``ref`` to the
+    wire tensors; ``forward`` / ``forward_encode`` (no ids: evaluation) code the activation itself,
+    as the fixed codec does."""
+
+    name = "aqsgd"
+    directions: ClassVar[tuple[Direction, ...]] = ("act",)
 
     def __init__(self, bits: int, **kwargs: Any) -> None:
         super().__init__(bits, **kwargs)
         self.memory = ActivationMemory()
+
+    def send(self, x: torch.Tensor, ids: Sequence[int] | None = None) -> Coded:
+        if ids is None:
+            return super().send(x)
+        x_hat, p, pending = self.forward_encode_delta(x, ids)
+        tensors = {"h": p, "ids": pack_ids(pending.ids), "ref": pack_ids(pending.versions)}
+        return Coded(x_hat, tensors, pending=pending)
+
+    def settle(self, coded: Coded, ok: bool) -> None:
+        """Commit the batch once the receiver has it; otherwise forget its examples, since the
+        receiver may or may not have committed: both then start them afresh."""
+        pending = coded.pending
+        if not isinstance(pending, PendingCommit):
+            return
+        if ok:
+            self.commit(pending)
+        else:
+            self.memory.forget(pending.ids)
+
+    @classmethod
+    def receiver(cls, direction: Direction) -> CutReceiver:
+        return DeltaReceiver(direction)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "memory": self.memory.state_dict()}
+
+    def set_extra_state(self, state: Any) -> None:
+        super().set_extra_state(state)
+        self.memory.load_state_dict(dict(state)["memory"])
 
     def forward_encode_delta(
         self, x: torch.Tensor, ids: Sequence[int]
@@ -156,3 +219,43 @@ def decode_delta(
     m = memory.reference(ids, versions, length, hidden).to(device)
     agreed = m + dequantize(p, device=device).float()
     return agreed, PendingCommit([int(i) for i in ids], [int(v) for v in versions], agreed)
+
+
+class DeltaReceiver(CutReceiver):
+    """The receiver's side of AQ-SGD: one :class:`ActivationMemory` per peer."""
+
+    def __init__(self, direction: Direction) -> None:
+        super().__init__(direction)
+        self.memories: dict[str, ActivationMemory] = {}
+
+    @property
+    def wire_names(self) -> frozenset[str]:
+        return frozenset({self.name, "ids", "ref"})
+
+    def receive(
+        self, tensors: Mapping[str, PackedTensor], peer: str, device: torch.device | str
+    ) -> Received:
+        p = tensors[self.name]
+        if len(p.shape) != 3:
+            raise FedqError(f"AQ-SGD activations must be [B, T, d], got {list(p.shape)}")
+        ids = unpack_ids(tensors["ids"], p.shape[0], "ids")
+        ref = unpack_ids(tensors["ref"], p.shape[0], "ref")
+        memory = self.memories.setdefault(peer, ActivationMemory())
+        value, pending = decode_delta(memory, ids, ref, p, device)
+        if not bool(torch.isfinite(value).all()):
+            raise FedqError(f"activations from {peer} decode to NaN/Inf")
+        return Received(value, pending)
+
+    def settle(self, peer: str, received: Received, ok: bool) -> None:
+        pending = received.pending
+        if ok and isinstance(pending, PendingCommit):
+            self.memories[peer].commit(pending.ids, pending.versions, pending.value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"memories": {peer: m.state_dict() for peer, m in self.memories.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.memories = {}
+        for peer, ms in dict(state.get("memories", {})).items():
+            self.memories[str(peer)] = memory = ActivationMemory()
+            memory.load_state_dict(ms)

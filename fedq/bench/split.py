@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="extra scenario override applied to every arm after the arm's own (repeatable), "
-        "e.g. --set split.grad_stochastic=true --set split.warmup_fraction=0.25",
+        "e.g. --set split.quant_range=minmax --set split.warmup_fraction=0.25",
     )
     p.add_argument("--max-train", type=int, default=2000)
     p.add_argument("--max-test", type=int, default=300)

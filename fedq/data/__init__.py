@@ -11,7 +11,13 @@ from fedq.data import user as _user  # noqa: F401  (registers npz:, csv:, py:)
 from fedq.data.datasets import AnyDataset, ArrayDataset, DataSplit, TextDataset
 from fedq.data.holdout import stratified_holdout
 from fedq.data.partition import SCHEMES, label_histogram, partition
-from fedq.data.registry import dataset_names, load_dataset, register_dataset, register_source
+from fedq.data.registry import (
+    check_dataset_name,
+    dataset_names,
+    load_dataset,
+    register_dataset,
+    register_source,
+)
 
 __all__ = [
     "SCHEMES",
@@ -19,6 +25,7 @@ __all__ = [
     "ArrayDataset",
     "DataSplit",
     "TextDataset",
+    "check_dataset_name",
     "dataset_names",
     "label_histogram",
     "load_dataset",

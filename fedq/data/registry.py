@@ -50,6 +50,19 @@ def dataset_names() -> list[str]:
     return sorted(_NAMED) + [f"{p}:..." for p in sorted(_SOURCES)]
 
 
+def check_dataset_name(name: str) -> str | None:
+    """The problem with ``name`` as a data set (unknown name or source prefix, a source without its
+    argument), or None when :func:`load_dataset` knows it. Reads no data."""
+    if name in _NAMED:
+        return None
+    prefix, sep, arg = name.partition(":")
+    if not (sep and prefix in _SOURCES):
+        return f"unknown data set {name!r}; registered: {', '.join(dataset_names())}"
+    if not arg:
+        return f"data set {name!r}: missing the part after {prefix + ':'!r}"
+    return None
+
+
 def _check_kwargs(what: str, fn: Loader, kw: dict[str, Any], skip: int) -> None:
     params = list(inspect.signature(fn).parameters.values())[skip:]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
@@ -72,18 +85,15 @@ def load_dataset(
     when ``name`` is unknown, and the allowed options when an option is unknown, before any data
     is read.
     """
+    problem = check_dataset_name(name)
+    if problem:
+        raise ConfigError(problem)
     if name in _NAMED:
         fn = _NAMED[name]
         _check_kwargs(name, fn, kw, skip=0)
         split = fn(**kw)
     else:
-        prefix, sep, arg = name.partition(":")
-        if not (sep and prefix in _SOURCES):
-            raise ConfigError(
-                f"unknown data set {name!r}; registered: {', '.join(dataset_names())}"
-            )
-        if not arg:
-            raise ConfigError(f"data set {name!r}: missing the part after {prefix + ':'!r}")
+        prefix, _, arg = name.partition(":")
         fn = _SOURCES[prefix]
         _check_kwargs(name, fn, kw, skip=1)
         split = fn(arg, **kw)

@@ -9,16 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from fedq.config import TrainConfig
+from fedq.models.optim import make_optimizer as _make_optimizer
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """``train``'s optimizer (its mode defaults are resolved when the config loads)."""
+    assert cfg.optimizer is not None and cfg.weight_decay is not None
+    return _make_optimizer(
+        params, cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
 
 
 def batches(

@@ -20,6 +20,7 @@ from fedq.config import RunConfig
 from fedq.fed.server import client_name
 from fedq.runtime.backend import make_backend, stop_all
 from fedq.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedq.runtime.preflight import preflight
 from fedq.runtime.hosts import ServerHost, WorkerHost
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def simulate(
     With ``resume`` the run continues after the last checkpointed round of ``out_dir`` (model,
     strategy, codec and client states, and any privacy ledger are restored, never reset).
     """
+    preflight(cfg)  # names and data problems: one ConfigError before any host starts
     if cfg.mode == "split":
         from fedq.runtime.split_runner import run_split
 

@@ -53,7 +53,7 @@ def _build(cfg: RunConfig, split: Any) -> Any:
     model = build_split_model(
         m.name, cut=sc.cut, num_classes=int(split.train.num_classes), seed=cfg.seed,
         lora_r=m.lora_r, max_length=m.max_length, hidden=m.hidden, tiny_layers=sc.tiny_layers,
-        make_boundary=boundary_factory(sc, _hidden_of(cfg), m.max_length),
+        make_boundary=boundary_factory(sc, _hidden_of(cfg)),
     )  # fmt: skip
     return model.to(torch_device(cfg.runtime.device))
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from fedq.config import RunConfig, config_from_dict, read_yaml_mapping, set_dotted
 from fedq.errors import ConfigError
+from fedq.runtime.preflight import check_names
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ def load_sweep(path: str | Path) -> Sweep:
             for k, v in sets.items():
                 set_dotted(raw_cfg, k, v)
             cfg = config_from_dict(raw_cfg)
+            check_names(cfg)
         except ConfigError as e:
             problems += [f"run {label}: {x}" for x in e.problems]
             continue

@@ -1,6 +1,5 @@
 """Split learning and SplitFed with AMAQ-coded cuts (ALGORITHMS.md §1 and §4).
 
-- :mod:`fedq.split.config`: the ``split:`` scenario section.
 - :mod:`fedq.split.models`: cutting BERT-like encoders and LLaMA-like causal LMs into a client
   bottom and a server top (LoRA via PEFT), with optional quantizers at every block boundary.
 - :mod:`fedq.split.codecs`: building the quantizers of each boundary and direction from config.

@@ -1,66 +1,46 @@
-"""Quantizers of each boundary and direction, built from the ``split:`` section.
+"""The codecs, bit schedule, gate controller and optimizer of each split party, built from the
+``split:`` and ``train:`` sections.
 
-Who holds what ([I], ALGORITHMS.md §1.6): the sender of a tensor owns its quantizer, so the client
-holds the activation gates at the cut and the server the gradient gates. In all-boundaries mode
-every inner boundary gets both (simulated in process, see
-:class:`~fedq.split.models.SimulatedBoundary`).
+Who holds what (docs/algorithms.md §1.6): the sender of a tensor owns its codec, so the client
+holds the activation codec at the cut and the server the gradient codec; each receiver decodes
+with the codec's :class:`~fedq.adapt.cut.CutReceiver`. In all-boundaries mode every inner
+boundary gets both (simulated in process, see :class:`~fedq.split.models.SimulatedBoundary`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from fedq.adapt.amaq import (
-    AmaqQuantizer,
-    BitSchedule,
-    FixedQuantizer,
-    GateController,
-    IdentityQuantizer,
-    QuantModule,
-)
-from fedq.adapt.aqsgd import DeltaQuantizer
+from fedq.adapt import CUT_CODECS, BitSchedule, CutCodec, CutReceiver, GateController
+from fedq.adapt.cut import Direction
+from fedq.adapt.registry import make_cut_codec
 from fedq.codec import Granularity, PackedTensor, QuantSpec, dequantize, quantize, raw
+from fedq.config import SplitConfig, TrainConfig
 from fedq.errors import FedqError
-from fedq.split.config import SplitConfig
+from fedq.models.optim import make_optimizer
 from fedq.split.models import SimulatedBoundary
 
-Direction = Literal["act", "grad"]
 
-
-def make_quantizer(
-    sc: SplitConfig, direction: Direction, hidden: int, max_length: int, seed: int = 0
-) -> QuantModule:
-    """The quantizer for one boundary and direction (``act_codec`` / ``grad_codec``); ``seed``
-    seeds its stochastic-rounding generator (``grad_stochastic``)."""
-    codec = sc.act_codec if direction == "act" else sc.grad_codec
-    sdt = sc.act_scale_dtype if direction == "act" else sc.grad_scale_dtype
-    sr = direction == "grad" and sc.grad_stochastic
-    outl = sc.act_outlier_ratio if direction == "act" else sc.grad_outlier_ratio
-    if codec == "none":
-        return IdentityQuantizer()
-    if codec == "aqsgd":
-        return DeltaQuantizer(sc.fixed_bits, granularity=sc.fixed_granularity,
-                              group_size=sc.group_size, scale_dtype=sdt,
-                              quant_range=sc.quant_range, row_scale=sc.row_scale,
-                              outlier_ratio=outl)  # fmt: skip
-    if codec == "fixed":
-        return FixedQuantizer(sc.fixed_bits, granularity=sc.fixed_granularity,
-                              group_size=sc.group_size, scale_dtype=sdt, stochastic=sr,
-                              seed=seed, quant_range=sc.quant_range,
-                              row_scale=sc.row_scale, outlier_ratio=outl)  # fmt: skip
-    return AmaqQuantizer(
-        max_length if sc.per_token else hidden, b_min=sc.b_min, b_max=sc.b_max, alpha=sc.alpha,
-        init_bits=sc.init_bits, per_token=sc.per_token, scale_dtype=sdt, stochastic=sr,
-        seed=seed, quant_range=sc.quant_range, row_scale=sc.row_scale, outlier_ratio=outl,
-        signal=sc.act_gate_signal if direction == "act" else "task",
+def make_codec(sc: SplitConfig, direction: Direction, width: int, seed: int = 0) -> CutCodec:
+    """The sender's codec for one boundary and direction (``act_codec`` / ``grad_codec``); ``seed``
+    seeds the gradient direction's stochastic rounding."""
+    return make_cut_codec(
+        sc.act_codec if direction == "act" else sc.grad_codec, direction, width=width, seed=seed,
+        fixed_bits=sc.fixed_bits, quant_range=sc.quant_range, outlier_ratio=sc.act_outlier_ratio,
+        b_min=sc.b_min, b_max=sc.b_max, init_bits=sc.init_bits, gate_signal=sc.act_gate_signal,
     )  # fmt: skip
 
 
-def boundary_factory(sc: SplitConfig, hidden: int, max_length: int) -> object:
+def make_receiver(sc: SplitConfig, direction: Direction) -> CutReceiver:
+    """The receiving side of the codec configured for ``direction``."""
+    name = sc.act_codec if direction == "act" else sc.grad_codec
+    return CUT_CODECS[name].receiver(direction)
+
+
+def boundary_factory(sc: SplitConfig, width: int) -> Callable[[], SimulatedBoundary] | None:
     """A zero-argument callable making inner :class:`SimulatedBoundary` objects, or None."""
     if not sc.all_boundaries:
         return None
@@ -70,8 +50,7 @@ def boundary_factory(sc: SplitConfig, hidden: int, max_length: int) -> object:
     def make() -> SimulatedBoundary:
         made[0] += 1  # a distinct stochastic-rounding stream per inner boundary
         return SimulatedBoundary(
-            make_quantizer(sc, "act", hidden, max_length),
-            make_quantizer(sc, "grad", hidden, max_length, seed=made[0]),
+            make_codec(sc, "act", width), make_codec(sc, "grad", width, seed=made[0])
         )
 
     return make
@@ -79,37 +58,27 @@ def boundary_factory(sc: SplitConfig, hidden: int, max_length: int) -> object:
 
 def bit_schedule(sc: SplitConfig, total_steps: int) -> BitSchedule:
     return BitSchedule(
-        lam=sc.reg_lambda, target_bits=sc.target_bits, start_bits=sc.init_bits,
-        warmup_steps=max(1, round(sc.warmup_fraction * total_steps)), mode=sc.reg_mode,
-        freeze_step=(
-            None if sc.gate_freeze_fraction >= 1 else round(sc.gate_freeze_fraction * total_steps)
-        ),
-    )  # fmt: skip
-
-
-def gate_parameters(modules: Sequence[nn.Module]) -> list[nn.Parameter]:
-    return [p for m in modules for n, p in m.named_parameters() if n.endswith("gate")]
+        target_bits=sc.target_bits,
+        start_bits=sc.init_bits,
+        warmup_steps=max(1, round(sc.warmup_fraction * total_steps)),
+    )
 
 
 def gate_controller(
     sc: SplitConfig, groups: Sequence[Sequence[nn.Module]], schedule: BitSchedule
 ) -> GateController | None:
-    """Budget mode: the party's :class:`GateController` over its groups (one per direction);
-    None in the penalty modes (gates then sit in the optimizer) or without AMAQ quantizers."""
-    if sc.reg_mode != "budget":
-        return None
-    ctl = GateController(groups, schedule, sc.gate_lr, sc.gate_momentum)
+    """The party's :class:`GateController` over its groups (one per direction); None without
+    learned codecs."""
+    ctl = GateController(groups, schedule, sc.gate_lr)
     return ctl if ctl.groups else None
 
 
-def split_optimizer(
-    lora: list[nn.Parameter], gates: list[nn.Parameter], lr: float, gate_lr: float
-) -> torch.optim.Optimizer:
-    """AdamW for LoRA (+ head); the gates in their own Adam group, no weight decay (§1.3)."""
-    groups: list[dict[str, object]] = [{"params": lora, "lr": lr}]
-    if gates:
-        groups.append({"params": gates, "lr": gate_lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)
+def lora_optimizer(params: list[nn.Parameter], tc: TrainConfig) -> torch.optim.Optimizer:
+    """``train``'s optimizer over a party's LoRA (+ head); the gates have their own controller."""
+    assert tc.optimizer is not None and tc.weight_decay is not None  # resolved at load
+    return make_optimizer(
+        params, tc.optimizer, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
+    )
 
 
 # -- small side tensors of an activations message ------------------------------------------------

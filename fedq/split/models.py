@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedq.adapt.amaq import QuantModule
+from fedq.adapt.cut import CutCodec
 from fedq.codec import PackedTensor
 from fedq.errors import ConfigError
 
@@ -66,10 +66,10 @@ class SimulatedBoundary(nn.Module):
     """A block boundary coded in process: activations through ``act_q`` on the way forward,
     gradients through ``grad_q`` on the way back; the last packed tensors are kept for stats."""
 
-    def __init__(self, act_q: QuantModule, grad_q: QuantModule) -> None:
+    def __init__(self, act_q: CutCodec, grad_q: CutCodec) -> None:
         super().__init__()
-        self.act_q: QuantModule = act_q
-        self.grad_q: QuantModule = grad_q
+        self.act_q: CutCodec = act_q
+        self.grad_q: CutCodec = grad_q
         self.last_act: PackedTensor | None = None
         self.last_grad: PackedTensor | None = None
 
@@ -229,12 +229,12 @@ class SplitModel:
         self.device = torch.device(device)
         return self
 
-    def make_batch(self, texts: Sequence[str], labels: torch.Tensor, *, pad_to_max: bool) -> Batch:
-        """Tokenize ``texts``; classification keeps ``labels``, causal LM uses the tokens
-        (padding -> -100). ``pad_to_max`` fixes T (per-token gates need a constant T)."""
+    def make_batch(self, texts: Sequence[str], labels: torch.Tensor) -> Batch:
+        """Tokenize ``texts`` (padded to the longest); classification keeps ``labels``, causal LM
+        uses the tokens (padding -> -100)."""
         enc = self.tokenizer(
-            list(texts), padding="max_length" if pad_to_max else True, truncation=True,
-            max_length=self.max_length, return_tensors="pt",
+            list(texts), padding=True, truncation=True, max_length=self.max_length,
+            return_tensors="pt",
         )  # fmt: skip
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if "token_type_ids" in enc and self.task == CLASSIFY:

@@ -32,18 +32,19 @@ model with the averaged client state, quantization at the cut included (forward 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from fedq.adapt.amaq import GateController, QuantModule, bit_penalty, bit_stats
-from fedq.adapt.aqsgd import ActivationMemory, DeltaQuantizer, PendingCommit, decode_delta
+from fedq.adapt import CutCodec, GateController, bit_stats
 from fedq.codec import PackedTensor, dequantize, raw
 from fedq.config import RunConfig
 from fedq.errors import FedqError
@@ -51,11 +52,11 @@ from fedq.privacy import GaussianMechanism
 from fedq.split.codecs import (
     bit_schedule,
     gate_controller,
-    gate_parameters,
-    make_quantizer,
+    lora_optimizer,
+    make_codec,
+    make_receiver,
     pack_labels,
     pack_mask,
-    split_optimizer,
     unpack_labels,
     unpack_mask,
 )
@@ -86,6 +87,18 @@ def total_steps(cfg: RunConfig) -> int:
     return cfg.fed.rounds * cfg.split.local_steps
 
 
+@contextlib.contextmanager
+def seeded_dropout(seed: int, who: str, step: int, device: torch.device) -> Iterator[None]:
+    """Draw a forward's dropout masks from a generator seeded by (run seed, party, step), and
+    leave the process's global RNG as it was: a step's masks then do not depend on what else ran
+    before it in the process, so runs are reproducible, resumable and the same in every backend
+    (the backward reuses the saved masks and needs no RNG)."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed((seed * 1_000_003 + zlib.crc32(who.encode()) * 7_919 + step) % 2**63)
+        yield
+
+
 def _stats_row(prefix: str, q: torch.nn.Module) -> dict[str, float]:
     s = bit_stats(q)
     return {} if s is None else {f"{prefix}/{k}": v for k, v in s.items()}
@@ -112,24 +125,20 @@ class SplitServer:
         self.test_data = test_data
         self.num_labels = num_labels
         sc = cfg.split
-        self.grad_q = make_quantizer(sc, "grad", model.hidden, model.max_length, seed=cfg.seed)
-        self.eval_act_q = make_quantizer(sc, "act", model.hidden, model.max_length)
+        self.grad_q = make_codec(sc, "grad", model.hidden, seed=cfg.seed)
+        self.eval_act_q = make_codec(sc, "act", model.hidden)  # evaluation codes the cut as sent
+        self.act_rx = make_receiver(sc, "act")
         self.grad_q.to(model.device)
         self.eval_act_q.to(model.device)
         self.schedule = bit_schedule(sc, total_steps(cfg))
-        quantizers = [self.grad_q, *_boundary_quantizers(model.top)]
-        self.quantizers = quantizers
         self.gates = gate_controller(sc, _gate_groups(model.top, grad=[self.grad_q]),
                                      self.schedule)  # fmt: skip
         lora = [p for n, p in model.top.named_parameters() if p.requires_grad and "gate" not in n]
-        gates = [] if self.gates else gate_parameters(quantizers)
-        self.opt = split_optimizer(lora, gates, cfg.train.lr, sc.gate_lr)
+        self.opt = lora_optimizer(lora, cfg.train)
         self.client_state = _client_state(model, self.eval_act_q)
         self._lock = threading.Lock()
         self._round: _Round | None = None
         self.steps = 0
-        self.aqsgd = sc.act_codec == "aqsgd"
-        self.aq_memory: dict[str, ActivationMemory] = {}  # AQ-SGD: per client, per example
 
     # -- round lifecycle (driver) ---------------------------------------------------------------
     def open_round(self, r: int, selected: list[int]) -> None:
@@ -187,10 +196,9 @@ class SplitServer:
         m.full.eval()
         data = self.test_data
         loss_sum, correct, count = 0.0, 0, 0
-        pad = self.cfg.split.per_token
         for s in range(0, len(data), batch_size):
             idx = list(range(s, min(s + batch_size, len(data))))
-            batch = m.make_batch([data.texts[i] for i in idx], data.y[idx], pad_to_max=pad)
+            batch = m.make_batch([data.texts[i] for i in idx], data.y[idx])
             h = self.eval_act_q(m.bottom(batch))
             loss, c, n = m.top(h, batch["attention_mask"], batch["labels"])
             loss_sum += float(loss) * n
@@ -230,10 +238,9 @@ class SplitServer:
                 raise FedqError(f"late or duplicate client state from {msg.client_id}")
             rnd.updates[msg.client_id] = (state, n)
 
-    def _decode_step(
-        self, msg: WireMessage
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PendingCommit | None]:
-        names = {"h", "mask", "labels"} | ({"ids", "ref"} if self.aqsgd else set())
+    def _decode_step(self, msg: WireMessage) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Validate an activations message and decode it: ``(received, mask, labels)``."""
+        names = self.act_rx.wire_names | {"mask", "labels"}
         if msg.kind != "activations" or set(msg.tensors) != names:
             raise FedqError(f"expected activations {'/'.join(sorted(names))}, got {msg.kind!r} "
                             f"{sorted(msg.tensors)}")  # fmt: skip
@@ -248,49 +255,37 @@ class SplitServer:
         want = (b,) if m.task == CLASSIFY else (b, t)
         if tuple(mask.shape) != (b, t) or tuple(labels.shape) != want:
             raise FedqError(f"mask {list(mask.shape)} / labels {list(labels.shape)} do not fit h")
-        pending = None
-        if self.aqsgd:
-            ids = unpack_labels(msg.tensors["ids"], 0, 2**24)
-            ref = unpack_labels(msg.tensors["ref"], 0, 2**24)
-            if (
-                tuple(ids.shape) != (b,)
-                or tuple(ref.shape) != (b,)
-                or bool((ids < 0).any() or (ref < 0).any())
-            ):
-                raise FedqError("AQ-SGD ids / ref must be one non-negative integer per example")
-            with self._lock:
-                memory = self.aq_memory.setdefault(msg.client_id, ActivationMemory())
-                h, pending = decode_delta(memory, ids.tolist(), ref.tolist(), ph, m.device)
-        else:
-            h = dequantize(ph, device=m.device).float()
-        if not bool(torch.isfinite(h).all()):
-            raise FedqError("activations decode to NaN/Inf")
-        return h, mask, labels, pending
+        with self._lock:  # a stateful receiver's per-peer state is shared by the streams
+            received = self.act_rx.receive(msg.tensors, msg.client_id, m.device)
+        return received, mask, labels
 
     def split_step(self, msg: WireMessage) -> WireMessage:
         """One server step (module docstring, 3-4). Thread-safe: steps are serialised."""
-        h, mask, labels, pending = self._decode_step(msg)
+        received, mask, labels = self._decode_step(msg)
         with self._lock:
+            h = received.value
             h.requires_grad_(True)
-            loss, correct, count = self.model.top(h, mask, labels)
-            reg = bit_penalty(self.quantizers, self.schedule, msg.step)
-            (loss if reg is None else loss + reg).backward()
+            with seeded_dropout(self.cfg.seed, "server:" + msg.client_id, msg.step, h.device):
+                loss, correct, count = self.model.top(h, mask, labels)
+            loss.backward()
             assert h.grad is not None
-            _, pg, rel_err = self.grad_q.quantize_gradient(h.grad)
+            coded = self.grad_q.send(h.grad)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             if self.gates is not None:
                 self.gates.step(msg.step)
-            if pending is not None:
-                self.aq_memory[msg.client_id].commit(pending.ids, pending.versions, pending.value)
+            self.act_rx.settle(msg.client_id, received, ok=True)
             self.steps += 1
             if self._round is not None:
                 self._round.losses.append((float(loss.detach()), count))
+        pg = coded.tensors["g"]
         scalars = {"loss": float(loss.detach()), "correct": float(correct), "count": float(count),
-                   "grad_rel_err": rel_err, "grad_bits": pg.mean_bits()}  # fmt: skip
+                   "grad_rel_err": coded.stats["rel_err"], "grad_bits": pg.mean_bits()}  # fmt: skip
         for k, v in _stats_row("grad", self.grad_q).items():
             scalars[k.replace("/", "_")] = v
-        return WireMessage("gradients", msg.client_id, msg.round, msg.step, scalars, {}, {"g": pg})
+        return WireMessage(
+            "gradients", msg.client_id, msg.round, msg.step, scalars, {}, coded.tensors
+        )
 
 
 # ----------------------------------------------------------------------------------- client
@@ -300,15 +295,9 @@ def _boundaries(model: SplitModel) -> list[Any]:  # SimulatedBoundary
     return [*model.bottom.boundaries, *model.top.boundaries]
 
 
-def _boundary_quantizers(part: torch.nn.Module) -> list[QuantModule]:
-    bounds: Any = getattr(part, "boundaries", [])
-    return [q for b in bounds for q in (b.act_q, b.grad_q)]
-
-
 def _gate_groups(
-    part: torch.nn.Module, act: list[QuantModule] | None = None,
-    grad: list[QuantModule] | None = None,
-) -> list[list[QuantModule]]:  # fmt: skip
+    part: torch.nn.Module, act: list[CutCodec] | None = None, grad: list[CutCodec] | None = None
+) -> list[list[CutCodec]]:
     """One budget group per direction: the party's cut quantizer plus its inner boundaries'."""
     bounds: Any = getattr(part, "boundaries", [])
     return [
@@ -358,10 +347,9 @@ class SplitClientWorker:
         self.partitions = partitions
         self.connect = connect
         sc = cfg.split
-        self.act_q = make_quantizer(sc, "act", model.hidden, model.max_length)
+        self.act_q = make_codec(sc, "act", model.hidden)
         self.act_q.to(model.device)
-        self.delta = self.act_q if isinstance(self.act_q, DeltaQuantizer) else None
-        self.quantizers = [self.act_q, *_boundary_quantizers(model.bottom)]
+        self.grad_rx = make_receiver(sc, "grad")
         self.schedule = bit_schedule(sc, total_steps(cfg))
         self._conns: dict[int, SplitConnection] = {}
         self.dp: GaussianMechanism | None = None
@@ -386,8 +374,7 @@ class SplitClientWorker:
                 if p.requires_grad and "gate" not in n]  # fmt: skip
         gates = gate_controller(self.cfg.split, _gate_groups(self.model.bottom, act=[self.act_q]),
                                 self.schedule)  # fmt: skip
-        opt = split_optimizer(lora, [] if gates else gate_parameters(self.quantizers),
-                              self.cfg.train.lr, self.cfg.split.gate_lr)  # fmt: skip
+        opt = lora_optimizer(lora, self.cfg.train)
         idx = self.partitions[cid]
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, cid, r))
         steps = []
@@ -415,46 +402,34 @@ class SplitClientWorker:
         time of the whole step, compute + coding + transfer)."""
         t0 = time.perf_counter()
         m = self.model
-        batch = m.make_batch([self.data.texts[int(i)] for i in take], self.data.y[take],
-                             pad_to_max=self.cfg.split.per_token)  # fmt: skip
-        h = m.bottom(batch)
+        batch = m.make_batch([self.data.texts[int(i)] for i in take], self.data.y[take])
+        with seeded_dropout(self.cfg.seed, self._name(conn), step, m.device):
+            h = m.bottom(batch)
         clipped = 0
         if self.dp is not None:  # clip + noise before quantization (fedq.split.privacy)
             assert noise is not None
             h, clipped = privatize_activations(h, self.dp, noise)
-        pending = None
-        if self.delta is not None:  # AQ-SGD: the change since the example's last visit
-            h_hat, ph, pending = self.delta.forward_encode_delta(h, take.tolist())
-        else:
-            h_hat, ph = self.act_q.forward_encode(h)
-        tensors = {"h": ph, "mask": pack_mask(batch["attention_mask"]),
+        coded = self.act_q.send(h, ids=take.tolist())
+        ph = coded.tensors["h"]
+        tensors = {**coded.tensors, "mask": pack_mask(batch["attention_mask"]),
                    "labels": pack_labels(batch["labels"])}  # fmt: skip
-        if pending is not None:
-            tensors["ids"] = pack_labels(torch.tensor(pending.ids))
-            tensors["ref"] = pack_labels(torch.tensor(pending.versions))
         msg = WireMessage("activations", self._name(conn), r, step, {}, {}, tensors)
         sent0, recv0 = conn.bytes_sent, conn.bytes_received
         try:
             reply = conn.split_step(msg)
-            if reply.kind != "gradients" or set(reply.tensors) != {"g"}:
+            if reply.kind != "gradients" or set(reply.tensors) != self.grad_rx.wire_names:
                 raise FedqError(f"expected a gradients reply, got {reply.kind!r}")
             pg = reply.tensors["g"]
             if tuple(pg.shape) != tuple(h.shape):
                 raise FedqError(f"gradient shape {list(pg.shape)} != activations {list(h.shape)}")
-            g = dequantize(pg, device=h_hat.device).to(h_hat.dtype)
+            received = self.grad_rx.receive(reply.tensors, "server", coded.value.device)
         except Exception:
-            if self.delta is not None and pending is not None:  # the server may or may not
-                self.delta.memory.forget(pending.ids)  # have committed: both start afresh
+            self.act_q.settle(coded, ok=False)
             raise
         up, down = conn.bytes_sent - sent0, conn.bytes_received - recv0
-        if self.delta is not None and pending is not None:  # the server took the step
-            self.delta.commit(pending)
-        reg = bit_penalty(self.quantizers, self.schedule, step)
-        outs, grads = [h_hat], [g]
-        if reg is not None:
-            outs.append(reg)
-            grads.append(torch.ones_like(reg))
-        torch.autograd.backward(outs, grads)
+        self.act_q.settle(coded, ok=True)  # the server took the step
+        self.grad_rx.settle("server", received, ok=True)
+        coded.value.backward(received.value.to(coded.value.dtype))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if gates is not None:

@@ -92,3 +92,86 @@ def test_broken_files(tmp_path: Path) -> None:
     lst.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_scenario(lst)
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"mode": "split", "compression": {"uplink": {"bits": 2}}}, "compression"),
+        ({"mode": "split", "train": {"local_epochs": 2}}, "train.local_epochs"),
+        ({"mode": "split", "fed": {"proximal_mu": 0.1}}, "fed.proximal_mu"),
+        ({"mode": "split", "fed": {"tau": 0.1}}, "fed.tau"),
+        ({"mode": "split", "fed": {"strategy": "fedadam"}}, "fed.strategy"),
+        ({"split": {"cut": 2}}, "split"),
+    ],
+)
+def test_a_key_the_mode_ignores_is_an_error_naming_it(raw: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    assert len(e.value.problems) == 1
+    assert e.value.problems[0].startswith(f"{key}: ")
+    assert "mode" in e.value.problems[0]
+
+
+def test_split_mode_honours_fedavg_and_the_train_section() -> None:
+    cfg = config_from_dict({"mode": "split", "fed": {"strategy": "fedavg"},
+                            "train": {"optimizer": "sgd", "momentum": 0.5, "lr": 0.2}})  # fmt: skip
+    assert (cfg.train.optimizer, cfg.train.momentum, cfg.train.weight_decay) == ("sgd", 0.5, 0.01)
+
+
+def test_optimizer_defaults_depend_on_the_mode_and_are_saved_resolved() -> None:
+    fed, split = config_from_dict({}), config_from_dict({"mode": "split"})
+    assert (fed.train.optimizer, fed.train.weight_decay) == ("sgd", 0.0)
+    assert (split.train.optimizer, split.train.weight_decay) == ("adamw", 0.01)
+    chosen = config_from_dict({"mode": "split", "train": {"optimizer": "adam", "weight_decay": 0}})
+    assert (chosen.train.optimizer, chosen.train.weight_decay) == ("adam", 0.0)
+    # config.json holds only what the mode uses, resolved, and loads back unchanged
+    assert "split" not in fed.to_dict() and "compression" in fed.to_dict()
+    d = split.to_dict()
+    assert "compression" not in d and "local_epochs" not in d["train"]
+    assert d["train"]["optimizer"] == "adamw" and "proximal_mu" not in d["fed"]
+    assert config_from_dict(d) == split and config_from_dict(fed.to_dict()) == fed
+
+
+def test_saved_config_json_loads_back_with_its_numbers(tmp_path: Path) -> None:
+    """A run's config.json reloads (``--resume``): JSON is read as JSON, so ``1e-05`` (which the
+    YAML loader would read as a string) stays the float it was."""
+    import json
+
+    cfg = config_from_dict({"privacy": {"mechanism": "dpsgd", "target_epsilon": 2.0}})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg.to_dict(), indent=2))
+    assert '"delta": 1e-05' in path.read_text()
+    again = load_scenario(path, ["fed.rounds=18"])
+    assert again.privacy.delta == 1e-05 and again.fed.rounds == 18
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_scenario(path)
+
+
+def test_split_section_keeps_only_options_a_user_chooses() -> None:
+    """The split section's keys (ablation knobs that lost are gone: each is an unknown key)."""
+    from fedq.config import SplitConfig
+
+    assert len(SplitConfig.__dataclass_fields__) == 16
+    for gone in ("reg_mode", "gate_momentum", "alpha", "per_token", "grad_stochastic",
+                 "row_scale", "gate_freeze_fraction", "act_scale_dtype"):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"split.{gone}: unknown key"):
+            config_from_dict({"mode": "split", "split": {gone: 1}})
+
+
+def test_registry_names_and_data_problems_are_found_before_any_host_starts(
+    tmp_path: Path,
+) -> None:
+    from fedq.runtime.preflight import name_problems
+    from fedq.runtime.simulate import simulate
+
+    bad = config_from_dict({"model": {"name": "mpl"}, "data": {"name": "digitz"}})
+    assert [p.split(":")[0] for p in name_problems(bad)] == ["data.name", "model.name"]
+    split = config_from_dict({"mode": "split", "model": {"name": "mlp"}})
+    assert "for mode 'split'" in name_problems(split)[0]
+    too_many = config_from_dict({"fed": {"num_clients": 1000, "clients_per_round": 5},
+                                 "runtime": {"backend": "inprocess"}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"dirichlet partition: .*fed\.num_clients=1000"):
+        simulate(too_many, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written

@@ -37,7 +37,7 @@ def build(cfg: RunConfig) -> SplitModel:
     return build_split_model(
         m.name, cut=sc.cut, num_classes=2, seed=cfg.seed, lora_r=m.lora_r,
         max_length=m.max_length, hidden=m.hidden, tiny_layers=sc.tiny_layers,
-        make_boundary=boundary_factory(sc, m.hidden, m.max_length),
+        make_boundary=boundary_factory(sc, m.hidden),
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from fedq.adapt.aqsgd import ActivationMemory, DeltaQuantizer, decode_delta
 from fedq.codec import dequantize
 from fedq.config import config_from_dict
 from fedq.errors import ConfigError, FedqError
-from fedq.split.codecs import make_quantizer, pack_labels
+from fedq.split.codecs import make_codec, pack_labels
 from fedq.split.protocol import LoopbackSplitConnection, SplitClientWorker, SplitServer
 
 
@@ -81,7 +81,7 @@ def test_split_steps_over_the_wire_keep_both_copies_in_step(kit: Any) -> None:
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     worker, sent = kit.recording_worker(cfg, split, parts, server)
     assert isinstance(worker.act_q, DeltaQuantizer)
-    assert type(make_quantizer(cfg.split, "act", 32, 24)) is DeltaQuantizer
+    assert type(make_codec(cfg.split, "act", 32)) is DeltaQuantizer
     for r in range(2):
         server.open_round(r, [0])
         stats = worker.run_client(r, 0)
@@ -93,7 +93,7 @@ def test_split_steps_over_the_wire_keep_both_copies_in_step(kit: Any) -> None:
     assert float(refs.max()) >= 1 and float(refs.min()) == 0
     ids = sorted(worker.act_q.memory._m)
     mine = worker.act_q.memory
-    theirs = server.aq_memory["client-0"]
+    theirs = server.act_rx.memories["client-0"]
     assert 48 < len(mine) == len(theirs) <= 64 and ids == sorted(theirs._m)
     for i in ids:
         assert mine._m[i][0] == theirs._m[i][0]
@@ -136,7 +136,7 @@ def test_a_lost_reply_puts_the_copies_back_in_step_at_the_next_visit(kit: Any) -
     take = parts[0][:8]
     ids = take.tolist()
     worker.step(conn, opt, take, 0, 0)
-    theirs = server.aq_memory["client-0"]
+    theirs = server.act_rx.memories["client-0"]
     assert worker.act_q.memory.versions(ids) == theirs.versions(ids) == [1] * 8
     lose[0] = True
     with pytest.raises(ConnectionError):

@@ -36,7 +36,7 @@ def test_identity_split_matches_unsplit_loss_and_lora_grads(model: str, kit) -> 
             if "lora_B" in n:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
     texts = ["a gripping, well acted film", "dull and far too long", "fine"]
-    batch = sm.make_batch(texts, torch.tensor([1, 0, 1]), pad_to_max=False)
+    batch = sm.make_batch(texts, torch.tensor([1, 0, 1]))
     h = sm.bottom(batch)
     h_hat, packed = IdentityQuantizer().forward_encode(h)
     h_srv = dequantize(packed).requires_grad_()  # what the server decodes
@@ -71,8 +71,7 @@ def test_identity_protocol_step_equals_unsplit_adamw_step(kit) -> None:  # type:
     # the same batch, unsplit, one AdamW step over all trainable parameters
     gen = torch.Generator().manual_seed(client_seed(cfg.seed, 0, 0))
     idx = parts[0][torch.randperm(parts[0].numel(), generator=gen)][: cfg.train.batch_size]
-    batch = ref_model.make_batch([split.train.texts[int(i)] for i in idx], split.train.y[idx],
-                                 pad_to_max=False)  # fmt: skip
+    batch = ref_model.make_batch([split.train.texts[int(i)] for i in idx], split.train.y[idx])
     params = [p for p in ref_model.full.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr)
     loss = _unsplit_loss(ref_model, batch)

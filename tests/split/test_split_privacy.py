@@ -65,8 +65,7 @@ def test_client_sends_clipped_noised_activations(kit) -> None:  # type: ignore[n
 
     gen = torch.Generator().manual_seed(client_seed(cfg.seed, 0, 0))
     idx = parts[0][torch.randperm(parts[0].numel(), generator=gen)][: cfg.train.batch_size]
-    batch = ref.make_batch([split.train.texts[int(i)] for i in idx], split.train.y[idx],
-                           pad_to_max=False)  # fmt: skip
+    batch = ref.make_batch([split.train.texts[int(i)] for i in idx], split.train.y[idx])
     with torch.no_grad():
         h = ref.bottom(batch)
     norms = h.flatten(1).norm(dim=1)

@@ -23,20 +23,15 @@ def test_split_section_is_validated_with_every_problem_named() -> None:
         config_from_dict({"mode": "split", "split": {"cut": 0, "b_min": 5, "b_max": 3,
                                                       "act_codec": "zip", "nope": 1,
                                                       "act_outlier_ratio": 0.5,
-                                                      "grad_outlier_ratio": -1}})  # fmt: skip
+                                                      "reg_mode": "mean"}})  # fmt: skip
     text = "\n".join(e.value.problems)
     for key in ("split.cut", "split.b_min/b_max", "split.act_codec", "split.nope",
-                "split.act_outlier_ratio", "split.grad_outlier_ratio"):  # fmt: skip
+                "split.act_outlier_ratio", "split.reg_mode: unknown key"):  # fmt: skip
         assert key in text
     with pytest.raises(ConfigError, match="mode"):
         config_from_dict({"mode": "pipeline"})
     with pytest.raises(ConfigError, match=r"split\.act_gate_signal: must be one of"):
         config_from_dict({"mode": "split", "split": {"act_gate_signal": "hessian"}})
-    with pytest.raises(ConfigError, match=r"split.gate_freeze_fraction: must be in \[0, 1\]"):
-        config_from_dict({"mode": "split", "split": {"gate_freeze_fraction": 1.5}})
-    with pytest.raises(ConfigError, match=r"gate_freeze_fraction < 1 needs split\.reg_mode"):
-        config_from_dict({"mode": "split", "split": {"gate_freeze_fraction": 0.5,
-                                                      "reg_mode": "mean"}})  # fmt: skip
 
 
 def test_simulate_split_writes_the_run_contract(tmp_path: Path) -> None:

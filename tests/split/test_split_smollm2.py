@@ -30,7 +30,7 @@ def test_smollm2_split_matches_unsplit_and_caches_fp32() -> None:
     assert len(sm.bottom.blocks) == 4 and len(sm.top.blocks) == 26
     sm.full.eval()
     text = ["This movie is a gripping, well acted thriller with a smart script.", "Dull."]
-    batch = sm.make_batch(text, torch.tensor([1, 0]), pad_to_max=False)
+    batch = sm.make_batch(text, torch.tensor([1, 0]))
     with torch.no_grad():
         loss, _, n = sm.top(sm.bottom(batch), batch["attention_mask"], batch["labels"])
         ref = sm.full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],

@@ -1,0 +1,63 @@
+"""Checks a run needs before any host starts: names against the registries, then what only the
+data can tell (a partition that cannot give every client a sample, a data file that is not
+there). Every problem is one :class:`~fedq.errors.ConfigError` line naming its key, exactly like
+a bad key in the scenario, instead of a failure inside a server actor after start-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedq.config import RunConfig
+from fedq.errors import ConfigError
+
+
+def name_problems(cfg: RunConfig) -> list[str]:
+    """Registry names the scenario uses that do not exist (reads no data)."""
+    from fedq.data import check_dataset_name
+    from fedq.models import model_names
+    from fedq.split.models import BERT_MODELS, LLAMA_MODELS
+
+    problems = []
+    data = check_dataset_name(cfg.data.name)
+    if data:
+        problems.append(f"data.name: {data}")
+    models = BERT_MODELS + LLAMA_MODELS if cfg.mode == "split" else tuple(model_names())
+    if cfg.model.name not in models:
+        problems.append(
+            f"model.name: unknown {cfg.model.name!r} for mode {cfg.mode!r}; "
+            f"registered: {', '.join(models)}"
+        )
+    return problems
+
+
+def check_names(cfg: RunConfig) -> None:
+    problems = name_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+
+
+def client_sizes(cfg: RunConfig) -> list[int]:
+    """Load the data and cut it into the run's client shards; returns each client's size. A
+    problem the data reveals is a ConfigError naming the keys involved."""
+    from fedq.runtime.setup import client_partitions, load_data
+
+    check_names(cfg)
+    try:
+        split = load_data(cfg)
+        parts = client_partitions(cfg, split.train)
+    except ConfigError as e:
+        d = cfg.data
+        where = (
+            f"data.name={d.name!r}, data.partition={d.partition!r}, "
+            f"fed.num_clients={cfg.fed.num_clients}"
+        )
+        raise ConfigError([f"{p} ({where})" for p in e.problems]) from None
+    return [int(p.numel()) for p in parts]
+
+
+def preflight(cfg: RunConfig) -> dict[str, Any]:
+    """Everything checkable before start-up, for a simulated run (which holds every client's
+    data): the names, then the data and its partition. Returns facts the driver may print."""
+    sizes = client_sizes(cfg)
+    return {"client_sizes": sizes, "train_examples": sum(sizes)}
