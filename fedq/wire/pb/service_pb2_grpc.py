@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class FederatedStub:
-    """Federated rounds: a client pulls its task (global parameters) and pushes its update.
+    """Federated rounds: a client pulls its task (the global parameters) and pushes its update.
     """
 
     def __init__(self, channel):
@@ -49,17 +49,19 @@ class FederatedStub:
 
 
 class FederatedServicer:
-    """Federated rounds: a client pulls its task (global parameters) and pushes its update.
+    """Federated rounds: a client pulls its task (the global parameters) and pushes its update.
     """
 
     def GetTask(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Server-streaming: the reply is one message of kind "global" (Header, then Chunks).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PushUpdate(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Client-streaming: the request is one message of kind "update"; nothing may follow it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -86,7 +88,7 @@ def add_FederatedServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Federated:
-    """Federated rounds: a client pulls its task (global parameters) and pushes its update.
+    """Federated rounds: a client pulls its task (the global parameters) and pushes its update.
     """
 
     @staticmethod
@@ -145,7 +147,8 @@ class Federated:
 
 
 class SplitStub:
-    """Split learning: per step the client streams activations up, the server streams gradients down.
+    """Split learning: one bidirectional stream carries any number of steps. For each message of kind
+    "activations" the client sends, the server answers with one message of kind "gradients".
     """
 
     def __init__(self, channel):
@@ -162,7 +165,8 @@ class SplitStub:
 
 
 class SplitServicer:
-    """Split learning: per step the client streams activations up, the server streams gradients down.
+    """Split learning: one bidirectional stream carries any number of steps. For each message of kind
+    "activations" the client sends, the server answers with one message of kind "gradients".
     """
 
     def Step(self, request_iterator, context):
@@ -188,7 +192,8 @@ def add_SplitServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Split:
-    """Split learning: per step the client streams activations up, the server streams gradients down.
+    """Split learning: one bidirectional stream carries any number of steps. For each message of kind
+    "activations" the client sends, the server answers with one message of kind "gradients".
     """
 
     @staticmethod
