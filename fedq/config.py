@@ -238,6 +238,11 @@ class PrivacyConfig:
         return p
 
 
+#: Largest chunk of a streamed message: every frame (chunk + framing) must stay under gRPC's
+#: default 4 MiB message cap (the transport enforces the same bound).
+MAX_CHUNK_BYTES = 3 << 20
+
+
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     """Where the run executes. ``workers: 0`` means one worker per core. ``device``: where split
@@ -263,8 +268,8 @@ class RuntimeConfig:
             p.append(f"runtime.num_cpus: must be >= 1 or null, got {self.num_cpus}")
         if self.threads_per_worker < 1:
             p.append(f"runtime.threads_per_worker: must be >= 1, got {self.threads_per_worker}")
-        if not 1024 <= self.chunk_bytes <= 4 << 20:
-            p.append(f"runtime.chunk_bytes: must be in [1 KiB, 4 MiB], got {self.chunk_bytes}")
+        if not 1024 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
+            p.append(f"runtime.chunk_bytes: must be in [1 KiB, 3 MiB], got {self.chunk_bytes}")
         return p
 
 

@@ -10,30 +10,11 @@ quantized directly (the split runtime's fixed codec).
 
 Measured results: BENCHMARKS.md, "Split learning" (AQ-SGD rows).
 
-Design choices ([I], the paper's text could not be checked here):
-
-- **First visit.** ``m_i`` starts at zero, so an example's first visit sends its activation
-  quantized directly at the same bits (no full-precision epoch, no special message). With the
-  split defaults each token row is scaled by its own RMS first (``row_scale``), so first-visit
-  rows and small deltas in one batch do not share a scale.
-- **Sequence length.** Batches are padded to their longest member, so one example can come with
-  different lengths ``T``. ``m_i`` keeps the longest length seen (a shorter visit updates its
-  first ``T`` rows) and is cut or zero-padded to the batch's ``T``; the positions beyond the
-  example's own tokens are padding that attention masks out, and both sides do the same, so
-  they stay in step. Zero-padding codes a padding row that is new to ``m_i`` at full size.
-- **Repeated ids in a batch** (a partition smaller than the batch): every row is coded against
-  ``m`` before the batch, and the rows are stored in order, so the last one wins on both sides.
-- **Cost.** One ``[T, d]`` float32 activation per training example on each side (the known
-  memory cost of AQ-SGD), and the two copies must see the same messages, which a stateless
-  codec (fixed, AMAQ) does not need. Each ``m_i`` carries a version (changes committed); the
-  sender names the versions it coded against (``ids`` and ``ref`` beside the codes, 4 bytes
-  each per example) and both commit only once the step has gone through, so copies out of step
-  (a lost reply, a restarted server) are an error naming the example, never a silent
-  mis-decode. A sender whose step fails forgets that batch's examples, and a version of 0 makes
-  the receiver start them afresh, so the two copies are back in step at the next visit.
-- The forward value on the sender is exactly the receiver's activation, ``m + dequantize(p)``,
-  computed with the same float32 operations on both sides; the straight-through gradient into
-  the sender's layers is the identity.
+fedq's choices where the paper leaves things open (docs/algorithms.md §5.24): a first visit codes
+the activation itself against zero; each example's copy keeps the longest sequence seen; both
+sides commit only once a step has gone through, against versions the sender names (``ids`` and
+``ref`` beside the codes), so copies out of step are an error naming the example, never a silent
+mis-decode, and a failed step makes both sides start that batch's examples afresh.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ MAX_PACKED_BITS = 8
 
 @dataclass(frozen=True, slots=True)
 class BitContext:
-    """Round and client facts a policy may use (Ardıç & Genç, ALGORITHMS.md §2.5-2.6).
+    """Round and client facts a policy may use (Ardıç & Genç, docs/algorithms.md §2.5-2.6).
 
     ``num_samples``, ``max_samples`` and ``label_counts`` are the client-side inputs of the entropy
     scheduler; they stay at their defaults on the server (downlink), where no client data is known.

@@ -1,4 +1,5 @@
-"""Budgeted allocation: a byte budget per update -> one bit-width per tensor (ALGORITHMS.md §3).
+"""Budgeted allocation: a byte budget per update -> one bit-width per tensor (docs/algorithms.md
+§3.3 and §5.36).
 
 This is the discrete counterpart of BAQ's water-filling (``min sum_j s_j 2^{-2R_j}`` s.t. a bit
 budget) and of LQ-LoRA's storage-constrained ILP, with the budget in real codec bytes instead of

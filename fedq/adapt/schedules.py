@@ -1,4 +1,5 @@
-"""Round- and client-driven bit schedules, Ardıç & Genç (IEEE Access 2025; ALGORITHMS.md §2.5-2.6).
+"""Round- and client-driven bit schedules, Ardıç & Genç (IEEE Access 2025; docs/algorithms.md
+§2.5-2.6).
 
 - :class:`FixedBits`: one width for every tensor and round (the static 8/12/16-bit ablations).
 - :class:`CosineBits`: the global schedule, cosine annealing from ``b_max`` down to ``b_min`` over

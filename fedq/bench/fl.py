@@ -1,9 +1,9 @@
 """Federated compression policies on digits: accuracy vs wire bytes, same seed and rounds per arm.
 
-Arms (ALGORITHMS.md 2.5-2.6 for the paper's setting): fp32 (no compression), fixed 8-bit both ways,
-cosine 32->8 + client-entropy scheduler (the paper's setting), and fedq's best policy. Wire bytes
-are the serialized frames counted at the gRPC transport. A second part runs 100 logical clients and
-reports seconds per round and the peak memory of the whole process tree (driver + Ray).
+Arms (docs/algorithms.md §2.5-2.6 for the paper's setting): fp32 (no compression), fixed 8-bit both
+ways, cosine 32->8 + client-entropy scheduler (the paper's setting), and fedq's best policy. Wire
+bytes are the serialized frames counted at the gRPC transport. A second part runs 100 logical
+clients and reports seconds per round and the peak memory of the whole process tree (driver + Ray).
 """
 
 from __future__ import annotations

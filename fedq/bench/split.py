@@ -1,5 +1,5 @@
 """Split learning with AMAQ vs fixed-bit and fp32 cuts: MiniLM-L6 cut after block 3, LoRA, Rotten
-Tomatoes (ALGORITHMS.md §1.7-1.9, §5.A). Same steps and seeds per arm, both directions coded, bits
+Tomatoes (docs/algorithms.md §1.7-1.9). Same steps and seeds per arm, both directions coded, bits
 and bytes as actually sent (frames counted at the gRPC transport). Time per step on an emulated
 link = measured compute + bytes / bandwidth (+ latency), §1.9.
 
@@ -18,15 +18,7 @@ shaped with ``tc tbf`` (fp32, fixed 4, AMAQ 4; :mod:`fedq.runtime.netlink`, need
 or ``split.warmup_fraction=0.25``), ``--first-seed`` shifts the seeds (each seed draws its own
 train/test subset; all arms of one seed share it).
 
-Recorded runs and which goals pass: BENCHMARKS.md, "Split learning (`fedq bench split`)". In
-short, with the current defaults (least-error ranges ``split.quant_range: mse``, gate step
-``split.gate_lr`` 0.01; 200 steps, 1000 test examples): fp32 79.6, fixed-2 78.7, AMAQ-2 79.1 (9
-seeds: AMAQ within 1 point of fp32 on the mean, fixed-2 on the line; AMAQ level with fixed, not
-above it on every seed); all-boundaries AMAQ-2 75.8 vs fixed-2 69.8 (6 seeds); SmolLM2 (fp16
-outlier rows, 60 steps) perplexity fp32 90.7, fixed-3 96.1, AMAQ-3 95.2 (+4.9%, seeds 0-2; +5.4%
-over 6 seeds, +5.0% over 9; +4.5% over 9 with ``--set split.act_gate_signal=fisher``); AQ-SGD
-4 / 2 bits 80.3 / 76.1 (3 seeds: level at 4 bits, below fixed-2 at 2, where the test-time
-direct coding it never trained with costs 3.4 points).
+Recorded runs and which goals pass: BENCHMARKS.md, "Split learning (`fedq bench split`)".
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def raw_for_bits(x: torch.Tensor, bits: int) -> PackedTensor:
 
     9..16 bits travel as fp16 (never fewer bits than asked, and fp16 keeps 11 significant bits);
     17..32 bits, or values beyond fp16's range, travel in the tensor's own dtype. Bit policies
-    such as the cosine schedule (ALGORITHMS.md 2.5) start at 32 bits; counting their bytes as
+    such as the cosine schedule (docs/algorithms.md §2.5) start at 32 bits; counting their bytes as
     ``numel * b / 8`` for every intermediate b, as the paper does, would claim savings that no
     real packing delivers, so fedq sends (and counts) what it can actually pack.
     """

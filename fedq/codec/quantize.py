@@ -1,51 +1,24 @@
 """Quantize / dequantize maths: per-tensor, per-channel or per-group blocks, symmetric or
 asymmetric, round-to-nearest or unbiased stochastic rounding, one bit-width per block (1..8).
 
-Design (documented choices):
-- Asymmetric blocks use min-max: ``offset = min``, ``scale = (max - min) / (2**b - 1)``,
-  ``q = round((x - offset) / scale)``, ``x_hat = offset + q * scale``. The float offset makes both
-  ends exact; round-to-nearest error is at most ``scale / 2``.
-- Symmetric blocks use mid-rise levels ``x_hat = scale * (q - (2**b - 1) / 2)`` with
-  ``scale = 2 * absmax / (2**b - 1)``: every code is used, the levels are symmetric around zero and
-  b = 1 is sign quantization with magnitude ``absmax``.
-- Scales and offsets are rounded to their storage dtype *before* coding (scales rounded up, offsets
-  down) so the error bound holds for what the receiver decodes.
-- Stochastic rounding ``q = floor(v + u)``, ``u ~ U[0, 1)`` from the caller's generator, is
-  unbiased.
-- ``range="sigma"`` ([I], encoder only: the receiver decodes scale and offset as always) clips an
-  asymmetric block to ``mean +- k_b * std`` (within its min-max), ``k_b`` the half-width of the
-  uniform quantizer with ``2**b`` levels that minimises the MSE of a Gaussian (:data:`SIGMA_CLIP`,
-  Max 1960): at 2 bits ``k = 1.49``. Min-max spends the few levels of a 1-3 bit block on its
-  extremes; on MiniLM activations / gradients at a split cut, 2-bit per-channel relative MSE falls
-  from 0.39 / 3.1 (min-max) to 0.17 / 0.53. Values outside the range are clamped to its ends.
-- ``range="mse"`` ([I], encoder only, the split runtime's default) chooses per block among
-  ``mean +- f * k_b * std`` for ``f`` in :data:`MSE_CLIP_FACTORS` (1 to 3) and min-max the range
-  whose round-to-nearest reconstruction has the least squared error (rounding error estimated on
-  a strided sample of a long block, clipping error exact). The Gaussian ``k_b`` clips heavy tails
-  too hard, more so the more bits: Laplace blocks of 4096 values lose 11-15 / 29-33 / 91-96% of
-  their error against ``sigma`` at 3 / 4 / 8 bits (none at 2). MiniLM at a split cut (row
-  scales on), relative error of activations / gradients at 4 bits 0.018 / 0.039 -> 0.010 / 0.017,
-  at 2 bits 0.117 / 0.189 -> 0.115 / 0.189. SmolLM2 after block 4, untuned perplexity with 3 /
-  4-bit activations: +7.0 / +2.0% over fp32 -> +5.4 / +0.3%. Cost: encoding a [32, 64, 384]
-  tensor takes about 1.8x as long as with ``sigma`` (one CPU thread, 4 bits: 14-19 vs 8-10 ms).
-- ``row_scale=True`` ([I], "two-way" scaling, format version 2): every row of the last dimension
-  (a token's hidden vector of ``[B, T, d]``) is first divided by its RMS, stored as float16 in
-  ``row_scales`` and multiplied back on decoding; the blocks then quantize the normalised tensor.
-  Per-channel blocks capture channel outliers, the row scales the per-token magnitude (gradients
-  at a split cut differ by 20x between tokens; 2-bit relative MSE 0.53 -> 0.19 with ``sigma``).
-  Cost: 2 bytes per row (0.04 bit per value at d = 384).
-- ``outlier_ratio=t > 0`` ([I], format version 3): rows of the last dimension whose RMS exceeds
-  ``t`` times the median row RMS (at most :data:`MAX_OUTLIER_FRACTION` of the rows, the largest
-  first) are sent as float16 (``outlier_index``, ``outlier_values``) and coded as zero rows, so
-  they neither stretch the blocks' ranges nor lose their own values. Why: pre-norm causal LMs
-  (LLaMA, SmolLM2) carry "massive activations" on the first token and a few delimiter tokens
-  (SmolLM2-135M after block 4: RMS 20-36 against a median of 4.3); per-channel ranges are then
-  set by a handful of tokens, and clipping them destroys the attention sink. On SmolLM2 3-bit
-  activations (untuned perplexity, fp32 128.7): min-max 150 -> 136, sigma + row scales
-  364 -> 135 with ``t = 3`` (3.7% of the rows kept). Cost: 16 bits per value of a kept row plus
-  4 bytes of index, on top of the (zero) codes; a tensor without such rows pays nothing.
-- Zero-range blocks (constant tensors) get scale 0 and decode exactly; zero rows get row scale 0.
-- NaN / Inf inputs raise :class:`~fedq.errors.CodecError`; no payload ever carries them.
+Choices, each with its reason in docs/algorithms.md §5 (measurements in BENCHMARKS.md, "Codec"
+and "Split learning"); the exact decode arithmetic is specified in docs/wire-format.md:
+
+- asymmetric blocks: min-max with a float offset, ``x_hat = q * scale + offset`` (§5.1);
+- symmetric blocks: mid-rise levels ``x_hat = scale * (q - (2**b - 1) / 2)``, so 1 bit is sign
+  quantization (§5.2);
+- scales rounded up and offsets down to their storage dtype before coding, so the half-step
+  error bound holds for what the receiver decodes (§5.3);
+- stochastic rounding ``q = floor(v + u)``, ``u ~ U[0, 1)`` from the caller's generator, unbiased;
+- encoder-only range options for asymmetric blocks: ``range="sigma"`` clips to the
+  Gaussian-optimal ``mean +- k_b std`` (§5.6), ``range="mse"`` picks per block the least-error
+  range among wider clips and min-max (§5.7);
+- ``row_scale=True``: each row of the last dimension divided by its float16 RMS first, which is
+  sent ("two-way" scaling, format version 2, §5.8);
+- ``outlier_ratio=t``: rows with RMS above ``t`` times the median row's travel as float16 rows
+  beside the codes (format version 3, §5.9);
+- zero-range blocks get scale 0 and decode exactly; zero rows get row scale 0; NaN / Inf inputs
+  raise :class:`~fedq.errors.CodecError`, so no payload ever carries them.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The one place that fixes what happens to a tensor dict before it crosses the wire.
 
-Order (ARCHITECTURE.md): update -> [privacy: clip -> noise] -> bit policy -> compressor (+ error
-feedback) -> PackedTensor bundle. Noise is added before quantization, so quantization is
+Order (docs/algorithms.md §5.26): update -> [privacy: clip -> noise] -> bit policy -> compressor (+
+error feedback) -> PackedTensor bundle. Noise is added before quantization, so quantization is
 post-processing and costs no privacy. ``LinkCodec`` holds one party's state for one direction
 (bit-policy state, error-feedback residuals, stochastic-rounding RNG), all checkpointable.
 """

@@ -1,6 +1,6 @@
 """Differential privacy in the federated loop: planning, accounting, the budget stop, and the
 per-mechanism steps on each side. The maths lives in :mod:`fedq.privacy`; this module decides
-*when* each piece runs (ARCHITECTURE.md: update -> clip -> noise -> quantize).
+*when* each piece runs (docs/algorithms.md §5.26: update -> clip -> noise -> quantize).
 
 Accounting happens when a round opens, for every selected client, before any release: a client
 that drops out later has still been charged (conservative). A round that would push the central
@@ -43,7 +43,7 @@ def local_steps(n: int, batch_size: int, epochs: int) -> tuple[int, float]:
 
 def laplace_participations(cfg: RunConfig) -> float:
     """Releases the per-client budget is split over. ``sound``: the expected participations
-    ceil(T*K/N). ``paper``: T_L = (T/E)*(K/N) of Ardic & Genc (ALGORITHMS.md 2.3), kept for a
+    ceil(T*K/N). ``paper``: T_L = (T/E)*(K/N) of Ardic & Genc (docs/algorithms.md §2.3), kept for a
     faithful replication although dividing by E is not a composition argument."""
     f = cfg.fed
     if cfg.privacy.laplace_calibration == "paper":
@@ -246,7 +246,7 @@ def privatize_update(
       2C in L1; Laplace noise of scale 2C / eps_release makes each release eps_release-DP.
     - laplace, paper calibration (``laplace_sensitivity`` given): no update clipping (the paper
       clips each mini-batch gradient in L1 instead), scale = s / eps_release = s * T_L / eps with
-      the paper's heuristic sensitivity s (ALGORITHMS.md 2.3).
+      the paper's heuristic sensitivity s (docs/algorithms.md §2.3).
     - otherwise unchanged (DP-SGD already privatized the training itself).
     """
     from fedq.privacy import LaplaceMechanism

@@ -44,7 +44,8 @@ def local_train(
     With ``proximal_mu > 0`` adds the FedProx term (mu/2)||w - w_start||^2 over trainable weights.
     ``grad_clip_l1`` clips every mini-batch gradient to that L1 norm and ``smoothness`` (a
     :class:`fedq.privacy.SmoothnessEstimator`) records (weights, grads) per batch index: both are
-    the Laplace calibration of Ardic & Genc (ALGORITHMS.md 2.3, ``laplace_calibration: paper``).
+    the Laplace calibration of Ardic & Genc (docs/algorithms.md §2.3, ``laplace_calibration:
+    paper``).
     """
     model = bundle.module
     model.train()

@@ -1,4 +1,4 @@
-"""Laplace noise calibration of Ardic & Genc (ALGORITHMS.md section 2.3), reproduced faithfully.
+"""Laplace noise calibration of Ardic & Genc (docs/algorithms.md §2.3), reproduced faithfully.
 
 The paper's client trains ``E`` local epochs with learning rate ``eta``, clipping every
 *mini-batch* gradient to L1 norm ``C``; it estimates a smoothness constant ``lambda`` of the loss
@@ -53,7 +53,8 @@ def laplace_sensitivity(
     *,
     zero_tol: float = LAMBDA_ZERO_TOL,
 ) -> float:
-    """L1 sensitivity ``s`` of the locally trained model (ALGORITHMS.md 2.3; heuristic, see module).
+    """L1 sensitivity ``s`` of the locally trained model (docs/algorithms.md §2.3; heuristic, see
+    module).
 
     With ``C = clip_l1``, ``eta = lr``, ``E = local_epochs``, ``|D| = dataset_size``, ``lambda =
     smoothness_lambda``:
@@ -91,7 +92,8 @@ def laplace_scale(
     clients_per_round: int,
     num_clients: int,
 ) -> float:
-    """Laplace scale ``b = s * T_L / epsilon`` with ``T_L = (T / E) * (K / N)`` (ALGORITHMS.md 2.3).
+    """Laplace scale ``b = s * T_L / epsilon`` with ``T_L = (T / E) * (K / N)`` (docs/algorithms.md
+    §2.3).
 
     ``T = rounds``, ``E = local_epochs``, ``K = clients_per_round``, ``N = num_clients``. Each
     release is then ``(epsilon / T_L)``-DP for sensitivity ``s``; ``T_L`` releases compose to

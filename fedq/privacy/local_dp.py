@@ -8,7 +8,7 @@ are Poisson samples (each example independently with probability ``q``). One loc
 with :class:`fedq.privacy.GaussianAccountant` (example-level DP for the client's data).
 
 ``opacus`` is imported inside the functions, never at import time. Compatibility is checked before
-wrapping: Opacus's ``ModuleValidator`` plus the two cases it misses (ENV.md section 5), trainable
+wrapping: Opacus's ``ModuleValidator`` plus the two cases it misses (docs/platform.md §5), trainable
 embeddings and PEFT LoRA adapters on embeddings, which fail later with "Per sample gradient is not
 initialized" or a ``stack`` size error because HF models broadcast ``position_ids``.
 """

@@ -15,8 +15,9 @@ Guarantees, stated for one release:
   compose it with :class:`fedq.privacy.GaussianAccountant`.
 - :class:`LaplaceMechanism`: ``Lap(0, b)`` per coordinate. A quantity with L1 sensitivity ``s``
   released this way is ``(s/b, 0)``-DP (Dwork et al. 2006). The Laplace scale used by
-  Ardic & Genc ("communication-efficient DP federated learning with quantization", ALGORITHMS.md
-  section 2.3) comes from the heuristic sensitivity in :mod:`fedq.privacy.laplace`.
+  Ardic & Genc ("communication-efficient DP federated learning with quantization",
+  docs/algorithms.md §2.3) comes from the heuristic sensitivity in
+  :mod:`fedq.privacy.laplace`.
 """
 
 from __future__ import annotations
@@ -201,11 +202,12 @@ class LaplaceMechanism:
     L1, so one release is :attr:`epsilon_per_release`-DP for the whole client (a rigorous bound).
 
     Without ``clip_norm`` the guarantee is only as good as the sensitivity the scale was derived
-    from: Ardic & Genc (ALGORITHMS.md 2.3) clip mini-batch *gradients* (L1) during training and take
-    the scale from :func:`fedq.privacy.laplace_sensitivity` and :func:`fedq.privacy.laplace_scale`,
-    which are heuristic (see there). In their code the noise goes on the model weights themselves;
-    fedq noises the update (delta) it sends, which differs from the weights by the public global
-    model, so the two releases are equivalent by post-processing.
+    from: Ardic & Genc (docs/algorithms.md §2.3) clip mini-batch *gradients* (L1) during training
+    and take the scale from :func:`fedq.privacy.laplace_sensitivity` and
+    :func:`fedq.privacy.laplace_scale`, which are heuristic (see there). In their code the noise
+    goes on the model weights themselves; fedq noises the update (delta) it sends, which differs
+    from the weights by the public global model, so the two releases are equivalent by
+    post-processing.
     """
 
     def __init__(self, scale: float, *, clip_norm: float | None = None) -> None:

@@ -1,5 +1,5 @@
 """Run files: ``metrics.jsonl`` (one JSON object per round or eval step), ``config.json``,
-``summary.json`` (ARCHITECTURE.md, "Contracts users and scripts rely on").
+``summary.json`` (docs/design.md §5).
 
 Metrics are appended and flushed line by line, so a run stopped with Ctrl-C keeps every finished
 round; :func:`read_metrics` skips a torn last line. Values are made strict JSON: tensors and numpy

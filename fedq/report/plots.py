@@ -1,7 +1,7 @@
 """``report.png``: the few curves that answer "what did the bits buy?" for one run.
 
 (a) accuracy vs round, (b) accuracy vs cumulative wire bytes (up + down; the paper's
-accuracy-vs-bytes comparison against fp32, ALGORITHMS.md §2.1), (c) mean bits vs round, and
+accuracy-vs-bytes comparison against fp32, docs/algorithms.md §2.1), (c) mean bits vs round, and
 (d) ε vs round when the run is private. matplotlib is imported here, lazily, and drawn through
 the Agg canvas directly, so importing fedq stays fast and no global pyplot backend is touched.
 """

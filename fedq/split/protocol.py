@@ -1,6 +1,6 @@
 """The split step protocol and SplitFed, as plain classes (transport-agnostic).
 
-One step (ARCHITECTURE.md "One split step"; ALGORITHMS.md §1.2):
+One step (docs/design.md §3; docs/algorithms.md §1.2):
 
 1. client: ``h = bottom(batch)`` (with activation DP: per-example clip + Gaussian noise,
    :mod:`fedq.split.privacy`); ``h_hat, packed = act_q.forward_encode(h)`` (the fake-quantized

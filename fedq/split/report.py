@@ -1,8 +1,8 @@
 """``report.png`` of a split run: accuracy vs round and vs wire bytes (as in
 :func:`fedq.report.plot_report`), bits over time per boundary and direction (mean with a min-max
-band, from ``bits.jsonl``), and the histogram of the final per-channel bits (ALGORITHMS.md §1.4:
-where the regularizer left the bits is the learned importance). matplotlib is imported lazily and
-drawn through the Agg canvas, like the federated report.
+band, from ``bits.jsonl``), and the histogram of the final per-channel bits (docs/algorithms.md
+§1.4: where the regularizer left the bits is the learned importance). matplotlib is imported lazily
+and drawn through the Agg canvas, like the federated report.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """gRPC client for fedq: pull tasks, push updates, run split steps, over one reused channel.
 
-Every call streams 1 MiB frames (ENV.md section 4: fastest over gRPC, and below its 4 MiB default
+Every call streams 1 MiB frames (docs/platform.md §4: fastest over gRPC, and below its 4 MiB default
 message cap, so no channel options are needed). Failures of the call come back as
 :class:`~fedq.errors.TransportError` carrying the status code name and the server's reason;
 malformed data from the server raises :class:`~fedq.errors.WireFormatError`.

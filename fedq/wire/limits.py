@@ -26,7 +26,7 @@ class WireLimits:
     #: Bytes of one message's serialized bundle (the payload that is chunked over the stream).
     max_payload_bytes: int = 8 << 30
     #: Bytes of tensor data per Chunk frame when *sending*; 1 MiB streams fastest over gRPC
-    #: (see ENV.md section 4) and keeps every frame well under gRPC's 4 MiB default message cap.
+    #: (see docs/platform.md §4) and keeps every frame well under gRPC's 4 MiB default message cap.
     chunk_size: int = 1 << 20
 
     def __post_init__(self) -> None:

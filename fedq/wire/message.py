@@ -2,9 +2,9 @@
 
 Why frames: gRPC caps a message at 4 MiB by default and protobuf at 2 GiB, while model updates and
 activations can be larger. Streaming 1 MiB chunks is also the fastest way to move bytes over gRPC
-(ENV.md section 4). The receiver checks the header (version, declared size against its limits) and
-the chunk sequence (contiguous offsets, no overflow, exact total) and grows its buffer only as data
-actually arrives, so a header that lies about the payload size costs nothing.
+(docs/platform.md §4). The receiver checks the header (version, declared size against its limits)
+and the chunk sequence (contiguous offsets, no overflow, exact total) and grows its buffer only as
+data actually arrives, so a header that lies about the payload size costs nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fedq.wire.serde import bundle_from_bytes, bundle_pieces
 class WireMessage:
     """One logical message of the protocol (a task, an update, activations, gradients, ...).
 
-    ``kind`` says what it is ("global", "update", "activations", "gradients", "error", ...),
+    ``kind`` says what it is ("global", "update", "activations", "gradients"),
     ``scalars`` carry small numbers (num_samples, loss, ...), ``tags`` small strings.
     """
 

@@ -1,4 +1,5 @@
-"""Cosine and client-entropy schedules against hand-computed values (ALGORITHMS.md §2.5-2.6)."""
+"""Cosine and client-entropy schedules against hand-computed values (docs/algorithms.md
+§2.5-2.6)."""
 
 from __future__ import annotations
 

@@ -175,3 +175,15 @@ def test_registry_names_and_data_problems_are_found_before_any_host_starts(
     with pytest.raises(ConfigError, match=r"dirichlet partition: .*fed\.num_clients=1000"):
         simulate(too_many, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_chunk_size_limit_matches_the_transport() -> None:
+    """A chunk size the config accepts is one the transport sends (checked at load, not after
+    the hosts start)."""
+    from fedq.config import MAX_CHUNK_BYTES
+    from fedq.transport.server import MAX_CHUNK_SIZE
+
+    assert MAX_CHUNK_BYTES == MAX_CHUNK_SIZE
+    config_from_dict({"runtime": {"chunk_bytes": MAX_CHUNK_BYTES}})
+    with pytest.raises(ConfigError, match=r"runtime\.chunk_bytes"):
+        config_from_dict({"runtime": {"chunk_bytes": MAX_CHUNK_BYTES + 1}})

@@ -1,4 +1,5 @@
-"""Sensitivity and scale of Ardic & Genc's Laplace mechanism (ALGORITHMS.md 2.3), hand-computed."""
+"""Sensitivity and scale of Ardic & Genc's Laplace mechanism (docs/algorithms.md §2.3),
+hand-computed."""
 
 from __future__ import annotations
 
