@@ -44,8 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size-mib", type=int, default=64, help="packed payload size (MiB)")
     p.add_argument("--repeats", type=int, default=5, help="timed transfers per case (median kept)")
     p.add_argument("--chunk-kib", type=int, default=1024, help="chunk size of both paths (KiB)")
-    p.add_argument("--tls", choices=("both", "on", "off"), default="both")
-    p.add_argument("--direction", choices=("both", "upload", "download"), default="both")
+    p.add_argument("--tls", choices=("both", "on", "off"), default="both", help="TLS cases run")
+    p.add_argument(
+        "--direction",
+        choices=("both", "upload", "download"),
+        default="both",
+        help="upload (PushUpdate), download (GetTask) or both",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -95,7 +100,7 @@ class _ServerSpec:
     size_mib: int
     seed: int
     chunk_size: int
-    token: str
+    tokens: dict[str, str] | str  # the tokens, or the server's tokens file to load them from
     tls: TlsConfig | None
 
 
@@ -145,16 +150,15 @@ def _serve(conn: Connection, spec: _ServerSpec) -> None:
     import grpc
     import torch
 
-    from fedq.transport import TransportServer
+    from fedq.transport import TransportServer, load_tokens
     from fedq.wire import WireLimits, bundle_to_bytes
 
     torch.set_num_threads(1)
     task = payload_message(spec.size_mib, spec.seed, kind="global")
     handler = _Handler(task)
     limits = WireLimits(chunk_size=spec.chunk_size)
-    fedq_server = TransportServer(
-        handler, limits=limits, tokens={CLIENT_ID: spec.token}, tls=spec.tls
-    )
+    tokens = load_tokens(spec.tokens) if isinstance(spec.tokens, str) else spec.tokens
+    fedq_server = TransportServer(handler, limits=limits, tokens=tokens, tls=spec.tls)
     fedq_server.start()
     raw = _RawServicer(_chunks(bundle_to_bytes(task.tensors), spec.chunk_size))
     raw_server = grpc.server(futures.ThreadPoolExecutor(4))
@@ -322,19 +326,19 @@ def _run_mode(
     args: argparse.Namespace, msg: WireMessage, tls_dir: str | None
 ) -> list[dict[str, Any]]:
     """Every direction for one TLS setting, against one spawned server process."""
-    from fedq.transport import TlsConfig, load_tokens, read_token
+    from fedq.transport import TlsConfig, read_token
 
     server_tls = client_tls = None
     token = "bench-token"
+    tokens: dict[str, str] | str = {CLIENT_ID: token}
     if tls_dir is not None:
         from fedq.transport.certs import CredentialFiles
 
         files = CredentialFiles.under(tls_dir, [CLIENT_ID])
         server_tls = TlsConfig(str(files.server_cert), str(files.server_key))
         client_tls = TlsConfig(None, None, str(files.ca_cert))
-        token = read_token(files.clients[CLIENT_ID].token)
-        assert load_tokens(files.tokens) == {CLIENT_ID: token}
-    spec = _ServerSpec(args.size_mib, args.seed, args.chunk_kib * 1024, token, server_tls)
+        token, tokens = read_token(files.clients[CLIENT_ID].token), str(files.tokens)
+    spec = _ServerSpec(args.size_mib, args.seed, args.chunk_kib * 1024, tokens, server_tls)
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
     proc = ctx.Process(target=_serve, args=(child, spec), daemon=True)
