@@ -152,6 +152,41 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _certs(args: argparse.Namespace) -> int:
+    from fedq.transport.certs import (
+        DEFAULT_DAYS,
+        DEFAULT_HOSTS,
+        default_client_ids,
+        make_credentials,
+    )
+
+    if args.client_ids:
+        ids = [c.strip() for c in args.client_ids.split(",")]
+        if args.clients is not None and args.clients != len(ids):
+            raise ConfigError(
+                f"certs: --clients {args.clients} but --client-ids lists {len(ids)} ids"
+            )
+    elif args.clients is not None:
+        ids = default_client_ids(args.clients)
+    else:
+        raise ConfigError("certs: say how many clients (--clients N) or which (--client-ids)")
+    days = DEFAULT_DAYS if args.days is None else args.days
+    issued = make_credentials(
+        args.dir, ids, args.host or DEFAULT_HOSTS, days=days, force=args.force
+    )
+    f = issued.files
+    for path in issued.removed:
+        print(f"removed stale {path}")
+    print(f"fedq certs: wrote credentials for {len(ids)} clients to {f.root}")
+    print(f"  CA:      {f.ca_cert}, {f.ca_key}")
+    print(f"  server:  {f.server_cert}, {f.server_key} (hosts: {', '.join(issued.hosts)})")
+    print(f"  tokens:  {f.tokens} (server side: every client id and its token)")
+    print(f"  clients: {f.root / 'clients'}/<id>.pem, .key, .token for {', '.join(ids)}")
+    print(f"  valid until {issued.not_after:%Y-%m-%d %H:%M} UTC; keys and tokens are mode 0600")
+    print("warning: this is a development CA (its key is not protected), not for production")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedq", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -172,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("sweep", help="sweep YAML file, e.g. scenarios/privacy_sweep.yaml")
     w.add_argument("--out", metavar="DIR", help="output folder (default runs/<name>-<time>)")
     w.set_defaults(func=_sweep)
+
+    c = sub.add_parser(
+        "certs", help="make a development CA, server and client certificates, and client tokens"
+    )
+    c.add_argument("dir", metavar="DIR", help="output folder (must be empty unless --force)")
+    c.add_argument("--clients", type=int, metavar="N", help="clients client-0 .. client-{N-1}")
+    c.add_argument("--client-ids", metavar="A,B,C", help="comma-separated client ids instead")
+    c.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME_OR_IP",
+        help="a name or IP clients dial, for the server certificate (repeatable; "
+        "default: localhost and 127.0.0.1)",
+    )
+    c.add_argument("--days", type=int, help="validity in days (default 365)")
+    c.add_argument("--force", action="store_true", help="replace credentials already in DIR")
+    c.set_defaults(func=_certs)
 
     b = sub.add_parser("bench", help="run a benchmark and print ratios against a same-run baseline")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="NAME")

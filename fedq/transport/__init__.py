@@ -5,6 +5,7 @@ from fedq.transport.client import TransportClient
 from fedq.transport.counters import ByteCounter
 from fedq.transport.security import TlsConfig
 from fedq.transport.server import FederatedHandler, SplitHandler, TransportServer
+from fedq.transport.tokens import load_tokens, read_token
 
 __all__ = [
     "ByteCounter",
@@ -13,4 +14,6 @@ __all__ = [
     "TlsConfig",
     "TransportClient",
     "TransportServer",
+    "load_tokens",
+    "read_token",
 ]
