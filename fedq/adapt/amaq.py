@@ -220,8 +220,9 @@ def _rounding_generator(stochastic: bool, seed: int) -> torch.Generator | None:
 
 
 def _gen_for(q: nn.Module, x: torch.Tensor) -> torch.Generator | None:
-    gen = getattr(q, "generator", None)
-    return gen if gen is not None and x.device.type == "cpu" else None
+    """The quantizer's generator: on the CPU the noise stream itself, elsewhere the source of
+    one counter-noise seed per tensor (:mod:`fedq.codec.noise`)."""
+    return getattr(q, "generator", None)
 
 
 def largest_remainder(b: torch.Tensor, b_min: int, b_max: int) -> torch.Tensor:
