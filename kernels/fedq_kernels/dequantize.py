@@ -73,7 +73,13 @@ def _code(payload_ptr, bit, mask, BITS: tl.constexpr):
     return q
 
 
-@triton.jit
+#: Integer arguments whose value Triton should not specialise on (divisibility by 16, == 1):
+#: they are bounds and constants, not addresses, and each specialisation is another compile.
+_PLAIN_INTS = ["stop", "bit_base", "block_len", "bl_m", "bl_s", "inner", "in_m", "in_s",
+               "row_m", "row_s"]  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_PLAIN_INTS)
 def _dequantize_kernel(
     payload_ptr,
     out_ptr,

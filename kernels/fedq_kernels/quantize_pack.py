@@ -57,7 +57,12 @@ def codes_per_byte(bits: int) -> int:
     return triton.next_power_of_2(most)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+#: Integer arguments whose value Triton should not specialise on (each specialisation is another
+#: compile; only ``byte_base``, the store address, gains from it).
+_PLAIN_INTS = ["run_len", "run_nbytes", "block_len", "bl_m", "bl_s", "seed_lo", "seed_hi"]
+
+
+@triton.jit(do_not_specialize=_PLAIN_INTS)
 def _quantize_pack_kernel(
     x_ptr,
     out_ptr,
@@ -87,7 +92,7 @@ def _quantize_pack_kernel(
     m = kmask[:, None] & (n < run_len) & (nbit < first_bit + 8)
     t = udiv(n, bl_m, bl_s)
     r = t if ALL_BLOCKS else tl.load(blocks_ptr + t, mask=m, other=0)
-    idx = r * block_len + (n - t * block_len)  # index in the [num_blocks, block_len] view
+    idx = n if ALL_BLOCKS else r * block_len + (n - t * block_len)  # in the block view
     x = to_f32(tl.load(x_ptr + idx, mask=m, other=0.0))
     s = tl.load(divisor_ptr + r, mask=m, other=1.0)
     c = tl.load(centre_ptr + r, mask=m, other=0.0)
