@@ -9,6 +9,7 @@ payload is the codec's packed bytes, decoded into a CPU uint8 tensor with a sing
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -93,9 +94,19 @@ def _opt_bytes(t: torch.Tensor | None, dtype: torch.dtype) -> bytes:
 
 def packed_from_proto(msg: pb.PackedTensor, limits: WireLimits) -> tuple[str, PackedTensor]:
     """Validate and decode one ``fedq.v1.PackedTensor``; returns ``(name, tensor)``."""
-    spec = validate.check_tensor(msg, limits)
+    name, header = packed_header_from_proto(msg, limits)
+    return name, dataclasses.replace(header, payload=_tensor_from_bytes(msg.payload, torch.uint8))
+
+
+def packed_header_from_proto(
+    msg: pb.PackedTensor, limits: WireLimits, payload_nbytes: int | None = None
+) -> tuple[str, PackedTensor]:
+    """:func:`packed_from_proto` without the payload (an empty tensor in its place): every
+    check, with ``payload_nbytes`` as the payload's length when ``msg`` does not carry it (a
+    stream decoder validates a tensor's header before its payload arrives)."""
+    spec = validate.check_tensor(msg, limits, payload_nbytes)
     bits = _tensor_from_bytes(msg.bits, torch.uint8)
-    validate.check_payload_size(msg, spec, bits)
+    validate.check_payload_size(msg, spec, bits, payload_nbytes)
     sdt = SCALE_DTYPES[spec.scale_dtype]
     scales = _tensor_from_bytes(msg.scales, sdt)
     offsets = (
@@ -125,7 +136,7 @@ def packed_from_proto(msg: pb.PackedTensor, limits: WireLimits) -> tuple[str, Pa
         bits=bits,
         scales=scales,
         offsets=offsets,
-        payload=_tensor_from_bytes(msg.payload, torch.uint8),
+        payload=torch.empty(0, dtype=torch.uint8),
         row_scales=row_scales,
         outlier_index=outlier_index,
         outlier_values=None if outlier_values is None else outlier_values.view(-1, spec.shape[-1]),

@@ -135,9 +135,14 @@ def _check_block_fields(msg: pb.PackedTensor, layout: BlockLayout, scale_dtype: 
         raise fail(name, "offsets", f"length {len(msg.offsets)} bytes != {nb} x {itemsize}")
 
 
-def check_tensor(msg: pb.PackedTensor, limits: WireLimits) -> TensorSpec:
-    """Check everything that needs no allocation; returns the decoded header."""
+def check_tensor(
+    msg: pb.PackedTensor, limits: WireLimits, payload_nbytes: int | None = None
+) -> TensorSpec:
+    """Check everything that needs no allocation; returns the decoded header.
+    ``payload_nbytes``: the payload's length when ``msg`` does not carry the payload (a stream
+    decoder reads the header before the payload arrives)."""
     name = msg.name
+    npay = len(msg.payload) if payload_nbytes is None else payload_nbytes
     if msg.format_version != FORMAT_VERSION:
         raise fail(
             name,
@@ -162,8 +167,8 @@ def check_tensor(msg: pb.PackedTensor, limits: WireLimits) -> TensorSpec:
             "for a RAW tensor",
         )  # fmt: skip
         expected = numel * FLOAT_DTYPES[dtype].itemsize
-        if len(msg.payload) != expected:
-            raise fail(name, "payload", f"length {len(msg.payload)} bytes != expected {expected}")
+        if npay != expected:
+            raise fail(name, "payload", f"length {npay} bytes != expected {expected}")
     else:
         layout = _quantized_layout(msg, shape)
         _check_block_fields(msg, layout, scale_dtype)
@@ -212,13 +217,16 @@ def check_outliers(name: str, spec: TensorSpec, index: torch.Tensor, values: tor
         raise fail(name, "outlier_values", "contains NaN or Inf")
 
 
-def check_payload_size(msg: pb.PackedTensor, spec: TensorSpec, bits: torch.Tensor) -> None:
+def check_payload_size(
+    msg: pb.PackedTensor, spec: TensorSpec, bits: torch.Tensor, payload_nbytes: int | None = None
+) -> None:
     """QUANTIZED payloads must be exactly as long as the layout and bit map imply."""
     if spec.layout is None:
         return
+    npay = len(msg.payload) if payload_nbytes is None else payload_nbytes
     expected = expected_payload_nbytes(spec.layout, bits)
-    if len(msg.payload) != expected:
-        raise fail(msg.name, "payload", f"length {len(msg.payload)} bytes != expected {expected}")
+    if npay != expected:
+        raise fail(msg.name, "payload", f"length {npay} bytes != expected {expected}")
 
 
 def _finite_non_negative(name: str, field: str, t: torch.Tensor) -> None:

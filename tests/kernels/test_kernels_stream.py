@@ -14,6 +14,7 @@ pytest.importorskip("triton", reason="fedq_kernels need triton (pip install fedq
 from fedq.codec import Granularity, QuantSpec, dequantize, dispatch, quantize
 from fedq.codec.runs import payload_runs
 from fedq.codec.stream import StreamDecoder
+from fedq.wire import WireLimits, WireMessage, message_to_frames, read_message_streaming
 
 Same = Callable[[torch.Tensor, torch.Tensor], bool]
 pytestmark = pytest.mark.usefixtures("cpu_kernels")
@@ -63,3 +64,16 @@ def test_chunked_decode_equals_the_whole_decode(
         y = d.finish(p.row_scales, p.outlier_index, p.outlier_values)
         with dispatch.torch_only():
             assert bits_equal(y, dequantize(p).contiguous())
+
+
+def test_wire_streaming_decodes_through_the_kernels(bits_equal: Same) -> None:
+    x = torch.randn(4, 16, 24, generator=torch.Generator().manual_seed(2))
+    x[:, 0] *= 40.0
+    spec = QuantSpec(axis=-1, row_scale=True, range="sigma", outlier_ratio=3.0)
+    msg = WireMessage("activations", "c", tensors={"h": quantize(x, 3, spec)})
+    frames = list(message_to_frames(msg, chunk_size=97))
+    got = read_message_streaming(iter(frames), WireLimits())
+    assert got is not None
+    with dispatch.torch_only():
+        want = dequantize(msg.tensors["h"])
+    assert bits_equal(got[1]["h"], want.contiguous())
