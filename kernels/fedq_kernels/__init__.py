@@ -8,8 +8,8 @@ check them on machines without a GPU.
 """
 
 from fedq_kernels.common import MAX_NUMEL, supports
-from fedq_kernels.dequantize import DecodePlan, decode_range, dequantize, dequantize_ref
-from fedq_kernels.quantize_pack import quantize_pack, quantize_pack_ref
+from fedq_kernels.decode import DecodePlan, decode_range, dequantize, dequantize_ref
+from fedq_kernels.encode import quantize_pack, quantize_pack_ref
 
 __all__ = [
     "MAX_NUMEL",

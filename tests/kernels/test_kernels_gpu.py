@@ -57,6 +57,23 @@ def test_codec_on_the_gpu_is_bit_identical_to_the_torch_path(
             assert bits_equal(dequantize(p, device="cuda"), want.contiguous())
 
 
+def test_subnormal_values_and_scales_match_the_torch_path(bits_equal: Same) -> None:
+    """float32 scales and values down in the subnormal range: a kernel that flushed subnormals
+    to zero would differ here."""
+    x = _x(torch.float32)[:2] * 1e-39
+    for spec in (
+        QuantSpec(scale_dtype="float32"),
+        QuantSpec(symmetric=True, scale_dtype="float32"),
+    ):
+        for bits in (2, 5, 8):
+            p = quantize(x, bits, spec)
+            with dispatch.torch_only():
+                q = quantize(x, bits, spec)
+                want = dequantize(q, device="cuda")
+            assert torch.equal(p.payload, q.payload)
+            assert bits_equal(dequantize(p, device="cuda"), want.contiguous())
+
+
 def test_streaming_on_the_gpu_equals_the_whole_decode(bits_equal: Same) -> None:
     x = _x(torch.float32)
     spec = SPECS[-1]

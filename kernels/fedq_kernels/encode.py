@@ -19,7 +19,8 @@ the tile's rows (the fields are disjoint, so the sum is the bitwise or). Reads o
 contiguous for a uniform bit map. The maths is the codec's: float32 ``x / s + c`` (symmetric) or
 ``(x - c) / s`` with IEEE division (``tl.math.div_rn``; Triton's ``/`` is approximate on the
 GPU), then round half to even, or ``floor(v + u)`` with the counter-based noise ``u`` of
-:mod:`fedq.codec.noise` for stochastic rounding, then clamp to ``[0, 2**b - 1]``.
+:mod:`fedq.codec.noise` for stochastic rounding, then clamp to ``[0, 2**b - 1]``; launched
+without FMA contraction, as the decoder is.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def quantize_pack(
             xb, out, table, divisor, centre,
             run.numel, run.nbytes, run.byte_start, layout.block_len, bl_m, bl_s, seed_lo, seed_hi,
             BITS=run.bits, E=e, SYMMETRIC=symmetric, STOCHASTIC=seed is not None,
-            ALL_BLOCKS=run.all_blocks, BYTES=nbytes, num_warps=NUM_WARPS,
+            ALL_BLOCKS=run.all_blocks, BYTES=nbytes, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
     return out
 
