@@ -343,6 +343,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     result: dict[str, Any] = {"bench": "kernels", "machine": machine_info()}
     if torch.cuda.is_available() and not args.smoke:
+        if os.environ.get("TRITON_INTERPRET", "") == "1":
+            raise SystemExit("TRITON_INTERPRET=1 would time Triton's interpreter: unset it")
         sizes = [float(s) for s in str(args.sizes_mib).split(",") if s]
         result.update(measure(sizes, args.rep_ms, args.seed))
         _print_gpu(result)

@@ -3,7 +3,9 @@
 Rules, checked on every call (:func:`kernels_for`); the kernels are used only if all hold:
 
 1. the tensor's device type is in :data:`KERNEL_DEVICES` (``cuda``; tests add ``cpu`` to run
-   the kernels under ``TRITON_INTERPRET=1``) and, for ``cuda``, torch sees a CUDA device;
+   the kernels under ``TRITON_INTERPRET=1``) and, for ``cuda``, torch sees a CUDA device and
+   Triton compiles for it (``TRITON_INTERPRET`` is not ``1``: the interpreter is for tests on
+   CPU tensors, and would make a GPU run crawl);
 2. the environment variable ``FEDQ_KERNELS`` is not ``0`` and no :func:`torch_only` block is
    active (benchmarks use it to time the torch path on the same GPU);
 3. ``import fedq_kernels`` works (triton installed; the import happens here, on first use, so
@@ -52,7 +54,9 @@ def kernels_for(device: torch.device, numel: int) -> ModuleType | None:
         return None
     if os.environ.get(ENV_VAR, "").strip() == "0":
         return None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "") == "1"
+    ):
         return None
     mod = kernels()
     if mod is None or not mod.supports(numel):

@@ -16,10 +16,14 @@ conversions and the counter-based noise, each as a host helper or a ``@triton.ji
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
 from fedq.codec.noise import MIX_MUL1, MIX_MUL2, seed_words
+from fedq.errors import CodecError
 
 #: Largest tensor the kernels take: every element index and payload bit offset fits in int32.
 MAX_NUMEL = 1 << 28
@@ -31,6 +35,12 @@ _MUL2: tl.constexpr = tl.constexpr(MIX_MUL2)
 def supports(numel: int) -> bool:
     """Whether a tensor of ``numel`` elements is within the kernels' index range."""
     return 0 <= numel <= MAX_NUMEL
+
+
+def check_device(device: torch.device) -> None:
+    """The kernels run on CUDA devices, and on the CPU only under Triton's interpreter."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
+        raise CodecError(f"fedq_kernels need a CUDA device (or TRITON_INTERPRET=1), got {device}")
 
 
 def magic(d: int) -> tuple[int, int]:

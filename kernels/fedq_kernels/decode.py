@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +46,7 @@ from fedq.codec.packed import (
 from fedq.codec.quantize import dequantize as _codec_dequantize
 from fedq.codec.runs import Run, payload_runs
 from fedq.errors import CodecError
-from fedq_kernels.common import from_f32, magic, supports, to_f32, udiv
+from fedq_kernels.common import check_device, from_f32, magic, supports, to_f32, udiv
 
 #: Codes per program and warps per program.
 BLOCK = 1024
@@ -170,18 +169,13 @@ class DecodePlan:
                           mode, channels, inner, shape[-1] if shape else 1)  # fmt: skip
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def _check_header(p: PackedTensor, device: torch.device) -> None:
     """Everything but the payload and the row steps: the header must be one the codec writes."""
     if p.encoding is not Encoding.QUANTIZED:
         raise CodecError("fedq_kernels decode QUANTIZED tensors; use fedq.codec.dequantize for RAW")
     if p.version != FORMAT_VERSION:
         raise CodecError(f"fedq_kernels read format v{FORMAT_VERSION}, got v{p.version}")
-    if device.type != "cuda" and not _interpreting():
-        raise CodecError(f"fedq_kernels need a CUDA device (or TRITON_INTERPRET=1), got {device}")
+    check_device(device)
     layout = p.layout
     if not supports(layout.numel):
         raise CodecError(f"{layout.numel} elements exceeds the kernels' limit; use the torch path")

@@ -25,8 +25,6 @@ without FMA contraction, as the decoder is.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +35,7 @@ from fedq.codec.quantize import _PIECE_ELEMS, _encode_blocks, _pack_by_class
 from fedq.codec.runs import payload_runs
 from fedq.errors import CodecError
 from fedq_kernels.common import (
+    check_device,
     counter_uniform,
     magic,
     round_half_even,
@@ -118,8 +117,7 @@ def _check(
     if xb.dtype not in FLOAT_DTYPES.values() or tuple(xb.shape) != (nb, bl):
         raise CodecError(f"quantize_pack: x must be the [{nb}, {bl}] block view in "
                          f"float32/float16/bfloat16, got {xb.dtype} {list(xb.shape)}")  # fmt: skip
-    if xb.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "") != "1":
-        raise CodecError(f"fedq_kernels need CUDA (or TRITON_INTERPRET=1), got {xb.device}")
+    check_device(xb.device)
     if not supports(layout.numel):
         raise CodecError(f"{layout.numel} elements exceeds the kernels' limit; use the torch path")
     flat = bits.reshape(-1)

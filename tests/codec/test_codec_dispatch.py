@@ -23,6 +23,16 @@ def test_cuda_tensors_need_a_cuda_device() -> None:
     assert dispatch.kernels_for(torch.device("cuda"), 100) is None
 
 
+def test_cuda_tensors_skip_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = SimpleNamespace(supports=lambda n: True)  # stands in for fedq_kernels
+    monkeypatch.setattr(dispatch, "kernels", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.kernels_for(torch.device("cuda"), 100) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert dispatch.kernels_for(torch.device("cuda"), 100) is fake
+
+
 def test_switches_turn_the_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = SimpleNamespace(supports=lambda n: n < 10)  # stands in for fedq_kernels
     monkeypatch.setattr(dispatch, "KERNEL_DEVICES", frozenset({"cpu"}))

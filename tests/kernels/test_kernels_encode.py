@@ -152,7 +152,7 @@ def test_without_a_seed_the_kernel_path_draws_one_from_the_generator() -> None:
     assert torch.equal(a.payload, b.payload) and not torch.equal(a.payload, c.payload)
 
 
-def test_bad_inputs_are_codec_errors() -> None:
+def test_bad_inputs_are_codec_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     layout = LAYOUTS[0]
     bm = torch.full((layout.num_blocks,), 4, dtype=torch.uint8)
     xb, div, centre = _inputs(layout, bm, False, torch.float32, 0)
@@ -164,3 +164,6 @@ def test_bad_inputs_are_codec_errors() -> None:
         fedq_kernels.quantize_pack(xb, bm, layout, div.half(), centre, symmetric=False)
     with pytest.raises(CodecError, match="centre"):
         fedq_kernels.quantize_pack(xb, bm, layout, div, centre[:-1], symmetric=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(CodecError, match="CUDA device"):
+        fedq_kernels.quantize_pack(xb, bm, layout, div, centre, symmetric=False)
