@@ -53,7 +53,8 @@ def counter_uniform(seed: int, index: torch.Tensor) -> torch.Tensor:
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 
-def draw_seed(generator: torch.Generator | None) -> int:
-    """One noise seed drawn from ``generator`` (torch's default CPU generator when None)."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    return int(torch.randint(0, 1 << SEED_BITS, (1,), generator=generator, device=device))
+def draw_seed(generator: torch.Generator | None, device: torch.device | str | None = None) -> int:
+    """One noise seed drawn from ``generator``, or without one from the default generator of
+    ``device`` (the CPU's when None), the stream that rounding on that device drew from before."""
+    dev = generator.device if generator is not None else torch.device(device or "cpu")
+    return int(torch.randint(0, 1 << SEED_BITS, (1,), generator=generator, device=dev))

@@ -317,7 +317,8 @@ def quantize(
 
     Stochastic rounding noise: with ``seed``, the counter-based noise of that seed
     (:mod:`fedq.codec.noise`); without, on the CPU the stream of ``generator`` and elsewhere the
-    counter-based noise of a seed drawn from ``generator`` (torch's default one when None)."""
+    counter-based noise of a seed drawn from ``generator`` (from the device's default generator
+    when None)."""
     spec = spec or QuantSpec()
     dtype_name(x.dtype)  # rejects unsupported dtypes before any work
     layout = spec.layout_for(tuple(x.shape), bit_map=not isinstance(bits, int))
@@ -327,7 +328,7 @@ def quantize(
         raise CodecError("row_scale and outlier_ratio need a tensor with at least 1 dim")
     kernels = dispatch.kernels_for(x.device, layout.numel)
     if spec.stochastic and seed is None and (kernels is not None or x.device.type != "cpu"):
-        seed = draw_seed(generator)
+        seed = draw_seed(generator, x.device)
     if layout.numel == 0:
         empty = torch.empty(0, dtype=sdt)  # no rows to scale either: row_scales stays None
         return _packed(x, spec, layout, bm, empty, None if spec.symmetric else empty.clone(),
