@@ -74,7 +74,7 @@ class QuantCompressor:
     def compress(self, name: str, x: torch.Tensor, bits: int | torch.Tensor) -> PackedTensor:
         if isinstance(bits, int) and bits > 8:
             return raw_for_bits(x, bits)
-        gen = self.generator if self.spec.stochastic and x.device.type == "cpu" else None
+        gen = self.generator if self.spec.stochastic else None  # off the CPU: draws a noise seed
         return quantize(x, bits, self.spec, generator=gen)
 
     def decompress(self, p: PackedTensor) -> torch.Tensor:

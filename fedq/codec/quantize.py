@@ -9,7 +9,11 @@ and "Split learning"); the exact decode arithmetic is specified in docs/wire-for
   quantization (§5.2);
 - scales rounded up and offsets down to their storage dtype before coding, so the half-step
   error bound holds for what the receiver decodes (§5.3);
-- stochastic rounding ``q = floor(v + u)``, ``u ~ U[0, 1)`` from the caller's generator, unbiased;
+- stochastic rounding ``q = floor(v + u)``, ``u ~ U[0, 1)``, unbiased: on the CPU ``u`` comes from
+  the caller's generator in element order; on other devices (and wherever a ``seed`` is given)
+  from the counter-based noise of :mod:`fedq.codec.noise`, which the GPU kernels reproduce;
+- tensors on a CUDA device are coded and decoded by the Triton kernels of ``fedq_kernels`` when
+  they are available, bit-identically (:mod:`fedq.codec.dispatch` states the rules);
 - encoder-only range options for asymmetric blocks: ``range="sigma"`` clips to the
   Gaussian-optimal ``mean +- k_b std`` (§5.6), ``range="mse"`` picks per block the least-error
   range among wider clips and min-max (§5.7);
@@ -29,8 +33,10 @@ from typing import Literal
 
 import torch
 
+from fedq.codec import dispatch
 from fedq.codec.bitpack import pack_bits, unpack_bits, unpack_bits_into
 from fedq.codec.layout import BlockLayout, Granularity, Piece
+from fedq.codec.noise import counter_uniform, draw_seed
 from fedq.codec.packed import (
     FLOAT_DTYPES,
     MAX_OUTLIER_FRACTION,
@@ -279,8 +285,14 @@ def quantize(
     spec: QuantSpec | None = None,
     *,
     generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> PackedTensor:
-    """Quantize and pack ``x`` at ``bits`` (an int, or a uint8 bit map with one entry per block)."""
+    """Quantize and pack ``x`` at ``bits`` (an int, or a uint8 bit map with one entry per block).
+
+    Stochastic rounding noise: with ``seed``, the counter-based noise of that seed
+    (:mod:`fedq.codec.noise`); without, on the CPU the stream of ``generator`` and elsewhere the
+    counter-based noise of a seed drawn from ``generator`` (from the device's default generator
+    when None)."""
     spec = spec or QuantSpec()
     dtype_name(x.dtype)  # rejects unsupported dtypes before any work
     layout = spec.layout_for(tuple(x.shape), bit_map=not isinstance(bits, int))
@@ -288,6 +300,9 @@ def quantize(
     sdt = SCALE_DTYPES[spec.scale_dtype]
     if (spec.row_scale or spec.outlier_ratio) and x.dim() == 0:
         raise CodecError("row_scale and outlier_ratio need a tensor with at least 1 dim")
+    kernels = dispatch.kernels_for(x.device, layout.numel)
+    if spec.stochastic and seed is None and (kernels is not None or x.device.type != "cpu"):
+        seed = draw_seed(generator, x.device)
     if layout.numel == 0:
         empty = torch.empty(0, dtype=sdt)  # no rows to scale either: row_scales stays None
         return _packed(x, spec, layout, bm, empty, None if spec.symmetric else empty.clone(),
@@ -324,9 +339,14 @@ def quantize(
         centre = offset.float()
     s = scale.float()
     divisor = torch.where(s > 0, s, 1.0)  # scale 0 (zero range): every code decodes exactly
-    codes = _encode_blocks(xb, pieces, divisor, centre, levels, symmetric=spec.symmetric,
-                           stochastic=spec.stochastic, generator=generator)  # fmt: skip
-    payload = _pack_by_class(codes, bm, layout)
+    if kernels is not None:  # the fused code + pack kernel (same bytes)
+        payload = kernels.quantize_pack(xb, bm, layout, divisor, centre, symmetric=spec.symmetric,
+                                        seed=seed if spec.stochastic else None)  # fmt: skip
+    else:
+        codes = _encode_blocks(xb, pieces, divisor, centre, levels, symmetric=spec.symmetric,
+                               stochastic=spec.stochastic, generator=generator,
+                               seed=seed)  # fmt: skip
+        payload = _pack_by_class(codes, bm, layout)
     p = _packed(x, spec, layout, bm, scale.cpu(), None if offset is None else offset.cpu(),
                 payload, None if row_scales is None else row_scales.cpu())  # fmt: skip
     if outliers is None:
@@ -371,17 +391,19 @@ def _encode_blocks(
     symmetric: bool,
     stochastic: bool,
     generator: torch.Generator | None,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """uint8 codes [num_blocks, block_len]: ``clamp(round(v), 0, levels)`` with
     ``v = x / s + centre`` (symmetric) or ``v = (x - centre) / s`` (asymmetric), computed piece by
     piece in a reused float32 buffer. Stochastic rounding ``floor(v + u)`` draws its noise in
-    element order, so the generator is consumed exactly as by one ``torch.rand`` over the view."""
+    element order, so the generator is consumed exactly as by one ``torch.rand`` over the view;
+    with a ``seed``, ``u`` is the counter-based noise of each element's block-view index."""
     s, centre = s.unsqueeze(1), centre.unsqueeze(1)
     uniform = bool((levels == levels[0]).all())
     top = float(levels[0]) if uniform else levels.unsqueeze(1)
     codes = torch.empty(xb.shape, dtype=torch.uint8, device=xb.device)
     buf = torch.empty(_PIECE_ELEMS, dtype=torch.float32, device=xb.device)
-    noise = torch.empty_like(buf) if stochastic else buf
+    noise = torch.empty_like(buf) if stochastic and seed is None else buf
     for rows, cols, _ in pieces:
         piece = xb[rows, cols]
         v = buf[: piece.numel()].view(piece.shape)
@@ -391,7 +413,13 @@ def _encode_blocks(
         else:
             torch.sub(piece, centre[rows], out=v)
             v /= s[rows]
-        if stochastic:
+        if stochastic and seed is not None:
+            r0, c0 = rows.start or 0, cols.start or 0
+            r = torch.arange(r0, r0 + piece.shape[0], device=xb.device).unsqueeze(1)
+            c = torch.arange(c0, c0 + piece.shape[1], device=xb.device)
+            v += counter_uniform(seed, r * xb.shape[1] + c)
+            v.floor_()
+        elif stochastic:
             u = noise[: piece.numel()].view(piece.shape)
             v += u.uniform_(generator=generator)
             v.floor_()
@@ -457,6 +485,10 @@ def dequantize(p: PackedTensor, *, device: torch.device | str | None = None) -> 
     layout = p.layout
     if layout.numel == 0:
         return torch.empty(p.shape, dtype=out_dtype, device=dev)
+    kernels = dispatch.kernels_for(dev, layout.numel)
+    if kernels is not None:  # the fused unpack + dequantize kernel (same values)
+        out: torch.Tensor = kernels.dequantize(p, device=dev)
+        return out
     if p.payload.device != dev:  # unpack where the tensor is wanted (the packed form is smaller)
         p = dataclasses.replace(p, payload=p.payload.to(dev))
     codes = _unpack_by_class(p, layout)

@@ -20,8 +20,10 @@ from fedq.wire.serde import (
     packed_from_proto,
     packed_to_proto,
 )
+from fedq.wire.stream import BundleDecoder, read_message_streaming
 
 __all__ = [
+    "BundleDecoder",
     "WireLimits",
     "WireMessage",
     "bundle_from_bytes",
@@ -33,4 +35,5 @@ __all__ = [
     "packed_from_proto",
     "packed_to_proto",
     "read_message",
+    "read_message_streaming",
 ]

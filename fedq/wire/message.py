@@ -141,6 +141,17 @@ def read_message(frames: Iterator[pb.Frame], limits: WireLimits) -> WireMessage 
     bidirectional stream can answer before the peer sends its next message. The chunks are copied
     once, into one buffer that the message's payload tensors then share.
     """
+    header = read_header(frames, limits)
+    if header is None:
+        return None
+    buf = bytearray()  # grown as data arrives: the declared size is not trusted for allocation
+    for data in payload_chunks(frames, header.payload_size):
+        buf += data
+    return _decode(header, buf, limits)
+
+
+def read_header(frames: Iterator[pb.Frame], limits: WireLimits) -> pb.Header | None:
+    """The next message's checked Header frame, or None if the stream ends cleanly first."""
     first = next(frames, None)
     if first is None:
         return None
@@ -148,17 +159,21 @@ def read_message(frames: Iterator[pb.Frame], limits: WireLimits) -> WireMessage 
         raise WireFormatError(
             "frame 0: field 'header': the first frame of a message must be a header"
         )
-    header = first.header
-    _check_header(header, limits)
-    size = header.payload_size
-    buf = bytearray()  # grown as data arrives: the declared size is not trusted for allocation
+    _check_header(first.header, limits)
+    return first.header
+
+
+def payload_chunks(frames: Iterator[pb.Frame], size: int) -> Iterator[bytes]:
+    """The data of the Chunk frames that carry a payload of ``size`` bytes, in order, each
+    checked (contiguous offsets, no overflow, no empty chunk) before it is yielded."""
+    received = 0
     index = 0
-    while len(buf) < size:
+    while received < size:
         index += 1
         frame = next(frames, None)
         if frame is None:
             raise WireFormatError(
-                f"frame {index}: field 'chunk': stream ended after {len(buf)} of {size} bytes"
+                f"frame {index}: field 'chunk': stream ended after {received} of {size} bytes"
             )
         kind = frame.WhichOneof("kind")
         if kind != "chunk":
@@ -166,20 +181,20 @@ def read_message(frames: Iterator[pb.Frame], limits: WireLimits) -> WireMessage 
                 f"frame {index}: field 'chunk': expected a chunk, got {kind or 'an empty frame'}"
             )
         chunk = frame.chunk
-        if chunk.offset != len(buf):
+        if chunk.offset != received:
             raise WireFormatError(
-                f"frame {index}: field 'chunk.offset': expected {len(buf)}, got {chunk.offset}"
+                f"frame {index}: field 'chunk.offset': expected {received}, got {chunk.offset}"
             )
         data = chunk.data  # each read of the field is a fresh copy: read it once
-        if len(data) > size - len(buf):
+        if len(data) > size - received:
             raise WireFormatError(
                 f"frame {index}: field 'chunk.data': overflows payload_size {size} "
-                f"({len(buf)} + {len(data)} bytes)"
+                f"({received} + {len(data)} bytes)"
             )
         if not data:
             raise WireFormatError(f"frame {index}: field 'chunk.data': empty chunk")
-        buf += data
-    return _decode(header, buf, limits)
+        received += len(data)
+        yield data
 
 
 def message_from_frames(frames: Iterable[pb.Frame], limits: WireLimits) -> WireMessage:

@@ -11,6 +11,7 @@ in (a reassembled message's tensors can share its buffer).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -152,9 +153,19 @@ def _decode_tensor(
 ) -> tuple[str, PackedTensor]:
     """Decode ``msg`` whose payload is ``payload`` (carried outside the message, see
     :func:`_parse_entry`); with ``share`` the payload tensor is a view of that buffer."""
-    spec = validate.check_tensor(msg, limits, payload_nbytes=len(payload))
+    name, header = packed_header_from_proto(msg, limits, len(payload))
+    return name, dataclasses.replace(header, payload=_payload_tensor(payload, share))
+
+
+def packed_header_from_proto(
+    msg: pb.PackedTensor, limits: WireLimits, payload_nbytes: int | None = None
+) -> tuple[str, PackedTensor]:
+    """:func:`packed_from_proto` without the payload (an empty tensor in its place): every
+    check, with ``payload_nbytes`` as the payload's length when ``msg`` does not carry it (a
+    stream decoder validates a tensor's header before its payload arrives)."""
+    spec = validate.check_tensor(msg, limits, payload_nbytes)
     bits = _tensor_from_bytes(msg.bits, torch.uint8)
-    validate.check_payload_size(msg, spec, bits, payload_nbytes=len(payload))
+    validate.check_payload_size(msg, spec, bits, payload_nbytes)
     sdt = SCALE_DTYPES[spec.scale_dtype]
     scales = _tensor_from_bytes(msg.scales, sdt)
     offsets = (
@@ -184,7 +195,7 @@ def _decode_tensor(
         bits=bits,
         scales=scales,
         offsets=offsets,
-        payload=_payload_tensor(payload, share),
+        payload=torch.empty(0, dtype=torch.uint8),
         row_scales=row_scales,
         outlier_index=outlier_index,
         outlier_values=None if outlier_values is None else outlier_values.view(-1, spec.shape[-1]),

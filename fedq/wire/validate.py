@@ -136,15 +136,13 @@ def _check_block_fields(msg: pb.PackedTensor, layout: BlockLayout, scale_dtype: 
 
 
 def check_tensor(
-    msg: pb.PackedTensor, limits: WireLimits, *, payload_nbytes: int | None = None
+    msg: pb.PackedTensor, limits: WireLimits, payload_nbytes: int | None = None
 ) -> TensorSpec:
     """Check everything that needs no allocation; returns the decoded header.
-
-    ``payload_nbytes`` is the payload's length when the payload was kept out of ``msg``.
-    """
+    ``payload_nbytes``: the payload's length when ``msg`` does not carry the payload (a stream
+    decoder reads the header before the payload arrives)."""
     name = msg.name
-    if payload_nbytes is None:
-        payload_nbytes = len(msg.payload)
+    npay = len(msg.payload) if payload_nbytes is None else payload_nbytes
     if msg.format_version != FORMAT_VERSION:
         raise fail(
             name,
@@ -169,8 +167,8 @@ def check_tensor(
             "for a RAW tensor",
         )  # fmt: skip
         expected = numel * FLOAT_DTYPES[dtype].itemsize
-        if payload_nbytes != expected:
-            raise fail(name, "payload", f"length {payload_nbytes} bytes != expected {expected}")
+        if npay != expected:
+            raise fail(name, "payload", f"length {npay} bytes != expected {expected}")
     else:
         layout = _quantized_layout(msg, shape)
         _check_block_fields(msg, layout, scale_dtype)
@@ -220,15 +218,15 @@ def check_outliers(name: str, spec: TensorSpec, index: torch.Tensor, values: tor
 
 
 def check_payload_size(
-    msg: pb.PackedTensor, spec: TensorSpec, bits: torch.Tensor, *, payload_nbytes: int | None = None
+    msg: pb.PackedTensor, spec: TensorSpec, bits: torch.Tensor, payload_nbytes: int | None = None
 ) -> None:
     """QUANTIZED payloads must be exactly as long as the layout and bit map imply."""
     if spec.layout is None:
         return
+    npay = len(msg.payload) if payload_nbytes is None else payload_nbytes
     expected = expected_payload_nbytes(spec.layout, bits)
-    size = len(msg.payload) if payload_nbytes is None else payload_nbytes
-    if size != expected:
-        raise fail(msg.name, "payload", f"length {size} bytes != expected {expected}")
+    if npay != expected:
+        raise fail(msg.name, "payload", f"length {npay} bytes != expected {expected}")
 
 
 def _finite_non_negative(name: str, field: str, t: torch.Tensor) -> None:
