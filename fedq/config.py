@@ -116,7 +116,10 @@ class FedConfig:
     clients_per_round: int = 10
     rounds: int = 10
     eval_every: int = 1
-    min_clients: int = 1  # a round with fewer surviving updates is discarded (nothing applied)
+    # a round starts once this many registered clients are available, and is discarded (nothing
+    # applied) when fewer updates than this arrive
+    min_clients: int = 1
+    round_timeout_s: float = 600.0  # a selected client without an update by then is dropped
     proximal_mu: float = 0.01  # fedprox
     server_lr: float = 0.01  # fedadam
     beta1: float = 0.9  # fedadam
@@ -138,6 +141,8 @@ class FedConfig:
                 f"fed.min_clients: {self.min_clients} exceeds "
                 f"fed.clients_per_round={self.clients_per_round}"
             )
+        if not 0 < self.round_timeout_s < float("inf"):
+            p.append(f"fed.round_timeout_s: must be > 0 and finite, got {self.round_timeout_s}")
         if self.proximal_mu < 0:
             p.append(f"fed.proximal_mu: must be >= 0, got {self.proximal_mu}")
         if self.server_lr <= 0:

@@ -21,3 +21,101 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class _Collect:
+    """Round-engine hooks for tests: keeps each round's record with the server's bytes."""
+
+    def __init__(self, counters: object) -> None:
+        self.counters = counters
+        self.records: list[dict] = []
+        self.reason = ""
+
+    def on_start(self, info: dict) -> None:
+        return None
+
+    def on_round(self, record: dict) -> None:
+        from fedq.runtime.hosts import take_round_traffic
+
+        take_round_traffic(self.counters, record)
+        self.records.append(record)
+
+    def on_done(self, reason: str) -> None:
+        self.reason = reason
+
+
+def run_rounds(cfg, workload, shards, *, grpc: bool, hosts=None, tokens=None, connect=None):
+    """Run ``cfg``'s rounds on ``workload`` with client nodes over loopback or real gRPC.
+
+    ``shards``: client id -> Shard; ``hosts``: principal -> client ids (default: one principal
+    per client); ``tokens``: principal -> token for the server (gRPC only; default: none);
+    ``connect(principal, address)`` may replace the connection a principal uses. Returns
+    ``(engine, hooks, nodes)`` after the run ends."""
+    import json
+    import threading
+
+    from fedq.rounds import client_name
+    from fedq.rounds.engine import RoundEngine
+    from fedq.rounds.node import ClientNode
+    from fedq.runtime.hosts import data_shape, make_runner
+    from fedq.transport import ByteCounter, TransportClient, TransportServer
+    from fedq.transport.loopback import LoopbackConnection
+    from fedq.wire.control import ClientInfo
+
+    roster = [client_name(i) for i in range(cfg.fed.num_clients)]
+    hosts = hosts or {c: [c] for c in shards}
+    data = next(iter(shards.values())).data
+    num_classes, input_dim = data_shape(data)
+    counters = ByteCounter()
+    hooks = _Collect(counters)
+    engine = RoundEngine(cfg, workload, roster, run_id="test-run",
+                         config_json=json.dumps(cfg.to_dict()), num_classes=num_classes,
+                         input_dim=input_dim, hooks=hooks)  # fmt: skip
+    transport = None
+    if grpc:
+        transport = TransportServer(engine, tokens=tokens, hosts=hosts,
+                                    max_workers=2 * len(hosts) + 8)  # fmt: skip
+        transport.start()
+        hooks.counters = transport.counters
+    nodes, threads = [], []
+    for principal, cids in hosts.items():
+        if connect is not None:
+            conn = connect(principal, transport.address if transport else None)
+        elif transport is not None:
+            token = None if tokens is None else tokens[principal]
+            conn = TransportClient(transport.address, client_id=principal, token=token,
+                                   timeout=60)  # fmt: skip
+        else:
+            conn = LoopbackConnection(engine, client_id=principal, counters=counters)
+        mine = {c: shards[c] for c in cids}
+        node = ClientNode(conn, [ClientInfo(c, mine[c].size) for c in cids],
+                          lambda joined, mine=mine: make_runner(cfg, mine, joined))  # fmt: skip
+        nodes.append(node)
+    for node in nodes:
+        node.register()
+        t = threading.Thread(target=_run_node, args=(node,), daemon=True)
+        t.start()
+        threads.append(t)
+    engine.wait_available(len(shards), 60)  # every client available: a reproducible selection
+    engine.start()
+    assert engine.join(600), "the round engine did not finish"
+    for t in threads:
+        t.join(30)
+    if transport is not None:
+        transport.stop(0.5)
+    return engine, hooks, nodes
+
+
+def _run_node(node: object) -> None:
+    import contextlib
+
+    from fedq.errors import FedqError
+
+    with contextlib.suppress(FedqError):
+        node.run()
+
+
+@pytest.fixture(scope="session")
+def rounds() -> object:
+    """The in-process round harness (:func:`run_rounds`)."""
+    return run_rounds

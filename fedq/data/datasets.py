@@ -142,3 +142,20 @@ class DataSplit:
     @property
     def name(self) -> str:
         return self.train.name
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One logical client's local data: its rows ``idx`` of ``data`` (a simulated client's
+    partition of the run's data set, or all of a ``fedq join`` site's own data)."""
+
+    data: AnyDataset
+    idx: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.idx.numel())
+
+    @staticmethod
+    def whole(data: AnyDataset) -> Shard:
+        return Shard(data, torch.arange(len(data)))

@@ -18,11 +18,14 @@ def stratified_holdout(
     """Return ``(train_idx, test_idx)``; each class puts about ``test_fraction`` of rows in test.
 
     Per class, ``round(n_c * test_fraction)`` rows go to test (at least one when a class has two or
-    more rows and the fraction is positive), so small classes are represented on both sides.
+    more rows and the fraction is positive), so small classes are represented on both sides. A
+    fraction of 0 keeps every row for training, in file order (a ``fedq join`` site's own data).
     """
-    if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in [0, 1), got {test_fraction}")
     labels = np.asarray(labels)
+    if test_fraction == 0.0:
+        return np.arange(len(labels), dtype=np.int64), np.zeros(0, np.int64)
     rng = np.random.default_rng(seed)
     train_parts: list[np.ndarray] = []
     test_parts: list[np.ndarray] = []

@@ -1,41 +1,41 @@
-"""Client side: many logical clients multiplexed on one worker (a virtual client engine).
+"""Client side of federated rounds: a :class:`~fedq.rounds.node.TaskRunner` for any number of
+logical clients (a virtual client engine).
 
 Per-client state (uplink codec: bit-policy state, error-feedback residuals, RNG) lives in a dict
-keyed by client index and persists between rounds, so 100 logical clients need only a few worker
-processes. Clients reach the server only through a connection object (gRPC or loopback), so the
-bytes, codecs and failures are the real ones.
+keyed by client id and persists between rounds, so many logical clients need only a few worker
+processes; a ``fedq join`` process runs one. Each client's randomness is seeded from its roster
+index, so a client gives the same update whichever process runs it. Clients reach the server only
+through a connection object (gRPC, or the loopback in tests), so the bytes, codecs and failures
+are the real ones. Before a client starts a round its state is kept; a task for the same round
+coming back (the server restarted and re-opened it) starts again from that state, so the update
+is the one the uninterrupted run would have sent.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from fedq.adapt import BitContext
 from fedq.codec import dequantize
 from fedq.config import RunConfig
-from fedq.errors import FedqError
+from fedq.data.datasets import Shard
 from fedq.fed.pipeline import LinkCodec
 from fedq.fed.privacy import privatize_update
-from fedq.fed.server import client_name
 from fedq.fed.train import local_train, make_optimizer
+from fedq.models.rng import seeded_forward
+from fedq.rounds import client_seed
+from fedq.rounds.node import Connection
+from fedq.wire.control import Assignment
 from fedq.wire.message import WireMessage
 
 log = logging.getLogger(__name__)
-
-
-class Connection(Protocol):
-    bytes_sent: int
-    bytes_received: int
-
-    def get_task(self, round: int) -> WireMessage: ...
-
-    def push_update(self, msg: WireMessage) -> int: ...
 
 
 @dataclass
@@ -44,66 +44,71 @@ class ClientState:
     rounds_done: int = 0
 
 
-def client_seed(seed: int, cid: int, r: int) -> int:
-    """Per (client, round) RNG seed: results do not depend on which worker runs a client."""
-    return (seed * 1_000_003 + cid * 7_919 + r * 104_729) % (2**63 - 1)
-
-
 class ClientWorker:
-    """Runs the local rounds of the logical clients assigned to this worker."""
+    """Runs the rounds of the logical clients in ``shards`` (module docstring). ``index`` maps
+    client id to its roster index (the server's answer to registration)."""
 
     def __init__(
         self,
         cfg: RunConfig,
         bundle: Any,
-        train_data: Any,
-        partitions: list[torch.Tensor],
-        connect: Callable[[str], Connection],
+        shards: Mapping[str, Shard],
+        index: Mapping[str, int],
     ) -> None:
         self.cfg = cfg
         self.bundle = bundle
-        self.data = train_data
-        self.partitions = partitions
-        self.connect = connect
-        self.states: dict[int, ClientState] = {}
-        self._conns: dict[int, Connection] = {}
-        labels = train_data.y
-        k = int(train_data.num_classes)
-        self._hist = [torch.bincount(labels[idx], minlength=k).tolist() for idx in partitions]
+        self.shards = dict(shards)
+        self.index = dict(index)
+        self.states: dict[str, ClientState] = {}
+        self._before: dict[str, tuple[int, dict[str, Any]]] = {}  # client -> (round, state)
+        self._running: str | None = None
+        self._hist: dict[str, list[int]] = {}
 
-    def _state(self, cid: int) -> ClientState:
+    def _state(self, cid: str) -> ClientState:
         if cid not in self.states:
             link = self.cfg.compression.uplink
-            self.states[cid] = ClientState(LinkCodec(link, seed=client_seed(self.cfg.seed, cid, 0)))
+            seed = client_seed(self.cfg.seed, self.index[cid], 0)
+            self.states[cid] = ClientState(LinkCodec(link, seed=seed))
         return self.states[cid]
 
-    def _conn(self, cid: int) -> Connection:
-        if cid not in self._conns:
-            self._conns[cid] = self.connect(client_name(cid))
-        return self._conns[cid]
+    def _label_counts(self, cid: str) -> tuple[int, ...]:
+        if cid not in self._hist:
+            sh = self.shards[cid]
+            k = int(sh.data.num_classes)
+            self._hist[cid] = torch.bincount(sh.data.y[sh.idx], minlength=k).tolist()
+        return tuple(self._hist[cid])
 
-    def run_round(self, r: int, cids: list[int]) -> list[dict[str, Any]]:
-        """Run clients ``cids`` for round ``r``; a failing client is reported, not raised."""
-        out = []
-        for cid in cids:
-            try:
-                out.append(self.run_client(r, cid))
-            except FedqError as e:
-                log.warning("client %d failed in round %d: %s", cid, r, e)
-                out.append({"client": cid, "ok": False, "error": str(e)})
-        return out
+    def round_closed(self, r: int) -> None:
+        self._before = {c: v for c, v in self._before.items() if v[0] >= r}
 
-    def run_client(self, r: int, cid: int) -> dict[str, Any]:
-        conn = self._conn(cid)
-        sent0, recv0 = conn.bytes_sent, conn.bytes_received
-        task = conn.get_task(r)
+    def run(self, task: Assignment, conn: Connection) -> dict[str, Any]:
+        """One client's round: download, train, privatize, encode, upload."""
+        cid, r = task.client_id, task.round
+        if cid not in self.shards:
+            raise KeyError(f"{cid} is not hosted here")
+        before = self._before.get(cid)
+        if before is not None and before[0] == r:  # the same round again: start where it began
+            self._load_client(cid, before[1])
+        else:
+            self._before[cid] = (r, self._client_state(cid))
+        self._running = cid
+        try:
+            with seeded_forward(self.cfg.seed, cid, r, "cpu"):
+                return self._run(cid, r, conn)
+        finally:
+            self._running = None
+
+    def _run(self, cid: str, r: int, conn: Connection) -> dict[str, Any]:
+        sent0, recv0 = conn_bytes(conn, cid)
+        task = conn.get_task(r, cid)
         start = {k: dequantize(p) for k, p in task.tensors.items()}
         self.bundle.load_trainable_state(start)
         start = {k: v.detach().clone() for k, v in self.bundle.trainable_state().items()}
-        idx = self.partitions[cid]
-        gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, cid, r))
+        shard = self.shards[cid]
+        index = self.index[cid]
+        gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, index, r))
         mechanism = task.tags.get("dp_mechanism", "none")
-        loss, steps, laplace_sensitivity = self._train(task, idx, gen, mechanism)
+        loss, steps, laplace_sensitivity = self._train(task, shard, gen, mechanism)
         trained = self.bundle.trainable_state()
         delta = {k: (trained[k].detach().float() - start[k].float()) for k in start}
         # The one fixed order: clip -> noise here, then bits -> quantize in the uplink codec.
@@ -113,34 +118,27 @@ class ClientWorker:
         ctx = BitContext(
             round=r,
             total_rounds=int(task.scalars.get("total_rounds", self.cfg.fed.rounds)),
-            num_samples=int(idx.numel()),
-            max_samples=int(task.scalars.get("max_samples", idx.numel())),
-            label_counts=tuple(self._hist[cid]),
+            num_samples=shard.size,
+            max_samples=int(task.scalars.get("max_samples", shard.size)),
+            label_counts=self._label_counts(cid),
         )
         state = self._state(cid)
         packed, stats = state.uplink.encode(delta, ctx)
         scalars = {
             "update_norm": update_norm if math.isfinite(update_norm) else -1.0,
-            "num_samples": float(idx.numel()),
+            "num_samples": float(shard.size),
             "loss": loss,
             "steps": float(steps),
             "mean_bits": stats.mean_bits,
             "fp32_bytes": float(stats.fp32_bytes),
         }
-        msg = WireMessage("update", client_name(cid), r, 0, scalars, {}, packed)
-        conn.push_update(msg)
+        conn.push_update(WireMessage("update", cid, r, 0, scalars, {}, packed))
         state.rounds_done += 1
-        return {
-            "client": cid,
-            "ok": True,
-            "numel": stats.numel,
-            "wire_up": conn.bytes_sent - sent0,  # as counted by the client's own transport
-            "wire_down": conn.bytes_received - recv0,
-            **scalars,
-        }
+        sent1, recv1 = conn_bytes(conn, cid)
+        return {"wire_up": sent1 - sent0, "wire_down": recv1 - recv0, "loss": loss}
 
     def _train(
-        self, task: WireMessage, idx: torch.Tensor, gen: torch.Generator, mechanism: str
+        self, task: WireMessage, shard: Shard, gen: torch.Generator, mechanism: str
     ) -> tuple[float, int, float | None]:
         """Local training as the privacy mechanism requires: (loss, steps, laplace sensitivity)."""
         tc = self.cfg.train
@@ -149,8 +147,8 @@ class ClientWorker:
 
             res = dp_local_train(
                 self.bundle,
-                self.data,
-                idx,
+                shard.data,
+                shard.idx,
                 batch_size=tc.batch_size,
                 epochs=tc.local_epochs,
                 noise_multiplier=task.scalars["dp_noise_multiplier"],
@@ -168,8 +166,8 @@ class ClientWorker:
             smooth = SmoothnessEstimator()
         loss, steps = local_train(
             self.bundle,
-            self.data,
-            idx,
+            shard.data,
+            shard.idx,
             tc,
             generator=gen,
             proximal_mu=task.scalars.get("proximal_mu", 0.0),
@@ -181,18 +179,34 @@ class ClientWorker:
         from fedq.privacy import laplace_sensitivity
 
         s = laplace_sensitivity(
-            task.scalars["dp_clip"], tc.lr, tc.local_epochs, int(idx.numel()), smooth.value
+            task.scalars["dp_clip"], tc.lr, tc.local_epochs, shard.size, smooth.value
         )
         return loss, steps, s
 
-    def state_dict(self) -> dict[int, Any]:
-        return {
-            cid: {"uplink": s.uplink.state_dict(), "rounds_done": s.rounds_done}
-            for cid, s in self.states.items()
-        }
+    # -- state (checkpoints; a re-run round starts from its saved state) ----------------------
+    def _client_state(self, cid: str) -> dict[str, Any]:
+        st = self._state(cid)
+        return copy.deepcopy({"uplink": st.uplink.state_dict(), "rounds_done": st.rounds_done})
 
-    def load_state_dict(self, state: dict[int, Any]) -> None:
+    def _load_client(self, cid: str, s: Mapping[str, Any]) -> None:
+        st = self._state(cid)
+        st.uplink.load_state_dict(copy.deepcopy(dict(s["uplink"])))
+        st.rounds_done = int(s["rounds_done"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every client's state; a client in the middle of a round counts as it was before."""
+        out = {cid: self._client_state(cid) for cid in self.states}
+        if self._running is not None and self._running in self._before:
+            out[self._running] = self._before[self._running][1]
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for cid, s in state.items():
-            st = self._state(int(cid))
-            st.uplink.load_state_dict(s["uplink"])
-            st.rounds_done = int(s["rounds_done"])
+            if cid in self.shards:
+                self._load_client(str(cid), s)
+
+
+def conn_bytes(conn: Any, client_id: str) -> tuple[int, int]:
+    """Bytes ``conn`` has counted for ``client_id`` so far (sent, received)."""
+    row = conn.counters.snapshot()["clients"].get(client_id, {})
+    return int(row.get("bytes_up", 0)), int(row.get("bytes_down", 0))

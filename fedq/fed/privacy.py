@@ -15,14 +15,14 @@ PRV accountants assume Poisson sampling at rate K/N (as Flower's and TFF's DP-Fe
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fedq.config import PrivacyConfig, RunConfig
 from fedq.errors import PrivacyBudgetExceeded
-from fedq.fed.strategy import State, weighted_mean
+from fedq.fed.strategy import State
 from fedq.privacy import (
     BudgetGuard,
     GaussianAccountant,
@@ -33,6 +33,7 @@ from fedq.privacy import (
     expected_epsilon,
     plan_noise_multiplier,
 )
+from fedq.rounds import weighted_mean
 
 
 def local_steps(n: int, batch_size: int, epochs: int) -> tuple[int, float]:
@@ -52,35 +53,25 @@ def laplace_participations(cfg: RunConfig) -> float:
 
 
 class ServerPrivacy:
-    """The server's side: plan, account, guard, and central clipping + noise."""
+    """The server's side: plan, account, guard (the round engine's :class:`Ledger`), and central
+    clipping + noise. Client sizes come from registration (roster index -> local examples); the
+    noise multiplier is planned once, from the sizes known when the first round opens, and kept
+    in the checkpoint."""
 
-    def __init__(self, cfg: RunConfig, client_sizes: list[int]) -> None:
+    def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.p: PrivacyConfig = cfg.privacy
-        self.sizes = client_sizes
         p, f = self.p, cfg.fed
         self.guard = BudgetGuard(p.target_epsilon, p.delta) if p.target_epsilon else None
         self.noise_multiplier = p.noise_multiplier or 0.0
+        self.planned = p.noise_multiplier is not None or p.mechanism not in ("central", "dpsgd")
         self.sample_rate = f.clients_per_round / f.num_clients
         self.central: GaussianAccountant | None = None
         self.clients: dict[int, GaussianAccountant] = {}
         self.ledger = PureEpsilonLedger()
         self.eps_per_release = 0.0
         if p.mechanism == "central":
-            if p.noise_multiplier is None:
-                assert p.target_epsilon is not None
-                self.noise_multiplier = plan_noise_multiplier(
-                    p.target_epsilon, p.delta, self.sample_rate, f.rounds, p.accountant
-                )
             self.central = GaussianAccountant(p.accountant, p.delta)
-        elif p.mechanism == "dpsgd":
-            steps, q = self._worst_client_steps()
-            if p.noise_multiplier is None:
-                assert p.target_epsilon is not None
-                participations = math.ceil(f.rounds * self.sample_rate)
-                self.noise_multiplier = plan_noise_multiplier(
-                    p.target_epsilon, p.delta, q, participations * steps, p.accountant
-                )
         elif p.mechanism == "laplace":
             assert p.target_epsilon is not None
             self.eps_per_release = p.target_epsilon / laplace_participations(cfg)
@@ -89,17 +80,34 @@ class ServerPrivacy:
     def enabled(self) -> bool:
         return self.p.mechanism != "none"
 
-    def _worst_client_steps(self) -> tuple[int, float]:
-        """Steps and sample rate of the smallest client (largest q: spends budget fastest)."""
-        n = min(self.sizes)
+    def _steps(self, n: int) -> tuple[int, float]:
         return local_steps(n, self.cfg.train.batch_size, self.cfg.train.local_epochs)
 
-    def plan(self) -> dict[str, Any]:
+    def _plan(self, sizes: Mapping[int, int]) -> None:
+        """Plan the noise multiplier to reach the target over the run (once)."""
+        if self.planned:
+            return
+        p, f = self.p, self.cfg.fed
+        assert p.target_epsilon is not None
+        if p.mechanism == "central":
+            self.noise_multiplier = plan_noise_multiplier(
+                p.target_epsilon, p.delta, self.sample_rate, f.rounds, p.accountant
+            )
+        else:  # dpsgd: the smallest client (largest q) spends its budget fastest
+            steps, q = self._steps(min(sizes.values()))
+            participations = math.ceil(f.rounds * self.sample_rate)
+            self.noise_multiplier = plan_noise_multiplier(
+                p.target_epsilon, p.delta, q, participations * steps, p.accountant
+            )
+        self.planned = True
+
+    def plan(self, sizes: Mapping[int, int]) -> dict[str, Any]:
         """The derived numbers printed before training starts."""
         p, f = self.p, self.cfg.fed
         out: dict[str, Any] = {"mechanism": p.mechanism, "target_epsilon": p.target_epsilon}
         if p.mechanism == "none":
             return out
+        self._plan(sizes)
         out["delta"] = p.delta
         if p.mechanism == "central":
             out.update(
@@ -111,7 +119,7 @@ class ServerPrivacy:
                 ),
             )
         elif p.mechanism == "dpsgd":
-            steps, q = self._worst_client_steps()
+            steps, q = self._steps(min(sizes.values()))
             parts = math.ceil(f.rounds * self.sample_rate)
             out.update(
                 noise_multiplier=self.noise_multiplier,
@@ -132,47 +140,45 @@ class ServerPrivacy:
 
     # -- selection and accounting (at round open) --------------------------------------------
 
-    def _client_eps_if(self, cid: int) -> float:
+    def _client_eps_if(self, cid: int, n: int) -> float:
         if self.p.mechanism == "dpsgd":
-            steps, q = local_steps(
-                self.sizes[cid], self.cfg.train.batch_size, self.cfg.train.local_epochs
-            )
+            steps, q = self._steps(n)
             acc = self.clients.get(cid) or GaussianAccountant(self.p.accountant, self.p.delta)
             return acc.epsilon_if(self.noise_multiplier, q, steps)
         return self.ledger.epsilon_if(cid, self.eps_per_release)
 
-    def eligible(self) -> list[int]:
-        """Clients whose next participation stays within the target (all without a target)."""
-        n = self.cfg.fed.num_clients
+    def eligible(self, candidates: Sequence[int], sizes: Mapping[int, int]) -> list[int]:
+        """Candidates whose next participation stays within the target (all without one)."""
         if self.guard is None or self.p.mechanism not in ("dpsgd", "laplace"):
-            return list(range(n))
-        return [c for c in range(n) if self.guard.allows(self._client_eps_if(c))]
+            return list(candidates)
+        self._plan(sizes)
+        return [c for c in candidates if self.guard.allows(self._client_eps_if(c, sizes[c]))]
 
-    def check_round(self) -> None:
+    def check_round(self, sizes: Mapping[int, int], k: int) -> None:
         """Raise PrivacyBudgetExceeded if the next round's release would exceed the target."""
+        self._plan(sizes)
         if self.guard is None:
             return
         if self.central is not None:
             projected = self.central.epsilon_if(self.noise_multiplier, self.sample_rate, 1)
             self.guard.check(projected, spent_epsilon=self.central.epsilon(), what="next round")
             return
-        k = self.cfg.fed.clients_per_round
-        if self.p.mechanism in ("dpsgd", "laplace") and len(self.eligible()) < k:
-            raise PrivacyBudgetExceeded(
-                f"privacy budget: only {len(self.eligible())} clients can take part again without "
-                f"exceeding "
-                f"epsilon={self.p.target_epsilon} (a round needs {k}); spent so far: "
-                f"max {self.epsilon():.4g}"
-            )
+        if self.p.mechanism in ("dpsgd", "laplace"):
+            n_ok = len(self.eligible(sorted(sizes), sizes))
+            if n_ok < k:
+                raise PrivacyBudgetExceeded(
+                    f"privacy budget: only {n_ok} clients can take part again without exceeding "
+                    f"epsilon={self.p.target_epsilon} (a round needs {k}); spent so far: "
+                    f"max {self.epsilon():.4g}"
+                )
 
-    def charge(self, selected: list[int]) -> None:
+    def charge(self, selected: Sequence[int], sizes: Mapping[int, int]) -> None:
+        self._plan(sizes)
         if self.central is not None:
             self.central.step(self.noise_multiplier, self.sample_rate, 1)
         elif self.p.mechanism == "dpsgd":
             for cid in selected:
-                steps, q = local_steps(
-                    self.sizes[cid], self.cfg.train.batch_size, self.cfg.train.local_epochs
-                )
+                steps, q = self._steps(sizes[cid])
                 acc = self.clients.setdefault(
                     cid, GaussianAccountant(self.p.accountant, self.p.delta)
                 )
@@ -215,12 +221,16 @@ class ServerPrivacy:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "noise_multiplier": self.noise_multiplier if self.planned else None,
             "central": self.central.state_dict() if self.central is not None else None,
             "clients": {int(c): a.state_dict() for c, a in self.clients.items()},
             "ledger": self.ledger.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("noise_multiplier") is not None:  # the plan the run was charged with
+            self.noise_multiplier = float(state["noise_multiplier"])
+            self.planned = True
         if self.central is not None and state.get("central") is not None:
             self.central.load_state_dict(state["central"])
         self.clients = {}

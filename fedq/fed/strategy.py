@@ -1,7 +1,8 @@
-"""Server strategies (Flower-style): client selection and aggregation of decoded client updates.
+"""Server strategies (Flower-style): how decoded client updates become the new global model.
 
 Clients send *deltas* (local model minus the global model they received); aggregation is pure
-tensor arithmetic, so every strategy here is testable without any transport.
+tensor arithmetic, so every strategy here is testable without any transport. Which clients take
+part is the round engine's (:func:`fedq.rounds.select_clients`), shared with split mode.
 """
 
 from __future__ import annotations
@@ -13,40 +14,18 @@ import torch
 
 from fedq.config import FedConfig
 from fedq.errors import ConfigError
+from fedq.rounds import weighted_mean
 
 State = dict[str, torch.Tensor]
 
 
-def weighted_mean(updates: Sequence[tuple[Mapping[str, torch.Tensor], float]]) -> State:
-    """Sample-weighted mean of deltas: sum_i n_i * d_i / sum_i n_i (FedAvg, McMahan et al. 2017)."""
-    total = float(sum(w for _, w in updates))
-    if not updates or total <= 0:
-        raise ValueError("weighted_mean needs at least one update with positive weight")
-    out: State = {}
-    for name in updates[0][0]:
-        acc = torch.zeros_like(updates[0][0][name], dtype=torch.float32)
-        for delta, w in updates:
-            acc.add_(delta[name].float(), alpha=w / total)
-        out[name] = acc
-    return out
-
-
 class Strategy:
-    """FedAvg: uniform sampling of K of N clients, sample-weighted averaging of deltas."""
+    """FedAvg: sample-weighted averaging of deltas."""
 
     name = "fedavg"
 
     def __init__(self, cfg: FedConfig) -> None:
         self.cfg = cfg
-
-    def select(
-        self, round_idx: int, num_clients: int, k: int, seed: int, eligible: list[int] | None = None
-    ) -> list[int]:
-        """K distinct clients (from ``eligible`` if given), reproducible from (seed, round)."""
-        pool = list(range(num_clients)) if eligible is None else list(eligible)
-        g = torch.Generator().manual_seed(seed * 1_000_003 + round_idx)
-        order = torch.randperm(len(pool), generator=g)[:k].tolist()
-        return sorted(pool[i] for i in order)
 
     def client_scalars(self) -> dict[str, float]:
         """Hyper-parameters the strategy sends to clients with each task."""

@@ -33,8 +33,8 @@ def wants_gpu(rt: RuntimeConfig) -> bool:
 class InProcessBackend:
     name = "inprocess"
 
-    def spawn(self, cls: type, *args: Any) -> Any:
-        return cls(*args)
+    def spawn(self, cls: type, *args: Any, **kwargs: Any) -> Any:
+        return cls(*args, **kwargs)
 
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method)(*args)
@@ -73,13 +73,13 @@ class RayBackend:
         # the device (CUDA_VISIBLE_DEVICES) and packs the server and workers onto one GPU
         self._gpu_share = GPU_SHARE if wants_gpu(rt) else 0.0
 
-    def spawn(self, cls: type, *args: Any) -> Any:
+    def spawn(self, cls: type, *args: Any, **kwargs: Any) -> Any:
         # Hosts use 0 logical CPUs so N workers + a server always schedule on a small machine;
         # each host caps its own torch threads instead.
         actor: Any = self.ray.remote(cls).options(
             num_cpus=0, num_gpus=self._gpu_share, max_concurrency=4
         )
-        return actor.remote(*args)
+        return actor.remote(*args, **kwargs)
 
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method).remote(*args)

@@ -1,97 +1,322 @@
-"""Plain host objects for one process each: the server (FedServer + gRPC server) and a client
-worker (ClientWorker + gRPC connections). ``fedq.runtime.backend`` runs them as Ray actors or
-in-process; they hold no Ray code themselves."""
+"""Plain host objects, one process each: the server (round engine + workload + gRPC) and a client
+worker (a client node hosting logical clients). :mod:`fedq.runtime.backend` runs them as Ray
+actors or in-process; ``fedq serve`` / ``fedq join`` run the same objects on their own.
+
+Both build their models from the resolved config with the same seed, and a worker loads its
+clients' data where it runs; nothing crosses a process boundary at run time but the round
+protocol over gRPC (the driver of a simulation only starts, observes and checkpoints).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
+import socket
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fedq.config import RunConfig
-from fedq.errors import PrivacyBudgetExceeded
-from fedq.fed.client import ClientWorker, Connection
-from fedq.fed.server import FedServer
-from fedq.runtime.setup import build_bundle, client_partitions, load_data, quiet_process
+from fedq.config import RunConfig, config_from_dict
+from fedq.data.datasets import Shard
+from fedq.errors import FedqError
+from fedq.rounds.engine import RoundEngine
+from fedq.rounds.node import Backoff, ClientNode, TaskRunner
+from fedq.runtime.setup import build_bundle, quiet_process, torch_device
+from fedq.transport.security import TlsConfig
+from fedq.wire.control import ClientInfo, Joined
 from fedq.wire.limits import WireLimits
 
 log = logging.getLogger(__name__)
 
 
+def _hidden_of(cfg: RunConfig) -> int:
+    """Width of a split model's residual stream, known before building (the boundary factory)."""
+    return {"minilm_lora": 384, "smollm2_lora": 576}.get(cfg.model.name, cfg.model.hidden)
+
+
+def build_split_model(cfg: RunConfig, num_classes: int) -> Any:
+    from fedq.split.codecs import boundary_factory
+    from fedq.split.models import build_split_model as build
+
+    m, sc = cfg.model, cfg.split
+    model = build(
+        m.name, cut=sc.cut, num_classes=num_classes, seed=cfg.seed, lora_r=m.lora_r,
+        max_length=m.max_length, hidden=m.hidden, tiny_layers=sc.tiny_layers,
+        make_boundary=boundary_factory(sc, _hidden_of(cfg)),
+    )  # fmt: skip
+    return model.to(torch_device(cfg.runtime.device))
+
+
+def data_shape(train: Any) -> tuple[int, int]:
+    """``(num_classes, input_dim)`` of a data set (input_dim 0 for text)."""
+    x = getattr(train, "x", None)
+    dim = int(x.shape[1]) if x is not None and x.dim() == 2 else 0
+    return int(train.num_classes), dim
+
+
+def take_round_traffic(counters: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """Move the bytes the server's transport counted since the last round into ``record``
+    (data bytes per direction; the registration and work-stream bytes as ``control_bytes``);
+    returns the per-client rows."""
+    traffic = counters.take()
+    record.update(
+        bytes_up=int(traffic["bytes_up"]),
+        bytes_down=int(traffic["bytes_down"]),
+        control_bytes=int(traffic["control_up"]) + int(traffic["control_down"]),
+    )
+    clients: dict[str, Any] = traffic["clients"]
+    return clients
+
+
+class _Observer:
+    """The engine's hooks in a simulation: each closed round waits in a queue until the driver
+    has written and checkpointed it and calls :meth:`proceed`."""
+
+    def __init__(self, counters: Any) -> None:
+        self.counters = counters
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._go = threading.Event()
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        return None
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        take_round_traffic(self.counters, record)
+        self._go.clear()
+        self.events.put({"round": record})
+        self._go.wait()
+
+    def on_done(self, reason: str) -> None:
+        self.events.put({"done": reason})
+
+    def proceed(self) -> None:
+        self._go.set()
+
+
 class ServerHost:
-    def __init__(self, cfg: RunConfig, tokens: dict[str, str]) -> None:
+    """The server of a run: the mode's workload behind a :class:`RoundEngine` and a
+    :class:`~fedq.transport.TransportServer`. ``roster``: every client id, in index order;
+    ``tokens`` / ``hosts``: principal -> token and principal -> the clients it may act for."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        roster: Sequence[str],
+        *,
+        tokens: Mapping[str, str] | None,
+        hosts: Mapping[str, Sequence[str]] | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: TlsConfig | None = None,
+        allow_insecure: bool = False,
+        eval_data: str | None = None,
+        hooks: Any = None,
+        run_id: str | None = None,
+    ) -> None:
         quiet_process(cfg.runtime.threads_per_worker)
         from fedq.transport.server import TransportServer
 
-        split = load_data(cfg)
-        sizes = [int(p.numel()) for p in client_partitions(cfg, split.train)]
-        bundle = build_bundle(cfg, split.train)
-        self.server = FedServer(cfg, bundle, split.test, sizes)
+        split = _load_eval(cfg, eval_data)
+        num_classes, input_dim = data_shape(split.train)
+        self.cfg = cfg
+        self.workload = _server_workload(cfg, split, num_classes)
+        principals = len(tokens) if tokens else len(roster)
+        limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
         self.transport = TransportServer(
-            self.server, host="127.0.0.1", port=0, tokens=tokens, limits=WireLimits()
-        )
-        self.num_params = sum(v.numel() for v in self.server.global_state.values())
+            self, host=host, port=port, tokens=tokens, hosts=hosts, tls=tls, limits=limits,
+            allow_insecure=allow_insecure, max_workers=2 * principals + 8,
+        )  # fmt: skip
+        self.observer = _Observer(self.transport.counters) if hooks is None else None
+        self.engine = RoundEngine(
+            cfg, self.workload, roster, run_id=run_id or uuid.uuid4().hex[:12],
+            config_json=json.dumps(cfg.to_dict()), num_classes=num_classes, input_dim=input_dim,
+            hooks=hooks or self.observer,
+        )  # fmt: skip
 
+    # the transport's handler: the engine
+    def register(self, principal: str, reg: Any) -> Joined:
+        return self.engine.register(principal, reg)
+
+    def work(self, principal: str, run_id: str, closed: threading.Event) -> Any:
+        return self.engine.work(principal, run_id, closed)
+
+    def get_task(self, client_id: str, round: int) -> Any:
+        return self.engine.get_task(client_id, round)
+
+    def push_update(self, msg: Any) -> None:
+        self.engine.push_update(msg)
+
+    def split_step(self, msg: Any) -> Any:
+        return self.engine.split_step(msg)
+
+    # lifecycle
     def start(self) -> str:
         self.transport.start()
         return str(self.transport.address)
 
     def info(self) -> dict[str, Any]:
-        return {
-            "trainable_params": self.num_params,
-            "tensors": len(self.server.global_state),
-            "privacy": self.server.privacy.plan(),
-        }
-
-    def open_round(self, r: int) -> dict[str, Any]:
-        """{"clients": [...]} or, when the privacy budget does not allow the round,
-        {"stop": reason} (nothing was selected or charged)."""
-        self.transport.counters.take()  # bytes of a discarded stray request do not leak in
-        try:
-            return {"clients": self.server.open_round(r)}
-        except PrivacyBudgetExceeded as e:
-            return {"stop": str(e)}
-
-    def close_round(self) -> dict[str, Any]:
-        out = self.server.close_round()
-        traffic = self.transport.counters.take()
-        out["bytes_up"] = int(traffic["bytes_up"])
-        out["bytes_down"] = int(traffic["bytes_down"])
+        members = self.engine.available()
+        sizes = {m.index: m.num_examples for m in members}
+        out = self.workload.info()
+        out.update(run_id=self.engine.run_id, address=self.transport.address,
+                   clients_available=len(members), client_sizes=sizes,
+                   privacy=self.workload.ledger.plan(sizes) if sizes else {})  # fmt: skip
         return out
 
-    def stop(self) -> None:
-        self.transport.stop(0.5)
+    def wait_available(self, n: int, timeout: float) -> int:
+        return self.engine.wait_available(n, timeout)
+
+    def begin(self, start_round: int = 0) -> None:
+        self.transport.counters.take()  # registration bytes are not a round's
+        self.engine.start(start_round)
+
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """The next closed round (``{"round": record}``) or the end (``{"done": reason}``)."""
+        assert self.observer is not None, "next_event is for runs observed by a driver"
+        try:
+            return self.observer.events.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def proceed(self) -> None:
+        assert self.observer is not None
+        self.observer.proceed()
+
+    def bit_maps(self) -> dict[str, list[int]]:
+        fn = getattr(self.workload, "bit_maps", None)
+        return fn() if fn is not None else {}
 
     def state_dict(self) -> dict[str, Any]:
-        return self.server.state_dict()
+        return self.engine.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.server.load_state_dict(state)
+        self.engine.load_state_dict(state)
+
+    def stop(self, reason: str = "stopped") -> None:
+        self.engine.stop(reason)
+        if self.observer is not None:
+            self.observer.proceed()
+        self.engine.join(5.0)
+        self.transport.stop(1.0)
+
+
+def _load_eval(cfg: RunConfig, eval_data: str | None) -> Any:
+    from fedq.data import load_dataset
+
+    name = eval_data or cfg.data.name
+    d = cfg.data
+    return load_dataset(name, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test)
+
+
+def _server_workload(cfg: RunConfig, split: Any, num_classes: int) -> Any:
+    if cfg.mode == "split":
+        from fedq.split.models import CLASSIFY
+        from fedq.split.protocol import SplitServer
+
+        model = build_split_model(cfg, num_classes)
+        labels = num_classes if model.task == CLASSIFY else len(model.tokenizer)
+        return SplitServer(cfg, model, split.test, labels)
+    from fedq.fed.server import FedServer
+
+    return FedServer(cfg, build_bundle(cfg, split.train), split.test)
+
+
+def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> TaskRunner:
+    """The task runner of a client process for the run it joined (its model, its shards)."""
+    if cfg.mode == "split":
+        from fedq.split.protocol import SplitClientWorker
+
+        model = build_split_model(cfg, joined.num_classes)
+        return SplitClientWorker(cfg, model, shards, joined.client_index)
+    from fedq.fed.client import ClientWorker
+    from fedq.models import build_model
+
+    m = cfg.model
+    bundle = build_model(
+        m.name, num_classes=joined.num_classes, input_dim=joined.input_dim or None,
+        seed=cfg.seed, hidden=m.hidden, lora_r=m.lora_r, max_length=m.max_length,
+    )  # fmt: skip
+    return ClientWorker(cfg, bundle, shards, joined.client_index)
+
+
+def run_config(joined: Joined) -> RunConfig:
+    """The run's configuration as the server sent it (validated like a scenario)."""
+    try:
+        raw = json.loads(joined.config_json)
+    except json.JSONDecodeError as e:
+        raise FedqError(f"the server sent a configuration that is not JSON: {e}") from e
+    return config_from_dict(raw)
 
 
 class WorkerHost:
-    def __init__(self, cfg: RunConfig, address: str, tokens: dict[str, str]) -> None:
+    """A simulation worker: a :class:`ClientNode` for the logical clients ``clients`` (roster
+    indices), each with its partition of the run's data, as principal ``principal``."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        address: str,
+        principal: str,
+        token: str | None,
+        clients: Sequence[int],
+        tls: TlsConfig | None = None,
+    ) -> None:
         quiet_process(cfg.runtime.threads_per_worker)
+        from fedq.rounds import client_name
+        from fedq.runtime.setup import client_partitions, load_data
         from fedq.transport.client import TransportClient
 
+        self.cfg = cfg
         split = load_data(cfg)
         parts = client_partitions(cfg, split.train)
-        bundle = build_bundle(cfg, split.train)
-        chunk = cfg.runtime.chunk_bytes
+        shards = {client_name(c): Shard(split.train, parts[c]) for c in clients}
+        infos = [ClientInfo(cid, sh.size) for cid, sh in shards.items()]
+        limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
+        self.conn = TransportClient(address, client_id=principal, token=token, limits=limits,
+                                    tls=tls, timeout=cfg.fed.round_timeout_s)  # fmt: skip
+        self.node = ClientNode(
+            self.conn, infos, lambda joined: make_runner(cfg, shards, joined),
+            node=f"{socket.gethostname()}/{principal}", backoff=Backoff(give_up_after=60.0),
+        )  # fmt: skip
+        self._thread: threading.Thread | None = None
+        self.result: str | None = None
+        self.error: str | None = None
 
-        def connect(name: str) -> Connection:
-            limits = WireLimits(chunk_size=chunk)
-            return TransportClient(address, client_id=name, token=tokens[name], limits=limits)
+    def start(self) -> int:
+        """Register (so the server knows these clients), then follow the work stream in a
+        background thread. Returns the number of clients registered."""
+        self.node.register()
+        self._thread = threading.Thread(target=self._run, name="fedq-node", daemon=True)
+        self._thread.start()
+        return len(self.node.clients)
 
-        self.worker = ClientWorker(cfg, bundle, split.train, parts, connect)
+    def _run(self) -> None:
+        try:
+            self.result = self.node.run()
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("client node failed")
 
-    def ready(self) -> bool:
-        return True
+    def status(self) -> dict[str, Any]:
+        alive = self._thread is not None and self._thread.is_alive()
+        return {"alive": alive, "result": self.result, "error": self.error, **self.node.stats}
 
-    def run_round(self, r: int, cids: list[int]) -> list[dict[str, Any]]:
-        return self.worker.run_round(r, cids)
+    def take_counters(self) -> dict[str, Any]:
+        return self.conn.counters.take()
 
-    def state_dict(self) -> dict[int, Any]:
-        return self.worker.state_dict()
+    def state_dict(self) -> dict[str, Any]:
+        runner = self.node.runner
+        return runner.state_dict() if runner is not None else {}
 
-    def load_state_dict(self, states: dict[int, Any]) -> None:
-        self.worker.load_state_dict(states)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.node.runner is None:
+            raise FedqError("load client state after start(): the runner is built on joining")
+        self.node.runner.load_state_dict(state)
+
+    def stop(self) -> None:
+        self.node.stop()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self.conn.close()

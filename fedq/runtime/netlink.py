@@ -110,64 +110,43 @@ def _config(spec: dict[str, Any]) -> Any:
     return load_scenario(spec["scenario"], spec["overrides"])
 
 
-def _build(cfg: Any, split: Any) -> Any:
-    from fedq.runtime.split_runner import _build as build
-
-    return build(cfg, split)
-
-
-def serve(spec: dict[str, Any]) -> None:
-    """Server role: split server on ``spec['host']:spec['port']``; one round for ``client-0``;
-    prints ``READY`` and serves until stdin closes."""
+def serve(spec: dict[str, Any]) -> dict[str, Any]:
+    """Server role: ``fedq serve`` of a one-client run on ``spec['host']:spec['port']``; prints
+    ``READY`` once listening, and returns the server's record of every step (``bits.jsonl``)."""
     import torch
 
-    from fedq.runtime.setup import load_data
-    from fedq.runtime.split_runner import _num_labels
-    from fedq.split.protocol import SplitServer
-    from fedq.transport.server import TransportServer
+    from fedq.runtime.deploy import serve as run_server
 
     cfg = _config(spec)
     torch.set_num_threads(cfg.runtime.threads_per_worker)
-    split = load_data(cfg)
-    model = _build(cfg, split)
-    server = SplitServer(cfg, model, split.test, _num_labels(model, split))
-    ts = TransportServer(server, host=spec["host"], port=int(spec["port"]),
-                         tokens={"client-0": spec["token"]}, max_workers=4,
-                         allow_insecure=True)  # fmt: skip
-    ts.start()
-    server.open_round(0, [0])
-    print("READY", flush=True)
-    sys.stdin.read()
-    ts.stop(0.5)
+    out = Path(spec["out"])
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "listening":
+            print("READY", flush=True)
+
+    run_server(cfg, listen=f"{spec['host']}:{spec['port']}", tokens={"client-0": spec["token"]},
+               out=out, allow_insecure=True, on_event=on_event)  # fmt: skip
+    rows = [json.loads(line) for line in (out / "bits.jsonl").read_text().splitlines()]
+    return {
+        "seconds": [r["seconds"] for r in rows],
+        "bytes": [r["bytes_up"] + r["bytes_down"] for r in rows],
+        "act_bits": [r["act_bits"] for r in rows],
+    }
 
 
 def client(spec: dict[str, Any]) -> dict[str, Any]:
-    """Client role: run ``split.local_steps`` steps against the server; per-step seconds and
-    bytes as JSON on stdout."""
+    """Client role: ``fedq join`` as client-0 with its shard of the scenario's data."""
     import torch
 
-    from fedq.runtime.setup import client_partitions, load_data
-    from fedq.split.protocol import SplitClientWorker
+    from fedq.runtime.deploy import join
     from fedq.transport.client import TransportClient
 
     cfg = _config(spec)
     torch.set_num_threads(cfg.runtime.threads_per_worker)
-    split = load_data(cfg)
-    parts = client_partitions(cfg, split.train)
-    model = _build(cfg, split)
     target = f"{spec['host']}:{spec['port']}"
-
-    def connect(name: str) -> Any:
-        return TransportClient(target, client_id=name, token=spec["token"], timeout=300)
-
-    worker = SplitClientWorker(cfg, model, split.train, parts, connect)
-    out = worker.run_client(0, 0)
-    steps = out["steps"]
-    return {
-        "seconds": [s["seconds"] for s in steps],
-        "bytes": [s["bytes_up"] + s["bytes_down"] for s in steps],
-        "act_bits": [s["act_bits"] for s in steps],
-    }
+    with TransportClient(target, client_id="client-0", token=spec["token"], timeout=300) as conn:
+        return join(conn, "client-0", spec["data"])
 
 
 def run_link_arm(
@@ -175,17 +154,25 @@ def run_link_arm(
     warmup: int = 1, port: int = 50_551, timeout: float = 600.0,
 ) -> dict[str, Any]:  # fmt: skip
     """One arm over ``link``: median seconds per step after ``warmup`` steps, and mean bytes."""
-    spec = {
+    import tempfile
+
+    from fedq.config import load_scenario
+    from fedq.runtime.shard import write_shards
+
+    spec: dict[str, Any] = {
         "scenario": str(scenario), "token": secrets.token_urlsafe(16), "port": port,
         "overrides": [*overrides, "fed.num_clients=1", "fed.clients_per_round=1",
                       "fed.rounds=1", f"split.local_steps={steps + warmup}"],
         "host": link.server_ip,
     }  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix="fedq-link-"))
+    spec["out"] = str(tmp / "run")
+    spec["data"] = "csv:" + str(write_shards(load_scenario(scenario, spec["overrides"]),
+                                             tmp / "data")[0])  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     py = [sys.executable, "-m", "fedq.runtime.netlink"]
     srv = subprocess.Popen(["ip", "netns", "exec", link.server_ns, *py, "serve", json.dumps(spec)],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                           env=env)  # fmt: skip
+                           stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
     try:
         assert srv.stdout is not None
         t0 = time.monotonic()
@@ -197,13 +184,10 @@ def run_link_arm(
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=left)
         if res.returncode != 0:
             raise FedqError(f"split client failed: {res.stderr.strip()[-2000:]}")
-        data = json.loads(res.stdout.strip().splitlines()[-1])
+        rest, _ = srv.communicate(timeout=120)
+        data = json.loads(rest.strip().splitlines()[-1])
     finally:
-        if srv.stdin is not None:
-            srv.stdin.close()
-        try:
-            srv.wait(timeout=20)
-        except subprocess.TimeoutExpired:
+        if srv.poll() is None:
             srv.kill()
             srv.wait()
     timed = data["seconds"][warmup:]
@@ -227,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     role, spec = args[0], json.loads(args[1])
     if role == "serve":
-        serve(spec)
+        print(json.dumps(serve(spec)), flush=True)
     elif role == "client":
         print(json.dumps(client(spec)), flush=True)
     else:

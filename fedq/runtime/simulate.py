@@ -1,9 +1,12 @@
-"""``fedq simulate``: a whole federated run on one machine, every tensor over real gRPC.
+"""``fedq simulate``: a whole run on one machine (or a Ray cluster), every tensor over real gRPC,
+on exactly the protocol of ``fedq serve`` / ``fedq join``.
 
-The driver only orchestrates: it opens a round on the server host, fans the selected logical
-clients out to the worker hosts (client ``c`` always runs on worker ``c % K``, so its state stays
-put), closes the round, writes one metrics record and a checkpoint per round as it goes (Ctrl-C
-keeps them), and can resume from the checkpoint.
+The driver only starts, observes and checkpoints: it spawns a server host (the round engine, the
+mode's workload, a gRPC server) and K worker hosts, each a client node registering its share of
+the N logical clients (client ``c`` on worker ``c % K``, so its state stays put) and pulling its
+work from the server like any ``fedq join``. The server runs the rounds; after each one the
+driver writes the record and a checkpoint (server state and every client's state) before the
+server opens the next, so ``--resume`` continues exactly where a run stopped.
 """
 
 from __future__ import annotations
@@ -17,15 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from fedq.config import RunConfig
-from fedq.fed.server import client_name
+from fedq.errors import FedqError
+from fedq.rounds import client_name
 from fedq.runtime.backend import make_backend, stop_all
-from fedq.runtime.checkpoint import load_checkpoint, save_checkpoint
+from fedq.runtime.checkpoint import load_checkpoint
 from fedq.runtime.hosts import ServerHost, WorkerHost
 from fedq.runtime.preflight import preflight
+from fedq.runtime.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[dict[str, Any]], None]
+
+#: How long the driver waits for every worker to register before giving up.
+REGISTER_TIMEOUT_S = 300.0
 
 
 def num_workers(cfg: RunConfig) -> int:
@@ -41,97 +49,77 @@ def simulate(
     on_start: Callback | None = None,
     on_round: Callback | None = None,
 ) -> dict[str, Any]:
-    """Run ``cfg``; write config.json, metrics.jsonl, summary.json, report.png and a checkpoint.
-
-    With ``resume`` the run continues after the last checkpointed round of ``out_dir`` (model,
-    strategy, codec and client states, and any privacy ledger are restored, never reset).
-    """
+    """Run ``cfg``; write the run folder (:mod:`fedq.runtime.recorder`). With ``resume`` the run
+    continues after the last checkpointed round of ``out_dir`` (model, strategy, codec, client
+    and privacy state restored, never reset)."""
     preflight(cfg)  # names and data problems: one ConfigError before any host starts
-    if cfg.mode == "split":
-        from fedq.runtime.split_runner import run_split
-
-        return run_split(cfg, out_dir, on_start=on_start, on_round=on_round)
-    from fedq.report import (
-        MetricsWriter,
-        plot_report,
-        read_metrics,
-        summarize,
-        write_config,
-        write_summary,
-    )
-
     out = Path(out_dir)
     ckpt = load_checkpoint(out) if resume else None
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, cfg.to_dict())
-    if not resume and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    writer = MetricsWriter(out)
-    t0 = time.perf_counter()
-    tokens = {client_name(i): secrets.token_urlsafe(24) for i in range(cfg.fed.num_clients)}
+    start_round = int(ckpt["next_round"]) if ckpt is not None else 0
+    recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None)
+    n, k = cfg.fed.num_clients, num_workers(cfg)
+    roster = [client_name(i) for i in range(n)]
+    shares = {f"worker-{i}": [c for c in range(n) if c % k == i] for i in range(k)}
+    tokens = {p: secrets.token_urlsafe(24) for p in shares}
+    hosts = {p: [client_name(c) for c in cs] for p, cs in shares.items()}
     backend = make_backend(cfg.runtime)
-    interrupted = False
-    stopped: str | None = None
     server: Any = None
+    workers: list[Any] = []
+    interrupted, stopped = False, None
+    bit_maps: dict[str, list[int]] = {}
+    client_bytes = {"client_bytes_up": 0, "client_bytes_down": 0}
     try:
-        server = backend.spawn(ServerHost, cfg, tokens)
+        run_id = None if ckpt is None else str(ckpt["server"]["run_id"])
+        server = backend.spawn(ServerHost, cfg, roster, tokens=tokens, hosts=hosts, run_id=run_id)
         address = backend.get([backend.call(server, "start")])[0]
-        k = num_workers(cfg)
-        workers = [backend.spawn(WorkerHost, cfg, address, tokens) for _ in range(k)]
-        backend.get([backend.call(w, "ready") for w in workers])
-        start_round, cum_bytes = 0, 0
+        workers = [backend.spawn(WorkerHost, cfg, address, p, tokens[p], shares[p]) for p in shares]
+        backend.get([backend.call(w, "start") for w in workers])
+        ready = backend.get([backend.call(server, "wait_available", n, REGISTER_TIMEOUT_S)])[0]
+        if ready < n:
+            raise FedqError(f"only {ready} of {n} clients registered within {REGISTER_TIMEOUT_S} s")
         if ckpt is not None:
-            start_round, cum_bytes = _restore(backend, server, workers, ckpt)
+            _restore(backend, server, workers, list(shares), ckpt, cfg)
         info = backend.get([backend.call(server, "info")])[0]
-        info.update(
-            address=address,
-            workers=k,
-            backend=backend.name,
-            start_round=start_round,
-            startup_seconds=round(time.perf_counter() - t0, 2),
-        )
+        info.update(workers=k, backend=backend.name, start_round=start_round,
+                    startup_seconds=round(time.perf_counter() - recorder.t0, 2))  # fmt: skip
+        recorder.trainable_params = int(info["trainable_params"])
         log.info("run started: %s", info)
         if on_start:
             on_start(info)
-        for r in range(start_round, cfg.fed.rounds):
-            tr = time.perf_counter()
-            opened = backend.get([backend.call(server, "open_round", r)])[0]
-            if "stop" in opened:
-                stopped = opened["stop"]
-                log.warning("stopping before round %d: %s", r, stopped)
+        backend.get([backend.call(server, "begin", start_round)])
+        t_round = time.perf_counter()
+        while True:
+            event = backend.get([backend.call(server, "next_event", 2.0)])[0]
+            if event is None:
+                continue
+            if "done" in event:
+                reason = str(event["done"])
+                stopped = None if reason.startswith("completed") else reason
                 break
-            ids = opened["clients"]
-            futures = [
-                backend.call(w, "run_round", r, [c for c in ids if c % k == i])
-                for i, w in enumerate(workers)
-            ]
-            results = [x for batch in backend.get(futures) for x in batch]
-            record = backend.get([backend.call(server, "close_round")])[0]
-            record.update(_client_stats(results))
-            cum_bytes += record["bytes_up"] + record["bytes_down"]
-            record["cum_bytes"] = cum_bytes
-            record["bytes_fp32"] = record.pop("fp32_up") + 4 * info["trainable_params"] * len(ids)
-            record.setdefault("accuracy", None)
-            record.setdefault("loss", None)
-            record.setdefault("epsilon", None)
-            record["seconds"] = round(time.perf_counter() - tr, 3)
-            writer.write(record)
-            _checkpoint(backend, server, workers, out, r + 1, cum_bytes)
+            rec = recorder.round(event["round"], t_round)
+            _checkpoint(backend, server, workers, list(shares), recorder, rec["round"] + 1, cfg)
             if on_round:
-                on_round(record)
+                on_round(rec)
+            t_round = time.perf_counter()
+            backend.get([backend.call(server, "proceed")])
+        bit_maps = backend.get([backend.call(server, "bit_maps")])[0]
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: stopping Ray and gRPC, keeping metrics of finished rounds")
     finally:
+        for w in workers:
+            try:
+                backend.get([backend.call(w, "stop")])
+                taken = backend.get([backend.call(w, "take_counters")])[0]
+                client_bytes["client_bytes_up"] += int(taken["bytes_up"])
+                client_bytes["client_bytes_down"] += int(taken["bytes_down"])
+            except Exception as e:  # a dead worker must not hide the run's own outcome
+                log.warning("worker stop failed: %s", e)
         stop_all(backend, server)
-    records = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
-    extra: dict[str, Any] = {"interrupted": interrupted, "name": cfg.name}
-    extra["stopped_reason"] = stopped
-    extra["privacy"] = info_privacy(cfg)
-    summary = summarize(records, wall_seconds=time.perf_counter() - t0, extra=extra)
-    write_summary(out, summary)
-    plot_report(records, out / "report.png")
-    return summary
+    extra: dict[str, Any] = {"interrupted": interrupted, "name": cfg.name, "mode": cfg.mode,
+                             "stopped_reason": stopped, "privacy": info_privacy(cfg),
+                             **client_bytes}  # fmt: skip
+    return recorder.finish(extra, bit_maps if cfg.mode == "split" else None)
 
 
 def info_privacy(cfg: RunConfig) -> dict[str, Any]:
@@ -139,49 +127,37 @@ def info_privacy(cfg: RunConfig) -> dict[str, Any]:
     return {"mechanism": p.mechanism, "target_epsilon": p.target_epsilon, "delta": p.delta}
 
 
+def _client_states(states: list[dict[str, Any]], principals: list[str], cfg: RunConfig) -> dict:
+    """Every client's state from the workers': per client in federated mode (portable to any
+    number of workers), per worker in split mode (the AQ-SGD copies a worker shares)."""
+    if cfg.mode == "split":
+        return dict(zip(principals, states, strict=True))
+    merged: dict[str, Any] = {}
+    for s in states:
+        merged.update(s)
+    return merged
+
+
 def _checkpoint(
-    backend: Any, server: Any, workers: list[Any], out: Path, next_round: int, cum_bytes: int
-) -> None:
+    backend: Any, server: Any, workers: list[Any], principals: list[str], recorder: RunRecorder,
+    next_round: int, cfg: RunConfig,
+) -> None:  # fmt: skip
     server_state = backend.get([backend.call(server, "state_dict")])[0]
-    clients: dict[int, Any] = {}
-    for states in backend.get([backend.call(w, "state_dict") for w in workers]):
-        clients.update(states)
-    save_checkpoint(
-        out,
-        {
-            "next_round": next_round,
-            "cum_bytes": cum_bytes,
-            "server": server_state,
-            "clients": clients,
-        },
-    )
+    states = backend.get([backend.call(w, "state_dict") for w in workers])
+    recorder.checkpoint({"next_round": next_round, "server": server_state,
+                         "clients": _client_states(states, principals, cfg)})  # fmt: skip
 
 
 def _restore(
-    backend: Any, server: Any, workers: list[Any], ckpt: dict[str, Any]
-) -> tuple[int, int]:
+    backend: Any, server: Any, workers: list[Any], principals: list[str], ckpt: dict[str, Any],
+    cfg: RunConfig,
+) -> None:  # fmt: skip
     backend.get([backend.call(server, "load_state_dict", ckpt["server"])])
-    k = len(workers)
     clients = ckpt["clients"]
-    backend.get(
-        [
-            backend.call(
-                w, "load_state_dict", {c: s for c, s in clients.items() if int(c) % k == i}
-            )
-            for i, w in enumerate(workers)
-        ]
-    )
+    if cfg.mode == "split":
+        calls = [backend.call(w, "load_state_dict", clients.get(p, {}))
+                 for w, p in zip(workers, principals, strict=True)]  # fmt: skip
+    else:
+        calls = [backend.call(w, "load_state_dict", clients) for w in workers]
+    backend.get(calls)
     log.info("resumed at round %d", ckpt["next_round"])
-    return int(ckpt["next_round"]), int(ckpt["cum_bytes"])
-
-
-def _client_stats(results: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [x for x in results if x.get("ok")]
-    numel = sum(x["numel"] for x in ok)
-    return {
-        "clients_failed": len(results) - len(ok),
-        "mean_bits": (sum(x["mean_bits"] * x["numel"] for x in ok) / numel) if numel else None,
-        "fp32_up": int(sum(x["fp32_bytes"] for x in ok)),
-        "client_bytes_up": int(sum(x["wire_up"] for x in ok)),
-        "client_bytes_down": int(sum(x["wire_down"] for x in ok)),
-    }

@@ -9,8 +9,8 @@ noise). The clip factor is a constant in the backward pass (as DP-SGD treats per
 so the bottom still trains. The quantizer then codes the noisy tensor; quantization is
 post-processing and costs no privacy.
 
-Accounting (driver side), our assumptions stated honestly ([I], not from a paper; docs/algorithms.md
-§4 notes that no public split framework privatizes activations):
+Accounting (server side: the round engine's ledger), our assumptions stated honestly ([I], not
+from a paper; docs/algorithms.md §4 notes that no public split framework privatizes activations):
 
 - The protected unit is **one training example of one client** (record-level DP for that
   client's data set), and the protected release is the stream of activation messages.
@@ -29,17 +29,17 @@ Accounting (driver side), our assumptions stated honestly ([I], not from a paper
   a full DP guarantee of the client's participation; combine with a DP FedAvg of the client state
   for that (not implemented for split mode).
 
-Budget stop: with ``privacy.target_epsilon`` set, the driver refuses a round whose projected
-epsilon for any selected client would exceed it (``BudgetGuard``), and stops before it. With no
-``noise_multiplier`` given, ``z`` is planned from the target over the worst client's expected
-number of steps (``plan_noise_multiplier``).
+Budget stop: with ``privacy.target_epsilon`` set, the server selects only clients whose next
+round stays within it (``BudgetGuard``) and stops the run when fewer than a round needs remain.
+With no ``noise_multiplier`` given, ``z`` is planned from the target over the worst client's
+expected number of steps (``plan_noise_multiplier``) and sent to the clients with their tasks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -90,56 +90,86 @@ def privatize_activations(
     return torch.stack(rows).to(h.dtype), clipped
 
 
-@dataclass
-class ActivationAccounting:
-    """The driver's per-client accountants and budget guard (module docstring)."""
+class ActivationLedger:
+    """The server's per-client accountants and budget guard: the round engine's ledger in split
+    mode (module docstring). The noise multiplier is planned once, from the client sizes known
+    when the first round opens, and sent to the clients with every task."""
 
-    cfg: RunConfig
-    client_sizes: list[int]
-    noise_multiplier: float = 0.0
-    accountants: dict[int, GaussianAccountant] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.noise_multiplier = planned_noise_multiplier(self.cfg, self.client_sizes)
-        p = self.cfg.privacy
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        p = cfg.privacy
+        self.noise_multiplier: float | None = (
+            None if p.noise_multiplier is None else float(p.noise_multiplier)
+        )
         self.guard = BudgetGuard(p.target_epsilon, p.delta) if p.target_epsilon else None
+        self.accountants: dict[int, GaussianAccountant] = {}
+
+    def _z(self, sizes: Mapping[int, int]) -> float:
+        if self.noise_multiplier is None:
+            self.noise_multiplier = planned_noise_multiplier(self.cfg, list(sizes.values()))
+        return self.noise_multiplier
 
     def _acc(self, cid: int) -> GaussianAccountant:
         p = self.cfg.privacy
         return self.accountants.setdefault(cid, GaussianAccountant(p.accountant, p.delta))
 
-    def rate(self, cid: int) -> float:
-        return sample_rate(self.cfg, self.client_sizes[cid])
+    def _eps_if(self, cid: int, n: int, z: float) -> float:
+        p = self.cfg.privacy
+        acc = self.accountants.get(cid) or GaussianAccountant(p.accountant, p.delta)
+        return acc.epsilon_if(z, sample_rate(self.cfg, n), self.cfg.split.local_steps)
 
-    def check_and_charge(self, selected: Sequence[int]) -> None:
-        """Charge one round (``local_steps`` steps) to each selected client, or raise
-        :class:`PrivacyBudgetExceeded` (charging nobody) if any would exceed the target."""
-        steps = self.cfg.split.local_steps
-        z = self.noise_multiplier
-        if self.guard is not None:
-            for cid in selected:
-                acc = self._acc(cid)
-                self.guard.check(acc.epsilon_if(z, self.rate(cid), steps),
-                                 spent_epsilon=acc.epsilon(),
-                                 what=f"next round of client {cid}")  # fmt: skip
+    def eligible(self, candidates: Sequence[int], sizes: Mapping[int, int]) -> list[int]:
+        if self.guard is None:
+            return list(candidates)
+        z = self._z(sizes)
+        return [c for c in candidates if self.guard.allows(self._eps_if(c, sizes[c], z))]
+
+    def check_round(self, sizes: Mapping[int, int], k: int) -> None:
+        self._z(sizes)
+        n_ok = len(self.eligible(sorted(sizes), sizes))
+        if n_ok < k:
+            raise PrivacyBudgetExceeded(
+                f"privacy budget: only {n_ok} clients can take part again without exceeding "
+                f"epsilon={self.cfg.privacy.target_epsilon} (a round needs {k}); spent so far: "
+                f"max {self.epsilon():.4g}"
+            )
+
+    def charge(self, selected: Sequence[int], sizes: Mapping[int, int]) -> None:
+        """One round (``local_steps`` steps) for each selected client, before any release."""
+        z = self._z(sizes)
         for cid in selected:
-            self._acc(cid).step(z, self.rate(cid), steps)
+            self._acc(cid).step(z, sample_rate(self.cfg, sizes[cid]), self.cfg.split.local_steps)
 
     def epsilon(self) -> float:
         """Worst client's epsilon so far."""
         return max((a.epsilon() for a in self.accountants.values()), default=0.0)
 
-    def plan(self) -> dict[str, float | str | None]:
+    def client_scalars(self) -> dict[str, float]:
+        z, clip = self.noise_multiplier, self.cfg.privacy.clip_norm
+        return {} if z is None else {"dp_noise_multiplier": z, "dp_clip": clip}
+
+    def plan(self, sizes: Mapping[int, int]) -> dict[str, Any]:
         p = self.cfg.privacy
-        q_max = max(self.rate(c) for c in range(len(self.client_sizes)))
-        return {"mechanism": MECHANISM, "noise_multiplier": self.noise_multiplier,
+        q_max = max(sample_rate(self.cfg, n) for n in sizes.values())
+        return {"mechanism": MECHANISM, "noise_multiplier": self._z(sizes),
                 "clip_norm": p.clip_norm, "delta": p.delta, "target_epsilon": p.target_epsilon,
                 "sample_rate_max": q_max}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        accountants = {c: a.state_dict() for c, a in self.accountants.items()}
+        return {"noise_multiplier": self.noise_multiplier, "accountants": accountants}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("noise_multiplier") is not None:
+            self.noise_multiplier = float(state["noise_multiplier"])
+        self.accountants = {}
+        for cid, st in dict(state.get("accountants", {})).items():
+            self._acc(int(cid)).load_state_dict(st)
 
 
 __all__ = [
     "MECHANISM",
-    "ActivationAccounting",
+    "ActivationLedger",
     "PrivacyBudgetExceeded",
     "enabled",
     "planned_noise_multiplier",

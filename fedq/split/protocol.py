@@ -21,34 +21,42 @@ through; evaluation codes the activations directly.
 In budget mode (default) each party's gates are stepped by a :class:`GateController` after the
 LoRA optimizer: normalised SGD, then projection onto the scheduled mean bits.
 
-SplitFed (Thapa et al. 2022; §4) [I]: one shared server top updated by every client's steps in
-turn (SFL-V2, a lock serialises them); each round a client downloads the averaged client state
-(``get_task``), runs ``local_steps`` steps, and uploads its client state (``push_update``, raw
-fp32, counted like everything else); the server averages the states weighted by samples (FedAvg,
-as SplitLoRA every R steps). The client state is the bottom LoRA plus the client's AMAQ gates,
-so the gates are averaged too. The server keeps a copy of the bottom only to evaluate the whole
-model with the averaged client state, quantization at the cut included (forward only).
+SplitFed (Thapa et al. 2022; docs/algorithms.md §5.25): one shared server top updated by every
+client's steps in turn (SFL-V2; the round engine orders the steps of a round by (local step,
+roster index), so runs are reproducible); each round a selected client downloads the averaged
+client state (its task), runs ``local_steps`` steps, and uploads its client state (raw fp32,
+counted like everything else); closing the round averages the states weighted by samples (FedAvg,
+as SplitLoRA every R steps), all or nothing. The client state is the bottom LoRA plus the client's
+AMAQ gates, so the gates are averaged too. The server keeps a copy of the bottom only to evaluate
+the whole model with the averaged client state, quantization at the cut included (forward only).
+
+The server records every step as it sees it (``bits.jsonl``): wire bytes both ways, bits and
+payload sizes of both tensors, the loss, and the client's step time (the time between its
+consecutive messages); the client adds what only it knows (inner boundaries' bits, the fraction of
+examples clipped by activation DP) as scalars of its activations message.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from fedq.adapt import CutCodec, GateController, bit_stats
 from fedq.codec import PackedTensor, dequantize, raw
 from fedq.config import RunConfig
+from fedq.data.datasets import Shard
 from fedq.errors import FedqError
+from fedq.models.rng import seeded_forward
 from fedq.privacy import GaussianMechanism
+from fedq.rounds import client_seed, weighted_mean
+from fedq.rounds.node import Connection
+from fedq.rounds.workload import Ledger, Member, NoPrivacy, Update
 from fedq.split.codecs import (
     bit_schedule,
     gate_controller,
@@ -61,42 +69,20 @@ from fedq.split.codecs import (
     unpack_mask,
 )
 from fedq.split.models import CLASSIFY, SplitModel
+from fedq.split.privacy import ActivationLedger, privatize_activations
 from fedq.split.privacy import enabled as dp_enabled
-from fedq.split.privacy import planned_noise_multiplier, privatize_activations
-from fedq.wire.message import WireMessage
+from fedq.wire.control import Assignment
+from fedq.wire.message import WireMessage, message_nbytes
 
 log = logging.getLogger(__name__)
 
 
-class SplitConnection(Protocol):
-    bytes_sent: int
-    bytes_received: int
-
-    def get_task(self, round: int) -> WireMessage: ...
-
-    def push_update(self, msg: WireMessage) -> int: ...
-
-    def split_step(self, msg: WireMessage) -> WireMessage: ...
-
-
-def client_name(cid: int) -> str:
-    return f"client-{cid}"
+#: Scalars of an activations message that carry the client's own step stats into bits.jsonl.
+CLIENT_STATS = ("bits/b", "dp_clipped_frac")
 
 
 def total_steps(cfg: RunConfig) -> int:
     return cfg.fed.rounds * cfg.split.local_steps
-
-
-@contextlib.contextmanager
-def seeded_dropout(seed: int, who: str, step: int, device: torch.device) -> Iterator[None]:
-    """Draw a forward's dropout masks from a generator seeded by (run seed, party, step), and
-    leave the process's global RNG as it was: a step's masks then do not depend on what else ran
-    before it in the process, so runs are reproducible, resumable and the same in every backend
-    (the backward reuses the saved masks and needs no RNG)."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed((seed * 1_000_003 + zlib.crc32(who.encode()) * 7_919 + step) % 2**63)
-        yield
 
 
 def _stats_row(prefix: str, q: torch.nn.Module) -> dict[str, float]:
@@ -107,17 +93,9 @@ def _stats_row(prefix: str, q: torch.nn.Module) -> dict[str, float]:
 # ----------------------------------------------------------------------------------- server
 
 
-@dataclass
-class _Round:
-    index: int
-    selected: set[str]
-    task: WireMessage
-    updates: dict[str, tuple[dict[str, torch.Tensor], float]] = field(default_factory=dict)
-    losses: list[tuple[float, int]] = field(default_factory=list)
-
-
 class SplitServer:
-    """Main server (shared top, gradient gates) and fed server (FedAvg of client states)."""
+    """Main server (shared top, gradient codec) and fed server (FedAvg of client states): the
+    round engine's workload in split mode."""
 
     def __init__(self, cfg: RunConfig, model: SplitModel, test_data: Any, num_labels: int) -> None:
         self.cfg = cfg
@@ -125,6 +103,8 @@ class SplitServer:
         self.test_data = test_data
         self.num_labels = num_labels
         sc = cfg.split
+        self.steps_per_round = sc.local_steps
+        self.ledger: Ledger = ActivationLedger(cfg) if dp_enabled(cfg) else NoPrivacy()
         self.grad_q = make_codec(sc, "grad", model.hidden, seed=cfg.seed)
         self.eval_act_q = make_codec(sc, "act", model.hidden)  # evaluation codes the cut as sent
         self.act_rx = make_receiver(sc, "act")
@@ -137,34 +117,59 @@ class SplitServer:
         self.opt = lora_optimizer(lora, cfg.train)
         self.client_state = _client_state(model, self.eval_act_q)
         self._lock = threading.Lock()
-        self._round: _Round | None = None
+        self._task: WireMessage | None = None
+        self._rows: list[dict[str, Any]] = []
+        self._seen: dict[str, float] = {}  # client -> time of its last message (step seconds)
         self.steps = 0
 
-    # -- round lifecycle (driver) ---------------------------------------------------------------
-    def open_round(self, r: int, selected: list[int]) -> None:
-        tensors = {k: raw(v) for k, v in self.client_state.items()}
-        task = WireMessage("global", "", r, 0, {}, {}, tensors)
-        with self._lock:
-            self._round = _Round(r, {client_name(c) for c in selected}, task)
+    def info(self) -> dict[str, Any]:
+        numel = sum(v.numel() for v in self.client_state.values())
+        return {"trainable_params": numel, "task": self.model.task}
 
-    def close_round(self, evaluate: bool) -> dict[str, Any]:
+    # -- rounds ---------------------------------------------------------------------------------
+    def open_round(self, r: int, selected: Sequence[Member]) -> None:
+        tensors = {k: raw(v) for k, v in self.client_state.items()}
         with self._lock:
-            rnd, self._round = self._round, None
-        if rnd is None:
-            raise FedqError("close_round called with no open round")
-        if rnd.updates:
-            total = sum(w for _, w in rnd.updates.values())
-            self.client_state = {
-                k: torch.stack([s[k] * (w / total) for s, w in rnd.updates.values()]).sum(0)
-                for k in self.client_state
-            }
-        out: dict[str, Any] = {"round": rnd.index, "clients_ok": len(rnd.updates)}
-        n = sum(c for _, c in rnd.losses)
-        out["train_loss"] = sum(lo * c for lo, c in rnd.losses) / n if n else None
-        out.update(self.bit_summary())
-        if evaluate:
-            out.update(self.evaluate())
-        return out
+            self._task = WireMessage("global", "", r, 0, self.ledger.client_scalars(), {}, tensors)
+            self._rows, self._seen = [], {}
+
+    def task(self, r: int, member: Member) -> WireMessage:
+        with self._lock:
+            t = self._task
+            self._seen[member.client_id] = time.monotonic()
+        if t is None or t.round != r:
+            raise FedqError(f"no split task prepared for round {r}")
+        return WireMessage(t.kind, member.client_id, t.round, 0, t.scalars, {}, t.tensors)
+
+    def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
+        if set(msg.tensors) != set(self.client_state):
+            raise FedqError(f"client state from {msg.client_id} does not match the model")
+        state = {k: dequantize(p).float() for k, p in msg.tensors.items()}
+        for k, v in state.items():
+            if v.shape != self.client_state[k].shape or not bool(torch.isfinite(v).all()):
+                raise FedqError(f"client state from {msg.client_id}: bad tensor {k!r}")
+        n = msg.scalars.get("num_samples", 0.0)
+        if not (math.isfinite(n) and n > 0):
+            raise FedqError(f"client state from {msg.client_id}: num_samples must be > 0")
+        with self._lock:
+            seen = self._seen.get(member.client_id)
+            if seen is not None and self._rows and self._rows[-1]["client"] == member.client_id:
+                self._rows[-1]["seconds"] = time.monotonic() - seen  # the last step's time
+        return Update(member, state, float(n), dict(msg.scalars), msg.nbytes)
+
+    def close_round(self, r: int, updates: Sequence[Update], apply: bool) -> dict[str, Any]:
+        if apply and updates:
+            self.client_state = weighted_mean([(dict(u.tensors), u.weight) for u in updates])
+        with self._lock:
+            rows, self._rows, self._task = self._rows, [], None
+        rec = round_record(self.cfg, r, rows, updates)
+        rec.update(self.bit_summary())
+        if self.test_data is not None and (
+            (r + 1) % self.cfg.fed.eval_every == 0 or r + 1 == self.cfg.fed.rounds
+        ):
+            rec.update(self.evaluate())
+        rec["steps"] = rows
+        return rec
 
     def bit_summary(self) -> dict[str, float]:
         """Integer bit maps now in force: ``bits/<boundary>/<dir>/{mean,min,max}``."""
@@ -210,34 +215,7 @@ class SplitServer:
             out["perplexity"] = math.exp(min(loss, 50.0))
         return out
 
-    # -- transport handler ----------------------------------------------------------------------
-    def get_task(self, client_id: str, round: int) -> WireMessage:
-        with self._lock:
-            rnd = self._round
-            if rnd is None or rnd.index != round or client_id not in rnd.selected:
-                raise FedqError(f"no split task for {client_id} in round {round}")
-            t = rnd.task
-        return WireMessage(t.kind, client_id, t.round, 0, {}, {}, t.tensors)
-
-    def push_update(self, msg: WireMessage) -> None:
-        with self._lock:
-            rnd = self._round
-        if rnd is None or msg.round != rnd.index or msg.client_id not in rnd.selected:
-            raise FedqError(f"unexpected client state from {msg.client_id} (round {msg.round})")
-        if msg.kind != "update" or set(msg.tensors) != set(self.client_state):
-            raise FedqError(f"client state from {msg.client_id} does not match the model")
-        state = {k: dequantize(p).float() for k, p in msg.tensors.items()}
-        for k, v in state.items():
-            if v.shape != self.client_state[k].shape or not bool(torch.isfinite(v).all()):
-                raise FedqError(f"client state from {msg.client_id}: bad tensor {k!r}")
-        n = msg.scalars.get("num_samples", 0.0)
-        if not (math.isfinite(n) and n > 0):
-            raise FedqError(f"client state from {msg.client_id}: num_samples must be > 0")
-        with self._lock:
-            if self._round is not rnd or msg.client_id in rnd.updates:
-                raise FedqError(f"late or duplicate client state from {msg.client_id}")
-            rnd.updates[msg.client_id] = (state, n)
-
+    # -- steps ----------------------------------------------------------------------------------
     def _decode_step(self, msg: WireMessage) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Validate an activations message and decode it: ``(received, mask, labels)``."""
         names = self.act_rx.wire_names | {"mask", "labels"}
@@ -259,13 +237,13 @@ class SplitServer:
             received = self.act_rx.receive(msg.tensors, msg.client_id, m.device)
         return received, mask, labels
 
-    def split_step(self, msg: WireMessage) -> WireMessage:
-        """One server step (module docstring, 3-4). Thread-safe: steps are serialised."""
+    def step(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
+        """One server step (module docstring, 3-4), recorded as a row of ``bits.jsonl``."""
         received, mask, labels = self._decode_step(msg)
         with self._lock:
             h = received.value
             h.requires_grad_(True)
-            with seeded_dropout(self.cfg.seed, "server:" + msg.client_id, msg.step, h.device):
+            with seeded_forward(self.cfg.seed, "server:" + msg.client_id, msg.step, h.device):
                 loss, correct, count = self.model.top(h, mask, labels)
             loss.backward()
             assert h.grad is not None
@@ -276,16 +254,91 @@ class SplitServer:
                 self.gates.step(msg.step)
             self.act_rx.settle(msg.client_id, received, ok=True)
             self.steps += 1
-            if self._round is not None:
-                self._round.losses.append((float(loss.detach()), count))
-        pg = coded.tensors["g"]
+        pg, ph = coded.tensors["g"], msg.tensors["h"]
         scalars = {"loss": float(loss.detach()), "correct": float(correct), "count": float(count),
                    "grad_rel_err": coded.stats["rel_err"], "grad_bits": pg.mean_bits()}  # fmt: skip
         for k, v in _stats_row("grad", self.grad_q).items():
             scalars[k.replace("/", "_")] = v
-        return WireMessage(
-            "gradients", msg.client_id, msg.round, msg.step, scalars, {}, coded.tensors
-        )
+        reply = WireMessage("gradients", msg.client_id, msg.round, msg.step, scalars, {},
+                            coded.tensors)  # fmt: skip
+        now = time.monotonic()
+        row: dict[str, Any] = {
+            "round": r, "client": member.client_id, "step": msg.step, "count": count,
+            "loss": scalars["loss"], "bytes_up": msg.nbytes,
+            "bytes_down": message_nbytes(reply, self.cfg.runtime.chunk_bytes),
+            "numel": ph.numel, "act_bits": ph.mean_bits(), "grad_bits": pg.mean_bits(),
+            "act_payload": ph.payload_nbytes, "act_meta": ph.metadata_nbytes,
+            "grad_payload": pg.payload_nbytes, "grad_meta": pg.metadata_nbytes,
+        }  # fmt: skip
+        if self.cfg.split.act_codec == "amaq":
+            b = ph.bits.float()
+            row |= {"bits/cut/act/mean": float(b.mean()), "bits/cut/act/min": float(b.min()),
+                    "bits/cut/act/max": float(b.max())}  # fmt: skip
+        row |= _stats_row("bits/cut/grad", self.grad_q)
+        row |= {k: v for k, v in msg.scalars.items() if k.startswith(CLIENT_STATS)}
+        with self._lock:
+            seen = self._seen.get(member.client_id)
+            row["seconds"] = now - seen if seen is not None else None
+            self._seen[member.client_id] = now
+            self._rows.append(row)
+        return reply
+
+    # -- checkpoint -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        top = {n: p.detach().clone() for n, p in self.model.top.named_parameters()
+               if p.requires_grad}  # fmt: skip
+        return {
+            "top": top,
+            "optimizer": self.opt.state_dict(),
+            "grad_q": self.grad_q.state_dict(),
+            "gates": None if self.gates is None else self.gates.state_dict(),
+            "act_rx": self.act_rx.state_dict(),
+            "client_state": {k: v.clone() for k, v in self.client_state.items()},
+            "steps": self.steps,
+            "ledger": self.ledger.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        params = dict(self.model.top.named_parameters())
+        with torch.no_grad():
+            for n, v in state["top"].items():
+                params[n].copy_(v)
+        self.opt.load_state_dict(state["optimizer"])
+        self.grad_q.load_state_dict(state["grad_q"])
+        if self.gates is not None and state.get("gates") is not None:
+            self.gates.load_state_dict(state["gates"])
+        self.act_rx.load_state_dict(state["act_rx"])
+        self.client_state = {k: v.clone() for k, v in state["client_state"].items()}
+        self.steps = int(state["steps"])
+        self.ledger.load_state_dict(state["ledger"])
+
+
+def round_record(
+    cfg: RunConfig, r: int, rows: Sequence[Mapping[str, Any]], updates: Sequence[Update]
+) -> dict[str, Any]:
+    """One metrics.jsonl record from the round's step rows and its client-state uploads."""
+    numel = sum(s["numel"] for s in rows)
+    rec: dict[str, Any] = {"step": (r + 1) * cfg.split.local_steps}
+    state_numel = sum(sum(int(t.numel()) for t in u.tensors.values()) for u in updates)
+    rec["bytes_fp32"] = 2 * 4 * numel + 2 * 4 * state_numel
+    bits = sum((s["act_bits"] + s["grad_bits"]) * s["numel"] for s in rows)
+    rec["mean_bits"] = bits / (2 * numel) if numel else None
+    rec["act_bits"] = sum(s["act_bits"] * s["numel"] for s in rows) / numel if numel else None
+    rec["grad_bits"] = sum(s["grad_bits"] * s["numel"] for s in rows) / numel if numel else None
+    # everything the activation / gradient tensors put on the wire (codes, scales, offsets, bit
+    # maps, row scales, float16 outlier rows), in bits per value: what mean_bits does not show
+    for d in ("act", "grad"):
+        nbytes = sum(s[f"{d}_payload"] + s[f"{d}_meta"] for s in rows)
+        rec[f"{d}_wire_bits"] = 8 * nbytes / numel if numel else None
+    rec["step_bytes_up"] = sum(s["bytes_up"] for s in rows) / max(len(rows), 1)
+    rec["step_bytes_down"] = sum(s["bytes_down"] for s in rows) / max(len(rows), 1)
+    rec["state_bytes"] = sum(u.nbytes for u in updates)
+    n = sum(s["count"] for s in rows)
+    rec["train_loss"] = sum(s["loss"] * s["count"] for s in rows) / n if n else None
+    clipped = [s["dp_clipped_frac"] for s in rows if "dp_clipped_frac" in s]
+    if clipped:
+        rec["dp_clipped_frac"] = sum(clipped) / len(clipped)
+    return rec
 
 
 # ----------------------------------------------------------------------------------- client
@@ -325,96 +378,89 @@ def _load_client_state(
 _NOISE_STREAM = 0x5EED_D0_0D
 
 
-def client_seed(seed: int, cid: int, r: int) -> int:
-    return (seed * 1_000_003 + cid * 7_919 + r * 104_729) % (2**63 - 1)
-
-
 class SplitClientWorker:
-    """Runs the split steps of the logical clients placed on this worker (one model, whose
-    client state is loaded from the server at the start of each client's round)."""
+    """Runs the split rounds of the logical clients in ``shards`` (one model, whose client state
+    is loaded from the server at the start of each client's round): a
+    :class:`~fedq.rounds.node.TaskRunner`. ``index`` maps client id to roster index (seeds).
+
+    A client keeps nothing between rounds but its activation codec's state (the AQ-SGD copies),
+    so running a round again starts from the same place; after a server restart the AQ-SGD
+    copies re-synchronise through their versions (docs/algorithms.md §5.24)."""
 
     def __init__(
         self,
         cfg: RunConfig,
         model: SplitModel,
-        train_data: Any,
-        partitions: list[torch.Tensor],
-        connect: Callable[[str], SplitConnection],
+        shards: Mapping[str, Shard],
+        index: Mapping[str, int],
     ) -> None:
         self.cfg = cfg
         self.model = model
-        self.data = train_data
-        self.partitions = partitions
-        self.connect = connect
+        self.shards = dict(shards)
+        self.index = dict(index)
         sc = cfg.split
         self.act_q = make_codec(sc, "act", model.hidden)
         self.act_q.to(model.device)
         self.grad_rx = make_receiver(sc, "grad")
         self.schedule = bit_schedule(sc, total_steps(cfg))
-        self._conns: dict[int, SplitConnection] = {}
-        self.dp: GaussianMechanism | None = None
-        if dp_enabled(cfg):  # activation DP (fedq.split.privacy): same plan as the driver's
-            z = planned_noise_multiplier(cfg, [int(p.numel()) for p in partitions])
-            self.dp = GaussianMechanism(cfg.privacy.clip_norm, z)
 
-    def _conn(self, cid: int) -> SplitConnection:
-        if cid not in self._conns:
-            self._conns[cid] = self.connect(client_name(cid))
-        return self._conns[cid]
+    def round_closed(self, r: int) -> None:
+        return None
 
-    def run_round(self, r: int, cids: list[int]) -> list[dict[str, Any]]:
-        return [self.run_client(r, c) for c in cids]
-
-    def run_client(self, r: int, cid: int) -> dict[str, Any]:
-        conn = self._conn(cid)
-        task = conn.get_task(r)
+    def run(self, task: Assignment, conn: Connection) -> dict[str, Any]:
+        cid, r = task.client_id, task.round
+        if cid not in self.shards:
+            raise FedqError(f"{cid} is not hosted here")
+        msg = conn.get_task(r, cid)
         _load_client_state(self.model, self.act_q, {k: dequantize(p) for k, p in
-                                                   task.tensors.items()})  # fmt: skip
+                                                   msg.tensors.items()})  # fmt: skip
+        dp = None
+        if dp_enabled(self.cfg):  # activation DP (fedq.split.privacy): z planned by the server
+            dp = GaussianMechanism(msg.scalars["dp_clip"], msg.scalars["dp_noise_multiplier"])
         lora = [p for n, p in self.model.bottom.named_parameters()
                 if p.requires_grad and "gate" not in n]  # fmt: skip
         gates = gate_controller(self.cfg.split, _gate_groups(self.model.bottom, act=[self.act_q]),
                                 self.schedule)  # fmt: skip
         opt = lora_optimizer(lora, self.cfg.train)
-        idx = self.partitions[cid]
-        gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, cid, r))
-        steps = []
+        shard = self.shards[cid]
+        seed = client_seed(self.cfg.seed, self.index[cid], r)
+        gen = torch.Generator().manual_seed(seed)
         bs = self.cfg.train.batch_size
-        order = idx[torch.randperm(idx.numel(), generator=gen)]
-        noise = torch.Generator().manual_seed(client_seed(self.cfg.seed, cid, r) ^ _NOISE_STREAM)
+        order = shard.idx[torch.randperm(shard.size, generator=gen)]
+        noise = torch.Generator().manual_seed(seed ^ _NOISE_STREAM)
+        losses = []
         for s in range(self.cfg.split.local_steps):
             take = order[(torch.arange(bs) + s * bs) % max(order.numel(), 1)]
             step = r * self.cfg.split.local_steps + s
-            steps.append(self.step(conn, opt, take, r, step, gates, noise))
+            losses.append(self.step(conn, cid, shard, opt, take, r, step, gates, dp, noise))
         state = _client_state(self.model, self.act_q)
-        n = float(idx.numel() or 1)
-        msg = WireMessage("update", client_name(cid), r, 0, {"num_samples": n}, {},
-                          {k: raw(v) for k, v in state.items()})  # fmt: skip
-        sent0 = conn.bytes_sent
-        conn.push_update(msg)
-        return {"client": cid, "steps": steps, "state_bytes": conn.bytes_sent - sent0,
-                "state_numel": sum(v.numel() for v in state.values())}  # fmt: skip
+        n = float(shard.size or 1)
+        conn.push_update(WireMessage("update", cid, r, 0, {"num_samples": n}, {},
+                                     {k: raw(v) for k, v in state.items()}))  # fmt: skip
+        return {"loss": sum(losses) / max(len(losses), 1), "steps": len(losses)}
 
     def step(
-        self, conn: SplitConnection, opt: torch.optim.Optimizer, take: torch.Tensor, r: int,
-        step: int, gates: GateController | None = None, noise: torch.Generator | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
-        """One split step (module docstring, 1, 2 and 5); returns its stats (``seconds``: wall
-        time of the whole step, compute + coding + transfer)."""
-        t0 = time.perf_counter()
+        self, conn: Connection, cid: str, shard: Shard, opt: torch.optim.Optimizer,
+        take: torch.Tensor, r: int, step: int, gates: GateController | None,
+        dp: GaussianMechanism | None, noise: torch.Generator,
+    ) -> float:  # fmt: skip
+        """One split step (module docstring, 1, 2 and 5); returns the server's loss."""
         m = self.model
-        batch = m.make_batch([self.data.texts[int(i)] for i in take], self.data.y[take])
-        with seeded_dropout(self.cfg.seed, self._name(conn), step, m.device):
+        data: Any = shard.data  # text data (the split models are language models)
+        batch = m.make_batch([data.texts[int(i)] for i in take], data.y[take])
+        with seeded_forward(self.cfg.seed, cid, step, m.device):
             h = m.bottom(batch)
-        clipped = 0
-        if self.dp is not None:  # clip + noise before quantization (fedq.split.privacy)
-            assert noise is not None
-            h, clipped = privatize_activations(h, self.dp, noise)
+        stats: dict[str, float] = {}
+        if dp is not None:  # clip + noise before quantization (fedq.split.privacy)
+            h, clipped = privatize_activations(h, dp, noise)
+            stats["dp_clipped_frac"] = clipped / max(int(h.shape[0]), 1)
+        bounds: Any = m.bottom.boundaries
+        for i, b in enumerate(bounds):
+            stats |= _stats_row(f"bits/b{i}/act", b.act_q) | _stats_row(f"bits/b{i}/grad", b.grad_q)
         coded = self.act_q.send(h, ids=take.tolist())
-        ph = coded.tensors["h"]
         tensors = {**coded.tensors, "mask": pack_mask(batch["attention_mask"]),
                    "labels": pack_labels(batch["labels"])}  # fmt: skip
-        msg = WireMessage("activations", self._name(conn), r, step, {}, {}, tensors)
-        sent0, recv0 = conn.bytes_sent, conn.bytes_received
+        msg = WireMessage("activations", cid, r, step, stats, {}, tensors)
         try:
             reply = conn.split_step(msg)
             if reply.kind != "gradients" or set(reply.tensors) != self.grad_rx.wire_names:
@@ -426,7 +472,6 @@ class SplitClientWorker:
         except Exception:
             self.act_q.settle(coded, ok=False)
             raise
-        up, down = conn.bytes_sent - sent0, conn.bytes_received - recv0
         self.act_q.settle(coded, ok=True)  # the server took the step
         self.grad_rx.settle("server", received, ok=True)
         coded.value.backward(received.value.to(coded.value.dtype))
@@ -434,75 +479,16 @@ class SplitClientWorker:
         opt.zero_grad(set_to_none=True)
         if gates is not None:
             gates.step(step)
-        seconds = time.perf_counter() - t0
-        row: dict[str, Any] = {
-            "seconds": seconds,
-            "step": step, "loss": reply.scalars.get("loss"), "bytes_up": up, "bytes_down": down,
-            "numel": h.numel(), "act_bits": ph.mean_bits(), "grad_bits": pg.mean_bits(),
-            "act_payload": ph.payload_nbytes, "act_meta": ph.metadata_nbytes,
-            "grad_payload": pg.payload_nbytes, "grad_meta": pg.metadata_nbytes,
-        }  # fmt: skip
-        if self.dp is not None:
-            row["dp_clipped_frac"] = clipped / max(int(h.shape[0]), 1)
-        row.update(_stats_row("bits/cut/act", self.act_q))
-        for k in ("mean", "min", "max"):
-            if f"grad_{k}" in reply.scalars:
-                row[f"bits/cut/grad/{k}"] = reply.scalars[f"grad_{k}"]
-        bounds: Any = self.model.bottom.boundaries
-        for i, b in enumerate(bounds):
-            row |= _stats_row(f"bits/b{i}/act", b.act_q) | _stats_row(f"bits/b{i}/grad", b.grad_q)
-        return row
+        return float(reply.scalars.get("loss", float("nan")))
 
-    @staticmethod
-    def _name(conn: SplitConnection) -> str:
-        return str(getattr(conn, "client_id", ""))
+    def state_dict(self) -> dict[str, Any]:
+        return {"act_q": self.act_q.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "act_q" in state:
+            self.act_q.load_state_dict(state["act_q"])
 
 
 def packed_nbytes(p: PackedTensor) -> int:
     """Payload + declared metadata of one packed tensor."""
     return p.payload_nbytes + p.metadata_nbytes
-
-
-class LoopbackSplitConnection:
-    """In-process :class:`SplitConnection`: messages go through the real wire framing (serialize,
-    chunk, reassemble, validate) and bytes are counted as the gRPC transport counts them, frames'
-    ``ByteSize()`` (plus TaskRequest / Ack for the FedAvg exchange)."""
-
-    def __init__(self, server: SplitServer, client_id: str) -> None:
-        from fedq.wire.limits import WireLimits
-
-        self.server = server
-        self.client_id = client_id
-        self.limits = WireLimits()
-        self.bytes_sent = 0
-        self.bytes_received = 0
-
-    def _roundtrip(self, msg: WireMessage) -> tuple[WireMessage, int]:
-        from fedq.wire.message import message_from_frames, message_to_frames
-
-        frames = list(message_to_frames(msg, self.limits.chunk_size))
-        return message_from_frames(frames, self.limits), sum(f.ByteSize() for f in frames)
-
-    def get_task(self, round: int) -> WireMessage:
-        from fedq.wire.pb import service_pb2
-
-        self.bytes_sent += service_pb2.TaskRequest(client_id=self.client_id, round=round).ByteSize()
-        reply, n = self._roundtrip(self.server.get_task(self.client_id, round))
-        self.bytes_received += n
-        return reply
-
-    def push_update(self, msg: WireMessage) -> int:
-        from fedq.wire.pb import service_pb2
-
-        decoded, n = self._roundtrip(msg)
-        self.server.push_update(decoded)
-        self.bytes_sent += n
-        self.bytes_received += service_pb2.Ack(accepted=True, bytes_received=n).ByteSize()
-        return n
-
-    def split_step(self, msg: WireMessage) -> WireMessage:
-        decoded, up = self._roundtrip(msg)
-        reply, down = self._roundtrip(self.server.split_step(decoded))
-        self.bytes_sent += up
-        self.bytes_received += down
-        return reply

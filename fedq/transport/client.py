@@ -1,4 +1,9 @@
-"""gRPC client for fedq: pull tasks, push updates, run split steps, over one reused channel.
+"""gRPC client for fedq: register, follow the work stream, pull tasks, push updates, run split
+steps, over one reused channel.
+
+A client authenticates as a principal (``client_id``: its own id, or a simulation worker's) and
+every message names the logical client it is for; ``counters`` counts the bytes per logical
+client exactly as the server counts them, ``bytes_sent`` / ``bytes_received`` in total.
 
 Every call streams 1 MiB frames (docs/platform.md §4: fastest over gRPC, and below its 4 MiB default
 message cap, so no channel options are needed). Failures of the call come back as
@@ -13,15 +18,24 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedq.errors import TransportError
-from fedq.transport.counters import CountingFrames
+from fedq.transport.counters import ByteCounter, CountingFrames
 from fedq.transport.security import TlsConfig, client_metadata
 from fedq.transport.server import FEDERATED_SERVICE, check_chunk_size
 from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames, read_message
+from fedq.wire.control import (
+    Joined,
+    Registration,
+    WorkItem,
+    joined_from_proto,
+    registration_to_proto,
+    work_item_from_proto,
+)
 from fedq.wire.pb import service_pb2, service_pb2_grpc
 from fedq.wire.pb import tensor_pb2 as pb
 
@@ -61,7 +75,9 @@ class _SplitStream:
         try:
             reply = read_message(self._received, self._client.limits)
         finally:
-            self._client._count(sent=self._sent.take(), received=self._received.take())
+            self._client._count(
+                msg.client_id, sent=self._sent.take(), received=self._received.take()
+            )
         if reply is None:
             raise TransportError("UNAVAILABLE", "split stream closed by the server")
         return reply
@@ -71,9 +87,34 @@ class _SplitStream:
         self._calls.cancel()
 
 
+class WorkStream:
+    """The principal's open ``Work`` stream: iterate for :class:`~fedq.wire.control.WorkItem`;
+    ``cancel()`` closes it (from any thread). A broken stream raises TransportError."""
+
+    def __init__(self, call: Any, client: TransportClient) -> None:
+        self._call = call
+        self._client = client
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        try:
+            for msg in self._call:
+                self._client._count(None, received=msg.ByteSize())
+                yield work_item_from_proto(msg)
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.CANCELLED and self._cancelled:
+                return
+            raise _transport_error(e) from e
+
+    _cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()
+
+
 class TransportClient:
-    """A client of one fedq server. Not meant for concurrent calls from several threads, except that
-    counters are thread-safe. ``bytes_sent``/``bytes_received`` count like the server does."""
+    """A client of one fedq server. Not meant for concurrent calls from several threads, except
+    that the counters are thread-safe and the work stream may be read in its own thread."""
 
     def __init__(
         self,
@@ -86,15 +127,17 @@ class TransportClient:
         timeout: float = 120.0,
     ) -> None:
         self.target = target
-        self.client_id = client_id
+        self.client_id = client_id  # the principal
         self.limits = limits or WireLimits()
         check_chunk_size(self.limits)
         self.timeout = timeout
         self._metadata = client_metadata(client_id, token)
+        # keepalive pings notice a server that vanished while a long-lived stream is idle
+        options: list[tuple[str, Any]] = [("grpc.keepalive_time_ms", 20_000),
+                                          ("grpc.keepalive_timeout_ms", 10_000)]  # fmt: skip
         if tls is None:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(target, options)
         else:
-            options = []
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.secure_channel(target, tls.channel_credentials(), options)
@@ -106,11 +149,33 @@ class TransportClient:
         self._split: _SplitStream | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.counters = ByteCounter()
 
-    def _count(self, *, sent: int = 0, received: int = 0) -> None:
+    def _count(self, client_id: str | None, *, sent: int = 0, received: int = 0) -> None:
+        """Count a call's bytes: under the logical client it was for (``None``: control plane,
+        under the principal)."""
         with self._lock:
             self.bytes_sent += sent
             self.bytes_received += received
+        self.counters.add(client_id or self.client_id, up=sent, down=received,
+                          control=client_id is None)  # fmt: skip
+
+    def register(self, reg: Registration) -> Joined:
+        """Register this principal's logical clients with the server."""
+        request = registration_to_proto(reg)
+        self._count(None, sent=request.ByteSize())
+        try:
+            reply = self._federated.Register(request, metadata=self._metadata, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise _transport_error(e) from e
+        self._count(None, received=reply.ByteSize())
+        return joined_from_proto(reply)
+
+    def work(self, run_id: str) -> WorkStream:
+        """Open the work stream of ``run_id`` (no deadline: it lives as long as the run)."""
+        request = service_pb2.WorkRequest(run_id=run_id)
+        self._count(None, sent=request.ByteSize())
+        return WorkStream(self._federated.Work(request, metadata=self._metadata), self)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until the server's health service reports the Federated service SERVING."""
@@ -123,10 +188,12 @@ class TransportClient:
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
             raise TransportError("UNAVAILABLE", f"server {self.target} is {status}")
 
-    def get_task(self, round: int) -> WireMessage:
-        """Download this client's task (global parameters and instructions) for ``round``."""
-        request = service_pb2.TaskRequest(client_id=self.client_id, round=round)
-        self._count(sent=request.ByteSize())
+    def get_task(self, round: int, client_id: str | None = None) -> WireMessage:
+        """Download the task of logical client ``client_id`` (default: the principal itself) for
+        ``round``: the global parameters or client state and its instructions."""
+        cid = client_id or self.client_id
+        request = service_pb2.TaskRequest(client_id=cid, round=round)
+        self._count(cid, sent=request.ByteSize())
         call = self._federated.GetTask(request, metadata=self._metadata, timeout=self.timeout)
         frames = CountingFrames(call)
         try:
@@ -137,7 +204,7 @@ class TransportClient:
             call.cancel()
             raise
         finally:
-            self._count(received=frames.nbytes)
+            self._count(cid, received=frames.nbytes)
 
     def push_update(self, msg: WireMessage) -> int:
         """Upload ``msg``; returns the bytes sent (the sum of the frames' serialized sizes)."""
@@ -149,8 +216,8 @@ class TransportClient:
         except grpc.RpcError as e:
             raise _transport_error(e) from e
         finally:
-            self._count(sent=sent.nbytes)
-        self._count(received=ack.ByteSize())
+            self._count(msg.client_id, sent=sent.nbytes)
+        self._count(msg.client_id, received=ack.ByteSize())
         if not ack.accepted:
             raise TransportError("REJECTED", ack.reason)
         if ack.bytes_received != sent.nbytes:

@@ -16,18 +16,24 @@ from fedq.wire.pb import tensor_pb2 as pb
 
 
 class ByteCounter:
-    """Thread-safe per-client totals of ``bytes_up`` (client to server) and ``bytes_down``."""
+    """Thread-safe per-client totals of ``bytes_up`` (client to server) and ``bytes_down``.
+
+    Data-plane messages (tasks, updates, split steps) count under the logical client they are
+    for; control-plane messages (registration, the work stream) under the principal that sent
+    them, separately (``control_up`` / ``control_down``), so a round's data bytes do not depend on
+    how clients are grouped into processes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._clients: dict[str, list[int]] = {}
+        self._control: dict[str, list[int]] = {}
 
-    def add(self, client_id: str, *, up: int = 0, down: int = 0) -> None:
+    def add(self, client_id: str, *, up: int = 0, down: int = 0, control: bool = False) -> None:
         """Add bytes for ``client_id`` ("" when the peer could not be identified)."""
         if not up and not down:
             return
         with self._lock:
-            row = self._clients.setdefault(client_id, [0, 0])
+            row = (self._control if control else self._clients).setdefault(client_id, [0, 0])
             row[0] += up
             row[1] += down
 
@@ -47,22 +53,27 @@ class ByteCounter:
             "bytes_up": sum(r[0] for r in self._clients.values()),
             "bytes_down": sum(r[1] for r in self._clients.values()),
             "clients": clients,
+            "control_up": sum(r[0] for r in self._control.values()),
+            "control_down": sum(r[1] for r in self._control.values()),
         }
 
     def snapshot(self) -> dict[str, Any]:
-        """``{"bytes_up", "bytes_down", "clients": {client_id: {"bytes_up", "bytes_down"}}}``."""
+        """``{"bytes_up", "bytes_down", "clients": {client_id: {"bytes_up", "bytes_down"}},
+        "control_up", "control_down"}``."""
         with self._lock:
             return self._snapshot_locked()
 
     def reset(self) -> None:
         with self._lock:
             self._clients.clear()
+            self._control.clear()
 
     def take(self) -> dict[str, Any]:
         """Snapshot and reset atomically: per-round metrics lose no bytes between the two."""
         with self._lock:
             snap = self._snapshot_locked()
             self._clients.clear()
+            self._control.clear()
             return snap
 
 

@@ -1,10 +1,13 @@
 """gRPC server for fedq: the ``Federated`` and ``Split`` services plus standard gRPC health.
 
-The server is a thin shell around a plain handler object (the federated runtime), so the same
-handler runs in-process in tests. Failures travel as status codes with a reason, never as
-exceptions: malformed input is INVALID_ARGUMENT, a handler's :class:`~fedq.errors.FedqError`
-FAILED_PRECONDITION, a bad token UNAUTHENTICATED, anything else INTERNAL (logged); each ends one
-RPC only, and the server keeps serving.
+The server is a thin shell around a plain handler object (the round engine), so the same handler
+runs in-process in tests. Callers authenticate as a *principal* (a client id, or a simulation
+worker hosting several logical clients, ``hosts``); every message names the logical client it is
+for, which must be one the principal hosts. Failures travel as status codes with a reason, never
+as exceptions: malformed input is INVALID_ARGUMENT, a handler's :class:`~fedq.errors.FedqError`
+FAILED_PRECONDITION, a bad token UNAUTHENTICATED, a client the principal does not host
+PERMISSION_DENIED, anything else INTERNAL (logged); each ends one RPC only, and the server keeps
+serving.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ from __future__ import annotations
 import enum
 import functools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping
 from concurrent import futures
 from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
 
@@ -29,6 +33,14 @@ from fedq.transport.security import (
     format_address,
 )
 from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames, read_message
+from fedq.wire.control import (
+    Joined,
+    Registration,
+    WorkItem,
+    joined_to_proto,
+    registration_from_proto,
+    work_item_to_proto,
+)
 from fedq.wire.pb import service_pb2, service_pb2_grpc
 from fedq.wire.pb import tensor_pb2 as pb
 
@@ -43,11 +55,24 @@ MAX_CHUNK_SIZE = 3 << 20
 
 
 class FederatedHandler(Protocol):
-    """What the federated runtime implements; called from gRPC worker threads."""
+    """Tasks and updates; called from gRPC worker threads (the handler must be thread-safe)."""
 
     def get_task(self, client_id: str, round: int) -> WireMessage: ...
 
     def push_update(self, msg: WireMessage) -> None: ...
+
+
+@runtime_checkable
+class RoundHandler(Protocol):
+    """Optional: a handler that runs the round loop (the round engine) also gets ``Register`` and
+    ``Work``. Both get the authenticated principal; ``work`` yields the principal's work items
+    until the run is over or ``closed`` is set (the caller went away), and returns soon after."""
+
+    def register(self, principal: str, reg: Registration) -> Joined: ...
+
+    def work(
+        self, principal: str, run_id: str, closed: threading.Event
+    ) -> Generator[WorkItem, None, None]: ...
 
 
 @runtime_checkable
@@ -89,11 +114,13 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         limits: WireLimits,
         tokens: Mapping[str, str] | None,
         counters: ByteCounter,
+        hosts: Mapping[str, Collection[str]] | None = None,
     ) -> None:
         self._handler = handler
         self._limits = limits
         self._tokens = tokens
         self._counters = counters
+        self._hosts = hosts
 
     # -- helpers ---------------------------------------------------------------------------------
     def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> NoReturn:
@@ -108,10 +135,20 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
             self._abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
 
     def _check_client(self, context: grpc.ServicerContext, authed: str | None, claimed: str) -> str:
-        if authed is not None and claimed != authed:
-            reason = f"client_id {claimed[:80]!r} does not match the authenticated client"
+        """``claimed`` if the authenticated principal may act for it (itself, or a client it
+        hosts); without authentication any named client is taken as it is."""
+        if authed is None or claimed == authed:
+            return claimed
+        if self._hosts is None or claimed not in self._hosts.get(authed, ()):
+            reason = f"client_id {claimed[:80]!r} is not hosted by the authenticated principal"
             self._abort(context, grpc.StatusCode.PERMISSION_DENIED, reason)
         return claimed
+
+    def _principal(self, context: grpc.ServicerContext, authed: str | None) -> str:
+        if authed is None:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        "missing x-fedq-client metadata: who is calling?")  # fmt: skip
+        return authed
 
     def _run(self, context: grpc.ServicerContext, phase: _Phase, fn: Callable[[], T]) -> T:
         try:
@@ -133,7 +170,52 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         yield self._run(context, _Phase.ENCODE, lambda: next(frames))  # serializes every tensor
         yield from frames
 
-    # -- Federated -------------------------------------------------------------------------------
+    # -- Federated: the round protocol ------------------------------------------------------------
+    def _rounds(self, context: grpc.ServicerContext) -> RoundHandler:
+        if not isinstance(self._handler, RoundHandler):
+            self._abort(context, grpc.StatusCode.UNIMPLEMENTED, "this server runs no rounds")
+        return self._handler
+
+    def Register(
+        self, request: service_pb2.RegisterRequest, context: grpc.ServicerContext
+    ) -> service_pb2.RegisterReply:
+        principal = self._principal(context, self._auth(context))
+        rounds = self._rounds(context)
+        self._counters.add(principal, up=request.ByteSize(), control=True)
+        reg = self._run(
+            context, _Phase.DECODE, lambda: registration_from_proto(request, self._limits)
+        )
+        for c in reg.clients:
+            self._check_client(context, principal, c.client_id)
+        joined = self._run(context, _Phase.HANDLER, lambda: rounds.register(principal, reg))
+        reply = self._run(context, _Phase.ENCODE, lambda: joined_to_proto(joined))
+        self._counters.add(principal, down=reply.ByteSize(), control=True)
+        return reply
+
+    def Work(
+        self, request: service_pb2.WorkRequest, context: grpc.ServicerContext
+    ) -> Iterator[service_pb2.WorkItem]:
+        principal = self._principal(context, self._auth(context))
+        rounds = self._rounds(context)
+        self._counters.add(principal, up=request.ByteSize(), control=True)
+        closed = threading.Event()
+        context.add_callback(closed.set)
+        items = self._run(
+            context, _Phase.HANDLER, lambda: rounds.work(principal, request.run_id[:200], closed)
+        )
+        try:
+            while True:
+                item = self._run(context, _Phase.HANDLER, lambda: next(items, None))
+                if item is None:
+                    return
+                reply = work_item_to_proto(item)
+                self._counters.add(principal, down=reply.ByteSize(), control=True)
+                yield reply
+        finally:
+            closed.set()
+            items.close()
+
+    # -- Federated: tasks and updates -----------------------------------------------------------
     def GetTask(
         self, request: service_pb2.TaskRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.Frame]:
@@ -197,9 +279,9 @@ class TransportServer:
     """Serves a handler over gRPC (see module docstring). Use as a context manager or call
     :meth:`start` / :meth:`stop`. ``counters`` holds the bytes that crossed, per client.
 
-    Each in-flight call holds one of ``max_workers`` threads, and an open split stream holds one
-    for its whole life: size ``max_workers`` above the number of concurrently connected split
-    clients. The handler is called from those threads and must be thread-safe.
+    Each in-flight call holds one of ``max_workers`` threads, and an open work stream or split
+    stream holds one for its whole life: size ``max_workers`` above twice the number of
+    connected principals. The handler is called from those threads and must be thread-safe.
     """
 
     def __init__(
@@ -210,6 +292,7 @@ class TransportServer:
         port: int = 0,
         limits: WireLimits | None = None,
         tokens: Mapping[str, str] | None = None,
+        hosts: Mapping[str, Collection[str]] | None = None,
         tls: TlsConfig | None = None,
         max_workers: int = 8,
         allow_insecure: bool = False,
@@ -222,6 +305,7 @@ class TransportServer:
         self.counters = ByteCounter()
         self._handler = handler
         self._tokens = dict(tokens) if tokens is not None else None
+        self._hosts = {p: frozenset(c) for p, c in hosts.items()} if hosts is not None else None
         self._tls = tls
         self._max_workers = max_workers
         self._server: grpc.Server | None = None
@@ -241,7 +325,7 @@ class TransportServer:
             raise FedqError("transport server already started")
         pool = futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="fedq-grpc")
         server = grpc.server(pool)
-        servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters)
+        servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters, self._hosts)
         service_pb2_grpc.add_FederatedServicer_to_server(servicer, server)
         services = ["", FEDERATED_SERVICE]
         if self.serves_split:

@@ -25,6 +25,8 @@ class WireLimits:
     max_rank: int = 8
     #: Bytes of one message's serialized bundle (the payload that is chunked over the stream).
     max_payload_bytes: int = 8 << 30
+    #: Logical clients one principal may register (a simulation worker hosts many).
+    max_clients_per_principal: int = 100_000
     #: Bytes of tensor data per Chunk frame when *sending*; 1 MiB streams fastest over gRPC
     #: (see docs/platform.md §4) and keeps every frame well under gRPC's 4 MiB default message cap.
     chunk_size: int = 1 << 20
@@ -37,6 +39,7 @@ class WireLimits:
                 "max_tensors",
                 "max_rank",
                 "max_payload_bytes",
+                "max_clients_per_principal",
                 "chunk_size",
             )
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0

@@ -17,6 +17,7 @@ from fedq.codec.packed import FORMAT_VERSION, PackedTensor
 from fedq.errors import WireFormatError
 from fedq.wire.limits import WireLimits
 from fedq.wire.pb import tensor_pb2 as pb
+from fedq.wire.protowire import encode_varint
 from fedq.wire.serde import bundle_from_bytes, bundle_pieces
 
 
@@ -25,7 +26,8 @@ class WireMessage:
     """One logical message of the protocol (a task, an update, activations, gradients, ...).
 
     ``kind`` says what it is ("global", "update", "activations", "gradients"),
-    ``scalars`` carry small numbers (num_samples, loss, ...), ``tags`` small strings.
+    ``scalars`` carry small numbers (num_samples, loss, ...), ``tags`` small strings. ``nbytes``
+    is set on a received message: the serialized bytes of the frames it arrived in.
     """
 
     kind: str
@@ -35,6 +37,7 @@ class WireMessage:
     scalars: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     tensors: dict[str, PackedTensor] = field(default_factory=dict)
+    nbytes: int = field(default=0, compare=False)
 
 
 def frame_nbytes(frame: pb.Frame) -> int:
@@ -93,6 +96,23 @@ def message_to_frames(msg: WireMessage, chunk_size: int = 1 << 20) -> Iterator[p
         yield _chunk_frame(offset, b"".join(pending))
 
 
+def message_nbytes(msg: WireMessage, chunk_size: int = 1 << 20) -> int:
+    """The serialized bytes of ``msg``'s frames (what a byte counter adds up when it is sent),
+    computed from the piece lengths without building the chunks."""
+    pieces = bundle_pieces(msg.tensors) if msg.tensors else []
+    total = sum(len(p) for p in pieces)
+    n = pb.Frame(header=_header(msg, total)).ByteSize()
+    for offset in range(0, total, chunk_size):
+        n += _chunk_frame_nbytes(offset, min(chunk_size, total - offset))
+    return n
+
+
+def _chunk_frame_nbytes(offset: int, size: int) -> int:
+    """Serialized size of a Frame holding a Chunk of ``size`` bytes at ``offset``."""
+    body = (1 + len(encode_varint(offset)) if offset else 0) + 1 + len(encode_varint(size)) + size
+    return 1 + len(encode_varint(body)) + body
+
+
 def _chunk_frame(offset: int, data: bytes) -> pb.Frame:
     # Set in place: ``pb.Frame(chunk=pb.Chunk(...))`` copies the chunk message into the frame, which
     # costs more than the rest of the send path for 1 MiB chunks.
@@ -145,9 +165,13 @@ def read_message(frames: Iterator[pb.Frame], limits: WireLimits) -> WireMessage 
     if header is None:
         return None
     buf = bytearray()  # grown as data arrives: the declared size is not trusted for allocation
+    nbytes = pb.Frame(header=header).ByteSize()
     for data in payload_chunks(frames, header.payload_size):
+        nbytes += _chunk_frame_nbytes(len(buf), len(data))
         buf += data
-    return _decode(header, buf, limits)
+    msg = _decode(header, buf, limits)
+    msg.nbytes = nbytes
+    return msg
 
 
 def read_header(frames: Iterator[pb.Frame], limits: WireLimits) -> pb.Header | None:

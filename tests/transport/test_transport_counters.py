@@ -23,7 +23,21 @@ def test_concurrent_adds_are_exact_and_take_resets() -> None:
     snap = counter.take()
     assert snap["clients"]["c0"] == {"bytes_up": 2 * 2000 * 3, "bytes_down": 2 * 2000 * 5}
     assert snap["bytes_up"] == 48_000 and len(snap["clients"]) == 4
-    assert counter.snapshot() == {"bytes_up": 0, "bytes_down": 0, "clients": {}}
+    assert counter.snapshot() == {"bytes_up": 0, "bytes_down": 0, "clients": {},
+                                  "control_up": 0, "control_down": 0}  # fmt: skip
     counter.add("c9", up=1)
     counter.reset()
     assert counter.bytes_up == 0
+
+
+def test_control_plane_bytes_are_kept_apart_from_client_data() -> None:
+    """Registration and work-stream bytes count per principal, outside the clients' data bytes,
+    so a round's data bytes do not depend on how clients are grouped into processes."""
+    counter = ByteCounter()
+    counter.add("client-1", up=10, down=20)
+    counter.add("worker-0", up=7, down=3, control=True)
+    snap = counter.take()
+    assert (snap["bytes_up"], snap["bytes_down"]) == (10, 20)
+    assert (snap["control_up"], snap["control_down"]) == (7, 3)
+    assert set(snap["clients"]) == {"client-1"}
+    assert counter.take()["control_up"] == 0

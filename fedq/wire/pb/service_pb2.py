@@ -25,19 +25,37 @@ _sym_db = _symbol_database.Default()
 from fedq.wire.pb import tensor_pb2 as fedq_dot_wire_dot_pb_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64q/wire/pb/service.proto\x12\x07\x66\x65\x64q.v1\x1a\x19\x66\x65\x64q/wire/pb/tensor.proto\"/\n\x0bTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"?\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x32l\n\tFederated\x12\x31\n\x07GetTask\x12\x14.fedq.v1.TaskRequest\x1a\x0e.fedq.v1.Frame0\x01\x12,\n\nPushUpdate\x12\x0e.fedq.v1.Frame\x1a\x0c.fedq.v1.Ack(\x01\x32\x33\n\x05Split\x12*\n\x04Step\x12\x0e.fedq.v1.Frame\x1a\x0e.fedq.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64q/wire/pb/service.proto\x12\x07\x66\x65\x64q.v1\x1a\x19\x66\x65\x64q/wire/pb/tensor.proto\"/\n\x0bTaskRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\"?\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\"5\n\nClientInfo\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x14\n\x0cnum_examples\x18\x02 \x01(\x04\"\x92\x01\n\x0fRegisterRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x14\n\x0c\x66\x65\x64q_version\x18\x02 \x01(\t\x12\x1b\n\x13wire_format_version\x18\x03 \x01(\r\x12$\n\x07\x63lients\x18\x04 \x03(\x0b\x32\x13.fedq.v1.ClientInfo\x12\x0c\n\x04node\x18\x05 \x01(\t\"\x9c\x02\n\rRegisterReply\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x14\n\x0c\x66\x65\x64q_version\x18\x03 \x01(\t\x12\x1b\n\x13wire_format_version\x18\x04 \x01(\r\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12=\n\x0c\x63lient_index\x18\x06 \x03(\x0b\x32\'.fedq.v1.RegisterReply.ClientIndexEntry\x12\x13\n\x0bnum_classes\x18\x07 \x01(\r\x12\x11\n\tinput_dim\x18\x08 \x01(\r\x1a\x32\n\x10\x43lientIndexEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1d\n\x0bWorkRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"B\n\nAssignment\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x12\n\ndeadline_s\x18\x03 \x01(\x01\"\xb7\x01\n\x08WorkItem\x12(\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32\x18.fedq.v1.WorkItem.Action\x12\"\n\x05tasks\x18\x02 \x03(\x0b\x32\x13.fedq.v1.Assignment\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\x04\">\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x08\n\x04WAIT\x10\x01\x12\x08\n\x04TASK\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x32\xdd\x01\n\tFederated\x12<\n\x08Register\x12\x18.fedq.v1.RegisterRequest\x1a\x16.fedq.v1.RegisterReply\x12\x31\n\x04Work\x12\x14.fedq.v1.WorkRequest\x1a\x11.fedq.v1.WorkItem0\x01\x12\x31\n\x07GetTask\x12\x14.fedq.v1.TaskRequest\x1a\x0e.fedq.v1.Frame0\x01\x12,\n\nPushUpdate\x12\x0e.fedq.v1.Frame\x1a\x0c.fedq.v1.Ack(\x01\x32\x33\n\x05Split\x12*\n\x04Step\x12\x0e.fedq.v1.Frame\x1a\x0e.fedq.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedq.wire.pb.service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REGISTERREPLY_CLIENTINDEXENTRY']._loaded_options = None
+  _globals['_REGISTERREPLY_CLIENTINDEXENTRY']._serialized_options = b'8\001'
   _globals['_TASKREQUEST']._serialized_start=66
   _globals['_TASKREQUEST']._serialized_end=113
   _globals['_ACK']._serialized_start=115
   _globals['_ACK']._serialized_end=178
-  _globals['_FEDERATED']._serialized_start=180
-  _globals['_FEDERATED']._serialized_end=288
-  _globals['_SPLIT']._serialized_start=290
-  _globals['_SPLIT']._serialized_end=341
+  _globals['_CLIENTINFO']._serialized_start=180
+  _globals['_CLIENTINFO']._serialized_end=233
+  _globals['_REGISTERREQUEST']._serialized_start=236
+  _globals['_REGISTERREQUEST']._serialized_end=382
+  _globals['_REGISTERREPLY']._serialized_start=385
+  _globals['_REGISTERREPLY']._serialized_end=669
+  _globals['_REGISTERREPLY_CLIENTINDEXENTRY']._serialized_start=619
+  _globals['_REGISTERREPLY_CLIENTINDEXENTRY']._serialized_end=669
+  _globals['_WORKREQUEST']._serialized_start=671
+  _globals['_WORKREQUEST']._serialized_end=700
+  _globals['_ASSIGNMENT']._serialized_start=702
+  _globals['_ASSIGNMENT']._serialized_end=768
+  _globals['_WORKITEM']._serialized_start=771
+  _globals['_WORKITEM']._serialized_end=954
+  _globals['_WORKITEM_ACTION']._serialized_start=892
+  _globals['_WORKITEM_ACTION']._serialized_end=954
+  _globals['_FEDERATED']._serialized_start=957
+  _globals['_FEDERATED']._serialized_end=1178
+  _globals['_SPLIT']._serialized_start=1180
+  _globals['_SPLIT']._serialized_end=1231
 # @@protoc_insertion_point(module_scope)

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class FederatedStub:
-    """Federated rounds: a client pulls its task (the global parameters) and pushes its update.
+    """Federated and split rounds alike: register, keep a work stream open, and for each task pull its
+    input (the global parameters or the client state) and push the result.
     """
 
     def __init__(self, channel):
@@ -36,6 +37,16 @@ class FederatedStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Register = channel.unary_unary(
+                '/fedq.v1.Federated/Register',
+                request_serializer=fedq_dot_wire_dot_pb_dot_service__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=fedq_dot_wire_dot_pb_dot_service__pb2.RegisterReply.FromString,
+                _registered_method=True)
+        self.Work = channel.unary_stream(
+                '/fedq.v1.Federated/Work',
+                request_serializer=fedq_dot_wire_dot_pb_dot_service__pb2.WorkRequest.SerializeToString,
+                response_deserializer=fedq_dot_wire_dot_pb_dot_service__pb2.WorkItem.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_stream(
                 '/fedq.v1.Federated/GetTask',
                 request_serializer=fedq_dot_wire_dot_pb_dot_service__pb2.TaskRequest.SerializeToString,
@@ -49,8 +60,25 @@ class FederatedStub:
 
 
 class FederatedServicer:
-    """Federated rounds: a client pulls its task (the global parameters) and pushes its update.
+    """Federated and split rounds alike: register, keep a work stream open, and for each task pull its
+    input (the global parameters or the client state) and push the result.
     """
+
+    def Register(self, request, context):
+        """Unary. FAILED_PRECONDITION with a reason on a protocol or wire-format mismatch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Work(self, request, context):
+        """Server-streaming and long-lived: the server sends a WorkItem whenever the principal's work
+        changes and ends the stream after DONE. While it is open the principal's clients count as
+        available; a stream that breaks drops them from the open round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def GetTask(self, request, context):
         """Server-streaming: the reply is one message of kind "global" (Header, then Chunks).
@@ -69,6 +97,16 @@ class FederatedServicer:
 
 def add_FederatedServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=fedq_dot_wire_dot_pb_dot_service__pb2.RegisterRequest.FromString,
+                    response_serializer=fedq_dot_wire_dot_pb_dot_service__pb2.RegisterReply.SerializeToString,
+            ),
+            'Work': grpc.unary_stream_rpc_method_handler(
+                    servicer.Work,
+                    request_deserializer=fedq_dot_wire_dot_pb_dot_service__pb2.WorkRequest.FromString,
+                    response_serializer=fedq_dot_wire_dot_pb_dot_service__pb2.WorkItem.SerializeToString,
+            ),
             'GetTask': grpc.unary_stream_rpc_method_handler(
                     servicer.GetTask,
                     request_deserializer=fedq_dot_wire_dot_pb_dot_service__pb2.TaskRequest.FromString,
@@ -88,8 +126,63 @@ def add_FederatedServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Federated:
-    """Federated rounds: a client pulls its task (the global parameters) and pushes its update.
+    """Federated and split rounds alike: register, keep a work stream open, and for each task pull its
+    input (the global parameters or the client state) and push the result.
     """
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedq.v1.Federated/Register',
+            fedq_dot_wire_dot_pb_dot_service__pb2.RegisterRequest.SerializeToString,
+            fedq_dot_wire_dot_pb_dot_service__pb2.RegisterReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Work(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedq.v1.Federated/Work',
+            fedq_dot_wire_dot_pb_dot_service__pb2.WorkRequest.SerializeToString,
+            fedq_dot_wire_dot_pb_dot_service__pb2.WorkItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def GetTask(request,

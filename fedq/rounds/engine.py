@@ -1,0 +1,452 @@
+"""The server's round loop, shared by federated and split mode, simulation and deployment.
+
+:class:`RoundEngine` is the transport's handler (``Register``, ``Work``, ``GetTask``,
+``PushUpdate``, split ``Step``) and runs the loop in its own thread:
+
+1. wait until ``fed.min_clients`` registered clients are *available* (their principal's work
+   stream is open);
+2. stop if the privacy budget allows no further round; else select ``clients_per_round`` of the
+   available clients that stay within the budget (:func:`~fedq.rounds.roster.select_clients`) and
+   charge their privacy before anything is released;
+3. publish the tasks (each principal's work stream gets a TASK item for its selected clients);
+4. collect uploads until every selected client delivered or was dropped (its work stream broke,
+   a step failed) or the deadline ``fed.round_timeout_s`` passed;
+5. close the round all or nothing: applied only with at least ``fed.min_clients`` updates; an
+   update arriving later is refused and never counted.
+
+Split steps run in one fixed order: the selected clients take their turns in roster order, each
+all its steps of the round (SFL-V2's "clients take turns"; a process hosting several clients runs
+them in that order anyway). Whatever the timing, the shared server top sees the same sequence, so
+split runs are reproducible, and a client that vanishes mid-turn leaves the top as it was after
+its last whole step while the next client takes over.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedq import __version__
+from fedq.codec.packed import FORMAT_VERSION
+from fedq.config import RunConfig
+from fedq.errors import FedqError, PrivacyBudgetExceeded
+from fedq.rounds.roster import select_clients
+from fedq.rounds.workload import Hooks, Member, StepWorkload, Update, Workload
+from fedq.wire.control import PROTOCOL_VERSION, Assignment, Joined, Registration, WorkItem
+from fedq.wire.message import WireMessage
+
+log = logging.getLogger(__name__)
+
+#: How often a waiting thread re-checks what it waits for (stop, deadline, a closed stream).
+_TICK = 0.5
+
+
+@dataclass
+class _Open:
+    """The open round."""
+
+    index: int
+    selected: list[Member]
+    deadline: float  # time.monotonic() after which undelivered clients are dropped
+    opened: float
+    updates: dict[str, Update] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)  # split: steps taken per client
+
+    def member(self, client_id: str) -> Member | None:
+        return next((m for m in self.selected if m.client_id == client_id), None)
+
+    def active(self) -> list[Member]:
+        return [m for m in self.selected
+                if m.client_id not in self.updates and m.client_id not in self.dropped]  # fmt: skip
+
+    def complete(self) -> bool:
+        return not self.active()
+
+
+class RoundEngine:
+    """Registration, liveness, selection, privacy charging, deadlines and all-or-nothing rounds
+    (module docstring). ``roster`` is every client id the run knows, in order: its position is
+    each client's index (seeds, selection)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        workload: Workload,
+        roster: Sequence[str],
+        *,
+        run_id: str,
+        config_json: str,
+        num_classes: int,
+        input_dim: int,
+        hooks: Hooks | None = None,
+    ) -> None:
+        if len(set(roster)) != len(roster) or not roster:
+            raise FedqError("the roster must list distinct client ids")
+        self.cfg = cfg
+        self.workload = workload
+        self.roster = list(roster)
+        self.index = {cid: i for i, cid in enumerate(self.roster)}
+        self.run_id = run_id
+        self.hooks = hooks
+        self._config_json = config_json
+        self._num_classes, self._input_dim = int(num_classes), int(input_dim)
+        self._cv = threading.Condition()
+        self._members: dict[str, Member] = {}
+        self._owner: dict[str, str] = {}  # client id -> principal hosting it
+        self._streams: dict[str, int] = {}  # principal -> open work streams
+        self._round: _Open | None = None
+        self._waiting = "starting"
+        self._current = 0
+        self.next_round = 0
+        self._done: str | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------ registration and liveness
+    def register(self, principal: str, reg: Registration) -> Joined:
+        if reg.protocol_version != PROTOCOL_VERSION:
+            raise FedqError(
+                f"this server speaks round protocol {PROTOCOL_VERSION} (fedq {__version__}); "
+                f"the client speaks {reg.protocol_version} (fedq {reg.fedq_version or '?'}): "
+                "install the same fedq release on both sides"
+            )
+        if reg.wire_format_version != FORMAT_VERSION:
+            raise FedqError(
+                f"this server reads wire format {FORMAT_VERSION} (fedq {__version__}); the client "
+                f"writes {reg.wire_format_version} (fedq {reg.fedq_version or '?'}): install the "
+                "same fedq release on both sides"
+            )
+        unknown = [c.client_id for c in reg.clients if c.client_id not in self.index]
+        if unknown:
+            raise FedqError(f"unknown client ids {unknown[:3]}: not in this run's roster")
+        with self._cv:
+            for c in reg.clients:
+                owner = self._owner.get(c.client_id)
+                if owner is not None and owner != principal and self._streams.get(owner, 0):
+                    raise FedqError(f"{c.client_id} is already connected from another process")
+            for c in reg.clients:
+                self._members[c.client_id] = Member(c.client_id, self.index[c.client_id],
+                                                    c.num_examples)  # fmt: skip
+                self._owner[c.client_id] = principal
+            self._cv.notify_all()
+        log.info("%s registered %d client(s) from %s", principal, len(reg.clients),
+                 reg.node or "?")  # fmt: skip
+        return Joined(
+            run_id=self.run_id,
+            config_json=self._config_json,
+            client_index={c.client_id: self.index[c.client_id] for c in reg.clients},
+            num_classes=self._num_classes,
+            input_dim=self._input_dim,
+            fedq_version=__version__,
+        )
+
+    def work(
+        self, principal: str, run_id: str, closed: threading.Event
+    ) -> Generator[WorkItem, None, None]:
+        """The principal's work items, each sent when it changes (module docstring)."""
+        if run_id != self.run_id:
+            raise FedqError(f"run {run_id[:40]!r} is not this server's run: register again")
+        with self._cv:
+            if not any(p == principal for p in self._owner.values()):
+                raise FedqError(f"{principal} has not registered with run {self.run_id}")
+            self._streams[principal] = self._streams.get(principal, 0) + 1
+            self._cv.notify_all()
+        last: tuple[Any, ...] | None = None
+        try:
+            while not closed.is_set():
+                with self._cv:
+                    item, key = self._item_for(principal)
+                    if key == last:
+                        self._cv.wait(_TICK)
+                        continue
+                last = key
+                yield item
+                if item.action == "done":
+                    return
+        finally:
+            with self._cv:
+                self._streams[principal] -= 1
+                if not self._streams[principal]:
+                    self._lost(principal, "its work stream closed")
+                self._cv.notify_all()
+
+    def _item_for(self, principal: str) -> tuple[WorkItem, tuple[Any, ...]]:
+        if self._done is not None:
+            return WorkItem("done", self._current, reason=self._done), ("done",)
+        rnd = self._round
+        if rnd is None:
+            return (WorkItem("wait", self._current, reason=self._waiting),
+                    ("wait", self._current, self._waiting))  # fmt: skip
+        mine = [m for m in rnd.active() if self._owner.get(m.client_id) == principal]
+        if mine:  # sent once per round and stream: delivering a task does not re-send the rest
+            left = max(0.0, rnd.deadline - time.monotonic())
+            tasks = tuple(Assignment(m.client_id, rnd.index, left) for m in mine)
+            return WorkItem("task", rnd.index, tasks), ("task", rnd.index)
+        reason = f"round {rnd.index} is open; no task for this process"
+        return WorkItem("wait", rnd.index, reason=reason), ("task", rnd.index)
+
+    def _lost(self, principal: str, why: str) -> None:
+        """``principal``'s clients are no longer available; drop them from the open round."""
+        rnd = self._round
+        if rnd is None:
+            return
+        for m in rnd.active():
+            if self._owner.get(m.client_id) == principal:
+                rnd.dropped[m.client_id] = why
+                log.warning("round %d: %s dropped (%s)", rnd.index, m.client_id, why)
+
+    def available(self) -> list[Member]:
+        """Registered clients whose principal has a work stream open, in roster order."""
+        with self._cv:
+            return self._available()
+
+    def _available(self) -> list[Member]:
+        alive = [m for cid, m in self._members.items() if self._streams.get(self._owner[cid], 0)]
+        return sorted(alive, key=lambda m: m.index)
+
+    def wait_available(self, n: int, timeout: float) -> int:
+        """Block until ``n`` clients are available (or ``timeout``); returns how many are."""
+        end = time.monotonic() + timeout
+        with self._cv:
+            while len(self._available()) < n and time.monotonic() < end:
+                self._cv.wait(min(_TICK, max(end - time.monotonic(), 0.0)))
+            return len(self._available())
+
+    # ------------------------------------------------------------------ tasks, updates, steps
+    def _selected(self, client_id: str, r: int) -> tuple[_Open, Member]:
+        """The open round and ``client_id``'s membership in it (caller holds the lock)."""
+        rnd = self._round
+        if rnd is None or rnd.index != r:
+            current = None if rnd is None else rnd.index
+            raise FedqError(f"round {r} is not open (open round: {current})")
+        member = rnd.member(client_id)
+        if member is None:
+            raise FedqError(f"{client_id} is not selected in round {r}")
+        if client_id in rnd.dropped:
+            raise FedqError(f"{client_id} was dropped from round {r}: {rnd.dropped[client_id]}")
+        if client_id in rnd.updates:
+            raise FedqError(f"{client_id} already delivered its update for round {r}")
+        return rnd, member
+
+    def get_task(self, client_id: str, round: int) -> WireMessage:
+        with self._cv:
+            _, member = self._selected(client_id, round)
+        return self.workload.task(round, member)
+
+    def push_update(self, msg: WireMessage) -> None:
+        """Validate and keep one client's upload for the open round; FedqError (nothing kept)
+        if it is late, duplicate, unassigned or malformed."""
+        if msg.kind != "update":
+            raise FedqError(f"expected an 'update' message, got {msg.kind!r}")
+        with self._cv:
+            rnd, member = self._selected(msg.client_id, msg.round)
+            spr = self._steps_per_round()
+            if spr and rnd.steps.get(member.client_id, 0) != spr:
+                done = rnd.steps.get(member.client_id, 0)
+                raise FedqError(f"{member.client_id} uploaded after {done} of {spr} steps")
+        update = self.workload.accept(msg.round, member, msg)
+        with self._cv:
+            rnd, member = self._selected(msg.client_id, msg.round)  # still open, still in it
+            rnd.updates[member.client_id] = update
+            self._cv.notify_all()
+
+    def _steps_per_round(self) -> int:
+        w = self.workload
+        return w.steps_per_round if isinstance(w, StepWorkload) else 0
+
+    def split_step(self, msg: WireMessage) -> WireMessage:
+        """One split step of a selected client, run in the round's fixed step order."""
+        w = self.workload
+        if not isinstance(w, StepWorkload):
+            raise FedqError("this run has no split steps")
+        with self._cv:
+            rnd, member = self._selected(msg.client_id, msg.round)
+            local = msg.step - msg.round * w.steps_per_round
+            done = rnd.steps.get(member.client_id, 0)
+            if local != done:
+                raise FedqError(
+                    f"{member.client_id}: step {msg.step} out of order (expected step "
+                    f"{msg.round * w.steps_per_round + done} of round {msg.round})"
+                )
+            while True:  # wait for the clients before this one to finish their turns
+                if self._round is not rnd or member.client_id in rnd.dropped:
+                    raise FedqError(f"{member.client_id} is no longer in round {msg.round}")
+                earlier = [m for m in rnd.active() if m.index < member.index
+                           and rnd.steps.get(m.client_id, 0) < w.steps_per_round]  # fmt: skip
+                if not earlier:
+                    break
+                self._cv.wait(_TICK)
+        try:
+            reply = w.step(msg.round, member, msg)
+        except Exception as e:
+            with self._cv:
+                if member.client_id not in rnd.dropped:
+                    rnd.dropped[member.client_id] = f"step {msg.step} failed: {e}"
+                    log.warning("round %d: %s dropped (step failed: %s)", rnd.index,
+                                member.client_id, e)  # fmt: skip
+                self._cv.notify_all()
+            raise
+        with self._cv:
+            rnd.steps[member.client_id] = done + 1
+            self._cv.notify_all()
+        return reply
+
+    # ------------------------------------------------------------------ the loop
+    def start(self, start_round: int = 0) -> None:
+        """Run rounds ``start_round ..`` in a background thread."""
+        if self._thread is not None:
+            raise FedqError("the round engine is already running")
+        self.next_round = start_round
+        self._thread = threading.Thread(target=self._run, name="fedq-rounds", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the loop to end; True when it has."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def done_reason(self) -> str | None:
+        return self._done
+
+    def stop(self, reason: str) -> None:
+        """End the run: the open round is discarded, every work stream gets DONE."""
+        with self._cv:
+            self._stopping = True
+            if self._done is None:
+                self._done = reason
+            self._cv.notify_all()
+
+    def _finish(self, reason: str) -> None:
+        with self._cv:
+            if self._done is None:
+                self._done = reason
+            self._round = None
+            self._cv.notify_all()
+        if self.hooks is not None:
+            self.hooks.on_done(self._done or reason)
+
+    def _run(self) -> None:
+        fed = self.cfg.fed
+        try:
+            for r in range(self.next_round, fed.rounds):
+                selected = self._open(r)
+                if selected is None:
+                    return self._finish(self._done or "stopped")
+                self._collect()
+                record = self._close(r)
+                self.next_round = r + 1
+                if self.hooks is not None:
+                    self.hooks.on_round(record)
+            self._finish(f"completed {fed.rounds} rounds")
+        except BaseException as e:  # report, never hang the clients
+            self.error = e
+            log.exception("round engine failed")
+            self._finish(f"server error: {type(e).__name__}: {e}")
+
+    def _open(self, r: int) -> list[Member] | None:
+        fed = self.cfg.fed
+        with self._cv:
+            self._current = r
+            logged = ""
+            while not self._stopping:
+                alive = self._available()
+                if len(alive) >= fed.min_clients:
+                    break
+                self._waiting = (f"round {r}: waiting for clients, {len(alive)} of "
+                                 f"{fed.min_clients} needed available")  # fmt: skip
+                if self._waiting != logged:
+                    log.info(self._waiting)
+                    logged = self._waiting
+                self._cv.notify_all()
+                self._cv.wait(_TICK)
+            if self._stopping:
+                return None
+            sizes = {m.index: m.num_examples for m in self._members.values()}
+            self._waiting = f"round {r}: selecting"
+        ledger = self.workload.ledger
+        k = min(fed.clients_per_round, len(alive))
+        try:
+            ledger.check_round(sizes, k)
+            pool = ledger.eligible([m.index for m in alive], sizes)
+            if len(pool) < min(k, fed.min_clients) or not pool:
+                raise PrivacyBudgetExceeded(
+                    f"privacy budget: only {len(pool)} available clients can take part again "
+                    f"within the target (a round needs {fed.min_clients})"
+                )
+        except PrivacyBudgetExceeded as e:
+            log.warning("stopping before round %d: %s", r, e)
+            self.stop(str(e))
+            return None
+        chosen = select_clients(r, pool, min(k, len(pool)), self.cfg.seed)
+        ledger.charge(chosen, sizes)
+        by_index = {m.index: m for m in alive}
+        selected = [by_index[i] for i in chosen]
+        self.workload.open_round(r, selected)
+        now = time.monotonic()
+        with self._cv:
+            self._round = _Open(r, selected, now + fed.round_timeout_s, now)
+            self._cv.notify_all()
+        log.info("round %d: %s", r, ", ".join(m.client_id for m in selected))
+        return selected
+
+    def _collect(self) -> None:
+        with self._cv:
+            rnd = self._round
+            assert rnd is not None
+            while not rnd.complete() and not self._stopping:
+                left = rnd.deadline - time.monotonic()
+                if left <= 0:
+                    why = f"no update before the deadline ({self.cfg.fed.round_timeout_s:g} s)"
+                    for m in rnd.active():
+                        rnd.dropped[m.client_id] = why
+                        log.warning("round %d: %s dropped (deadline)", rnd.index, m.client_id)
+                    break
+                self._cv.wait(min(left, _TICK))
+
+    def _close(self, r: int) -> dict[str, Any]:
+        with self._cv:
+            rnd = self._round
+            assert rnd is not None
+            self._round = None  # from here on an upload for round r is refused
+            self._waiting = f"round {r} closed"
+            self._cv.notify_all()
+        updates = sorted(rnd.updates.values(), key=lambda u: u.member.index)
+        apply = len(updates) >= self.cfg.fed.min_clients and not self._stopping
+        record = self.workload.close_round(r, updates, apply)
+        if not apply:
+            log.warning("round %d discarded: %d of %d updates arrived (min_clients=%d)", r,
+                        len(updates), len(rnd.selected), self.cfg.fed.min_clients)  # fmt: skip
+        record.update(
+            round=r,
+            applied=apply,
+            clients_selected=len(rnd.selected),
+            clients_ok=len(updates),
+            clients_dropped=len(rnd.dropped),
+            dropped=dict(rnd.dropped),
+            epsilon=self.workload.ledger.epsilon(),
+            round_seconds=round(time.monotonic() - rnd.opened, 3),
+        )
+        return record
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming needs of the server: the next round, the run id, the workload (model,
+        strategy, codecs, privacy ledger)."""
+        return {"next_round": self.next_round, "run_id": self.run_id,
+                "roster": list(self.roster), "workload": self.workload.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if list(state["roster"]) != self.roster:
+            raise FedqError("the checkpoint's roster differs from this run's clients")
+        self.run_id = str(state["run_id"])
+        self.next_round = int(state["next_round"])
+        self.workload.load_state_dict(state["workload"])

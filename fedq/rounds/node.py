@@ -1,0 +1,236 @@
+"""A client process's side of the round protocol: register, follow the work stream, run tasks.
+
+One :class:`ClientNode` per process (``fedq join``: one logical client; a simulation worker: many).
+It registers its clients, keeps the principal's work stream open (that is what makes its clients
+available, and what tells the server at once when the process dies), and runs each task it is
+given through a :class:`TaskRunner` (federated training or split steps). When the server goes
+away it reconnects with exponential backoff and full jitter, registers again and, if the server
+resumed the same run, carries on; a server that started a different run ends the node with a
+clear error.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fedq import __version__
+from fedq.errors import FedqError, TransportError
+from fedq.wire.control import Assignment, ClientInfo, Joined, Registration, WorkItem
+from fedq.wire.message import WireMessage
+
+log = logging.getLogger(__name__)
+
+#: Status codes after which the node reconnects (the server restarted, the network failed).
+RETRYABLE = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "ABORTED"})
+
+
+class WorkFeed(Protocol):
+    def __iter__(self) -> Iterator[WorkItem]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Connection(Protocol):
+    """What a node and its runner need from the transport (a TransportClient)."""
+
+    def register(self, reg: Registration) -> Joined: ...
+
+    def work(self, run_id: str) -> WorkFeed: ...
+
+    def get_task(self, round: int, client_id: str | None = None) -> WireMessage: ...
+
+    def push_update(self, msg: WireMessage) -> int: ...
+
+    def split_step(self, msg: WireMessage) -> WireMessage: ...
+
+
+class TaskRunner(Protocol):
+    """Runs one logical client's task of one round over ``conn`` (download, local work, upload)
+    and keeps every client's state between rounds. Running the same (client, round) again must
+    give the same result (the server re-issues a task after it restarts)."""
+
+    def run(self, task: Assignment, conn: Connection) -> dict[str, Any]: ...
+
+    def round_closed(self, r: int) -> None:
+        """Rounds before ``r`` are closed on the server: forget what re-running them needs."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with full jitter: wait ``uniform(0, min(cap, base * 2**attempt))``,
+    giving up once failures have lasted ``give_up_after`` seconds."""
+
+    base: float = 0.5
+    cap: float = 20.0
+    give_up_after: float = 600.0
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        return rng.uniform(0.0, min(self.cap, self.base * 2.0 ** min(attempt, 30)))
+
+
+class ClientNode:
+    """See the module docstring. ``make_runner`` builds the runner from the server's answer to
+    the first registration (the run's configuration, each client's roster index)."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        clients: Sequence[ClientInfo],
+        make_runner: Callable[[Joined], TaskRunner],
+        *,
+        node: str = "",
+        backoff: Backoff | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.conn = conn
+        self.clients = tuple(clients)
+        self.make_runner = make_runner
+        self.node = node
+        self.backoff = backoff or Backoff()
+        self.on_event = on_event
+        self.joined: Joined | None = None
+        self.runner: TaskRunner | None = None
+        self.stats: dict[str, int] = {"tasks": 0, "failed": 0, "reconnects": 0}
+        self._rng = random.Random(seed)
+        self._stop = threading.Event()
+        self._feed: WorkFeed | None = None
+        self._lock = threading.Lock()
+
+    def _event(self, kind: str, **info: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, info)
+
+    def stop(self) -> None:
+        """Leave the run: close the work stream (the server drops this node's clients)."""
+        self._stop.set()
+        with self._lock:
+            if self._feed is not None:
+                self._feed.cancel()
+
+    # -------------------------------------------------------------------------------- joining
+    def register(self) -> Joined:
+        """Register (retrying while the server is unreachable); build the runner the first time."""
+        reg = Registration(clients=self.clients, fedq_version=__version__, node=self.node)
+        joined = self._retry(lambda: self.conn.register(reg), "register")
+        if joined.protocol_version != reg.protocol_version:
+            raise FedqError(
+                f"the server speaks round protocol {joined.protocol_version} (fedq "
+                f"{joined.fedq_version}); this client speaks {reg.protocol_version} (fedq "
+                f"{__version__}): install the same fedq release on both sides"
+            )
+        if joined.wire_format_version != reg.wire_format_version:
+            raise FedqError(
+                f"the server uses wire format {joined.wire_format_version} (fedq "
+                f"{joined.fedq_version}); this client {reg.wire_format_version} (fedq "
+                f"{__version__}): install the same fedq release on both sides"
+            )
+        if self.joined is not None and joined.run_id != self.joined.run_id:
+            raise FedqError(
+                f"the server now runs a different run ({joined.run_id}, was "
+                f"{self.joined.run_id}): this client's state belongs to the old one; start it again"
+            )
+        self.joined = joined
+        if self.runner is None:
+            self.runner = self.make_runner(joined)
+        self._event("joined", run_id=joined.run_id, clients=len(self.clients))
+        return joined
+
+    def _retry(self, fn: Callable[[], Any], what: str) -> Any:
+        start, attempt = time.monotonic(), 0
+        while True:
+            try:
+                return fn()
+            except TransportError as e:
+                if e.code not in RETRYABLE or self._stop.is_set():
+                    raise
+                if time.monotonic() - start > self.backoff.give_up_after:
+                    raise TransportError(
+                        e.code, f"gave up after {self.backoff.give_up_after:g} s: {e.reason}"
+                    ) from e
+                wait = self.backoff.delay(attempt, self._rng)
+                log.warning("%s failed (%s); retrying in %.1f s", what, e, wait)
+                self._event("retry", what=what, error=str(e), wait=wait)
+                attempt += 1
+                if self._stop.wait(wait):
+                    raise TransportError("CANCELLED", "stopped while reconnecting") from e
+
+    # -------------------------------------------------------------------------------- the loop
+    def run(self) -> str:
+        """Take part until the server says the run is over; returns its reason."""
+        if self.joined is None:
+            self.register()
+        while not self._stop.is_set():
+            assert self.joined is not None
+            try:
+                reason = self._follow(self.joined.run_id)
+            except TransportError as e:
+                if e.code not in RETRYABLE or self._stop.is_set():
+                    raise
+                self.stats["reconnects"] += 1
+                log.warning("work stream broke (%s); reconnecting", e)
+                self._event("reconnect", error=str(e))
+                self.register()
+                continue
+            except FedqError as e:
+                if "register again" not in str(e):
+                    raise
+                self.register()
+                continue
+            if reason is not None:
+                self._event("done", reason=reason)
+                return reason
+        return "stopped"
+
+    def _follow(self, run_id: str) -> str | None:
+        feed = self.conn.work(run_id)
+        with self._lock:
+            self._feed = feed
+        try:
+            for item in feed:
+                if self._stop.is_set():
+                    return None
+                assert self.runner is not None
+                self.runner.round_closed(item.round)
+                if item.action == "done":
+                    return item.reason
+                if item.action == "wait":
+                    self._event("wait", round=item.round, reason=item.reason)
+                    continue
+                for task in item.tasks:
+                    self._run_task(task)
+            return None if self._stop.is_set() else "the server closed the work stream"
+        finally:
+            with self._lock:
+                self._feed = None
+
+    def _run_task(self, task: Assignment) -> None:
+        assert self.runner is not None
+        t0 = time.perf_counter()
+        try:
+            result = self.runner.run(task, self.conn)
+        except TransportError as e:
+            if e.code in RETRYABLE:
+                raise  # the server went away: reconnect, the task comes back if still open
+            self.stats["failed"] += 1
+            log.warning("%s: round %d failed: %s", task.client_id, task.round, e)
+            self._event("failed", client=task.client_id, round=task.round, error=str(e))
+            return
+        except FedqError as e:
+            self.stats["failed"] += 1
+            log.warning("%s: round %d failed: %s", task.client_id, task.round, e)
+            self._event("failed", client=task.client_id, round=task.round, error=str(e))
+            return
+        self.stats["tasks"] += 1
+        self._event("task", client=task.client_id, round=task.round,
+                    seconds=time.perf_counter() - t0, **result)  # fmt: skip

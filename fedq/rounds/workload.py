@@ -1,0 +1,139 @@
+"""What a mode plugs into the round engine: the server's workload, its privacy ledger, and the
+hooks through which a run is observed.
+
+The engine owns everything the two modes share (registration, liveness, selection, privacy
+charging, deadlines, all-or-nothing rounds, checkpoints of its own state); a workload owns what a
+round *is* in its mode: the task a selected client downloads, what an accepted update holds, what
+closing a round does with them, and (split mode) the steps in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from fedq.wire.message import WireMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A registered client as the workload sees it."""
+
+    client_id: str
+    index: int  # position in the server's roster (seeds, selection)
+    num_examples: int
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One accepted update, decoded and validated: ``tensors`` weighted by ``weight``."""
+
+    member: Member
+    tensors: Mapping[str, Any]
+    weight: float
+    scalars: Mapping[str, float]
+    nbytes: int = 0
+
+
+class Ledger(Protocol):
+    """Privacy accounting the engine charges when a round opens (every selected client, before any
+    release) and consults before selecting. ``sizes`` maps roster index to local examples."""
+
+    def check_round(self, sizes: Mapping[int, int], k: int) -> None:
+        """Raise :class:`~fedq.errors.PrivacyBudgetExceeded` if no round can run any more."""
+
+    def eligible(self, candidates: Sequence[int], sizes: Mapping[int, int]) -> list[int]:
+        """The candidates whose next participation stays within the budget."""
+
+    def charge(self, selected: Sequence[int], sizes: Mapping[int, int]) -> None: ...
+
+    def epsilon(self) -> float | None: ...
+
+    def plan(self, sizes: Mapping[int, int]) -> dict[str, Any]:
+        """The derived numbers printed before training (noise multiplier, rates, ...)."""
+
+    def client_scalars(self) -> dict[str, float]:
+        """What clients need to run their side of the mechanism (sent with every task)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class NoPrivacy:
+    """The ledger of a run without differential privacy."""
+
+    def check_round(self, sizes: Mapping[int, int], k: int) -> None:
+        return None
+
+    def eligible(self, candidates: Sequence[int], sizes: Mapping[int, int]) -> list[int]:
+        return list(candidates)
+
+    def charge(self, selected: Sequence[int], sizes: Mapping[int, int]) -> None:
+        return None
+
+    def epsilon(self) -> float | None:
+        return None
+
+    def plan(self, sizes: Mapping[int, int]) -> dict[str, Any]:
+        return {"mechanism": "none"}
+
+    def client_scalars(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+class Workload(Protocol):
+    """The mode-specific half of the server (federated: :class:`fedq.fed.server.FedServer`;
+    split: :class:`fedq.split.protocol.SplitServer`). Called from the engine's thread
+    (``open_round`` / ``close_round``) and from transport threads (``task`` / ``accept``)."""
+
+    ledger: Ledger
+
+    def info(self) -> dict[str, Any]:
+        """Facts for the start-up line (trainable parameters, ...)."""
+
+    def open_round(self, r: int, selected: Sequence[Member]) -> None:
+        """Prepare round ``r``'s tasks for ``selected`` (privacy is already charged)."""
+
+    def task(self, r: int, member: Member) -> WireMessage:
+        """The task message ``member`` downloads (it was selected in the open round ``r``)."""
+
+    def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
+        """Validate and decode ``member``'s upload; raise FedqError (nothing kept) if bad."""
+
+    def close_round(self, r: int, updates: Sequence[Update], apply: bool) -> dict[str, Any]:
+        """Apply the round's updates (roster order) if ``apply``, else keep everything as it was;
+        evaluate when due; return the round's metrics."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class StepWorkload(Protocol):
+    """A workload with steps inside a round (split learning): the engine checks each step's
+    client and orders the steps of all clients deterministically before calling ``step``."""
+
+    steps_per_round: int
+
+    def step(self, r: int, member: Member, msg: WireMessage) -> WireMessage: ...
+
+
+class Hooks(Protocol):
+    """How a run is observed: called from the engine's thread."""
+
+    def on_start(self, info: dict[str, Any]) -> None: ...
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        """A round closed; the next one opens when this returns (a simulation driver checkpoints
+        its clients here)."""
+
+    def on_done(self, reason: str) -> None: ...

@@ -1,0 +1,215 @@
+"""``fedq serve`` and ``fedq join``: the round protocol across machines, each site with its own
+data.
+
+:func:`serve` runs the server of a run on ``HOST:PORT`` (TLS outside loopback, per-client tokens):
+the same :class:`~fedq.runtime.hosts.ServerHost` a simulation runs, writing the same run folder
+(config.json, metrics.jsonl, summary.json, report.png, checkpoint.pt) as it goes. Its roster is
+the client ids of its tokens file. The server never sees client data: weights and sampling rates
+come from what each client reports it holds, and it evaluates on its own evaluation data.
+
+:func:`join` is one site: it loads its own data, registers as its client id, and pulls its work
+until the server says the run is over, reconnecting (with backoff) if the server restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from fedq.config import RunConfig
+from fedq.data.datasets import Shard
+from fedq.errors import ConfigError, FedqError
+from fedq.rounds.node import Backoff, ClientNode
+from fedq.runtime.checkpoint import load_checkpoint
+from fedq.runtime.hosts import ServerHost, make_runner, run_config, take_round_traffic
+from fedq.runtime.preflight import check_names
+from fedq.runtime.recorder import RunRecorder
+from fedq.transport.security import TlsConfig
+from fedq.wire.control import ClientInfo, Joined
+
+log = logging.getLogger(__name__)
+
+Events = Callable[[str, dict[str, Any]], None]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ConfigError(f"address {text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class _ServeHooks:
+    """The engine's hooks under ``fedq serve``: write each round, checkpoint, report."""
+
+    def __init__(self, recorder: RunRecorder, on_event: Events | None) -> None:
+        self.recorder = recorder
+        self.on_event = on_event
+        self.host: ServerHost | None = None
+        self.clients: dict[str, dict[str, int]] = {}
+        self.done = threading.Event()
+        self.reason = ""
+        self._t = time.perf_counter()
+
+    def _event(self, kind: str, **info: Any) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, info)
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        return None
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        assert self.host is not None
+        for cid, row in take_round_traffic(self.host.transport.counters, record).items():
+            tot = self.clients.setdefault(cid, {"bytes_up": 0, "bytes_down": 0})
+            tot["bytes_up"] += int(row["bytes_up"])
+            tot["bytes_down"] += int(row["bytes_down"])
+        rec = self.recorder.round(record, self._t)
+        state = self.host.state_dict()
+        self.recorder.checkpoint({"next_round": rec["round"] + 1, "server": state, "clients": {}})
+        self._t = time.perf_counter()
+        self._event("round", **rec)
+
+    def on_done(self, reason: str) -> None:
+        self.reason = reason
+        self.done.set()
+
+
+def serve(
+    cfg: RunConfig,
+    *,
+    listen: str,
+    tokens: Mapping[str, str],
+    out: Path,
+    tls: TlsConfig | None = None,
+    allow_insecure: bool = False,
+    resume: bool = False,
+    eval_data: str | None = None,
+    on_event: Events | None = None,
+) -> dict[str, Any]:
+    """Serve one run until it ends (or Ctrl-C); returns its summary."""
+    check_names(cfg)
+    roster = list(tokens)
+    if len(roster) != cfg.fed.num_clients:
+        raise ConfigError(
+            f"fed.num_clients: the tokens file lists {len(roster)} clients but the scenario has "
+            f"fed.num_clients={cfg.fed.num_clients}; pass --set fed.num_clients={len(roster)}"
+        )
+    host, port = parse_address(listen)
+    ckpt = load_checkpoint(out) if resume else None
+    start_round = int(ckpt["next_round"]) if ckpt is not None else 0
+    recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None)
+    hooks = _ServeHooks(recorder, on_event)
+    server = ServerHost(
+        cfg, roster, tokens=tokens, host=host, port=port, tls=tls, allow_insecure=allow_insecure,
+        eval_data=eval_data, hooks=hooks,
+        run_id=None if ckpt is None else str(ckpt["server"]["run_id"]),
+    )  # fmt: skip
+    hooks.host = server
+    if ckpt is not None:
+        server.load_state_dict(ckpt["server"])
+    recorder.trainable_params = int(server.workload.info()["trainable_params"])
+    address = server.start()
+    if on_event is not None:
+        on_event("listening", {"address": address, "run_id": server.engine.run_id,
+                               "tls": tls is not None, "clients": len(roster),
+                               "start_round": start_round})  # fmt: skip
+    interrupted = False
+    seen: set[str] = set()
+    try:
+        server.begin(start_round)
+        while not hooks.done.wait(0.5):
+            members = server.engine.available()
+            new = {m.client_id for m in members} - seen
+            if new and on_event is not None:
+                on_event("clients", {"available": [m.client_id for m in members],
+                                     "new": sorted(new)})  # fmt: skip
+            seen |= new
+        _drain(server)
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: keeping the rounds finished so far")
+    finally:
+        server.stop("the server was stopped" if interrupted else "the run is over")
+    reason = hooks.reason or "interrupted"
+    stopped = None if reason.startswith("completed") else reason
+    extra = {"interrupted": interrupted, "name": cfg.name, "mode": cfg.mode,
+             "stopped_reason": stopped, "run_id": server.engine.run_id,
+             "clients": hooks.clients}  # fmt: skip
+    bit_maps = server.bit_maps() if cfg.mode == "split" else None
+    return recorder.finish(extra, bit_maps)
+
+
+def _drain(server: ServerHost, timeout: float = 10.0) -> None:
+    """Give the clients' work streams time to receive DONE before the server goes away."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and server.engine.available():
+        time.sleep(0.1)
+
+
+def load_site_data(source: str, seed: int = 0) -> Any:
+    """A site's own training data: every row of ``source`` (``npz:``, ``csv:``, ``py:`` or a
+    built-in data set's training split), in file order."""
+    from fedq.data import check_dataset_name, load_dataset
+
+    problem = check_dataset_name(source)
+    if problem:
+        raise ConfigError(f"--data: {problem}")
+    if ":" in source:
+        return load_dataset(source, seed=seed, test_fraction=0.0).train
+    return load_dataset(source, seed=seed).train
+
+
+def check_site_data(data: Any, joined: Joined) -> None:
+    """The site's data must fit the model the server runs."""
+    n_cls = int(joined.num_classes)
+    top = int(data.y.max()) + 1 if len(data) else 0
+    if top > n_cls:
+        raise FedqError(f"--data has labels up to {top - 1}, but the run's model has {n_cls} "
+                        "classes")  # fmt: skip
+    x = getattr(data, "x", None)
+    if joined.input_dim and (x is None or x.dim() != 2 or int(x.shape[1]) != joined.input_dim):
+        shape = None if x is None else list(x.shape)
+        raise FedqError(f"--data has features of shape {shape}, but the run's model takes "
+                        f"{joined.input_dim} features per example")  # fmt: skip
+    if not joined.input_dim and x is not None:
+        raise FedqError("--data holds arrays, but the run's model reads text (a csv: source)")
+
+
+def join(
+    conn: Any,
+    client_id: str,
+    data_source: str,
+    *,
+    backoff: Backoff | None = None,
+    on_event: Events | None = None,
+) -> dict[str, Any]:
+    """Take part in the server's run as ``client_id`` with the data of ``data_source``; returns
+    when the run is over (the reason, tasks done, and the bytes this client counted)."""
+    data = load_site_data(data_source)
+    shard = Shard.whole(data)
+    if shard.size < 1:
+        raise ConfigError(f"--data {data_source!r} holds no examples")
+
+    def runner(joined: Joined) -> Any:
+        check_site_data(data, joined)
+        cfg = run_config(joined)
+        return make_runner(cfg, {client_id: shard}, joined)
+
+    node = ClientNode(conn, [ClientInfo(client_id, shard.size)], runner,
+                      node=socket.gethostname(), backoff=backoff, on_event=on_event)  # fmt: skip
+    try:
+        reason = node.run()
+    except KeyboardInterrupt:
+        node.stop()
+        reason = "interrupted"
+    mine = conn.counters.snapshot()["clients"].get(client_id, {})
+    return {"reason": reason, **node.stats, "examples": shard.size,
+            "bytes_up": int(mine.get("bytes_up", 0)),
+            "bytes_down": int(mine.get("bytes_down", 0))}  # fmt: skip

@@ -1,0 +1,98 @@
+"""A run's output folder (docs/design.md §5), written the same way by ``fedq simulate`` and
+``fedq serve``: ``config.json``, ``metrics.jsonl`` (one record per round), ``bits.jsonl`` (split:
+one record per step), ``bit_maps.json`` (split), ``summary.json``, ``report.png`` and
+``checkpoint.pt`` (after every round, atomically).
+
+On resume the logs are cut back to the rounds the checkpoint holds, so a round that was running
+when the run stopped is logged once, by the resumed run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from fedq.config import RunConfig
+from fedq.runtime.checkpoint import save_checkpoint
+
+BITS_FILE = "bits.jsonl"
+
+
+def _cut_log(path: Path, next_round: int) -> list[dict[str, Any]]:
+    """Keep the records of rounds before ``next_round``; returns them."""
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a torn last line: the process died while writing it
+        if int(rec.get("round", 0)) < next_round:
+            kept.append(rec)
+    path.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    return kept
+
+
+class RunRecorder:
+    """Writes one run's folder (module docstring). ``trainable_params`` sizes the fp32 baseline
+    of the downlink in federated mode (the same tensors as raw fp32)."""
+
+    def __init__(self, out: Path, cfg: RunConfig, *, resume_round: int | None = None) -> None:
+        from fedq.report import MetricsWriter, write_config
+
+        self.out = out
+        self.cfg = cfg
+        self.t0 = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        write_config(out, cfg.to_dict())
+        self.previous: list[dict[str, Any]] = []
+        if resume_round is None:
+            for name in ("metrics.jsonl", BITS_FILE):
+                (out / name).unlink(missing_ok=True)
+        else:
+            self.previous = _cut_log(out / "metrics.jsonl", resume_round)
+            _cut_log(out / BITS_FILE, resume_round)
+        self.cum_bytes = int(self.previous[-1]["cum_bytes"]) if self.previous else 0
+        self.writer = MetricsWriter(out)
+        self.trainable_params = 0
+
+    def round(self, record: dict[str, Any], t_round: float) -> dict[str, Any]:
+        """Complete and write one round's record; returns what was written."""
+        steps = record.pop("steps", None)
+        if steps:
+            with (self.out / BITS_FILE).open("a", encoding="utf-8") as f:
+                for row in steps:
+                    f.write(json.dumps(row, sort_keys=True) + "\n")
+        self.cum_bytes += int(record["bytes_up"]) + int(record["bytes_down"])
+        record["cum_bytes"] = self.cum_bytes
+        if self.cfg.mode != "split":
+            down = 4 * self.trainable_params * int(record["clients_selected"])
+            record["bytes_fp32"] = int(record.pop("fp32_up", 0)) + down
+        for key in ("accuracy", "loss", "epsilon", "mean_bits"):
+            record.setdefault(key, None)
+        record["seconds"] = round(time.perf_counter() - t_round, 3)
+        return self.writer.write(record)
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        save_checkpoint(self.out, state)
+
+    def finish(self, extra: dict[str, Any], bit_maps: dict[str, list[int]] | None) -> dict:
+        """Write summary.json and report.png (and bit_maps.json in split mode)."""
+        from fedq.report import plot_report, summarize, write_summary
+
+        self.writer.close()
+        records = self.previous + self.writer.records
+        summary = summarize(records, wall_seconds=time.perf_counter() - self.t0, extra=extra)
+        write_summary(self.out, summary)
+        if self.cfg.mode == "split":
+            from fedq.split.report import plot_split_report
+
+            (self.out / "bit_maps.json").write_text(json.dumps(bit_maps or {}) + "\n")
+            plot_split_report(records, bit_maps or {}, self.out / "report.png",
+                              steps_path=self.out / BITS_FILE)  # fmt: skip
+        else:
+            plot_report(records, self.out / "report.png")
+        return summary
