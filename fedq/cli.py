@@ -76,12 +76,7 @@ def _simulate(args: argparse.Namespace) -> int:
 
     from fedq.runtime.simulate import simulate
 
-    if args.resume:
-        if args.out and Path(args.out) != Path(args.resume):
-            raise ConfigError("--resume DIR writes into DIR; do not also pass a different --out")
-        args.scenario = args.scenario or str(Path(args.resume) / "config.json")
-    if not args.scenario:
-        raise ConfigError("simulate needs a SCENARIO file (or --resume DIR)")
+    _resume_args(args, "simulate")
     cfg = _load(args)
     out = Path(
         args.resume or args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -116,6 +111,11 @@ def _simulate(args: argparse.Namespace) -> int:
 
     summary = simulate(cfg, out, resume=bool(args.resume), on_start=on_start, on_round=on_round)
     bar.close()
+    return _print_summary(summary, out)
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> int:
+    """The end line of a run (simulate and serve alike); returns the exit status."""
     acc = summary.get("final_accuracy")
     print(
         f"done: accuracy {acc if acc is None else f'{acc:.4f}'} | "
@@ -128,6 +128,124 @@ def _simulate(args: argparse.Namespace) -> int:
     if summary.get("stopped_reason"):
         print(f"stopped early: {summary['stopped_reason']}")
     return 130 if summary.get("interrupted") else 0
+
+
+def _resume_args(args: argparse.Namespace, command: str) -> None:
+    """``--resume DIR``: the scenario is DIR/config.json unless given, and DIR is the output."""
+    if args.resume:
+        if args.out and Path(args.out) != Path(args.resume):
+            raise ConfigError("--resume DIR writes into DIR; do not also pass a different --out")
+        args.scenario = args.scenario or str(Path(args.resume) / "config.json")
+    if not args.scenario:
+        raise ConfigError(f"{command} needs a SCENARIO file (or --resume DIR)")
+
+
+def _round_line(rec: dict[str, Any]) -> str:
+    acc, eps = rec.get("accuracy"), rec.get("epsilon")
+    dropped = rec.get("dropped") or {}
+    return (
+        f"round {rec['round']}: {rec['clients_ok']}/{rec['clients_selected']} updates"
+        + ("" if rec.get("applied", True) else " (discarded: too few)")
+        + (f", accuracy {acc:.4f}" if acc is not None else "")
+        + (f", epsilon {eps:.4g}" if eps else "")
+        + f", wire {_fmt_bytes(rec['bytes_up'] + rec['bytes_down'])}"
+        + f", {rec['seconds']:.1f} s"
+        + "".join(f"\n  dropped {c}: {why}" for c, why in dropped.items())
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fedq.runtime.deploy import serve
+    from fedq.transport.security import TlsConfig
+    from fedq.transport.tokens import load_tokens
+
+    _resume_args(args, "serve")
+    cfg = _load(args)
+    if bool(args.cert) != bool(args.key):
+        raise ConfigError("serve: give both --cert and --key (the server's TLS identity)")
+    if args.client_ca and not args.cert:
+        raise ConfigError("serve: --client-ca (mutual TLS) needs --cert and --key")
+    tls = None
+    if args.cert:
+        tls = TlsConfig(args.cert, args.key, ca_file=args.client_ca,
+                        require_client_cert=bool(args.client_ca))  # fmt: skip
+    tokens = load_tokens(args.tokens)
+    out = Path(
+        args.resume or args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    print(f"fedq serve: {_describe(cfg)} | out {out}")
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "listening":
+            how = "plaintext" if tls is None else ("mutual TLS" if args.client_ca else "TLS")
+            print(f"listening on {info['address']} ({how}), run {info['run_id']}, "
+                  f"{info['clients']} clients known"
+                  + (f"; resuming at round {info['start_round']}" if info["start_round"] else ""),
+                  flush=True)  # fmt: skip
+        elif kind == "clients":
+            print(f"clients available ({len(info['available'])}): "
+                  f"{', '.join(info['available'])}", flush=True)  # fmt: skip
+        elif kind == "round":
+            print(_round_line(info), flush=True)
+
+    summary = serve(
+        cfg, listen=args.listen, tokens=tokens, out=out, tls=tls, allow_insecure=args.insecure,
+        resume=bool(args.resume), eval_data=args.eval_data, on_event=on_event,
+    )  # fmt: skip
+    for cid, row in sorted(summary.get("clients", {}).items()):
+        print(f"  {cid}: up {row['bytes_up']} B, down {row['bytes_down']} B")
+    return _print_summary(summary, out)
+
+
+def _join(args: argparse.Namespace) -> int:
+    from fedq.rounds.node import Backoff
+    from fedq.runtime.deploy import join, parse_address
+    from fedq.transport.client import TransportClient
+    from fedq.transport.security import TlsConfig, is_loopback
+    from fedq.transport.tokens import read_token
+
+    host, _ = parse_address(args.server)
+    if bool(args.cert) != bool(args.key):
+        raise ConfigError("join: give both --cert and --key (this client's TLS identity)")
+    tls = None
+    if args.ca or args.cert or not (args.insecure or is_loopback(host)):
+        # outside loopback TLS is on; without --ca the system's trusted roots verify the server
+        tls = TlsConfig(args.cert, args.key, ca_file=args.ca, server_name=args.server_name)
+    token = read_token(args.token_file)
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        if kind == "joined":
+            print(f"joined run {info['run_id']} on {args.server} as {args.client_id}"
+                  + (" (TLS)" if tls is not None else " (plaintext)"), flush=True)  # fmt: skip
+        elif kind == "task":
+            print(f"round {info['round']}: done in {info['seconds']:.1f} s"
+                  + (f", loss {info['loss']:.4f}" if info.get("loss") is not None else ""),
+                  flush=True)  # fmt: skip
+        elif kind == "failed":
+            print(f"round {info['round']}: failed: {info['error']}", flush=True)
+        elif kind in ("retry", "reconnect"):
+            print(f"server unreachable ({info['error']}); reconnecting", flush=True)
+
+    backoff = Backoff(give_up_after=args.give_up_after)
+    with TransportClient(args.server, client_id=args.client_id, token=token, tls=tls,
+                         timeout=args.timeout) as conn:  # fmt: skip
+        result = join(conn, args.client_id, args.data, backoff=backoff, on_event=on_event)
+    print(
+        f"done: {result['reason']} | {result['tasks']} rounds ({result['failed']} failed) | "
+        f"{result['examples']} examples | up {result['bytes_up']} B, down "
+        f"{result['bytes_down']} B"
+    )
+    return 130 if result["reason"] == "interrupted" else 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from fedq.runtime.shard import write_shards
+
+    cfg = _load(args)
+    paths = write_shards(cfg, Path(args.out))
+    print(f"fedq shard: {len(paths)} client files of {cfg.data.name} ({cfg.data.partition}) in "
+          f"{args.out}: {paths[0].name} .. {paths[-1].name}")  # fmt: skip
+    return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -202,6 +320,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_simulate)
+
+    v = sub.add_parser("serve", help="serve a run to clients on other machines (fedq join)")
+    v.add_argument("scenario", nargs="?", help="scenario YAML file (or --resume DIR)")
+    v.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on")
+    v.add_argument("--tokens", required=True, metavar="FILE",
+                   help="YAML mapping client id -> token (fedq certs writes one)")  # fmt: skip
+    v.add_argument("--cert", metavar="FILE", help="server certificate (PEM): TLS on")
+    v.add_argument("--key", metavar="FILE", help="server private key (PEM)")
+    v.add_argument("--client-ca", metavar="FILE",
+                   help="CA that signs client certificates: mutual TLS")  # fmt: skip
+    v.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plaintext on a non-loopback address (trusted networks only)",
+    )
+    v.add_argument(
+        "--eval-data",
+        metavar="SOURCE",
+        help="evaluation data (default: the scenario's data set's test split)",
+    )
+    v.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
+    v.add_argument("--out", metavar="DIR", help="output folder (default runs/<name>-<time>)")
+    v.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
+    v.set_defaults(func=_serve)
+
+    j = sub.add_parser("join", help="take part in a served run as one client, with its own data")
+    j.add_argument("--server", required=True, metavar="HOST:PORT")
+    j.add_argument("--client-id", required=True, metavar="ID")
+    j.add_argument("--token-file", required=True, metavar="FILE", help="this client's token")
+    j.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE",
+        help="this site's data: csv:PATH, npz:PATH, py:module:fn or a built-in",
+    )
+    j.add_argument("--ca", metavar="FILE", help="CA that signed the server's certificate")
+    j.add_argument("--cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
+    j.add_argument("--key", metavar="FILE", help="client private key (PEM) for mutual TLS")
+    j.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="name expected in the server certificate (default: the host)",
+    )
+    j.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext to a non-loopback server (trusted networks only)",
+    )
+    j.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="deadline of one call (download, upload)",
+    )
+    j.add_argument(
+        "--give-up-after",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="stop reconnecting after this long without the server",
+    )
+    j.set_defaults(func=_join)
+
+    h = sub.add_parser("shard", help="write each client's share of a scenario's data to a file")
+    h.add_argument("scenario", help="scenario YAML file")
+    h.add_argument("--out", required=True, metavar="DIR", help="folder for <client id>.npz/.csv")
+    h.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
+    h.set_defaults(func=_shard)
 
     w = sub.add_parser("sweep", help="run a grid of scenarios (e.g. epsilon x bit policy)")
     w.add_argument("sweep", help="sweep YAML file, e.g. scenarios/privacy_sweep.yaml")

@@ -342,6 +342,10 @@ class RoundEngine:
                 if selected is None:
                     return self._finish(self._done or "stopped")
                 self._collect()
+                if self._stopping:  # the open round is abandoned: a resume runs it again
+                    with self._cv:
+                        self._round = None
+                    return self._finish(self._done or "stopped")
                 record = self._close(r)
                 self.next_round = r + 1
                 if self.hooks is not None:
@@ -420,7 +424,7 @@ class RoundEngine:
             self._waiting = f"round {r} closed"
             self._cv.notify_all()
         updates = sorted(rnd.updates.values(), key=lambda u: u.member.index)
-        apply = len(updates) >= self.cfg.fed.min_clients and not self._stopping
+        apply = len(updates) >= self.cfg.fed.min_clients
         record = self.workload.close_round(r, updates, apply)
         if not apply:
             log.warning("round %d discarded: %d of %d updates arrived (min_clients=%d)", r,

@@ -128,3 +128,16 @@ def authenticate(metadata: Sequence[Any], tokens: Mapping[str, str] | None) -> s
     if expected is None or not same:
         raise AuthenticationError(f"invalid token for client {client[:80]!r}")
     return client
+
+
+def check_certificate_name(
+    auth_context: Mapping[str, Sequence[bytes]], principal: str | None
+) -> None:
+    """Under mutual TLS the client certificate must be the caller's own: its common name must be
+    the principal the call authenticates as (a valid certificate of another client is refused)."""
+    names = [n.decode("utf-8", "replace") for n in auth_context.get("x509_common_name", [])]
+    if principal is None or principal not in names:
+        shown = names[0][:80] if names else "no common name"
+        raise AuthenticationError(
+            f"the client certificate is for {shown!r}, not for {(principal or '?')[:80]!r}"
+        )

@@ -30,6 +30,7 @@ from fedq.transport.security import (
     TlsConfig,
     authenticate,
     check_bind_policy,
+    check_certificate_name,
     format_address,
 )
 from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames, read_message
@@ -115,12 +116,14 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         tokens: Mapping[str, str] | None,
         counters: ByteCounter,
         hosts: Mapping[str, Collection[str]] | None = None,
+        check_cert_name: bool = False,
     ) -> None:
         self._handler = handler
         self._limits = limits
         self._tokens = tokens
         self._counters = counters
         self._hosts = hosts
+        self._check_cert_name = check_cert_name
 
     # -- helpers ---------------------------------------------------------------------------------
     def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> NoReturn:
@@ -129,7 +132,10 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
 
     def _auth(self, context: grpc.ServicerContext) -> str | None:
         try:
-            return authenticate(context.invocation_metadata(), self._tokens)
+            principal = authenticate(context.invocation_metadata(), self._tokens)
+            if self._check_cert_name:
+                check_certificate_name(context.auth_context(), principal)
+            return principal
         except AuthenticationError as e:
             logger.warning("rejected call from %s: %s", context.peer(), e)
             self._abort(context, grpc.StatusCode.UNAUTHENTICATED, str(e))
@@ -325,7 +331,9 @@ class TransportServer:
             raise FedqError("transport server already started")
         pool = futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="fedq-grpc")
         server = grpc.server(pool)
-        servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters, self._hosts)
+        mtls = self._tls is not None and self._tls.require_client_cert
+        servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters, self._hosts,
+                             check_cert_name=mtls)  # fmt: skip
         service_pb2_grpc.add_FederatedServicer_to_server(servicer, server)
         services = ["", FEDERATED_SERVICE]
         if self.serves_split:

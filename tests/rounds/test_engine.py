@@ -1,0 +1,282 @@
+"""The round engine with a tiny stand-in workload: registration and versions, availability from
+open work streams, selection, deadlines, dropped clients, all-or-nothing rounds, refused uploads,
+and the fixed order of split steps."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from fedq.codec import raw
+from fedq.config import config_from_dict
+from fedq.errors import FedqError
+from fedq.rounds import client_name
+from fedq.rounds.engine import RoundEngine
+from fedq.rounds.workload import Member, NoPrivacy, Update
+from fedq.wire.control import ClientInfo, Registration
+from fedq.wire.message import WireMessage
+
+
+class Sums:
+    """Workload: the task is a counter; an update adds its value; steps echo their index."""
+
+    def __init__(self, steps_per_round: int = 0) -> None:
+        self.ledger = NoPrivacy()
+        self.total = 0.0
+        self.closed: list[tuple[int, list[str], bool]] = []
+        self.steps: list[tuple[str, int]] = []
+        if steps_per_round:
+            self.steps_per_round = steps_per_round
+
+    def info(self) -> dict[str, Any]:
+        return {"trainable_params": 1}
+
+    def open_round(self, r: int, selected: Sequence[Member]) -> None:
+        return None
+
+    def task(self, r: int, member: Member) -> WireMessage:
+        return WireMessage("global", member.client_id, r, 0, {"total": self.total})
+
+    def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
+        if "value" not in msg.scalars:
+            raise FedqError("no value")
+        return Update(member, {"v": torch.tensor(msg.scalars["value"])}, 1.0, dict(msg.scalars))
+
+    def close_round(self, r: int, updates: Sequence[Update], apply: bool) -> dict[str, Any]:
+        if apply:
+            self.total += sum(float(u.tensors["v"]) for u in updates)
+        self.closed.append((r, [u.member.client_id for u in updates], apply))
+        return {}
+
+    def step(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
+        self.steps.append((member.client_id, msg.step))
+        return WireMessage("gradients", member.client_id, r, msg.step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.total = float(state["total"])
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.reason = ""
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        return None
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def on_done(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _engine(n: int = 3, k: int = 2, rounds: int = 2, min_clients: int = 1, timeout: float = 30,
+            workload: Any = None) -> tuple[RoundEngine, Any, Hooks]:  # fmt: skip
+    fed = {"num_clients": n, "clients_per_round": k, "rounds": rounds,
+           "min_clients": min_clients, "round_timeout_s": timeout}  # fmt: skip
+    cfg = config_from_dict({"fed": fed})
+    w = workload or Sums()
+    hooks = Hooks()
+    roster = [client_name(i) for i in range(n)]
+    engine = RoundEngine(cfg, w, roster, run_id="r1", config_json="{}", num_classes=2,
+                         input_dim=4, hooks=hooks)  # fmt: skip
+    return engine, w, hooks
+
+
+def _register(engine: RoundEngine, principal: str, *cids: str) -> None:
+    engine.register(principal, Registration(tuple(ClientInfo(c, 10) for c in cids), "test"))
+
+
+class Stream:
+    """A principal's work stream read in a thread."""
+
+    def __init__(self, engine: RoundEngine, principal: str) -> None:
+        self.closed = threading.Event()
+        self.items: list[Any] = []
+        self._gen = engine.work(principal, engine.run_id, self.closed)
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        for item in self._gen:
+            self.items.append(item)
+
+    def close(self) -> None:
+        self.closed.set()
+        self._t.join(5)
+
+    def wait_for(self, action: str, round_index: int | None, timeout: float = 10) -> Any:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for item in self.items:
+                if item.action == action and round_index in (None, item.round):
+                    return item
+            time.sleep(0.02)
+        raise AssertionError(f"no {action} item for round {round_index}: {self.items}")
+
+
+def _deliver(engine: RoundEngine, cid: str, r: int, value: float = 1.0) -> None:
+    engine.get_task(cid, r)
+    engine.push_update(WireMessage("update", cid, r, 0, {"value": value}))
+
+
+def test_versions_and_roster_are_checked_at_registration() -> None:
+    engine, _, _ = _engine()
+    old = Registration((ClientInfo("client-0", 5),), "0.0.1", protocol_version=1)
+    with pytest.raises(FedqError, match=r"speaks round protocol 2 .* the client speaks 1"):
+        engine.register("client-0", old)
+    fmt = Registration((ClientInfo("client-0", 5),), "0.0.1", wire_format_version=2)
+    with pytest.raises(FedqError, match=r"reads wire format 3 .* writes 2"):
+        engine.register("client-0", fmt)
+    with pytest.raises(FedqError, match="unknown client ids"):
+        _register(engine, "x", "client-7")
+    _register(engine, "worker-0", "client-0", "client-1")
+    joined = engine.register("worker-0", Registration((ClientInfo("client-1", 3),), "t"))
+    assert joined.client_index == {"client-1": 1} and joined.run_id == "r1"
+    s = Stream(engine, "worker-0")
+    with pytest.raises(FedqError, match="already connected from another process"):
+        _register(engine, "thief", "client-1")
+    with pytest.raises(FedqError, match="is not this server's run"):
+        next(engine.work("worker-0", "other-run", threading.Event()))
+    s.close()
+
+
+def _tasks(streams: Mapping[str, Stream], r: int, n: int, timeout: float = 10) -> list[str]:
+    """The clients whose streams received a TASK for round ``r`` (waits for ``n``)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = sorted(cid for cid, s in streams.items()
+                     if any(it.action == "task" and it.round == r for it in s.items))  # fmt: skip
+        if len(got) >= n:
+            return got
+        time.sleep(0.02)
+    raise AssertionError(f"only {got} got a task for round {r}")
+
+
+def test_rounds_wait_for_available_clients_then_run_all_or_nothing() -> None:
+    engine, w, hooks = _engine(n=3, k=2, rounds=2, min_clients=2)
+    for i in range(3):
+        _register(engine, client_name(i), client_name(i))
+    engine.start()
+    time.sleep(0.3)
+    assert engine.available() == [] and not hooks.records  # nobody's stream is open: waiting
+    streams = {client_name(i): Stream(engine, client_name(i)) for i in range(3)}
+    first, second = _tasks(streams, 0, 2)  # k of the available clients were given round 0
+    _deliver(engine, first, 0, 1.0)
+    with pytest.raises(FedqError, match="already delivered"):
+        _deliver(engine, first, 0, 5.0)  # a duplicate is refused, never counted
+    unselected = ({"client-0", "client-1", "client-2"} - {first, second}).pop()
+    with pytest.raises(FedqError, match="is not selected in round 0"):
+        _deliver(engine, unselected, 0)
+    with pytest.raises(FedqError, match="no value"):
+        engine.push_update(WireMessage("update", second, 0, 0, {}))  # malformed: nothing kept
+    _deliver(engine, second, 0, 2.0)
+    _tasks(streams, 1, 2)
+    assert hooks.records[0]["applied"] and w.total == 3.0
+    assert hooks.records[0]["clients_ok"] == 2 and hooks.records[0]["dropped"] == {}
+    with pytest.raises(FedqError, match="round 0 is not open"):
+        _deliver(engine, first, 0)  # late: the round is closed
+    for s in streams.values():
+        s.close()  # everyone leaves mid-round 1: they are dropped, the round is discarded
+    assert engine.join(10)
+    assert hooks.records[1]["applied"] is False and w.total == 3.0
+    assert set(hooks.records[1]["dropped"].values()) == {"its work stream closed"}
+    assert w.closed[1] == (1, [], False)
+
+
+def test_a_client_past_the_deadline_is_dropped_and_the_round_closes_with_the_rest() -> None:
+    engine, w, hooks = _engine(n=2, k=2, rounds=1, min_clients=1, timeout=0.8)
+    for i in range(2):
+        _register(engine, client_name(i), client_name(i))
+    streams = [Stream(engine, client_name(i)) for i in range(2)]
+    engine.wait_available(2, 5)
+    engine.start()
+    streams[0].wait_for("task", 0)
+    _deliver(engine, "client-0", 0, 4.0)  # client-1 hangs
+    assert engine.join(10)
+    rec = hooks.records[0]
+    assert rec["applied"] and rec["clients_ok"] == 1 and w.total == 4.0
+    assert "deadline" in rec["dropped"]["client-1"]
+    assert hooks.reason == "completed 1 rounds"
+    with pytest.raises(FedqError):
+        _deliver(engine, "client-1", 0)  # too late: refused
+    assert streams[1].wait_for("done", None) is not None
+    for s in streams:
+        s.close()
+
+
+def test_split_steps_run_in_roster_order_whatever_the_timing() -> None:
+    """Clients on different threads send steps as fast as they can; the workload sees each
+    client's whole turn in roster order; an out-of-order step is refused."""
+    w = Sums(steps_per_round=3)
+    engine, _, hooks = _engine(n=3, k=3, rounds=1, min_clients=3, workload=w)
+    for i in range(3):
+        _register(engine, client_name(i), client_name(i))
+    streams = [Stream(engine, client_name(i)) for i in range(3)]
+    engine.wait_available(3, 5)
+    engine.start()
+    streams[0].wait_for("task", 0)
+    with pytest.raises(FedqError, match="out of order"):
+        engine.split_step(WireMessage("activations", "client-2", 0, 1))
+
+    def client(i: int) -> None:
+        cid = client_name(i)
+        engine.get_task(cid, 0)
+        for s in range(3):
+            engine.split_step(WireMessage("activations", cid, 0, s))
+        engine.push_update(WireMessage("update", cid, 0, 0, {"value": 1.0}))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in (2, 1, 0)]  # last first
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert engine.join(10)
+    assert w.steps == [(client_name(i), s) for i in range(3) for s in range(3)]
+    assert hooks.records[0]["clients_ok"] == 3
+    for s in streams:
+        s.close()
+
+
+def test_checkpoint_state_round_trips_and_checks_the_roster() -> None:
+    engine, w, _ = _engine()
+    w.total = 7.0
+    engine.next_round = 2
+    state = engine.state_dict()
+    other, w2, _ = _engine()
+    other.load_state_dict(state)
+    assert (other.next_round, other.run_id, w2.total) == (2, "r1", 7.0)
+    bigger, _, _ = _engine(n=4)
+    with pytest.raises(FedqError, match="roster"):
+        bigger.load_state_dict(state)
+
+
+def test_stop_ends_the_run_and_every_stream_gets_done() -> None:
+    engine, _, hooks = _engine(n=1, k=1, rounds=5, min_clients=1)
+    _register(engine, "client-0", "client-0")
+    s = Stream(engine, "client-0")
+    engine.wait_available(1, 5)
+    engine.start()
+    s.wait_for("task", 0)
+    engine.stop("operator stop")
+    assert engine.join(10)
+    assert s.wait_for("done", None).reason == "operator stop" and hooks.reason == "operator stop"
+    assert hooks.records == [] and engine.next_round == 0  # the open round is not counted
+    s.close()
+
+
+def test_update_tensors_travel_as_the_workload_decodes_them() -> None:
+    w = Sums()
+    member = Member("client-0", 0, 3)
+    up = w.accept(0, member, WireMessage("update", "client-0", 0, 0, {"value": 2.5},
+                                         tensors={"x": raw(torch.ones(2))}))  # fmt: skip
+    assert float(up.tensors["v"]) == 2.5 and up.weight == 1.0

@@ -1,0 +1,165 @@
+"""The client node against a scripted connection: it runs its tasks, reconnects with backoff when
+the server goes away and carries on with the same run, gives up after a while, refuses a server
+that started a different run, and reports version mismatches clearly."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from fedq.errors import FedqError, TransportError
+from fedq.rounds.node import Backoff, ClientNode
+from fedq.wire.control import Assignment, ClientInfo, Joined, Registration, WorkItem
+
+
+def _joined(run_id: str = "run-1", **kw: Any) -> Joined:
+    return Joined(run_id=run_id, config_json="{}", client_index={"c": 0}, num_classes=2,
+                  input_dim=4, fedq_version="x", **kw)  # fmt: skip
+
+
+class Feed:
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+
+    def __iter__(self) -> Iterator[WorkItem]:
+        for it in self.items:
+            if isinstance(it, Exception):
+                raise it
+            yield it
+
+    def cancel(self) -> None:
+        return None
+
+
+class Script:
+    """A connection whose calls follow a script: lists of results or exceptions."""
+
+    def __init__(self, registers: list[Any], feeds: list[list[Any]]) -> None:
+        self.registers = registers
+        self.feeds = feeds
+        self.calls: list[str] = []
+
+    def register(self, reg: Registration) -> Joined:
+        self.calls.append("register")
+        r = self.registers.pop(0)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    def work(self, run_id: str) -> Feed:
+        self.calls.append(f"work {run_id}")
+        return Feed(self.feeds.pop(0))
+
+
+class Runner:
+    def __init__(self) -> None:
+        self.ran: list[tuple[str, int]] = []
+        self.closed: list[int] = []
+
+    def run(self, task: Assignment, conn: Any) -> dict[str, Any]:
+        self.ran.append((task.client_id, task.round))
+        return {}
+
+    def round_closed(self, r: int) -> None:
+        self.closed.append(r)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def _node(conn: Script, **kw: Any) -> tuple[ClientNode, Runner]:
+    runner = Runner()
+    events: list[tuple[str, dict[str, Any]]] = []
+    node = ClientNode(
+        conn,
+        [ClientInfo("c", 10)],
+        lambda joined: runner,  # type: ignore[arg-type]
+        on_event=lambda k, i: events.append((k, i)),
+        seed=0,
+        backoff=kw.pop("backoff", Backoff(base=0.01, cap=0.02, give_up_after=5)),
+    )
+    node.events = events  # type: ignore[attr-defined]
+    return node, runner
+
+
+def _task(r: int) -> WorkItem:
+    return WorkItem("task", r, (Assignment("c", r, 10.0),))
+
+
+def test_runs_tasks_until_done() -> None:
+    conn = Script([_joined()], [[WorkItem("wait", 0, reason="waiting"), _task(0), _task(1),
+                                 WorkItem("done", 2, reason="completed 2 rounds")]])  # fmt: skip
+    node, runner = _node(conn)
+    assert node.run() == "completed 2 rounds"
+    assert runner.ran == [("c", 0), ("c", 1)] and node.stats["tasks"] == 2
+    assert runner.closed == [0, 0, 1, 2]  # each item tells the runner the server's round
+
+
+def test_reconnects_with_backoff_and_rejoins_the_same_run() -> None:
+    gone = TransportError("UNAVAILABLE", "connection refused")
+    conn = Script(
+        [_joined(), gone, gone, _joined()],  # the server restarts: two failed registrations
+        [[_task(0), gone], [_task(1), WorkItem("done", 2, reason="completed")]],
+    )
+    node, runner = _node(conn)
+    assert node.run() == "completed"
+    assert runner.ran == [("c", 0), ("c", 1)]
+    assert node.stats["reconnects"] == 1
+    kinds = [k for k, _ in node.events]  # type: ignore[attr-defined]
+    assert kinds.count("retry") == 2 and "reconnect" in kinds
+
+
+def test_gives_up_after_the_configured_time() -> None:
+    gone = TransportError("UNAVAILABLE", "connection refused")
+    conn = Script([gone] * 1000, [])
+    node, _ = _node(conn, backoff=Backoff(base=0.01, cap=0.01, give_up_after=0.2))
+    with pytest.raises(TransportError, match=r"gave up after 0\.2 s"):
+        node.run()
+
+
+def test_a_different_run_after_a_restart_is_an_error() -> None:
+    gone = TransportError("UNAVAILABLE", "reset")
+    conn = Script([_joined("run-1"), _joined("run-2")], [[_task(0), gone]])
+    node, _ = _node(conn)
+    with pytest.raises(FedqError, match="now runs a different run"):
+        node.run()
+
+
+def test_version_mismatch_is_reported_by_the_client() -> None:
+    conn = Script([_joined(protocol_version=3)], [])
+    node, _ = _node(conn)
+    with pytest.raises(FedqError, match="the server speaks round protocol 3"):
+        node.run()
+    refused = TransportError("FAILED_PRECONDITION", "this server speaks round protocol 2")
+    node, _ = _node(Script([refused], []))
+    with pytest.raises(TransportError, match="FAILED_PRECONDITION"):
+        node.run()  # not retried: only a server that went away is
+
+
+def test_a_failed_task_is_reported_and_the_node_goes_on() -> None:
+    class Failing(Runner):
+        def run(self, task: Assignment, conn: Any) -> dict[str, Any]:
+            if task.round == 0:
+                raise TransportError("FAILED_PRECONDITION", "round 0 is not open")
+            return super().run(task, conn)
+
+    conn = Script([_joined()], [[_task(0), _task(1), WorkItem("done", 2, reason="ok")]])
+    runner = Failing()
+    node = ClientNode(conn, [ClientInfo("c", 1)], lambda j: runner)  # type: ignore[arg-type]
+    assert node.run() == "ok"
+    assert node.stats == {"tasks": 1, "failed": 1, "reconnects": 0}
+
+
+def test_backoff_is_exponential_with_full_jitter_and_a_cap() -> None:
+    b = Backoff(base=0.5, cap=4.0)
+    rng = random.Random(1)
+    for attempt, top in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (10, 4.0)]:
+        draws = [b.delay(attempt, rng) for _ in range(200)]
+        assert min(draws) >= 0 and max(draws) <= top
+        assert max(draws) > 0.8 * top  # the whole interval is used (full jitter)
