@@ -94,6 +94,57 @@ def veth_link(rate: str = "100mbit") -> Iterator[LinkPair]:
         subprocess.run(["ip", "link", "del", if_s], capture_output=True)  # if never moved
 
 
+@dataclass(frozen=True)
+class Star:
+    """A server namespace linked to each client namespace by its own veth pair: ``links[i]`` is
+    ``(client namespace, client address, the server's address on that link)``."""
+
+    server_ns: str
+    links: list[tuple[str, str, str]]
+
+    @property
+    def server_ips(self) -> list[str]:
+        return [srv for _, _, srv in self.links]
+
+
+@contextmanager
+def veth_star(clients: int, rate: str | None = None) -> Iterator[Star]:
+    """Namespaces ``fqs-<tag>`` and ``fqc<i>-<tag>``, one veth pair per client with a fresh
+    ``10.200.X.Y/30`` each, optionally shaped (``tc tbf`` at ``rate`` on both ends), so the
+    clients reach the server only across their link; everything is deleted afterwards."""
+    reason = link_unavailable_reason()
+    if reason:
+        raise LinkUnavailable(reason)
+    tag = secrets.token_hex(3)
+    ns_s = f"fqs-{tag}"
+    rng = random.Random(tag)
+    net = rng.randrange(256)
+    made = [ns_s]
+    links = []
+    try:
+        _sh("ip", "netns", "add", ns_s)
+        _sh("ip", "-n", ns_s, "link", "set", "lo", "up")
+        for i in range(clients):
+            ns_c, if_s, if_c = f"fqc{i}-{tag}", f"fs{i}{tag}", f"fc{i}{tag}"
+            ip_s, ip_c = f"10.200.{net}.{4 * i + 1}", f"10.200.{net}.{4 * i + 2}"
+            _sh("ip", "netns", "add", ns_c)
+            made.append(ns_c)
+            _sh("ip", "link", "add", if_s, "type", "veth", "peer", "name", if_c)
+            for ns, dev, ip in ((ns_s, if_s, ip_s), (ns_c, if_c, ip_c)):
+                _sh("ip", "link", "set", dev, "netns", ns)
+                _sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
+                _sh("ip", "-n", ns, "link", "set", dev, "up")
+                if rate:
+                    _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
+                        "tbf", "rate", rate, "burst", "64kb", "latency", "100ms")  # fmt: skip
+            _sh("ip", "-n", ns_c, "link", "set", "lo", "up")
+            links.append((ns_c, ip_c, ip_s))
+        yield Star(ns_s, links)
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
 def namespaces_left(tag_prefix: str = "fq") -> list[str]:
     """Namespaces whose name starts with ``fqs-``/``fqc-`` (for tests: nothing must leak)."""
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
