@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 class ClientState:
     uplink: LinkCodec
     rounds_done: int = 0
+    accountant: Any = None  # DP-SGD: this client's own Opacus accountant (epsilon it reports)
 
 
 class ClientWorker:
@@ -108,7 +109,7 @@ class ClientWorker:
         index = self.index[cid]
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, index, r))
         mechanism = task.tags.get("dp_mechanism", "none")
-        loss, steps, laplace_sensitivity = self._train(task, shard, gen, mechanism)
+        loss, steps, laplace_sensitivity, epsilon = self._train(cid, task, shard, gen, mechanism)
         trained = self.bundle.trainable_state()
         delta = {k: (trained[k].detach().float() - start[k].float()) for k in start}
         # The one fixed order: clip -> noise here, then bits -> quantize in the uplink codec.
@@ -132,15 +133,18 @@ class ClientWorker:
             "mean_bits": stats.mean_bits,
             "fp32_bytes": float(stats.fp32_bytes),
         }
+        if epsilon is not None:  # accounted where the data is, reported with the update
+            scalars["dp_epsilon"] = epsilon
         conn.push_update(WireMessage("update", cid, r, 0, scalars, {}, packed))
         state.rounds_done += 1
         sent1, recv1 = conn_bytes(conn, cid)
         return {"wire_up": sent1 - sent0, "wire_down": recv1 - recv0, "loss": loss}
 
     def _train(
-        self, task: WireMessage, shard: Shard, gen: torch.Generator, mechanism: str
-    ) -> tuple[float, int, float | None]:
-        """Local training as the privacy mechanism requires: (loss, steps, laplace sensitivity)."""
+        self, cid: str, task: WireMessage, shard: Shard, gen: torch.Generator, mechanism: str
+    ) -> tuple[float, int, float | None, float | None]:
+        """Local training as the privacy mechanism requires: (loss, steps, laplace sensitivity,
+        DP-SGD epsilon this client has spent, by its own accountant)."""
         tc = self.cfg.train
         if mechanism == "dpsgd":
             from fedq.privacy import dp_local_train
@@ -157,7 +161,7 @@ class ClientWorker:
                 optimizer_factory=lambda ps: make_optimizer(ps, tc),
                 grad_sample_mode=self.cfg.privacy.grad_sample_mode,
             )
-            return res.loss, res.steps, None
+            return res.loss, res.steps, None, self._account(cid, res)
         paper = mechanism == "laplace" and task.tags.get("laplace_calibration") == "paper"
         smooth = None
         if paper:
@@ -175,23 +179,43 @@ class ClientWorker:
             smoothness=smooth,
         )
         if smooth is None:
-            return loss, steps, None
+            return loss, steps, None, None
         from fedq.privacy import laplace_sensitivity
 
         s = laplace_sensitivity(
             task.scalars["dp_clip"], tc.lr, tc.local_epochs, shard.size, smooth.value
         )
-        return loss, steps, s
+        return loss, steps, s, None
+
+    def _account(self, cid: str, res: Any) -> float:
+        """Charge this client's own accountant for the round's DP-SGD steps; its epsilon."""
+        from fedq.privacy import GaussianAccountant
+
+        st = self._state(cid)
+        if st.accountant is None:
+            p = self.cfg.privacy
+            st.accountant = GaussianAccountant(p.accountant, p.delta)
+        st.accountant.step(res.noise_multiplier, res.sample_rate, res.steps)
+        return float(st.accountant.epsilon())
 
     # -- state (checkpoints; a re-run round starts from its saved state) ----------------------
     def _client_state(self, cid: str) -> dict[str, Any]:
         st = self._state(cid)
-        return copy.deepcopy({"uplink": st.uplink.state_dict(), "rounds_done": st.rounds_done})
+        acc = None if st.accountant is None else st.accountant.state_dict()
+        return copy.deepcopy({"uplink": st.uplink.state_dict(), "rounds_done": st.rounds_done,
+                              "accountant": acc})  # fmt: skip
 
     def _load_client(self, cid: str, s: Mapping[str, Any]) -> None:
         st = self._state(cid)
         st.uplink.load_state_dict(copy.deepcopy(dict(s["uplink"])))
         st.rounds_done = int(s["rounds_done"])
+        st.accountant = None
+        if s.get("accountant") is not None:
+            from fedq.privacy import GaussianAccountant
+
+            p = self.cfg.privacy
+            st.accountant = GaussianAccountant(p.accountant, p.delta)
+            st.accountant.load_state_dict(copy.deepcopy(s["accountant"]))
 
     def state_dict(self) -> dict[str, Any]:
         """Every client's state; a client in the middle of a round counts as it was before."""

@@ -14,6 +14,7 @@ PRV accountants assume Poisson sampling at rate K/N (as Flower's and TFF's DP-Fe
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +35,8 @@ from fedq.privacy import (
     plan_noise_multiplier,
 )
 from fedq.rounds import weighted_mean
+
+log = logging.getLogger(__name__)
 
 
 def local_steps(n: int, batch_size: int, epochs: int) -> tuple[int, float]:
@@ -196,6 +199,20 @@ class ServerPrivacy:
         if self.p.mechanism == "dpsgd":
             return max((a.epsilon() for a in self.clients.values()), default=0.0)
         return self.ledger.max_spent()
+
+    def disagreements(self, reported: Mapping[int, float]) -> list[int]:
+        """Clients (roster indices) whose own DP-SGD accounting, reported with their update,
+        differs from this ledger. The ledger charges at round open, so it may only be ahead (a
+        client that did not report a round it was charged for) - never behind."""
+        bad = []
+        for cid, eps in reported.items():
+            acc = self.clients.get(cid)
+            ledger = acc.epsilon() if acc is not None else 0.0
+            if eps > ledger * (1 + 1e-6) + 1e-9:
+                bad.append(cid)
+                log.warning("client %d reports epsilon %.6g, above the ledger's %.6g", cid, eps,
+                            ledger)  # fmt: skip
+        return bad
 
     def client_scalars(self) -> dict[str, float]:
         """What clients need to run their side of the mechanism."""

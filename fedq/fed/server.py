@@ -130,6 +130,13 @@ class FedServer:
         bits = sum(u.scalars.get("mean_bits", 0.0) * n for u, n in zip(updates, sizes, strict=True))
         out["mean_bits"] = bits / numel if numel else None
         out["fp32_up"] = int(sum(u.scalars.get("fp32_bytes", 0.0) for u in updates))
+        reported = {u.member.client_id: u.scalars["dp_epsilon"] for u in updates
+                    if "dp_epsilon" in u.scalars}  # fmt: skip
+        if reported:  # DP-SGD: each client's own accounting, checked against the ledger
+            out["epsilon_reported"] = max(reported.values())
+            out["epsilon_disagrees"] = self.privacy.disagreements(
+                {u.member.index: u.scalars["dp_epsilon"] for u in updates
+                 if "dp_epsilon" in u.scalars})  # fmt: skip
         last = r + 1 == self.cfg.fed.rounds
         if self.test_data is not None and ((r + 1) % self.cfg.fed.eval_every == 0 or last):
             out["accuracy"], out["loss"] = self.evaluate()
