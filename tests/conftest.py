@@ -34,6 +34,9 @@ class _Collect:
     def on_start(self, info: dict) -> None:
         return None
 
+    def on_open(self, r: int, ledger: dict) -> None:
+        return None
+
     def on_round(self, record: dict) -> None:
         from fedq.runtime.hosts import take_round_traffic
 

@@ -237,6 +237,8 @@ class ServerPrivacy:
         return {name: t + noise[name] for name, t in total.items()}
 
     def state_dict(self) -> dict[str, Any]:
+        if not self.enabled:
+            return {}  # nothing to account, nothing to journal
         return {
             "noise_multiplier": self.noise_multiplier if self.planned else None,
             "central": self.central.state_dict() if self.central is not None else None,

@@ -392,6 +392,8 @@ class RoundEngine:
             return None
         chosen = select_clients(r, pool, min(k, len(pool)), self.cfg.seed)
         ledger.charge(chosen, sizes)
+        if self.hooks is not None:
+            self.hooks.on_open(r, ledger.state_dict())
         by_index = {m.index: m for m in alive}
         selected = [by_index[i] for i in chosen]
         self.workload.open_round(r, selected)

@@ -132,6 +132,10 @@ class Hooks(Protocol):
 
     def on_start(self, info: dict[str, Any]) -> None: ...
 
+    def on_open(self, r: int, ledger: dict[str, Any]) -> None:
+        """Round ``r``'s privacy is charged (``ledger``: the ledger's state now); nothing is
+        released before this returns (the run journals the ledger here)."""
+
     def on_round(self, record: dict[str, Any]) -> None:
         """A round closed; the next one opens when this returns (a simulation driver checkpoints
         its clients here)."""

@@ -39,7 +39,7 @@ class InProcessBackend:
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method)(*args)
 
-    def get(self, futures: Sequence[Any]) -> list[Any]:
+    def get(self, futures: Sequence[Any], timeout: float | None = None) -> list[Any]:
         return list(futures)
 
     def shutdown(self) -> None:
@@ -84,8 +84,8 @@ class RayBackend:
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method).remote(*args)
 
-    def get(self, futures: Sequence[Any]) -> list[Any]:
-        return list(self.ray.get(list(futures)))
+    def get(self, futures: Sequence[Any], timeout: float | None = None) -> list[Any]:
+        return list(self.ray.get(list(futures), timeout=timeout))
 
     def shutdown(self) -> None:
         if self._started and self.ray.is_initialized():

@@ -64,6 +64,10 @@ class _ServeHooks:
     def on_start(self, info: dict[str, Any]) -> None:
         return None
 
+    def on_open(self, r: int, ledger: dict[str, Any]) -> None:
+        if ledger:
+            self.recorder.journal(r, ledger)
+
     def on_round(self, record: dict[str, Any]) -> None:
         assert self.host is not None
         for cid, row in take_round_traffic(self.host.transport.counters, record).items():
@@ -113,7 +117,7 @@ def serve(
     )  # fmt: skip
     hooks.host = server
     if ckpt is not None:
-        server.load_state_dict(ckpt["server"])
+        server.load_state_dict(ckpt["server"], ckpt["ledger_journal"])
     recorder.trainable_params = int(server.workload.info()["trainable_params"])
     address = server.start()
     if on_event is not None:

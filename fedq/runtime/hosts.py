@@ -82,6 +82,12 @@ class _Observer:
     def on_start(self, info: dict[str, Any]) -> None:
         return None
 
+    def on_open(self, r: int, ledger: dict[str, Any]) -> None:
+        if ledger:  # a run with privacy: the driver journals the ledger before any release
+            self._go.clear()
+            self.events.put({"open": r, "ledger": ledger})
+            self._go.wait()
+
     def on_round(self, record: dict[str, Any]) -> None:
         take_round_traffic(self.counters, record)
         self._go.clear()
@@ -191,8 +197,18 @@ class ServerHost:
     def state_dict(self) -> dict[str, Any]:
         return self.engine.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], journal: dict[str, Any] | None = None) -> None:
+        """Resume: the engine's checkpointed state, then the privacy ledger of a later round's
+        journal when there is one (fedq.runtime.checkpoint)."""
         self.engine.load_state_dict(state)
+        if journal is not None:
+            self.workload.ledger.load_state_dict(journal["ledger"])
+
+    def stop_run(self, reason: str) -> None:
+        """End the run (every client is told DONE with ``reason``); the host keeps serving."""
+        self.engine.stop(reason)
+        if self.observer is not None:
+            self.observer.proceed()
 
     def stop(self, reason: str = "stopped") -> None:
         self.engine.stop(reason)

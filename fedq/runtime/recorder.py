@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedq.config import RunConfig
-from fedq.runtime.checkpoint import save_checkpoint
+from fedq.runtime.checkpoint import save_checkpoint, save_privacy_journal
 
 BITS_FILE = "bits.jsonl"
 
@@ -78,6 +78,9 @@ class RunRecorder:
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         save_checkpoint(self.out, state)
+
+    def journal(self, round_index: int, ledger: dict[str, Any]) -> None:
+        save_privacy_journal(self.out, round_index, ledger)
 
     def finish(self, extra: dict[str, Any], bit_maps: dict[str, list[int]] | None) -> dict:
         """Write summary.json and report.png (and bit_maps.json in split mode)."""

@@ -34,6 +34,8 @@ Callback = Callable[[dict[str, Any]], None]
 
 #: How long the driver waits for every worker to register before giving up.
 REGISTER_TIMEOUT_S = 300.0
+#: How often the driver checks that its workers are alive (between round events).
+WORKER_CHECK_S = 5.0
 
 
 def num_workers(cfg: RunConfig) -> int:
@@ -66,6 +68,8 @@ def simulate(
     server: Any = None
     workers: list[Any] = []
     interrupted, stopped = False, None
+    lost: dict[str, str] = {}  # worker principal -> why it was lost
+    clients: dict[str, Any] = {} if ckpt is None else dict(ckpt["clients"])
     bit_maps: dict[str, list[int]] = {}
     client_bytes = {"client_bytes_up": 0, "client_bytes_down": 0}
     try:
@@ -87,17 +91,27 @@ def simulate(
         if on_start:
             on_start(info)
         backend.get([backend.call(server, "begin", start_round)])
-        t_round = time.perf_counter()
+        t_round = checked = time.perf_counter()
         while True:
             event = backend.get([backend.call(server, "next_event", 2.0)])[0]
+            if event is None or time.perf_counter() - checked > WORKER_CHECK_S:
+                checked = time.perf_counter()
+                if _lost_workers(backend, server, workers, shares, lost, cfg):
+                    continue
             if event is None:
                 continue
             if "done" in event:
                 reason = str(event["done"])
                 stopped = None if reason.startswith("completed") else reason
                 break
+            if "open" in event:  # privacy charged for a round: journal it before any release
+                recorder.journal(int(event["open"]), event["ledger"])
+                backend.get([backend.call(server, "proceed")])
+                continue
             rec = recorder.round(event["round"], t_round)
-            _checkpoint(backend, server, workers, list(shares), recorder, rec["round"] + 1, cfg)
+            _lost_workers(backend, server, workers, shares, lost, cfg)
+            clients = _checkpoint(backend, server, workers, list(shares), recorder,
+                                  rec["round"] + 1, cfg, lost, clients)  # fmt: skip
             if on_round:
                 on_round(rec)
             t_round = time.perf_counter()
@@ -107,7 +121,9 @@ def simulate(
         interrupted = True
         log.warning("interrupted: stopping Ray and gRPC, keeping metrics of finished rounds")
     finally:
-        for w in workers:
+        for w, p in zip(workers, shares, strict=False):
+            if p in lost:
+                continue
             try:
                 backend.get([backend.call(w, "stop")])
                 taken = backend.get([backend.call(w, "take_counters")])[0]
@@ -118,8 +134,39 @@ def simulate(
         stop_all(backend, server)
     extra: dict[str, Any] = {"interrupted": interrupted, "name": cfg.name, "mode": cfg.mode,
                              "stopped_reason": stopped, "privacy": info_privacy(cfg),
-                             **client_bytes}  # fmt: skip
+                             "workers_lost": lost, **client_bytes}  # fmt: skip
     return recorder.finish(extra, bit_maps if cfg.mode == "split" else None)
+
+
+def _lost_workers(
+    backend: Any, server: Any, workers: list[Any], shares: dict[str, list[int]],
+    lost: dict[str, str], cfg: RunConfig,
+) -> bool:  # fmt: skip
+    """Find workers that died since the last check (their clients leave the run: the server drops
+    them from an open round as their work stream closes); report each with its clients and why.
+    When too few clients remain for a round, stop the run with the reason. Returns True when
+    something was lost."""
+    found = False
+    for w, p in zip(workers, shares, strict=True):
+        if p in lost:
+            continue
+        try:
+            status = backend.get([backend.call(w, "status")], timeout=30.0)[0]
+            why = None if status["alive"] else status["error"] or status["result"] or "it stopped"
+        except Exception as e:  # the actor process is gone (Ray raises an actor error)
+            why = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        if why is None:
+            continue
+        found = True
+        lost[p] = why
+        clients = ", ".join(client_name(c) for c in shares[p])
+        log.error("%s died (clients %s): %s", p, clients, why)
+    left = sum(len(c) for p, c in shares.items() if p not in lost)
+    if found and left < cfg.fed.min_clients:
+        reason = (f"{len(lost)} worker(s) lost ({', '.join(sorted(lost))}); {left} clients left, "
+                  f"a round needs fed.min_clients={cfg.fed.min_clients}")  # fmt: skip
+        backend.get([backend.call(server, "stop_run", reason)])
+    return found
 
 
 def info_privacy(cfg: RunConfig) -> dict[str, Any]:
@@ -140,19 +187,23 @@ def _client_states(states: list[dict[str, Any]], principals: list[str], cfg: Run
 
 def _checkpoint(
     backend: Any, server: Any, workers: list[Any], principals: list[str], recorder: RunRecorder,
-    next_round: int, cfg: RunConfig,
-) -> None:  # fmt: skip
+    next_round: int, cfg: RunConfig, lost: dict[str, str], previous: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """Write the checkpoint; a lost worker's clients keep their last checkpointed state.
+    Returns the client states written."""
     server_state = backend.get([backend.call(server, "state_dict")])[0]
-    states = backend.get([backend.call(w, "state_dict") for w in workers])
-    recorder.checkpoint({"next_round": next_round, "server": server_state,
-                         "clients": _client_states(states, principals, cfg)})  # fmt: skip
+    alive = [(w, p) for w, p in zip(workers, principals, strict=True) if p not in lost]
+    states = backend.get([backend.call(w, "state_dict") for w, _ in alive])
+    clients = {**previous, **_client_states(states, [p for _, p in alive], cfg)}
+    recorder.checkpoint({"next_round": next_round, "server": server_state, "clients": clients})
+    return clients
 
 
 def _restore(
     backend: Any, server: Any, workers: list[Any], principals: list[str], ckpt: dict[str, Any],
     cfg: RunConfig,
 ) -> None:  # fmt: skip
-    backend.get([backend.call(server, "load_state_dict", ckpt["server"])])
+    backend.get([backend.call(server, "load_state_dict", ckpt["server"], ckpt["ledger_journal"])])
     clients = ckpt["clients"]
     if cfg.mode == "split":
         calls = [backend.call(w, "load_state_dict", clients.get(p, {}))

@@ -72,6 +72,9 @@ class Hooks:
     def on_start(self, info: dict[str, Any]) -> None:
         return None
 
+    def on_open(self, r: int, ledger: dict[str, Any]) -> None:
+        return None
+
     def on_round(self, record: dict[str, Any]) -> None:
         self.records.append(record)
 
