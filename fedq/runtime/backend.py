@@ -3,14 +3,22 @@
 Ray starts embedded and capped to the machine (CPUs, object-store memory) unless ``ray_address``
 attaches to an existing cluster. Only small scalars and lists travel through Ray; tensors travel
 over the transport.
+
+An embedded Ray keeps its session files in ``<tmp>/fedq-ray-<driver pid>-*``, removed when the
+run ends. A driver killed outright (SIGKILL) cannot clean up, and a few of Ray's helper processes
+outlive it for a while; so every start first ends the processes still using the session folder of
+a driver that is gone, and removes that folder: only fedq's own leftovers, nothing else.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fedq.config import RuntimeConfig
@@ -20,6 +28,42 @@ log = logging.getLogger(__name__)
 
 #: GPU share each Ray host asks for with ``runtime.device: cuda`` (up to 100 hosts per GPU).
 GPU_SHARE = 0.01
+#: Session folders of embedded Ray: ``<tmp>/fedq-ray-<driver pid>-<random>``.
+RAY_TMP_PREFIX = "fedq-ray-"
+_OWN_DIR = re.compile(rf"{RAY_TMP_PREFIX}(\d+)-")
+
+
+def _uses(proc: Any, folder: str) -> bool:
+    """Whether ``proc`` runs from, was started with, or holds a file under ``folder``."""
+    try:
+        if any(folder in arg for arg in proc.cmdline()):
+            return True
+        return any(f.path.startswith(folder) for f in proc.open_files())
+    except Exception:  # gone meanwhile, or not ours to inspect
+        return False
+
+
+def clean_leftovers(tmp_root: str | None = None) -> list[int]:
+    """End the processes of embedded Ray sessions whose driver is gone and remove their folders
+    (module docstring). Returns the pids ended."""
+    import psutil
+
+    ended: list[int] = []
+    for folder in Path(tmp_root or tempfile.gettempdir()).glob(f"{RAY_TMP_PREFIX}*"):
+        m = _OWN_DIR.match(folder.name)
+        if m is None or psutil.pid_exists(int(m.group(1))):
+            continue  # not a fedq session folder, or its driver is still running
+        for proc in psutil.process_iter():
+            if proc.pid != os.getpid() and _uses(proc, str(folder)):
+                try:
+                    proc.kill()
+                    ended.append(proc.pid)
+                except psutil.Error:
+                    continue
+        psutil.wait_procs([psutil.Process(p) for p in ended if psutil.pid_exists(p)], timeout=5)
+        shutil.rmtree(folder, ignore_errors=True)
+        log.info("removed the leftovers of a killed run in %s (%d processes)", folder, len(ended))
+    return ended
 
 
 def wants_gpu(rt: RuntimeConfig) -> bool:
@@ -56,17 +100,20 @@ class RayBackend:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         self._started = False
+        self._tmp: str | None = None
         if not ray.is_initialized():
             if rt.ray_address:
                 ray.init(address=rt.ray_address, log_to_driver=False, logging_level=logging.WARNING)
             else:
+                clean_leftovers()
+                self._tmp = tempfile.mkdtemp(prefix=f"{RAY_TMP_PREFIX}{os.getpid()}-")
                 ray.init(
                     num_cpus=rt.num_cpus or os.cpu_count() or 1,
                     include_dashboard=False,
                     object_store_memory=rt.object_store_mb << 20,
                     log_to_driver=False,
                     logging_level=logging.WARNING,
-                    _temp_dir=tempfile.mkdtemp(prefix="fedq-ray-"),
+                    _temp_dir=self._tmp,
                 )
             self._started = True
         # runtime.device cuda: each host asks for a small share of a GPU so that Ray shows it
@@ -90,6 +137,9 @@ class RayBackend:
     def shutdown(self) -> None:
         if self._started and self.ray.is_initialized():
             self.ray.shutdown()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
 
 def stop_all(backend: InProcessBackend | RayBackend, server: Any) -> None:
