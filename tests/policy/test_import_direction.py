@@ -1,6 +1,6 @@
 """Imports flow one way (docs/design.md, "Module map"): codec -> adapt -> wire -> transport /
-rounds -> fed / split -> runtime -> cli. privacy, data, models and report know nothing of the wire or the
-transport; ``config`` and ``errors`` sit at the bottom and import nothing above them.
+rounds -> fed / split -> runtime -> cli. privacy, data, models and report know nothing of the wire
+or the transport; ``config`` and ``errors`` sit at the bottom and import nothing above them.
 Function-level (lazy) imports count too, and single-file modules are checked like packages."""
 
 from __future__ import annotations
