@@ -44,12 +44,15 @@ class _Collect:
         self.reason = reason
 
 
-def run_rounds(cfg, workload, shards, *, grpc: bool, hosts=None, tokens=None, connect=None):
+def run_rounds(
+    cfg, workload, shards, *, grpc: bool, hosts=None, tokens=None, connect=None, wrap=None
+):
     """Run ``cfg``'s rounds on ``workload`` with client nodes over loopback or real gRPC.
 
     ``shards``: client id -> Shard; ``hosts``: principal -> client ids (default: one principal
     per client); ``tokens``: principal -> token for the server (gRPC only; default: none);
-    ``connect(principal, address)`` may replace the connection a principal uses. Returns
+    ``connect(principal, address)`` may replace the connection a principal uses;
+    ``wrap(principal, conn)`` may wrap the connection it would use (loopback or gRPC). Returns
     ``(engine, hooks, nodes)`` after the run ends."""
     import json
     import threading
@@ -87,6 +90,8 @@ def run_rounds(cfg, workload, shards, *, grpc: bool, hosts=None, tokens=None, co
                                    timeout=60)  # fmt: skip
         else:
             conn = LoopbackConnection(engine, client_id=principal, counters=counters)
+        if wrap is not None:
+            conn = wrap(principal, conn)
         mine = {c: shards[c] for c in cids}
         node = ClientNode(conn, [ClientInfo(c, mine[c].size) for c in cids],
                           lambda joined, mine=mine: make_runner(cfg, mine, joined))  # fmt: skip
@@ -119,3 +124,48 @@ def _run_node(node: object) -> None:
 def rounds() -> object:
     """The in-process round harness (:func:`run_rounds`)."""
     return run_rounds
+
+
+class Metered:
+    """Wraps a client connection and keeps one row per data call (task, update, split step):
+    what this end's transport counted for it (``up``, ``down``) and the message sent, if any.
+    Everything else goes to the wrapped connection."""
+
+    def __init__(self, conn: object) -> None:
+        self.conn = conn
+        self.calls: list[dict] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.conn, name)
+
+    def _own(self, client_id: str) -> tuple[int, int]:
+        row = self.conn.counters.snapshot()["clients"].get(client_id, {})
+        return int(row.get("bytes_up", 0)), int(row.get("bytes_down", 0))
+
+    def _call(self, kind: str, client_id: str, round: int, msg: object, fn):
+        up0, down0 = self._own(client_id)
+        try:
+            return fn()
+        finally:
+            up1, down1 = self._own(client_id)
+            self.calls.append({"kind": kind, "client": client_id, "round": round, "msg": msg,
+                               "up": up1 - up0, "down": down1 - down0})  # fmt: skip
+
+    def get_task(self, round: int, client_id: str | None = None) -> object:
+        cid = client_id or self.conn.client_id
+        return self._call("task", cid, round, None,
+                          lambda: self.conn.get_task(round, client_id))  # fmt: skip
+
+    def push_update(self, msg) -> object:
+        return self._call("update", msg.client_id, msg.round, msg,
+                          lambda: self.conn.push_update(msg))  # fmt: skip
+
+    def split_step(self, msg) -> object:
+        return self._call("step", msg.client_id, msg.round, msg,
+                          lambda: self.conn.split_step(msg))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def metered() -> type[Metered]:
+    """:class:`Metered`, to wrap a principal's connection (``run_rounds(..., wrap=...)``)."""
+    return Metered
