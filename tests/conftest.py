@@ -169,3 +169,73 @@ class Metered:
 def metered() -> type[Metered]:
     """:class:`Metered`, to wrap a principal's connection (``run_rounds(..., wrap=...)``)."""
     return Metered
+
+
+class OpenRounds:
+    """The round engine's real loop on ``workload``, with one principal (``site``) that registers
+    ``clients`` (client id -> number of examples) and keeps its work stream open; the test plays
+    the clients: it calls the engine as the transport would, or goes through :meth:`connection`.
+    ``hooks.records`` are the round records."""
+
+    def __init__(self, cfg, workload, clients: dict, *, num_classes: int = 2, input_dim: int = 0):
+        import json
+        import threading
+
+        from fedq import __version__
+        from fedq.rounds import client_name
+        from fedq.rounds.engine import RoundEngine
+        from fedq.transport import ByteCounter
+        from fedq.wire.control import ClientInfo, Registration
+
+        self.workload = workload
+        self.counters = ByteCounter()
+        self.hooks = _Collect(self.counters)
+        roster = [client_name(i) for i in range(cfg.fed.num_clients)]
+        self.engine = RoundEngine(cfg, workload, roster, run_id="open", config_json=json.dumps({}),
+                                  num_classes=num_classes, input_dim=input_dim,
+                                  hooks=self.hooks)  # fmt: skip
+        infos = tuple(ClientInfo(c, n) for c, n in clients.items())
+        self.engine.register("site", Registration(infos, fedq_version=__version__))
+        self.closed = threading.Event()
+        self.items = self.engine.work("site", "open", self.closed)
+        assert next(self.items).action == "wait"  # the stream is open: the clients are available
+
+    def connection(self):
+        """A loopback connection of the principal (counting into ``counters``)."""
+        from fedq.transport.loopback import LoopbackConnection
+
+        return LoopbackConnection(self.engine, client_id="site", counters=self.counters)
+
+    def next_task(self):
+        """The next TASK item of the work stream (WAIT items in between are skipped)."""
+        while (item := next(self.items)).action != "task":
+            assert item.action == "wait", item
+        return item
+
+    def record(self, n: int) -> dict:
+        """The n-th round record, once the engine has closed that round."""
+        import time
+
+        end = time.monotonic() + 60
+        while len(self.hooks.records) <= n and time.monotonic() < end:
+            time.sleep(0.02)
+        return self.hooks.records[n]
+
+    def close(self) -> None:
+        self.engine.stop("test over")
+        self.closed.set()
+        self.engine.join(10)
+
+
+@pytest.fixture
+def open_rounds() -> Iterator[object]:
+    """``open_rounds(cfg, workload, clients, ...)`` -> :class:`OpenRounds`, stopped afterwards."""
+    made: list[OpenRounds] = []
+
+    def make(*args: object, **kwargs: object) -> OpenRounds:
+        made.append(OpenRounds(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for o in made:
+        o.close()

@@ -1,77 +1,33 @@
 """A round is all-or-nothing; bad, late, duplicate or unexpected updates never touch the model.
 
 The round engine runs its real loop with one principal that registers four clients and keeps its
-work stream open; the test plays the clients, calling the engine as the transport would."""
+work stream open (tests/conftest.py, ``open_rounds``); the test plays the clients, calling the
+engine as the transport would."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import threading
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
-from fedq import __version__
 from fedq.codec import raw
 from fedq.config import RunConfig, config_from_dict
 from fedq.errors import FedqError
 from fedq.fed.server import FedServer
 from fedq.rounds import client_name
-from fedq.rounds.engine import RoundEngine
 from fedq.rounds.workload import Member
 from fedq.runtime.setup import build_bundle, client_partitions, load_data
 from fedq.wire import WireMessage
-from fedq.wire.control import ClientInfo, Registration, WorkItem
-
-
-class _Hooks:
-    def __init__(self) -> None:
-        self.records: list[dict[str, Any]] = []
-        self.reason = ""
-
-    def on_start(self, info: dict[str, Any]) -> None:
-        return None
-
-    def on_round(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def on_done(self, reason: str) -> None:
-        self.reason = reason
-
-
-@dataclasses.dataclass
-class _Run:
-    engine: RoundEngine
-    server: FedServer
-    hooks: _Hooks
-    items: Iterator[WorkItem]
-    closed: threading.Event
-
-    def next_task(self) -> WorkItem:
-        """The next TASK item of the work stream (WAIT items in between are skipped)."""
-        while (item := next(self.items)).action != "task":
-            assert item.action == "wait", item
-        return item
-
-    def record(self, n: int) -> dict[str, Any]:
-        """The n-th round record, once the engine has closed that round."""
-        end = time.monotonic() + 30
-        while len(self.hooks.records) <= n and time.monotonic() < end:
-            time.sleep(0.05)
-        return self.hooks.records[n]
 
 
 @pytest.fixture
-def run(request: pytest.FixtureRequest) -> Iterator[Any]:
+def run(open_rounds: Any) -> Any:
     """``run(min_clients)``: a FedServer behind a round engine, four registered clients (three
     selected per round), a 1.5 s round deadline, the engine not started yet."""
-    made: list[_Run] = []
 
-    def make(min_clients: int = 1) -> _Run:
+    def make(min_clients: int = 1) -> Any:
         cfg: RunConfig = config_from_dict(
             {
                 "data": {"name": "digits", "max_train": 200},
@@ -83,23 +39,10 @@ def run(request: pytest.FixtureRequest) -> Iterator[Any]:
         split = load_data(cfg)
         parts = client_partitions(cfg, split.train)
         server = FedServer(cfg, build_bundle(cfg, split.train), split.test)
-        hooks = _Hooks()
-        roster = [client_name(i) for i in range(4)]
-        engine = RoundEngine(cfg, server, roster, run_id="t", config_json=json.dumps({}),
-                             num_classes=10, input_dim=64, hooks=hooks)  # fmt: skip
-        infos = tuple(ClientInfo(c, len(p)) for c, p in zip(roster, parts, strict=True))
-        engine.register("site", Registration(infos, fedq_version=__version__))
-        closed = threading.Event()
-        r = _Run(engine, server, hooks, engine.work("site", "t", closed), closed)
-        assert next(r.items).action == "wait"  # the stream is open: all four clients available
-        made.append(r)
-        return r
+        clients = {client_name(i): len(p) for i, p in enumerate(parts)}
+        return open_rounds(cfg, server, clients, num_classes=10, input_dim=64)
 
-    yield make
-    for r in made:
-        r.engine.stop("test over")
-        r.closed.set()
-        r.engine.join(10)
+    return make
 
 
 def _update(server: FedServer, cid: str, r: int = 0, **kw: Any) -> WireMessage:
@@ -114,23 +57,23 @@ def _snapshot(server: FedServer) -> dict[str, torch.Tensor]:
 
 def test_too_few_updates_discards_round_and_keeps_model(run: Any) -> None:
     r = run(min_clients=2)
-    before = _snapshot(r.server)
+    before = _snapshot(r.workload)
     r.engine.start()
     selected = [a.client_id for a in r.next_task().tasks]
     assert len(selected) == 3
-    r.engine.push_update(_update(r.server, selected[0]))
+    r.engine.push_update(_update(r.workload, selected[0]))
     rec = r.record(0)  # the others never deliver: dropped at the deadline
     assert rec["applied"] is False and rec["clients_ok"] == 1 and rec["clients_dropped"] == 2
     assert set(rec["dropped"]) == set(selected[1:])
     assert all("deadline" in why for why in rec["dropped"].values())
     for k, v in before.items():
-        assert torch.equal(r.server.global_state[k], v)
-    assert r.server.round_done == -1
+        assert torch.equal(r.workload.global_state[k], v)
+    assert r.workload.round_done == -1
 
 
 def test_rejections_leave_round_untouched(run: Any) -> None:
     r = run()
-    s = r.server
+    s = r.workload
     before = _snapshot(s)
     r.engine.start()
     selected = [a.client_id for a in r.next_task().tasks]
@@ -179,7 +122,7 @@ def test_get_task_only_for_selected_clients_in_open_round(run: Any) -> None:
     with pytest.raises(FedqError, match="round 0 is not open"):
         r.engine.get_task(client_name(0), 0)
     with pytest.raises(FedqError, match="no task prepared"):
-        r.server.task(0, Member(client_name(0), 0, 10))
+        r.workload.task(0, Member(client_name(0), 0, 10))
     r.engine.start()
     item = r.next_task()
     assert item.round == 0 and all(a.round == 0 and a.deadline_s <= 1.5 for a in item.tasks)
@@ -187,7 +130,7 @@ def test_get_task_only_for_selected_clients_in_open_round(run: Any) -> None:
     (outsider,) = {client_name(i) for i in range(4)} - set(selected)
     task = r.engine.get_task(selected[2], 0)
     assert task.kind == "global" and task.round == 0
-    assert task.client_id == selected[2] and set(task.tensors) == set(r.server.global_state)
+    assert task.client_id == selected[2] and set(task.tensors) == set(r.workload.global_state)
     for cid in (outsider, "client-7"):
         with pytest.raises(FedqError, match="not selected"):
             r.engine.get_task(cid, 0)
