@@ -269,6 +269,11 @@ class RoundEngine:
             rnd, member = self._selected(msg.client_id, msg.round)
             local = msg.step - msg.round * w.steps_per_round
             done = rnd.steps.get(member.client_id, 0)
+            if done >= w.steps_per_round:
+                raise FedqError(
+                    f"{member.client_id} has taken all {w.steps_per_round} steps of round "
+                    f"{msg.round}: step {msg.step} is not one of them"
+                )
             if local != done:
                 raise FedqError(
                     f"{member.client_id}: step {msg.step} out of order (expected step "

@@ -1,7 +1,8 @@
 """Checks a run needs before any host starts: names against the registries, then what only the
 data can tell (a partition that cannot give every client a sample, a data file that is not
-there). Every problem is one :class:`~fedq.errors.ConfigError` line naming its key, exactly like
-a bad key in the scenario, instead of a failure inside a server actor after start-up.
+there), and a GPU asked for on a machine without one. Every problem is one
+:class:`~fedq.errors.ConfigError` line naming its key, exactly like a bad key in the scenario,
+instead of a failure inside a server actor after start-up.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def client_sizes(cfg: RunConfig) -> list[int]:
 
 def preflight(cfg: RunConfig) -> dict[str, Any]:
     """Everything checkable before start-up, for a simulated run (which holds every client's
-    data): the names, then the data and its partition. Returns facts the driver may print."""
+    data): the names, the data and its partition, and (hosts on this machine) the device.
+    Returns facts the driver may print."""
     sizes = client_sizes(cfg)
+    if not cfg.runtime.ray_address:  # a cluster may have the GPU this machine lacks
+        from fedq.runtime.setup import torch_device
+
+        torch_device(cfg.runtime.device)
     return {"client_sizes": sizes, "train_examples": sum(sizes)}

@@ -7,8 +7,9 @@ One step (docs/design.md §3; docs/algorithms.md §1.2):
    value *is* the decoded payload, :mod:`fedq.adapt.amaq`);
 2. client -> server ``WireMessage(kind="activations", tensors={"h", "mask", "labels"})``; labels
    travel with the activations (vanilla split learning, §4);
-3. server ``split_step``: decode, ``loss = top(h)``, backward (+ its bit regularizer), quantize
-   ``dL/dh`` with its gradient gates, step its optimizer (top LoRA + head + gates);
+3. server ``step`` (the round engine's ``split_step`` calls it): decode, ``loss = top(h)``,
+   backward (+ its bit regularizer), quantize ``dL/dh`` with its gradient gates, step its
+   optimizer (top LoRA + head + gates);
 4. server -> client ``WireMessage(kind="gradients", tensors={"g"})`` plus scalars (loss, bits);
 5. client: ``h_hat.backward(g_hat)`` + its regularizer, step (bottom LoRA + activation gates).
 
@@ -22,13 +23,14 @@ In budget mode (default) each party's gates are stepped by a :class:`GateControl
 LoRA optimizer: normalised SGD, then projection onto the scheduled mean bits.
 
 SplitFed (Thapa et al. 2022; docs/algorithms.md §5.25): one shared server top updated by every
-client's steps in turn (SFL-V2; the round engine orders the steps of a round by (local step,
-roster index), so runs are reproducible); each round a selected client downloads the averaged
-client state (its task), runs ``local_steps`` steps, and uploads its client state (raw fp32,
-counted like everything else); closing the round averages the states weighted by samples (FedAvg,
-as SplitLoRA every R steps), all or nothing. The client state is the bottom LoRA plus the client's
-AMAQ gates, so the gates are averaged too. The server keeps a copy of the bottom only to evaluate
-the whole model with the averaged client state, quantization at the cut included (forward only).
+client's steps in turn (SFL-V2; the round engine runs the selected clients' turns in roster
+order, each all its steps of the round, so runs are reproducible); each round a selected client
+downloads the averaged client state (its task), runs ``local_steps`` steps, and uploads its client
+state (raw fp32, counted like everything else); closing the round averages the states weighted by
+samples (FedAvg, as SplitLoRA every R steps), all or nothing. The client state is the bottom LoRA
+plus the client's AMAQ gates, so the gates are averaged too. The server keeps a copy of the bottom
+only to evaluate the whole model with the averaged client state, quantization at the cut included
+(forward only).
 
 The server records every step as it sees it (``bits.jsonl``): wire bytes both ways, bits and
 payload sizes of both tensors, the loss, and the client's step time (the time between its

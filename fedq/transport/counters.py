@@ -29,7 +29,8 @@ class ByteCounter:
         self._control: dict[str, list[int]] = {}
 
     def add(self, client_id: str, *, up: int = 0, down: int = 0, control: bool = False) -> None:
-        """Add bytes for ``client_id`` ("" when the peer could not be identified)."""
+        """Add bytes for ``client_id`` ("" when the peer could not be identified); negative
+        amounts take back bytes counted ahead of a call that then did not happen."""
         if not up and not down:
             return
         with self._lock:

@@ -104,10 +104,13 @@ class LoopbackConnection:
 
     def push_update(self, msg: WireMessage) -> int:
         decoded, up = self._frames(msg)
-        self._count(msg.client_id, up, 0)
-        self.handler.push_update(decoded)
-        ack = service_pb2.Ack(accepted=True, bytes_received=up)
-        self._count(msg.client_id, 0, ack.ByteSize())
+        ack = service_pb2.Ack(accepted=True, bytes_received=up).ByteSize()
+        self._count(msg.client_id, up, ack)  # before the handler, as the servicer counts
+        try:
+            self.handler.push_update(decoded)
+        except BaseException:
+            self._count(msg.client_id, 0, -ack)  # refused: no ack
+            raise
         return up
 
     def split_step(self, msg: WireMessage) -> WireMessage:

@@ -242,18 +242,25 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
     ) -> service_pb2.Ack:
         authed = self._auth(context)
         frames = CountingFrames(request_iterator)
-        who, ack_size = authed or "", 0
+        who = authed or ""
         try:
             msg = self._run(
                 context, _Phase.DECODE, lambda: message_from_frames(frames, self._limits)
             )
             who = self._check_client(context, authed, msg.client_id)
-            self._run(context, _Phase.HANDLER, lambda: self._handler.push_update(msg))
             ack = service_pb2.Ack(accepted=True, bytes_received=frames.nbytes)
-            ack_size = ack.ByteSize()
+            # Counted before the handler keeps the update: keeping it may close the round at
+            # once, and that round's bytes include this upload and its ack. A refused update
+            # gets no ack, so the ack's bytes are taken back.
+            self._counters.add(who, up=frames.take(), down=ack.ByteSize())
+            try:
+                self._run(context, _Phase.HANDLER, lambda: self._handler.push_update(msg))
+            except BaseException:
+                self._counters.add(who, down=-ack.ByteSize())
+                raise
             return ack
         finally:
-            self._counters.add(who, up=frames.nbytes, down=ack_size)
+            self._counters.add(who, up=frames.take())
 
     # -- Split -----------------------------------------------------------------------------------
     def Step(

@@ -11,9 +11,9 @@ from typing import Any
 
 from opacus.accountants import RDPAccountant
 
-from fedq.config import FedConfig, RunConfig, config_from_dict
+from fedq.config import RunConfig, config_from_dict
 from fedq.fed.privacy import local_steps
-from fedq.fed.strategy import Strategy
+from fedq.rounds import select_clients
 from fedq.runtime.setup import client_partitions, load_data
 from fedq.runtime.simulate import simulate
 
@@ -78,9 +78,9 @@ def test_dpsgd_trains_privately_and_accounts_each_client(tmp_path: Path) -> None
     ] != [r["loss"] for r in _records(tmp_path / "plain")]
     parts = client_partitions(cfg, load_data(cfg).train)
     counts: Counter[int] = Counter()
-    s = Strategy(FedConfig())
+    everyone = list(range(cfg.fed.num_clients))
     for r in range(cfg.fed.rounds):
-        counts.update(s.select(r, cfg.fed.num_clients, cfg.fed.clients_per_round, cfg.seed))
+        counts.update(select_clients(r, everyone, cfg.fed.clients_per_round, cfg.seed))
     expected = max(
         _rdp_eps(
             [(1.1, local_steps(len(parts[c]), 16, 1)[1], n * local_steps(len(parts[c]), 16, 1)[0])],
@@ -106,6 +106,27 @@ def test_laplace_noises_updates_and_charges_pure_epsilon(tmp_path: Path) -> None
     ]
     assert out["epsilon_spent"] == recs[-1]["epsilon"]
     assert plain["epsilon_spent"] is None
+
+
+def test_laplace_budget_per_client_leaves_spent_clients_out_then_stops(tmp_path: Path) -> None:
+    """4 rounds of 2 of 4 clients: a budget of ceil(4*2/4) = 2 releases per client. A client that
+    has used both is not selected again; when fewer than 2 clients have budget left, the run
+    stops before the release, with the reason."""
+    cfg = _cfg({"mechanism": "laplace", "target_epsilon": 30.0, "clip_norm": 1.0}, rounds=4)
+    out = simulate(cfg, tmp_path)
+    recs = _records(tmp_path)
+    per, spent, expected = 15.0, Counter[int](), []
+    for r in range(cfg.fed.rounds):  # what the server's selection and ledger must have done
+        pool = [c for c in range(cfg.fed.num_clients) if (spent[c] + 1) * per <= 30.0]
+        if len(pool) < cfg.fed.clients_per_round:
+            break
+        spent.update(select_clients(r, pool, cfg.fed.clients_per_round, cfg.seed))
+        expected.append(max(spent.values()) * per)
+    assert len(expected) == 3  # this seed's draw leaves one client alone with budget left
+    assert [r["epsilon"] for r in recs] == expected
+    assert all(r["clients_selected"] == r["clients_ok"] == 2 and r["applied"] for r in recs)
+    assert out["rounds_completed"] == 3 and "privacy budget" in out["stopped_reason"]
+    assert out["epsilon_spent"] == 30.0
 
 
 def test_dp_disabled_is_exactly_the_non_dp_run(tmp_path: Path) -> None:

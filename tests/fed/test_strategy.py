@@ -1,7 +1,8 @@
 import torch
 
 from fedq.config import FedConfig
-from fedq.fed.strategy import FedAdam, FedProx, Strategy, make_strategy, weighted_mean
+from fedq.fed.strategy import FedAdam, FedProx, Strategy, make_strategy
+from fedq.rounds import select_clients, weighted_mean
 
 
 def test_weighted_mean_is_sample_weighted() -> None:
@@ -20,11 +21,19 @@ def test_fedavg_applies_mean_delta() -> None:
 
 
 def test_selection_reproducible_and_distinct() -> None:
-    s = Strategy(FedConfig())
-    a = s.select(3, 100, 10, seed=1)
-    assert a == s.select(3, 100, 10, seed=1)
-    assert len(set(a)) == 10 and all(0 <= c < 100 for c in a)
-    assert a != s.select(4, 100, 10, seed=1)
+    everyone = list(range(100))
+    a = select_clients(3, everyone, 10, seed=1)
+    assert a == select_clients(3, everyone, 10, seed=1)
+    assert len(set(a)) == 10 and all(0 <= c < 100 for c in a) and a == sorted(a)
+    assert a != select_clients(4, everyone, 10, seed=1)
+    assert a != select_clients(3, everyone, 10, seed=2)
+    # the draw depends on the pool, not on the order it is listed in
+    assert select_clients(3, everyone[::-1], 10, seed=1) == a
+    # a pool without some clients (not registered, out of privacy budget): drawn from it only
+    pool = [c for c in everyone if c % 3]
+    b = select_clients(3, pool, 10, seed=1)
+    assert len(set(b)) == 10 and set(b) <= set(pool)
+    assert select_clients(0, [7, 2], 5, seed=0) == [2, 7]  # k above the pool: all of it
 
 
 def test_fedprox_sends_mu() -> None:

@@ -1,6 +1,6 @@
 """Split tests: tiny random models, one intra-op thread (no OpenMP spinning on a 2-core box).
 
-``kit`` gives the tests the tiny set-up helpers (config, model, data) below.
+``kit`` gives the tests the tiny set-up helpers (config, model, data, shards) below.
 """
 
 from __future__ import annotations
@@ -13,19 +13,21 @@ import pytest
 import torch
 
 from fedq.config import RunConfig, config_from_dict
+from fedq.data.datasets import Shard
+from fedq.rounds import client_name
 from fedq.runtime.setup import client_partitions, load_data
 from fedq.split.codecs import boundary_factory
 from fedq.split.models import SplitModel, build_split_model
-from fedq.split.protocol import LoopbackSplitConnection, SplitClientWorker, SplitServer
 
 
-def tiny_cfg(model: str = "tiny_bert_lora", **split: Any) -> RunConfig:
+def tiny_cfg(model: str = "tiny_bert_lora", fed: dict[str, Any] | None = None,
+             **split: Any) -> RunConfig:  # fmt: skip
     raw = {
         "mode": "split", "seed": 0,
         "data": {"name": "rotten_tomatoes", "partition": "iid", "max_train": 128, "max_test": 32},
         "model": {"name": model, "hidden": 32, "lora_r": 4, "max_length": 24},
         "train": {"batch_size": 8, "lr": 0.01, "optimizer": "adamw"},
-        "fed": {"num_clients": 2, "clients_per_round": 2, "rounds": 2},
+        "fed": {"num_clients": 2, "clients_per_round": 2, "rounds": 2, **(fed or {})},
         "split": {"cut": 2, "tiny_layers": 4, "local_steps": 2, **split},
         "runtime": {"backend": "inprocess", "workers": 1},
     }  # fmt: skip
@@ -46,21 +48,9 @@ def data(cfg: RunConfig) -> tuple[Any, list[Any]]:
     return split, client_partitions(cfg, split.train)
 
 
-def recording_worker(
-    cfg: RunConfig, split: Any, parts: list[Any], server: SplitServer
-) -> tuple[SplitClientWorker, list[Any]]:
-    """A client worker on loopback connections to ``server`` and the list of every activations
-    message it sends (as sent, before the wire)."""
-    sent: list[Any] = []
-
-    class Recording(LoopbackSplitConnection):
-        def split_step(self, msg: Any) -> Any:
-            sent.append(msg)
-            return super().split_step(msg)
-
-    worker = SplitClientWorker(cfg, build(cfg), split.train, parts,
-                               lambda n: Recording(server, n))  # fmt: skip
-    return worker, sent
+def shards(cfg: RunConfig, split: Any, parts: list[Any]) -> dict[str, Shard]:
+    """Every client's shard, by client id."""
+    return {client_name(i): Shard(split.train, p) for i, p in enumerate(parts)}
 
 
 @pytest.fixture(autouse=True)
@@ -73,5 +63,4 @@ def _one_thread() -> Iterator[None]:
 
 @pytest.fixture
 def kit() -> SimpleNamespace:
-    return SimpleNamespace(tiny_cfg=tiny_cfg, build=build, data=data,
-                           recording_worker=recording_worker)  # fmt: skip
+    return SimpleNamespace(tiny_cfg=tiny_cfg, build=build, data=data, shards=shards)

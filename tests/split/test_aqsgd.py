@@ -1,5 +1,6 @@
-"""AQ-SGD baseline: both copies of each example's activation stay in step, the change codes with
-less error than the activation, and a lost message is a clear error."""
+"""AQ-SGD baseline: both copies of each example's activation stay in step over the round protocol,
+the change codes with less error than the activation, a replayed or malformed message is refused
+with nothing stored, and a lost reply puts the copies back in step at the next visit."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from fedq.adapt.aqsgd import ActivationMemory, DeltaQuantizer, decode_delta
 from fedq.codec import dequantize
 from fedq.config import config_from_dict
 from fedq.errors import ConfigError, FedqError
+from fedq.rounds.workload import Member
 from fedq.split.codecs import make_codec, pack_labels
-from fedq.split.protocol import LoopbackSplitConnection, SplitClientWorker, SplitServer
+from fedq.split.protocol import SplitClientWorker, SplitServer
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,75 +77,111 @@ def test_aqsgd_is_checked_in_the_config() -> None:
     assert "not with all_boundaries" in text
 
 
-def test_split_steps_over_the_wire_keep_both_copies_in_step(kit: Any) -> None:
+def test_split_steps_over_the_wire_keep_both_copies_in_step(kit, rounds, metered) -> None:  # type: ignore[no-untyped-def]
     cfg = kit.tiny_cfg(act_codec="aqsgd", grad_codec="fixed", fixed_bits=2, local_steps=6)
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
-    worker, sent = kit.recording_worker(cfg, split, parts, server)
-    assert isinstance(worker.act_q, DeltaQuantizer)
     assert type(make_codec(cfg.split, "act", 32)) is DeltaQuantizer
-    for r in range(2):
-        server.open_round(r, [0])
-        stats = worker.run_client(r, 0)
-        server.close_round(evaluate=False)
-    # 2 rounds of 6 steps of 8 over a 64-example partition (a new order each round): some
-    # examples seen once, some twice
-    assert len(stats["steps"]) == 6 and len(sent) == 12
-    refs = torch.cat([dequantize(m.tensors["ref"]) for m in sent])
-    assert float(refs.max()) >= 1 and float(refs.min()) == 0
-    ids = sorted(worker.act_q.memory._m)
-    mine = worker.act_q.memory
-    theirs = server.act_rx.memories["client-0"]
-    assert 48 < len(mine) == len(theirs) <= 64 and ids == sorted(theirs._m)
-    for i in ids:
-        assert mine._m[i][0] == theirs._m[i][0]
-        assert torch.equal(mine._m[i][1], theirs._m[i][1])
-    # a replayed message codes against a version the server has moved past: refused, no change
-    before = {i: theirs._m[i][0] for i in ids}
-    with pytest.raises(FedqError, match="out of step"):
-        server.split_step(sent[-1])
-    assert {i: theirs._m[i][0] for i in ids} == before
-    # malformed AQ-SGD fields: clear errors, nothing stored
-    msg = sent[-1]
-    n = msg.tensors["h"].shape[0]
-    bad_ref = dict(msg.tensors, ref=pack_labels(torch.full((n,), -100.0)))
-    short = dict(msg.tensors, ids=pack_labels(torch.zeros(n - 1)))
-    no_ids = {k: v for k, v in msg.tensors.items() if k != "ids"}
-    for tensors, match in ((bad_ref, "one non-negative integer per example"),
-                           (short, "one non-negative integer per example"),
-                           (no_ids, "expected activations h/ids/labels/mask/ref")):  # fmt: skip
-        with pytest.raises(FedqError, match=match):
-            server.split_step(dataclasses.replace(msg, tensors=tensors))
-    assert {i: theirs._m[i][0] for i in ids} == before and len(theirs) == len(mine)
+    conns: dict[str, Any] = {}
+
+    def wrap(principal: str, conn: Any) -> Any:
+        conns[principal] = metered(conn)
+        return conns[principal]
+
+    _, hooks, nodes = rounds(cfg, server, kit.shards(cfg, split, parts), grpc=False, wrap=wrap)
+    assert [r["applied"] for r in hooks.records] == [True, True]
+    for node in nodes:
+        (cid,) = (c.client_id for c in node.clients)
+        worker = node.runner
+        assert isinstance(worker.act_q, DeltaQuantizer)
+        sent = [c["msg"] for c in conns[cid].calls if c["kind"] == "step"]
+        # 2 rounds of 6 steps of 8 over a 64-example partition (a new order each round): some
+        # examples seen once, some twice
+        for rec in hooks.records:
+            assert sum(row["client"] == cid for row in rec["steps"]) == 6
+        assert len(sent) == 12
+        refs = torch.cat([dequantize(m.tensors["ref"]) for m in sent])
+        assert float(refs.max()) >= 1 and float(refs.min()) == 0
+        ids = sorted(worker.act_q.memory._m)
+        mine = worker.act_q.memory
+        theirs = server.act_rx.memories[cid]
+        assert 48 < len(mine) == len(theirs) <= 64 and ids == sorted(theirs._m)
+        for i in ids:
+            assert mine._m[i][0] == theirs._m[i][0]
+            assert torch.equal(mine._m[i][1], theirs._m[i][1])
+        # a replayed message codes against versions the server has moved past: refused by the
+        # server's decoder, nothing changes
+        member = Member(cid, member_index(cid), len(parts[member_index(cid)]))
+        replay = next(m for m in reversed(sent) if float(dequantize(m.tensors["ref"]).max()) >= 1)
+        before = {i: theirs._m[i][0] for i in ids}
+        with pytest.raises(FedqError, match="out of step"):
+            server.step(1, member, replay)
+        assert {i: theirs._m[i][0] for i in ids} == before
+        # malformed AQ-SGD fields: clear errors, nothing stored
+        msg = sent[-1]
+        n = msg.tensors["h"].shape[0]
+        bad_ref = dict(msg.tensors, ref=pack_labels(torch.full((n,), -100.0)))
+        short = dict(msg.tensors, ids=pack_labels(torch.zeros(n - 1)))
+        no_ids = {k: v for k, v in msg.tensors.items() if k != "ids"}
+        for tensors, match in ((bad_ref, "one non-negative integer per example"),
+                               (short, "one non-negative integer per example"),
+                               (no_ids, "expected activations h/ids/labels/mask/ref")):  # fmt: skip
+            with pytest.raises(FedqError, match=match):
+                server.step(1, member, dataclasses.replace(msg, tensors=tensors))
+        assert {i: theirs._m[i][0] for i in ids} == before and len(theirs) == len(mine)
 
 
-def test_a_lost_reply_puts_the_copies_back_in_step_at_the_next_visit(kit: Any) -> None:
-    cfg = kit.tiny_cfg(act_codec="aqsgd", grad_codec="fixed", fixed_bits=2)
+def member_index(cid: str) -> int:
+    return int(cid.rsplit("-", 1)[1])
+
+
+def test_a_lost_reply_puts_the_copies_back_in_step_at_the_next_visit(kit, open_rounds) -> None:  # type: ignore[no-untyped-def]
+    cfg = kit.tiny_cfg(act_codec="aqsgd", grad_codec="fixed", fixed_bits=2, local_steps=3,
+                       fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1})  # fmt: skip
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
+    shards = kit.shards(cfg, split, parts)
+    harness = open_rounds(cfg, server, {c: sh.size for c, sh in shards.items()})
+    harness.engine.start()
+    (task,) = harness.next_task().tasks
+    assert task.client_id == "client-0"
     lose = [False]
+    sent: list[Any] = []
 
-    class Lossy(LoopbackSplitConnection):
+    class Lossy:
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
         def split_step(self, msg):  # type: ignore[no-untyped-def]
-            reply = super().split_step(msg)  # the server has taken the step ...
+            sent.append(msg)
+            reply = self.conn.split_step(msg)  # the server has taken the step ...
             if lose[0]:
                 raise ConnectionError("reply lost")  # ... but the client never hears of it
             return reply
 
-    worker = SplitClientWorker(cfg, kit.build(cfg), split.train, parts, lambda n: Lossy(server, n))
-    conn = worker._conn(0)
+    conn = Lossy(harness.connection())
+    worker = SplitClientWorker(cfg, kit.build(cfg), shards, {"client-0": 0})
     opt = torch.optim.SGD([p for p in worker.model.bottom.parameters() if p.requires_grad], lr=0.0)
     take = parts[0][:8]
     ids = take.tolist()
-    worker.step(conn, opt, take, 0, 0)
+    noise = torch.Generator().manual_seed(0)
+
+    def step(i: int) -> None:
+        worker.step(conn, "client-0", shards["client-0"], opt, take, 0, i, None, None, noise)
+
+    step(0)
     theirs = server.act_rx.memories["client-0"]
     assert worker.act_q.memory.versions(ids) == theirs.versions(ids) == [1] * 8
     lose[0] = True
     with pytest.raises(ConnectionError):
-        worker.step(conn, opt, take, 0, 1)
+        step(1)
     assert theirs.versions(ids) == [2] * 8 and worker.act_q.memory.versions(ids) == [0] * 8
     lose[0] = False
-    worker.step(conn, opt, take, 0, 2)  # version 0: the server starts these examples afresh
+    # the engine refuses a replay of a step it has taken (the step order of the round)
+    with pytest.raises(FedqError, match="out of order"):
+        harness.engine.split_step(sent[1])
+    assert theirs.versions(ids) == [2] * 8
+    step(2)  # version 0: the server starts these examples afresh
     assert worker.act_q.memory.versions(ids) == theirs.versions(ids) == [1] * 8
     for i in ids:
         assert torch.equal(worker.act_q.memory._m[i][1], theirs._m[i][1])

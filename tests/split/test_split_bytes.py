@@ -4,55 +4,44 @@ the frames agree exactly, and the activation / gradient payloads are what the bi
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from fedq.codec.packed import expected_payload_nbytes
-from fedq.split.protocol import SplitClientWorker, SplitServer
-from fedq.transport import TransportClient, TransportServer
+from fedq.split.protocol import SplitServer
 from fedq.wire import message_to_frames
-from fedq.wire.pb.service_pb2 import TaskRequest
+from fedq.wire.pb.service_pb2 import Ack, TaskRequest
 
 
-def test_bytes_per_step_match_transport_and_bit_maps(kit) -> None:  # type: ignore[no-untyped-def]
+def test_bytes_per_step_match_transport_and_bit_maps(kit, rounds, metered) -> None:  # type: ignore[no-untyped-def]
     # act_outlier_ratio 1: every token above the median one is an outlier row (capped at 1/8),
     # so the float16 rows are on the wire and must be counted too
-    cfg = kit.tiny_cfg(local_steps=3, b_min=1, init_bits=4.0, act_outlier_ratio=1.0)
+    cfg = kit.tiny_cfg(local_steps=3, b_min=1, init_bits=4.0, act_outlier_ratio=1.0,
+                       fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1})  # fmt: skip
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
-    sent_msgs: list = []
-    with TransportServer(server, max_workers=4) as ts:
-        client = TransportClient(ts.address, client_id="client-0", timeout=30)
+    # the client state the client downloads holds a mixed activation bit map (1..8 bits)
+    server.client_state["act_q.gate"] = torch.linspace(-4, 4, cfg.model.hidden)
+    conns: list[Any] = []
 
-        class Spy:  # records what the client put on the wire
-            bytes_sent = property(lambda self: client.bytes_sent)
-            bytes_received = property(lambda self: client.bytes_received)
-            client_id = "client-0"
+    def wrap(principal: str, conn: Any) -> Any:
+        conns.append(metered(conn))
+        return conns[-1]
 
-            def get_task(self, r):  # type: ignore[no-untyped-def]
-                return client.get_task(r)
-
-            def push_update(self, m):  # type: ignore[no-untyped-def]
-                return client.push_update(m)
-
-            def split_step(self, m):  # type: ignore[no-untyped-def]
-                sent_msgs.append(m)
-                return client.split_step(m)
-
-        worker = SplitClientWorker(cfg, kit.build(cfg), split.train, parts, lambda n: Spy())
-        # the client state the client downloads holds a mixed activation bit map (1..8 bits)
-        server.client_state["act_q.gate"] = torch.linspace(-4, 4, cfg.model.hidden)
-        server.open_round(0, [0])
-        ts.counters.take()
-        out = worker.run_client(0, 0)
-        traffic = ts.counters.take()
-        client.close()
-    steps = out["steps"]
-    assert len(steps) == 3
-    up_total = sum(s["bytes_up"] for s in steps) + out["state_bytes"]
-    # the client's own count of each step equals the serialized frames of the message it sent
-    for s, m in zip(steps, sent_msgs, strict=True):
-        assert s["bytes_up"] == sum(f.ByteSize() for f in message_to_frames(m))
+    _, hooks, _ = rounds(cfg, server, kit.shards(cfg, split, parts), grpc=True, wrap=wrap)
+    (conn,) = conns
+    (rec,) = hooks.records
+    steps = rec["steps"]  # the server's row of each step
+    calls = [c for c in conn.calls if c["kind"] == "step"]
+    assert len(steps) == len(calls) == 3
+    for s, call in zip(steps, calls, strict=True):
+        m = call["msg"]
+        assert s["step"] == m.step
+        # the server's count of each step, the client's own count and the message's serialized
+        # frames are the same bytes, both ways
+        assert s["bytes_up"] == call["up"] == sum(f.ByteSize() for f in message_to_frames(m))
+        assert s["bytes_down"] == call["down"] > 0
         ph = m.tensors["h"]
         assert len(set(ph.bits.tolist())) > 2  # genuinely mixed bits
         lens = ph.layout.block_lengths()
@@ -67,8 +56,19 @@ def test_bytes_per_step_match_transport_and_bit_maps(kit) -> None:  # type: igno
         assert 0 < k <= rows // 8 and ph.outlier_values.shape == (k, ph.shape[-1])
         outliers = k * (4 + 2 * ph.shape[-1])  # int32 index + float16 row
         assert s["act_meta"] == ph.bits.numel() * (1 + 2 + 2) + 2 * rows + outliers
-    # ... and the server's transport counted the same bytes, both ways
-    request = TaskRequest(client_id="client-0", round=0).ByteSize()  # the get_task call
-    assert traffic["bytes_up"] == client.bytes_sent == up_total + request
-    assert traffic["bytes_down"] == client.bytes_received
-    assert sum(s["bytes_down"] for s in steps) < traffic["bytes_down"]  # plus the task download
+    # ... and the server's transport counted the round's bytes as the client did: the task
+    # request and download, the steps, the client state upload and its ack
+    (task,) = [c for c in conn.calls if c["kind"] == "task"]
+    (update,) = [c for c in conn.calls if c["kind"] == "update"]
+    state_up = sum(f.ByteSize() for f in message_to_frames(update["msg"]))
+    assert update["up"] == state_up == rec["state_bytes"]
+    assert update["down"] == Ack(accepted=True, bytes_received=state_up).ByteSize()
+    assert task["up"] == TaskRequest(client_id="client-0", round=0).ByteSize()
+    up_total = sum(s["bytes_up"] for s in steps) + state_up + task["up"]
+    down_total = sum(s["bytes_down"] for s in steps) + task["down"] + update["down"]
+    own = conn.counters.snapshot()  # the client's data bytes; registration and work stream apart
+    assert rec["bytes_up"] == own["bytes_up"] == up_total
+    assert rec["bytes_down"] == own["bytes_down"] == down_total
+    assert conn.bytes_sent == own["bytes_up"] + own["control_up"]
+    assert conn.bytes_received == own["bytes_down"] + own["control_down"]
+    assert sum(s["bytes_down"] for s in steps) < rec["bytes_down"]  # plus the task download

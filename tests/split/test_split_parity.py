@@ -9,12 +9,8 @@ import torch.nn.functional as F
 
 from fedq.adapt import IdentityQuantizer
 from fedq.codec import dequantize
-from fedq.split.protocol import (
-    LoopbackSplitConnection,
-    SplitClientWorker,
-    SplitServer,
-    client_seed,
-)
+from fedq.rounds import client_seed
+from fedq.split.protocol import SplitClientWorker, SplitServer
 
 
 def _unsplit_loss(sm, batch):  # type: ignore[no-untyped-def]
@@ -56,18 +52,24 @@ def test_identity_split_matches_unsplit_loss_and_lora_grads(model: str, kit) -> 
         torch.testing.assert_close(split[n], full[n], rtol=0, atol=1e-7, msg=n)
 
 
-def test_identity_protocol_step_equals_unsplit_adamw_step(kit) -> None:  # type: ignore[no-untyped-def]
-    """One step of client + server (wire framing included) == one AdamW step of the whole model."""
-    cfg = kit.tiny_cfg(act_codec="none", grad_codec="none", local_steps=1)
+def test_identity_protocol_step_equals_unsplit_adamw_step(kit, open_rounds) -> None:  # type: ignore[no-untyped-def]
+    """One step of client + server through the round engine (wire framing included) == one
+    AdamW step of the whole model."""
+    cfg = kit.tiny_cfg(act_codec="none", grad_codec="none", local_steps=1,
+                       fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1})  # fmt: skip
     split, parts = kit.data(cfg)
     srv_model, cli_model, ref_model = kit.build(cfg), kit.build(cfg), kit.build(cfg)
     for m in (srv_model, cli_model, ref_model):
         m.full.eval()
     server = SplitServer(cfg, srv_model, split.test, 2)
-    worker = SplitClientWorker(cfg, cli_model, split.train, parts,
-                               lambda n: LoopbackSplitConnection(server, n))  # fmt: skip
-    server.open_round(0, [0])
-    out = worker.run_client(0, 0)
+    shards = kit.shards(cfg, split, parts)
+    harness = open_rounds(cfg, server, {c: sh.size for c, sh in shards.items()})
+    harness.engine.start()
+    (task,) = harness.next_task().tasks
+    worker = SplitClientWorker(cfg, cli_model, shards, {"client-0": 0})
+    out = worker.run(task, harness.connection())
+    rec = harness.record(0)
+    assert rec["applied"] and out["steps"] == 1
     # the same batch, unsplit, one AdamW step over all trainable parameters
     gen = torch.Generator().manual_seed(client_seed(cfg.seed, 0, 0))
     idx = parts[0][torch.randperm(parts[0].numel(), generator=gen)][: cfg.train.batch_size]
@@ -77,7 +79,8 @@ def test_identity_protocol_step_equals_unsplit_adamw_step(kit) -> None:  # type:
     loss = _unsplit_loss(ref_model, batch)
     loss.backward()
     opt.step()
-    assert out["steps"][0]["loss"] == pytest.approx(float(loss), abs=1e-6)
+    (row,) = rec["steps"]
+    assert row["loss"] == out["loss"] == pytest.approx(float(loss), abs=1e-6)
     ref = dict(ref_model.full.named_parameters())
     fresh = dict(kit.build(cfg).full.named_parameters())
     assert any(not torch.equal(ref[n], fresh[n]) for n in ref)  # the step did move things
@@ -90,3 +93,6 @@ def test_identity_protocol_step_equals_unsplit_adamw_step(kit) -> None:  # type:
                 torch.testing.assert_close(p, ref[name], rtol=0, atol=1e-6, msg=name)
                 moved += 1
     assert moved == len(params)  # every trainable tensor lives on exactly one side
+    # the client's uploaded state is its stepped bottom, and it is what the round averaged in
+    for n, p in cli_model.bottom_state().items():
+        torch.testing.assert_close(server.client_state[n], p, rtol=0, atol=0, msg=n)

@@ -14,9 +14,10 @@ from fedq.codec import dequantize
 from fedq.config import config_from_dict, load_scenario
 from fedq.errors import ConfigError
 from fedq.privacy import GaussianMechanism
+from fedq.rounds import client_seed
 from fedq.runtime.simulate import simulate
 from fedq.split.privacy import privatize_activations, sample_rate
-from fedq.split.protocol import SplitServer
+from fedq.split.protocol import SplitClientWorker, SplitServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,20 +50,40 @@ def _dp_cfg(kit: Any, **privacy: Any) -> Any:
     return config_from_dict(raw)
 
 
-def test_client_sends_clipped_noised_activations(kit) -> None:  # type: ignore[no-untyped-def]
+def test_client_sends_clipped_noised_activations(kit, open_rounds) -> None:  # type: ignore[no-untyped-def]
     cfg = _dp_cfg(kit, noise_multiplier=0.8)
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
-    worker, sent = kit.recording_worker(cfg, split, parts, server)
+    shards = kit.shards(cfg, split, parts)
+    harness = open_rounds(cfg, server, {c: sh.size for c, sh in shards.items()})
+    harness.engine.start()
+    (task,) = [a for a in harness.next_task().tasks if a.client_id == "client-0"]
+    conn = harness.connection()
+    sent: list[Any] = []
+    got: list[Any] = []
+
+    class Recording:  # what the client downloads and sends, as it is before the wire
+        def get_task(self, r: int, client_id: str | None = None) -> Any:
+            got.append(conn.get_task(r, client_id))
+            return got[-1]
+
+        def split_step(self, msg: Any) -> Any:
+            sent.append(msg)
+            return conn.split_step(msg)
+
+        def push_update(self, msg: Any) -> int:
+            return conn.push_update(msg)
+
+    worker = SplitClientWorker(cfg, kit.build(cfg), shards, {c: int(c[-1]) for c in shards})
     ref = kit.build(cfg)  # same init: the noiseless activations of the first step
     for m in (worker.model, ref):
         m.full.eval()
-    assert worker.dp is not None and worker.dp.std == pytest.approx(1.6)
-    server.open_round(0, [0])
-    worker.run_client(0, 0)
+    worker.run(task, Recording())
+    # the task carries the mechanism's parameters: the client noises with std z * C = 1.6
+    scalars = got[0].scalars
+    assert (scalars["dp_noise_multiplier"], scalars["dp_clip"]) == (0.8, 2.0)
+    assert GaussianMechanism(scalars["dp_clip"], scalars["dp_noise_multiplier"]).std == 1.6
     h_sent = dequantize(sent[0].tensors["h"])
-    from fedq.split.protocol import client_seed
-
     gen = torch.Generator().manual_seed(client_seed(cfg.seed, 0, 0))
     idx = parts[0][torch.randperm(parts[0].numel(), generator=gen)][: cfg.train.batch_size]
     batch = ref.make_batch([split.train.texts[int(i)] for i in idx], split.train.y[idx])
@@ -74,6 +95,10 @@ def test_client_sends_clipped_noised_activations(kit) -> None:  # type: ignore[n
     noise = h_sent - clipped
     assert float(noise.std()) == pytest.approx(1.6, rel=0.05)
     assert not torch.allclose(h_sent, h)
+    # the client reports the fraction it clipped; the server's step row keeps it
+    assert sent[0].scalars["dp_clipped_frac"] == 1.0
+    row = next(r for r in server._rows if r["client"] == "client-0" and r["step"] == 0)
+    assert row["dp_clipped_frac"] == 1.0
 
 
 def test_epsilon_matches_opacus_and_budget_stops_before_target(tmp_path: Path) -> None:
