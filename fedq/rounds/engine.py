@@ -56,6 +56,7 @@ class _Open:
     updates: dict[str, Update] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)  # split: steps taken per client
+    stepping: set[str] = field(default_factory=set)  # split: clients with a step in progress
 
     def member(self, client_id: str) -> Member | None:
         return next((m for m in self.selected if m.client_id == client_id), None)
@@ -241,9 +242,13 @@ class RoundEngine:
 
     def push_update(self, msg: WireMessage) -> None:
         """Validate and keep one client's upload for the open round; FedqError (nothing kept)
-        if it is late, duplicate, unassigned or malformed."""
+        if it is late, duplicate, unassigned or malformed. A ``"failed"`` message instead says
+        the client cannot finish its task (its tag ``error`` says why): it is dropped from the
+        round at once rather than at the deadline."""
+        if msg.kind == "failed":
+            return self._failed(msg)
         if msg.kind != "update":
-            raise FedqError(f"expected an 'update' message, got {msg.kind!r}")
+            raise FedqError(f"expected an 'update' or 'failed' message, got {msg.kind!r}")
         with self._cv:
             rnd, member = self._selected(msg.client_id, msg.round)
             spr = self._steps_per_round()
@@ -255,6 +260,16 @@ class RoundEngine:
             rnd, member = self._selected(msg.client_id, msg.round)  # still open, still in it
             rnd.updates[member.client_id] = update
             self._cv.notify_all()
+
+    def _failed(self, msg: WireMessage) -> None:
+        if msg.tensors:
+            raise FedqError("a 'failed' message carries no tensors")
+        why = " ".join(msg.tags.get("error", "no reason given").split())[:300]
+        with self._cv:
+            rnd, member = self._selected(msg.client_id, msg.round)
+            rnd.dropped[member.client_id] = f"the client failed: {why}"
+            self._cv.notify_all()
+        log.warning("round %d: %s dropped (it failed: %s)", msg.round, msg.client_id, why)
 
     def _steps_per_round(self) -> int:
         w = self.workload
@@ -279,28 +294,35 @@ class RoundEngine:
                     f"{member.client_id}: step {msg.step} out of order (expected step "
                     f"{msg.round * w.steps_per_round + done} of round {msg.round})"
                 )
-            while True:  # wait for the clients before this one to finish their turns
-                if self._round is not rnd or member.client_id in rnd.dropped:
-                    raise FedqError(f"{member.client_id} is no longer in round {msg.round}")
-                earlier = [m for m in rnd.active() if m.index < member.index
-                           and rnd.steps.get(m.client_id, 0) < w.steps_per_round]  # fmt: skip
-                if not earlier:
-                    break
-                self._cv.wait(_TICK)
+            if member.client_id in rnd.stepping:  # the same step sent twice at once
+                raise FedqError(f"{member.client_id}: step {msg.step} is already in progress")
+            rnd.stepping.add(member.client_id)
         try:
-            reply = w.step(msg.round, member, msg)
-        except Exception as e:
             with self._cv:
-                if member.client_id not in rnd.dropped:
-                    rnd.dropped[member.client_id] = f"step {msg.step} failed: {e}"
-                    log.warning("round %d: %s dropped (step failed: %s)", rnd.index,
-                                member.client_id, e)  # fmt: skip
+                while True:  # wait for the clients before this one to finish their turns
+                    if self._round is not rnd or member.client_id in rnd.dropped:
+                        raise FedqError(f"{member.client_id} is no longer in round {msg.round}")
+                    earlier = [m for m in rnd.active() if m.index < member.index
+                               and rnd.steps.get(m.client_id, 0) < w.steps_per_round]  # fmt: skip
+                    if not earlier:
+                        break
+                    self._cv.wait(_TICK)
+            try:
+                reply = w.step(msg.round, member, msg)
+            except Exception as e:
+                with self._cv:
+                    if member.client_id not in rnd.dropped:
+                        rnd.dropped[member.client_id] = f"step {msg.step} failed: {e}"
+                        log.warning("round %d: %s dropped (step failed: %s)", rnd.index,
+                                    member.client_id, e)  # fmt: skip
+                raise
+            with self._cv:
+                rnd.steps[member.client_id] = done + 1
+            return reply
+        finally:
+            with self._cv:
+                rnd.stepping.discard(member.client_id)
                 self._cv.notify_all()
-            raise
-        with self._cv:
-            rnd.steps[member.client_id] = done + 1
-            self._cv.notify_all()
-        return reply
 
     # ------------------------------------------------------------------ the loop
     def start(self, start_round: int = 0) -> None:
@@ -442,6 +464,7 @@ class RoundEngine:
             clients_selected=len(rnd.selected),
             clients_ok=len(updates),
             clients_dropped=len(rnd.dropped),
+            updated=[u.member.client_id for u in updates],
             dropped=dict(rnd.dropped),
             epsilon=self.workload.ledger.epsilon(),
             round_seconds=round(time.monotonic() - rnd.opened, 3),

@@ -222,15 +222,23 @@ class ClientNode:
         except TransportError as e:
             if e.code in RETRYABLE:
                 raise  # the server went away: reconnect, the task comes back if still open
-            self.stats["failed"] += 1
-            log.warning("%s: round %d failed: %s", task.client_id, task.round, e)
-            self._event("failed", client=task.client_id, round=task.round, error=str(e))
-            return
+            return self._failed(task, e)
         except FedqError as e:
-            self.stats["failed"] += 1
-            log.warning("%s: round %d failed: %s", task.client_id, task.round, e)
-            self._event("failed", client=task.client_id, round=task.round, error=str(e))
-            return
+            return self._failed(task, e)
         self.stats["tasks"] += 1
         self._event("task", client=task.client_id, round=task.round,
                     seconds=time.perf_counter() - t0, **result)  # fmt: skip
+
+    def _failed(self, task: Assignment, error: Exception) -> None:
+        """The task cannot be finished: say so to the server (which drops the client from the
+        round now rather than at its deadline) and go on with the next work item."""
+        self.stats["failed"] += 1
+        log.warning("%s: round %d failed: %s", task.client_id, task.round, error)
+        self._event("failed", client=task.client_id, round=task.round, error=str(error))
+        report = WireMessage("failed", task.client_id, task.round,
+                             tags={"error": str(error)[:300]})  # fmt: skip
+        try:
+            self.conn.push_update(report)
+        except (TransportError, FedqError) as e:  # the round may have closed meanwhile
+            log.info("%s: could not report the failure of round %d: %s", task.client_id,
+                     task.round, e)  # fmt: skip

@@ -319,8 +319,9 @@ class WorkerHost:
         alive = self._thread is not None and self._thread.is_alive()
         return {"alive": alive, "result": self.result, "error": self.error, **self.node.stats}
 
-    def take_counters(self) -> dict[str, Any]:
-        return self.conn.counters.take()
+    def counters(self) -> dict[str, Any]:
+        """This worker's byte counters since it started (not reset)."""
+        return self.conn.counters.snapshot()
 
     def state_dict(self) -> dict[str, Any]:
         runner = self.node.runner

@@ -71,7 +71,10 @@ def simulate(
     lost: dict[str, str] = {}  # worker principal -> why it was lost
     clients: dict[str, Any] = {} if ckpt is None else dict(ckpt["clients"])
     bit_maps: dict[str, list[int]] = {}
-    client_bytes = {"client_bytes_up": 0, "client_bytes_down": 0}
+    # Bytes the clients counted: the runs before a resume (from the checkpoint) plus, per
+    # worker, its counters as last read (a worker that dies keeps what it counted until then).
+    bytes_before = _zero_bytes() if ckpt is None else dict(ckpt.get("client_bytes", _zero_bytes()))
+    seen: dict[str, dict[str, int]] = {}
     try:
         run_id = None if ckpt is None else str(ckpt["server"]["run_id"])
         server = backend.spawn(ServerHost, cfg, roster, tokens=tokens, hosts=hosts, run_id=run_id)
@@ -110,8 +113,10 @@ def simulate(
                 continue
             rec = recorder.round(event["round"], t_round)
             _lost_workers(backend, server, workers, shares, lost, cfg)
+            _read_bytes(backend, workers, list(shares), lost, seen)
             clients = _checkpoint(backend, server, workers, list(shares), recorder,
-                                  rec["round"] + 1, cfg, lost, clients)  # fmt: skip
+                                  rec["round"] + 1, cfg, lost, clients,
+                                  _add_bytes(bytes_before, *seen.values()))  # fmt: skip
             if on_round:
                 on_round(rec)
             t_round = time.perf_counter()
@@ -126,16 +131,43 @@ def simulate(
                 continue
             try:
                 backend.get([backend.call(w, "stop")])
-                taken = backend.get([backend.call(w, "take_counters")])[0]
-                client_bytes["client_bytes_up"] += int(taken["bytes_up"])
-                client_bytes["client_bytes_down"] += int(taken["bytes_down"])
             except Exception as e:  # a dead worker must not hide the run's own outcome
                 log.warning("worker stop failed: %s", e)
+        _read_bytes(backend, workers, list(shares), lost, seen)
         stop_all(backend, server)
     extra: dict[str, Any] = {"interrupted": interrupted, "name": cfg.name, "mode": cfg.mode,
                              "stopped_reason": stopped, "privacy": info_privacy(cfg),
-                             "workers_lost": lost, **client_bytes}  # fmt: skip
+                             "workers_lost": lost,
+                             **_add_bytes(bytes_before, *seen.values())}  # fmt: skip
     return recorder.finish(extra, bit_maps if cfg.mode == "split" else None)
+
+
+def _zero_bytes() -> dict[str, int]:
+    return {"client_bytes_up": 0, "client_bytes_down": 0}
+
+
+def _add_bytes(*parts: dict[str, int]) -> dict[str, int]:
+    total = _zero_bytes()
+    for part in parts:
+        for k in total:
+            total[k] += int(part.get(k, 0))
+    return total
+
+
+def _read_bytes(
+    backend: Any, workers: list[Any], principals: list[str], lost: dict[str, str],
+    seen: dict[str, dict[str, int]],
+) -> None:  # fmt: skip
+    """Read the live workers' byte counters (totals since they started) into ``seen``."""
+    for w, p in zip(workers, principals, strict=False):
+        if p in lost:
+            continue
+        try:
+            c = backend.get([backend.call(w, "counters")], timeout=30.0)[0]
+        except Exception as e:  # found dead at the next liveness check
+            log.warning("%s: could not read its byte counters: %s", p, e)
+            continue
+        seen[p] = {"client_bytes_up": int(c["bytes_up"]), "client_bytes_down": int(c["bytes_down"])}
 
 
 def _lost_workers(
@@ -188,6 +220,7 @@ def _client_states(states: list[dict[str, Any]], principals: list[str], cfg: Run
 def _checkpoint(
     backend: Any, server: Any, workers: list[Any], principals: list[str], recorder: RunRecorder,
     next_round: int, cfg: RunConfig, lost: dict[str, str], previous: dict[str, Any],
+    client_bytes: dict[str, int],
 ) -> dict[str, Any]:  # fmt: skip
     """Write the checkpoint; a lost worker's clients keep their last checkpointed state.
     Returns the client states written."""
@@ -195,7 +228,8 @@ def _checkpoint(
     alive = [(w, p) for w, p in zip(workers, principals, strict=True) if p not in lost]
     states = backend.get([backend.call(w, "state_dict") for w, _ in alive])
     clients = {**previous, **_client_states(states, [p for _, p in alive], cfg)}
-    recorder.checkpoint({"next_round": next_round, "server": server_state, "clients": clients})
+    recorder.checkpoint({"next_round": next_round, "server": server_state, "clients": clients,
+                         "client_bytes": client_bytes})  # fmt: skip
     return clients
 
 

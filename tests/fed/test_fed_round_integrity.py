@@ -86,7 +86,7 @@ def test_rejections_leave_round_untouched(run: Any) -> None:
     nan[name] = raw(torch.full_like(s.global_state[name], float("nan")))
     cases = {
         "round 1 is not open": _update(s, cid, round=1),
-        "expected an 'update' message": _update(s, cid, kind="global"),
+        "expected an 'update' or 'failed' message": _update(s, cid, kind="global"),
         f"{outsider} is not selected": _update(s, outsider),
         "client-99 is not selected": _update(s, "client-99"),
         "num_samples must be > 0": _update(s, cid, scalars={"num_samples": 0.0}),

@@ -217,6 +217,61 @@ def test_a_client_past_the_deadline_is_dropped_and_the_round_closes_with_the_res
         s.close()
 
 
+def test_a_client_that_reports_failure_is_dropped_at_once_not_at_the_deadline() -> None:
+    engine, w, hooks = _engine(n=2, k=2, rounds=1, min_clients=1, timeout=60)
+    for i in range(2):
+        _register(engine, client_name(i), client_name(i))
+    streams = [Stream(engine, client_name(i)) for i in range(2)]
+    engine.wait_available(2, 5)
+    engine.start()
+    streams[1].wait_for("task", 0)
+    _deliver(engine, "client-0", 0, 2.0)
+    with pytest.raises(FedqError, match="carries no tensors"):
+        engine.push_update(WireMessage("failed", "client-1", 0,
+                                       tensors={"x": raw(torch.zeros(2))}))  # fmt: skip
+    t0 = time.monotonic()
+    engine.push_update(WireMessage("failed", "client-1", 0, tags={"error": "out of\nmemory"}))
+    assert engine.join(10) and time.monotonic() - t0 < 5  # not the 60 s deadline
+    rec = hooks.records[0]
+    assert rec["applied"] and rec["updated"] == ["client-0"] and w.total == 2.0
+    assert rec["dropped"] == {"client-1": "the client failed: out of memory"}
+    with pytest.raises(FedqError, match="expected an 'update' or 'failed' message"):
+        engine.push_update(WireMessage("global", "client-0", 0))
+    for s in streams:
+        s.close()
+
+
+def test_a_step_sent_twice_at_once_is_refused_and_the_first_goes_on() -> None:
+    gate = threading.Event()
+
+    class Slow(Sums):
+        def step(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
+            gate.wait(10)
+            return super().step(r, member, msg)
+
+    w = Slow(steps_per_round=2)
+    engine, _, hooks = _engine(n=1, k=1, rounds=1, min_clients=1, workload=w)
+    _register(engine, "client-0", "client-0")
+    stream = Stream(engine, "client-0")
+    engine.wait_available(1, 5)
+    engine.start()
+    stream.wait_for("task", 0)
+    first = threading.Thread(
+        target=engine.split_step, args=(WireMessage("activations", "client-0", 0, 0),)
+    )
+    first.start()
+    time.sleep(0.2)
+    with pytest.raises(FedqError, match="step 0 is already in progress"):
+        engine.split_step(WireMessage("activations", "client-0", 0, 0))
+    gate.set()
+    first.join(10)
+    engine.split_step(WireMessage("activations", "client-0", 0, 1))
+    engine.push_update(WireMessage("update", "client-0", 0, 0, {"value": 1.0}))
+    assert engine.join(10)
+    assert w.steps == [("client-0", 0), ("client-0", 1)] and hooks.records[0]["clients_ok"] == 1
+    stream.close()
+
+
 def test_split_steps_run_in_roster_order_whatever_the_timing() -> None:
     """Clients on different threads send steps as fast as they can; the workload sees each
     client's whole turn in roster order; an out-of-order step is refused."""

@@ -41,6 +41,7 @@ class Script:
         self.registers = registers
         self.feeds = feeds
         self.calls: list[str] = []
+        self.pushed: list[Any] = []
 
     def register(self, reg: Registration) -> Joined:
         self.calls.append("register")
@@ -52,6 +53,10 @@ class Script:
     def work(self, run_id: str) -> Feed:
         self.calls.append(f"work {run_id}")
         return Feed(self.feeds.pop(0))
+
+    def push_update(self, msg: Any) -> int:
+        self.pushed.append(msg)
+        return 0
 
 
 class Runner:
@@ -154,6 +159,10 @@ def test_a_failed_task_is_reported_and_the_node_goes_on() -> None:
     node = ClientNode(conn, [ClientInfo("c", 1)], lambda j: runner)  # type: ignore[arg-type]
     assert node.run() == "ok"
     assert node.stats == {"tasks": 1, "failed": 1, "reconnects": 0}
+    # the server heard of it at once (a "failed" message), so the round need not wait for it
+    [report] = conn.pushed
+    assert (report.kind, report.client_id, report.round) == ("failed", "c", 0)
+    assert "round 0 is not open" in report.tags["error"] and not report.tensors
 
 
 def test_backoff_is_exponential_with_full_jitter_and_a_cap() -> None:

@@ -56,6 +56,10 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     assert [r["round"] for r in _records(part)] == [0, 1, 2, 3]
     assert resumed["final_accuracy"] == full["final_accuracy"]
     assert resumed["bytes_wire_total"] == full["bytes_wire_total"]
+    # what the clients counted adds up across the restart too (it is in the checkpoint)
+    for key in ("client_bytes_up", "client_bytes_down"):
+        assert resumed[key] == full[key] > 0, key
+    assert resumed["client_bytes_up"] == resumed["bytes_up_total"]
     a, b = _records(tmp_path / "full"), _records(part)
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert a[-1]["cum_bytes"] == b[-1]["cum_bytes"]

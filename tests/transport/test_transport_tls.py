@@ -10,6 +10,7 @@ import pytest
 
 from fedq.errors import TransportError
 from fedq.transport import TlsConfig, TransportClient, TransportServer
+from fedq.transport.certs import make_credentials
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +28,25 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(crt), str(key)
 
 
-def test_mutual_tls_round_trip(cert: tuple[str, str], toy_handler_cls, tokens) -> None:
-    crt, key = cert
-    server_tls = TlsConfig(crt, key, ca_file=crt, require_client_cert=True)
+def test_mutual_tls_round_trip(tmp_path: Path, toy_handler_cls, tokens) -> None:
+    """Under mutual TLS a client presents its own certificate (issued for its id by the CA the
+    server trusts); another client's certificate or none at all is refused."""
+    files = make_credentials(tmp_path / "certs", ["c1", "c2"], ["localhost"]).files
+    ca = str(files.ca_cert)
+    server_tls = TlsConfig(str(files.server_cert), str(files.server_key), ca_file=ca,
+                           require_client_cert=True)  # fmt: skip
     with TransportServer(toy_handler_cls(), host="localhost", tls=server_tls, tokens=tokens) as srv:
-        client_tls = TlsConfig(crt, key, ca_file=crt, server_name="localhost")
+        own, other = files.clients["c1"], files.clients["c2"]
+        client_tls = TlsConfig(str(own.cert), str(own.key), ca_file=ca, server_name="localhost")
         with TransportClient(srv.address, client_id="c1", token=tokens["c1"], tls=client_tls) as c:
             assert c.get_task(4).round == 4
-        no_cert = TlsConfig(None, None, ca_file=crt, server_name="localhost")
+        theirs = TlsConfig(str(other.cert), str(other.key), ca_file=ca, server_name="localhost")
+        with (
+            TransportClient(srv.address, client_id="c1", token=tokens["c1"], tls=theirs) as c,
+            pytest.raises(TransportError, match=r"UNAUTHENTICATED.*not for 'c1'"),
+        ):
+            c.get_task(4)
+        no_cert = TlsConfig(None, None, ca_file=ca, server_name="localhost")
         with TransportClient(
             srv.address, client_id="c1", token=tokens["c1"], tls=no_cert, timeout=5
         ) as c:
