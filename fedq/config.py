@@ -250,9 +250,10 @@ MAX_CHUNK_BYTES = 3 << 20
 
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-    """Where the run executes. ``workers: 0`` means one worker per core. ``device``: where split
-    mode's models and cut codecs compute (``cuda`` needs a CUDA build of torch; ``auto`` takes
-    CUDA when torch sees a GPU); federated mode trains on the CPU."""
+    """Where the run executes. ``workers: 0`` means one worker per core. ``device``: where the
+    models train and the codecs compute, in both modes (``cuda`` needs a CUDA build of torch and
+    a GPU; ``auto`` takes CUDA when torch sees one). Packed tensors, the wire form, stay on the
+    CPU and decode onto the device."""
 
     backend: Literal["ray", "inprocess"] = "ray"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -367,9 +368,6 @@ class RunConfig:
                 "(the proximal term is not per-example clipped); use fedavg or fedadam"
             )
         split = self.mode == "split"
-        if self.runtime.device == "cuda" and not split:
-            p.append("runtime.device: 'cuda' is supported in mode 'split' only (federated mode "
-                     "trains on the CPU)")  # fmt: skip
         allowed = ("none", "activations") if split else ("none", "dpsgd", "central", "laplace")
         if self.privacy.mechanism not in allowed:
             p.append(

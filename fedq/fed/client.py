@@ -94,7 +94,7 @@ class ClientWorker:
             self._before[cid] = (r, self._client_state(cid))
         self._running = cid
         try:
-            with seeded_forward(self.cfg.seed, cid, r, "cpu"):
+            with seeded_forward(self.cfg.seed, cid, r, self.bundle.device):
                 return self._run(cid, r, conn)
         finally:
             self._running = None
@@ -102,7 +102,7 @@ class ClientWorker:
     def _run(self, cid: str, r: int, conn: Connection) -> dict[str, Any]:
         sent0, recv0 = conn_bytes(conn, cid)
         task = conn.get_task(r, cid)
-        start = {k: dequantize(p) for k, p in task.tensors.items()}
+        start = {k: dequantize(p, device=self.bundle.device) for k, p in task.tensors.items()}
         self.bundle.load_trainable_state(start)
         start = {k: v.detach().clone() for k, v in self.bundle.trainable_state().items()}
         shard = self.shards[cid]

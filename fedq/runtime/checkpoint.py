@@ -50,7 +50,7 @@ def _write_atomic(path: Path, state: dict[str, Any]) -> Path:
 def _read(path: Path, what: str) -> dict[str, Any]:
     try:
         # weights_only: plain tensors, dicts, lists and numbers; no arbitrary objects.
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
         raise ConfigError(
             f"--resume: {path} is corrupt or truncated and cannot be read ({type(e).__name__}: "

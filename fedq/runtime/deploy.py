@@ -13,13 +13,14 @@ until the server says the run is over, reconnecting (with backoff) if the server
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedq.config import RunConfig
 from fedq.data.datasets import Shard
@@ -29,6 +30,7 @@ from fedq.runtime.checkpoint import load_checkpoint
 from fedq.runtime.hosts import ServerHost, make_runner, run_config, take_round_traffic
 from fedq.runtime.preflight import check_names
 from fedq.runtime.recorder import RunRecorder
+from fedq.runtime.setup import torch_device
 from fedq.transport.security import TlsConfig
 from fedq.wire.control import ClientInfo, Joined
 
@@ -193,9 +195,13 @@ def join(
     *,
     backoff: Backoff | None = None,
     on_event: Events | None = None,
+    device: Literal["cpu", "cuda", "auto"] | None = None,
 ) -> dict[str, Any]:
     """Take part in the server's run as ``client_id`` with the data of ``data_source``; returns
-    when the run is over (the reason, tasks done, and the bytes this client counted)."""
+    when the run is over (the reason, tasks done, and the bytes this client counted). ``device``
+    (cpu, cuda, auto) is where this site trains; by default the run's ``runtime.device``."""
+    if device is not None:
+        torch_device(device)  # a site without the GPU it asks for fails before joining
     data = load_site_data(data_source)
     shard = Shard.whole(data)
     if shard.size < 1:
@@ -204,6 +210,8 @@ def join(
     def runner(joined: Joined) -> Any:
         check_site_data(data, joined)
         cfg = run_config(joined)
+        if device is not None:
+            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=device))
         return make_runner(cfg, {client_id: shard}, joined)
 
     node = ClientNode(conn, [ClientInfo(client_id, shard.size)], runner,

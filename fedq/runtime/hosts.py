@@ -236,7 +236,8 @@ def _server_workload(cfg: RunConfig, split: Any, num_classes: int) -> Any:
         return SplitServer(cfg, model, split.test, labels)
     from fedq.fed.server import FedServer
 
-    return FedServer(cfg, build_bundle(cfg, split.train), split.test)
+    bundle = build_bundle(cfg, split.train).to(torch_device(cfg.runtime.device))
+    return FedServer(cfg, bundle, split.test)
 
 
 def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> TaskRunner:
@@ -254,7 +255,8 @@ def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> 
         m.name, num_classes=joined.num_classes, input_dim=joined.input_dim or None,
         seed=cfg.seed, hidden=m.hidden, lora_r=m.lora_r, max_length=m.max_length,
     )  # fmt: skip
-    return ClientWorker(cfg, bundle, shards, joined.client_index)
+    return ClientWorker(cfg, bundle.to(torch_device(cfg.runtime.device)), shards,
+                        joined.client_index)  # fmt: skip
 
 
 def run_config(joined: Joined) -> RunConfig:
@@ -264,6 +266,10 @@ def run_config(joined: Joined) -> RunConfig:
     except json.JSONDecodeError as e:
         raise FedqError(f"the server sent a configuration that is not JSON: {e}") from e
     return config_from_dict(raw)
+
+
+#: How long reading a worker's counters waits for its tasks of a closed round to finish.
+SETTLE_TIMEOUT_S = 30.0
 
 
 class WorkerHost:
@@ -319,8 +325,12 @@ class WorkerHost:
         alive = self._thread is not None and self._thread.is_alive()
         return {"alive": alive, "result": self.result, "error": self.error, **self.node.stats}
 
-    def counters(self) -> dict[str, Any]:
-        """This worker's byte counters since it started (not reset)."""
+    def counters(self, settled: int | None = None) -> dict[str, Any]:
+        """This worker's byte counters since it started (not reset); with ``settled``, read once
+        its tasks of rounds up to ``settled`` have finished (their replies counted)."""
+        if settled is not None and not self.node.wait_idle(settled, SETTLE_TIMEOUT_S):
+            log.warning("a task of round %d was still running after %g s", settled,
+                        SETTLE_TIMEOUT_S)  # fmt: skip
         return self.conn.counters.snapshot()
 
     def state_dict(self) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def simulate(
                 continue
             rec = recorder.round(event["round"], t_round)
             _lost_workers(backend, server, workers, shares, lost, cfg)
-            _read_bytes(backend, workers, list(shares), lost, seen)
+            _read_bytes(backend, workers, list(shares), lost, seen, settled=rec["round"])
             clients = _checkpoint(backend, server, workers, list(shares), recorder,
                                   rec["round"] + 1, cfg, lost, clients,
                                   _add_bytes(bytes_before, *seen.values()))  # fmt: skip
@@ -156,14 +156,15 @@ def _add_bytes(*parts: dict[str, int]) -> dict[str, int]:
 
 def _read_bytes(
     backend: Any, workers: list[Any], principals: list[str], lost: dict[str, str],
-    seen: dict[str, dict[str, int]],
+    seen: dict[str, dict[str, int]], settled: int | None = None,
 ) -> None:  # fmt: skip
-    """Read the live workers' byte counters (totals since they started) into ``seen``."""
+    """Read the live workers' byte counters (totals since they started) into ``seen``; with
+    ``settled``, each once its tasks of that round have finished."""
     for w, p in zip(workers, principals, strict=False):
         if p in lost:
             continue
         try:
-            c = backend.get([backend.call(w, "counters")], timeout=30.0)[0]
+            c = backend.get([backend.call(w, "counters", settled)], timeout=60.0)[0]
         except Exception as e:  # found dead at the next liveness check
             log.warning("%s: could not read its byte counters: %s", p, e)
             continue
