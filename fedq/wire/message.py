@@ -3,9 +3,10 @@
 Why frames: gRPC caps a message at 4 MiB by default and protobuf at 2 GiB, while model updates and
 activations can be larger. Streaming 1 MiB chunks is also the fastest way to move bytes over gRPC
 (docs/platform.md §4). The receiver checks the header (version, declared size against its limits)
-and the chunk sequence (contiguous offsets, no overflow, exact total) and grows its buffer only as
-data actually arrives, so a header that lies about the payload size costs nothing. Frames are built
-and read as their serialized bytes (:mod:`fedq.wire.frame`); the readers also take protobuf
+and the chunk sequence (contiguous offsets, no overflow, exact total) and allocates the payload
+buffer only once a quarter of the declared size has arrived, so a header that lies about the
+payload size costs at most a few times the bytes actually sent. Frames are
+built and read as their serialized bytes (:mod:`fedq.wire.frame`); the readers also take protobuf
 ``Frame`` messages.
 """
 
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 from fedq.codec.packed import FORMAT_VERSION, PackedTensor
 from fedq.errors import WireFormatError
+from fedq.wire.buffers import PAYLOAD_BUFFERS
 from fedq.wire.frame import (
     ChunkView,
     FrameLike,
@@ -29,6 +31,9 @@ from fedq.wire.frame import (
 from fedq.wire.limits import WireLimits
 from fedq.wire.pb import tensor_pb2 as pb
 from fedq.wire.serde import bundle_from_bytes, bundle_pieces
+
+#: The payload buffer is allocated once this fraction (1/n) of the declared size has arrived.
+_ALLOCATE_AFTER = 4
 
 
 @dataclass(slots=True)
@@ -137,7 +142,7 @@ def _check_header(header: pb.Header, limits: WireLimits) -> None:
             raise WireFormatError(f"header: field 'scalars': non-finite value for {key[:80]!r}")
 
 
-def _decode(header: pb.Header, payload: bytearray, limits: WireLimits) -> WireMessage:
+def _decode(header: pb.Header, payload: memoryview, limits: WireLimits) -> WireMessage:
     # ``payload`` is ours alone: the tensors may keep views of it rather than copies.
     tensors = bundle_from_bytes(payload, limits, share=True) if header.payload_size else {}
     return WireMessage(
@@ -162,13 +167,41 @@ def read_message(frames: Iterator[FrameLike], limits: WireLimits) -> WireMessage
     if got is None:
         return None
     header, nbytes = got
-    buf = bytearray()  # grown as data arrives: the declared size is not trusted for allocation
-    for data, frame_size in _payload_frames(frames, header.payload_size):
-        nbytes += frame_size
-        buf += data
-    msg = _decode(header, buf, limits)
-    msg.nbytes = nbytes
+    payload, chunk_nbytes = _reassemble(frames, header.payload_size)
+    msg = _decode(header, payload, limits)
+    msg.nbytes = nbytes + chunk_nbytes
     return msg
+
+
+def _reassemble(frames: Iterator[FrameLike], size: int) -> tuple[memoryview, int]:
+    """The ``size`` bytes of payload carried by the next chunk frames, and the frames' size.
+
+    Each chunk is copied once, into a buffer of exactly ``size`` bytes. The declared size is not
+    trusted for allocation: the buffer is allocated once 1/``_ALLOCATE_AFTER`` of it has arrived
+    (the chunks before that are kept as received), so a header that overstates the size costs at
+    most that many times the bytes the peer actually sent. Large buffers come from
+    :data:`~fedq.wire.buffers.PAYLOAD_BUFFERS` and return to it once the decoded tensors are gone.
+    """
+    held: list[memoryview] = []
+    held_size = 0
+    buf: memoryview | None = None
+    pos = nbytes = 0
+    for data, frame_size in _payload_frames(frames, size):
+        nbytes += frame_size
+        if buf is None:
+            held.append(data)
+            held_size += len(data)
+            if held_size * _ALLOCATE_AFTER < size:
+                continue
+            buf = PAYLOAD_BUFFERS.take(size)
+            for part in held:
+                buf[pos : pos + len(part)] = part
+                pos += len(part)
+            held = []
+        else:
+            buf[pos : pos + len(data)] = data
+            pos += len(data)
+    return (buf if buf is not None else memoryview(bytearray())), nbytes
 
 
 def read_header(frames: Iterator[FrameLike], limits: WireLimits) -> pb.Header | None:
