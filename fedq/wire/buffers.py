@@ -42,12 +42,24 @@ class BufferPool:
         self.reused = 0  # buffers served from the pool, for tests and diagnostics
 
     def take(self, size: int) -> memoryview:
-        """A writable, uninitialized buffer of exactly ``size`` bytes."""
+        """A writable, uninitialized buffer of exactly ``size`` bytes.
+
+        A memoryview, not the array: everything made from it (slices, ``np.frombuffer``,
+        ``torch.frombuffer``) holds the view that the pool watches, whereas numpy would let a
+        slice of an array refer past it to the block."""
         if size < MIN_POOLED:
             return np.empty(size, dtype=np.uint8).data
         block = self._reuse(size)
         if block is None:
             block = np.empty(size + size // 8, dtype=np.uint8)
+        return self._lend(block, size)
+
+    def take_pooled(self, size: int) -> memoryview | None:
+        """:meth:`take`, but only from memory the pool already holds (None if none fits)."""
+        block = self._reuse(size) if size >= MIN_POOLED else None
+        return None if block is None else self._lend(block, size)
+
+    def _lend(self, block: Block, size: int) -> memoryview:
         view = block[:size]
         # ``view`` lives as long as anything (a memoryview, a tensor made from one) views it.
         weakref.finalize(view, self._returned.put, block).atexit = False

@@ -16,6 +16,8 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fedq.codec.packed import FORMAT_VERSION, PackedTensor
 from fedq.errors import WireFormatError
 from fedq.wire.buffers import PAYLOAD_BUFFERS
@@ -176,16 +178,16 @@ def read_message(frames: Iterator[FrameLike], limits: WireLimits) -> WireMessage
 def _reassemble(frames: Iterator[FrameLike], size: int) -> tuple[memoryview, int]:
     """The ``size`` bytes of payload carried by the next chunk frames, and the frames' size.
 
-    Each chunk is copied once, into a buffer of exactly ``size`` bytes. The declared size is not
-    trusted for allocation: the buffer is allocated once 1/``_ALLOCATE_AFTER`` of it has arrived
-    (the chunks before that are kept as received), so a header that overstates the size costs at
-    most that many times the bytes the peer actually sent. Large buffers come from
-    :data:`~fedq.wire.buffers.PAYLOAD_BUFFERS` and return to it once the decoded tensors are gone.
+    Each chunk is copied once (without holding the GIL), into a buffer of exactly ``size`` bytes
+    from :data:`~fedq.wire.buffers.PAYLOAD_BUFFERS`, which gets it back once the decoded tensors
+    are gone. The declared size is not trusted for new memory: unless the pool has a buffer that
+    fits, the buffer is allocated only once 1/``_ALLOCATE_AFTER`` of the payload has arrived (the
+    chunks before that are kept as received), so a header that overstates the size costs at most
+    that many times the bytes the peer actually sent.
     """
+    buf = PAYLOAD_BUFFERS.take_pooled(size)
     held: list[memoryview] = []
-    held_size = 0
-    buf: memoryview | None = None
-    pos = nbytes = 0
+    held_size = pos = nbytes = 0
     for data, frame_size in _payload_frames(frames, size):
         nbytes += frame_size
         if buf is None:
@@ -195,13 +197,18 @@ def _reassemble(frames: Iterator[FrameLike], size: int) -> tuple[memoryview, int
                 continue
             buf = PAYLOAD_BUFFERS.take(size)
             for part in held:
-                buf[pos : pos + len(part)] = part
+                _copy(buf, pos, part)
                 pos += len(part)
             held = []
         else:
-            buf[pos : pos + len(data)] = data
+            _copy(buf, pos, data)
             pos += len(data)
-    return (buf if buf is not None else memoryview(bytearray())), nbytes
+    return (buf if buf is not None else memoryview(b"")), nbytes
+
+
+def _copy(dst: memoryview, pos: int, src: memoryview) -> None:
+    """``dst[pos : pos + len(src)] = src``, through numpy, which lets go of the GIL meanwhile."""
+    np.copyto(np.frombuffer(dst, np.uint8, len(src), pos), np.frombuffer(src, np.uint8))
 
 
 def read_header(frames: Iterator[FrameLike], limits: WireLimits) -> pb.Header | None:

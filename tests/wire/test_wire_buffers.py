@@ -43,6 +43,12 @@ def test_a_buffer_returns_to_the_pool_once_nothing_views_it() -> None:
     assert _addr(again) == addr and pool.reused == 1
     del other, again
     assert pool.free_blocks() == 2
+    again = pool.take(size)
+    piece = np.frombuffer(again, dtype=np.uint8)[5:9][1:]  # numpy views of it count as well
+    del again
+    assert pool.free_blocks() == 1
+    del piece
+    assert pool.free_blocks() == 2
 
 
 def test_a_block_serves_only_sizes_close_to_its_own() -> None:
@@ -126,3 +132,20 @@ def test_payload_buffer_waits_for_a_quarter_of_the_declared_size(
         assert peak < MiB
     else:
         assert peak >= 16 * MiB
+
+
+def test_a_pooled_buffer_is_used_from_the_first_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Memory the pool already holds costs nothing new: no need to wait for a quarter."""
+    pool = BufferPool()
+    pool.take(16 * MiB)  # back in the pool at once
+    monkeypatch.setattr(wire_message, "PAYLOAD_BUFFERS", pool)
+    frames = _frames(16 * MiB, MiB)
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireFormatError, match="stream ended"):
+            message_from_frames(frames, LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert pool.reused == 1 and peak < MiB
+    assert pool.free_blocks() == 1  # the failed message let go of it
