@@ -1,8 +1,9 @@
 """Wire format: ``PackedTensor`` <-> protobuf with full validation of untrusted input, and chunking.
 
 WARNING: never deserialize Python objects here; every byte from the network is parsed as protobuf
-and validated before any tensor is allocated. This package imports protobuf only (never
-grpc), so the codec and the wire format can be used without a transport.
+(or, for frames and the bundle's top level, by fedq's own strict protobuf scanners) and validated
+before any tensor is allocated. This package imports protobuf only (never grpc), so the codec and
+the wire format can be used without a transport.
 """
 
 from fedq.wire.frame import FrameLike, frame_nbytes
