@@ -26,8 +26,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedq.errors import TransportError
 from fedq.transport.counters import ByteCounter, CountingFrames
 from fedq.transport.security import TlsConfig, client_metadata
-from fedq.transport.server import FEDERATED_SERVICE, check_chunk_size
-from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames, read_message
+from fedq.transport.server import FEDERATED_SERVICE, SPLIT_SERVICE, check_chunk_size
+from fedq.wire import (
+    WireLimits,
+    WireMessage,
+    message_from_frames,
+    message_to_frame_bytes,
+    read_message,
+)
 from fedq.wire.control import (
     Joined,
     Registration,
@@ -37,7 +43,6 @@ from fedq.wire.control import (
     work_item_from_proto,
 )
 from fedq.wire.pb import service_pb2, service_pb2_grpc
-from fedq.wire.pb import tensor_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -57,19 +62,19 @@ class _SplitStream:
 
     _CLOSE = None
 
-    def __init__(self, stub: service_pb2_grpc.SplitStub, client: TransportClient) -> None:
-        self._queue: queue.SimpleQueue[Iterator[pb.Frame] | None] = queue.SimpleQueue()
+    def __init__(self, step: grpc.StreamStreamMultiCallable, client: TransportClient) -> None:
+        self._queue: queue.SimpleQueue[Iterator[bytes] | None] = queue.SimpleQueue()
         self._client = client
         self._sent = CountingFrames(self._requests())
-        self._calls = stub.Step(self._sent, metadata=client._metadata)
+        self._calls = step(self._sent, metadata=client._metadata)
         self._received = CountingFrames(self._calls)
 
-    def _requests(self) -> Iterator[pb.Frame]:
+    def _requests(self) -> Iterator[bytes]:
         while (frames := self._queue.get()) is not self._CLOSE:
             yield from frames
 
     def step(self, msg: WireMessage) -> WireMessage:
-        frames = message_to_frames(msg, self._client.limits.chunk_size)
+        frames = message_to_frame_bytes(msg, self._client.limits.chunk_size)
         first = next(frames)  # encode now, so a bad message fails here and not in gRPC's thread
         self._queue.put(itertools.chain([first], frames))
         try:
@@ -142,7 +147,16 @@ class TransportClient:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.secure_channel(target, tls.channel_credentials(), options)
         self._federated = service_pb2_grpc.FederatedStub(self._channel)
-        self._split_stub = service_pb2_grpc.SplitStub(self._channel)
+        # The Frame streams carry frames as the bytes they are on the wire (no (de)serializer):
+        # fedq.wire.frame builds and parses them without protobuf objects for the payload.
+        self._get_task = self._channel.unary_stream(
+            f"/{FEDERATED_SERVICE}/GetTask",
+            request_serializer=service_pb2.TaskRequest.SerializeToString,
+        )
+        self._push_update = self._channel.stream_unary(
+            f"/{FEDERATED_SERVICE}/PushUpdate", response_deserializer=service_pb2.Ack.FromString
+        )
+        self._step = self._channel.stream_stream(f"/{SPLIT_SERVICE}/Step")
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._lock = threading.Lock()
         self._split_lock = threading.Lock()
@@ -194,7 +208,7 @@ class TransportClient:
         cid = client_id or self.client_id
         request = service_pb2.TaskRequest(client_id=cid, round=round)
         self._count(cid, sent=request.ByteSize())
-        call = self._federated.GetTask(request, metadata=self._metadata, timeout=self.timeout)
+        call = self._get_task(request, metadata=self._metadata, timeout=self.timeout)
         frames = CountingFrames(call)
         try:
             return message_from_frames(frames, self.limits)
@@ -208,11 +222,11 @@ class TransportClient:
 
     def push_update(self, msg: WireMessage) -> int:
         """Upload ``msg``; returns the bytes sent (the sum of the frames' serialized sizes)."""
-        frames = message_to_frames(msg, self.limits.chunk_size)
+        frames = message_to_frame_bytes(msg, self.limits.chunk_size)
         first = next(frames)  # encode before the call, so encoding errors surface as themselves
         sent = CountingFrames(itertools.chain([first], frames))
         try:
-            ack = self._federated.PushUpdate(sent, metadata=self._metadata, timeout=self.timeout)
+            ack = self._push_update(sent, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as e:
             raise _transport_error(e) from e
         finally:
@@ -235,7 +249,7 @@ class TransportClient:
         """
         with self._split_lock:
             if self._split is None:
-                self._split = _SplitStream(self._split_stub, self)
+                self._split = _SplitStream(self._step, self)
             try:
                 return self._split.step(msg)
             except grpc.RpcError as e:

@@ -33,7 +33,13 @@ from fedq.transport.security import (
     check_certificate_name,
     format_address,
 )
-from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames, read_message
+from fedq.wire import (
+    WireLimits,
+    WireMessage,
+    message_from_frames,
+    message_to_frame_bytes,
+    read_message,
+)
 from fedq.wire.control import (
     Joined,
     Registration,
@@ -43,7 +49,6 @@ from fedq.wire.control import (
     work_item_to_proto,
 )
 from fedq.wire.pb import service_pb2, service_pb2_grpc
-from fedq.wire.pb import tensor_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +176,8 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
                 reason = str(e)
         self._abort(context, code, reason[:2000])
 
-    def _frames(self, context: grpc.ServicerContext, msg: WireMessage) -> Iterator[pb.Frame]:
-        frames = message_to_frames(msg, self._limits.chunk_size)
+    def _frames(self, context: grpc.ServicerContext, msg: WireMessage) -> Iterator[bytes]:
+        frames = message_to_frame_bytes(msg, self._limits.chunk_size)
         yield self._run(context, _Phase.ENCODE, lambda: next(frames))  # serializes every tensor
         yield from frames
 
@@ -224,7 +229,7 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
     # -- Federated: tasks and updates -----------------------------------------------------------
     def GetTask(
         self, request: service_pb2.TaskRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.Frame]:
+    ) -> Iterator[bytes]:
         authed = self._auth(context)
         client = self._check_client(context, authed, request.client_id)
         self._counters.add(client, up=request.ByteSize())
@@ -234,11 +239,11 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         for frame in self._frames(context, msg):
             # Counted as it is handed to gRPC, so the count is complete once the client has the
             # last frame (a reader of the counters never races the tail of this generator).
-            self._counters.add(client, down=frame.ByteSize())
+            self._counters.add(client, down=len(frame))
             yield frame
 
     def PushUpdate(
-        self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> service_pb2.Ack:
         authed = self._auth(context)
         frames = CountingFrames(request_iterator)
@@ -264,8 +269,8 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
 
     # -- Split -----------------------------------------------------------------------------------
     def Step(
-        self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
-    ) -> Iterator[pb.Frame]:
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         """One bidi stream carries any number of steps: read one message, answer with one."""
         authed = self._auth(context)
         frames = CountingFrames(request_iterator)
@@ -282,10 +287,45 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
                 # Count the step before its last frame leaves: the client may read the counters
                 # as soon as it has the reply, so the bytes must already be there.
                 out = list(self._frames(context, reply))
-                self._counters.add(who, up=frames.take(), down=sum(f.ByteSize() for f in out))
+                self._counters.add(who, up=frames.take(), down=sum(len(f) for f in out))
                 yield from out
         finally:
             self._counters.add(who, up=frames.take())
+
+
+# The service tables, written out instead of the generated ``add_*Servicer_to_server``: methods
+# whose messages are Frames get no (de)serializer, so gRPC hands their frames over as the bytes
+# they are on the wire (fedq.wire.frame parses and builds them); the rest use protobuf.
+def _federated_handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
+    return {
+        "Register": grpc.unary_unary_rpc_method_handler(
+            servicer.Register,
+            request_deserializer=service_pb2.RegisterRequest.FromString,
+            response_serializer=service_pb2.RegisterReply.SerializeToString,
+        ),
+        "Work": grpc.unary_stream_rpc_method_handler(
+            servicer.Work,
+            request_deserializer=service_pb2.WorkRequest.FromString,
+            response_serializer=service_pb2.WorkItem.SerializeToString,
+        ),
+        "GetTask": grpc.unary_stream_rpc_method_handler(
+            servicer.GetTask, request_deserializer=service_pb2.TaskRequest.FromString
+        ),
+        "PushUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.PushUpdate, response_serializer=service_pb2.Ack.SerializeToString
+        ),
+    }
+
+
+def _split_handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
+    return {"Step": grpc.stream_stream_rpc_method_handler(servicer.Step)}
+
+
+def _add_service(
+    server: grpc.Server, name: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> None:
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(name, handlers)])
+    server.add_registered_method_handlers(name, handlers)
 
 
 class TransportServer:
@@ -341,10 +381,10 @@ class TransportServer:
         mtls = self._tls is not None and self._tls.require_client_cert
         servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters, self._hosts,
                              check_cert_name=mtls)  # fmt: skip
-        service_pb2_grpc.add_FederatedServicer_to_server(servicer, server)
+        _add_service(server, FEDERATED_SERVICE, _federated_handlers(servicer))
         services = ["", FEDERATED_SERVICE]
         if self.serves_split:
-            service_pb2_grpc.add_SplitServicer_to_server(servicer, server)
+            _add_service(server, SPLIT_SERVICE, _split_handlers(servicer))
             services.append(SPLIT_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         addr = format_address(self.host, self.port)

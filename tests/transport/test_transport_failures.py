@@ -85,6 +85,37 @@ def test_hostile_frames_get_invalid_argument_and_server_survives(
     assert client.push_update(_update()) > 0  # still serving
 
 
+# Frames as bytes that no protobuf Frame object can express (protobuf would merge or drop them).
+_HEADER = pb.Frame(
+    header=pb.Header(format_version=FORMAT_VERSION, kind="update", client_id="c1", payload_size=1)
+).SerializeToString()
+_CHUNK = pb.Frame(chunk=pb.Chunk(data=b"z")).SerializeToString()
+RAW_HOSTILE: dict[str, tuple[list[bytes], str]] = {
+    "header and chunk in one frame": ([_HEADER + _CHUNK], "chunk"),
+    "two chunks in one frame": ([_HEADER, _CHUNK + _CHUNK], "chunk"),
+    "chunk as a varint": ([_HEADER, b"\x10\x01"], "chunk"),
+    "truncated frame": ([_HEADER, _CHUNK[:-1]], "chunk"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_HOSTILE), ids=list(RAW_HOSTILE))
+def test_hostile_frame_bytes_get_invalid_argument(
+    case: str, server: TransportServer, client: TransportClient
+) -> None:
+    frames, field = RAW_HOSTILE[case]
+    with grpc.insecure_channel(server.address) as channel:
+        push = channel.stream_unary("/fedq.v1.Federated/PushUpdate")  # frames sent as given
+        step = channel.stream_stream("/fedq.v1.Split/Step")
+        with pytest.raises(grpc.RpcError) as exc:
+            push(iter(frames), metadata=MD, timeout=10)
+        with pytest.raises(grpc.RpcError) as split_exc:
+            list(step(iter(frames), metadata=MD, timeout=10))
+    for e in (exc.value, split_exc.value):
+        assert e.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert f"'{field}'" in e.details(), e.details()
+    assert client.push_update(_update()) > 0  # still serving
+
+
 def test_wrong_or_missing_token_is_unauthenticated(server: TransportServer, client) -> None:
     for cid, token in [("c1", "nope"), ("c1", None), ("ghost", "secret-1"), ("c2", "secret-1")]:
         with TransportClient(server.address, client_id=cid, token=token) as bad:
