@@ -263,9 +263,12 @@ class RuntimeConfig:
     num_cpus: int | None = None
     threads_per_worker: int = 1
     chunk_bytes: int = 1 << 20
+    upload_budget_mb: int = 1024
 
     def check(self) -> Problems:
         p = []
+        if self.upload_budget_mb < 1:
+            p.append(f"runtime.upload_budget_mb: must be >= 1, got {self.upload_budget_mb}")
         if self.workers < 0:
             p.append(f"runtime.workers: must be >= 0 (0 = one per core), got {self.workers}")
         if self.object_store_mb < 64:

@@ -122,6 +122,7 @@ class ServerHost:
         run_id: str | None = None,
     ) -> None:
         quiet_process(cfg.runtime.threads_per_worker)
+        from fedq.transport.budget import ServerLimits
         from fedq.transport.server import TransportServer
 
         split = _load_eval(cfg, eval_data)
@@ -130,9 +131,10 @@ class ServerHost:
         self.workload = _server_workload(cfg, split, num_classes)
         principals = len(tokens) if tokens else len(roster)
         limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
+        budget = ServerLimits(upload_budget_bytes=cfg.runtime.upload_budget_mb << 20)
         self.transport = TransportServer(
             self, host=host, port=port, tokens=tokens, hosts=hosts, tls=tls, limits=limits,
-            allow_insecure=allow_insecure, max_workers=2 * principals + 8,
+            allow_insecure=allow_insecure, max_workers=4 * principals + 8, server_limits=budget,
         )  # fmt: skip
         self.observer = _Observer(self.transport.counters) if hooks is None else None
         self.engine = RoundEngine(

@@ -16,14 +16,17 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import random
 import threading
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedq.errors import TransportError
+from fedq.transport.budget import BUSY
 from fedq.transport.counters import ByteCounter, CountingFrames
 from fedq.transport.security import TlsConfig, client_metadata
 from fedq.transport.server import FEDERATED_SERVICE, SPLIT_SERVICE, check_chunk_size
@@ -45,6 +48,10 @@ from fedq.wire.control import (
 from fedq.wire.pb import service_pb2, service_pb2_grpc
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: Longest wait between two attempts of an upload the server's busy budget refused.
+BUSY_BACKOFF_CAP_S = 2.0
 
 
 def _transport_error(e: grpc.RpcError) -> TransportError:
@@ -164,6 +171,8 @@ class TransportClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.counters = ByteCounter()
+        self.budget_retries = 0  # uploads refused by a busy server budget, then sent again
+        self._rng = random.Random()
 
     def _count(self, client_id: str | None, *, sent: int = 0, received: int = 0) -> None:
         """Count a call's bytes: under the logical client it was for (``None``: control plane,
@@ -220,8 +229,31 @@ class TransportClient:
         finally:
             self._count(cid, received=frames.nbytes)
 
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """``call()``, again after a full-jitter backoff while the server refuses it because its
+        upload budget is busy (fedq.transport.budget), until ``timeout`` has passed. The bytes
+        of a refused attempt count as sent: they left this client."""
+        end = time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except TransportError as e:
+                if e.code != "RESOURCE_EXHAUSTED" or BUSY not in e.reason:
+                    raise
+                cap = min(BUSY_BACKOFF_CAP_S, 0.05 * 2.0 ** min(attempt, 20))
+                wait = self._rng.uniform(0.0, cap)
+                if time.monotonic() + wait > end:
+                    raise
+                attempt += 1
+                self.budget_retries += 1
+                time.sleep(wait)
+
     def push_update(self, msg: WireMessage) -> int:
         """Upload ``msg``; returns the bytes sent (the sum of the frames' serialized sizes)."""
+        return self._retrying(lambda: self._push_once(msg))
+
+    def _push_once(self, msg: WireMessage) -> int:
         frames = message_to_frame_bytes(msg, self.limits.chunk_size)
         first = next(frames)  # encode before the call, so encoding errors surface as themselves
         sent = CountingFrames(itertools.chain([first], frames))
@@ -247,6 +279,9 @@ class TransportClient:
         opens a new one. The stream has no deadline (it lives across steps), so ``timeout`` does
         not apply here; a dead server surfaces as UNAVAILABLE through gRPC keepalive/close.
         """
+        return self._retrying(lambda: self._step_once(msg))
+
+    def _step_once(self, msg: WireMessage) -> WireMessage:
         with self._split_lock:
             if self._split is None:
                 self._split = _SplitStream(self._step, self)

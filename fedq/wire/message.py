@@ -13,7 +13,7 @@ built and read as their serialized bytes (:mod:`fedq.wire.frame`); the readers a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +36,9 @@ from fedq.wire.serde import bundle_from_bytes, bundle_pieces
 
 #: The payload buffer is allocated once this fraction (1/n) of the declared size has arrived.
 _ALLOCATE_AFTER = 4
+
+#: Called with a message's checked header before its payload is read (see read_message).
+Admit = Callable[[pb.Header], None]
 
 
 @dataclass(slots=True)
@@ -158,17 +161,23 @@ def _decode(header: pb.Header, payload: memoryview, limits: WireLimits) -> WireM
     )
 
 
-def read_message(frames: Iterator[FrameLike], limits: WireLimits) -> WireMessage | None:
+def read_message(
+    frames: Iterator[FrameLike], limits: WireLimits, admit: Admit | None = None
+) -> WireMessage | None:
     """Consume exactly one message's frames from ``frames`` (a stream may carry several).
 
     Returns None if the stream ends cleanly before a header. Stops right after the last chunk, so a
     bidirectional stream can answer before the peer sends its next message. The chunks are copied
-    once, into one buffer that the message's payload tensors then share.
+    once, into one buffer that the message's payload tensors then share. ``admit`` is called with
+    the checked header before any chunk is read (a server's memory budget: it may wait, or
+    raise to refuse the message).
     """
     got = _read_header(frames, limits)
     if got is None:
         return None
     header, nbytes = got
+    if admit is not None:
+        admit(header)
     payload, chunk_nbytes = _reassemble(frames, header.payload_size)
     msg = _decode(header, payload, limits)
     msg.nbytes = nbytes + chunk_nbytes
@@ -272,10 +281,13 @@ def _payload_frames(frames: Iterator[FrameLike], size: int) -> Iterator[tuple[me
         yield data, len(raw)
 
 
-def message_from_frames(frames: Iterable[FrameLike], limits: WireLimits) -> WireMessage:
-    """Reassemble and validate one message from a complete frame stream (nothing may follow it)."""
+def message_from_frames(
+    frames: Iterable[FrameLike], limits: WireLimits, admit: Admit | None = None
+) -> WireMessage:
+    """Reassemble and validate one message from a complete frame stream (nothing may follow it);
+    ``admit`` as in :func:`read_message`."""
     it = iter(frames)
-    msg = read_message(it, limits)
+    msg = read_message(it, limits, admit)
     if msg is None:
         raise WireFormatError("frame 0: field 'header': empty stream, no header")
     extra = next(it, None)
