@@ -219,11 +219,9 @@ class ServerHost:
 
 
 def _load_eval(cfg: RunConfig, eval_data: str | None) -> Any:
-    from fedq.data import load_dataset
+    from fedq.runtime.setup import load_data
 
-    name = eval_data or cfg.data.name
-    d = cfg.data
-    return load_dataset(name, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test)
+    return load_data(cfg, eval_data)
 
 
 def _server_workload(cfg: RunConfig, split: Any, num_classes: int) -> Any:

@@ -14,6 +14,7 @@ from fedq.data import (
     DataSplit,
     TextDataset,
     dataset_names,
+    dataset_options,
     load_dataset,
     stratified_holdout,
 )
@@ -52,6 +53,32 @@ def test_mnist1d_shapes_and_global_rng_untouched() -> None:
     assert isinstance(d.train, ArrayDataset)
     assert d.num_classes == 10
     assert torch.bincount(d.train.y, minlength=10).min() > 300
+
+
+def test_mnist1d_at_another_size_is_generated_once_then_read_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDQ_CACHE", str(tmp_path))
+    np.random.seed(7)
+    expected = np.random.rand()
+    np.random.seed(7)
+    d = load_dataset("mnist1d", num_samples=600)
+    assert np.random.rand() == expected
+    assert d.train.x.shape == (480, 40) and d.test.x.shape == (120, 40)
+    assert torch.bincount(torch.cat([d.train.y, d.test.y])).tolist() == [60] * 10
+    cached = tmp_path / "mnist1d-seed42-n600.npz"
+    assert cached.is_file()
+    stamp = cached.stat().st_mtime_ns
+    again = load_dataset("mnist1d", num_samples=600)
+    assert cached.stat().st_mtime_ns == stamp  # read back, not generated again
+    assert torch.equal(again.train.x, d.train.x) and torch.equal(again.test.y, d.test.y)
+    cached.write_bytes(b"torn")  # a damaged cache file is generated again, not trusted
+    fresh = load_dataset("mnist1d", num_samples=600)
+    assert torch.equal(fresh.train.x, d.train.x)
+    other = load_dataset("mnist1d", num_samples=600, generator_seed=3)
+    assert not torch.equal(other.train.x, d.train.x)
+    with pytest.raises(ConfigError, match="multiple of 10"):
+        load_dataset("mnist1d", num_samples=605)
 
 
 def test_rotten_tomatoes_has_all_fresh_and_rotten_rows() -> None:
@@ -107,6 +134,13 @@ def test_unknown_name_lists_the_registry() -> None:
     assert {"digits", "mnist1d", "rotten_tomatoes", "npz:...", "csv:...", "py:..."} <= set(
         dataset_names()
     )
+
+
+def test_dataset_options_lists_what_a_loader_takes() -> None:
+    assert "num_samples" in dataset_options("mnist1d")
+    assert "num_samples" not in dataset_options("digits")
+    assert dataset_options("npz:x.npz") == ["seed", "test_fraction"]
+    assert dataset_options("cifar10") == []
 
 
 def test_unknown_option_names_the_allowed_ones() -> None:
