@@ -97,16 +97,15 @@ def simulate(
         t_round = checked = time.perf_counter()
         while True:
             event = backend.get([backend.call(server, "next_event", 2.0)])[0]
-            if event is None or time.perf_counter() - checked > WORKER_CHECK_S:
-                checked = time.perf_counter()
-                if _lost_workers(backend, server, workers, shares, lost, cfg):
-                    continue
-            if event is None:
-                continue
-            if "done" in event:
-                reason = str(event["done"])
+            if event is not None and "done" in event:  # before any liveness check: workers
+                reason = str(event["done"])  # that were told the run is over have ended
                 stopped = None if reason.startswith("completed") else reason
                 break
+            if event is None or time.perf_counter() - checked > WORKER_CHECK_S:
+                checked = time.perf_counter()
+                _lost_workers(backend, server, workers, shares, lost, cfg)  # then the event
+            if event is None:
+                continue
             if "open" in event:  # privacy charged for a round: journal it before any release
                 recorder.journal(int(event["open"]), event["ledger"])
                 backend.get([backend.call(server, "proceed")])
@@ -191,8 +190,9 @@ def _lost_workers(
             continue
         found = True
         lost[p] = why
-        clients = ", ".join(client_name(c) for c in shares[p])
-        log.error("%s died (clients %s): %s", p, clients, why)
+        clients = ", ".join(client_name(c) for c in shares[p][:5])
+        more = f" and {len(shares[p]) - 5:,} more" if len(shares[p]) > 5 else ""
+        log.error("%s died (clients %s%s): %s", p, clients, more, why)
     left = sum(len(c) for p, c in shares.items() if p not in lost)
     if found and left < cfg.fed.min_clients:
         reason = (f"{len(lost)} worker(s) lost ({', '.join(sorted(lost))}); {left} clients left, "
