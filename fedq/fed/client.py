@@ -3,12 +3,14 @@ logical clients (a virtual client engine).
 
 Per-client state (uplink codec: bit-policy state, error-feedback residuals, RNG) lives in a dict
 keyed by client id and persists between rounds, so many logical clients need only a few worker
-processes; a ``fedq join`` process runs one. Each client's randomness is seeded from its roster
-index, so a client gives the same update whichever process runs it. Clients reach the server only
-through a connection object (gRPC, or the loopback in tests), so the bytes, codecs and failures
-are the real ones. Before a client starts a round its state is kept; a task for the same round
-coming back (the server restarted and re-opened it) starts again from that state, so the update
-is the one the uninterrupted run would have sent.
+processes; a ``fedq join`` process runs one. A client's state is made when it first runs a task,
+so of a large pool only the clients ever selected hold state, and a checkpoint can take just the
+states that changed since the previous one (:meth:`ClientWorker.changes`). Each client's
+randomness is seeded from its roster index, so a client gives the same update whichever process
+runs it. Clients reach the server only through a connection object (gRPC, or the loopback in
+tests), so the bytes, codecs and failures are the real ones. Before a client starts a round its
+state is kept; a task for the same round coming back (the server restarted and re-opened it)
+starts again from that state, so the update is the one the uninterrupted run would have sent.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class ClientWorker:
         self._before: dict[str, tuple[int, dict[str, Any]]] = {}  # client -> (round, state)
         self._running: str | None = None
         self._hist: dict[str, list[int]] = {}
+        self._tick = 0  # counts finished tasks
+        self._changed: dict[str, int] = {}  # client -> tick of its last finished task
 
     def _state(self, cid: str) -> ClientState:
         if cid not in self.states:
@@ -97,6 +101,8 @@ class ClientWorker:
             with seeded_forward(self.cfg.seed, cid, r, "cpu"):
                 return self._run(cid, r, conn)
         finally:
+            self._tick += 1
+            self._changed[cid] = self._tick
             self._running = None
 
     def _run(self, cid: str, r: int, conn: Connection) -> dict[str, Any]:
@@ -223,6 +229,18 @@ class ClientWorker:
         if self._running is not None and self._running in self._before:
             out[self._running] = self._before[self._running][1]
         return out
+
+    def changes(self, since: int) -> tuple[int, dict[str, Any]]:
+        """``(mark, states)``: the states (as :meth:`state_dict` gives them) of the clients that
+        finished a task after the ``mark`` returned by an earlier call (``since=0``: every client
+        that ran here); pass ``mark`` next time. A client in the middle of a task counts as it
+        was before, and comes again once the task has finished."""
+        mark = self._tick
+        out = {cid: self._client_state(cid) for cid, t in list(self._changed.items())
+               if t > since and cid in self.states}  # fmt: skip
+        if self._running is not None and self._running in self._before:
+            out[self._running] = self._before[self._running][1]
+        return mark, out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for cid, s in state.items():

@@ -325,6 +325,16 @@ class WorkerHost:
         runner = self.node.runner
         return runner.state_dict() if runner is not None else {}
 
+    def state_changes(self, since: int) -> tuple[int, dict[str, Any]]:
+        """``(mark, states)``: what changed since the ``mark`` of an earlier call (0: all), for
+        a checkpoint that writes only that; a runner that cannot tell gives its whole state."""
+        runner = self.node.runner
+        changes = getattr(runner, "changes", None)
+        if changes is not None:
+            mark, states = changes(since)
+            return int(mark), states
+        return since + 1, self.state_dict()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.node.runner is None:
             raise FedqError("load client state after start(): the runner is built on joining")
