@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,8 +67,9 @@ class ClientWorker:
         self._before: dict[str, tuple[int, dict[str, Any]]] = {}  # client -> (round, state)
         self._running: str | None = None
         self._hist: dict[str, list[int]] = {}
-        self._tick = 0  # counts finished tasks
+        self._tick = 0  # counts finished tasks (update encoded, about to be uploaded)
         self._changed: dict[str, int] = {}  # client -> tick of its last finished task
+        self._lock = threading.Lock()  # a finished task vs. a checkpoint reading the changes
 
     def _state(self, cid: str) -> ClientState:
         if cid not in self.states:
@@ -101,9 +103,15 @@ class ClientWorker:
             with seeded_forward(self.cfg.seed, cid, r, "cpu"):
                 return self._run(cid, r, conn)
         finally:
-            self._tick += 1
-            self._changed[cid] = self._tick
-            self._running = None
+            self._finished(cid)
+
+    def _finished(self, cid: str) -> None:
+        """``cid``'s state is final for its task: it counts as changed, no longer as running."""
+        with self._lock:
+            if self._running == cid:
+                self._tick += 1
+                self._changed[cid] = self._tick
+                self._running = None
 
     def _run(self, cid: str, r: int, conn: Connection) -> dict[str, Any]:
         sent0, recv0 = conn_bytes(conn, cid)
@@ -141,8 +149,9 @@ class ClientWorker:
         }
         if epsilon is not None:  # accounted where the data is, reported with the update
             scalars["dp_epsilon"] = epsilon
-        conn.push_update(WireMessage("update", cid, r, 0, scalars, {}, packed))
         state.rounds_done += 1
+        self._finished(cid)  # before the upload: once it is accepted, a checkpoint sees this state
+        conn.push_update(WireMessage("update", cid, r, 0, scalars, {}, packed))
         sent1, recv1 = conn_bytes(conn, cid)
         return {"wire_up": sent1 - sent0, "wire_down": recv1 - recv0, "loss": loss}
 
@@ -225,21 +234,24 @@ class ClientWorker:
 
     def state_dict(self) -> dict[str, Any]:
         """Every client's state; a client in the middle of a round counts as it was before."""
+        running = self._running
         out = {cid: self._client_state(cid) for cid in self.states}
-        if self._running is not None and self._running in self._before:
-            out[self._running] = self._before[self._running][1]
+        if running is not None and running in self._before:
+            out[running] = self._before[running][1]
         return out
 
     def changes(self, since: int) -> tuple[int, dict[str, Any]]:
         """``(mark, states)``: the states (as :meth:`state_dict` gives them) of the clients that
         finished a task after the ``mark`` returned by an earlier call (``since=0``: every client
-        that ran here); pass ``mark`` next time. A client in the middle of a task counts as it
-        was before, and comes again once the task has finished."""
-        mark = self._tick
-        out = {cid: self._client_state(cid) for cid, t in list(self._changed.items())
-               if t > since and cid in self.states}  # fmt: skip
-        if self._running is not None and self._running in self._before:
-            out[self._running] = self._before[self._running][1]
+        that ran here); pass ``mark`` next time. A task is finished once its update is encoded,
+        before the upload; a client still short of that counts as it was before its task, and
+        comes again once it is done."""
+        with self._lock:
+            mark, running = self._tick, self._running
+            changed = [cid for cid, t in self._changed.items() if t > since]
+        out = {cid: self._client_state(cid) for cid in changed if cid != running}
+        if running is not None and running in self._before:
+            out[running] = self._before[running][1]
         return mark, out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
