@@ -283,9 +283,10 @@ class WorkerHost:
         from fedq.transport.client import TransportClient
 
         self.cfg = cfg
-        split = load_data(cfg)
-        parts = client_partitions(cfg, split.train)
-        shards = {client_name(c): Shard(split.train, parts[c]) for c in clients}
+        train = load_data(cfg).train
+        parts = client_partitions(cfg, train)
+        shards = Shard.local(train, {client_name(c): parts[c] for c in clients})
+        del train, parts  # only this worker's rows stay
         infos = [ClientInfo(cid, sh.size) for cid, sh in shards.items()]
         limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
         self.conn = TransportClient(address, client_id=principal, token=token, limits=limits,

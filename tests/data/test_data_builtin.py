@@ -12,6 +12,7 @@ import fedq.data
 from fedq.data import (
     ArrayDataset,
     DataSplit,
+    Shard,
     TextDataset,
     dataset_names,
     dataset_options,
@@ -148,6 +149,19 @@ def test_unknown_option_names_the_allowed_ones() -> None:
         load_dataset("digits", tst_fraction=0.1)
     with pytest.raises(ConfigError, match="test_fraction"):
         load_dataset("digits", test_fraction=1.5)
+
+
+def test_local_shards_hold_only_their_rows_in_the_same_order() -> None:
+    data = ArrayDataset(torch.arange(20.0).reshape(10, 2), torch.arange(10) % 3, 3, "t")
+    parts = {"a": torch.tensor([7, 1]), "b": torch.tensor([4]), "c": torch.tensor([9, 0, 3])}
+    shards = Shard.local(data, parts)
+    held = {id(sh.data) for sh in shards.values()}
+    assert len(held) == 1 and len(shards["a"].data) == 6  # one copy of the six rows, not ten
+    for cid, idx in parts.items():
+        sh = shards[cid]
+        assert torch.equal(sh.data.x[sh.idx], data.x[idx]) and sh.size == idx.numel()
+        assert torch.equal(sh.data.y[sh.idx], data.y[idx])
+    assert Shard.local(data, {}) == {}
 
 
 def test_containers_validate_and_subset() -> None:
