@@ -73,25 +73,36 @@ def _child(sets: list[str], out: str, conn: Connection) -> None:
 
     cfg = load_scenario(SCENARIO, sets)
     marks: list[float] = []
+    written: list[int] = []
     info: dict[str, Any] = {}
+    last = [time.time_ns()]
 
     def on_start(i: dict[str, Any]) -> None:
         info.update(startup_seconds=i["startup_seconds"], workers=i["workers"])
         marks.append(time.perf_counter())
 
-    summary = simulate(cfg, out, on_start=on_start,
-                       on_round=lambda rec: marks.append(time.perf_counter()))  # fmt: skip
-    rounds = [b - a for a, b in itertools.pairwise(marks)]
-    ckpt = Path(out) / "checkpoint.pt"
+    def on_round(rec: dict[str, Any]) -> None:  # the round's checkpoint is written by now
+        marks.append(time.perf_counter())
+        new = [f.stat() for f in _checkpoint_files(Path(out))]
+        written.append(sum(st.st_size for st in new if st.st_mtime_ns >= last[0]))
+        last[0] = time.time_ns()
+
+    summary = simulate(cfg, out, on_start=on_start, on_round=on_round)
     conn.send({
         **info,
-        "round_seconds": rounds,
+        "round_seconds": [b - a for a, b in itertools.pairwise(marks)],
+        "checkpoint_written": written,
         "accuracy": summary["final_accuracy"],
         "bytes_wire": summary["bytes_wire_total"],
         "wall_seconds": summary["wall_seconds"],
-        "checkpoint_bytes": ckpt.stat().st_size if ckpt.exists() else 0,
+        "checkpoint_bytes": sum(f.stat().st_size for f in _checkpoint_files(Path(out))),
     })  # fmt: skip
     conn.close()
+
+
+def _checkpoint_files(out: Path) -> list[Path]:
+    """What a run's checkpoints consist of on disk (checkpoint.pt and its client segments)."""
+    return [p for p in [out / "checkpoint.pt", *out.glob("clients-*.pt")] if p.exists()]
 
 
 def _prepare_data(sets: list[str]) -> None:
@@ -120,11 +131,14 @@ def measure(args: argparse.Namespace, clients: int, out: Path) -> dict[str, Any]
     if proc.exitcode != 0 or not res:
         raise RuntimeError(f"the {clients}-client run failed (exit code {proc.exitcode})")
     rounds = res.pop("round_seconds")
+    late = rounds[-max(1, len(rounds) // 4) :]
     return {
         "clients": clients,
         "clients_per_round": min(args.per_round, clients),
         "rounds": len(rounds),
         "seconds_per_round": statistics.median(rounds),
+        "late_seconds_per_round": statistics.median(late),
+        "checkpoint_written_per_round": statistics.median(res["checkpoint_written"][-len(late) :]),
         "round_seconds": [round(s, 3) for s in rounds],
         "peak_rss_gib": mem.peak_rss / GIB,
         "peak_pss_gib": mem.peak_pss / GIB,
@@ -142,20 +156,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.per_round} clients per round, {args.rounds} rounds, {args.backend} backend, "
         f"seed {args.seed} | {cpu_model()}, {os.cpu_count()} cores"
     )
-    print(f"{'clients':>8s} {'s/round':>8s} {'x':>6s} {'peak RSS':>9s} {'x':>6s} "
-          f"{'peak PSS':>9s} {'x':>6s} {'start-up':>9s} {'checkpoint':>11s}")  # fmt: skip
+    print(f"{'clients':>8s} {'s/round':>8s} {'x':>6s} {'late':>6s} {'peak RSS':>9s} {'x':>6s} "
+          f"{'peak PSS':>9s} {'x':>6s} {'start-up':>9s} {'ckpt/round':>11s} "
+          f"{'ckpt total':>11s}")  # fmt: skip
     for r in rows:
         r["seconds_ratio"] = r["seconds_per_round"] / base["seconds_per_round"]
         r["rss_ratio"] = r["peak_rss_gib"] / base["peak_rss_gib"]
         r["pss_ratio"] = r["peak_pss_gib"] / base["peak_pss_gib"]
         print(
             f"{r['clients']:8,d} {r['seconds_per_round']:8.2f} {r['seconds_ratio']:6.2f} "
+            f"{r['late_seconds_per_round']:6.2f} "
             f"{r['peak_rss_gib']:7.2f} G {r['rss_ratio']:6.2f} {r['peak_pss_gib']:7.2f} G "
             f"{r['pss_ratio']:6.2f} {r['startup_seconds']:7.1f} s "
-            f"{r['checkpoint_bytes'] / 2**20:8.1f} MiB"
+            f"{r['checkpoint_written_per_round'] / 2**20:7.2f} MiB "
+            f"{r['checkpoint_bytes'] / 2**20:7.1f} MiB"
         )
-    print(f"(x: ratio to {base['clients']:,} clients in this run; s/round: median, checkpoint "
-          "included; memory: the whole process tree)")  # fmt: skip
+    print(f"(x: ratio to {base['clients']:,} clients in this run; s/round: median over the "
+          "rounds, checkpoint included; late: median of the last quarter of the rounds; "
+          "memory: the whole process tree; ckpt/round: checkpoint bytes written per round, "
+          "last quarter; ckpt total: on disk at the end)")  # fmt: skip
     big = [r for r in rows if r["clients"] >= 10_000]
     result: dict[str, Any] = {"sizes": rows, "per_round": args.per_round,
                               "rows_per_client": args.rows_per_client, "rounds": args.rounds,
