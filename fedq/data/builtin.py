@@ -14,6 +14,7 @@ import functools
 import os
 import random
 import tempfile
+import zipfile
 from importlib import resources
 from pathlib import Path
 
@@ -89,8 +90,8 @@ def _cached_mnist1d(seed: int, num_samples: int) -> tuple[np.ndarray, np.ndarray
             x, y, n_train = f["x"], f["y"], int(f["n_train"])
         if x.shape == (num_samples, 40) and x.dtype == np.float32 and y.shape == (num_samples,):
             return x, y, n_train
-    except (OSError, ValueError, KeyError):
-        pass  # absent or unreadable: generate it
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # absent, truncated or unreadable: generate it
     x, y, n_train = _generate_mnist1d(seed, num_samples)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)

@@ -221,7 +221,7 @@ def _client_states(states: list[dict[str, Any]], principals: list[str], cfg: Run
 
 def _checkpoint(
     backend: Any, server: Any, workers: list[Any], principals: list[str], recorder: RunRecorder,
-    next_round: int, cfg: RunConfig, lost: dict[str, str], log: ClientStateLog,
+    next_round: int, cfg: RunConfig, lost: dict[str, str], client_log: ClientStateLog,
     marks: dict[str, int], client_bytes: dict[str, int],
 ) -> None:  # fmt: skip
     """Write the checkpoint: the server's state and the client states that changed since the
@@ -231,10 +231,10 @@ def _checkpoint(
     alive = [(w, p) for w, p in zip(workers, principals, strict=True) if p not in lost]
     answers = backend.get([backend.call(w, "state_changes", marks.get(p, 0)) for w, p in alive])
     changed = _client_states([a[1] for a in answers], [p for _, p in alive], cfg)
-    segments = log.append(next_round, changed)
+    segments = client_log.append(next_round, changed)
     recorder.checkpoint({"next_round": next_round, "server": server_state,
                          "client_segments": segments, "client_bytes": client_bytes})  # fmt: skip
-    log.prune()
+    client_log.prune()
     marks.update({p: int(a[0]) for (_, p), a in zip(alive, answers, strict=True)})
 
 

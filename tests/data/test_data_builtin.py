@@ -73,9 +73,13 @@ def test_mnist1d_at_another_size_is_generated_once_then_read_from_the_cache(
     again = load_dataset("mnist1d", num_samples=600)
     assert cached.stat().st_mtime_ns == stamp  # read back, not generated again
     assert torch.equal(again.train.x, d.train.x) and torch.equal(again.test.y, d.test.y)
-    cached.write_bytes(b"torn")  # a damaged cache file is generated again, not trusted
-    fresh = load_dataset("mnist1d", num_samples=600)
-    assert torch.equal(fresh.train.x, d.train.x)
+    whole = cached.read_bytes()
+    for damaged in (b"torn", whole[: len(whole) // 2]):  # generated again, never trusted
+        cached.write_bytes(damaged)
+        fresh = load_dataset("mnist1d", num_samples=600)
+        assert torch.equal(fresh.train.x, d.train.x)
+        with np.load(cached) as f:  # and the cache holds the whole data set again
+            assert f["x"].shape == (600, 40) and int(f["n_train"]) == 480
     other = load_dataset("mnist1d", num_samples=600, generator_seed=3)
     assert not torch.equal(other.train.x, d.train.x)
     with pytest.raises(ConfigError, match="multiple of 10"):
