@@ -41,9 +41,12 @@ class DataConfig:
     classes_per_client: int = 2
     max_train: int | None = None
     max_test: int | None = None
+    num_samples: int | None = None  # generated data sets (mnist1d): rows to make, train + test
 
     def check(self) -> Problems:
         p = []
+        if self.num_samples is not None and self.num_samples < 1:
+            p.append(f"data.num_samples: must be >= 1 or null, got {self.num_samples}")
         if self.alpha <= 0:
             p.append(f"data.alpha: must be > 0, got {self.alpha}")
         if self.classes_per_client < 1:

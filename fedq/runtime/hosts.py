@@ -221,11 +221,9 @@ class ServerHost:
 
 
 def _load_eval(cfg: RunConfig, eval_data: str | None) -> Any:
-    from fedq.data import load_dataset
+    from fedq.runtime.setup import load_data
 
-    name = eval_data or cfg.data.name
-    d = cfg.data
-    return load_dataset(name, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test)
+    return load_data(cfg, eval_data)
 
 
 def _server_workload(cfg: RunConfig, split: Any, num_classes: int) -> Any:
@@ -293,9 +291,10 @@ class WorkerHost:
         from fedq.transport.client import TransportClient
 
         self.cfg = cfg
-        split = load_data(cfg)
-        parts = client_partitions(cfg, split.train)
-        shards = {client_name(c): Shard(split.train, parts[c]) for c in clients}
+        train = load_data(cfg).train
+        parts = client_partitions(cfg, train)
+        shards = Shard.local(train, {client_name(c): parts[c] for c in clients})
+        del train, parts  # only this worker's rows stay
         infos = [ClientInfo(cid, sh.size) for cid, sh in shards.items()]
         limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
         self.conn = TransportClient(address, client_id=principal, token=token, limits=limits,
@@ -338,6 +337,16 @@ class WorkerHost:
     def state_dict(self) -> dict[str, Any]:
         runner = self.node.runner
         return runner.state_dict() if runner is not None else {}
+
+    def state_changes(self, since: int) -> tuple[int, dict[str, Any]]:
+        """``(mark, states)``: what changed since the ``mark`` of an earlier call (0: all), for
+        a checkpoint that writes only that; a runner that cannot tell gives its whole state."""
+        runner = self.node.runner
+        changes = getattr(runner, "changes", None)
+        if changes is not None:
+            mark, states = changes(since)
+            return int(mark), states
+        return since + 1, self.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.node.runner is None:
