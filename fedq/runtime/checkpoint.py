@@ -3,10 +3,11 @@
 ``checkpoint.pt`` is written after every round: the next round, the server's state (the engine's
 run id and roster; the workload: model, strategy, codecs, optimizer and gate state, privacy ledger)
 and, in a simulation, every client's state (error-feedback residuals, bit-policy state, RNGs,
-accountants). ``privacy.pt`` is written when a round opens, right after its privacy is charged and
-before anything is released: a resume takes whichever ledger is further along, so privacy spent in
-a round that was open when the run died is never forgotten (it is charged again when the round
-runs again: conservative, never under-counted).
+accountants); and the bytes the clients counted so far (``fedq serve``: per client), so totals
+add up across a resume. ``privacy.pt`` is written when a round opens, right after its privacy is
+charged and before anything is released: a resume takes whichever ledger is further along, so
+privacy spent in a round that was open when the run died is never forgotten (it is charged again
+when the round runs again: conservative, never under-counted).
 
 Both are written atomically (a temporary file, fsync, rename, fsync of the folder): a crash leaves
 the previous file or the new one, never a torn one. A file that is corrupt or truncated anyway
