@@ -6,8 +6,9 @@ delivers last in every round; when it fails after the other two delivered, the t
 server closes the round is the time the server takes to notice, nothing else. Three cases, each
 its own run, each against baselines of that same run:
 
-- dead client: client-0 is SIGKILLed; its work stream closes and the server drops it at once.
-  Kill -> the server's line for the round, against the round time with all three delivering.
+- dead client: client-0 is SIGKILLed; its work stream closes and the server drops it as soon as
+  it sees that. Kill -> the server's line for the round, against the round time with all three
+  delivering.
 - stalled client: client-0 is SIGSTOPped; its connection stays open and silent, so the round
   closes ``fed.round_timeout_s`` after it opened. The round's time (open -> close, the server's
   clock) against that deadline.
@@ -84,7 +85,6 @@ class _Proc:
         self.name = name
         # one torch thread per process: four processes share the machine (no oversubscription)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.started = time.monotonic()
         self.proc = subprocess.Popen(
             [*fedq_command(), *args],
             cwd=cwd,

@@ -102,6 +102,7 @@ def test_a_killed_and_a_stalled_client_are_dropped_and_the_run_goes_on(tmp_path:
     certs, scenario = _setup(tmp_path, over)
     port, out = _free_port(), tmp_path / "run"
     server = _serve(scenario, over, port, certs, out)
+    _listening(server)  # the joins register at once: none is left behind backing off
     joins = [_join(i, port, certs, tmp_path) for i in range(3)]
     try:
         _wait(lambda: any(len(r["updated"]) == 3 for r in _records(out)), 180, "a full round")
@@ -142,6 +143,7 @@ def test_a_killed_server_resumes_and_its_clients_come_back(tmp_path: Path) -> No
     certs, scenario = _setup(tmp_path, over)
     port, out = _free_port(), tmp_path / "run"
     server = _serve(scenario, over, port, certs, out)
+    _listening(server)  # the joins register at once: none is left behind backing off
     joins = [_join(i, port, certs, tmp_path) for i in range(3)]
     try:
         _wait(lambda: len(_records(out)) >= 2, 240, "two rounds")
