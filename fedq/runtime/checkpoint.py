@@ -3,7 +3,8 @@
 ``checkpoint.pt`` is written after every round: the next round, the server's state (the engine's
 run id and roster; the workload: model, strategy, codecs, optimizer and gate state, privacy ledger)
 and, in a simulation, the list of client-state segments that together hold every client's state
-(error-feedback residuals, bit-policy state, RNGs, accountants). A round adds one segment,
+(error-feedback residuals, bit-policy state, RNGs, accountants); and the bytes the clients counted
+so far (``fedq serve``: per client), so totals add up across a resume. A round adds one segment,
 ``clients-<next round>.pt``, with the states that changed in it (the selected clients'), so what a
 round writes does not grow with the number of clients; when the segments hold more than twice as
 many entries as there are distinct clients, they are merged into one (:class:`ClientStateLog`).

@@ -78,7 +78,8 @@ class _ServeHooks:
             tot["bytes_down"] += int(row["bytes_down"])
         rec = self.recorder.round(record, self._t)
         state = self.host.state_dict()
-        self.recorder.checkpoint({"next_round": rec["round"] + 1, "server": state, "clients": {}})
+        self.recorder.checkpoint({"next_round": rec["round"] + 1, "server": state, "clients": {},
+                                  "client_traffic": self.clients})  # fmt: skip
         self._t = time.perf_counter()
         self._event("round", **rec)
 
@@ -112,6 +113,9 @@ def serve(
     start_round = int(ckpt["next_round"]) if ckpt is not None else 0
     recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None)
     hooks = _ServeHooks(recorder, on_event)
+    if ckpt is not None:  # each client's bytes in the rounds before the restart
+        hooks.clients = {str(c): {k: int(v) for k, v in row.items()}
+                         for c, row in ckpt.get("client_traffic", {}).items()}  # fmt: skip
     server = ServerHost(
         cfg, roster, tokens=tokens, host=host, port=port, tls=tls, allow_insecure=allow_insecure,
         eval_data=eval_data, hooks=hooks,

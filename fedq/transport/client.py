@@ -184,7 +184,11 @@ class TransportClient:
                           control=client_id is None)  # fmt: skip
 
     def register(self, reg: Registration) -> Joined:
-        """Register this principal's logical clients with the server."""
+        """Register this principal's logical clients with the server. Registering again (after
+        the server went away) also closes a split stream left open from before: it may belong
+        to a server that is gone, and the next step opens a fresh one."""
+        with self._split_lock:
+            self._drop_split()
         request = registration_to_proto(reg)
         self._count(None, sent=request.ByteSize())
         try:
