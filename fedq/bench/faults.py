@@ -111,12 +111,14 @@ class _Proc:
         with self._cv:
             return any(re.search(pattern, line) for _, line in self.lines)
 
-    def wait_for(self, pattern: str, timeout: float = STEP_TIMEOUT_S) -> float:
-        """When the first output line matching ``pattern`` arrived (waiting for it)."""
+    def wait_for(self, pattern: str, timeout: float = STEP_TIMEOUT_S, after: float = 0.0) -> float:
+        """When the first output line matching ``pattern`` (arriving after ``after``, a
+        ``time.monotonic()``) arrived, waiting for it."""
         end = time.monotonic() + timeout
         with self._cv:
             while True:
-                hit = next((t for t, line in self.lines if re.search(pattern, line)), None)
+                hit = next((t for t, line in self.lines if t > after and re.search(pattern, line)),
+                           None)  # fmt: skip
                 if hit is not None:
                     return hit
                 left = end - time.monotonic()
@@ -324,7 +326,9 @@ def _server_restart(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         t_restart = time.monotonic()
         server = case.serve("--resume", str(case.out))
         listening = server.wait_for(r"^listening on ") - t_restart
-        back = server.wait_for(r"^clients available \(3\)") - t_restart
+        # each site says when it registered again (the server's own list is polled)
+        back = max(j.wait_for(r"^joined run ", after=t_restart) for j in case.joins.values())
+        back -= t_restart
         first = server.wait_for(_ROUND_LINE.format(r=r)) - t_restart
         rec = case.record(r)
         normal = case.round_seconds(full)
