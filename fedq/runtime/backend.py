@@ -1,8 +1,9 @@
 """Run host objects as Ray actors (default) or in the driver process (tests, debugging).
 
 Ray starts embedded and capped to the machine (CPUs, object-store memory) unless ``ray_address``
-attaches to an existing cluster. Only small scalars and lists travel through Ray; tensors travel
-over the transport.
+attaches to an existing cluster. A run reserves its hosts in one placement group and starts each
+in its bundle (:mod:`fedq.runtime.placement` decides what each asks for). Only small scalars and
+lists travel through Ray; tensors travel over the transport.
 
 An embedded Ray keeps its session files in ``<tmp>/fedq-ray-<driver pid>-*``, removed when the
 run ends. A driver killed outright (SIGKILL) cannot clean up, and a few of Ray's helper processes
@@ -76,9 +77,17 @@ def wants_gpu(rt: RuntimeConfig) -> bool:
 
 class InProcessBackend:
     name = "inprocess"
+    attached = False
 
     def spawn(self, cls: type, *args: Any, **kwargs: Any) -> Any:
         return cls(*args, **kwargs)
+
+    def spawn_at(self, bundle: int, ask: dict[str, float], cls: type, *args: Any,
+                 **kwargs: Any) -> Any:  # fmt: skip
+        return cls(*args, **kwargs)
+
+    def cluster_cpus(self) -> int | None:
+        return None
 
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method)(*args)
@@ -99,8 +108,10 @@ class RayBackend:
         self.ray = ray
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self.attached = bool(rt.ray_address)  # an existing cluster, possibly of many nodes
         self._started = False
         self._tmp: str | None = None
+        self._group: Any = None  # the run's placement group (reserve)
         if not ray.is_initialized():
             if rt.ray_address:
                 ray.init(address=rt.ray_address, log_to_driver=False, logging_level=logging.WARNING)
@@ -128,6 +139,53 @@ class RayBackend:
         )
         return actor.remote(*args, **kwargs)
 
+    def spawn_at(self, bundle: int, ask: dict[str, float], cls: type, *args: Any,
+                 **kwargs: Any) -> Any:  # fmt: skip
+        """An actor of ``cls`` holding ``ask`` (Ray resources) in bundle ``bundle`` of the run's
+        placement group (:meth:`reserve`)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        custom = {k: v for k, v in ask.items() if k not in ("CPU", "GPU")}
+        where = PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=bundle)
+        actor: Any = self.ray.remote(cls).options(
+            num_cpus=ask.get("CPU", 0.0), num_gpus=ask.get("GPU", 0.0), resources=custom,
+            max_concurrency=4, scheduling_strategy=where,
+        )  # fmt: skip
+        return actor.remote(*args, **kwargs)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The cluster's live nodes: id, address, host name and total resources."""
+        return [
+            {"node_id": n["NodeID"], "node_ip": n["NodeManagerAddress"],
+             "hostname": n["NodeManagerHostname"], "resources": dict(n["Resources"])}
+            for n in self.ray.nodes() if n.get("Alive")
+        ]  # fmt: skip
+
+    def available(self) -> dict[str, float]:
+        return dict(self.ray.available_resources())
+
+    def cluster_cpus(self) -> int | None:
+        """CPUs of the whole cluster when attached to one (else None: the machine's count)."""
+        if not self.attached:
+            return None
+        return int(self.ray.cluster_resources().get("CPU", 0)) or None
+
+    def reserve(
+        self, asks: list[dict[str, float]], strategy: str, timeout: float
+    ) -> list[str] | None:
+        """Reserve one bundle per ask in a placement group (``spread`` / ``pack``); returns the
+        node id of each bundle, or None when Ray could not place them all within ``timeout``
+        seconds (the group is then removed). The group ends with the run (:meth:`shutdown`)."""
+        from ray.util import placement_group, placement_group_table, remove_placement_group
+
+        group = placement_group(asks, strategy=strategy.upper())
+        if not group.wait(timeout):
+            remove_placement_group(group)
+            return None
+        self._group = group
+        table = placement_group_table(group)["bundles_to_node_id"]
+        return [str(table[i]) for i in range(len(asks))]
+
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method).remote(*args)
 
@@ -135,6 +193,14 @@ class RayBackend:
         return list(self.ray.get(list(futures), timeout=timeout))
 
     def shutdown(self) -> None:
+        if self._group is not None and self.ray.is_initialized():
+            from ray.util import remove_placement_group
+
+            try:
+                remove_placement_group(self._group)
+            except Exception as e:  # the cluster may be gone already
+                log.warning("could not remove the run's placement group: %s", e)
+            self._group = None
         if self._started and self.ray.is_initialized():
             self.ray.shutdown()
         if self._tmp is not None:
