@@ -27,7 +27,9 @@ from fedq.config import RuntimeConfig
 log = logging.getLogger(__name__)
 
 
-#: GPU share each Ray host asks for with ``runtime.device: cuda`` (up to 100 hosts per GPU).
+#: GPU share each Ray host asks for with ``runtime.device: cuda`` unless told otherwise
+#: (``runtime.gpus_per_worker``), so that Ray shows it the device (CUDA_VISIBLE_DEVICES) and packs
+#: the server and workers onto one GPU: up to 100 hosts per GPU.
 GPU_SHARE = 0.01
 #: Session folders of embedded Ray: ``<tmp>/fedq-ray-<driver pid>-<random>``.
 RAY_TMP_PREFIX = "fedq-ray-"
@@ -79,9 +81,6 @@ class InProcessBackend:
     name = "inprocess"
     attached = False
 
-    def spawn(self, cls: type, *args: Any, **kwargs: Any) -> Any:
-        return cls(*args, **kwargs)
-
     def spawn_at(self, bundle: int, ask: dict[str, float], cls: type, *args: Any,
                  **kwargs: Any) -> Any:  # fmt: skip
         return cls(*args, **kwargs)
@@ -127,17 +126,6 @@ class RayBackend:
                     _temp_dir=self._tmp,
                 )
             self._started = True
-        # runtime.device cuda: each host asks for a small share of a GPU so that Ray shows it
-        # the device (CUDA_VISIBLE_DEVICES) and packs the server and workers onto one GPU
-        self._gpu_share = GPU_SHARE if wants_gpu(rt) else 0.0
-
-    def spawn(self, cls: type, *args: Any, **kwargs: Any) -> Any:
-        # Hosts use 0 logical CPUs so N workers + a server always schedule on a small machine;
-        # each host caps its own torch threads instead.
-        actor: Any = self.ray.remote(cls).options(
-            num_cpus=0, num_gpus=self._gpu_share, max_concurrency=4
-        )
-        return actor.remote(*args, **kwargs)
 
     def spawn_at(self, bundle: int, ask: dict[str, float], cls: type, *args: Any,
                  **kwargs: Any) -> Any:  # fmt: skip

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedq.config import RunConfig, RuntimeConfig
-from fedq.errors import ConfigError
+from fedq.errors import ConfigError, FedqError
 from fedq.runtime.backend import GPU_SHARE, InProcessBackend, RayBackend, wants_gpu
 
 #: Share of a custom resource (``runtime.server_resource``, a site's ``resource``) one host asks
@@ -217,11 +217,10 @@ def reserve_hosts(
             f"free in the cluster now: {shown or 'nothing'} (other jobs may hold the rest)"
         )
     by_id = {n["node_id"]: n for n in backend.nodes()}
-    return [
-        {"node_id": nid, "node_ip": by_id.get(nid, {}).get("node_ip"),
-         "hostname": by_id.get(nid, {}).get("hostname")}
-        for nid in placed
-    ]  # fmt: skip
+    gone = sorted(set(placed) - set(by_id))
+    if gone:
+        raise FedqError(f"Ray placed hosts on node(s) {', '.join(gone)}, which left the cluster")
+    return [{k: by_id[nid][k] for k in ("node_id", "node_ip", "hostname")} for nid in placed]
 
 
 def location() -> dict[str, Any]:

@@ -3,10 +3,16 @@ on exactly the protocol of ``fedq serve`` / ``fedq join``.
 
 The driver only starts, observes and checkpoints: it spawns a server host (the round engine, the
 mode's workload, a gRPC server) and K worker hosts, each a client node registering its share of
-the N logical clients (client ``c`` on worker ``c % K``, so its state stays put) and pulling its
-work from the server like any ``fedq join``. The server runs the rounds; after each one the
-driver writes the record and a checkpoint (server state and every client's state) before the
-server opens the next, so ``--resume`` continues exactly where a run stopped.
+the N logical clients (client ``c`` on worker ``c % K``, or as ``runtime.sites`` says, so its
+state stays put) and pulling its work from the server like any ``fedq join``. The server runs
+the rounds; after each one the driver writes the record and a checkpoint (server state and every
+client's state) before the server opens the next, so ``--resume`` continues exactly where a run
+stopped.
+
+Before any host starts, the hosts are reserved where :mod:`fedq.runtime.placement` says. On a
+cluster the server listens on its node's address, with TLS from credentials the driver makes for
+the run in memory and hands to the hosts as actor arguments; on one machine it listens on
+loopback (TLS only with ``runtime.tls: always``).
 """
 
 from __future__ import annotations
@@ -198,7 +204,8 @@ def _placement(
     where = backend.get([backend.call(h, "where") for h in [server, *workers]])
     rt = cfg.runtime
     out: dict[str, Any] = {
-        "backend": backend.name, "cluster": backend.attached, "strategy": rt.placement,
+        "backend": backend.name, "cluster": backend.attached,
+        "strategy": rt.placement if backend.name == "ray" else None,
         "address": address, "tls": tls,
         "server": {**where[0], "resource": rt.server_resource}, "workers": {},
     }  # fmt: skip
