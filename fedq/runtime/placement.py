@@ -126,7 +126,7 @@ def plan_hosts(cfg: RunConfig, workers: int) -> list[HostPlan]:
         label_key = f"runtime.sites[{site_index}].resource"
         for j in range(k):
             ask, keys = _ask(rt.cpus_per_worker, gpus, gpu_key, label, label_key)
-            clients = tuple(first + i for i in range(count) if i % k == j)
+            clients = tuple(range(first + j, first + count, k))
             hosts.append(HostPlan(f"worker-{len(hosts) - 1}", clients, ask, keys, site_index,
                                   data))  # fmt: skip
     return hosts
