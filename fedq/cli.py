@@ -252,7 +252,8 @@ def _join(args: argparse.Namespace) -> int:
     backoff = Backoff(give_up_after=args.give_up_after)
     with TransportClient(args.server, client_id=args.client_id, token=token, tls=tls,
                          timeout=args.timeout) as conn:  # fmt: skip
-        result = join(conn, args.client_id, args.data, backoff=backoff, on_event=on_event)
+        result = join(conn, args.client_id, args.data, backoff=backoff, on_event=on_event,
+                      device=args.device)  # fmt: skip
     print(
         f"done: {result['reason']} | {result['tasks']} rounds ({result['failed']} failed) | "
         f"{result['examples']} examples | up {result['bytes_up']} B, down "
@@ -397,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=600.0,
         metavar="S",
         help="deadline of one call (download, upload)",
+    )
+    j.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        help="where this site trains (default: the run's runtime.device)",
     )
     j.add_argument(
         "--give-up-after",

@@ -41,9 +41,12 @@ class DataConfig:
     classes_per_client: int = 2
     max_train: int | None = None
     max_test: int | None = None
+    num_samples: int | None = None  # generated data sets (mnist1d): rows to make, train + test
 
     def check(self) -> Problems:
         p = []
+        if self.num_samples is not None and self.num_samples < 1:
+            p.append(f"data.num_samples: must be >= 1 or null, got {self.num_samples}")
         if self.alpha <= 0:
             p.append(f"data.alpha: must be > 0, got {self.alpha}")
         if self.classes_per_client < 1:
@@ -283,12 +286,13 @@ class SiteConfig:
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
     """Where the run executes. ``workers: 0`` means one per core (of the Ray cluster when
-    attached to one). ``device``: where split mode's models and cut codecs compute (``cuda``
-    needs a CUDA build of torch; ``auto`` takes CUDA when torch sees a GPU); federated mode
-    trains on the CPU. ``placement`` .. ``sites`` say where the hosts go on a Ray cluster
-    (README "Scaling out on a Ray cluster"); ``tls``: ``auto`` encrypts the hosts' traffic when
-    the server listens on a non-loopback address (an attached cluster), ``always`` on loopback
-    too."""
+    attached to one). ``device``: where the models train and the codecs compute, in both modes
+    (``cuda`` needs a CUDA build of torch and a GPU; ``auto`` takes CUDA when torch sees one);
+    packed tensors, the wire form, stay on the CPU and decode onto the device. ``placement`` ..
+    ``sites`` say where the hosts go on a Ray cluster (README "Scaling out on a Ray cluster");
+    ``tls``: ``auto`` encrypts the hosts' traffic when the server listens on a non-loopback
+    address (an attached cluster), ``always`` on loopback too. ``upload_budget_mb``: the bytes
+    of uploads the server reads at once; an upload beyond it is refused as busy and retried."""
 
     backend: Literal["ray", "inprocess"] = "ray"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -305,9 +309,12 @@ class RuntimeConfig:
     sites: tuple[SiteConfig, ...] = ()
     placement_timeout_s: float = 60.0
     tls: Literal["auto", "always"] = "auto"
+    upload_budget_mb: int = 1024
 
     def check(self) -> Problems:
         p = []
+        if self.upload_budget_mb < 1:
+            p.append(f"runtime.upload_budget_mb: must be >= 1, got {self.upload_budget_mb}")
         if self.workers < 0:
             p.append(f"runtime.workers: must be >= 0 (0 = one per core), got {self.workers}")
         if self.object_store_mb < 64:
@@ -435,9 +442,6 @@ class RunConfig:
                 "(the proximal term is not per-example clipped); use fedavg or fedadam"
             )
         split = self.mode == "split"
-        if self.runtime.device == "cuda" and not split:
-            p.append("runtime.device: 'cuda' is supported in mode 'split' only (federated mode "
-                     "trains on the CPU)")  # fmt: skip
         sites = self.runtime.sites
         if sites and sum(s.clients for s in sites) != self.fed.num_clients:
             p.append(

@@ -49,3 +49,7 @@ class UnsupportedError(FedqError):
 
 class PrivacyBudgetExceeded(FedqError):
     """The next privacy release would exceed the configured (epsilon, delta) target."""
+
+
+class ResourceExhausted(FedqError):
+    """A server limit is reached (memory for uploads, calls per caller): RESOURCE_EXHAUSTED."""

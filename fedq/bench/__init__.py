@@ -2,4 +2,4 @@
 ``add_arguments(parser)`` and ``run(args) -> dict`` (printing a table; ``--json PATH`` writes the
 dict)."""
 
-BENCHES = ("codec", "fl", "dp", "split", "transport", "kernels")
+BENCHES = ("codec", "fl", "dp", "split", "transport", "kernels", "flood", "scale", "faults")

@@ -8,20 +8,26 @@ import psutil
 
 
 class TreeMemorySampler:
-    """Samples the summed RSS and PSS of this process and all its descendants every ``interval``
-    seconds; PSS splits shared pages between processes, so it is the honest total."""
+    """Samples the summed RSS and PSS of a process (``pid``; default this one) and all its
+    descendants every ``interval`` seconds; PSS splits shared pages between processes, so it is
+    the honest total."""
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, pid: int | None = None) -> None:
         self.interval = interval
+        self.pid = pid
         self.peak_rss = 0
         self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
-        root = psutil.Process()
+        try:
+            root = psutil.Process(self.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:  # the process sampled has ended
+            return
         rss = pss = 0
-        for p in [root, *root.children(recursive=True)]:
+        for p in tree:
             try:
                 info = p.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):

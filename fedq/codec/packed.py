@@ -118,10 +118,13 @@ class PackedTensor:
 
 def expected_payload_nbytes(layout: BlockLayout, bits: torch.Tensor) -> int:
     """Payload size implied by a layout and bit map: sum over classes of ceil(n_b * b / 8)."""
-    lens = layout.block_lengths()
-    total = 0
-    b64 = bits.to(torch.int64)
-    for b in range(1, 9):
-        n_b = int(lens[b64 == b].sum())
-        total += packed_nbytes(n_b, b)
-    return total
+    nb = layout.num_blocks
+    if bits.numel() != nb:
+        raise ValueError(f"bit map has {bits.numel()} entries for {nb} blocks")
+    if nb == 0:
+        return 0
+    # Elements per width: every block holds block_len elements but the last may be partial.
+    flat = bits.reshape(-1).to(torch.int64)
+    n = [c * layout.block_len for c in torch.bincount(flat).tolist()]
+    n[int(flat[-1])] -= layout.padding
+    return sum(packed_nbytes(n[b], b) for b in range(1, min(len(n), 9)))

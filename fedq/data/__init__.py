@@ -14,6 +14,7 @@ from fedq.data.partition import SCHEMES, label_histogram, partition
 from fedq.data.registry import (
     check_dataset_name,
     dataset_names,
+    dataset_options,
     load_dataset,
     register_dataset,
     register_source,
@@ -28,6 +29,7 @@ __all__ = [
     "TextDataset",
     "check_dataset_name",
     "dataset_names",
+    "dataset_options",
     "label_histogram",
     "load_dataset",
     "partition",

@@ -9,6 +9,7 @@ reads it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -159,3 +160,18 @@ class Shard:
     @staticmethod
     def whole(data: AnyDataset) -> Shard:
         return Shard(data, torch.arange(len(data)))
+
+    @staticmethod
+    def local(data: AnyDataset, parts: Mapping[str, torch.Tensor]) -> dict[str, Shard]:
+        """The shards ``parts`` (client id -> its rows of ``data``) over one copy of just those
+        rows, in the same order: a process that hosts some of the clients keeps their data and
+        not the whole data set."""
+        if not parts:
+            return {}
+        held = data.subset(torch.cat([idx.reshape(-1) for idx in parts.values()]))
+        out: dict[str, Shard] = {}
+        start = 0
+        for cid, idx in parts.items():
+            out[cid] = Shard(held, torch.arange(start, start + idx.numel()))
+            start += idx.numel()
+        return out

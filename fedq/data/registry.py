@@ -63,6 +63,17 @@ def check_dataset_name(name: str) -> str | None:
     return None
 
 
+def dataset_options(name: str) -> list[str]:
+    """The options the loader of ``name`` takes besides its source argument and the caps every
+    data set takes (e.g. ``["seed", "generator_seed", "num_samples"]`` for mnist1d); empty for an
+    unknown name. Reads no data."""
+    if check_dataset_name(name) is not None:
+        return []
+    fn, skip = (_NAMED[name], 0) if name in _NAMED else (_SOURCES[name.partition(":")[0]], 1)
+    params = list(inspect.signature(fn).parameters.values())[skip:]
+    return [p.name for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+
 def _check_kwargs(what: str, fn: Loader, kw: dict[str, Any], skip: int) -> None:
     params = list(inspect.signature(fn).parameters.values())[skip:]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):

@@ -3,12 +3,14 @@ logical clients (a virtual client engine).
 
 Per-client state (uplink codec: bit-policy state, error-feedback residuals, RNG) lives in a dict
 keyed by client id and persists between rounds, so many logical clients need only a few worker
-processes; a ``fedq join`` process runs one. Each client's randomness is seeded from its roster
-index, so a client gives the same update whichever process runs it. Clients reach the server only
-through a connection object (gRPC, or the loopback in tests), so the bytes, codecs and failures
-are the real ones. Before a client starts a round its state is kept; a task for the same round
-coming back (the server restarted and re-opened it) starts again from that state, so the update
-is the one the uninterrupted run would have sent.
+processes; a ``fedq join`` process runs one. A client's state is made when it first runs a task,
+so of a large pool only the clients ever selected hold state, and a checkpoint can take just the
+states that changed since the previous one (:meth:`ClientWorker.changes`). Each client's
+randomness is seeded from its roster index, so a client gives the same update whichever process
+runs it. Clients reach the server only through a connection object (gRPC, or the loopback in
+tests), so the bytes, codecs and failures are the real ones. Before a client starts a round its
+state is kept; a task for the same round coming back (the server restarted and re-opened it)
+starts again from that state, so the update is the one the uninterrupted run would have sent.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +67,9 @@ class ClientWorker:
         self._before: dict[str, tuple[int, dict[str, Any]]] = {}  # client -> (round, state)
         self._running: str | None = None
         self._hist: dict[str, list[int]] = {}
+        self._tick = 0  # counts finished tasks (update encoded, about to be uploaded)
+        self._changed: dict[str, int] = {}  # client -> tick of its last finished task
+        self._lock = threading.Lock()  # a finished task vs. a checkpoint reading the changes
 
     def _state(self, cid: str) -> ClientState:
         if cid not in self.states:
@@ -94,15 +100,23 @@ class ClientWorker:
             self._before[cid] = (r, self._client_state(cid))
         self._running = cid
         try:
-            with seeded_forward(self.cfg.seed, cid, r, "cpu"):
+            with seeded_forward(self.cfg.seed, cid, r, self.bundle.device):
                 return self._run(cid, r, conn)
         finally:
-            self._running = None
+            self._finished(cid)
+
+    def _finished(self, cid: str) -> None:
+        """``cid``'s state is final for its task: it counts as changed, no longer as running."""
+        with self._lock:
+            if self._running == cid:
+                self._tick += 1
+                self._changed[cid] = self._tick
+                self._running = None
 
     def _run(self, cid: str, r: int, conn: Connection) -> dict[str, Any]:
         sent0, recv0 = conn_bytes(conn, cid)
         task = conn.get_task(r, cid)
-        start = {k: dequantize(p) for k, p in task.tensors.items()}
+        start = {k: dequantize(p, device=self.bundle.device) for k, p in task.tensors.items()}
         self.bundle.load_trainable_state(start)
         start = {k: v.detach().clone() for k, v in self.bundle.trainable_state().items()}
         shard = self.shards[cid]
@@ -135,8 +149,9 @@ class ClientWorker:
         }
         if epsilon is not None:  # accounted where the data is, reported with the update
             scalars["dp_epsilon"] = epsilon
-        conn.push_update(WireMessage("update", cid, r, 0, scalars, {}, packed))
         state.rounds_done += 1
+        self._finished(cid)  # before the upload: once it is accepted, a checkpoint sees this state
+        conn.push_update(WireMessage("update", cid, r, 0, scalars, {}, packed))
         sent1, recv1 = conn_bytes(conn, cid)
         return {"wire_up": sent1 - sent0, "wire_down": recv1 - recv0, "loss": loss}
 
@@ -219,10 +234,25 @@ class ClientWorker:
 
     def state_dict(self) -> dict[str, Any]:
         """Every client's state; a client in the middle of a round counts as it was before."""
+        running = self._running
         out = {cid: self._client_state(cid) for cid in self.states}
-        if self._running is not None and self._running in self._before:
-            out[self._running] = self._before[self._running][1]
+        if running is not None and running in self._before:
+            out[running] = self._before[running][1]
         return out
+
+    def changes(self, since: int) -> tuple[int, dict[str, Any]]:
+        """``(mark, states)``: the states (as :meth:`state_dict` gives them) of the clients that
+        finished a task after the ``mark`` returned by an earlier call (``since=0``: every client
+        that ran here); pass ``mark`` next time. A task is finished once its update is encoded,
+        before the upload; a client still short of that counts as it was before its task, and
+        comes again once it is done."""
+        with self._lock:
+            mark, running = self._tick, self._running
+            changed = [cid for cid, t in self._changed.items() if t > since]
+        out = {cid: self._client_state(cid) for cid in changed if cid != running}
+        if running is not None and running in self._before:
+            out[running] = self._before[running][1]
+        return mark, out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for cid, s in state.items():

@@ -28,7 +28,18 @@ from fedq.rounds import client_name
 from fedq.rounds.workload import Member, Update
 from fedq.wire.message import WireMessage
 
-__all__ = ["FedServer", "client_name"]
+__all__ = ["FedServer", "client_name", "to_cpu"]
+
+
+def to_cpu(tree: Any) -> Any:
+    """``tree`` (dicts, lists, tuples of tensors and plain values) with every tensor on the CPU."""
+    if isinstance(tree, torch.Tensor):
+        return tree.cpu()
+    if isinstance(tree, dict):
+        return {k: to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(to_cpu(v) for v in tree)
+    return tree
 
 
 class FedServer:
@@ -105,8 +116,10 @@ class FedServer:
                     f"update from {msg.client_id}: tensor {k!r} has shape {list(p.shape)}, "
                     f"expected {list(expected[k].shape)}"
                 )
-        # Decoding is stateless: everything needed is in the (validated) packed tensor.
-        delta = {k: dequantize(p).float() for k, p in msg.tensors.items()}
+        # Decoding is stateless: everything needed is in the (validated) packed tensor. It
+        # decodes onto the model's device (the GPU kernels there, runtime.device).
+        dev = self.bundle.device
+        delta = {k: dequantize(p, device=dev).float() for k, p in msg.tensors.items()}
         for k, d in delta.items():
             if not bool(torch.isfinite(d).all()):
                 raise FedqError(f"update from {msg.client_id}: tensor {k!r} decodes to NaN/Inf")
@@ -151,17 +164,19 @@ class FedServer:
     # -------------------------------------------------------------- checkpoint
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """On the CPU whatever the device, so a checkpoint resumes on any machine."""
+        return to_cpu({
             "round_done": self.round_done,
             "global_state": {k: v.clone() for k, v in self.global_state.items()},
             "strategy": self.strategy.state_dict(),
             "downlink": self.downlink.state_dict(),
             "privacy": self.privacy.state_dict(),
-        }
+        })  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.round_done = int(state["round_done"])
-        self.global_state = {k: v.clone() for k, v in state["global_state"].items()}
+        dev = self.bundle.device
+        self.global_state = {k: v.to(dev, copy=True) for k, v in state["global_state"].items()}
         self.strategy.load_state_dict(state.get("strategy", {}))
         self.downlink.load_state_dict(state.get("downlink", {}))
         if "privacy" in state:

@@ -75,8 +75,11 @@ class FedAdam(Strategy):
         out: State = {}
         for k, w in global_state.items():
             d = mean[k]
-            m = self.m.get(k, torch.zeros_like(d)).mul_(c.beta1).add_(d, alpha=1 - c.beta1)
-            v = self.v.get(k, torch.zeros_like(d)).mul_(c.beta2).addcmul_(d, d, value=1 - c.beta2)
+            m0, v0 = self.m.get(k), self.v.get(k)  # a resumed state may sit on another device
+            m0 = torch.zeros_like(d) if m0 is None else m0.to(d.device)
+            v0 = torch.zeros_like(d) if v0 is None else v0.to(d.device)
+            m = m0.mul_(c.beta1).add_(d, alpha=1 - c.beta1)
+            v = v0.mul_(c.beta2).addcmul_(d, d, value=1 - c.beta2)
             self.m[k], self.v[k] = m, v
             out[k] = (w.float() + c.server_lr * m / (v.sqrt() + c.tau)).to(w.dtype)
         return out

@@ -55,7 +55,7 @@ def local_train(
     total, steps = 0.0, 0
     for _ in range(cfg.local_epochs):
         for batch_index, b in enumerate(batches(idx, cfg.batch_size, generator)):
-            inputs, labels = bundle.make_batch(data, b)
+            inputs, labels = bundle.batch(data, b)
             loss = F.cross_entropy(bundle.forward(inputs), labels)
             if proximal_mu > 0:
                 prox = sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
@@ -83,7 +83,7 @@ def evaluate(bundle: Any, data: Any, *, batch_size: int = 256) -> tuple[float, f
     correct, loss_sum = 0, 0.0
     for start in range(0, n, batch_size):
         b = torch.arange(start, min(start + batch_size, n))
-        inputs, labels = bundle.make_batch(data, b)
+        inputs, labels = bundle.batch(data, b)
         logits = bundle.forward(inputs)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         correct += int((logits.argmax(dim=-1) == labels).sum())

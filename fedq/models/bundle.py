@@ -85,6 +85,16 @@ class ModelBundle:
         ys = torch.stack([torch.as_tensor(y) for _, y in batch]).long()
         return xs, ys
 
+    def batch(self, dataset: AnyDataset, idx: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
+        """:meth:`make_batch` on the model's device (data sets stay on the CPU)."""
+        inputs, labels = self.make_batch(dataset, idx)
+        dev = self.device
+        if dev.type == "cpu":
+            return inputs, labels
+        if isinstance(inputs, dict):
+            return {k: v.to(dev) for k, v in inputs.items()}, labels.to(dev)
+        return inputs.to(dev), labels.to(dev)
+
     def make_batch(self, dataset: AnyDataset, idx: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
         """The examples at ``idx`` as model inputs and labels (vectorized for array data)."""
         if not isinstance(dataset, ArrayDataset):
@@ -113,6 +123,12 @@ class ModelBundle:
     def to(self, device: torch.device | str) -> ModelBundle:
         self.module.to(device)
         return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live."""
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
 
     def __repr__(self) -> str:
         return (

@@ -255,7 +255,7 @@ def dp_local_train(
                     _noise_only_step(private)
                     steps += 1
                     continue
-                inputs, labels = bundle.make_batch(data, b)
+                inputs, labels = bundle.batch(data, b)
                 logits = bundle.forward(inputs)
                 if private.criterion is not None:
                     loss = private.criterion(logits, labels)

@@ -106,6 +106,8 @@ class ClientNode:
         self._stop = threading.Event()
         self._feed: WorkFeed | None = None
         self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._busy: int | None = None  # the round of the task running now
 
     def _event(self, kind: str, **info: Any) -> None:
         if self.on_event is not None:
@@ -214,9 +216,23 @@ class ClientNode:
             with self._lock:
                 self._feed = None
 
+    def wait_idle(self, r: int, timeout: float) -> bool:
+        """Wait until no task of round ``r`` or earlier runs here (the server may close a round
+        before the last upload's reply reached its client); False on timeout."""
+        end = time.monotonic() + timeout
+        with self._idle:
+            while self._busy is not None and self._busy <= r:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
     def _run_task(self, task: Assignment) -> None:
         assert self.runner is not None
         t0 = time.perf_counter()
+        with self._idle:
+            self._busy = task.round
         try:
             result = self.runner.run(task, self.conn)
         except TransportError as e:
@@ -225,6 +241,10 @@ class ClientNode:
             return self._failed(task, e)
         except FedqError as e:
             return self._failed(task, e)
+        finally:
+            with self._idle:
+                self._busy = None
+                self._idle.notify_all()
         self.stats["tasks"] += 1
         self._event("task", client=task.client_id, round=task.round,
                     seconds=time.perf_counter() - t0, **result)  # fmt: skip

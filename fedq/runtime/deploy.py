@@ -13,13 +13,14 @@ until the server says the run is over, reconnecting (with backoff) if the server
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fedq.config import RunConfig
 from fedq.data.datasets import Shard
@@ -29,6 +30,7 @@ from fedq.runtime.checkpoint import load_checkpoint
 from fedq.runtime.hosts import ServerHost, make_runner, run_config, take_round_traffic
 from fedq.runtime.preflight import check_names
 from fedq.runtime.recorder import RunRecorder
+from fedq.runtime.setup import torch_device
 from fedq.transport.security import TlsConfig
 from fedq.wire.control import ClientInfo, Joined
 
@@ -76,7 +78,8 @@ class _ServeHooks:
             tot["bytes_down"] += int(row["bytes_down"])
         rec = self.recorder.round(record, self._t)
         state = self.host.state_dict()
-        self.recorder.checkpoint({"next_round": rec["round"] + 1, "server": state, "clients": {}})
+        self.recorder.checkpoint({"next_round": rec["round"] + 1, "server": state, "clients": {},
+                                  "client_traffic": self.clients})  # fmt: skip
         self._t = time.perf_counter()
         self._event("round", **rec)
 
@@ -110,6 +113,9 @@ def serve(
     start_round = int(ckpt["next_round"]) if ckpt is not None else 0
     recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None)
     hooks = _ServeHooks(recorder, on_event)
+    if ckpt is not None:  # each client's bytes in the rounds before the restart
+        hooks.clients = {str(c): {k: int(v) for k, v in row.items()}
+                         for c, row in ckpt.get("client_traffic", {}).items()}  # fmt: skip
     server = ServerHost(
         cfg, roster, tokens=tokens, host=host, port=port, tls=tls, allow_insecure=allow_insecure,
         eval_data=eval_data, hooks=hooks,
@@ -193,9 +199,13 @@ def join(
     *,
     backoff: Backoff | None = None,
     on_event: Events | None = None,
+    device: Literal["cpu", "cuda", "auto"] | None = None,
 ) -> dict[str, Any]:
     """Take part in the server's run as ``client_id`` with the data of ``data_source``; returns
-    when the run is over (the reason, tasks done, and the bytes this client counted)."""
+    when the run is over (the reason, tasks done, and the bytes this client counted). ``device``
+    (cpu, cuda, auto) is where this site trains; by default the run's ``runtime.device``."""
+    if device is not None:
+        torch_device(device)  # a site without the GPU it asks for fails before joining
     data = load_site_data(data_source)
     shard = Shard.whole(data)
     if shard.size < 1:
@@ -204,6 +214,8 @@ def join(
     def runner(joined: Joined) -> Any:
         check_site_data(data, joined)
         cfg = run_config(joined)
+        if device is not None:
+            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=device))
         return make_runner(cfg, {client_id: shard}, joined)
 
     node = ClientNode(conn, [ClientInfo(client_id, shard.size)], runner,

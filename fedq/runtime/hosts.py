@@ -123,6 +123,7 @@ class ServerHost:
         run_id: str | None = None,
     ) -> None:
         quiet_process(cfg.runtime.threads_per_worker)
+        from fedq.transport.budget import ServerLimits
         from fedq.transport.server import TransportServer
 
         split = _load_eval(cfg, eval_data)
@@ -131,9 +132,10 @@ class ServerHost:
         self.workload = _server_workload(cfg, split, num_classes)
         principals = len(tokens) if tokens else len(roster)
         limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
+        budget = ServerLimits(upload_budget_bytes=cfg.runtime.upload_budget_mb << 20)
         self.transport = TransportServer(
             self, host=host, port=port, tokens=tokens, hosts=hosts, tls=tls, limits=limits,
-            allow_insecure=allow_insecure, max_workers=2 * principals + 8,
+            allow_insecure=allow_insecure, max_workers=4 * principals + 8, server_limits=budget,
         )  # fmt: skip
         self.observer = _Observer(self.transport.counters) if hooks is None else None
         self.engine = RoundEngine(
@@ -223,11 +225,9 @@ class ServerHost:
 
 
 def _load_eval(cfg: RunConfig, eval_data: str | None) -> Any:
-    from fedq.data import load_dataset
+    from fedq.runtime.setup import load_data
 
-    name = eval_data or cfg.data.name
-    d = cfg.data
-    return load_dataset(name, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test)
+    return load_data(cfg, eval_data)
 
 
 def _server_workload(cfg: RunConfig, split: Any, num_classes: int) -> Any:
@@ -240,7 +240,8 @@ def _server_workload(cfg: RunConfig, split: Any, num_classes: int) -> Any:
         return SplitServer(cfg, model, split.test, labels)
     from fedq.fed.server import FedServer
 
-    return FedServer(cfg, build_bundle(cfg, split.train), split.test)
+    bundle = build_bundle(cfg, split.train).to(torch_device(cfg.runtime.device))
+    return FedServer(cfg, bundle, split.test)
 
 
 def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> TaskRunner:
@@ -258,7 +259,8 @@ def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> 
         m.name, num_classes=joined.num_classes, input_dim=joined.input_dim or None,
         seed=cfg.seed, hidden=m.hidden, lora_r=m.lora_r, max_length=m.max_length,
     )  # fmt: skip
-    return ClientWorker(cfg, bundle, shards, joined.client_index)
+    return ClientWorker(cfg, bundle.to(torch_device(cfg.runtime.device)), shards,
+                        joined.client_index)  # fmt: skip
 
 
 def run_config(joined: Joined) -> RunConfig:
@@ -268,6 +270,10 @@ def run_config(joined: Joined) -> RunConfig:
     except json.JSONDecodeError as e:
         raise FedqError(f"the server sent a configuration that is not JSON: {e}") from e
     return config_from_dict(raw)
+
+
+#: How long reading a worker's counters waits for its tasks of a closed round to finish.
+SETTLE_TIMEOUT_S = 30.0
 
 
 class WorkerHost:
@@ -292,9 +298,10 @@ class WorkerHost:
 
         self.cfg = cfg
         if data is None:
-            split = load_data(cfg)
-            parts = client_partitions(cfg, split.train)
-            shards = {client_name(c): Shard(split.train, parts[c]) for c in clients}
+            train = load_data(cfg).train
+            parts = client_partitions(cfg, train)
+            shards = Shard.local(train, {client_name(c): parts[c] for c in clients})
+            del train, parts  # only this worker's rows stay
         else:
             shards = data.shards(cfg, clients)
         infos = [ClientInfo(cid, sh.size) for cid, sh in shards.items()]
@@ -337,13 +344,27 @@ class WorkerHost:
         alive = self._thread is not None and self._thread.is_alive()
         return {"alive": alive, "result": self.result, "error": self.error, **self.node.stats}
 
-    def counters(self) -> dict[str, Any]:
-        """This worker's byte counters since it started (not reset)."""
+    def counters(self, settled: int | None = None) -> dict[str, Any]:
+        """This worker's byte counters since it started (not reset); with ``settled``, read once
+        its tasks of rounds up to ``settled`` have finished (their replies counted)."""
+        if settled is not None and not self.node.wait_idle(settled, SETTLE_TIMEOUT_S):
+            log.warning("a task of round %d was still running after %g s", settled,
+                        SETTLE_TIMEOUT_S)  # fmt: skip
         return self.conn.counters.snapshot()
 
     def state_dict(self) -> dict[str, Any]:
         runner = self.node.runner
         return runner.state_dict() if runner is not None else {}
+
+    def state_changes(self, since: int) -> tuple[int, dict[str, Any]]:
+        """``(mark, states)``: what changed since the ``mark`` of an earlier call (0: all), for
+        a checkpoint that writes only that; a runner that cannot tell gives its whole state."""
+        runner = self.node.runner
+        changes = getattr(runner, "changes", None)
+        if changes is not None:
+            mark, states = changes(since)
+            return int(mark), states
+        return since + 1, self.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.node.runner is None:

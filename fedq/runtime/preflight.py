@@ -15,7 +15,7 @@ from fedq.errors import ConfigError
 
 def name_problems(cfg: RunConfig) -> list[str]:
     """Registry names the scenario uses that do not exist (reads no data)."""
-    from fedq.data import check_dataset_name
+    from fedq.data import check_dataset_name, dataset_options
     from fedq.models import model_names
     from fedq.split.models import BERT_MODELS, LLAMA_MODELS
 
@@ -23,6 +23,9 @@ def name_problems(cfg: RunConfig) -> list[str]:
     data = check_dataset_name(cfg.data.name)
     if data:
         problems.append(f"data.name: {data}")
+    elif cfg.data.num_samples is not None and "num_samples" not in dataset_options(cfg.data.name):
+        problems.append(f"data.num_samples: data set {cfg.data.name!r} has a fixed size; only a "
+                        "generated one (mnist1d) takes a number of rows")  # fmt: skip
     for i, site in enumerate(cfg.runtime.sites):
         source = None if site.data is None else check_dataset_name(site.data)
         if source:

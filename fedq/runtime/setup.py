@@ -33,11 +33,15 @@ def quiet_process(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def load_data(cfg: RunConfig) -> Any:
+def load_data(cfg: RunConfig, name: str | None = None) -> Any:
+    """The run's data set (or ``name``, e.g. a server's own evaluation data, with the run's
+    options)."""
     from fedq.data import load_dataset
 
     d = cfg.data
-    return load_dataset(d.name, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test)
+    extra = {} if d.num_samples is None else {"num_samples": d.num_samples}
+    return load_dataset(name or d.name, seed=cfg.seed, max_train=d.max_train,
+                        max_test=d.max_test, **extra)  # fmt: skip
 
 
 def client_partitions(cfg: RunConfig, train: Any) -> list[torch.Tensor]:

@@ -5,9 +5,9 @@ The driver only starts, observes and checkpoints: it spawns a server host (the r
 mode's workload, a gRPC server) and K worker hosts, each a client node registering its share of
 the N logical clients (client ``c`` on worker ``c % K``, or as ``runtime.sites`` says, so its
 state stays put) and pulling its work from the server like any ``fedq join``. The server runs
-the rounds; after each one the driver writes the record and a checkpoint (server state and every
-client's state) before the server opens the next, so ``--resume`` continues exactly where a run
-stopped.
+the rounds; after each one the driver writes the record and a checkpoint (server state, and the
+client states that changed in the round: :class:`~fedq.runtime.checkpoint.ClientStateLog`)
+before the server opens the next, so ``--resume`` continues exactly where a run stopped.
 
 Before any host starts, the hosts are reserved where :mod:`fedq.runtime.placement` says. On a
 cluster the server listens on its node's address, with TLS from credentials the driver makes for
@@ -29,7 +29,7 @@ from fedq.config import RunConfig
 from fedq.errors import FedqError
 from fedq.rounds import client_name
 from fedq.runtime.backend import make_backend, stop_all
-from fedq.runtime.checkpoint import load_checkpoint
+from fedq.runtime.checkpoint import ClientStateLog, load_checkpoint
 from fedq.runtime.hosts import ServerHost, WorkerHost
 from fedq.runtime.placement import HostPlan, compact, plan_hosts, reserve_hosts
 from fedq.runtime.preflight import preflight
@@ -93,7 +93,9 @@ def simulate(
     interrupted, stopped = False, None
     lost: dict[str, str] = {}  # worker principal -> why it was lost
     placement: dict[str, Any] = {}  # where each host runs (summary.json, the start line)
-    clients: dict[str, Any] = {} if ckpt is None else dict(ckpt["clients"])
+    states = ClientStateLog(out) if ckpt is None else ClientStateLog(
+        out, ckpt.get("client_segments", ()), ckpt["clients"])  # fmt: skip
+    marks: dict[str, int] = {}  # worker principal -> its state mark at the last checkpoint
     bit_maps: dict[str, list[int]] = {}
     # Bytes the clients counted: the runs before a resume (from the checkpoint) plus, per
     # worker, its counters as last read (a worker that dies keeps what it counted until then).
@@ -129,26 +131,24 @@ def simulate(
         t_round = checked = time.perf_counter()
         while True:
             event = backend.get([backend.call(server, "next_event", 2.0)])[0]
-            if event is None or time.perf_counter() - checked > WORKER_CHECK_S:
-                checked = time.perf_counter()
-                if _lost_workers(backend, server, workers, shares, lost, cfg):
-                    continue
-            if event is None:
-                continue
-            if "done" in event:
-                reason = str(event["done"])
+            if event is not None and "done" in event:  # before any liveness check: workers
+                reason = str(event["done"])  # that were told the run is over have ended
                 stopped = None if reason.startswith("completed") else reason
                 break
+            if event is None or time.perf_counter() - checked > WORKER_CHECK_S:
+                checked = time.perf_counter()
+                _lost_workers(backend, server, workers, shares, lost, cfg)  # then the event
+            if event is None:
+                continue
             if "open" in event:  # privacy charged for a round: journal it before any release
                 recorder.journal(int(event["open"]), event["ledger"])
                 backend.get([backend.call(server, "proceed")])
                 continue
             rec = recorder.round(event["round"], t_round)
             _lost_workers(backend, server, workers, shares, lost, cfg)
-            _read_bytes(backend, workers, list(shares), lost, seen)
-            clients = _checkpoint(backend, server, workers, list(shares), recorder,
-                                  rec["round"] + 1, cfg, lost, clients,
-                                  _add_bytes(bytes_before, *seen.values()))  # fmt: skip
+            _read_bytes(backend, workers, list(shares), lost, seen, settled=rec["round"])
+            _checkpoint(backend, server, workers, list(shares), recorder, rec["round"] + 1, cfg,
+                        lost, states, marks, _add_bytes(bytes_before, *seen.values()))  # fmt: skip
             if on_round:
                 on_round(rec)
             t_round = time.perf_counter()
@@ -232,14 +232,15 @@ def _add_bytes(*parts: dict[str, int]) -> dict[str, int]:
 
 def _read_bytes(
     backend: Any, workers: list[Any], principals: list[str], lost: dict[str, str],
-    seen: dict[str, dict[str, int]],
+    seen: dict[str, dict[str, int]], settled: int | None = None,
 ) -> None:  # fmt: skip
-    """Read the live workers' byte counters (totals since they started) into ``seen``."""
+    """Read the live workers' byte counters (totals since they started) into ``seen``; with
+    ``settled``, each once its tasks of that round have finished."""
     for w, p in zip(workers, principals, strict=False):
         if p in lost:
             continue
         try:
-            c = backend.get([backend.call(w, "counters")], timeout=30.0)[0]
+            c = backend.get([backend.call(w, "counters", settled)], timeout=60.0)[0]
         except Exception as e:  # found dead at the next liveness check
             log.warning("%s: could not read its byte counters: %s", p, e)
             continue
@@ -267,8 +268,9 @@ def _lost_workers(
             continue
         found = True
         lost[p] = why
-        clients = ", ".join(client_name(c) for c in shares[p])
-        log.error("%s died (clients %s): %s", p, clients, why)
+        clients = ", ".join(client_name(c) for c in shares[p][:5])
+        more = f" and {len(shares[p]) - 5:,} more" if len(shares[p]) > 5 else ""
+        log.error("%s died (clients %s%s): %s", p, clients, more, why)
     left = sum(len(c) for p, c in shares.items() if p not in lost)
     if found and left < cfg.fed.min_clients:
         reason = (f"{len(lost)} worker(s) lost ({', '.join(sorted(lost))}); {left} clients left, "
@@ -283,8 +285,8 @@ def info_privacy(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _client_states(states: list[dict[str, Any]], principals: list[str], cfg: RunConfig) -> dict:
-    """Every client's state from the workers': per client in federated mode (portable to any
-    number of workers), per worker in split mode (the AQ-SGD copies a worker shares)."""
+    """Client states from the workers': per client in federated mode (portable to any number of
+    workers), per worker in split mode (the AQ-SGD copies a worker shares)."""
     if cfg.mode == "split":
         return dict(zip(principals, states, strict=True))
     merged: dict[str, Any] = {}
@@ -295,18 +297,21 @@ def _client_states(states: list[dict[str, Any]], principals: list[str], cfg: Run
 
 def _checkpoint(
     backend: Any, server: Any, workers: list[Any], principals: list[str], recorder: RunRecorder,
-    next_round: int, cfg: RunConfig, lost: dict[str, str], previous: dict[str, Any],
-    client_bytes: dict[str, int],
-) -> dict[str, Any]:  # fmt: skip
-    """Write the checkpoint; a lost worker's clients keep their last checkpointed state.
-    Returns the client states written."""
+    next_round: int, cfg: RunConfig, lost: dict[str, str], client_log: ClientStateLog,
+    marks: dict[str, int], client_bytes: dict[str, int],
+) -> None:  # fmt: skip
+    """Write the checkpoint: the server's state and the client states that changed since the
+    last one (``marks``: each worker's mark then); a lost worker's clients keep their last
+    checkpointed state."""
     server_state = backend.get([backend.call(server, "state_dict")])[0]
     alive = [(w, p) for w, p in zip(workers, principals, strict=True) if p not in lost]
-    states = backend.get([backend.call(w, "state_dict") for w, _ in alive])
-    clients = {**previous, **_client_states(states, [p for _, p in alive], cfg)}
-    recorder.checkpoint({"next_round": next_round, "server": server_state, "clients": clients,
-                         "client_bytes": client_bytes})  # fmt: skip
-    return clients
+    answers = backend.get([backend.call(w, "state_changes", marks.get(p, 0)) for w, p in alive])
+    changed = _client_states([a[1] for a in answers], [p for _, p in alive], cfg)
+    segments = client_log.append(next_round, changed)
+    recorder.checkpoint({"next_round": next_round, "server": server_state,
+                         "client_segments": segments, "client_bytes": client_bytes})  # fmt: skip
+    client_log.prune()
+    marks.update({p: int(a[0]) for (_, p), a in zip(alive, answers, strict=True)})
 
 
 def _restore(

@@ -16,18 +16,27 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import random
 import threading
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedq.errors import TransportError
+from fedq.transport.budget import BUSY
 from fedq.transport.counters import ByteCounter, CountingFrames
 from fedq.transport.security import TlsConfig, client_metadata
-from fedq.transport.server import FEDERATED_SERVICE, check_chunk_size
-from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames, read_message
+from fedq.transport.server import FEDERATED_SERVICE, SPLIT_SERVICE, check_chunk_size
+from fedq.wire import (
+    WireLimits,
+    WireMessage,
+    message_from_frames,
+    message_to_frame_bytes,
+    read_message,
+)
 from fedq.wire.control import (
     Joined,
     Registration,
@@ -37,9 +46,12 @@ from fedq.wire.control import (
     work_item_from_proto,
 )
 from fedq.wire.pb import service_pb2, service_pb2_grpc
-from fedq.wire.pb import tensor_pb2 as pb
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: Longest wait between two attempts of an upload the server's busy budget refused.
+BUSY_BACKOFF_CAP_S = 2.0
 
 
 def _transport_error(e: grpc.RpcError) -> TransportError:
@@ -57,19 +69,19 @@ class _SplitStream:
 
     _CLOSE = None
 
-    def __init__(self, stub: service_pb2_grpc.SplitStub, client: TransportClient) -> None:
-        self._queue: queue.SimpleQueue[Iterator[pb.Frame] | None] = queue.SimpleQueue()
+    def __init__(self, step: grpc.StreamStreamMultiCallable, client: TransportClient) -> None:
+        self._queue: queue.SimpleQueue[Iterator[bytes] | None] = queue.SimpleQueue()
         self._client = client
         self._sent = CountingFrames(self._requests())
-        self._calls = stub.Step(self._sent, metadata=client._metadata)
+        self._calls = step(self._sent, metadata=client._metadata)
         self._received = CountingFrames(self._calls)
 
-    def _requests(self) -> Iterator[pb.Frame]:
+    def _requests(self) -> Iterator[bytes]:
         while (frames := self._queue.get()) is not self._CLOSE:
             yield from frames
 
     def step(self, msg: WireMessage) -> WireMessage:
-        frames = message_to_frames(msg, self._client.limits.chunk_size)
+        frames = message_to_frame_bytes(msg, self._client.limits.chunk_size)
         first = next(frames)  # encode now, so a bad message fails here and not in gRPC's thread
         self._queue.put(itertools.chain([first], frames))
         try:
@@ -142,7 +154,16 @@ class TransportClient:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.secure_channel(target, tls.channel_credentials(), options)
         self._federated = service_pb2_grpc.FederatedStub(self._channel)
-        self._split_stub = service_pb2_grpc.SplitStub(self._channel)
+        # The Frame streams carry frames as the bytes they are on the wire (no (de)serializer):
+        # fedq.wire.frame builds and parses them without protobuf objects for the payload.
+        self._get_task = self._channel.unary_stream(
+            f"/{FEDERATED_SERVICE}/GetTask",
+            request_serializer=service_pb2.TaskRequest.SerializeToString,
+        )
+        self._push_update = self._channel.stream_unary(
+            f"/{FEDERATED_SERVICE}/PushUpdate", response_deserializer=service_pb2.Ack.FromString
+        )
+        self._step = self._channel.stream_stream(f"/{SPLIT_SERVICE}/Step")
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._lock = threading.Lock()
         self._split_lock = threading.Lock()
@@ -150,6 +171,8 @@ class TransportClient:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.counters = ByteCounter()
+        self.budget_retries = 0  # uploads refused by a busy server budget, then sent again
+        self._rng = random.Random()
 
     def _count(self, client_id: str | None, *, sent: int = 0, received: int = 0) -> None:
         """Count a call's bytes: under the logical client it was for (``None``: control plane,
@@ -161,7 +184,11 @@ class TransportClient:
                           control=client_id is None)  # fmt: skip
 
     def register(self, reg: Registration) -> Joined:
-        """Register this principal's logical clients with the server."""
+        """Register this principal's logical clients with the server. Registering again (after
+        the server went away) also closes a split stream left open from before: it may belong
+        to a server that is gone, and the next step opens a fresh one."""
+        with self._split_lock:
+            self._drop_split()
         request = registration_to_proto(reg)
         self._count(None, sent=request.ByteSize())
         try:
@@ -194,7 +221,7 @@ class TransportClient:
         cid = client_id or self.client_id
         request = service_pb2.TaskRequest(client_id=cid, round=round)
         self._count(cid, sent=request.ByteSize())
-        call = self._federated.GetTask(request, metadata=self._metadata, timeout=self.timeout)
+        call = self._get_task(request, metadata=self._metadata, timeout=self.timeout)
         frames = CountingFrames(call)
         try:
             return message_from_frames(frames, self.limits)
@@ -206,13 +233,36 @@ class TransportClient:
         finally:
             self._count(cid, received=frames.nbytes)
 
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """``call()``, again after a full-jitter backoff while the server refuses it because its
+        upload budget is busy (fedq.transport.budget), until ``timeout`` has passed. The bytes
+        of a refused attempt count as sent: they left this client."""
+        end = time.monotonic() + self.timeout
+        attempt = 0
+        while True:
+            try:
+                return call()
+            except TransportError as e:
+                if e.code != "RESOURCE_EXHAUSTED" or BUSY not in e.reason:
+                    raise
+                cap = min(BUSY_BACKOFF_CAP_S, 0.05 * 2.0 ** min(attempt, 20))
+                wait = self._rng.uniform(0.0, cap)
+                if time.monotonic() + wait > end:
+                    raise
+                attempt += 1
+                self.budget_retries += 1
+                time.sleep(wait)
+
     def push_update(self, msg: WireMessage) -> int:
         """Upload ``msg``; returns the bytes sent (the sum of the frames' serialized sizes)."""
-        frames = message_to_frames(msg, self.limits.chunk_size)
+        return self._retrying(lambda: self._push_once(msg))
+
+    def _push_once(self, msg: WireMessage) -> int:
+        frames = message_to_frame_bytes(msg, self.limits.chunk_size)
         first = next(frames)  # encode before the call, so encoding errors surface as themselves
         sent = CountingFrames(itertools.chain([first], frames))
         try:
-            ack = self._federated.PushUpdate(sent, metadata=self._metadata, timeout=self.timeout)
+            ack = self._push_update(sent, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as e:
             raise _transport_error(e) from e
         finally:
@@ -233,9 +283,12 @@ class TransportClient:
         opens a new one. The stream has no deadline (it lives across steps), so ``timeout`` does
         not apply here; a dead server surfaces as UNAVAILABLE through gRPC keepalive/close.
         """
+        return self._retrying(lambda: self._step_once(msg))
+
+    def _step_once(self, msg: WireMessage) -> WireMessage:
         with self._split_lock:
             if self._split is None:
-                self._split = _SplitStream(self._split_stub, self)
+                self._split = _SplitStream(self._step, self)
             try:
                 return self._split.step(msg)
             except grpc.RpcError as e:

@@ -1,9 +1,10 @@
 """Byte counting at the transport: what crossed the wire, per client and in total.
 
-Both ends count the same thing, the serialized size (``ByteSize()``) of every protobuf message of
-the protocol that crossed (Frames, TaskRequests, Acks), so the client's ``bytes_sent`` and the
-server's ``bytes_up`` agree exactly and metrics report real wire bytes, metadata included. gRPC's
-own framing (5 bytes per message) and HTTP/2 headers are not counted.
+Both ends count the same thing, the serialized size of every protobuf message of the protocol that
+crossed (Frames, TaskRequests, Acks): ``ByteSize()``, or the length of a frame that travels as its
+serialized bytes (the same number). So the client's ``bytes_sent`` and the server's ``bytes_up``
+agree exactly and metrics report real wire bytes, metadata included. gRPC's own framing (5 bytes
+per message) and HTTP/2 headers are not counted.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from fedq.wire.pb import tensor_pb2 as pb
+from fedq.wire.frame import FrameLike, frame_nbytes
 
 
 class ByteCounter:
@@ -79,13 +80,13 @@ class ByteCounter:
 
 
 class CountingFrames:
-    """Wraps a frame iterator and adds up ``ByteSize()`` of every frame that passes through.
+    """Wraps a frame iterator and adds up the serialized size of every frame that passes through.
 
     ``nbytes`` is the running total; ``take()`` returns what was counted since the last ``take()``,
     which lets long-lived streams (split learning) report bytes step by step.
     """
 
-    def __init__(self, frames: Iterator[pb.Frame]) -> None:
+    def __init__(self, frames: Iterator[FrameLike]) -> None:
         self._frames = frames
         self.nbytes = 0
         self._taken = 0
@@ -93,9 +94,9 @@ class CountingFrames:
     def __iter__(self) -> CountingFrames:
         return self
 
-    def __next__(self) -> pb.Frame:
+    def __next__(self) -> FrameLike:
         frame = next(self._frames)
-        self.nbytes += frame.ByteSize()
+        self.nbytes += frame_nbytes(frame)
         return frame
 
     def take(self) -> int:

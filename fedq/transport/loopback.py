@@ -12,8 +12,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from fedq.transport.counters import ByteCounter
-from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames
+from fedq.transport.counters import ByteCounter, CountingFrames
+from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frame_bytes
 from fedq.wire.control import (
     Joined,
     Registration,
@@ -79,8 +79,8 @@ class LoopbackConnection:
         self.bytes_received += down
 
     def _frames(self, msg: WireMessage) -> tuple[WireMessage, int]:
-        frames = list(message_to_frames(msg, self.limits.chunk_size))
-        return message_from_frames(frames, self.limits), sum(f.ByteSize() for f in frames)
+        frames = CountingFrames(message_to_frame_bytes(msg, self.limits.chunk_size))
+        return message_from_frames(frames, self.limits), frames.nbytes
 
     def register(self, reg: Registration) -> Joined:
         request = registration_to_proto(reg)

@@ -12,6 +12,7 @@ serving.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import logging
@@ -21,9 +22,11 @@ from concurrent import futures
 from typing import Any, NoReturn, Protocol, TypeVar, runtime_checkable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2
 
-from fedq.errors import ConfigError, FedqError, TransportError
+from fedq.errors import ConfigError, FedqError, ResourceExhausted, TransportError
+from fedq.transport.budget import CallSlots, ServerLimits, UploadBudget
 from fedq.transport.counters import ByteCounter, CountingFrames
 from fedq.transport.security import (
     AuthenticationError,
@@ -33,7 +36,13 @@ from fedq.transport.security import (
     check_certificate_name,
     format_address,
 )
-from fedq.wire import WireLimits, WireMessage, message_from_frames, message_to_frames, read_message
+from fedq.wire import (
+    WireLimits,
+    WireMessage,
+    message_from_frames,
+    message_to_frame_bytes,
+    read_message,
+)
 from fedq.wire.control import (
     Joined,
     Registration,
@@ -43,16 +52,20 @@ from fedq.wire.control import (
     work_item_to_proto,
 )
 from fedq.wire.pb import service_pb2, service_pb2_grpc
-from fedq.wire.pb import tensor_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 FEDERATED_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Federated"].full_name
 SPLIT_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Split"].full_name
 #: Largest chunk that keeps every frame under gRPC's default 4 MiB message limit.
 MAX_CHUNK_SIZE = 3 << 20
+#: Largest single gRPC message the server reads (a frame, a registration); gRPC answers anything
+#: larger with RESOURCE_EXHAUSTED before fedq sees it.
+MAX_RECEIVE_MESSAGE = 4 << 20
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 class FederatedHandler(Protocol):
@@ -91,6 +104,8 @@ class _Phase(enum.Enum):
 
 def _status_for(phase: _Phase, error: Exception) -> grpc.StatusCode:
     """Map a failure to a status code: whose fault it is depends on the phase it happened in."""
+    if isinstance(error, ResourceExhausted):  # a server limit, whichever phase met it
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if phase is _Phase.DECODE and isinstance(error, ValueError):  # WireFormatError included
         return grpc.StatusCode.INVALID_ARGUMENT
     if phase is _Phase.HANDLER and isinstance(error, FedqError):
@@ -117,6 +132,7 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         counters: ByteCounter,
         hosts: Mapping[str, Collection[str]] | None = None,
         check_cert_name: bool = False,
+        server_limits: ServerLimits | None = None,
     ) -> None:
         self._handler = handler
         self._limits = limits
@@ -124,6 +140,9 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         self._counters = counters
         self._hosts = hosts
         self._check_cert_name = check_cert_name
+        sl = server_limits or ServerLimits()
+        self.budget = UploadBudget(sl.upload_budget_bytes, sl.upload_wait_s)
+        self._slots = CallSlots(sl.max_calls_per_principal)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _abort(self, context: grpc.ServicerContext, code: grpc.StatusCode, reason: str) -> NoReturn:
@@ -171,8 +190,43 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
                 reason = str(e)
         self._abort(context, code, reason[:2000])
 
-    def _frames(self, context: grpc.ServicerContext, msg: WireMessage) -> Iterator[pb.Frame]:
-        frames = message_to_frames(msg, self._limits.chunk_size)
+    def _parse(self, context: grpc.ServicerContext, cls: type[M], data: bytes) -> M:
+        """A request message from its bytes (gRPC would answer a parse failure with INTERNAL)."""
+        msg = cls()
+        try:
+            msg.ParseFromString(data)
+        except (DecodeError, ValueError, RuntimeError) as e:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+                        f"{cls.DESCRIPTOR.name}: not a valid message ({e})"[:500])  # fmt: skip
+        return msg
+
+    def _slot(
+        self, context: grpc.ServicerContext, stack: contextlib.ExitStack, authed: str | None
+    ) -> None:
+        """Hold one of the authenticated principal's call slots for this call's life."""
+        if authed is not None:
+            self._run(context, _Phase.DECODE,
+                      lambda: stack.enter_context(self._slots.hold(authed)))  # fmt: skip
+
+    def _admit(
+        self, context: grpc.ServicerContext, who: str, held: list[int]
+    ) -> Callable[[Any], None]:
+        """The upload budget's admission for a message's header (appends what it reserved)."""
+
+        def admit(header: Any) -> None:
+            left = context.time_remaining()
+            wait = None if left is None else max(0.0, left - 1.0)
+            wait = self.budget.wait_s if wait is None else min(wait, self.budget.wait_s)
+            held.append(self.budget.acquire(int(header.payload_size), who, wait))
+
+        return admit
+
+    def _release(self, held: list[int]) -> None:
+        while held:
+            self.budget.release(held.pop())
+
+    def _frames(self, context: grpc.ServicerContext, msg: WireMessage) -> Iterator[bytes]:
+        frames = message_to_frame_bytes(msg, self._limits.chunk_size)
         yield self._run(context, _Phase.ENCODE, lambda: next(frames))  # serializes every tensor
         yield from frames
 
@@ -182,11 +236,17 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
             self._abort(context, grpc.StatusCode.UNIMPLEMENTED, "this server runs no rounds")
         return self._handler
 
-    def Register(
-        self, request: service_pb2.RegisterRequest, context: grpc.ServicerContext
-    ) -> service_pb2.RegisterReply:
+    def Register(self, data: bytes, context: grpc.ServicerContext) -> service_pb2.RegisterReply:
         principal = self._principal(context, self._auth(context))
+        with contextlib.ExitStack() as stack:
+            self._slot(context, stack, principal)
+            return self._register(principal, data, context)
+
+    def _register(
+        self, principal: str, data: bytes, context: grpc.ServicerContext
+    ) -> service_pb2.RegisterReply:
         rounds = self._rounds(context)
+        request = self._parse(context, service_pb2.RegisterRequest, data)
         self._counters.add(principal, up=request.ByteSize(), control=True)
         reg = self._run(
             context, _Phase.DECODE, lambda: registration_from_proto(request, self._limits)
@@ -198,11 +258,17 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         self._counters.add(principal, down=reply.ByteSize(), control=True)
         return reply
 
-    def Work(
-        self, request: service_pb2.WorkRequest, context: grpc.ServicerContext
-    ) -> Iterator[service_pb2.WorkItem]:
+    def Work(self, data: bytes, context: grpc.ServicerContext) -> Iterator[service_pb2.WorkItem]:
         principal = self._principal(context, self._auth(context))
+        with contextlib.ExitStack() as stack:
+            self._slot(context, stack, principal)
+            yield from self._work(principal, data, context)
+
+    def _work(
+        self, principal: str, data: bytes, context: grpc.ServicerContext
+    ) -> Iterator[service_pb2.WorkItem]:
         rounds = self._rounds(context)
+        request = self._parse(context, service_pb2.WorkRequest, data)
         self._counters.add(principal, up=request.ByteSize(), control=True)
         closed = threading.Event()
         context.add_callback(closed.set)
@@ -222,10 +288,16 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
             items.close()
 
     # -- Federated: tasks and updates -----------------------------------------------------------
-    def GetTask(
-        self, request: service_pb2.TaskRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.Frame]:
+    def GetTask(self, data: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         authed = self._auth(context)
+        with contextlib.ExitStack() as stack:
+            self._slot(context, stack, authed)
+            yield from self._get_task(authed, data, context)
+
+    def _get_task(
+        self, authed: str | None, data: bytes, context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
+        request = self._parse(context, service_pb2.TaskRequest, data)
         client = self._check_client(context, authed, request.client_id)
         self._counters.add(client, up=request.ByteSize())
         msg = self._run(
@@ -234,18 +306,22 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         for frame in self._frames(context, msg):
             # Counted as it is handed to gRPC, so the count is complete once the client has the
             # last frame (a reader of the counters never races the tail of this generator).
-            self._counters.add(client, down=frame.ByteSize())
+            self._counters.add(client, down=len(frame))
             yield frame
 
     def PushUpdate(
-        self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
     ) -> service_pb2.Ack:
         authed = self._auth(context)
         frames = CountingFrames(request_iterator)
         who = authed or ""
+        held: list[int] = []
+        stack = contextlib.ExitStack()
         try:
+            self._slot(context, stack, authed)
+            admit = self._admit(context, who, held)
             msg = self._run(
-                context, _Phase.DECODE, lambda: message_from_frames(frames, self._limits)
+                context, _Phase.DECODE, lambda: message_from_frames(frames, self._limits, admit)
             )
             who = self._check_client(context, authed, msg.client_id)
             ack = service_pb2.Ack(accepted=True, bytes_received=frames.nbytes)
@@ -260,32 +336,104 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
                 raise
             return ack
         finally:
+            self._release(held)  # the handler is done with the message
+            stack.close()
             self._counters.add(who, up=frames.take())
 
     # -- Split -----------------------------------------------------------------------------------
     def Step(
-        self, request_iterator: Iterator[pb.Frame], context: grpc.ServicerContext
-    ) -> Iterator[pb.Frame]:
+        self, request_iterator: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[bytes]:
         """One bidi stream carries any number of steps: read one message, answer with one."""
         authed = self._auth(context)
         frames = CountingFrames(request_iterator)
         who = authed or ""
+        held: list[int] = []
+        stack = contextlib.ExitStack()
         try:
+            self._slot(context, stack, authed)
+            admit = self._admit(context, who, held)
             while True:
-                msg = self._run(context, _Phase.DECODE, lambda: read_message(frames, self._limits))
+                msg = self._run(
+                    context, _Phase.DECODE, lambda: read_message(frames, self._limits, admit)
+                )
                 if msg is None:
                     return
                 who = self._check_client(context, authed, msg.client_id)
-                reply = self._run(
-                    context, _Phase.HANDLER, functools.partial(self._handler.split_step, msg)
-                )
+                try:
+                    reply = self._run(
+                        context, _Phase.HANDLER, functools.partial(self._handler.split_step, msg)
+                    )
+                finally:
+                    del msg  # the step's activations are no longer held here
+                    self._release(held)
                 # Count the step before its last frame leaves: the client may read the counters
                 # as soon as it has the reply, so the bytes must already be there.
                 out = list(self._frames(context, reply))
-                self._counters.add(who, up=frames.take(), down=sum(f.ByteSize() for f in out))
+                self._counters.add(who, up=frames.take(), down=sum(len(f) for f in out))
                 yield from out
         finally:
+            self._release(held)
+            stack.close()
             self._counters.add(who, up=frames.take())
+
+
+# The service tables, written out instead of the generated ``add_*Servicer_to_server``: requests
+# get no deserializer, so gRPC hands them over as the bytes they are on the wire and fedq parses
+# them (a Frame with fedq.wire.frame, the rest with protobuf), answering bytes that do not parse
+# with INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL). Replies that are Frames go
+# out as bytes; the rest through protobuf.
+def _federated_handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
+    return {
+        "Register": grpc.unary_unary_rpc_method_handler(
+            servicer.Register, response_serializer=service_pb2.RegisterReply.SerializeToString
+        ),
+        "Work": grpc.unary_stream_rpc_method_handler(
+            servicer.Work, response_serializer=service_pb2.WorkItem.SerializeToString
+        ),
+        "GetTask": grpc.unary_stream_rpc_method_handler(servicer.GetTask),
+        "PushUpdate": grpc.stream_unary_rpc_method_handler(
+            servicer.PushUpdate, response_serializer=service_pb2.Ack.SerializeToString
+        ),
+    }
+
+
+def _split_handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
+    return {"Step": grpc.stream_stream_rpc_method_handler(servicer.Step)}
+
+
+def _health_handlers(
+    servicer: _Servicer, health_servicer: health.HealthServicer
+) -> dict[str, grpc.RpcMethodHandler]:
+    """grpc_health's servicer behind fedq's parsing of the request bytes (see above)."""
+
+    def check(data: bytes, context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
+        request = servicer._parse(context, health_pb2.HealthCheckRequest, data)
+        return health_servicer.Check(request, context)
+
+    def watch(data: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+        request = servicer._parse(context, health_pb2.HealthCheckRequest, data)
+        yield from health_servicer.Watch(request, context)
+
+    def list_(data: bytes, context: grpc.ServicerContext) -> health_pb2.HealthListResponse:
+        request = servicer._parse(context, health_pb2.HealthListRequest, data)
+        return health_servicer.List(request, context)
+
+    out = health_pb2.HealthCheckResponse.SerializeToString
+    return {
+        "Check": grpc.unary_unary_rpc_method_handler(check, response_serializer=out),
+        "Watch": grpc.unary_stream_rpc_method_handler(watch, response_serializer=out),
+        "List": grpc.unary_unary_rpc_method_handler(
+            list_, response_serializer=health_pb2.HealthListResponse.SerializeToString
+        ),
+    }
+
+
+def _add_service(
+    server: grpc.Server, name: str, handlers: dict[str, grpc.RpcMethodHandler]
+) -> None:
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(name, handlers)])
+    server.add_registered_method_handlers(name, handlers)
 
 
 class TransportServer:
@@ -309,8 +457,11 @@ class TransportServer:
         tls: TlsConfig | None = None,
         max_workers: int = 8,
         allow_insecure: bool = False,
+        server_limits: ServerLimits | None = None,
     ) -> None:
         self._limits = limits or WireLimits()
+        self._server_limits = server_limits or ServerLimits()
+        self._servicer: _Servicer | None = None
         check_bind_policy(host, tls, allow_insecure)
         check_chunk_size(self._limits)
         self.host = host
@@ -329,6 +480,11 @@ class TransportServer:
         return format_address(self.host, self.port)
 
     @property
+    def upload_budget(self) -> UploadBudget | None:
+        """The upload budget of the running server (its ``in_use`` and ``peak``)."""
+        return None if self._servicer is None else self._servicer.budget
+
+    @property
     def serves_split(self) -> bool:
         return isinstance(self._handler, SplitHandler)
 
@@ -337,16 +493,22 @@ class TransportServer:
         if self._server is not None:
             raise FedqError("transport server already started")
         pool = futures.ThreadPoolExecutor(self._max_workers, thread_name_prefix="fedq-grpc")
-        server = grpc.server(pool)
+        # Calls beyond the worker threads are refused (RESOURCE_EXHAUSTED), not queued unseen.
+        server = grpc.server(
+            pool,
+            maximum_concurrent_rpcs=self._max_workers,
+            options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE)],
+        )
         mtls = self._tls is not None and self._tls.require_client_cert
         servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters, self._hosts,
-                             check_cert_name=mtls)  # fmt: skip
-        service_pb2_grpc.add_FederatedServicer_to_server(servicer, server)
+                             check_cert_name=mtls, server_limits=self._server_limits)  # fmt: skip
+        self._servicer = servicer
+        _add_service(server, FEDERATED_SERVICE, _federated_handlers(servicer))
         services = ["", FEDERATED_SERVICE]
         if self.serves_split:
-            service_pb2_grpc.add_SplitServicer_to_server(servicer, server)
+            _add_service(server, SPLIT_SERVICE, _split_handlers(servicer))
             services.append(SPLIT_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        _add_service(server, HEALTH_SERVICE, _health_handlers(servicer, self._health))
         addr = format_address(self.host, self.port)
         try:
             if self._tls is None:

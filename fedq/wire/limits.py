@@ -1,8 +1,9 @@
 """Receiver-side limits on untrusted wire input.
 
 Every size a peer declares (shape, payload size, tensor count) is checked against these
-limits before anything is allocated, so a hostile header cannot make the receiver reserve memory
-it never gets data for. The defaults are generous for fine-tuning
+limits before anything is allocated, and a payload buffer is allocated only once a quarter of its
+declared size has arrived, so a hostile header cannot make the receiver reserve much more memory
+than it gets data for. The defaults are generous for fine-tuning
 workloads; a server facing the internet should lower them to what its model actually needs.
 """
 

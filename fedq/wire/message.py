@@ -3,22 +3,42 @@
 Why frames: gRPC caps a message at 4 MiB by default and protobuf at 2 GiB, while model updates and
 activations can be larger. Streaming 1 MiB chunks is also the fastest way to move bytes over gRPC
 (docs/platform.md §4). The receiver checks the header (version, declared size against its limits)
-and the chunk sequence (contiguous offsets, no overflow, exact total) and grows its buffer only as
-data actually arrives, so a header that lies about the payload size costs nothing.
+and the chunk sequence (contiguous offsets, no overflow, exact total) and allocates the payload
+buffer only once a quarter of the declared size has arrived, so a header that lies about the
+payload size costs at most a few times the bytes actually sent. Frames are
+built and read as their serialized bytes (:mod:`fedq.wire.frame`); the readers also take protobuf
+``Frame`` messages.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from fedq.codec.packed import FORMAT_VERSION, PackedTensor
 from fedq.errors import WireFormatError
+from fedq.wire.buffers import PAYLOAD_BUFFERS
+from fedq.wire.frame import (
+    ChunkView,
+    FrameLike,
+    chunk_frame_nbytes,
+    decode_frame,
+    encode_chunk_frame,
+    encode_header_frame,
+    frame_bytes,
+)
 from fedq.wire.limits import WireLimits
 from fedq.wire.pb import tensor_pb2 as pb
-from fedq.wire.protowire import encode_varint
 from fedq.wire.serde import bundle_from_bytes, bundle_pieces
+
+#: The payload buffer is allocated once this fraction (1/n) of the declared size has arrived.
+_ALLOCATE_AFTER = 4
+
+#: Called with a message's checked header before its payload is read (see read_message).
+Admit = Callable[[pb.Header], None]
 
 
 @dataclass(slots=True)
@@ -38,11 +58,6 @@ class WireMessage:
     tags: dict[str, str] = field(default_factory=dict)
     tensors: dict[str, PackedTensor] = field(default_factory=dict)
     nbytes: int = field(default=0, compare=False)
-
-
-def frame_nbytes(frame: pb.Frame) -> int:
-    """Serialized size of a frame: the unit fedq's byte counters add up."""
-    return int(frame.ByteSize())
 
 
 def _header(msg: WireMessage, payload_size: int) -> pb.Header:
@@ -67,8 +82,9 @@ def _header(msg: WireMessage, payload_size: int) -> pb.Header:
     )
 
 
-def message_to_frames(msg: WireMessage, chunk_size: int = 1 << 20) -> Iterator[pb.Frame]:
-    """Frames of ``msg``: a Header with the payload size, then Chunks of <= ``chunk_size`` bytes.
+def message_to_frame_bytes(msg: WireMessage, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Frames of ``msg``, serialized: a Header with the payload size, then Chunks of at most
+    ``chunk_size`` bytes of data, each built with one copy of its data (what the transport sends).
 
     A message without tensors has an empty payload and therefore no chunks. Chunks are cut lazily
     across the bundle's pieces, so the whole payload is never joined into one buffer here.
@@ -77,9 +93,9 @@ def message_to_frames(msg: WireMessage, chunk_size: int = 1 << 20) -> Iterator[p
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     pieces = bundle_pieces(msg.tensors) if msg.tensors else []
     total = sum(len(p) for p in pieces)
-    yield pb.Frame(header=_header(msg, total))
+    yield encode_header_frame(_header(msg, total))
     offset = 0
-    pending: list[memoryview] = []
+    pending: list[bytes | memoryview] = []
     pending_size = 0
     for piece in pieces:
         view = memoryview(piece)
@@ -89,11 +105,17 @@ def message_to_frames(msg: WireMessage, chunk_size: int = 1 << 20) -> Iterator[p
             pending_size += len(take)
             view = view[len(take) :]
             if pending_size == chunk_size:
-                yield _chunk_frame(offset, b"".join(pending))
+                yield encode_chunk_frame(offset, pending)
                 offset += pending_size
                 pending, pending_size = [], 0
     if pending_size:
-        yield _chunk_frame(offset, b"".join(pending))
+        yield encode_chunk_frame(offset, pending)
+
+
+def message_to_frames(msg: WireMessage, chunk_size: int = 1 << 20) -> Iterator[pb.Frame]:
+    """:func:`message_to_frame_bytes` as protobuf ``Frame`` messages."""
+    for data in message_to_frame_bytes(msg, chunk_size):
+        yield pb.Frame.FromString(data)
 
 
 def message_nbytes(msg: WireMessage, chunk_size: int = 1 << 20) -> int:
@@ -101,25 +123,10 @@ def message_nbytes(msg: WireMessage, chunk_size: int = 1 << 20) -> int:
     computed from the piece lengths without building the chunks."""
     pieces = bundle_pieces(msg.tensors) if msg.tensors else []
     total = sum(len(p) for p in pieces)
-    n = pb.Frame(header=_header(msg, total)).ByteSize()
+    n = len(encode_header_frame(_header(msg, total)))
     for offset in range(0, total, chunk_size):
-        n += _chunk_frame_nbytes(offset, min(chunk_size, total - offset))
+        n += chunk_frame_nbytes(offset, min(chunk_size, total - offset))
     return n
-
-
-def _chunk_frame_nbytes(offset: int, size: int) -> int:
-    """Serialized size of a Frame holding a Chunk of ``size`` bytes at ``offset``."""
-    body = (1 + len(encode_varint(offset)) if offset else 0) + 1 + len(encode_varint(size)) + size
-    return 1 + len(encode_varint(body)) + body
-
-
-def _chunk_frame(offset: int, data: bytes) -> pb.Frame:
-    # Set in place: ``pb.Frame(chunk=pb.Chunk(...))`` copies the chunk message into the frame, which
-    # costs more than the rest of the send path for 1 MiB chunks.
-    frame = pb.Frame()
-    frame.chunk.offset = offset
-    frame.chunk.data = data
-    return frame
 
 
 def _check_header(header: pb.Header, limits: WireLimits) -> None:
@@ -140,7 +147,7 @@ def _check_header(header: pb.Header, limits: WireLimits) -> None:
             raise WireFormatError(f"header: field 'scalars': non-finite value for {key[:80]!r}")
 
 
-def _decode(header: pb.Header, payload: bytearray, limits: WireLimits) -> WireMessage:
+def _decode(header: pb.Header, payload: memoryview, limits: WireLimits) -> WireMessage:
     # ``payload`` is ours alone: the tensors may keep views of it rather than copies.
     tensors = bundle_from_bytes(payload, limits, share=True) if header.payload_size else {}
     return WireMessage(
@@ -154,42 +161,96 @@ def _decode(header: pb.Header, payload: bytearray, limits: WireLimits) -> WireMe
     )
 
 
-def read_message(frames: Iterator[pb.Frame], limits: WireLimits) -> WireMessage | None:
+def read_message(
+    frames: Iterator[FrameLike], limits: WireLimits, admit: Admit | None = None
+) -> WireMessage | None:
     """Consume exactly one message's frames from ``frames`` (a stream may carry several).
 
     Returns None if the stream ends cleanly before a header. Stops right after the last chunk, so a
     bidirectional stream can answer before the peer sends its next message. The chunks are copied
-    once, into one buffer that the message's payload tensors then share.
+    once, into one buffer that the message's payload tensors then share. ``admit`` is called with
+    the checked header before any chunk is read (a server's memory budget: it may wait, or
+    raise to refuse the message).
     """
-    header = read_header(frames, limits)
-    if header is None:
+    got = _read_header(frames, limits)
+    if got is None:
         return None
-    buf = bytearray()  # grown as data arrives: the declared size is not trusted for allocation
-    nbytes = pb.Frame(header=header).ByteSize()
-    for data in payload_chunks(frames, header.payload_size):
-        nbytes += _chunk_frame_nbytes(len(buf), len(data))
-        buf += data
-    msg = _decode(header, buf, limits)
-    msg.nbytes = nbytes
+    header, nbytes = got
+    if admit is not None:
+        admit(header)
+    payload, chunk_nbytes = _reassemble(frames, header.payload_size)
+    msg = _decode(header, payload, limits)
+    msg.nbytes = nbytes + chunk_nbytes
     return msg
 
 
-def read_header(frames: Iterator[pb.Frame], limits: WireLimits) -> pb.Header | None:
+def _reassemble(frames: Iterator[FrameLike], size: int) -> tuple[memoryview, int]:
+    """The ``size`` bytes of payload carried by the next chunk frames, and the frames' size.
+
+    Each chunk is copied once (without holding the GIL), into a buffer of exactly ``size`` bytes
+    from :data:`~fedq.wire.buffers.PAYLOAD_BUFFERS`, which gets it back once the decoded tensors
+    are gone. The declared size is not trusted for new memory: unless the pool has a buffer that
+    fits, the buffer is allocated only once 1/``_ALLOCATE_AFTER`` of the payload has arrived (the
+    chunks before that are kept as received), so a header that overstates the size costs at most
+    that many times the bytes the peer actually sent.
+    """
+    buf = PAYLOAD_BUFFERS.take_pooled(size)
+    held: list[memoryview] = []
+    held_size = pos = nbytes = 0
+    for data, frame_size in _payload_frames(frames, size):
+        nbytes += frame_size
+        if buf is None:
+            held.append(data)
+            held_size += len(data)
+            if held_size * _ALLOCATE_AFTER < size:
+                continue
+            buf = PAYLOAD_BUFFERS.take(size)
+            for part in held:
+                _copy(buf, pos, part)
+                pos += len(part)
+            held = []
+        else:
+            _copy(buf, pos, data)
+            pos += len(data)
+    return (buf if buf is not None else memoryview(b"")), nbytes
+
+
+def _copy(dst: memoryview, pos: int, src: memoryview) -> None:
+    """``dst[pos : pos + len(src)] = src``, through numpy, which lets go of the GIL meanwhile."""
+    np.copyto(np.frombuffer(dst, np.uint8, len(src), pos), np.frombuffer(src, np.uint8))
+
+
+def read_header(frames: Iterator[FrameLike], limits: WireLimits) -> pb.Header | None:
     """The next message's checked Header frame, or None if the stream ends cleanly first."""
+    got = _read_header(frames, limits)
+    return None if got is None else got[0]
+
+
+def _read_header(frames: Iterator[FrameLike], limits: WireLimits) -> tuple[pb.Header, int] | None:
+    """:func:`read_header` and the header frame's serialized size."""
     first = next(frames, None)
     if first is None:
         return None
-    if first.WhichOneof("kind") != "header":
+    data = frame_bytes(first)
+    header = decode_frame(data, "frame 0")
+    if not isinstance(header, pb.Header):
         raise WireFormatError(
             "frame 0: field 'header': the first frame of a message must be a header"
         )
-    _check_header(first.header, limits)
-    return first.header
+    _check_header(header, limits)
+    return header, len(data)
 
 
-def payload_chunks(frames: Iterator[pb.Frame], size: int) -> Iterator[bytes]:
+def payload_chunks(frames: Iterator[FrameLike], size: int) -> Iterator[memoryview]:
     """The data of the Chunk frames that carry a payload of ``size`` bytes, in order, each
-    checked (contiguous offsets, no overflow, no empty chunk) before it is yielded."""
+    checked (contiguous offsets, no overflow, no empty chunk) before it is yielded; each is a
+    view of its frame's bytes."""
+    for data, _ in _payload_frames(frames, size):
+        yield data
+
+
+def _payload_frames(frames: Iterator[FrameLike], size: int) -> Iterator[tuple[memoryview, int]]:
+    """:func:`payload_chunks` with each chunk frame's serialized size."""
     received = 0
     index = 0
     while received < size:
@@ -199,17 +260,16 @@ def payload_chunks(frames: Iterator[pb.Frame], size: int) -> Iterator[bytes]:
             raise WireFormatError(
                 f"frame {index}: field 'chunk': stream ended after {received} of {size} bytes"
             )
-        kind = frame.WhichOneof("kind")
-        if kind != "chunk":
-            raise WireFormatError(
-                f"frame {index}: field 'chunk': expected a chunk, got {kind or 'an empty frame'}"
-            )
-        chunk = frame.chunk
+        raw = frame_bytes(frame)
+        chunk = decode_frame(raw, f"frame {index}")
+        if not isinstance(chunk, ChunkView):
+            got = "a header" if chunk is not None else "an empty frame"
+            raise WireFormatError(f"frame {index}: field 'chunk': expected a chunk, got {got}")
         if chunk.offset != received:
             raise WireFormatError(
                 f"frame {index}: field 'chunk.offset': expected {received}, got {chunk.offset}"
             )
-        data = chunk.data  # each read of the field is a fresh copy: read it once
+        data = chunk.data
         if len(data) > size - received:
             raise WireFormatError(
                 f"frame {index}: field 'chunk.data': overflows payload_size {size} "
@@ -218,20 +278,26 @@ def payload_chunks(frames: Iterator[pb.Frame], size: int) -> Iterator[bytes]:
         if not data:
             raise WireFormatError(f"frame {index}: field 'chunk.data': empty chunk")
         received += len(data)
-        yield data
+        yield data, len(raw)
 
 
-def message_from_frames(frames: Iterable[pb.Frame], limits: WireLimits) -> WireMessage:
-    """Reassemble and validate one message from a complete frame stream (nothing may follow it)."""
+def message_from_frames(
+    frames: Iterable[FrameLike], limits: WireLimits, admit: Admit | None = None
+) -> WireMessage:
+    """Reassemble and validate one message from a complete frame stream (nothing may follow it);
+    ``admit`` as in :func:`read_message`."""
     it = iter(frames)
-    msg = read_message(it, limits)
+    msg = read_message(it, limits, admit)
     if msg is None:
         raise WireFormatError("frame 0: field 'header': empty stream, no header")
     extra = next(it, None)
     if extra is not None:
-        kind = extra.WhichOneof("kind")
-        field_name = "header" if kind == "header" else "chunk"
+        kind = decode_frame(frame_bytes(extra), "frame")
+        field_name, what = (
+            ("header", "header") if isinstance(kind, pb.Header)
+            else ("chunk", "chunk" if kind is not None else "empty")
+        )  # fmt: skip
         raise WireFormatError(
-            f"frame: field {field_name!r}: unexpected {kind or 'empty'} frame after the payload"
+            f"frame: field {field_name!r}: unexpected {what} frame after the payload"
         )
     return msg

@@ -29,6 +29,7 @@ from fedq.codec.quantize import dequantize
 from fedq.codec.stream import StreamDecoder
 from fedq.errors import WireFormatError
 from fedq.wire import validate
+from fedq.wire.frame import FrameLike
 from fedq.wire.limits import WireLimits
 from fedq.wire.message import WireMessage, payload_chunks, read_header
 from fedq.wire.pb import tensor_pb2 as pb
@@ -299,7 +300,7 @@ class BundleDecoder:
 
 
 def read_message_streaming(
-    frames: Iterator[pb.Frame], limits: WireLimits, *, device: torch.device | str | None = None
+    frames: Iterator[FrameLike], limits: WireLimits, *, device: torch.device | str | None = None
 ) -> tuple[WireMessage, dict[str, torch.Tensor]] | None:
     """:func:`~fedq.wire.message.read_message`, decoding the tensors while the chunks arrive:
     returns the message (its ``tensors`` left empty) and ``{name: decoded tensor}`` on

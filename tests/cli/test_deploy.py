@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 FEDQ = Path(sys.executable).with_name("fedq")
@@ -194,3 +195,14 @@ def test_join_reports_an_unreachable_server_and_gives_up(certs: Path, tmp_path: 
     assert done.returncode == 2 and "UNAVAILABLE" in done.stderr
     assert "gave up after 2 s" in done.stderr
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_join_on_a_site_without_the_gpu_it_asks_for_fails_before_joining(
+    certs: Path, tmp_path: Path
+) -> None:
+    done = _fedq("join", "--server", "127.0.0.1:1", "--client-id", "client-0", "--device", "cuda",
+                 "--token-file", str(certs / "clients" / "client-0.token"), "--data", "digits",
+                 "--give-up-after", "30", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2 and "sees no CUDA GPU" in done.stderr, done.stderr
+    assert "UNAVAILABLE" not in done.stderr  # it never tried the server

@@ -47,9 +47,10 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def _setup(tmp: Path, over: list[str]) -> tuple[Path, str]:
-    scenario = str(ROOT / "scenarios" / "quickstart.yaml")
-    for args in (["certs", str(tmp / "certs"), "--clients", "3"],
+def _setup(tmp: Path, over: list[str], name: str = "quickstart.yaml",
+           clients: int = 3) -> tuple[Path, str]:  # fmt: skip
+    scenario = str(ROOT / "scenarios" / name)
+    for args in (["certs", str(tmp / "certs"), "--clients", str(clients)],
                  ["shard", scenario, *over, "--out", str(tmp / "data")]):  # fmt: skip
         done = subprocess.run([str(FEDQ), *args], env=ENV, capture_output=True, text=True,
                               timeout=120)  # fmt: skip
@@ -68,13 +69,28 @@ def _serve(scenario: str, over: list[str], port: int, certs: Path, out: Path,
     )  # fmt: skip
 
 
-def _join(i: int, port: int, certs: Path, tmp: Path) -> subprocess.Popen[str]:
+def _listening(server: subprocess.Popen[str]) -> str:
+    """Read ``fedq serve``'s output up to its "listening on" line; returns what was read."""
+    assert server.stdout is not None
+    head = ""
+    for line in server.stdout:
+        head += line
+        if line.startswith("listening on "):
+            return head
+    raise AssertionError("fedq serve did not start:\n" + head)
+
+
+def _join(i: int, port: int, certs: Path, tmp: Path, data: str | None = None,
+          log: Path | None = None) -> subprocess.Popen[str]:  # fmt: skip
+    """``fedq join`` as client-``i`` with ``data`` (default: its shard); its output in a pipe,
+    or in the file ``log`` (readable while it runs)."""
     cid = f"client-{i}"
     return subprocess.Popen(
         [str(FEDQ), "join", "--server", f"127.0.0.1:{port}", "--client-id", cid,
          "--token-file", str(certs / "clients" / f"{cid}.token"), "--ca", str(certs / "ca.pem"),
-         "--data", f"npz:{tmp / 'data'}/{cid}.npz", "--give-up-after", "120"],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+         "--data", data or f"npz:{tmp / 'data'}/{cid}.npz", "--give-up-after", "120"],
+        env=ENV, stdout=subprocess.PIPE if log is None else log.open("w"),
+        stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
 
 
@@ -86,6 +102,7 @@ def test_a_killed_and_a_stalled_client_are_dropped_and_the_run_goes_on(tmp_path:
     certs, scenario = _setup(tmp_path, over)
     port, out = _free_port(), tmp_path / "run"
     server = _serve(scenario, over, port, certs, out)
+    _listening(server)  # the joins register at once: none is left behind backing off
     joins = [_join(i, port, certs, tmp_path) for i in range(3)]
     try:
         _wait(lambda: any(len(r["updated"]) == 3 for r in _records(out)), 180, "a full round")
@@ -126,6 +143,7 @@ def test_a_killed_server_resumes_and_its_clients_come_back(tmp_path: Path) -> No
     certs, scenario = _setup(tmp_path, over)
     port, out = _free_port(), tmp_path / "run"
     server = _serve(scenario, over, port, certs, out)
+    _listening(server)  # the joins register at once: none is left behind backing off
     joins = [_join(i, port, certs, tmp_path) for i in range(3)]
     try:
         _wait(lambda: len(_records(out)) >= 2, 240, "two rounds")
@@ -151,3 +169,88 @@ def test_a_killed_server_resumes_and_its_clients_come_back(tmp_path: Path) -> No
     assert eps == sorted(eps) and eps[-1] >= before > 0  # never reset, never lower
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 6 and summary["epsilon_spent"] >= before
+
+
+def _steps(run: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(x) for x in (run / "bits.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # all but the timing
+
+
+def _served(tmp: Path, certs: Path, scenario: str, over: list[str], data: list[str],
+            name: str, kill_in: int | None) -> tuple[Path, str, list[str]]:  # fmt: skip
+    """A served run with two joins (client-``i`` with ``data[i]``). With ``kill_in`` the server
+    is SIGKILLed once client-0 finished round ``kill_in`` (client-1 still works on it) and
+    started again with ``--resume``. Returns the run folder, the (last) server's output and the
+    joins'."""
+    port, out = _free_port(), tmp / name
+    logs = [tmp / f"{name}-join-{i}.log" for i in range(2)]
+    server = _serve(scenario, over, port, certs, out)
+    head = _listening(server)  # the joins start without backing off
+    joins = [_join(i, port, certs, tmp, data[i], logs[i]) for i in range(2)]
+    try:
+        if kill_in is not None:
+            done = f"round {kill_in}: done"
+            _wait(lambda: done in logs[0].read_text(), 300, f"client-0 in round {kill_in}")
+            server.send_signal(signal.SIGKILL)
+            server.wait(30)
+            assert len(_records(out)) == kill_in  # the round is open: client-1 is still in it
+            server, head = _serve("", [], port, certs, out, "--resume", str(out)), ""
+        log, _ = server.communicate(timeout=300)
+        for j in joins:
+            j.wait(120)
+    finally:
+        for p in [server, *joins]:
+            if p.poll() is None:
+                p.kill()
+    assert server.returncode == 0, head + log
+    outs = [x.read_text() for x in logs]
+    assert all(j.returncode == 0 for j in joins), outs
+    return out, head + log, outs
+
+
+@pytest.mark.parametrize("mode", ["federated", "split"])
+def test_a_killed_server_resumes_to_the_uninterrupted_result(tmp_path: Path, mode: str) -> None:
+    """The server is killed in a round that client-0 has finished and client-1 has not: in split
+    mode client-1 is taking its turn; in federated mode it trains on the whole training split,
+    ten times client-0's data. Started again with ``--resume``, the server runs the round again
+    from its start (the checkpoint's state; each client re-runs its task from the state it had
+    before it, client-0 too) and the run ends as an uninterrupted one: every round's model and
+    losses, every split step, the bit maps and the bytes each client sent. One exception: a
+    federated client-1 that finishes its round after the server came back uploads it before it
+    learns of the restart; the upload is refused (the round is not open yet) but its bytes
+    crossed the wire, and they count."""
+    over = ["--set", "fed.num_clients=2", "--set", "fed.clients_per_round=2",
+            "--set", "fed.min_clients=2", "--set", "fed.rounds=4"]  # fmt: skip
+    if mode == "split":
+        over += ["--set", "split.local_steps=16"]
+        certs, scenario = _setup(tmp_path, over, "split_tiny.yaml", clients=2)
+        data = [f"csv:{tmp_path / 'data'}/client-{i}.csv" for i in range(2)]
+    else:
+        over += ["--set", "train.local_epochs=8"]
+        shards = ["--set", "fed.num_clients=10", "--set", "data.partition=iid"]
+        certs, scenario = _setup(tmp_path, shards, "quickstart.yaml", clients=2)
+        data = [f"npz:{tmp_path / 'data'}/client-0.npz", "digits"]
+    full, _, outs = _served(tmp_path, certs, scenario, over, data, "full", None)
+    assert all("done: completed 4 rounds" in o for o in outs), outs
+    killed, log, outs = _served(tmp_path, certs, scenario, over, data, "killed", 2)
+    assert "resuming at round 2" in log
+    assert all("reconnecting" in o and "done: completed 4 rounds" in o for o in outs), outs
+    assert outs[0].count("round 2: done") == 2  # client-0 ran round 2 twice
+    a, b = _records(full), _records(killed)
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    for key in ("updated", "train_loss", "accuracy", "loss", "bytes_down", "mean_bits",
+                "bits/cut/act/mean", "bits/cut/grad/mean"):  # fmt: skip
+        assert [r.get(key) for r in a] == [r.get(key) for r in b], key
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
+    assert sa["final_accuracy"] == sb["final_accuracy"]
+    up_a, up_b = [r["bytes_up"] for r in a], [r["bytes_up"] for r in b]
+    if mode == "split":  # client-1 learns of the restart at its next step: nothing late
+        assert up_a == up_b and sa["clients"] == sb["clients"]
+        assert _steps(full) == _steps(killed)
+        maps = [json.loads((d / "bit_maps.json").read_text()) for d in (full, killed)]
+        assert maps[0] == maps[1]
+    else:
+        assert up_b[:2] == up_a[:2] and up_b[3:] == up_a[3:] and up_b[2] >= up_a[2]
+        assert sb["clients"]["client-0"] == sa["clients"]["client-0"]
+        late = up_b[2] - up_a[2]
+        assert sb["clients"]["client-1"]["bytes_up"] == sa["clients"]["client-1"]["bytes_up"] + late

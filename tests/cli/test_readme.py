@@ -1,6 +1,7 @@
-"""The README's multi-machine recipe, taken from the README itself and run as written (in a scratch
-folder, on a free port, on loopback, with fewer rounds): if the README's commands stop working,
-this fails. (The quickstart and the other commands are run by test_cli.py and test_deploy.py.)"""
+"""The README's multi-machine recipe and its ``fedq serve --resume`` command, taken from the README
+itself and run as written (in a scratch folder, on a free port, on loopback, with fewer rounds): if
+the README's commands stop working, this fails. (The quickstart and the other commands are run by
+test_cli.py, test_deploy.py and test_interrupt.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +45,18 @@ def test_the_recipe_is_what_the_readme_shows() -> None:
                                      ["fedq", "join"], ["fedq", "join"]]  # fmt: skip
 
 
+def test_the_resume_commands_are_what_the_readme_shows() -> None:
+    cmds = readme_commands("# fedq serve: start a server that died again")
+    assert [c[:3] for c in cmds] == [["fedq", "simulate", "--resume"],
+                                     ["fedq", "serve", "--resume"]]  # fmt: skip
+    assert len(cmds[0]) == 4  # ``fedq simulate --resume DIR``: run by test_interrupt.py
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FEDQ.exists(), reason="the fedq entry point is not installed")
 def test_the_readme_serve_and_join_recipe_runs_as_written(tmp_path: Path) -> None:
+    """The recipe, with the server killed after its first round and started again with the
+    README's ``fedq serve --resume`` command: the sites reconnect and the run completes."""
     (tmp_path / "scenarios").symlink_to(ROOT / "scenarios")
     port = str(_port())
 
@@ -55,21 +66,34 @@ def test_the_readme_serve_and_join_recipe_runs_as_written(tmp_path: Path) -> Non
     certs, shard, serve, *joins = [
         [local(a) for a in c] for c in readme_commands("# terminal 1: the server")
     ]
+    resume = [local(a) for a in readme_commands("# fedq serve: start a server that died")[1]]
     for cmd in (certs, shard):
         done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True,
                               timeout=300)  # fmt: skip
         assert done.returncode == 0, (cmd, done.stderr)
+    rounds = 10
     procs = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
-             for cmd in ([*serve, "--set", "fed.rounds=2"], *joins)]  # fmt: skip
+             for cmd in ([*serve, "--set", f"fed.rounds={rounds}"], *joins)]  # fmt: skip
+    metrics = tmp_path / "runs" / "served" / "metrics.jsonl"
     try:
+        end = time.monotonic() + 300
+        while not (metrics.exists() and metrics.read_text()):
+            assert time.monotonic() < end and procs[0].poll() is None, "no round was recorded"
+            time.sleep(0.1)
+        procs[0].kill()
+        procs[0].wait(30)
+        procs[0] = subprocess.Popen(resume, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
         outs = [p.communicate(timeout=300)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
     assert all(p.returncode == 0 for p in procs), outs
-    assert "done: accuracy" in outs[0]
-    assert all("done: completed 2 rounds" in o for o in outs[1:]), outs
+    assert "resuming at round" in outs[0] and "done: accuracy" in outs[0]
+    assert all("reconnecting" in o and f"done: completed {rounds} rounds" in o
+               for o in outs[1:]), outs  # fmt: skip
     summary = json.loads((tmp_path / "runs" / "served" / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2 and set(summary["clients"]) == {"client-0", "client-1"}
+    assert summary["rounds_completed"] == rounds
+    assert set(summary["clients"]) == {"client-0", "client-1"}

@@ -573,3 +573,12 @@ def test_outlier_rows_beyond_float16_and_bad_ratios_are_refused() -> None:
             QuantSpec(outlier_ratio=bad)
     with pytest.raises(CodecError, match="at least 1 dim"):
         quantize(torch.tensor(1.0), 4, QuantSpec(outlier_ratio=3.0))
+
+
+def test_expected_payload_nbytes_needs_one_width_per_block() -> None:
+    layout = BlockLayout.build((9, 7), Granularity.GROUP, group_size=5)  # 13 blocks, last of 3
+    bm = torch.full((13,), 4, dtype=torch.uint8)
+    assert expected_payload_nbytes(layout, bm) == (12 * 5 * 4 + 3 * 4 + 7) // 8 == 32
+    with pytest.raises(ValueError, match="13 blocks"):
+        expected_payload_nbytes(layout, bm[:12])
+    assert expected_payload_nbytes(BlockLayout.build((0, 4), Granularity.TENSOR), bm[:0]) == 0

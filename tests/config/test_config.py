@@ -170,6 +170,13 @@ def test_registry_names_and_data_problems_are_found_before_any_host_starts(
     assert [p.split(":")[0] for p in name_problems(bad)] == ["data.name", "model.name"]
     split = config_from_dict({"mode": "split", "model": {"name": "mlp"}})
     assert "for mode 'split'" in name_problems(split)[0]
+    sized = config_from_dict({"data": {"name": "digits", "num_samples": 5000}})
+    problems = name_problems(sized)
+    assert len(problems) == 1
+    assert problems[0].startswith("data.num_samples: data set 'digits' has a fixed size")
+    assert name_problems(config_from_dict({"data": {"name": "mnist1d", "num_samples": 5000}})) == []
+    with pytest.raises(ConfigError, match=r"data\.num_samples: must be >= 1"):
+        config_from_dict({"data": {"name": "mnist1d", "num_samples": 0}})
     too_many = config_from_dict({"fed": {"num_clients": 1000, "clients_per_round": 5},
                                  "runtime": {"backend": "inprocess"}})  # fmt: skip
     with pytest.raises(ConfigError, match=r"dirichlet partition: .*fed\.num_clients=1000"):

@@ -12,8 +12,10 @@ import fedq.data
 from fedq.data import (
     ArrayDataset,
     DataSplit,
+    Shard,
     TextDataset,
     dataset_names,
+    dataset_options,
     load_dataset,
     stratified_holdout,
 )
@@ -52,6 +54,36 @@ def test_mnist1d_shapes_and_global_rng_untouched() -> None:
     assert isinstance(d.train, ArrayDataset)
     assert d.num_classes == 10
     assert torch.bincount(d.train.y, minlength=10).min() > 300
+
+
+def test_mnist1d_at_another_size_is_generated_once_then_read_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FEDQ_CACHE", str(tmp_path))
+    np.random.seed(7)
+    expected = np.random.rand()
+    np.random.seed(7)
+    d = load_dataset("mnist1d", num_samples=600)
+    assert np.random.rand() == expected
+    assert d.train.x.shape == (480, 40) and d.test.x.shape == (120, 40)
+    assert torch.bincount(torch.cat([d.train.y, d.test.y])).tolist() == [60] * 10
+    cached = tmp_path / "mnist1d-seed42-n600.npz"
+    assert cached.is_file()
+    stamp = cached.stat().st_mtime_ns
+    again = load_dataset("mnist1d", num_samples=600)
+    assert cached.stat().st_mtime_ns == stamp  # read back, not generated again
+    assert torch.equal(again.train.x, d.train.x) and torch.equal(again.test.y, d.test.y)
+    whole = cached.read_bytes()
+    for damaged in (b"torn", whole[: len(whole) // 2]):  # generated again, never trusted
+        cached.write_bytes(damaged)
+        fresh = load_dataset("mnist1d", num_samples=600)
+        assert torch.equal(fresh.train.x, d.train.x)
+        with np.load(cached) as f:  # and the cache holds the whole data set again
+            assert f["x"].shape == (600, 40) and int(f["n_train"]) == 480
+    other = load_dataset("mnist1d", num_samples=600, generator_seed=3)
+    assert not torch.equal(other.train.x, d.train.x)
+    with pytest.raises(ConfigError, match="multiple of 10"):
+        load_dataset("mnist1d", num_samples=605)
 
 
 def test_rotten_tomatoes_has_all_fresh_and_rotten_rows() -> None:
@@ -109,11 +141,31 @@ def test_unknown_name_lists_the_registry() -> None:
     )
 
 
+def test_dataset_options_lists_what_a_loader_takes() -> None:
+    assert "num_samples" in dataset_options("mnist1d")
+    assert "num_samples" not in dataset_options("digits")
+    assert dataset_options("npz:x.npz") == ["seed", "test_fraction"]
+    assert dataset_options("cifar10") == []
+
+
 def test_unknown_option_names_the_allowed_ones() -> None:
     with pytest.raises(ConfigError, match="'test_fraction'"):
         load_dataset("digits", tst_fraction=0.1)
     with pytest.raises(ConfigError, match="test_fraction"):
         load_dataset("digits", test_fraction=1.5)
+
+
+def test_local_shards_hold_only_their_rows_in_the_same_order() -> None:
+    data = ArrayDataset(torch.arange(20.0).reshape(10, 2), torch.arange(10) % 3, 3, "t")
+    parts = {"a": torch.tensor([7, 1]), "b": torch.tensor([4]), "c": torch.tensor([9, 0, 3])}
+    shards = Shard.local(data, parts)
+    held = {id(sh.data) for sh in shards.values()}
+    assert len(held) == 1 and len(shards["a"].data) == 6  # one copy of the six rows, not ten
+    for cid, idx in parts.items():
+        sh = shards[cid]
+        assert torch.equal(sh.data.x[sh.idx], data.x[idx]) and sh.size == idx.numel()
+        assert torch.equal(sh.data.y[sh.idx], data.y[idx])
+    assert Shard.local(data, {}) == {}
 
 
 def test_containers_validate_and_subset() -> None:

@@ -172,3 +172,30 @@ def test_backoff_is_exponential_with_full_jitter_and_a_cap() -> None:
         draws = [b.delay(attempt, rng) for _ in range(200)]
         assert min(draws) >= 0 and max(draws) <= top
         assert max(draws) > 0.8 * top  # the whole interval is used (full jitter)
+
+
+def test_wait_idle_waits_for_the_running_task_of_a_round() -> None:
+    """Reading a worker's byte counters after the server closed a round waits for the round's
+    task to finish here (its upload's reply may still be on the way)."""
+    import threading
+
+    gate = threading.Event()
+
+    class Slow(Runner):
+        def run(self, task: Assignment, conn: Any) -> dict[str, Any]:
+            gate.wait(10)
+            return super().run(task, conn)
+
+    conn = Script([_joined()], [[_task(3), WorkItem("done", 4, reason="ok")]])
+    runner = Slow()
+    node = ClientNode(conn, [ClientInfo("c", 1)], lambda j: runner)  # type: ignore[arg-type]
+    t = threading.Thread(target=node.run)
+    t.start()
+    while not node.stats["tasks"] and node._busy is None:
+        threading.Event().wait(0.01)
+    assert node.wait_idle(2, 0.1)  # an earlier round: nothing to wait for
+    assert not node.wait_idle(3, 0.2)  # round 3 is still running
+    gate.set()
+    assert node.wait_idle(3, 5)
+    t.join(5)
+    assert runner.ran == [("c", 3)]

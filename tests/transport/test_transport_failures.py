@@ -3,7 +3,8 @@ keeps serving valid requests afterwards."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from fedq.codec import FORMAT_VERSION, quantize
 from fedq.errors import ConfigError, TransportError
 from fedq.transport import TransportClient, TransportServer
 from fedq.wire import WireMessage, bundle_to_bytes, message_to_frames, packed_to_proto
+from fedq.wire.control import ClientInfo, Joined, Registration, WorkItem
 from fedq.wire.pb import service_pb2, service_pb2_grpc
 from fedq.wire.pb import tensor_pb2 as pb
 
@@ -85,6 +87,37 @@ def test_hostile_frames_get_invalid_argument_and_server_survives(
     assert client.push_update(_update()) > 0  # still serving
 
 
+# Frames as bytes that no protobuf Frame object can express (protobuf would merge or drop them).
+_HEADER = pb.Frame(
+    header=pb.Header(format_version=FORMAT_VERSION, kind="update", client_id="c1", payload_size=1)
+).SerializeToString()
+_CHUNK = pb.Frame(chunk=pb.Chunk(data=b"z")).SerializeToString()
+RAW_HOSTILE: dict[str, tuple[list[bytes], str]] = {
+    "header and chunk in one frame": ([_HEADER + _CHUNK], "chunk"),
+    "two chunks in one frame": ([_HEADER, _CHUNK + _CHUNK], "chunk"),
+    "chunk as a varint": ([_HEADER, b"\x10\x01"], "chunk"),
+    "truncated frame": ([_HEADER, _CHUNK[:-1]], "chunk"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_HOSTILE), ids=list(RAW_HOSTILE))
+def test_hostile_frame_bytes_get_invalid_argument(
+    case: str, server: TransportServer, client: TransportClient
+) -> None:
+    frames, field = RAW_HOSTILE[case]
+    with grpc.insecure_channel(server.address) as channel:
+        push = channel.stream_unary("/fedq.v1.Federated/PushUpdate")  # frames sent as given
+        step = channel.stream_stream("/fedq.v1.Split/Step")
+        with pytest.raises(grpc.RpcError) as exc:
+            push(iter(frames), metadata=MD, timeout=10)
+        with pytest.raises(grpc.RpcError) as split_exc:
+            list(step(iter(frames), metadata=MD, timeout=10))
+    for e in (exc.value, split_exc.value):
+        assert e.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert f"'{field}'" in e.details(), e.details()
+    assert client.push_update(_update()) > 0  # still serving
+
+
 def test_wrong_or_missing_token_is_unauthenticated(server: TransportServer, client) -> None:
     for cid, token in [("c1", "nope"), ("c1", None), ("ghost", "secret-1"), ("c2", "secret-1")]:
         with TransportClient(server.address, client_id=cid, token=token) as bad:
@@ -129,6 +162,34 @@ def test_split_stream_recovers_after_a_failed_step(client: TransportClient) -> N
         kind="activations", client_id="c1", tensors={"act": quantize(torch.ones(2, 2), 8)}
     )
     assert client.split_step(good).kind == "gradients"
+
+
+def test_registering_again_drops_the_split_stream_of_a_server_that_went_away(
+    toy_handler_cls: type, tokens: dict[str, str]
+) -> None:
+    """A client that registers with a restarted server sends its next split step to that server
+    at once, not into the stream the old one left open (which would fail and cost a retry)."""
+
+    class Rounds(toy_handler_cls):  # type: ignore[misc, valid-type]
+        def register(self, principal: str, reg: Registration) -> Joined:
+            return Joined("run-1", "{}", {"c1": 0}, 2, 4, "test")
+
+        def work(self, principal: str, run_id: str, closed: Any) -> Iterator[WorkItem]:
+            yield WorkItem("done", 0, reason="over")
+
+    act = WireMessage(kind="activations", client_id="c1",
+                      tensors={"act": quantize(torch.ones(2, 2), 8)})  # fmt: skip
+    reg = Registration(clients=(ClientInfo("c1", 1),), fedq_version="test")
+    first = TransportServer(Rounds(), tokens=tokens)
+    port = first.start()
+    with TransportClient(first.address, client_id="c1", token=tokens["c1"], timeout=20) as c:
+        c.register(reg)
+        assert c.split_step(act).kind == "gradients"  # the stream stays open between steps
+        first.stop(0)
+        with TransportServer(Rounds(), port=port, tokens=tokens) as second:
+            assert c.register(reg).run_id == "run-1"
+            assert c.split_step(act).kind == "gradients"
+            assert second.counters.snapshot()["clients"]["c1"]["bytes_up"] > 0
 
 
 def test_bind_policy_refuses_plaintext_on_public_interfaces(toy_handler_cls) -> None:
