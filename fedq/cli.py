@@ -91,6 +91,8 @@ def _simulate(args: argparse.Namespace) -> int:
             f"{info['workers']} workers; {info['trainable_params']:,} trainable params "
             f"({_fmt_bytes(4 * info['trainable_params'])} as fp32 per client per direction)"
         )
+        for line in _placement_lines(info.get("placement") or {}):
+            bar.write(line)
         priv = info.get("privacy", {})
         if priv.get("mechanism", "none") != "none":
             shown = ", ".join(
@@ -112,6 +114,27 @@ def _simulate(args: argparse.Namespace) -> int:
     summary = simulate(cfg, out, resume=bool(args.resume), on_start=on_start, on_round=on_round)
     bar.close()
     return _print_summary(summary, out)
+
+
+def _placement_lines(pl: dict[str, Any], most: int = 4) -> list[str]:
+    """Which node runs the server (and where it listens) and, one line per node, its workers
+    with their clients (summary.json has every worker)."""
+    if not pl:
+        return []
+
+    def node(w: dict[str, Any]) -> str:
+        return f"on {w['node_ip']} ({w['hostname']})" if w.get("node_ip") else "in this process"
+
+    srv = pl["server"]
+    lines = [f"server {node(srv)}, listening on {pl['address']} "
+             f"({'TLS' if pl['tls'] else 'plaintext'})"]  # fmt: skip
+    by_node: dict[str, list[str]] = {}
+    for name, w in pl["workers"].items():
+        by_node.setdefault(node(w), []).append(f"{name} clients {w['clients']}")
+    for where, ws in by_node.items():
+        more = f"; and {len(ws) - most} more" if len(ws) > most else ""
+        lines.append(f"workers {where}: {'; '.join(ws[:most])}{more}")
+    return lines
 
 
 def _print_summary(summary: dict[str, Any], out: Path) -> int:

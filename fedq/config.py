@@ -251,12 +251,48 @@ class PrivacyConfig:
 MAX_CHUNK_BYTES = 3 << 20
 
 
+#: Where hosts may be placed on a Ray cluster: ``spread`` (across as many nodes as possible) or
+#: ``pack`` (onto as few as possible); a Ray placement group of that strategy reserves them.
+Placement = Literal["spread", "pack"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SiteConfig:
+    """One entry of ``runtime.sites``: ``clients`` logical clients (the next ones in roster order)
+    on ``workers`` worker hosts, placed on Ray nodes that have the custom resource ``resource``
+    (any node when null), each worker reading ``data`` (a data source, as ``fedq join --data``
+    takes it) on the node it runs on; without ``data`` the clients take their shares of
+    ``data.name``."""
+
+    clients: int = 0
+    resource: str | None = None
+    data: str | None = None
+    workers: int = 1
+
+    def check(self, prefix: str) -> Problems:
+        p = []
+        if self.clients < 1:
+            p.append(f"{prefix}.clients: must be >= 1, got {self.clients}")
+        if not 1 <= self.workers <= max(self.clients, 1):
+            p.append(f"{prefix}.workers: must be in 1..clients ({self.clients}), "
+                     f"got {self.workers}")  # fmt: skip
+        if self.resource is not None and not self.resource.strip():
+            p.append(f"{prefix}.resource: must be a Ray resource name or null, got ''")
+        if self.data is not None and not self.data.strip():
+            p.append(f"{prefix}.data: must be a data source or null, got ''")
+        return p
+
+
 @dataclass(frozen=True, kw_only=True)
 class RuntimeConfig:
-    """Where the run executes. ``workers: 0`` means one worker per core. ``device``: where the
-    models train and the codecs compute, in both modes (``cuda`` needs a CUDA build of torch and
-    a GPU; ``auto`` takes CUDA when torch sees one). Packed tensors, the wire form, stay on the
-    CPU and decode onto the device."""
+    """Where the run executes. ``workers: 0`` means one per core (of the Ray cluster when
+    attached to one). ``device``: where the models train and the codecs compute, in both modes
+    (``cuda`` needs a CUDA build of torch and a GPU; ``auto`` takes CUDA when torch sees one);
+    packed tensors, the wire form, stay on the CPU and decode onto the device. ``placement`` ..
+    ``sites`` say where the hosts go on a Ray cluster (README "Scaling out on a Ray cluster");
+    ``tls``: ``auto`` encrypts the hosts' traffic when the server listens on a non-loopback
+    address (an attached cluster), ``always`` on loopback too. ``upload_budget_mb``: the bytes
+    of uploads the server reads at once; an upload beyond it is refused as busy and retried."""
 
     backend: Literal["ray", "inprocess"] = "ray"
     device: Literal["cpu", "cuda", "auto"] = "cpu"
@@ -266,6 +302,13 @@ class RuntimeConfig:
     num_cpus: int | None = None
     threads_per_worker: int = 1
     chunk_bytes: int = 1 << 20
+    placement: Placement = "spread"
+    cpus_per_worker: float = 0.0
+    gpus_per_worker: float | None = None  # null: a small share of a GPU with device cuda
+    server_resource: str | None = None
+    sites: tuple[SiteConfig, ...] = ()
+    placement_timeout_s: float = 60.0
+    tls: Literal["auto", "always"] = "auto"
     upload_budget_mb: int = 1024
 
     def check(self) -> Problems:
@@ -282,7 +325,32 @@ class RuntimeConfig:
             p.append(f"runtime.threads_per_worker: must be >= 1, got {self.threads_per_worker}")
         if not 1024 <= self.chunk_bytes <= MAX_CHUNK_BYTES:
             p.append(f"runtime.chunk_bytes: must be in [1 KiB, 3 MiB], got {self.chunk_bytes}")
+        if not 0 <= self.cpus_per_worker < float("inf"):
+            p.append(f"runtime.cpus_per_worker: must be >= 0, got {self.cpus_per_worker}")
+        gpus = self.gpus_per_worker
+        if gpus is not None and not 0 <= gpus < float("inf"):
+            p.append(f"runtime.gpus_per_worker: must be >= 0 or null, got {gpus}")
+        if self.server_resource is not None and not self.server_resource.strip():
+            p.append("runtime.server_resource: must be a Ray resource name or null, got ''")
+        if not 0 < self.placement_timeout_s < float("inf"):
+            p.append(f"runtime.placement_timeout_s: must be > 0, got {self.placement_timeout_s}")
+        for i, site in enumerate(self.sites):
+            p += site.check(f"runtime.sites[{i}]")
+        if self.sites and self.workers:
+            p.append("runtime.workers: with runtime.sites each site says how many workers it "
+                     "has (runtime.sites[i].workers, default 1); leave runtime.workers at "
+                     "0")  # fmt: skip
+        if self.backend == "inprocess":
+            p += [f"{key}: placement on Ray nodes needs runtime.backend 'ray'"
+                  for key in self.ray_placement_keys()]  # fmt: skip
         return p
+
+    def ray_placement_keys(self) -> list[str]:
+        """The keys set here that only a Ray backend can honour."""
+        keys = [k for k in ("cpus_per_worker", "gpus_per_worker", "server_resource")
+                if getattr(self, k)]  # fmt: skip
+        keys += [f"sites[{i}].resource" for i, s in enumerate(self.sites) if s.resource]
+        return [f"runtime.{k}" for k in keys]
 
 
 #: Split-learning cut codecs (the registry in :mod:`fedq.adapt.cut` must hold exactly these).
@@ -374,6 +442,13 @@ class RunConfig:
                 "(the proximal term is not per-example clipped); use fedavg or fedadam"
             )
         split = self.mode == "split"
+        sites = self.runtime.sites
+        if sites and sum(s.clients for s in sites) != self.fed.num_clients:
+            p.append(
+                f"runtime.sites: the sites hold {sum(s.clients for s in sites)} clients in all "
+                f"({' + '.join(str(s.clients) for s in sites)}), but fed.num_clients is "
+                f"{self.fed.num_clients}"
+            )
         allowed = ("none", "activations") if split else ("none", "dpsgd", "central", "laplace")
         if self.privacy.mechanism not in allowed:
             p.append(
@@ -477,6 +552,12 @@ def _coerce(value: Any, tp: Any, key: str, problems: Problems) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key, problems)
+    if origin is tuple:  # tuple[X, ...]: a YAML list of X
+        if not isinstance(value, list | tuple):
+            problems.append(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return None
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item, f"{key}[{i}]", problems) for i, v in enumerate(value))
     ok = (
         (tp is bool and isinstance(value, bool))
         or (tp is int and isinstance(value, int) and not isinstance(value, bool))

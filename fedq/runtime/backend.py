@@ -1,8 +1,9 @@
 """Run host objects as Ray actors (default) or in the driver process (tests, debugging).
 
 Ray starts embedded and capped to the machine (CPUs, object-store memory) unless ``ray_address``
-attaches to an existing cluster. Only small scalars and lists travel through Ray; tensors travel
-over the transport.
+attaches to an existing cluster. A run reserves its hosts in one placement group and starts each
+in its bundle (:mod:`fedq.runtime.placement` decides what each asks for). Only small scalars and
+lists travel through Ray; tensors travel over the transport.
 
 An embedded Ray keeps its session files in ``<tmp>/fedq-ray-<driver pid>-*``, removed when the
 run ends. A driver killed outright (SIGKILL) cannot clean up, and a few of Ray's helper processes
@@ -26,7 +27,9 @@ from fedq.config import RuntimeConfig
 log = logging.getLogger(__name__)
 
 
-#: GPU share each Ray host asks for with ``runtime.device: cuda`` (up to 100 hosts per GPU).
+#: GPU share each Ray host asks for with ``runtime.device: cuda`` unless told otherwise
+#: (``runtime.gpus_per_worker``), so that Ray shows it the device (CUDA_VISIBLE_DEVICES) and packs
+#: the server and workers onto one GPU: up to 100 hosts per GPU.
 GPU_SHARE = 0.01
 #: Session folders of embedded Ray: ``<tmp>/fedq-ray-<driver pid>-<random>``.
 RAY_TMP_PREFIX = "fedq-ray-"
@@ -76,9 +79,14 @@ def wants_gpu(rt: RuntimeConfig) -> bool:
 
 class InProcessBackend:
     name = "inprocess"
+    attached = False
 
-    def spawn(self, cls: type, *args: Any, **kwargs: Any) -> Any:
+    def spawn_at(self, bundle: int, ask: dict[str, float], cls: type, *args: Any,
+                 **kwargs: Any) -> Any:  # fmt: skip
         return cls(*args, **kwargs)
+
+    def cluster_cpus(self) -> int | None:
+        return None
 
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method)(*args)
@@ -99,8 +107,10 @@ class RayBackend:
         self.ray = ray
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        self.attached = bool(rt.ray_address)  # an existing cluster, possibly of many nodes
         self._started = False
         self._tmp: str | None = None
+        self._group: Any = None  # the run's placement group (reserve)
         if not ray.is_initialized():
             if rt.ray_address:
                 ray.init(address=rt.ray_address, log_to_driver=False, logging_level=logging.WARNING)
@@ -116,17 +126,53 @@ class RayBackend:
                     _temp_dir=self._tmp,
                 )
             self._started = True
-        # runtime.device cuda: each host asks for a small share of a GPU so that Ray shows it
-        # the device (CUDA_VISIBLE_DEVICES) and packs the server and workers onto one GPU
-        self._gpu_share = GPU_SHARE if wants_gpu(rt) else 0.0
 
-    def spawn(self, cls: type, *args: Any, **kwargs: Any) -> Any:
-        # Hosts use 0 logical CPUs so N workers + a server always schedule on a small machine;
-        # each host caps its own torch threads instead.
+    def spawn_at(self, bundle: int, ask: dict[str, float], cls: type, *args: Any,
+                 **kwargs: Any) -> Any:  # fmt: skip
+        """An actor of ``cls`` holding ``ask`` (Ray resources) in bundle ``bundle`` of the run's
+        placement group (:meth:`reserve`)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        custom = {k: v for k, v in ask.items() if k not in ("CPU", "GPU")}
+        where = PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=bundle)
         actor: Any = self.ray.remote(cls).options(
-            num_cpus=0, num_gpus=self._gpu_share, max_concurrency=4
-        )
+            num_cpus=ask.get("CPU", 0.0), num_gpus=ask.get("GPU", 0.0), resources=custom,
+            max_concurrency=4, scheduling_strategy=where,
+        )  # fmt: skip
         return actor.remote(*args, **kwargs)
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """The cluster's live nodes: id, address, host name and total resources."""
+        return [
+            {"node_id": n["NodeID"], "node_ip": n["NodeManagerAddress"],
+             "hostname": n["NodeManagerHostname"], "resources": dict(n["Resources"])}
+            for n in self.ray.nodes() if n.get("Alive")
+        ]  # fmt: skip
+
+    def available(self) -> dict[str, float]:
+        return dict(self.ray.available_resources())
+
+    def cluster_cpus(self) -> int | None:
+        """CPUs of the whole cluster when attached to one (else None: the machine's count)."""
+        if not self.attached:
+            return None
+        return int(self.ray.cluster_resources().get("CPU", 0)) or None
+
+    def reserve(
+        self, asks: list[dict[str, float]], strategy: str, timeout: float
+    ) -> list[str] | None:
+        """Reserve one bundle per ask in a placement group (``spread`` / ``pack``); returns the
+        node id of each bundle, or None when Ray could not place them all within ``timeout``
+        seconds (the group is then removed). The group ends with the run (:meth:`shutdown`)."""
+        from ray.util import placement_group, placement_group_table, remove_placement_group
+
+        group = placement_group(asks, strategy=strategy.upper())
+        if not group.wait(timeout):
+            remove_placement_group(group)
+            return None
+        self._group = group
+        table = placement_group_table(group)["bundles_to_node_id"]
+        return [str(table[i]) for i in range(len(asks))]
 
     def call(self, handle: Any, method: str, *args: Any) -> Any:
         return getattr(handle, method).remote(*args)
@@ -135,6 +181,14 @@ class RayBackend:
         return list(self.ray.get(list(futures), timeout=timeout))
 
     def shutdown(self) -> None:
+        if self._group is not None and self.ray.is_initialized():
+            from ray.util import remove_placement_group
+
+            try:
+                remove_placement_group(self._group)
+            except Exception as e:  # the cluster may be gone already
+                log.warning("could not remove the run's placement group: %s", e)
+            self._group = None
         if self._started and self.ray.is_initialized():
             self.ray.shutdown()
         if self._tmp is not None:

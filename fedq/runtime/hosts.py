@@ -23,6 +23,7 @@ from fedq.data.datasets import Shard
 from fedq.errors import FedqError
 from fedq.rounds.engine import RoundEngine
 from fedq.rounds.node import Backoff, ClientNode, TaskRunner
+from fedq.runtime.placement import SiteData, location
 from fedq.runtime.setup import build_bundle, quiet_process, torch_device
 from fedq.transport.security import TlsConfig
 from fedq.wire.control import ClientInfo, Joined
@@ -164,6 +165,9 @@ class ServerHost:
         self.transport.start()
         return str(self.transport.address)
 
+    def where(self) -> dict[str, Any]:
+        return location()
+
     def info(self) -> dict[str, Any]:
         members = self.engine.available()
         sizes = {m.index: m.num_examples for m in members}
@@ -274,7 +278,8 @@ SETTLE_TIMEOUT_S = 30.0
 
 class WorkerHost:
     """A simulation worker: a :class:`ClientNode` for the logical clients ``clients`` (roster
-    indices), each with its partition of the run's data, as principal ``principal``."""
+    indices), each with its partition of the run's data (or, with ``data``, of its site's own
+    data, read here), as principal ``principal``."""
 
     def __init__(
         self,
@@ -284,6 +289,7 @@ class WorkerHost:
         token: str | None,
         clients: Sequence[int],
         tls: TlsConfig | None = None,
+        data: SiteData | None = None,
     ) -> None:
         quiet_process(cfg.runtime.threads_per_worker)
         from fedq.rounds import client_name
@@ -291,17 +297,26 @@ class WorkerHost:
         from fedq.transport.client import TransportClient
 
         self.cfg = cfg
-        train = load_data(cfg).train
-        parts = client_partitions(cfg, train)
-        shards = Shard.local(train, {client_name(c): parts[c] for c in clients})
-        del train, parts  # only this worker's rows stay
+        if data is None:
+            train = load_data(cfg).train
+            parts = client_partitions(cfg, train)
+            shards = Shard.local(train, {client_name(c): parts[c] for c in clients})
+            del train, parts  # only this worker's rows stay
+        else:
+            shards = data.shards(cfg, clients)
         infos = [ClientInfo(cid, sh.size) for cid, sh in shards.items()]
         limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
         self.conn = TransportClient(address, client_id=principal, token=token, limits=limits,
                                     tls=tls, timeout=cfg.fed.round_timeout_s)  # fmt: skip
+
+        def runner(joined: Joined) -> TaskRunner:
+            if data is not None:
+                data.check(shards, joined)
+            return make_runner(cfg, shards, joined)
+
         self.node = ClientNode(
-            self.conn, infos, lambda joined: make_runner(cfg, shards, joined),
-            node=f"{socket.gethostname()}/{principal}", backoff=Backoff(give_up_after=60.0),
+            self.conn, infos, runner, node=f"{socket.gethostname()}/{principal}",
+            backoff=Backoff(give_up_after=60.0),
         )  # fmt: skip
         self._thread: threading.Thread | None = None
         self.result: str | None = None
@@ -321,6 +336,9 @@ class WorkerHost:
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             log.exception("client node failed")
+
+    def where(self) -> dict[str, Any]:
+        return location()
 
     def status(self) -> dict[str, Any]:
         alive = self._thread is not None and self._thread.is_alive()

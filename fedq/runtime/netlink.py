@@ -7,7 +7,10 @@ pair ``fqs<tag>``/``fqc<tag>`` with addresses from a fresh ``10.200.X.Y/30`` it 
 bucket (``tbf rate <rate> burst 64kb latency 100ms``) on *both* ends, so each direction is capped;
 everything is deleted in ``finally`` (deleting a namespace deletes its veth end). Only those
 namespaces and addresses are touched. Root and iproute2 (``ip``, ``tc``) are required;
-:class:`LinkUnavailable` says why not.
+:class:`LinkUnavailable` says why not. :func:`ray_pair` starts a two-node Ray cluster across such
+a link (the head in one namespace, a worker node in the other) and ends exactly its processes;
+``python -m fedq.runtime.netlink cluster SPEC`` runs one command on such a cluster
+(:func:`on_ray_pair`).
 
 :func:`run_link_arm` starts the split server (``python -m fedq.runtime.netlink serve``) in the
 server namespace and a client (``... client``) in the other with ``ip netns exec``; they talk
@@ -152,6 +155,89 @@ def namespaces_left(tag_prefix: str = "fq") -> list[str]:
     return [n for n in names if n.startswith((f"{tag_prefix}s-", f"{tag_prefix}c-"))]
 
 
+# ---------------------------------------------------------------- a Ray cluster across a link
+
+
+def namespace_pids(ns: str) -> list[int]:
+    """The processes living in network namespace ``ns``."""
+    out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def end_namespace_processes(ns: str, grace: float = 3.0, timeout: float = 20.0) -> list[int]:
+    """End every process in namespace ``ns`` (SIGTERM, then SIGKILL after ``grace`` seconds) and
+    wait until none is left; returns the pids found. Only that namespace's processes are touched
+    (``ray stop`` would end every Ray process of the machine, other users' included)."""
+    import signal
+
+    found: set[int] = set()
+    t0 = time.monotonic()
+    while pids := namespace_pids(ns):
+        found.update(pids)
+        waited = time.monotonic() - t0
+        if waited > timeout:
+            raise FedqError(f"processes {pids} in {ns} outlived SIGKILL")
+        sig = signal.SIGKILL if waited > grace else signal.SIGTERM
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                continue
+        time.sleep(0.2)
+    return sorted(found)
+
+
+@dataclass(frozen=True)
+class RayPair:
+    """A two-node Ray cluster across ``link``: the head node in ``link.server_ns`` (its GCS at
+    ``address``), a worker node in ``link.client_ns``, each with one CPU and its own
+    resources. A driver runs in the head's namespace (``ip netns exec``)."""
+
+    link: LinkPair
+    address: str
+
+
+@contextmanager
+def ray_pair(
+    head_resources: dict[str, float], worker_resources: dict[str, float], *,
+    rate: str = "1gbit", object_store_bytes: int = 100_000_000, port: int = 6379,
+) -> Iterator[RayPair]:  # fmt: skip
+    """A Ray head in one namespace and a worker node in another (:func:`veth_link`), started with
+    ``ray start`` (one CPU each, a small object store, no dashboard, session files in a fresh
+    short-named folder); afterwards every process in both namespaces is ended, the folder and
+    the namespaces removed, even when starting failed."""
+    import json as _json
+    import tempfile
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    with veth_link(rate) as link:
+        # Ray's socket paths are length-limited: keep the session folder short
+        tmp = Path(tempfile.mkdtemp(prefix="fqrc-", dir="/tmp" if os.path.isdir("/tmp") else None))
+        common = ["--num-cpus", "1", "--object-store-memory", str(object_store_bytes),
+                  "--disable-usage-stats"]  # fmt: skip
+        address = f"{link.server_ip}:{port}"
+        try:
+            for ns, args in (
+                (link.server_ns, ["--head", "--port", str(port), "--include-dashboard", "false",
+                                  "--node-ip-address", link.server_ip,
+                                  "--resources", _json.dumps(head_resources),
+                                  "--temp-dir", str(tmp / "head")]),
+                (link.client_ns, ["--address", address, "--node-ip-address", link.client_ip,
+                                  "--resources", _json.dumps(worker_resources),
+                                  "--temp-dir", str(tmp / "node")]),
+            ):  # fmt: skip
+                cmd = ["ip", "netns", "exec", ns, ray, "start", *args, *common]
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+                if done.returncode != 0:
+                    raise FedqError(f"ray start in {ns} failed: {done.stderr.strip()[-2000:]}")
+            yield RayPair(link, address)
+        finally:
+            for ns in (link.client_ns, link.server_ns):
+                end_namespace_processes(ns)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ------------------------------------------------------------------------------ the two roles
 
 
@@ -258,6 +344,18 @@ def rate_bits_per_s(rate: str) -> float:
     raise FedqError(f"link rate {rate!r}: use kbit, mbit or gbit")
 
 
+def on_ray_pair(spec: dict[str, Any]) -> int:
+    """Run ``spec['argv']`` in the head's namespace of a fresh :func:`ray_pair` (resources
+    ``spec['head']`` and ``spec['node']``, link ``spec.get('rate')``), with ``HEAD_ADDRESS`` in
+    it replaced by the cluster's address; returns its exit status. Everything is removed after."""
+    with ray_pair(spec["head"], spec["node"], rate=spec.get("rate", "1gbit")) as pair:
+        argv = [a.replace("HEAD_ADDRESS", pair.address) for a in spec["argv"]]
+        link = pair.link
+        print(f"two-node Ray cluster at {pair.address} (namespace {link.server_ns}), worker node "
+              f"{link.client_ip} (namespace {link.client_ns})", flush=True)  # fmt: skip
+        return subprocess.run(["ip", "netns", "exec", link.server_ns, *argv]).returncode
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     role, spec = args[0], json.loads(args[1])
@@ -265,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(serve(spec)), flush=True)
     elif role == "client":
         print(json.dumps(client(spec)), flush=True)
+    elif role == "cluster":
+        raise SystemExit(on_ray_pair(spec))
     else:
         raise SystemExit(f"unknown role {role!r}")
 

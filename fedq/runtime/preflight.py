@@ -26,6 +26,10 @@ def name_problems(cfg: RunConfig) -> list[str]:
     elif cfg.data.num_samples is not None and "num_samples" not in dataset_options(cfg.data.name):
         problems.append(f"data.num_samples: data set {cfg.data.name!r} has a fixed size; only a "
                         "generated one (mnist1d) takes a number of rows")  # fmt: skip
+    for i, site in enumerate(cfg.runtime.sites):
+        source = None if site.data is None else check_dataset_name(site.data)
+        if source:
+            problems.append(f"runtime.sites[{i}].data: {source}")
     models = BERT_MODELS + LLAMA_MODELS if cfg.mode == "split" else tuple(model_names())
     if cfg.model.name not in models:
         problems.append(
@@ -63,8 +67,15 @@ def client_sizes(cfg: RunConfig) -> list[int]:
 def preflight(cfg: RunConfig) -> dict[str, Any]:
     """Everything checkable before start-up, for a simulated run (which holds every client's
     data): the names, the data and its partition, and (hosts on this machine) the device.
-    Returns facts the driver may print."""
-    sizes = client_sizes(cfg)
+    Sites with their own data (``runtime.sites[i].data``) are read where their workers run, so
+    only their names are checked here; when every site has its own, ``data.name`` is only the
+    server's evaluation data and is not partitioned. Returns facts the driver may print."""
+    sites = cfg.runtime.sites
+    if sites and all(s.data is not None for s in sites):
+        check_names(cfg)
+        sizes: list[int] = []
+    else:
+        sizes = client_sizes(cfg)
     if not cfg.runtime.ray_address:  # a cluster may have the GPU this machine lacks
         from fedq.runtime.setup import torch_device
 

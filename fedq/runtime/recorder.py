@@ -40,12 +40,15 @@ class RunRecorder:
     """Writes one run's folder (module docstring). ``trainable_params`` sizes the fp32 baseline
     of the downlink in federated mode (the same tensors as raw fp32)."""
 
-    def __init__(self, out: Path, cfg: RunConfig, *, resume_round: int | None = None) -> None:
+    def __init__(
+        self, out: Path, cfg: RunConfig, *, resume_round: int | None = None,
+        t0: float | None = None,
+    ) -> None:  # fmt: skip
         from fedq.report import MetricsWriter, write_config
 
         self.out = out
         self.cfg = cfg
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() if t0 is None else t0  # the run's start (perf_counter)
         out.mkdir(parents=True, exist_ok=True)
         write_config(out, cfg.to_dict())
         self.previous: list[dict[str, Any]] = []

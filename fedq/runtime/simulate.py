@@ -3,11 +3,16 @@ on exactly the protocol of ``fedq serve`` / ``fedq join``.
 
 The driver only starts, observes and checkpoints: it spawns a server host (the round engine, the
 mode's workload, a gRPC server) and K worker hosts, each a client node registering its share of
-the N logical clients (client ``c`` on worker ``c % K``, so its state stays put) and pulling its
-work from the server like any ``fedq join``. The server runs the rounds; after each one the
-driver writes the record and a checkpoint (server state, and the client states that changed in
-the round: :class:`~fedq.runtime.checkpoint.ClientStateLog`) before the server opens the next, so
-``--resume`` continues exactly where a run stopped.
+the N logical clients (client ``c`` on worker ``c % K``, or as ``runtime.sites`` says, so its
+state stays put) and pulling its work from the server like any ``fedq join``. The server runs
+the rounds; after each one the driver writes the record and a checkpoint (server state, and the
+client states that changed in the round: :class:`~fedq.runtime.checkpoint.ClientStateLog`)
+before the server opens the next, so ``--resume`` continues exactly where a run stopped.
+
+Before any host starts, the hosts are reserved where :mod:`fedq.runtime.placement` says. On a
+cluster the server listens on its node's address, with TLS from credentials the driver makes for
+the run in memory and hands to the hosts as actor arguments; on one machine it listens on
+loopback (TLS only with ``runtime.tls: always``).
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from fedq.rounds import client_name
 from fedq.runtime.backend import make_backend, stop_all
 from fedq.runtime.checkpoint import ClientStateLog, load_checkpoint
 from fedq.runtime.hosts import ServerHost, WorkerHost
+from fedq.runtime.placement import HostPlan, compact, plan_hosts, reserve_hosts
 from fedq.runtime.preflight import preflight
 from fedq.runtime.recorder import RunRecorder
+from fedq.transport.certs import make_run_credentials
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +46,9 @@ REGISTER_TIMEOUT_S = 300.0
 WORKER_CHECK_S = 5.0
 
 
-def num_workers(cfg: RunConfig) -> int:
-    k = cfg.runtime.workers or os.cpu_count() or 1
+def num_workers(cfg: RunConfig, cpus: int | None = None) -> int:
+    """K: ``runtime.workers``, else one per core (``cpus``: of the cluster attached to)."""
+    k = cfg.runtime.workers or cpus or os.cpu_count() or 1
     return max(1, min(k, cfg.fed.num_clients))
 
 
@@ -56,20 +64,35 @@ def simulate(
     continues after the last checkpointed round of ``out_dir`` (model, strategy, codec, client
     and privacy state restored, never reset)."""
     preflight(cfg)  # names and data problems: one ConfigError before any host starts
+    t0 = time.perf_counter()
     out = Path(out_dir)
     ckpt = load_checkpoint(out) if resume else None
     start_round = int(ckpt["next_round"]) if ckpt is not None else 0
-    recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None)
-    n, k = cfg.fed.num_clients, num_workers(cfg)
+    backend = make_backend(cfg.runtime)
+    try:  # a placement the cluster cannot take: one ConfigError before any host starts
+        plan = plan_hosts(cfg, num_workers(cfg, backend.cluster_cpus()))
+        nodes = reserve_hosts(backend, plan, cfg.runtime)
+        recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None,
+                               t0=t0)  # fmt: skip
+    except BaseException:
+        backend.shutdown()
+        raise
+    n, k = cfg.fed.num_clients, len(plan) - 1
     roster = [client_name(i) for i in range(n)]
-    shares = {f"worker-{i}": [c for c in range(n) if c % k == i] for i in range(k)}
+    shares = {h.principal: list(h.clients) for h in plan[1:]}
     tokens = {p: secrets.token_urlsafe(24) for p in shares}
     hosts = {p: [client_name(c) for c in cs] for p, cs in shares.items()}
-    backend = make_backend(cfg.runtime)
+    # On a cluster the server listens on its node's address, and every host's traffic is TLS
+    # with credentials made here for this run and handed over as actor arguments (in memory).
+    listen = str(nodes[0]["node_ip"]) if backend.attached else "127.0.0.1"
+    creds = None
+    if backend.attached or cfg.runtime.tls == "always":
+        creds = make_run_credentials(sorted({listen, "127.0.0.1"}))
     server: Any = None
     workers: list[Any] = []
     interrupted, stopped = False, None
     lost: dict[str, str] = {}  # worker principal -> why it was lost
+    placement: dict[str, Any] = {}  # where each host runs (summary.json, the start line)
     states = ClientStateLog(out) if ckpt is None else ClientStateLog(
         out, ckpt.get("client_segments", ()), ckpt["clients"])  # fmt: skip
     marks: dict[str, int] = {}  # worker principal -> its state mark at the last checkpoint
@@ -80,10 +103,17 @@ def simulate(
     seen: dict[str, dict[str, int]] = {}
     try:
         run_id = None if ckpt is None else str(ckpt["server"]["run_id"])
-        server = backend.spawn(ServerHost, cfg, roster, tokens=tokens, hosts=hosts, run_id=run_id)
+        server = backend.spawn_at(0, plan[0].ask, ServerHost, cfg, roster, tokens=tokens,
+                                  hosts=hosts, run_id=run_id, host=listen,
+                                  tls=creds.server_tls() if creds else None)  # fmt: skip
         address = backend.get([backend.call(server, "start")])[0]
-        workers = [backend.spawn(WorkerHost, cfg, address, p, tokens[p], shares[p]) for p in shares]
-        backend.get([backend.call(w, "start") for w in workers])
+        client_tls = creds.client_tls() if creds else None
+        workers = [backend.spawn_at(i, h.ask, WorkerHost, cfg, address, h.principal,
+                                    tokens[h.principal], list(h.clients), tls=client_tls,
+                                    data=h.data)
+                   for i, h in enumerate(plan) if i]  # fmt: skip
+        _start_workers(backend, workers, plan[1:], nodes[1:], lost)
+        placement = _placement(backend, server, workers, plan, cfg, address, creds is not None)
         ready = backend.get([backend.call(server, "wait_available", n, REGISTER_TIMEOUT_S)])[0]
         if ready < n:
             raise FedqError(f"only {ready} of {n} clients registered within {REGISTER_TIMEOUT_S} s")
@@ -91,7 +121,8 @@ def simulate(
             _restore(backend, server, workers, list(shares), ckpt, cfg)
         info = backend.get([backend.call(server, "info")])[0]
         info.update(workers=k, backend=backend.name, start_round=start_round,
-                    startup_seconds=round(time.perf_counter() - recorder.t0, 2))  # fmt: skip
+                    startup_seconds=round(time.perf_counter() - recorder.t0, 2),
+                    placement=placement)  # fmt: skip
         recorder.trainable_params = int(info["trainable_params"])
         log.info("run started: %s", info)
         if on_start:
@@ -138,9 +169,53 @@ def simulate(
         stop_all(backend, server)
     extra: dict[str, Any] = {"interrupted": interrupted, "name": cfg.name, "mode": cfg.mode,
                              "stopped_reason": stopped, "privacy": info_privacy(cfg),
-                             "workers_lost": lost,
+                             "workers_lost": lost, "placement": placement,
                              **_add_bytes(bytes_before, *seen.values())}  # fmt: skip
     return recorder.finish(extra, bit_maps if cfg.mode == "split" else None)
+
+
+def _start_workers(
+    backend: Any, workers: list[Any], plan: list[HostPlan], nodes: list[dict[str, Any]],
+    lost: dict[str, str],
+) -> None:  # fmt: skip
+    """Register every worker's clients; a worker that cannot start (say, its site's data is not
+    on its node) is a FedqError naming it, its node and why (and it counts as lost)."""
+    calls = [backend.call(w, "start") for w in workers]
+    for call, h, node in zip(calls, plan, nodes, strict=True):
+        try:
+            backend.get([call])
+        except Exception as e:  # Ray's error of a failed actor: its last line says why
+            lost[h.principal] = f"{type(e).__name__} at start"
+            if isinstance(e, FedqError):
+                raise
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            where = f" on {node['node_ip']} ({node['hostname']})" if node["node_ip"] else ""
+            site = "" if h.site is None else f" (runtime.sites[{h.site}])"
+            raise FedqError(f"{h.principal}{site}{where} could not start: "
+                            f"{lines[-1] if lines else type(e).__name__}") from e  # fmt: skip
+
+
+def _placement(
+    backend: Any, server: Any, workers: list[Any], plan: list[HostPlan], cfg: RunConfig,
+    address: str, tls: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Where each host runs, as the hosts themselves report it (for summary.json and the
+    console): the server's node and address, and per worker its node and its clients."""
+    where = backend.get([backend.call(h, "where") for h in [server, *workers]])
+    rt = cfg.runtime
+    out: dict[str, Any] = {
+        "backend": backend.name, "cluster": backend.attached,
+        "strategy": rt.placement if backend.name == "ray" else None,
+        "address": address, "tls": tls,
+        "server": {**where[0], "resource": rt.server_resource}, "workers": {},
+    }  # fmt: skip
+    for h, w in zip(plan[1:], where[1:], strict=True):
+        site = None if h.site is None else rt.sites[h.site]
+        out["workers"][h.principal] = {
+            **w, "clients": compact(h.clients), "num_clients": len(h.clients), "site": h.site,
+            "resource": site.resource if site else None, "data": site.data if site else None,
+        }  # fmt: skip
+    return out
 
 
 def _zero_bytes() -> dict[str, int]:

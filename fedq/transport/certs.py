@@ -1,4 +1,6 @@
-"""A development certificate authority and client tokens: what ``fedq certs DIR`` writes.
+"""A development certificate authority and client tokens: what ``fedq certs DIR`` writes; and a
+run's ephemeral CA and server certificate held in memory (:func:`make_run_credentials`), which a
+simulation on a Ray cluster hands its hosts instead of files.
 
 One call makes everything a TLS or mutual-TLS deployment of fedq needs: a CA, a server certificate
 whose subjectAltNames are the host names and IP addresses clients dial, one client certificate per
@@ -21,7 +23,7 @@ import logging
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
@@ -30,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedq.errors import ConfigError
+from fedq.transport.security import TlsConfig
 from fedq.transport.tokens import write_private_file, write_token, write_tokens
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_DAYS = 365
 MAX_DAYS = 3650
+#: Validity of a run's in-memory credentials (:func:`make_run_credentials`): a run that lasts
+#: longer must be resumed (a resumed run gets fresh ones).
+RUN_DAYS = 30
 #: Client ids become file names, certificate common names (at most 64 characters) and gRPC
 #: metadata values, so they are restricted to a portable, printable set.
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -219,6 +225,24 @@ def _leaf(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
+def _authority(
+    common_name: str, days: int
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey, dt.datetime]:
+    """A self-signed CA valid for ``days`` (from a little before now); returns it, its key and
+    the end of its validity."""
+    now = dt.datetime.now(dt.UTC)
+    start, end = now - _CLOCK_SKEW, now + dt.timedelta(days=days)
+    ca_key = _key()
+    ca_name = _name(common_name)
+    ca = (
+        _builder(ca_name, ca_name, ca_key, start, end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_key_usage(cert_sign=True), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return ca, ca_key, end
+
+
 def _pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -264,16 +288,7 @@ def make_credentials(
         raise ConfigError(f"certs: days must be in 1..{MAX_DAYS}, got {days}")
     files = CredentialFiles.under(root, ids)
     # Everything is made in memory first: a failure leaves no half-written set behind.
-    now = dt.datetime.now(dt.UTC)
-    start, end = now - _CLOCK_SKEW, now + dt.timedelta(days=days)
-    ca_key = _key()
-    ca_name = _name("fedq development CA")
-    ca = (
-        _builder(ca_name, ca_name, ca_key, start, end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    ca, ca_key, end = _authority("fedq development CA", days)
     first = sans[0].value
     server = _leaf(str(first), ExtendedKeyUsageOID.SERVER_AUTH, ca, ca_key, end, sans)
     clients = {cid: _leaf(cid, ExtendedKeyUsageOID.CLIENT_AUTH, ca, ca_key, end) for cid in ids}
@@ -292,3 +307,32 @@ def make_credentials(
         write_token(paths.token, tokens[cid])
     logger.info("wrote a development CA and credentials for %d clients to %s", len(ids), root)
     return Issued(files, [str(n.value) for n in sans], end, removed)
+
+
+@dataclass(frozen=True, slots=True)
+class RunCredentials:
+    """One run's TLS material, in memory only: the PEM of a fresh CA's certificate (what clients
+    trust) and of a server certificate for ``hosts`` with its key. The CA's key is dropped once
+    the server certificate is signed, so nothing else can ever be issued under it."""
+
+    hosts: tuple[str, ...]
+    ca_pem: bytes = field(repr=False)
+    server_cert_pem: bytes = field(repr=False)
+    server_key_pem: bytes = field(repr=False)
+
+    def server_tls(self) -> TlsConfig:
+        return TlsConfig.from_pem(cert=self.server_cert_pem, key=self.server_key_pem)
+
+    def client_tls(self) -> TlsConfig:
+        return TlsConfig.from_pem(ca=self.ca_pem)
+
+
+def make_run_credentials(hosts: Sequence[str], *, days: int = RUN_DAYS) -> RunCredentials:
+    """An ephemeral CA and a server certificate for ``hosts`` (the addresses clients dial), as
+    PEM bytes: what a simulation's driver hands its hosts for one run, written nowhere."""
+    sans = parse_hosts(hosts)
+    if not 1 <= days <= MAX_DAYS:
+        raise ConfigError(f"certs: days must be in 1..{MAX_DAYS}, got {days}")
+    ca, ca_key, end = _authority("fedq run CA", days)
+    cert, key = _leaf(str(sans[0].value), ExtendedKeyUsageOID.SERVER_AUTH, ca, ca_key, end, sans)
+    return RunCredentials(tuple(str(n.value) for n in sans), _pem(ca), _pem(cert), _key_pem(key))

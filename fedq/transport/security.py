@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,48 +29,72 @@ class AuthenticationError(FedqError):
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
-    """PEM files for TLS. On a server ``cert_file``/``key_file`` are its identity and ``ca_file``
-    verifies client certificates (mTLS with ``require_client_cert``). On a client ``ca_file``
-    verifies the server, and ``cert_file``/``key_file`` (optional) are its own identity for mTLS.
-    ``server_name`` overrides the name the client expects in the server certificate."""
+    """PEM material for TLS, from files (``*_file``) or in memory (``*_pem``, see
+    :meth:`from_pem`; one of the two per item). On a server ``cert``/``key`` are its identity and
+    ``ca`` verifies client certificates (mTLS with ``require_client_cert``). On a client ``ca``
+    verifies the server, and ``cert``/``key`` (optional) are its own identity for mTLS.
+    ``server_name`` overrides the name the client expects in the server certificate. PEM bytes
+    never show in the repr."""
 
     cert_file: str | None
     key_file: str | None
     ca_file: str | None = None
     require_client_cert: bool = False
     server_name: str | None = None
+    cert_pem: bytes | None = field(default=None, repr=False)
+    key_pem: bytes | None = field(default=None, repr=False)
+    ca_pem: bytes | None = field(default=None, repr=False)
 
-    def _read(self, field: str) -> bytes | None:
-        path = getattr(self, field)
+    def __post_init__(self) -> None:
+        for item in ("cert", "key", "ca"):
+            if getattr(self, f"{item}_file") is not None and getattr(self, f"{item}_pem"):
+                raise ConfigError(f"tls: give {item}_file or {item}_pem, not both")
+
+    @classmethod
+    def from_pem(
+        cls, *, cert: bytes | None = None, key: bytes | None = None, ca: bytes | None = None,
+        server_name: str | None = None,
+    ) -> TlsConfig:  # fmt: skip
+        """TLS from PEM bytes held in memory (nothing is read from or written to disk)."""
+        return cls(None, None, cert_pem=cert, key_pem=key, ca_pem=ca, server_name=server_name)
+
+    def _read(self, item: str) -> bytes | None:
+        pem: bytes | None = getattr(self, f"{item}_pem")
+        if pem:
+            return pem
+        path = getattr(self, f"{item}_file")
         if path is None:
             return None
         try:
             return Path(path).read_bytes()
         except OSError as e:
-            raise ConfigError(f"tls.{field}: cannot read {path!r}: {e.strerror}") from e
+            raise ConfigError(f"tls.{item}_file: cannot read {path!r}: {e.strerror}") from e
+
+    def _has(self, item: str) -> bool:
+        return bool(getattr(self, f"{item}_file") or getattr(self, f"{item}_pem"))
 
     def server_credentials(self) -> grpc.ServerCredentials:
-        if not self.cert_file or not self.key_file:
+        if not self._has("cert") or not self._has("key"):
             raise ConfigError("tls: a server needs cert_file and key_file")
-        if self.require_client_cert and not self.ca_file:
+        if self.require_client_cert and not self._has("ca"):
             raise ConfigError(
                 "tls: require_client_cert needs ca_file to verify client certificates"
             )
-        cert, key = self._read("cert_file"), self._read("key_file")
+        cert, key = self._read("cert"), self._read("key")
         assert cert is not None and key is not None
         return grpc.ssl_server_credentials(
             [(key, cert)],
-            root_certificates=self._read("ca_file"),
+            root_certificates=self._read("ca"),
             require_client_auth=self.require_client_cert,
         )
 
     def channel_credentials(self) -> grpc.ChannelCredentials:
-        if bool(self.cert_file) != bool(self.key_file):
+        if self._has("cert") != self._has("key"):
             raise ConfigError("tls: a client certificate needs both cert_file and key_file")
         return grpc.ssl_channel_credentials(
-            root_certificates=self._read("ca_file"),
-            private_key=self._read("key_file"),
-            certificate_chain=self._read("cert_file"),
+            root_certificates=self._read("ca"),
+            private_key=self._read("key"),
+            certificate_chain=self._read("cert"),
         )
 
 
