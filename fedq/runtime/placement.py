@@ -66,7 +66,7 @@ class SiteData:
             d = cfg.data
             parts = partition(train.y, self.count, d.partition, seed=cfg.seed, alpha=d.alpha,
                               classes_per_client=d.classes_per_client)  # fmt: skip
-        return Shard.local(train, {client_name(c): parts[c - self.first] for c in clients})
+        return {client_name(c): Shard(train, parts[c - self.first]) for c in clients}
 
     @staticmethod
     def check(shards: dict[str, Any], joined: Any) -> None:
