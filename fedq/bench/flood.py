@@ -5,10 +5,11 @@ A real :class:`~fedq.transport.TransportServer` runs in its own (spawned) proces
 that keeps each update for ``--hold-s`` seconds (as decoding and aggregating would), and
 ``--clients`` clients, each with its own token and channel, upload ``--size-mib`` MiB each, all at
 once, ``--waves`` times. The parent samples the server process's RSS throughout. Two cases in the
-same run: the server with ``--budget-mib`` (uploads beyond it wait for admission), and the
-baseline, a budget large enough for every upload at once. Reported: the server's peak RSS above
-its idle RSS in both, the budget's own peak accounting, and whether every upload was accepted.
-Results: BENCHMARKS.md, "Faults and limits".
+same run: the server with ``--budget-mib`` (an upload beyond it is refused as busy and the client
+sends it again after a jittered backoff), and the baseline, a budget large enough for every upload
+at once. Reported: the server's peak RSS above its idle RSS in both, the budget's own peak
+accounting, the refusals and retries, and whether every upload was accepted in the end.
+Results: BENCHMARKS.md, "Flood".
 """
 
 from __future__ import annotations

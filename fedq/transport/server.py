@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2
 
 from fedq.errors import ConfigError, FedqError, ResourceExhausted, TransportError
-from fedq.transport.budget import CallSlots, ServerLimits, UploadBudget
+from fedq.transport.budget import BUSY, CallSlots, ServerLimits, UploadBudget
 from fedq.transport.counters import ByteCounter, CountingFrames
 from fedq.transport.security import (
     AuthenticationError,
@@ -185,8 +185,9 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
             if code is grpc.StatusCode.INTERNAL:
                 logger.exception("fedq transport: %s step failed", phase.value)
                 reason = f"{type(e).__name__}: {e}"
-            else:
-                logger.warning("%s from %s: %s", code.name, context.peer(), e)
+            else:  # a busy upload budget is routine under load (the client retries): no warning
+                level = logging.DEBUG if BUSY in str(e) else logging.WARNING
+                logger.log(level, "%s from %s: %s", code.name, context.peer(), e)
                 reason = str(e)
         self._abort(context, code, reason[:2000])
 
