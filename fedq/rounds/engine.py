@@ -177,6 +177,11 @@ class RoundEngine:
                     self._lost(principal, "its work stream closed")
                 self._cv.notify_all()
 
+    def wake(self) -> None:
+        """Wake every thread waiting on the engine (a work stream's ``closed`` was just set)."""
+        with self._cv:
+            self._cv.notify_all()
+
     def _item_for(self, principal: str) -> tuple[WorkItem, tuple[Any, ...]]:
         if self._done is not None:
             return WorkItem("done", self._current, reason=self._done), ("done",)

@@ -151,6 +151,9 @@ class ServerHost:
     def work(self, principal: str, run_id: str, closed: threading.Event) -> Any:
         return self.engine.work(principal, run_id, closed)
 
+    def wake(self) -> None:
+        self.engine.wake()
+
     def get_task(self, client_id: str, round: int) -> Any:
         return self.engine.get_task(client_id, round)
 

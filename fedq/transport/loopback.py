@@ -49,6 +49,7 @@ class _Feed:
 
     def cancel(self) -> None:
         self._closed.set()
+        self._conn.handler.wake()
 
 
 class LoopbackConnection:

@@ -80,13 +80,17 @@ class FederatedHandler(Protocol):
 class RoundHandler(Protocol):
     """Optional: a handler that runs the round loop (the round engine) also gets ``Register`` and
     ``Work``. Both get the authenticated principal; ``work`` yields the principal's work items
-    until the run is over or ``closed`` is set (the caller went away), and returns soon after."""
+    until the run is over or ``closed`` is set (the caller went away). The transport calls
+    ``wake`` right after it sets ``closed``, so that a ``work`` waiting for news returns at once
+    (the server drops a dead client's clients as soon as its connection closes)."""
 
     def register(self, principal: str, reg: Registration) -> Joined: ...
 
     def work(
         self, principal: str, run_id: str, closed: threading.Event
     ) -> Generator[WorkItem, None, None]: ...
+
+    def wake(self) -> None: ...
 
 
 @runtime_checkable
@@ -272,7 +276,12 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         request = self._parse(context, service_pb2.WorkRequest, data)
         self._counters.add(principal, up=request.ByteSize(), control=True)
         closed = threading.Event()
-        context.add_callback(closed.set)
+
+        def gone() -> None:  # the call ended (the peer went away, or we did)
+            closed.set()
+            rounds.wake()
+
+        context.add_callback(gone)
         items = self._run(
             context, _Phase.HANDLER, lambda: rounds.work(principal, request.run_id[:200], closed)
         )

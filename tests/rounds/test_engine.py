@@ -16,6 +16,7 @@ from fedq.codec import raw
 from fedq.config import config_from_dict
 from fedq.errors import FedqError
 from fedq.rounds import client_name
+from fedq.rounds import engine as engine_module
 from fedq.rounds.engine import RoundEngine
 from fedq.rounds.workload import Member, NoPrivacy, Update
 from fedq.wire.control import ClientInfo, Registration
@@ -194,6 +195,32 @@ def test_rounds_wait_for_available_clients_then_run_all_or_nothing() -> None:
     assert hooks.records[1]["applied"] is False and w.total == 3.0
     assert set(hooks.records[1]["dropped"].values()) == {"its work stream closed"}
     assert w.closed[1] == (1, [], False)
+
+
+def test_a_closed_work_stream_is_dropped_as_soon_as_the_engine_is_woken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The transport wakes the engine when a stream's call ends: the client is dropped then, not
+    at the engine's next periodic look (made an hour here, so only the wake can end the wait)."""
+    monkeypatch.setattr(engine_module, "_TICK", 3600.0)
+    engine, w, hooks = _engine(n=2, k=2, rounds=1, min_clients=1)
+    for i in range(2):
+        _register(engine, client_name(i), client_name(i))
+    streams = {client_name(i): Stream(engine, client_name(i)) for i in range(2)}
+    engine.start()
+    first, second = _tasks(streams, 0, 2)
+    _deliver(engine, first, 0, 1.0)
+    time.sleep(0.5)  # the streams have sent what the delivery changed and wait for news again
+    gone = streams[second]
+    gone.closed.set()
+    engine.wake()
+    gone._t.join(10)
+    assert not gone._t.is_alive()  # the stream's generator returned, its clients are dropped
+    assert engine.join(10)  # and the round closed with the other client's update
+    assert hooks.records[0]["dropped"] == {second: "its work stream closed"}
+    assert hooks.records[0]["applied"] and w.total == 1.0
+    for s in streams.values():
+        s.close()
 
 
 def test_a_client_past_the_deadline_is_dropped_and_the_round_closes_with_the_rest() -> None:

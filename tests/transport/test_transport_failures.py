@@ -177,6 +177,9 @@ def test_registering_again_drops_the_split_stream_of_a_server_that_went_away(
         def work(self, principal: str, run_id: str, closed: Any) -> Iterator[WorkItem]:
             yield WorkItem("done", 0, reason="over")
 
+        def wake(self) -> None:
+            pass
+
     act = WireMessage(kind="activations", client_id="c1",
                       tensors={"act": quantize(torch.ones(2, 2), 8)})  # fmt: skip
     reg = Registration(clients=(ClientInfo("c1", 1),), fedq_version="test")
