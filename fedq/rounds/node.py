@@ -67,15 +67,21 @@ class TaskRunner(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Backoff:
-    """Exponential backoff with full jitter: wait ``uniform(0, min(cap, base * 2**attempt))``,
-    giving up once failures have lasted ``give_up_after`` seconds."""
+    """Exponential backoff with full jitter: wait ``uniform(0, min(cap, base * 2**attempt,
+    max(base, elapsed)))``, giving up once failures have lasted ``give_up_after`` seconds.
+
+    ``elapsed`` is how long the failures have lasted so far: no wait is longer than the outage
+    was, so a client is back at most about twice the outage after it began. Counting attempts
+    alone, a server that restarts in 2 s is refused quickly five or six times, and the next wait
+    may be up to 16 s."""
 
     base: float = 0.5
     cap: float = 20.0
     give_up_after: float = 600.0
 
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        return rng.uniform(0.0, min(self.cap, self.base * 2.0 ** min(attempt, 30)))
+    def delay(self, attempt: int, rng: random.Random, elapsed: float = float("inf")) -> float:
+        top = min(self.cap, self.base * 2.0 ** min(attempt, 30), max(self.base, elapsed))
+        return rng.uniform(0.0, top)
 
 
 class ClientNode:
@@ -160,7 +166,7 @@ class ClientNode:
                     raise TransportError(
                         e.code, f"gave up after {self.backoff.give_up_after:g} s: {e.reason}"
                     ) from e
-                wait = self.backoff.delay(attempt, self._rng)
+                wait = self.backoff.delay(attempt, self._rng, time.monotonic() - start)
                 log.warning("%s failed (%s); retrying in %.1f s", what, e, wait)
                 self._event("retry", what=what, error=str(e), wait=wait)
                 attempt += 1

@@ -172,6 +172,9 @@ def test_backoff_is_exponential_with_full_jitter_and_a_cap() -> None:
         draws = [b.delay(attempt, rng) for _ in range(200)]
         assert min(draws) >= 0 and max(draws) <= top
         assert max(draws) > 0.8 * top  # the whole interval is used (full jitter)
+    for attempt, elapsed, top in [(10, 0.1, 0.5), (10, 1.5, 1.5), (10, 30.0, 4.0), (1, 30.0, 1.0)]:
+        draws = [b.delay(attempt, rng, elapsed) for _ in range(200)]  # never longer than the
+        assert max(draws) <= top and max(draws) > 0.8 * top  # outage so far (at least base)
 
 
 def test_wait_idle_waits_for_the_running_task_of_a_round() -> None:
