@@ -198,7 +198,7 @@ def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, An
                     raise FedqError(f"bench transport: the {way} run took over "
                                     f"{WAY_TIMEOUT_S:g} s")  # fmt: skip
                 time.sleep(POLL_S)
-            wall = time.monotonic() - t0
+            wall, end_ns = time.monotonic() - t0, time.time_ns()
         records.poll()
     finally:
         for p in procs:
@@ -208,13 +208,15 @@ def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, An
     for p in procs:
         if p.proc.returncode != 0:
             raise p.failed()
-    return _summarize(way, records, t0_ns, wall, listening, mem, clients)
+    return _summarize(way, records, (t0_ns, end_ns), wall, listening, mem, clients)
 
 
 def _summarize(
-    way: str, records: _Records, t0_ns: int, wall: float, listening: float | None,
+    way: str, records: _Records, span_ns: tuple[int, int], wall: float, listening: float | None,
     mem: TreeMemorySampler, clients: int,
 ) -> dict[str, Any]:  # fmt: skip
+    """A way's numbers; ``span_ns``: its launch and its end (every process exited), wall clock
+    like the records' times."""
     recs, stamps = records.records, records.written_ns
     if not recs or [r["round"] for r in recs] != list(range(len(recs))):
         raise FedqError(f"bench transport: the {way} run logged rounds "
@@ -222,17 +224,20 @@ def _summarize(
     between = [(b - a) / 1e9 for a, b in itertools.pairwise(stamps)]
     opened0 = stamps[0] - int(recs[0]["round_seconds"] * 1e9)
     per_round = [int(r["bytes_up"]) + int(r["bytes_down"]) for r in recs]
+    engine = [float(r["round_seconds"]) for r in recs]
     return {
         "way": way,
         "label": LABELS[way] if way != "serve" else f"fedq serve + {clients} joins (TLS)",
         "rounds": len(recs),
-        "startup_s": round((opened0 - t0_ns) / 1e9, 3),
+        "startup_s": round((opened0 - span_ns[0]) / 1e9, 3),
         "listening_s": None if listening is None else round(listening, 3),
         "round0_s": recs[0]["round_seconds"],
         "seconds_per_round": round(statistics.median(between), 4) if between else None,
         "round_seconds": [round(s, 4) for s in between],
-        "engine_round_seconds": [r["round_seconds"] for r in recs],
+        "engine_seconds_per_round": statistics.median(engine[1:]) if len(engine) > 1 else None,
+        "engine_round_seconds": engine,
         "wall_s": round(wall, 3),
+        "shutdown_s": round((span_ns[1] - stamps[-1]) / 1e9, 3),
         "bytes_per_round": statistics.median(per_round),
         "bytes": [[int(r["bytes_up"]), int(r["bytes_down"])] for r in recs],
         "accuracy": [r["accuracy"] for r in recs],
@@ -301,15 +306,18 @@ def _print_report(result: dict[str, Any]) -> None:
         f"selected, {cfg['rounds']} rounds, seed {cfg['seed']}, 1 torch thread per process | "
         f"{cpu_model()}, {os.cpu_count()} cores"
     )
-    print(f"{'way':32s} {'start-up':>9s} {'round 0':>8s} {'s/round':>8s} {'wall':>7s} "
-          f"{'procs':>5s} {'peak RSS':>9s} {'peak PSS':>9s} {'bytes/round':>11s} "
-          f"{'accuracy':>8s}")  # fmt: skip
+    print(f"{'way':32s} {'start-up':>9s} {'round 0':>8s} {'s/round':>8s} {'engine':>7s} "
+          f"{'end':>7s} {'wall':>7s} {'procs':>5s} {'peak RSS':>9s} {'peak PSS':>9s} "
+          f"{'bytes/round':>11s} {'accuracy':>8s}")  # fmt: skip
     for r in rows:
-        spr = "-" if r["seconds_per_round"] is None else f"{r['seconds_per_round']:.3f}"
+        spr, eng = (
+            "-" if v is None else f"{v:.3f}"
+            for v in (r["seconds_per_round"], r["engine_seconds_per_round"])
+        )
         print(f"{r['label']:32s} {r['startup_s']:7.2f} s {r['round0_s']:6.2f} s {spr:>8s} "
-              f"{r['wall_s']:5.1f} s {r['peak_processes']:5d} {r['peak_rss_gib']:7.2f} G "
-              f"{r['peak_pss_gib']:7.2f} G {r['bytes_per_round']:11,.0f} "
-              f"{r['final_accuracy']:8.4f}")  # fmt: skip
+              f"{eng:>7s} {r['shutdown_s']:5.1f} s {r['wall_s']:5.1f} s {r['peak_processes']:5d} "
+              f"{r['peak_rss_gib']:7.2f} G {r['peak_pss_gib']:7.2f} G "
+              f"{r['bytes_per_round']:11,.0f} {r['final_accuracy']:8.4f}")  # fmt: skip
     for way, q in result["serve_over"].items():
         shown = ", ".join(
             f"{k} {v:.2f}x"
@@ -324,13 +332,14 @@ def _print_report(result: dict[str, Any]) -> None:
             if v is not None
         )
         print(f"serve + joins / {LABELS[way].removeprefix('fedq ')}: {shown}")  # fmt: skip
+    served = [r for r in rows if r["listening_s"] is not None]
+    if served:
+        print(f"fedq serve listened after {served[0]['listening_s']:.2f} s; the joins started "
+              "then")  # fmt: skip
     agree = result["agree"]
-    print(
-        f"every round's bytes equal across the ways: {'yes' if agree['bytes'] else 'NO'}; "
-        f"every round's accuracy equal: {'yes' if agree['accuracy'] else 'NO'}"
-    )
-    print(
-        "(start-up: launch -> round 0 opened; round 0: its open -> close; s/round: median "
-        "record-to-record time of rounds 1..; memory: the way's processes and descendants, "
-        "sampled every 0.5 s)"
-    )
+    print(f"every round's bytes equal across the ways: {'yes' if agree['bytes'] else 'NO'}; "
+          f"every round's accuracy equal: {'yes' if agree['accuracy'] else 'NO'}")  # fmt: skip
+    print("(start-up: launch -> round 0 opened; round 0: its open -> close; s/round: median "
+          "record-to-record time of rounds 1..; engine: their median open -> close; end: last "
+          "record -> every process exited; memory: the way's processes and descendants, "
+          "sampled every 0.5 s)")  # fmt: skip

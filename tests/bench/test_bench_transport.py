@@ -74,6 +74,7 @@ def test_bench_transport_rounds_part_runs_three_ways_alike(tmp_path: Path) -> No
         assert w["rounds"] == 2 and len(w["bytes"]) == len(w["accuracy"]) == 2
         assert len(w["engine_round_seconds"]) == 2 and w["round0_s"] == w["engine_round_seconds"][0]
         assert len(w["round_seconds"]) == 1 and w["seconds_per_round"] == w["round_seconds"][0]
+        assert w["engine_seconds_per_round"] == w["engine_round_seconds"][1]
         assert w["bytes_per_round"] == statistics.median(up + down for up, down in w["bytes"])
         assert min(up for up, _ in w["bytes"]) > 0 and min(d for _, d in w["bytes"]) > 0
         assert w["final_accuracy"] == w["accuracy"][-1] is not None
