@@ -7,8 +7,8 @@ subprocesses of this one:
 
 - ``ray``: ``fedq simulate`` on the Ray backend (the default): the driver, Ray's own processes,
   a server actor and one worker actor per core, each hosting a share of the clients;
-- ``inprocess``: ``fedq simulate`` with ``runtime.backend=inprocess``: every host a thread of one
-  process;
+- ``inprocess``: ``fedq simulate`` with ``runtime.backend=inprocess``: every host in one process,
+  the worker hosts' client nodes on threads;
 - ``serve``: ``fedq serve`` and one ``fedq join`` process per client over TLS on loopback
   (credentials from ``fedq certs``, each site's data file from ``fedq shard``); the joins start
   once the server listens.
@@ -22,9 +22,10 @@ must be equal across the ways, and the table shows them. Every process runs torc
 
 Per way: start-up (launch -> round 0 opened), round 0 (the engine's open -> close), seconds per
 round (median over rounds 1.. of the time between consecutive records of ``metrics.jsonl``, taken
-from the file's modification times, so the checkpoint and the opening of the next round count),
-bytes per round, the final accuracy, wall time (launch -> every process exited) and the peak RSS
-and PSS of the way's processes with all their descendants. Nothing about time is asserted.
+from the file's modification times, so the checkpoint and the opening of the next round count;
+beside it the engine's open -> close of those rounds), bytes per round, the final accuracy, the
+end (last record -> every process exited), wall time, and the peak RSS and PSS of the way's
+processes with all their descendants. Nothing about time is asserted.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
@@ -194,6 +196,9 @@ def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, An
                     mem.track(procs[-1].proc.pid)
             while any(p.proc.poll() is None for p in procs):
                 records.poll()
+                failed = next((p for p in procs if p.proc.returncode not in (None, 0)), None)
+                if failed is not None:  # say so now, not when the others give up waiting
+                    raise failed.failed()
                 if time.monotonic() > deadline:
                     raise FedqError(f"bench transport: the {way} run took over "
                                     f"{WAY_TIMEOUT_S:g} s")  # fmt: skip
@@ -201,14 +206,26 @@ def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, An
             wall, end_ns = time.monotonic() - t0, time.time_ns()
         records.poll()
     finally:
-        for p in procs:
-            if p.proc.poll() is None:
-                p.proc.kill()
-                p.proc.wait(10)
+        _stop(procs)
     for p in procs:
         if p.proc.returncode != 0:
             raise p.failed()
     return _summarize(way, records, (t0_ns, end_ns), wall, listening, mem, clients)
+
+
+def _stop(procs: list[_Process]) -> None:
+    """End what is still running (a way that failed): Ctrl-C first, as a user would (a
+    simulation then stops its Ray processes), killed if it has not ended within 30 s."""
+    running = [p for p in procs if p.proc.poll() is None]
+    for p in running:
+        p.proc.send_signal(signal.SIGINT)
+    end = time.monotonic() + 30
+    for p in running:
+        try:
+            p.proc.wait(max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.proc.kill()
+            p.proc.wait(10)
 
 
 def _summarize(
