@@ -10,32 +10,47 @@ import psutil
 class TreeMemorySampler:
     """Samples the summed RSS and PSS of a process (``pid``; default this one) and all its
     descendants every ``interval`` seconds; PSS splits shared pages between processes, so it is
-    the honest total."""
+    the honest total. :meth:`track` adds further trees (processes started beside the first one,
+    not under it); each process is counted once."""
 
     def __init__(self, interval: float = 0.5, pid: int | None = None) -> None:
         self.interval = interval
         self.pid = pid
         self.peak_rss = 0
         self.peak_pss = 0
+        self.peak_processes = 0
+        self._roots: list[int | None] = [pid]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def track(self, pid: int) -> None:
+        """Sample the tree of ``pid`` too, from now on."""
+        self._roots = [*self._roots, pid]
+
+    def _tree(self) -> dict[int, psutil.Process]:
+        procs: dict[int, psutil.Process] = {}
+        for pid in self._roots:
+            try:
+                root = psutil.Process(pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:  # the process sampled has ended
+                continue
+            procs.update((p.pid, p) for p in tree)
+        return procs
+
     def _sample(self) -> None:
-        try:
-            root = psutil.Process(self.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:  # the process sampled has ended
-            return
-        rss = pss = 0
-        for p in tree:
+        rss = pss = n = 0
+        for p in self._tree().values():
             try:
                 info = p.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
+            n += 1
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_pss = max(self.peak_pss, pss)
+        self.peak_processes = max(self.peak_processes, n)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

@@ -1,4 +1,6 @@
-"""Transport throughput: a packed payload through fedq's gRPC path vs a raw-bytes gRPC stream.
+"""Transport: a packed payload's throughput through fedq's gRPC path vs a raw-bytes gRPC stream
+(``--part throughput``), and seconds per round of a run deployed as processes vs simulated
+(``--part rounds``, :mod:`fedq.bench.deploy_rounds`); ``--part all`` (the default) runs both.
 
 fedq's path is what a model update takes: a ``WireMessage`` of 4-bit packed tensors is serialized
 and chunked by ``TransportClient.push_update``, received by a real ``TransportServer``, reassembled
@@ -7,7 +9,8 @@ through ``GetTask``. The baseline, in the same run and the same server process, 
 generic-handler gRPC service streaming the same number of bytes in chunks of the same size with no
 framing beyond gRPC's own. Server and client run in separate processes (spawned) so the GIL does
 not couple them, with and without TLS (credentials from :mod:`fedq.transport.certs`). Goal: fedq's
-path at >= 80% of the raw stream's throughput. Results: BENCHMARKS.md, "Transport".
+path at >= 80% of the raw stream's throughput. Results: BENCHMARKS.md, "Transport" and
+"Transport: seconds per round, serve + joins vs simulate".
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
+from fedq.bench import deploy_rounds
 from fedq.bench.machine import machine_info
 
 if TYPE_CHECKING:  # grpc, torch and the codec load when the bench runs, not when the CLI starts
@@ -41,17 +45,25 @@ MB = 1e6
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size-mib", type=int, default=64, help="packed payload size (MiB)")
-    p.add_argument("--repeats", type=int, default=5, help="timed transfers per case (median kept)")
-    p.add_argument("--chunk-kib", type=int, default=1024, help="chunk size of both paths (KiB)")
-    p.add_argument("--tls", choices=("both", "on", "off"), default="both", help="TLS cases run")
     p.add_argument(
+        "--part",
+        choices=("all", "throughput", "rounds"),
+        default="all",
+        help="throughput (payload over gRPC), rounds (serve + joins vs simulate) or all",
+    )
+    p.add_argument("--seed", type=int, default=0, help="payload seed; the rounds' scenario seed")
+    g = p.add_argument_group("throughput")
+    g.add_argument("--size-mib", type=int, default=64, help="packed payload size (MiB)")
+    g.add_argument("--repeats", type=int, default=5, help="timed transfers per case (median kept)")
+    g.add_argument("--chunk-kib", type=int, default=1024, help="chunk size of both paths (KiB)")
+    g.add_argument("--tls", choices=("both", "on", "off"), default="both", help="TLS cases run")
+    g.add_argument(
         "--direction",
         choices=("both", "upload", "download"),
         default="both",
         help="upload (PushUpdate), download (GetTask) or both",
     )
-    p.add_argument("--seed", type=int, default=0)
+    deploy_rounds.add_arguments(p)
 
 
 def payload_message(size_mib: int, seed: int, kind: str = "update") -> WireMessage:
@@ -380,16 +392,11 @@ def _print_report(result: dict[str, Any]) -> None:
     print(f"all targets: {'PASS' if result['all_pass'] else 'FAIL'}")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.size_mib < 1 or args.repeats < 1 or args.chunk_kib < 1:
-        raise SystemExit("--size-mib, --repeats and --chunk-kib must be positive")
+def _throughput(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from fedq.transport.certs import make_credentials
-    from fedq.transport.server import MAX_CHUNK_SIZE
 
-    if args.chunk_kib * 1024 > MAX_CHUNK_SIZE:
-        raise SystemExit(f"--chunk-kib must be at most {MAX_CHUNK_SIZE // 1024}")
     torch.set_num_threads(1)
     msg = payload_message(args.size_mib, args.seed)
     from fedq.wire import bundle_to_bytes
@@ -401,9 +408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         make_credentials(tmp, [CLIENT_ID])
         for tls in modes:
             cases += _run_mode(args, msg, tmp if tls else None)
-    result: dict[str, Any] = {
-        "bench": "transport",
-        "machine": machine_info(),
+    return {
         "config": {
             "size_mib": args.size_mib,
             "payload_bytes": payload_bytes,
@@ -417,5 +422,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cases": cases,
         "all_pass": all(r["pass"] for r in cases),
     }
-    _print_report(result)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from fedq.transport.server import MAX_CHUNK_SIZE
+
+    if args.size_mib < 1 or args.repeats < 1 or args.chunk_kib < 1:
+        raise SystemExit("--size-mib, --repeats and --chunk-kib must be positive")
+    if args.chunk_kib * 1024 > MAX_CHUNK_SIZE:
+        raise SystemExit(f"--chunk-kib must be at most {MAX_CHUNK_SIZE // 1024}")
+    deploy_rounds.check_args(args)
+    result: dict[str, Any] = {"bench": "transport", "part": args.part, "machine": machine_info()}
+    if args.part in ("all", "throughput"):
+        result.update(_throughput(args))
+        _print_report(result)
+    if args.part in ("all", "rounds"):
+        result["rounds"] = deploy_rounds.run(args)
     return result
