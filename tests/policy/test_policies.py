@@ -82,3 +82,25 @@ def test_core_imports_stay_light_and_free_of_grpc() -> None:
 def test_transport_does_import_grpc() -> None:
     """Sanity check of the probe itself: it does see grpc when something imports it."""
     assert "grpc" in _top(_modules_after_import("fedq.transport"))
+
+
+#: Documents that live outside the repository: nothing in it may point to them (the repository
+#: stands alone; its own documents are in docs/). Spelled in pieces so this file is no exception.
+OUTSIDE_DOCS = ("ALGORITHMS" + ".md", "ARCHITECTURE" + ".md", "ENV" + ".md", "STYLE" + ".md",
+                "STYLE-ANCHORS" + ".md", "../" + "shared")  # fmt: skip
+
+
+def test_nothing_in_the_repository_points_to_documents_outside_it() -> None:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()  # fmt: skip
+    found = []
+    for name in files:
+        path = ROOT / name
+        if not path.is_file() or path.suffix in {".png", ".npz", ".pt", ".bin", ".gguf"}:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        found += [f"{name}: {doc}" for doc in OUTSIDE_DOCS if doc in text]
+    assert not found, found
