@@ -1,12 +1,14 @@
 """The README's multi-machine recipe and its ``fedq serve --resume`` command, taken from the README
 itself and run as written (in a scratch folder, on a free port, on loopback, with fewer rounds): if
-the README's commands stop working, this fails. (The quickstart and the other commands are run by
-test_cli.py, test_deploy.py and test_interrupt.py.)"""
+the README's commands stop working, this fails. Its usage lines are checked against the CLI's
+help. (The quickstart and the other commands are run by test_cli.py, test_deploy.py and
+test_interrupt.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -97,3 +99,25 @@ def test_the_readme_serve_and_join_recipe_runs_as_written(tmp_path: Path) -> Non
     summary = json.loads((tmp_path / "runs" / "served" / "summary.json").read_text())
     assert summary["rounds_completed"] == rounds
     assert set(summary["clients"]) == {"client-0", "client-1"}
+
+
+def test_every_option_of_the_readme_usage_lines_is_one_the_cli_takes() -> None:
+    """The README's "Using fedq" block: each command exists, every ``--option`` it shows is in
+    that command's ``--help``, and the benches it lists are the benches there are."""
+    from fedq.bench import BENCHES
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Using fedq", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [ln.split("  #", 1)[0] for ln in block.splitlines() if ln.startswith("fedq ")]
+    assert {ln.split()[1] for ln in lines} >= {"simulate", "serve", "join", "bench"}
+    for line in lines:
+        words = line.split()
+        if words[1] == "bench":
+            assert set(words[2].split("|")) == set(BENCHES), words[2]
+        shown = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
+        cmd = [words[1], BENCHES[0]] if words[1] == "bench" else [words[1]]  # options per bench
+        helped = subprocess.run([str(FEDQ), *cmd, "--help"], capture_output=True, text=True,
+                                env=ENV, timeout=120)  # fmt: skip
+        assert helped.returncode == 0, helped.stderr
+        missing = {o for o in shown if o not in helped.stdout}
+        assert not missing, f"{line!r}: fedq {words[1]} takes no {sorted(missing)}"
