@@ -31,10 +31,10 @@ processes with all their descendants. Nothing about time is asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -44,9 +44,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedq.bench.faults import fedq_command
 from fedq.bench.machine import cpu_model
 from fedq.bench.memory import TreeMemorySampler
+from fedq.bench.procs import CliProcess, run_cli
 from fedq.errors import FedqError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,33 +83,8 @@ def overrides(args: argparse.Namespace) -> list[str]:
             f"fed.min_clients={n}", f"fed.rounds={args.rounds}", *args.set]  # fmt: skip
 
 
-def _env() -> dict[str, str]:
-    # one torch (OpenMP) thread per process: up to N + 1 processes share the machine
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
 def _sets(values: list[str]) -> list[str]:
     return [a for v in values for a in ("--set", v)]
-
-
-class _Process:
-    """A CLI process of one way, its output going to a log file."""
-
-    def __init__(self, name: str, args: list[str], work: Path) -> None:
-        self.name = name
-        self.log = work / "logs" / f"{name}.log"
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("w") as f:
-            self.proc = subprocess.Popen([*fedq_command(), *args], cwd=work, env=_env(),
-                                         stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
-
-    def tail(self, lines: int = 15) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def failed(self) -> FedqError:
-        return FedqError(f"bench transport: {self.name} exited with status "
-                         f"{self.proc.returncode}; its output ends:\n{self.tail()}")  # fmt: skip
 
 
 class _Records:
@@ -141,58 +116,42 @@ class _Records:
 
 def _setup(work: Path, sets: list[str], clients: int) -> None:
     """Credentials and one data file per site, for the ``serve`` way (not timed)."""
-    for args in (["certs", str(work / "certs"), "--clients", str(clients)],
-                 ["shard", str(SCENARIO), *_sets(sets), "--out", str(work / "data")]):  # fmt: skip
-        done = subprocess.run([*fedq_command(), *args], cwd=work, env=_env(), capture_output=True,
-                              text=True, timeout=WAY_TIMEOUT_S)  # fmt: skip
-        if done.returncode != 0:
-            raise FedqError(f"bench transport: fedq {args[0]} failed: {done.stderr.strip()}")
-
-
-def _wait_line(p: _Process, pattern: str, deadline: float) -> re.Match[str]:
-    """The first match of ``pattern`` in the process's output (waiting for it)."""
-    while (m := re.search(pattern, p.log.read_text(errors="replace"), re.M)) is None:
-        if p.proc.poll() is not None:
-            raise p.failed()
-        if time.monotonic() > deadline:
-            raise FedqError(f"bench transport: {p.name} printed no line matching "
-                            f"{pattern!r} within {WAY_TIMEOUT_S:g} s; its output ends:\n"
-                            f"{p.tail()}")  # fmt: skip
-        time.sleep(POLL_S)
-    return m
+    run_cli(["certs", str(work / "certs"), "--clients", str(clients)], work, WAY_TIMEOUT_S)
+    run_cli(["shard", str(SCENARIO), *_sets(sets), "--out", str(work / "data")], work,
+            WAY_TIMEOUT_S)  # fmt: skip
 
 
 def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, Any]:
     """One way, start to end: its round times, bytes, accuracy and memory."""
     out = work / way
     records = _Records(out / "metrics.jsonl")
-    procs: list[_Process] = []
+    procs: list[CliProcess] = []
     listening = None
     try:
         t0_ns, t0 = time.time_ns(), time.monotonic()
         deadline = t0 + WAY_TIMEOUT_S
         if way == "serve":
             c = work / "certs"
-            procs.append(_Process("serve", [
-                "serve", str(SCENARIO), *_sets(sets), "--listen", "127.0.0.1:0",
-                "--tokens", str(c / "tokens.yaml"), "--cert", str(c / "server.pem"),
-                "--key", str(c / "server.key"), "--out", str(out)], work))  # fmt: skip
+            serve = ["serve", str(SCENARIO), *_sets(sets), "--listen", "127.0.0.1:0",
+                     "--tokens", str(c / "tokens.yaml"), "--cert", str(c / "server.pem"),
+                     "--key", str(c / "server.key"), "--out", str(out)]  # fmt: skip
+            procs.append(CliProcess("serve", serve, work, WAY_TIMEOUT_S))
         else:
-            procs.append(_Process(way, ["simulate", str(SCENARIO), *_sets(sets),
-                                        "--set", f"runtime.backend={way}", "--out", str(out),
-                                        "-q"], work))  # fmt: skip
+            procs.append(CliProcess(way, ["simulate", str(SCENARIO), *_sets(sets),
+                                          "--set", f"runtime.backend={way}", "--out", str(out),
+                                          "-q"], work, WAY_TIMEOUT_S))  # fmt: skip
         with TreeMemorySampler(interval=0.5, pid=procs[0].proc.pid) as mem:
             if way == "serve":
-                address = _wait_line(procs[0], r"^listening on (\S+) \(", deadline).group(1)
-                listening = time.monotonic() - t0
+                t, line = procs[0].wait_line(r"^listening on \S+ \(", deadline - time.monotonic())
+                address, listening = line.split()[2], t - t0
                 c = work / "certs"
                 for i in range(clients):
                     cid = f"client-{i}"
-                    procs.append(_Process(cid, [
+                    procs.append(CliProcess(cid, [
                         "join", "--server", address, "--client-id", cid,
                         "--token-file", str(c / "clients" / f"{cid}.token"),
                         "--ca", str(c / "ca.pem"), "--data", f"npz:{work / 'data' / cid}.npz",
-                        "--give-up-after", "120"], work))  # fmt: skip
+                        "--give-up-after", "120"], work, WAY_TIMEOUT_S))  # fmt: skip
                     mem.track(procs[-1].proc.pid)
             while any(p.proc.poll() is None for p in procs):
                 records.poll()
@@ -207,13 +166,15 @@ def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, An
         records.poll()
     finally:
         _stop(procs)
+        for p in procs:
+            p.write_log(work / "logs")
     for p in procs:
         if p.proc.returncode != 0:
             raise p.failed()
     return _summarize(way, records, (t0_ns, end_ns), wall, listening, mem, clients)
 
 
-def _stop(procs: list[_Process]) -> None:
+def _stop(procs: list[CliProcess]) -> None:
     """End what is still running (a way that failed): Ctrl-C first, as a user would (a
     simulation then stops its Ray processes), killed if it has not ended within 30 s."""
     running = [p for p in procs if p.proc.poll() is None]
@@ -221,11 +182,10 @@ def _stop(procs: list[_Process]) -> None:
         p.proc.send_signal(signal.SIGINT)
     end = time.monotonic() + 30
     for p in running:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.proc.wait(max(0.0, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.proc.kill()
-            p.proc.wait(10)
+    for p in procs:
+        p.end(0)  # killed if still running; its output read to the end
 
 
 def _summarize(

@@ -26,20 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from fedq.bench.machine import cpu_model, machine_info
+from fedq.bench.procs import CliProcess, run_cli
 from fedq.errors import FedqError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,84 +68,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", metavar="DIR", help="keep the run folders and logs in DIR")
 
 
-def fedq_command() -> list[str]:
-    """The ``fedq`` console script next to this interpreter (the installed CLI), else the
-    module."""
-    script = Path(sys.executable).with_name("fedq")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "fedq.cli"]
-
-
-class _Proc:
-    """A CLI process whose output lines are read as they come, each with its arrival time."""
-
-    def __init__(self, name: str, args: list[str], cwd: Path) -> None:
-        self.name = name
-        # one torch thread per process: four processes share the machine (no oversubscription)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [*fedq_command(), *args],
-            cwd=cwd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.lines: list[tuple[float, str]] = []
-        self._cv = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name=f"bench-{name}", daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with self._cv:
-                self.lines.append((time.monotonic(), line.rstrip("\n")))
-                self._cv.notify_all()
-        with self._cv:
-            self._cv.notify_all()
-
-    def seen(self, pattern: str) -> bool:
-        with self._cv:
-            return any(re.search(pattern, line) for _, line in self.lines)
-
-    def wait_for(self, pattern: str, timeout: float = STEP_TIMEOUT_S, after: float = 0.0) -> float:
-        """When the first output line matching ``pattern`` (arriving after ``after``, a
-        ``time.monotonic()``) arrived, waiting for it."""
-        end = time.monotonic() + timeout
-        with self._cv:
-            while True:
-                hit = next((t for t, line in self.lines if t > after and re.search(pattern, line)),
-                           None)  # fmt: skip
-                if hit is not None:
-                    return hit
-                left = end - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    tail = "\n".join(line for _, line in self.lines[-15:])
-                    raise FedqError(
-                        f"bench faults: {self.name} printed no line matching "
-                        f"{pattern!r} within {timeout:g} s; its output ends:\n{tail}"
-                    )
-                self._cv.wait(min(left, 0.5))
-
-    def signal(self, sig: int) -> float:
-        self.proc.send_signal(sig)
-        return time.monotonic()
-
-    def end(self, timeout: float = 60.0) -> int | None:
-        """Wait for the process to exit (killed after ``timeout``); its exit status."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._reader.join(5)
-        return self.proc.returncode
-
-    def log(self) -> str:
-        with self._cv:
-            return "\n".join(line for _, line in self.lines) + "\n"
-
-
 class _Case:
     """One run: a ``fedq serve`` and three joins sharing credentials and data files."""
 
@@ -161,11 +80,11 @@ class _Case:
                      "--set", f"train.local_epochs={args.epochs}",
                      "--set", f"fed.round_timeout_s={args.round_timeout:g}"]  # fmt: skip
         self.port = _free_port()
-        self.procs: list[_Proc] = []
-        self.server: _Proc | None = None
-        self.joins: dict[str, _Proc] = {}
+        self.procs: list[CliProcess] = []
+        self.server: CliProcess | None = None
+        self.joins: dict[str, CliProcess] = {}
 
-    def serve(self, *extra: str) -> _Proc:
+    def serve(self, *extra: str) -> CliProcess:
         c = self.work / "certs"
         args = ["serve", *extra, "--listen", f"127.0.0.1:{self.port}",
                 "--tokens", str(c / "tokens.yaml"), "--cert", str(c / "server.pem"),
@@ -173,7 +92,7 @@ class _Case:
         if "--resume" not in extra:
             args[1:1] = [str(SCENARIO), *self.over]
         who = "resumed server" if "--resume" in extra else "server"
-        self.server = _Proc(f"{self.name} {who}", args, self.work)
+        self.server = CliProcess(f"{self.name} {who}", args, self.work, STEP_TIMEOUT_S)
         self.procs.append(self.server)
         return self.server
 
@@ -184,7 +103,7 @@ class _Case:
             args = ["join", "--server", f"127.0.0.1:{self.port}", "--client-id", cid,
                     "--token-file", str(c / "clients" / f"{cid}.token"), "--ca",
                     str(c / "ca.pem"), "--data", data, "--give-up-after", "120"]  # fmt: skip
-            self.joins[cid] = _Proc(f"{self.name} {cid}", args, self.work)
+            self.joins[cid] = CliProcess(f"{self.name} {cid}", args, self.work, STEP_TIMEOUT_S)
             self.procs.append(self.joins[cid])
 
     def full_rounds(self, n: int, first: int = 0) -> list[int]:
@@ -238,8 +157,7 @@ class _Case:
                 p.proc.send_signal(signal.SIGCONT)
             p.end(30 if p is self.server else 10)
         for p in self.procs:
-            (self.work / "logs").mkdir(exist_ok=True)
-            (self.work / "logs" / f"{p.name.replace(' ', '-')}.log").write_text(p.log())
+            p.write_log(self.work / "logs")
 
 
 def _free_port() -> int:
@@ -249,28 +167,9 @@ def _free_port() -> int:
 
 
 def _setup(work: Path) -> None:
-    for args in (
-        ["certs", str(work / "certs"), "--clients", "3"],
-        [
-            "shard",
-            str(SCENARIO),
-            "--set",
-            "fed.num_clients=10",
-            "--set",
-            "data.partition=iid",
-            "--out",
-            str(work / "data"),
-        ],
-    ):
-        done = subprocess.run(
-            [*fedq_command(), *args],
-            cwd=work,
-            capture_output=True,
-            text=True,
-            timeout=STEP_TIMEOUT_S,
-        )
-        if done.returncode != 0:
-            raise FedqError(f"bench faults: fedq {args[0]} failed: {done.stderr.strip()}")
+    run_cli(["certs", str(work / "certs"), "--clients", "3"], work, STEP_TIMEOUT_S)
+    run_cli(["shard", str(SCENARIO), "--set", "fed.num_clients=10", "--set", "data.partition=iid",
+             "--out", str(work / "data")], work, STEP_TIMEOUT_S)  # fmt: skip
 
 
 def _client_fault(work: Path, args: argparse.Namespace, sig: int) -> dict[str, Any]:
