@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from fedq.config import PrivacyConfig, RunConfig
-from fedq.errors import PrivacyBudgetExceeded
 from fedq.fed.strategy import State
 from fedq.privacy import (
     BudgetGuard,
@@ -167,13 +166,7 @@ class ServerPrivacy:
             self.guard.check(projected, spent_epsilon=self.central.epsilon(), what="next round")
             return
         if self.p.mechanism in ("dpsgd", "laplace"):
-            n_ok = len(self.eligible(sorted(sizes), sizes))
-            if n_ok < k:
-                raise PrivacyBudgetExceeded(
-                    f"privacy budget: only {n_ok} clients can take part again without exceeding "
-                    f"epsilon={self.p.target_epsilon} (a round needs {k}); spent so far: "
-                    f"max {self.epsilon():.4g}"
-                )
+            self.guard.check_clients(len(self.eligible(sorted(sizes), sizes)), k, self.epsilon())
 
     def charge(self, selected: Sequence[int], sizes: Mapping[int, int]) -> None:
         self._plan(sizes)

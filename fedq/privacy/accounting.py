@@ -227,6 +227,18 @@ class BudgetGuard:
             f"{self.delta:g}; stopping before it"
         )
 
+    def check_clients(self, eligible: int, needed: int, spent_epsilon: float | None) -> None:
+        """For per-client budgets: raise :class:`~fedq.errors.PrivacyBudgetExceeded` if fewer
+        than ``needed`` clients can take part again within the target (``eligible`` can);
+        ``spent_epsilon`` is the most any client has spent."""
+        if eligible >= needed:
+            return
+        spent = "unknown" if spent_epsilon is None else f"{spent_epsilon:.4g}"
+        raise PrivacyBudgetExceeded(
+            f"privacy budget: only {eligible} clients can take part again without exceeding "
+            f"epsilon={self.target_epsilon} (a round needs {needed}); spent so far: max {spent}"
+        )
+
     def __repr__(self) -> str:
         return f"BudgetGuard(target_epsilon={self.target_epsilon}, delta={self.delta})"
 

@@ -126,13 +126,8 @@ class ActivationLedger:
 
     def check_round(self, sizes: Mapping[int, int], k: int) -> None:
         self._z(sizes)
-        n_ok = len(self.eligible(sorted(sizes), sizes))
-        if n_ok < k:
-            raise PrivacyBudgetExceeded(
-                f"privacy budget: only {n_ok} clients can take part again without exceeding "
-                f"epsilon={self.cfg.privacy.target_epsilon} (a round needs {k}); spent so far: "
-                f"max {self.epsilon():.4g}"
-            )
+        if self.guard is not None:
+            self.guard.check_clients(len(self.eligible(sorted(sizes), sizes)), k, self.epsilon())
 
     def charge(self, selected: Sequence[int], sizes: Mapping[int, int]) -> None:
         """One round (``local_steps`` steps) for each selected client, before any release."""
