@@ -4,10 +4,12 @@
 run id and roster; the workload: model, strategy, codecs, optimizer and gate state, privacy ledger)
 and, in a simulation, the list of client-state segments that together hold every client's state
 (error-feedback residuals, bit-policy state, RNGs, accountants); and the bytes the clients counted
-so far (``fedq serve``: per client), so totals add up across a resume. A round adds one segment,
-``clients-<next round>.pt``, with the states that changed in it (the selected clients'), so what a
-round writes does not grow with the number of clients; when the segments hold more than twice as
-many entries as there are distinct clients, they are merged into one (:class:`ClientStateLog`).
+so far (``fedq serve``: per client), so totals add up across a resume; and the round's log
+lines, written to the logs after the checkpoint (:mod:`fedq.runtime.recorder`). A round adds one
+segment, ``clients-<next round>.pt``, with the states that changed in it (the selected
+clients'), so what a round writes does not grow with the number of clients; when the segments
+hold more than twice as many entries as there are distinct clients, they are merged into one
+(:class:`ClientStateLog`).
 ``privacy.pt`` is written when a round opens, right after its privacy is charged and before
 anything is released: a resume takes whichever ledger is further along, so privacy spent in a
 round that was open when the run died is never forgotten (it is charged again when the round runs

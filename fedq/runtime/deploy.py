@@ -111,7 +111,8 @@ def serve(
     host, port = parse_address(listen)
     ckpt = load_checkpoint(out) if resume else None
     start_round = int(ckpt["next_round"]) if ckpt is not None else 0
-    recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None)
+    recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None,
+                           last_round=ckpt and ckpt.get("log"))  # fmt: skip
     hooks = _ServeHooks(recorder, on_event)
     if ckpt is not None:  # each client's bytes in the rounds before the restart
         hooks.clients = {str(c): {k: int(v) for k, v in row.items()}

@@ -3,8 +3,10 @@
 one record per step), ``bit_maps.json`` (split), ``summary.json``, ``report.png`` and
 ``checkpoint.pt`` (after every round, atomically).
 
-On resume the logs are cut back to the rounds the checkpoint holds, so a round that was running
-when the run stopped is logged once, by the resumed run.
+A round's checkpoint is written before its log lines, and carries them: a round in
+``metrics.jsonl`` can always be resumed after. On resume the logs are cut back to the rounds the
+checkpoint holds (a round that was running when the run stopped is logged once, by the resumed
+run), and the checkpoint's last round is logged if the run died before it was.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class RunRecorder:
 
     def __init__(
         self, out: Path, cfg: RunConfig, *, resume_round: int | None = None,
-        t0: float | None = None,
+        last_round: dict[str, Any] | None = None, t0: float | None = None,
     ) -> None:  # fmt: skip
         from fedq.report import MetricsWriter, write_config
 
@@ -58,17 +60,28 @@ class RunRecorder:
         else:
             self.previous = _cut_log(out / "metrics.jsonl", resume_round)
             _cut_log(out / BITS_FILE, resume_round)
-        self.cum_bytes = int(self.previous[-1]["cum_bytes"]) if self.previous else 0
         self.writer = MetricsWriter(out)
+        done = int(self.previous[-1]["round"]) if self.previous else -1
+        if last_round is not None and int(last_round["record"]["round"]) > done:
+            self._write(last_round)  # the run died between this checkpoint and its lines
+        logged = self.previous + self.writer.records
+        self.cum_bytes = int(logged[-1]["cum_bytes"]) if logged else 0
         self.trainable_params = 0
+        self._pending: dict[str, Any] | None = None
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        """Append one round's lines: its steps to bits.jsonl, its record to metrics.jsonl."""
+        if entry["steps"]:
+            with (self.out / BITS_FILE).open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in entry["steps"])
+        self.writer.write(entry["record"])
 
     def round(self, record: dict[str, Any], t_round: float) -> dict[str, Any]:
-        """Complete and write one round's record; returns what was written."""
+        """Complete one round's record; returns it. Its lines are written by the round's
+        :meth:`checkpoint`, after the checkpoint itself."""
+        from fedq.report import to_json_value
+
         steps = record.pop("steps", None)
-        if steps:
-            with (self.out / BITS_FILE).open("a", encoding="utf-8") as f:
-                for row in steps:
-                    f.write(json.dumps(row, sort_keys=True) + "\n")
         self.cum_bytes += int(record["bytes_up"]) + int(record["bytes_down"])
         record["cum_bytes"] = self.cum_bytes
         if self.cfg.mode != "split":
@@ -77,10 +90,16 @@ class RunRecorder:
         for key in ("accuracy", "loss", "epsilon", "mean_bits"):
             record.setdefault(key, None)
         record["seconds"] = round(time.perf_counter() - t_round, 3)
-        return self.writer.write(record)
+        clean = to_json_value(record)
+        self._pending = {"record": clean, "steps": list(steps or [])}
+        return dict(clean)
 
     def checkpoint(self, state: dict[str, Any]) -> None:
-        save_checkpoint(self.out, state)
+        """Write the checkpoint of the round :meth:`round` completed, then that round's lines."""
+        pending, self._pending = self._pending, None
+        save_checkpoint(self.out, {**state, "log": pending})
+        if pending is not None:
+            self._write(pending)
 
     def journal(self, round_index: int, ledger: dict[str, Any]) -> None:
         save_privacy_journal(self.out, round_index, ledger)

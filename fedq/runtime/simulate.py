@@ -73,7 +73,7 @@ def simulate(
         plan = plan_hosts(cfg, num_workers(cfg, backend.cluster_cpus()))
         nodes = reserve_hosts(backend, plan, cfg.runtime)
         recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None,
-                               t0=t0)  # fmt: skip
+                               last_round=ckpt and ckpt.get("log"), t0=t0)  # fmt: skip
     except BaseException:
         backend.shutdown()
         raise

@@ -87,7 +87,9 @@ def test_the_readme_serve_and_join_recipe_runs_as_written(tmp_path: Path) -> Non
         procs[0].wait(30)
         procs[0] = subprocess.Popen(resume, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        outs = [p.communicate(timeout=300)[0] for p in procs]
+        outs = [procs[0].communicate(timeout=300)[0]]  # the server first: if it fails, say why
+        assert procs[0].returncode == 0, outs[0]
+        outs += [p.communicate(timeout=120)[0] for p in procs[1:]]
     finally:
         for p in procs:
             if p.poll() is None:
