@@ -30,7 +30,7 @@ from fedq.runtime.checkpoint import load_checkpoint
 from fedq.runtime.hosts import ServerHost, make_runner, run_config, take_round_traffic
 from fedq.runtime.preflight import check_names
 from fedq.runtime.recorder import RunRecorder
-from fedq.runtime.setup import torch_device
+from fedq.runtime.setup import preload_optimizers, torch_device
 from fedq.transport.security import TlsConfig
 from fedq.wire.control import ClientInfo, Joined
 
@@ -208,6 +208,7 @@ def join(
     if device is not None:
         torch_device(device)  # a site without the GPU it asks for fails before joining
     data = load_site_data(data_source)
+    preload_optimizers()
     shard = Shard.whole(data)
     if shard.size < 1:
         raise ConfigError(f"--data {data_source!r} holds no examples")

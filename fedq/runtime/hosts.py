@@ -24,7 +24,7 @@ from fedq.errors import FedqError
 from fedq.rounds.engine import RoundEngine
 from fedq.rounds.node import Backoff, ClientNode, TaskRunner
 from fedq.runtime.placement import SiteData, location
-from fedq.runtime.setup import build_bundle, quiet_process, torch_device
+from fedq.runtime.setup import build_bundle, preload_optimizers, quiet_process, torch_device
 from fedq.transport.security import TlsConfig
 from fedq.wire.control import ClientInfo, Joined
 from fedq.wire.limits import WireLimits
@@ -295,6 +295,7 @@ class WorkerHost:
         data: SiteData | None = None,
     ) -> None:
         quiet_process(cfg.runtime.threads_per_worker)
+        preload_optimizers()
         from fedq.rounds import client_name
         from fedq.runtime.setup import client_partitions, load_data
         from fedq.transport.client import TransportClient

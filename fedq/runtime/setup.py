@@ -33,6 +33,13 @@ def quiet_process(threads: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def preload_optimizers() -> None:
+    """Build and drop one optimizer. A process's first torch optimizer imports ``torch._dynamo``
+    (about a second of CPU on a small machine); a client process does it while it starts, so its
+    first round does not pay it."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+
+
 def load_data(cfg: RunConfig, name: str | None = None) -> Any:
     """The run's data set (or ``name``, e.g. a server's own evaluation data, with the run's
     options)."""
