@@ -106,6 +106,16 @@ class _Case:
             self.joins[cid] = CliProcess(f"{self.name} {cid}", args, self.work, STEP_TIMEOUT_S)
             self.procs.append(self.joins[cid])
 
+    def first_round_with_all(self) -> int:
+        """Wait until every site has joined; returns the first round opened after that. With
+        ``min_clients`` below the number of sites, rounds go on with the first sites to join
+        while a slower one still starts up (it loads a whole data set)."""
+        assert self.server is not None
+        for j in self.joins.values():
+            j.wait_for(r"^joined run ")
+        closed = self.server.count(_ROUND_LINE.format(r=r"\d+"))
+        return closed + 1  # the round open now may have opened before the last site joined
+
     def full_rounds(self, n: int, first: int = 0) -> list[int]:
         """Wait for ``n`` rounds from ``first`` on with all three delivering; returns them (the
         round after the last one is open now)."""
@@ -179,7 +189,7 @@ def _client_fault(work: Path, args: argparse.Namespace, sig: int) -> dict[str, A
         server = case.serve()
         server.wait_for(r"^listening on ")
         case.join_all()
-        full = case.full_rounds(args.rounds)
+        full = case.full_rounds(args.rounds, first=case.first_round_with_all())
         r = full[-1] + 1
         case.others_delivered(r)
         t_fault = case.joins[SLOW].signal(sig)

@@ -65,8 +65,12 @@ class CliProcess:
             self._cv.notify_all()
 
     def seen(self, pattern: str) -> bool:
+        return self.count(pattern) > 0
+
+    def count(self, pattern: str) -> int:
+        """How many of the lines so far match ``pattern``."""
         with self._cv:
-            return any(re.search(pattern, line) for _, line in self.lines)
+            return sum(bool(re.search(pattern, line)) for _, line in self.lines)
 
     def wait_line(
         self, pattern: str, timeout: float | None = None, after: float = 0.0
