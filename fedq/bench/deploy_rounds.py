@@ -52,8 +52,7 @@ from fedq.errors import FedqError
 ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = ROOT / "scenarios" / "quickstart.yaml"
 WAYS = ("ray", "inprocess", "serve")
-LABELS = {"ray": "fedq simulate (ray)", "inprocess": "fedq simulate (inprocess)",
-          "serve": "fedq serve + joins (TLS)"}  # fmt: skip
+LABELS = {"ray": "fedq simulate (ray)", "inprocess": "fedq simulate (inprocess)"}
 #: How long one way may take, start to end, before the bench gives up on it.
 WAY_TIMEOUT_S = 900.0
 #: How often the bench looks at a run's metrics.jsonl (the times come from the file itself).
@@ -153,7 +152,7 @@ def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, An
                         "--ca", str(c / "ca.pem"), "--data", f"npz:{work / 'data' / cid}.npz",
                         "--give-up-after", "120"], work, WAY_TIMEOUT_S))  # fmt: skip
                     mem.track(procs[-1].proc.pid)
-            while any(p.proc.poll() is None for p in procs):
+            while None in [p.proc.poll() for p in procs]:  # every one polled, not only the first
                 records.poll()
                 failed = next((p for p in procs if p.proc.returncode not in (None, 0)), None)
                 if failed is not None:  # say so now, not when the others give up waiting

@@ -15,6 +15,7 @@ Results: BENCHMARKS.md, "Flood".
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import threading
 import time
@@ -92,11 +93,8 @@ def flood(
     server = psutil.Process(proc.pid)
     time.sleep(0.5)
     idle = server.memory_info().rss
-    msgs = {}
-    for cid in tokens:
-        m = payload_message(size_mib, seed=1)
-        m.client_id = cid
-        msgs[cid] = m
+    base = payload_message(size_mib, seed=1)  # one payload, only read: every client sends it
+    msgs = {cid: dataclasses.replace(base, client_id=cid) for cid in tokens}
     peak = idle
     done = threading.Event()
 

@@ -15,7 +15,6 @@ class TreeMemorySampler:
 
     def __init__(self, interval: float = 0.5, pid: int | None = None) -> None:
         self.interval = interval
-        self.pid = pid
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_processes = 0

@@ -18,6 +18,7 @@ import itertools
 import math
 import multiprocessing as mp
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -102,7 +103,10 @@ def _child(sets: list[str], out: str, conn: Connection) -> None:
 
 def _checkpoint_files(out: Path) -> list[Path]:
     """What a run's checkpoints consist of on disk (checkpoint.pt and its client segments)."""
-    return [p for p in [out / "checkpoint.pt", *out.glob("clients-*.pt")] if p.exists()]
+    from fedq.runtime.checkpoint import CHECKPOINT_FILE, SEGMENT_PREFIX
+
+    files = [out / CHECKPOINT_FILE, *out.glob(f"{SEGMENT_PREFIX}*.pt")]
+    return [p for p in files if p.exists()]
 
 
 def _prepare_data(sets: list[str]) -> None:
@@ -149,7 +153,10 @@ def measure(args: argparse.Namespace, clients: int, out: Path) -> dict[str, Any]
 def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = sorted({int(c) for c in str(args.clients).split(",") if c.strip()})
     tmp = Path(tempfile.mkdtemp(prefix="fedq-bench-scale-"))
-    rows = [measure(args, n, tmp / f"clients-{n}") for n in sizes]
+    try:  # the runs' folders: 10,000 clients' checkpoints are large
+        rows = [measure(args, n, tmp / f"clients-{n}") for n in sizes]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     base = rows[0]
     print(
         f"\nfedq bench scale: mnist1d, {args.rows_per_client} training rows per client, "

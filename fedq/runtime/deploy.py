@@ -208,10 +208,10 @@ def join(
     if device is not None:
         torch_device(device)  # a site without the GPU it asks for fails before joining
     data = load_site_data(data_source)
-    preload_optimizers()
     shard = Shard.whole(data)
     if shard.size < 1:
         raise ConfigError(f"--data {data_source!r} holds no examples")
+    preload_optimizers()
 
     def runner(joined: Joined) -> Any:
         check_site_data(data, joined)

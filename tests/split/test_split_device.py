@@ -26,7 +26,8 @@ def test_device_setting_is_validated() -> None:
     with pytest.raises(ConfigError, match=r"runtime\.device"):
         config_from_dict({"runtime": {"device": "tpu"}})
     # both modes take it (federated: tests/fed/test_fed_device.py)
-    assert config_from_dict({"mode": "federated", "runtime": {"device": "cuda"}}).runtime.device
+    fed = config_from_dict({"mode": "federated", "runtime": {"device": "cuda"}})
+    assert fed.runtime.device == "cuda"
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert torch_device("auto").type == want
     assert torch_device("cpu").type == "cpu"

@@ -114,20 +114,24 @@ def _frames(declared: int, sent: int) -> list[bytes]:
     ]
 
 
+def _peak_of_a_cut_stream(frames: list[bytes]) -> int:
+    """Peak memory traced while reading ``frames``, a message whose stream ends early."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireFormatError, match="stream ended"):
+            message_from_frames(frames, LIMITS)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("sent_mib", [3, 4])
 def test_payload_buffer_waits_for_a_quarter_of_the_declared_size(
     sent_mib: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A header that claims 16 MiB and sends less costs nothing until 4 MiB have arrived."""
     monkeypatch.setattr(wire_message, "PAYLOAD_BUFFERS", BufferPool())
-    frames = _frames(16 * MiB, sent_mib * MiB)
-    tracemalloc.start()
-    try:
-        with pytest.raises(WireFormatError, match="stream ended"):
-            message_from_frames(frames, LIMITS)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = _peak_of_a_cut_stream(_frames(16 * MiB, sent_mib * MiB))
     if sent_mib < 4:
         assert peak < MiB
     else:
@@ -139,13 +143,6 @@ def test_a_pooled_buffer_is_used_from_the_first_chunk(monkeypatch: pytest.Monkey
     pool = BufferPool()
     pool.take(16 * MiB)  # back in the pool at once
     monkeypatch.setattr(wire_message, "PAYLOAD_BUFFERS", pool)
-    frames = _frames(16 * MiB, MiB)
-    tracemalloc.start()
-    try:
-        with pytest.raises(WireFormatError, match="stream ended"):
-            message_from_frames(frames, LIMITS)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = _peak_of_a_cut_stream(_frames(16 * MiB, MiB))
     assert pool.reused == 1 and peak < MiB
     assert pool.free_blocks() == 1  # the failed message let go of it
