@@ -455,14 +455,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _ConsoleFormat(logging.Formatter):
+    """Log lines as usual, but a warning meant for the user (``extra=FOR_USER``) as one plain
+    ``fedq: warning: ...`` line, like the CLI's errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "fedq_for_user", False):
+            return f"fedq: warning: {record.getMessage()}"
+        return super().format(record)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     # transformers 5.x deprecation noise from inside PEFT; not actionable for fedq users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(_ConsoleFormat("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        handlers=[handler])  # fmt: skip
     try:
         code = args.func(args)
     except FedqError as e:

@@ -42,6 +42,9 @@ class DataConfig:
     max_train: int | None = None
     max_test: int | None = None
     num_samples: int | None = None  # generated data sets (mnist1d): rows to make, train + test
+    # each client's features standardized with its own rows' mean/std, the server's evaluation
+    # data with its own (fedq.data.scaling); float features only
+    standardize: bool = False
 
     def check(self) -> Problems:
         p = []
@@ -449,6 +452,8 @@ class RunConfig:
                 f"({' + '.join(str(s.clients) for s in sites)}), but fed.num_clients is "
                 f"{self.fed.num_clients}"
             )
+        if split and self.data.standardize:
+            p.append("data.standardize: mode 'split' reads text, which has no features to scale")
         allowed = ("none", "activations") if split else ("none", "dpsgd", "central", "laplace")
         if self.privacy.mechanism not in allowed:
             p.append(
@@ -655,10 +660,12 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} file not found: {p}")
     try:
         text = p.read_text()
-        raw = (json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)) or {}
+        raw = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
         kind = "JSON" if p.suffix == ".json" else "YAML"
         raise ConfigError(f"{p}: not valid {kind}: {e}") from None
+    if raw is None:  # nothing but blanks and comments: surely not the file meant
+        raise ConfigError(f"{p}: the {what} file is empty")
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a {what} must be a mapping, got {type(raw).__name__}")
     return raw

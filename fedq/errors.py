@@ -53,3 +53,8 @@ class PrivacyBudgetExceeded(FedqError):
 
 class ResourceExhausted(FedqError):
     """A server limit is reached (memory for uploads, calls per caller): RESOURCE_EXHAUSTED."""
+
+
+#: ``extra=`` of a logged warning meant for the person running fedq (bad scale of their data, a
+#: collapsed model): the CLI prints it as ``fedq: warning: ...`` rather than as a log line.
+FOR_USER: dict[str, bool] = {"fedq_for_user": True}

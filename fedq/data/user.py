@@ -1,15 +1,25 @@
 """User data sources: ``npz:PATH``, ``csv:PATH`` and ``py:module:function``.
 
 Each turns the user's files into the same :class:`DataSplit` the built-ins return, so partitioners,
-models and reports never special-case user data. Problems (missing file, missing column, labels that
-are not classes) raise :class:`ConfigError` naming the file, before training starts.
+models and reports never special-case user data. Problems (missing file, a file that is not UTF-8
+or not an npz, missing arrays or columns, NaN/Inf features, labels that are not class indices)
+raise :class:`ConfigError` naming the file and what is wrong, before training starts.
+
+Labels, the same rule for every source: integers (or whole-number floats, or strings that all
+parse as integers) are class ids as they are, and must be ``>= 0``; any other strings are class
+names, numbered in sorted order (``["neg", "pos"] -> 0, 1``; files read by different sites must
+then hold the same names). Fractional, negative or NaN labels are errors.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib
 import inspect
+import io
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,31 +32,64 @@ from fedq.data.holdout import stratified_holdout
 from fedq.data.registry import register_source
 from fedq.errors import ConfigError
 
+#: The most classes a label column may imply: ids are class indices (the model's head has
+#: ``max + 1`` outputs), so a larger id is almost surely a regression target or a raw key.
+MAX_CLASSES = 10_000
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
 
 def encode_labels(values: Sequence[Any] | np.ndarray, where: str) -> tuple[np.ndarray, int]:
     """Map raw labels to ``int64`` class ids; return ``(ids, num_classes)``.
 
-    Integer labels (or strings that all parse as integers) are kept as they are and
-    ``num_classes = max + 1``, so a class missing from a small file keeps its id. Any other strings
-    become ids in sorted order (``["neg", "pos"] -> 0, 1``), which is stable across files.
+    Integer labels (whole-number floats, or strings that all parse as integers) are kept as they
+    are and ``num_classes = max + 1``, so a class missing from a small file keeps its id. Any other
+    strings become ids in sorted order (``["neg", "pos"] -> 0, 1``), which is stable across files
+    that hold the same class names. Negative, fractional or NaN labels, and ids that imply more
+    than :data:`MAX_CLASSES` classes, are a :class:`ConfigError` naming the first bad row.
     """
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ConfigError(f"{where}: labels must be 1-D, got shape {arr.shape}")
     if arr.dtype.kind in "iu":
         ids = arr.astype(np.int64)
+    elif arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.round(arr))
+        if bad.any():
+            i = _first(bad)
+            raise ConfigError(f"{where}: labels must be class indices (whole numbers), got "
+                              f"{arr[i].item()} at row {i} ({_rows(int(bad.sum()))} in "
+                              "all)")  # fmt: skip
+        ids = arr.astype(np.int64)
     elif arr.dtype.kind in "US":
-        strings = [str(v).strip() for v in arr]
+        strings = [(v.decode() if isinstance(v, bytes) else str(v)).strip() for v in arr]
+        if "" in strings:
+            raise ConfigError(f"{where}: empty label at row {strings.index('')}")
         try:
             ids = np.asarray([int(s) for s in strings], dtype=np.int64)
         except ValueError:
             classes = sorted(set(strings))
+            if len(classes) > MAX_CLASSES:
+                raise ConfigError(f"{where}: {len(classes)} distinct label names; labels must "
+                                  "be classes") from None  # fmt: skip
             lookup = {c: i for i, c in enumerate(classes)}
             return np.asarray([lookup[s] for s in strings], dtype=np.int64), len(classes)
     else:
         raise ConfigError(f"{where}: labels must be integers or strings, got dtype {arr.dtype}")
     if ids.size and ids.min() < 0:
-        raise ConfigError(f"{where}: integer labels must be >= 0, got {int(ids.min())}")
+        i = _first(ids < 0)
+        raise ConfigError(f"{where}: labels must be class indices >= 0, got {int(ids[i])} at "
+                          f"row {i}")  # fmt: skip
+    if ids.size and int(ids.max()) >= MAX_CLASSES:
+        raise ConfigError(f"{where}: labels must be class indices, got {int(ids.max())} (a "
+                          f"{int(ids.max()) + 1}-class model; more than {MAX_CLASSES:,} classes "
+                          "is not a classification task)")  # fmt: skip
     return ids, int(ids.max()) + 1 if ids.size else 1
 
 
@@ -57,13 +100,26 @@ def _existing(path: str, kind: str) -> Path:
     return p
 
 
-def _features(x: np.ndarray) -> torch.Tensor:
+def check_features(x: np.ndarray, where: str) -> None:
+    """Features must be numeric and, as floats, finite: a NaN or Inf feature makes every loss NaN
+    (the run would "finish" with a useless model)."""
+    if x.ndim < 2:
+        raise ConfigError(f"{where}: features must have shape (rows, features...), got {x.shape}")
+    if x.dtype.kind not in "iuf":
+        raise ConfigError(f"{where}: features must be numeric, got dtype {x.dtype}")
+    if x.dtype.kind == "f":
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        if bad.any():
+            raise ConfigError(f"{where}: {_rows(int(bad.sum()))} with NaN or Inf features "
+                              f"(first: row {_first(bad)}); drop or impute them")  # fmt: skip
+
+
+def _features(x: np.ndarray, where: str) -> torch.Tensor:
     """Float features become float32; integer arrays are token ids and stay int64."""
+    check_features(x, where)
     if x.dtype.kind in "iu":
         return torch.from_numpy(x.astype(np.int64))
-    if x.dtype.kind == "f":
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    raise ConfigError(f"features must be numeric, got dtype {x.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
 
 def arrays_to_split(
@@ -75,17 +131,22 @@ def arrays_to_split(
     y_test: Sequence[Any] | np.ndarray | None = None,
     seed: int = 0,
     test_fraction: float = 0.2,
+    where: str | None = None,
 ) -> DataSplit:
-    """Arrays -> :class:`DataSplit`; without a test set, a stratified holdout by ``seed``."""
+    """Arrays -> :class:`DataSplit`; without a test set, a stratified holdout by ``seed``.
+    Problems name ``where`` (the file), else ``name``."""
     x = np.asarray(x)
+    at = where or name
     n_train = len(x)
     if (x_test is None) != (y_test is None):
-        raise ConfigError(f"{name}: give both x_test and y_test, or neither")
+        raise ConfigError(f"{at}: give both x_test and y_test, or neither")
+    if n_train == 0:
+        raise ConfigError(f"{at}: x has no rows")
     y_all = np.asarray(y) if y_test is None else np.concatenate([np.asarray(y), np.asarray(y_test)])
-    ids, k = encode_labels(y_all, name)
+    ids, k = encode_labels(y_all, at)
     if len(ids) != n_train + (0 if x_test is None else len(x_test)):
-        raise ConfigError(f"{name}: x and y have different numbers of rows")
-    xt = _features(x)
+        raise ConfigError(f"{at}: x and y have different numbers of rows")
+    xt = _features(x, f"{at}: x")
     yt = torch.from_numpy(ids)
     if x_test is None:
         tr, te = stratified_holdout(ids, test_fraction, seed)
@@ -95,24 +156,43 @@ def arrays_to_split(
         )
     return DataSplit(
         ArrayDataset(xt, yt[:n_train], k, name),
-        ArrayDataset(_features(np.asarray(x_test)), yt[n_train:], k, name),
+        ArrayDataset(_test_features(x_test, x, at), yt[n_train:], k, name),
     )
+
+
+def _test_features(x_test: np.ndarray, x: np.ndarray, name: str) -> torch.Tensor:
+    x_test = np.asarray(x_test)
+    if x_test.shape[1:] != x.shape[1:]:
+        raise ConfigError(f"{name}: x_test rows have shape {x_test.shape[1:]}, x rows "
+                          f"{x.shape[1:]}")  # fmt: skip
+    return _features(x_test, f"{name}: x_test")
 
 
 @register_source("npz")
 def load_npz(path: str, seed: int = 0, test_fraction: float = 0.2) -> DataSplit:
     """Arrays ``x`` / ``y`` (optional ``x_test`` / ``y_test``) from a ``.npz`` (pickles refused)."""
     p = _existing(path, "npz")
+    how = "write one with numpy.savez(path, x=features, y=labels)"
+    with p.open("rb") as f:
+        head = f.read(6)
+    if head.startswith(b"\x93NUMPY"):
+        raise ConfigError(f"{p}: a single .npy array, not an npz; {how}")
+    if not head.startswith(b"PK"):
+        raise ConfigError(f"{p}: not an npz file (no zip signature at its start); {how}")
     try:
-        with np.load(p, allow_pickle=False) as z:
-            missing = [k for k in ("x", "y") if k not in z.files]
-            if missing:
-                raise ConfigError(f"{p}: missing arrays {missing} (found {sorted(z.files)})")
+        z = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ConfigError(f"{p}: not an npz file ({_why(e)}); {how}") from None
+    with z:
+        missing = [k for k in ("x", "y") if k not in z.files]
+        if missing:
+            raise ConfigError(f"{p}: missing arrays {missing} (found {sorted(z.files)})")
+        try:
             arrays = {k: z[k] for k in z.files}
-    except ConfigError:
-        raise
-    except (ValueError, OSError) as e:  # object arrays need pickle, or not an npz at all
-        raise ConfigError(f"{p}: not a readable npz of plain arrays ({e})") from e
+        except ValueError as e:  # object arrays need pickle
+            raise ConfigError(f"{p}: not an npz of plain arrays ({_why(e)})") from None
+        except (OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+            raise ConfigError(f"{p}: a corrupt npz file ({_why(e)})") from None
     return arrays_to_split(
         arrays["x"],
         arrays["y"],
@@ -121,17 +201,43 @@ def load_npz(path: str, seed: int = 0, test_fraction: float = 0.2) -> DataSplit:
         y_test=arrays.get("y_test"),
         seed=seed,
         test_fraction=test_fraction,
+        where=str(p),
     )
 
 
+def _why(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def _utf8_text(p: Path) -> str:
+    """The file as text; anything but UTF-8 (a byte-order mark is fine) is an error that says
+    where the first undecodable byte is."""
+    raw = p.read_bytes()
+    skip = 3 if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise ConfigError(f"{p}: not UTF-8 text: byte 0x{raw[at]:02x} at offset {at} (line "
+                          f"{line}); save the file as UTF-8") from None  # fmt: skip
+
+
 def _read_text_csv(p: Path) -> tuple[list[str], list[str]]:
-    with p.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    try:
+        reader = csv.DictReader(io.StringIO(_utf8_text(p), newline=""))
         fields = [c.strip() for c in (reader.fieldnames or [])]
         if "text" not in fields or "label" not in fields:
             raise ConfigError(f"{p}: need a header with columns 'text' and 'label', got {fields}")
         reader.fieldnames = fields
-        rows = [(r["text"], r["label"]) for r in reader]
+        rows = []
+        for r in reader:
+            if r["text"] is None or r["label"] is None:
+                raise ConfigError(f"{p}: line {reader.line_num} has no "
+                                  f"{'text' if r['text'] is None else 'label'} column")  # fmt: skip
+            rows.append((r["text"], r["label"]))
+    except csv.Error as e:
+        raise ConfigError(f"{p}: not a readable CSV file ({e})") from None
     if not rows:
         raise ConfigError(f"{p}: no rows")
     return [t for t, _ in rows], [lab for _, lab in rows]
@@ -189,6 +295,9 @@ def load_py(spec: str, seed: int = 0, test_fraction: float = 0.2, **kw: Any) -> 
         kw = {**kw, "seed": seed}
     out = fn(**kw)
     if isinstance(out, DataSplit):
+        for side, ds in (("train", out.train), ("test", out.test)):
+            if isinstance(ds, ArrayDataset):
+                check_features(ds.x.numpy(), f"py:{spec}: {side}.x")
         return out
     if isinstance(out, tuple) and len(out) in (2, 4):
         x_test, y_test = (out[2], out[3]) if len(out) == 4 else (None, None)

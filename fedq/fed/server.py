@@ -23,7 +23,7 @@ from fedq.errors import FedqError
 from fedq.fed.pipeline import LinkCodec
 from fedq.fed.privacy import ServerPrivacy
 from fedq.fed.strategy import State, make_strategy
-from fedq.fed.train import evaluate
+from fedq.fed.train import evaluation
 from fedq.rounds import client_name
 from fedq.rounds.workload import Member, Update
 from fedq.wire.message import WireMessage
@@ -152,14 +152,14 @@ class FedServer:
                  if "dp_epsilon" in u.scalars})  # fmt: skip
         last = r + 1 == self.cfg.fed.rounds
         if self.test_data is not None and ((r + 1) % self.cfg.fed.eval_every == 0 or last):
-            out["accuracy"], out["loss"] = self.evaluate()
+            out.update(self.evaluate())
         with self._lock:
             self._task = None
         return out
 
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self) -> dict[str, Any]:
         self.bundle.load_trainable_state(self.global_state)
-        return evaluate(self.bundle, self.test_data)
+        return evaluation(self.bundle, self.test_data)
 
     # -------------------------------------------------------------- checkpoint
 

@@ -74,18 +74,36 @@ def local_train(
 
 
 @torch.no_grad()
-def evaluate(bundle: Any, data: Any, *, batch_size: int = 256) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy loss) of ``bundle`` on all of ``data``."""
+def evaluation(bundle: Any, data: Any, *, batch_size: int = 256) -> dict[str, Any]:
+    """``accuracy``, mean cross-entropy ``loss`` and ``predictions`` (how many rows the model
+    assigns to each class) of ``bundle`` on all of ``data``. The histogram shows a model that
+    predicts one class for everything (:func:`collapsed_class`), whatever its accuracy."""
     model = bundle.module
     was_training = model.training
     model.eval()
     n = len(data)
     correct, loss_sum = 0, 0.0
+    counts = torch.zeros(int(data.num_classes), dtype=torch.int64)
     for start in range(0, n, batch_size):
         b = torch.arange(start, min(start + batch_size, n))
         inputs, labels = bundle.batch(data, b)
         logits = bundle.forward(inputs)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == labels).sum())
+        predicted = logits.argmax(dim=-1)
+        correct += int((predicted == labels).sum())
+        counts += torch.bincount(predicted.cpu(), minlength=counts.numel())[: counts.numel()]
     model.train(was_training)
-    return correct / max(n, 1), loss_sum / max(n, 1)
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1),
+            "predictions": counts.tolist()}  # fmt: skip
+
+
+def evaluate(bundle: Any, data: Any, *, batch_size: int = 256) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy loss) of ``bundle`` on all of ``data``."""
+    out = evaluation(bundle, data, batch_size=batch_size)
+    return out["accuracy"], out["loss"]
+
+
+def collapsed_class(predictions: list[int]) -> int | None:
+    """The one class a model predicts for every row (of two or more), else None."""
+    used = [c for c, k in enumerate(predictions) if k > 0]
+    return used[0] if len(used) == 1 and sum(predictions) > 1 else None

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from fedq.config import RunConfig
 from fedq.data.datasets import Shard
-from fedq.errors import ConfigError, FedqError
+from fedq.data.scaling import scale_warning
+from fedq.errors import FOR_USER, ConfigError, FedqError
 from fedq.rounds.node import Backoff, ClientNode
 from fedq.runtime.checkpoint import load_checkpoint
 from fedq.runtime.hosts import ServerHost, make_runner, run_config, take_round_traffic
@@ -212,10 +213,16 @@ def join(
     if shard.size < 1:
         raise ConfigError(f"--data {data_source!r} holds no examples")
     preload_optimizers()
+    warned = False
 
     def runner(joined: Joined) -> Any:
+        nonlocal warned
         check_site_data(data, joined)
         cfg = run_config(joined)
+        warning = None if cfg.data.standardize else scale_warning(data, f"--data {data_source}")
+        if warning and not warned:
+            log.warning(warning, extra=FOR_USER)
+            warned = True
         if device is not None:
             cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=device))
         return make_runner(cfg, {client_id: shard}, joined)

@@ -244,11 +244,21 @@ def _server_workload(cfg: RunConfig, split: Any, num_classes: int) -> Any:
     from fedq.fed.server import FedServer
 
     bundle = build_bundle(cfg, split.train).to(torch_device(cfg.runtime.device))
-    return FedServer(cfg, bundle, split.test)
+    test = split.test
+    if cfg.data.standardize:  # with the evaluation data's own statistics (fedq.data.scaling)
+        from fedq.data.scaling import standardized
+
+        test = standardized(test, "the evaluation data")
+    return FedServer(cfg, bundle, test)
 
 
 def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> TaskRunner:
-    """The task runner of a client process for the run it joined (its model, its shards)."""
+    """The task runner of a client process for the run it joined (its model, its shards; with
+    ``data.standardize`` each shard standardized with its own rows' statistics)."""
+    if cfg.data.standardize:
+        from fedq.data.scaling import standardize_shards
+
+        shards = standardize_shards(shards)
     if cfg.mode == "split":
         from fedq.split.protocol import SplitClientWorker
 

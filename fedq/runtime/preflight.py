@@ -1,16 +1,19 @@
 """Checks a run needs before any host starts: names against the registries, then what only the
-data can tell (a partition that cannot give every client a sample, a data file that is not
-there), and a GPU asked for on a machine without one. Every problem is one
-:class:`~fedq.errors.ConfigError` line naming its key, exactly like a bad key in the scenario,
-instead of a failure inside a server actor after start-up.
+data can tell (a data file that is not there or not readable, bad features or labels, a
+partition that cannot give every client a sample), and a GPU asked for on a machine without
+one. Every problem is one :class:`~fedq.errors.ConfigError` line naming its key, exactly like a
+bad key in the scenario, instead of a failure inside a server actor after start-up.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fedq.config import RunConfig
-from fedq.errors import ConfigError
+from fedq.errors import FOR_USER, ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def name_problems(cfg: RunConfig) -> list[str]:
@@ -47,12 +50,17 @@ def check_names(cfg: RunConfig) -> None:
 
 def client_sizes(cfg: RunConfig) -> list[int]:
     """Load the data and cut it into the run's client shards; returns each client's size. A
-    problem the data reveals is a ConfigError naming the keys involved."""
+    problem the data reveals is a ConfigError naming the keys involved (a problem in the data
+    file itself names the file); features far from unit scale are logged as a warning."""
     from fedq.runtime.setup import client_partitions, load_data
 
     check_names(cfg)
     try:
         split = load_data(cfg)
+    except ConfigError as e:
+        raise ConfigError([f"data.name: {p}" for p in e.problems]) from None
+    check_data(cfg, split)
+    try:
         parts = client_partitions(cfg, split.train)
     except ConfigError as e:
         d = cfg.data
@@ -62,6 +70,30 @@ def client_sizes(cfg: RunConfig) -> list[int]:
         )
         raise ConfigError([f"{p} ({where})" for p in e.problems]) from None
     return [int(p.numel()) for p in parts]
+
+
+def check_data(cfg: RunConfig, split: Any) -> None:
+    """What the loaded data says about the scenario: a training set of one class (nothing to
+    learn; the run would report a perfect accuracy), ``data.standardize`` on data without float
+    features, and (as a warning) features far from unit scale without it."""
+    import torch
+
+    from fedq.data.scaling import check_standardizable, scale_warning
+
+    name = cfg.data.name
+    seen = torch.unique(split.train.y).tolist()
+    if len(seen) < 2:
+        raise ConfigError(f"data.name: every training label of {name!r} is class {seen[0]}; a "
+                          "classifier needs two or more classes")  # fmt: skip
+    if cfg.data.standardize:
+        try:
+            check_standardizable(split.train, "data set")
+        except ConfigError as e:
+            raise ConfigError(f"{e.problems[0]} (data.name={name!r})") from None
+    else:
+        warning = scale_warning(split.train, f"data.name {name!r}")
+        if warning:
+            log.warning(warning, extra=FOR_USER)
 
 
 def preflight(cfg: RunConfig) -> dict[str, Any]:

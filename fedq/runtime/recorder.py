@@ -12,12 +12,16 @@ run), and the checkpoint's last round is logged if the run died before it was.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from fedq.config import RunConfig
+from fedq.errors import FOR_USER
 from fedq.runtime.checkpoint import save_checkpoint, save_privacy_journal
+
+log = logging.getLogger(__name__)
 
 BITS_FILE = "bits.jsonl"
 
@@ -68,6 +72,7 @@ class RunRecorder:
         self.cum_bytes = int(logged[-1]["cum_bytes"]) if logged else 0
         self.trainable_params = 0
         self._pending: dict[str, Any] | None = None
+        self._collapse_warned = False
 
     def _write(self, entry: dict[str, Any]) -> None:
         """Append one round's lines: its steps to bits.jsonl, its record to metrics.jsonl."""
@@ -82,6 +87,7 @@ class RunRecorder:
         from fedq.report import to_json_value
 
         steps = record.pop("steps", None)
+        self._check_collapse(record, record.pop("predictions", None))
         self.cum_bytes += int(record["bytes_up"]) + int(record["bytes_down"])
         record["cum_bytes"] = self.cum_bytes
         if self.cfg.mode != "split":
@@ -93,6 +99,25 @@ class RunRecorder:
         clean = to_json_value(record)
         self._pending = {"record": clean, "steps": list(steps or [])}
         return dict(clean)
+
+    def _check_collapse(self, record: dict[str, Any], predictions: list[int] | None) -> None:
+        """Warn (once a run) when the evaluated model predicts one class for every row."""
+        from fedq.fed.train import collapsed_class
+
+        cls = None if predictions is None else collapsed_class(predictions)
+        if cls is None or self._collapse_warned:
+            return
+        self._collapse_warned = True
+        log.warning(
+            "round %d: the model predicts class %d for all %d evaluation rows (accuracy %.4f): "
+            "training collapsed to one class; unscaled features (set data.standardize: true) or "
+            "a too-high train.lr are common causes",
+            int(record["round"]),
+            cls,
+            sum(predictions or []),
+            float(record.get("accuracy") or 0.0),
+            extra=FOR_USER,
+        )
 
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Write the checkpoint of the round :meth:`round` completed, then that round's lines."""
