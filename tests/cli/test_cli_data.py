@@ -167,3 +167,24 @@ def test_unscaled_features_warn_and_standardize_fixes_them(fedq_cli: Run, tmp_pa
                                           "for all 113 evaluation rows")  # fmt: skip
     assert accuracy[False] == pytest.approx(majority, abs=0.01)
     assert accuracy[True] > 0.9
+
+
+def test_git_ignores_what_the_readme_recipe_writes() -> None:
+    """The serve / join recipe writes private keys, tokens and data into the working tree."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    text = (root / "README.md").read_text()
+    block = next(b for b in text.split("```bash\n")[1:] if "# terminal 1: the server" in b)
+    assert "fedq certs certs " in block and "--out data\n" in block and "--out runs/served" in block
+    written = ["certs/ca.key", "certs/tokens.yaml", "certs/clients/client-0.token",
+               "data/client-0.npz", "runs/served/checkpoint.pt"]  # fmt: skip
+    done = subprocess.run(["git", "check-ignore", *written], cwd=root, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.stdout.split() == written, done.stdout + done.stderr
+    tracked = subprocess.run(["git", "ls-files", "certs", "data"], cwd=root, capture_output=True,
+                             text=True)  # fmt: skip
+    assert tracked.stdout == ""  # nothing of the repository's own is hidden
