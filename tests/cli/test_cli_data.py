@@ -188,3 +188,53 @@ def test_git_ignores_what_the_readme_recipe_writes() -> None:
     tracked = subprocess.run(["git", "ls-files", "certs", "data"], cwd=root, capture_output=True,
                              text=True)  # fmt: skip
     assert tracked.stdout == ""  # nothing of the repository's own is hidden
+
+
+def test_a_joining_site_warns_about_its_unscaled_data_and_the_server_about_the_collapse(
+    fedq_cli: Run, tmp_path: Path
+) -> None:
+    """``fedq join`` checks its own data's scale once the run's configuration arrives (the
+    server's scenario decides ``data.standardize``); ``fedq serve`` warns once of a collapse."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_breast_cancer
+
+    bc = load_breast_cancer()
+    site = f"npz:{_npz(tmp_path / 'site.npz', bc.data[::2], bc.target[::2])}"
+    evals = f"npz:{_npz(tmp_path / 'eval.npz', bc.data[1::2], bc.target[1::2])}"
+    scenario = _scenario(tmp_path, "digits")
+    tokens, token = tmp_path / "tokens.yaml", tmp_path / "client-0.token"
+    tokens.write_text(f"client-0: {TOKEN}\n")
+    token.write_text(TOKEN)
+    for f in (tokens, token):
+        f.chmod(0o600)
+    fedq = str(Path(sys.executable).with_name("fedq"))
+    server = subprocess.Popen(
+        [fedq, "serve", str(scenario), "--listen", "127.0.0.1:0", "--tokens", str(tokens),
+         "--eval-data", evals, "--out", str(tmp_path / "run"), "--set", "fed.num_clients=1",
+         "--set", "fed.clients_per_round=1", "--set", "fed.rounds=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert server.stdout is not None
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if line.startswith("listening on "):
+                break
+        address = lines[-1].split()[2]
+        join = fedq_cli("join", "--server", address, "--client-id", "client-0",
+                        "--token-file", str(token), "--data", site, timeout=120)  # fmt: skip
+        out, _ = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert join.returncode == 0, join.stdout + join.stderr
+    warned = [ln for ln in join.stderr.splitlines() if ln.startswith("fedq: warning: ")]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"fedq: warning: --data {site}: features are far from unit scale (column 23:"
+    ), join.stderr
+    collapsed = [ln for ln in out.splitlines() if "training collapsed to one class" in ln]
+    assert len(collapsed) == 1 and collapsed[0].startswith(
+        "fedq: warning: round 0: the model predicts class 1 for all 57 evaluation rows"
+    ), out
