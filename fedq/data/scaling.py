@@ -23,6 +23,8 @@ from fedq.errors import ConfigError
 #: A feature column whose mean or standard deviation exceeds this in absolute value is "far from
 #: unit scale" (the warning's threshold).
 SCALE_LIMIT = 10.0
+#: At most about this many rows (evenly spaced) are read for the warning.
+SAMPLE_ROWS = 10_000
 
 
 def check_standardizable(data: AnyDataset, what: str = "data set") -> ArrayDataset:
@@ -56,7 +58,8 @@ def scale_warning(data: AnyDataset, where: str) -> str | None:
     unit scale (a column's |mean| or std above :data:`SCALE_LIMIT`), else None."""
     if not isinstance(data, ArrayDataset) or not data.x.is_floating_point() or len(data) < 2:
         return None
-    x = data.x.reshape(len(data), -1).double()
+    step = max(1, len(data) // SAMPLE_ROWS)  # an estimate is enough: a bounded cost
+    x = data.x[::step].reshape(-1, data.input_dim).double()
     mean, std = x.mean(dim=0).abs(), x.std(dim=0, correction=0)
     worst = torch.maximum(mean, std)
     col = int(worst.argmax())

@@ -48,16 +48,17 @@ def _rows(n: int) -> str:
 def encode_labels(values: Sequence[Any] | np.ndarray, where: str) -> tuple[np.ndarray, int]:
     """Map raw labels to ``int64`` class ids; return ``(ids, num_classes)``.
 
-    Integer labels (whole-number floats, or strings that all parse as integers) are kept as they
-    are and ``num_classes = max + 1``, so a class missing from a small file keeps its id. Any other
-    strings become ids in sorted order (``["neg", "pos"] -> 0, 1``), which is stable across files
-    that hold the same class names. Negative, fractional or NaN labels, and ids that imply more
-    than :data:`MAX_CLASSES` classes, are a :class:`ConfigError` naming the first bad row.
+    Integer labels (booleans, whole-number floats, or strings that all parse as integers) are
+    kept as they are and ``num_classes = max + 1``, so a class missing from a small file keeps
+    its id. Any other strings become ids in sorted order (``["neg", "pos"] -> 0, 1``), which is
+    stable across files that hold the same class names. Negative, fractional or NaN labels, and
+    ids that imply more than :data:`MAX_CLASSES` classes, are a :class:`ConfigError` naming the
+    first bad row.
     """
     arr = np.asarray(values)
     if arr.ndim != 1:
         raise ConfigError(f"{where}: labels must be 1-D, got shape {arr.shape}")
-    if arr.dtype.kind in "iu":
+    if arr.dtype.kind in "iub":
         ids = arr.astype(np.int64)
     elif arr.dtype.kind == "f":
         bad = ~np.isfinite(arr) | (arr != np.round(arr))

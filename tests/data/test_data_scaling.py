@@ -135,6 +135,8 @@ def test_the_recorder_warns_once_when_the_model_predicts_one_class(
 def test_labels_whole_floats_are_classes_fractions_and_huge_ids_are_not() -> None:
     ids, k = encode_labels(np.array([0.0, 2.0, 1.0]), "f")
     assert ids.tolist() == [0, 2, 1] and k == 3
+    ids, k = encode_labels(np.array([True, False]), "f")
+    assert ids.tolist() == [1, 0] and k == 2
     with pytest.raises(ConfigError, match=r"f: labels must be class indices \(whole numbers\), "
                                           r"got nan at row 1"):  # fmt: skip
         encode_labels(np.array([0.0, np.nan]), "f")
