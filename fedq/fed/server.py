@@ -231,6 +231,10 @@ class FedServer:
             if moved > bounds[k]:
                 return (f"the new model's tensor {k!r} moves an entry by {moved:.4g}, beyond the "
                         f"bound {bounds[k]:.4g}")  # fmt: skip
+        for part, tensors in self.strategy.state_dict().items():  # FedAdam's moments
+            for k, v in tensors.items() if isinstance(tensors, dict) else ():
+                if isinstance(v, torch.Tensor) and not bool(torch.isfinite(v).all()):
+                    return f"the server optimizer's state {part}[{k!r}] holds NaN/Inf"
         return None
 
     def evaluate(self) -> tuple[float, float]:
