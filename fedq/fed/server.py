@@ -95,7 +95,7 @@ class FedServer:
         packed, stats = self.downlink.encode(self.global_state, ctx)
         scalars = {
             "total_rounds": float(fed.rounds),
-            "max_samples": float(max(m.num_examples for m in selected)),
+            "max_samples": float(max(self._declared(m) for m in selected)),
         }
         scalars.update(self.strategy.client_scalars())
         scalars.update(self.privacy.client_scalars())
@@ -164,14 +164,18 @@ class FedServer:
                 return f"L2 norm {norm:.4g} exceeds defence.max_update_norm={limit:g}"
         return None
 
+    def _declared(self, member: Member) -> int:
+        """The examples ``member`` registered, within ``defence.max_examples_per_client``."""
+        cap = self.cfg.defence.max_examples_per_client
+        return member.num_examples if cap is None else min(member.num_examples, cap)
+
     def _weight(self, member: Member, n: float) -> float:
         """The update's weight in the mean: 1 (``defence.weights: equal``) or its examples,
         never more than the client declared when it registered nor the run's cap."""
         d = self.cfg.defence
         if d.weights == "equal":
             return 1.0
-        w = min(n, float(member.num_examples))
-        return w if d.max_examples_per_client is None else min(w, float(d.max_examples_per_client))
+        return min(n, float(self._declared(member)))
 
     def close_round(self, r: int, updates: Sequence[Update], apply: bool) -> dict[str, Any]:
         """Aggregate (all or nothing) and evaluate when due."""
