@@ -436,6 +436,14 @@ class RoundEngine:
         fed = self.cfg.fed
         with self._cv:
             self._current = r
+            remaining = len(self.roster) - len(self.excluded)
+        if remaining < fed.min_clients:
+            why = (f"only {remaining} of {len(self.roster)} clients are not excluded; a round "
+                   f"needs fed.min_clients={fed.min_clients}")  # fmt: skip
+            log.warning("stopping before round %d: %s", r, why)
+            self.stop(why)
+            return None
+        with self._cv:
             logged = ""
             while not self._stopping:
                 alive = self._available()

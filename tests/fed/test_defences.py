@@ -25,12 +25,12 @@ from fedq.wire import WireMessage
 CLIENTS = 5
 
 
-def _cfg(**defence: Any) -> RunConfig:
+def _cfg(min_clients: int = 1, **defence: Any) -> RunConfig:
     return config_from_dict({
         "data": {"name": "digits", "max_train": 200, "max_test": 100},
         "model": {"name": "mlp", "hidden": 8},
         "fed": {"num_clients": CLIENTS, "clients_per_round": CLIENTS, "rounds": 4,
-                "round_timeout_s": 30},
+                "round_timeout_s": 30, "min_clients": min_clients},
         "defence": defence,
     })  # fmt: skip
 
@@ -151,6 +151,22 @@ def test_a_client_that_keeps_sending_bad_updates_is_excluded_also_after_resume(
     again.engine.start(saved["next_round"])
     assert bad not in [a.client_id for a in again.next_task().tasks]
     assert bad in again.engine.excluded
+
+
+def test_the_run_stops_when_exclusions_leave_too_few_clients(open_rounds: Any) -> None:
+    run = _start(open_rounds, _cfg(min_clients=CLIENTS, max_bad_updates=1))
+    s = run.workload
+    run.engine.start()
+    selected = [a.client_id for a in run.next_task().tasks]
+    with pytest.raises(FedqError, match="beyond the bound"):
+        run.engine.push_update(_poisoned(s, selected[0], 0))
+    for c in selected[1:]:
+        run.engine.push_update(_honest(s, c, 0))
+    rec = run.record(0)
+    assert rec["excluded"] == [selected[0]] and rec["applied"] is False  # 4 of min 5 updates
+    assert run.engine.join(30)
+    want = f"only {CLIENTS - 1} of {CLIENTS} clients are not excluded; a round needs "
+    assert run.engine.done_reason == want + f"fed.min_clients={CLIENTS}"
 
 
 def test_claimed_weight_is_bounded_by_registration_and_the_cap(open_rounds: Any) -> None:
