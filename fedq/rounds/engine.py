@@ -285,8 +285,9 @@ class RoundEngine:
     def _bad_update(self, r: int, client_id: str, why: str) -> None:
         """Count a refused update; exclude its client once it has sent bad updates in
         ``defence.max_bad_updates`` rounds (the refused client may still send a good update in
-        this round until then)."""
-        limit = self.cfg.defence.max_bad_updates
+        this round until then). Split mode counts but never excludes (its scenarios have no
+        ``defence`` section)."""
+        limit = self.cfg.defence.max_bad_updates if self.cfg.mode == "federated" else 0
         with self._cv:
             rnd = self._round
             if rnd is None or rnd.index != r:
