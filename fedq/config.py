@@ -249,6 +249,56 @@ class PrivacyConfig:
         return p
 
 
+@dataclass(frozen=True, kw_only=True)
+class DefenceConfig:
+    """``defence:``: how the server treats client updates it cannot trust (federated mode).
+
+    Every decoded update is checked against bounds (finite values; per tensor, max|delta| <=
+    ``max_abs_ratio`` * (max|w| + 1) of the global tensor w; the whole update's L2 norm <=
+    ``max_update_norm`` when set) and refused with the reason otherwise; a client refused in
+    ``max_bad_updates`` rounds is excluded from the run (0: never). Accepted updates are clipped to
+    ``clip_norm`` (L2, when set) and combined by ``aggregator`` in roster order: the weighted
+    ``mean`` (weights: the examples a client declared, capped at ``max_examples_per_client``, or
+    ``equal``), the coordinate-wise ``median``, the ``trimmed_mean`` (``trim_fraction`` of the
+    updates dropped at each end, per coordinate) or (multi-)``krum`` (``krum_f`` assumed attackers,
+    the ``krum_m`` best-scored updates averaged). The new global model is checked by the same
+    magnitude rule before it is applied (docs/algorithms.md, "Defences").
+    """
+
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum"] = "mean"
+    weights: Literal["examples", "equal"] = "examples"  # mean: how updates are weighted
+    max_examples_per_client: int | None = None  # cap on a client's weight (null: none)
+    clip_norm: float | None = None  # L2 clip of each update before combining (null: off)
+    trim_fraction: float = 0.1  # trimmed_mean: fraction dropped at each end
+    krum_f: int = 1  # krum: assumed attackers per round
+    krum_m: int = 1  # krum: updates averaged (1 = Krum, > 1 = multi-Krum)
+    max_update_norm: float | None = None  # refuse an update with a larger L2 norm (null: off)
+    max_abs_ratio: float = 1e4  # refuse max|delta| > ratio * (max|w| + 1), per tensor
+    max_bad_updates: int = 3  # rounds with a refused update before exclusion (0: never)
+
+    def check(self) -> Problems:
+        p = []
+        if self.max_examples_per_client is not None and self.max_examples_per_client < 1:
+            p.append("defence.max_examples_per_client: must be >= 1 or null, got "
+                     f"{self.max_examples_per_client}")  # fmt: skip
+        for k in ("clip_norm", "max_update_norm"):
+            v = getattr(self, k)
+            if v is not None and not 0 < v < float("inf"):
+                p.append(f"defence.{k}: must be > 0 and finite or null, got {v}")
+        if not 0 <= self.trim_fraction < 0.5:
+            p.append(f"defence.trim_fraction: must be in [0, 0.5), got {self.trim_fraction}")
+        if self.krum_f < 0:
+            p.append(f"defence.krum_f: must be >= 0, got {self.krum_f}")
+        if self.krum_m < 1:
+            p.append(f"defence.krum_m: must be >= 1, got {self.krum_m}")
+        if not 0 < self.max_abs_ratio < float("inf"):
+            p.append(f"defence.max_abs_ratio: must be > 0 and finite, got {self.max_abs_ratio}")
+        if self.max_bad_updates < 0:
+            p.append(f"defence.max_bad_updates: must be >= 0 (0 = never exclude), got "
+                     f"{self.max_bad_updates}")  # fmt: skip
+        return p
+
+
 #: Largest chunk of a streamed message: every frame (chunk + framing) must stay under gRPC's
 #: default 4 MiB message cap (the transport enforces the same bound).
 MAX_CHUNK_BYTES = 3 << 20
@@ -436,9 +486,10 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
 
     def check(self) -> Problems:
-        p = []
+        p = self._defence_problems()
         if self.privacy.mechanism == "dpsgd" and self.fed.strategy == "fedprox":
             p.append(
                 "privacy.mechanism: 'dpsgd' does not support fed.strategy 'fedprox' "
@@ -462,6 +513,25 @@ class RunConfig:
             )
         return p
 
+    def _defence_problems(self) -> Problems:
+        """Combinations of ``defence`` with the rest of the run that are unsound or impossible."""
+        d, k, p = self.defence, self.fed.clients_per_round, []
+        if self.privacy.mechanism == "central" and d.aggregator != "mean":
+            p.append(
+                f"defence.aggregator: {d.aggregator!r} does not compose with privacy.mechanism "
+                "'central' (its noise is calibrated to the sum of clipped updates, whose "
+                "sensitivity a median or a selection does not have); use 'mean' with central DP, "
+                "or local DP (dpsgd, laplace) with any aggregator"
+            )
+        if d.aggregator == "krum":
+            if k < 2 * d.krum_f + 3:
+                p.append(f"defence.krum_f: Krum with f={d.krum_f} needs fed.clients_per_round >= "
+                         f"2f + 3 = {2 * d.krum_f + 3}, got {k}")  # fmt: skip
+            if d.krum_m > k - d.krum_f:
+                p.append(f"defence.krum_m: at most clients_per_round - krum_f = {k - d.krum_f}, "
+                         f"got {d.krum_m}")  # fmt: skip
+        return p
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration, without the keys the mode does not use (what config.json
         holds, so that it loads back under the same checks)."""
@@ -480,6 +550,7 @@ MODE_IGNORES: dict[str, tuple[str, ...]] = {
     "federated": ("split",),
     "split": (
         "compression",
+        "defence",
         "train.local_epochs",
         "fed.proximal_mu",
         "fed.server_lr",
@@ -490,6 +561,7 @@ MODE_IGNORES: dict[str, tuple[str, ...]] = {
 }
 _WHY_IGNORED: dict[str, str] = {
     "split": "split learning settings; this scenario has mode 'federated'",
+    "defence": "update checks and robust aggregation of federated updates",
     "compression": "mode 'split' codes the cut with split.act_codec / split.grad_codec",
     "train.local_epochs": "mode 'split' runs split.local_steps steps per round",
 }

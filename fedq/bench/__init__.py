@@ -2,4 +2,15 @@
 ``add_arguments(parser)`` and ``run(args) -> dict`` (printing a table; ``--json PATH`` writes the
 dict)."""
 
-BENCHES = ("codec", "fl", "dp", "split", "transport", "kernels", "flood", "scale", "faults")
+BENCHES = (
+    "codec",
+    "fl",
+    "dp",
+    "split",
+    "transport",
+    "kernels",
+    "flood",
+    "scale",
+    "faults",
+    "robust",
+)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -217,11 +217,19 @@ class ServerPrivacy:
 
     # -- central aggregation ------------------------------------------------------------------
 
-    def aggregate(self, updates: list[tuple[State, float]], generator: torch.Generator) -> State:
-        """Mean delta. Central DP: re-clip every decoded update (quantization can move its
-        norm), unweighted sum over the planned K clients, Gaussian noise std z*C/K."""
+    def aggregate(
+        self,
+        updates: list[tuple[State, float]],
+        generator: torch.Generator,
+        combine: Callable[[list[tuple[State, float]]], State] = weighted_mean,
+    ) -> State:
+        """The round's delta. Without central DP: ``combine`` (the run's aggregator, in roster
+        order; local DP composes with any). Central DP: re-clip every decoded update
+        (quantization can move its norm), unweighted sum over the planned K clients, Gaussian
+        noise std z*C/K; its sensitivity argument needs that sum, so the config allows only the
+        mean aggregator with it and ``combine`` is not used."""
         if self.central is None:
-            return weighted_mean(updates)
+            return combine(updates)
         k = self.cfg.fed.clients_per_round
         mech = GaussianMechanism(self.p.clip_norm, self.noise_multiplier)
         clipped = [clip_l2(d, self.p.clip_norm)[0] for d, _ in updates]

@@ -4,11 +4,16 @@ A round's task is the global trainable state, encoded once by the downlink codec
 selected clients; an update is a client's delta, validated and decoded as it arrives; closing a
 round aggregates the updates (strategy, central DP) all or nothing (docs/algorithms.md §5.34)
 and evaluates when due. A malformed update is rejected with a :class:`~fedq.errors.FedqError`
-(a gRPC status for the sender) and never touches the model.
+(a gRPC status for the sender) and never touches the model; so is one beyond the bounds of
+``defence`` (non-finite, too large per tensor or in L2 norm). The round's updates are combined by
+the run's aggregator (:mod:`fedq.fed.robust`) in roster order, and the new model is checked by the
+same magnitude rule before it replaces the old one: a round that would leave a non-finite or
+runaway model is not applied (docs/algorithms.md, "Defences").
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -22,13 +27,23 @@ from fedq.config import RunConfig
 from fedq.errors import FedqError
 from fedq.fed.pipeline import LinkCodec
 from fedq.fed.privacy import ServerPrivacy
+from fedq.fed.robust import aggregate, clip_updates, update_norm
 from fedq.fed.strategy import State, make_strategy
 from fedq.fed.train import evaluation
 from fedq.rounds import client_name
 from fedq.rounds.workload import Member, Update
 from fedq.wire.message import WireMessage
 
-__all__ = ["FedServer", "client_name", "to_cpu"]
+__all__ = ["FedServer", "abs_bounds", "client_name", "to_cpu"]
+
+log = logging.getLogger(__name__)
+
+
+def abs_bounds(state: Mapping[str, torch.Tensor], ratio: float) -> dict[str, float]:
+    """Per tensor, the largest change of one entry a round may bring: ``ratio * (max|w| + 1)``
+    (``defence.max_abs_ratio``)."""
+    return {k: ratio * (float(v.detach().abs().max()) + 1.0) if v.numel() else ratio
+            for k, v in state.items()}  # fmt: skip
 
 
 def to_cpu(tree: Any) -> Any:
@@ -59,6 +74,7 @@ class FedServer:
         self._lock = threading.Lock()
         self._task: WireMessage | None = None
         self._downlink_bits = 0.0
+        self._bounds: dict[str, float] = {}  # of the open round's global model (open_round)
 
     @property
     def ledger(self) -> ServerPrivacy:
@@ -79,7 +95,7 @@ class FedServer:
         packed, stats = self.downlink.encode(self.global_state, ctx)
         scalars = {
             "total_rounds": float(fed.rounds),
-            "max_samples": float(max(m.num_examples for m in selected)),
+            "max_samples": float(max(self._declared(m) for m in selected)),
         }
         scalars.update(self.strategy.client_scalars())
         scalars.update(self.privacy.client_scalars())
@@ -88,9 +104,11 @@ class FedServer:
             "dp_mechanism": self.cfg.privacy.mechanism,
             "laplace_calibration": self.cfg.privacy.laplace_calibration,
         }
+        bounds = abs_bounds(self.global_state, self.cfg.defence.max_abs_ratio)
         with self._lock:
             self._task = WireMessage("global", "", r, 0, scalars, tags, packed)
             self._downlink_bits = stats.mean_bits
+            self._bounds = bounds
 
     def task(self, r: int, member: Member) -> WireMessage:
         with self._lock:
@@ -120,20 +138,49 @@ class FedServer:
         # decodes onto the model's device (the GPU kernels there, runtime.device).
         dev = self.bundle.device
         delta = {k: dequantize(p, device=dev).float() for k, p in msg.tensors.items()}
+        problem = self._out_of_bounds(delta)
+        if problem:
+            raise FedqError(f"update from {msg.client_id}: {problem}")
+        return Update(member, delta, self._weight(member, float(n)), dict(msg.scalars),
+                      msg.nbytes)  # fmt: skip
+
+    def _out_of_bounds(self, delta: Mapping[str, torch.Tensor]) -> str | None:
+        """Why ``delta`` is refused (defence bounds), or None."""
+        ratio = self.cfg.defence.max_abs_ratio
+        with self._lock:
+            bounds = self._bounds or abs_bounds(self.global_state, ratio)
         for k, d in delta.items():
             if not bool(torch.isfinite(d).all()):
-                raise FedqError(f"update from {msg.client_id}: tensor {k!r} decodes to NaN/Inf")
-        return Update(member, delta, float(n), dict(msg.scalars), msg.nbytes)
+                return f"tensor {k!r} decodes to NaN/Inf"
+            big = float(d.abs().max()) if d.numel() else 0.0
+            if big > bounds[k]:
+                return (f"tensor {k!r} changes an entry by {big:.4g}, beyond the bound "
+                        f"{bounds[k]:.4g} (defence.max_abs_ratio={ratio:g} x (max|w| + 1))"
+                        )  # fmt: skip
+        limit = self.cfg.defence.max_update_norm
+        if limit is not None:
+            norm = update_norm(delta)
+            if norm > limit:
+                return f"L2 norm {norm:.4g} exceeds defence.max_update_norm={limit:g}"
+        return None
+
+    def _declared(self, member: Member) -> int:
+        """The examples ``member`` registered, within ``defence.max_examples_per_client``."""
+        cap = self.cfg.defence.max_examples_per_client
+        return member.num_examples if cap is None else min(member.num_examples, cap)
+
+    def _weight(self, member: Member, n: float) -> float:
+        """The update's weight in the mean: 1 (``defence.weights: equal``) or its examples,
+        never more than the client declared when it registered nor the run's cap."""
+        d = self.cfg.defence
+        if d.weights == "equal":
+            return 1.0
+        return min(n, float(self._declared(member)))
 
     def close_round(self, r: int, updates: Sequence[Update], apply: bool) -> dict[str, Any]:
         """Aggregate (all or nothing) and evaluate when due."""
-        if apply:
-            pairs = [(dict(u.tensors), u.weight) for u in updates]
-            noise_gen = torch.Generator().manual_seed(self.cfg.seed * 7_368_787 + r)
-            mean = self.privacy.aggregate(pairs, noise_gen)
-            self.global_state = self.strategy.apply(self.global_state, mean)  # one assignment
-            self.round_done = r
-        out: dict[str, Any] = {"bits_down": self._downlink_bits}
+        rejected = self._apply(r, updates) if apply else None
+        out: dict[str, Any] = {"bits_down": self._downlink_bits, "rejected": rejected}
         with_loss = [u for u in updates if "loss" in u.scalars]
         if with_loss:
             n = sum(u.weight for u in with_loss)
@@ -156,6 +203,43 @@ class FedServer:
         with self._lock:
             self._task = None
         return out
+
+    def _apply(self, r: int, updates: Sequence[Update]) -> str | None:
+        """Combine the updates (roster order) and apply the result all or nothing; returns why
+        the new model was refused, or None once it is the global model."""
+        d = self.cfg.defence
+        pairs = clip_updates([(u.tensors, u.weight) for u in updates], d.clip_norm)
+        noise_gen = torch.Generator().manual_seed(self.cfg.seed * 7_368_787 + r)
+        mean = self.privacy.aggregate(pairs, noise_gen, lambda p: aggregate(d, p))
+        before = self.strategy.state_dict()  # FedAdam's moments change as it steps
+        new = self.strategy.apply(self.global_state, mean)
+        problem = self._model_problem(new)
+        if problem is not None:
+            self.strategy.load_state_dict(before)
+            log.warning("round %d not applied: %s", r, problem)
+            return problem
+        self.global_state = new  # one assignment
+        self.round_done = r
+        return None
+
+    def _model_problem(self, new: Mapping[str, torch.Tensor]) -> str | None:
+        """Why ``new`` may not replace the global model (non-finite, or an entry moved beyond
+        the magnitude bound), or None."""
+        bounds = abs_bounds(self.global_state, self.cfg.defence.max_abs_ratio)
+        for k, v in new.items():
+            if not bool(torch.isfinite(v).all()):
+                return f"the new model's tensor {k!r} holds NaN/Inf"
+            moved = (
+                float((v.float() - self.global_state[k].float()).abs().max()) if v.numel() else 0.0
+            )
+            if moved > bounds[k]:
+                return (f"the new model's tensor {k!r} moves an entry by {moved:.4g}, beyond the "
+                        f"bound {bounds[k]:.4g}")  # fmt: skip
+        for part, tensors in self.strategy.state_dict().items():  # FedAdam's moments
+            for k, v in tensors.items() if isinstance(tensors, dict) else ():
+                if isinstance(v, torch.Tensor) and not bool(torch.isfinite(v).all()):
+                    return f"the server optimizer's state {part}[{k!r}] holds NaN/Inf"
+        return None
 
     def evaluate(self) -> dict[str, Any]:
         self.bundle.load_trainable_state(self.global_state)

@@ -14,6 +14,12 @@
 5. close the round all or nothing: applied only with at least ``fed.min_clients`` updates; an
    update arriving later is refused and never counted.
 
+An update the workload refuses (malformed, non-finite, beyond the defence bounds) is a *bad
+update*: counted per client in the round's record, and a client with bad updates in
+``defence.max_bad_updates`` rounds is excluded from the run (never selected again, kept in the
+checkpoint). The workload combines the accepted updates in roster order, so the result never
+depends on when each arrived.
+
 Split steps run in one fixed order: the selected clients take their turns in roster order, each
 all its steps of the round (SFL-V2's "clients take turns"; a process hosting several clients runs
 them in that order anyway). Whatever the timing, the shared server top sees the same sequence, so
@@ -56,6 +62,8 @@ class _Open:
     updates: dict[str, Update] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)  # split: steps taken per client
+    refused: dict[str, dict[str, Any]] = field(default_factory=dict)  # bad updates: count, reason
+    excluded: list[str] = field(default_factory=list)  # clients excluded during this round
     stepping: set[str] = field(default_factory=set)  # split: clients with a step in progress
 
     def member(self, client_id: str) -> Member | None:
@@ -108,6 +116,8 @@ class RoundEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self._strikes: dict[str, int] = {}  # client id -> rounds with a refused update
+        self.excluded: dict[str, str] = {}  # client id -> why it takes no further part
 
     # ------------------------------------------------------------------ registration and liveness
     def register(self, principal: str, reg: Registration) -> Joined:
@@ -213,7 +223,9 @@ class RoundEngine:
             return self._available()
 
     def _available(self) -> list[Member]:
-        alive = [m for cid, m in self._members.items() if self._streams.get(self._owner[cid], 0)]
+        alive = [m for cid, m in self._members.items()
+                 if self._streams.get(self._owner[cid], 0)
+                 and cid not in self.excluded]  # fmt: skip
         return sorted(alive, key=lambda m: m.index)
 
     def wait_available(self, n: int, timeout: float) -> int:
@@ -260,10 +272,43 @@ class RoundEngine:
             if spr and rnd.steps.get(member.client_id, 0) != spr:
                 done = rnd.steps.get(member.client_id, 0)
                 raise FedqError(f"{member.client_id} uploaded after {done} of {spr} steps")
-        update = self.workload.accept(msg.round, member, msg)
+        try:
+            update = self.workload.accept(msg.round, member, msg)
+        except FedqError as e:
+            self._bad_update(msg.round, member.client_id, str(e))
+            raise
         with self._cv:
             rnd, member = self._selected(msg.client_id, msg.round)  # still open, still in it
             rnd.updates[member.client_id] = update
+            self._cv.notify_all()
+
+    def _bad_update(self, r: int, client_id: str, why: str) -> None:
+        """Count a refused update; exclude its client once it has sent bad updates in
+        ``defence.max_bad_updates`` rounds (the refused client may still send a good update in
+        this round until then). Split mode counts but never excludes (its scenarios have no
+        ``defence`` section)."""
+        limit = self.cfg.defence.max_bad_updates if self.cfg.mode == "federated" else 0
+        with self._cv:
+            rnd = self._round
+            if rnd is None or rnd.index != r:
+                return
+            entry = rnd.refused.setdefault(client_id, {"count": 0, "reason": ""})
+            entry["count"] += 1
+            entry["reason"] = why[:300]
+            if entry["count"] == 1:
+                self._strikes[client_id] = self._strikes.get(client_id, 0) + 1
+            strikes = self._strikes[client_id]
+            log.warning("round %d: update from %s refused (%d round(s) with bad updates): %s", r,
+                        client_id, strikes, why)  # fmt: skip
+            if limit and strikes >= limit and client_id not in self.excluded:
+                self.excluded[client_id] = (
+                    f"excluded in round {r}: bad updates in {strikes} rounds "
+                    f"(defence.max_bad_updates={limit})"
+                )
+                rnd.excluded.append(client_id)
+                if client_id not in rnd.updates:
+                    rnd.dropped[client_id] = self.excluded[client_id]
+                log.warning("%s %s", client_id, self.excluded[client_id])
             self._cv.notify_all()
 
     def _failed(self, msg: WireMessage) -> None:
@@ -392,6 +437,14 @@ class RoundEngine:
         fed = self.cfg.fed
         with self._cv:
             self._current = r
+            remaining = len(self.roster) - len(self.excluded)
+        if remaining < fed.min_clients:
+            why = (f"only {remaining} of {len(self.roster)} clients are not excluded; a round "
+                   f"needs fed.min_clients={fed.min_clients}")  # fmt: skip
+            log.warning("stopping before round %d: %s", r, why)
+            self.stop(why)
+            return None
+        with self._cv:
             logged = ""
             while not self._stopping:
                 alive = self._available()
@@ -460,17 +513,20 @@ class RoundEngine:
         updates = sorted(rnd.updates.values(), key=lambda u: u.member.index)
         apply = len(updates) >= self.cfg.fed.min_clients
         record = self.workload.close_round(r, updates, apply)
+        record.setdefault("rejected", None)  # the workload refused the new model: why
         if not apply:
             log.warning("round %d discarded: %d of %d updates arrived (min_clients=%d)", r,
                         len(updates), len(rnd.selected), self.cfg.fed.min_clients)  # fmt: skip
         record.update(
             round=r,
-            applied=apply,
+            applied=apply and record["rejected"] is None,
             clients_selected=len(rnd.selected),
             clients_ok=len(updates),
             clients_dropped=len(rnd.dropped),
             updated=[u.member.client_id for u in updates],
             dropped=dict(rnd.dropped),
+            refused={cid: dict(v) for cid, v in sorted(rnd.refused.items())},
+            excluded=sorted(rnd.excluded),
             epsilon=self.workload.ledger.epsilon(),
             round_seconds=round(time.monotonic() - rnd.opened, 3),
         )
@@ -481,7 +537,9 @@ class RoundEngine:
         """What resuming needs of the server: the next round, the run id, the workload (model,
         strategy, codecs, privacy ledger)."""
         return {"next_round": self.next_round, "run_id": self.run_id,
-                "roster": list(self.roster), "workload": self.workload.state_dict()}  # fmt: skip
+                "roster": list(self.roster), "workload": self.workload.state_dict(),
+                "defence": {"strikes": dict(self._strikes),
+                            "excluded": dict(self.excluded)}}  # fmt: skip
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["roster"]) != self.roster:
@@ -489,3 +547,6 @@ class RoundEngine:
         self.run_id = str(state["run_id"])
         self.next_round = int(state["next_round"])
         self.workload.load_state_dict(state["workload"])
+        defence = state.get("defence", {})
+        self._strikes = {str(c): int(n) for c, n in defence.get("strikes", {}).items()}
+        self.excluded = {str(c): str(w) for c, w in defence.get("excluded", {}).items()}

@@ -254,7 +254,13 @@ def _server_workload(cfg: RunConfig, split: Any, num_classes: int) -> Any:
 
 def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> TaskRunner:
     """The task runner of a client process for the run it joined (its model, its shards; with
-    ``data.standardize`` each shard standardized with its own rows' statistics)."""
+    ``data.standardize`` each shard standardized with its own rows' statistics).
+
+    Sets torch's threads to ``runtime.threads_per_worker``, as every simulation worker has: a
+    ``fedq join`` process otherwise keeps torch's default (one per core), and a different number
+    of threads may sum a batch's float32 loss in another order, so a deployment's reported
+    training loss would differ in its last bits from the simulation's."""
+    quiet_process(cfg.runtime.threads_per_worker)
     if cfg.data.standardize:
         from fedq.data.scaling import standardize_shards
 

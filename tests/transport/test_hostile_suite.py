@@ -60,8 +60,11 @@ def _cfg(mode: str) -> Any:
         "runtime": {"backend": "inprocess"},
     }  # fmt: skip
     if mode == "federated":
-        base.update(data={"name": "digits", "max_train": 200, "max_test": 20},
-                    model={"name": "mlp", "hidden": 8})  # fmt: skip
+        base.update(
+            data={"name": "digits", "max_train": 200, "max_test": 20},
+            model={"name": "mlp", "hidden": 8},
+            defence={"max_bad_updates": 0},
+        )  # client-0 stays: the suite is its alone
     else:
         base.update(
             mode="split",
@@ -218,3 +221,34 @@ def test_every_hostile_call_gets_an_error_status_and_the_server_stays_healthy(li
     # the suite reached every RPC's validation, not only the authentication in front of it
     for rpc in ("Register", "GetTask", "PushUpdate", "Step"):
         assert seen.get((rpc, grpc.StatusCode.INVALID_ARGUMENT), 0) > 0, (rpc, seen)
+
+
+def test_poisoned_and_tampered_updates_are_refused_and_memory_stays_bounded(live: Live) -> None:
+    """Valid messages with hostile values (3e38 everywhere, random codes with shifted offsets),
+    from the authenticated client of the open round: each refused with a reason, the model stays
+    finite, and the server's memory does not grow with them."""
+    from fedq.bench.robust import attacked
+
+    if not hasattr(live.host.workload, "global_state"):
+        pytest.skip("federated updates only")
+    state = live.host.workload.global_state
+    gen = torch.Generator().manual_seed(7)
+    md = [("x-fedq-client", "client-0"), ("authorization", f"Bearer {TOKENS['client-0']}")]
+    codes: dict[str, int] = {}
+    with grpc.insecure_channel(live.address) as channel:
+        before = _rss()
+        for i in range(60):
+            r = live.host.engine._current
+            kind = ("poison", "tamper")[i % 2]
+            delta = {k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in state.items()}
+            msg = WireMessage("update", "client-0", r, 0, {"num_samples": 10.0}, {},
+                              attacked(kind, delta, gen))  # fmt: skip
+            code, details = _call(channel, "PushUpdate", list(message_to_frame_bytes(msg, 4096)),
+                                  md)  # fmt: skip
+            codes[code.name] = codes.get(code.name, 0) + 1
+            assert code is not grpc.StatusCode.OK, (kind, details)
+        grown = _rss() - before
+    assert codes.get("FAILED_PRECONDITION", 0) > 0, codes  # refused by the bounds, with a reason
+    assert all(bool(torch.isfinite(v).all()) for v in live.host.workload.global_state.values())
+    assert max(float(v.abs().max()) for v in live.host.workload.global_state.values()) < 100
+    assert grown < 100 << 20, f"server memory grew by {grown >> 20} MiB over 60 poisoned updates"
