@@ -34,9 +34,8 @@ states arrived) leaves the whole model as it was when the round opened: the serv
 and gate-controller state, the stochastic-rounding streams) when a round opens and puts it back
 when the round is discarded or abandoned, so the steps taken in it leave no trace. Only the
 AQ-SGD copies stay as the steps left them: they are the codec's, kept in step with the
-client's, not the model's. The server keeps a copy of the bottom
-only to evaluate the whole model with the averaged client state, quantization at the cut included
-(forward only).
+client's, not the model's. The server keeps a copy of the bottom only to evaluate the whole model
+with the averaged client state, quantization at the cut included (forward only).
 
 The server records every step as it sees it (``bits.jsonl``): wire bytes both ways, bits and
 payload sizes of both tensors, the loss, and the client's step time (the time between its
