@@ -137,20 +137,33 @@ def _placement_lines(pl: dict[str, Any], most: int = 4) -> list[str]:
     return lines
 
 
+#: Exit status of a run that ended without applying any round (README, "Outputs").
+EXIT_NO_ROUND_APPLIED = 3
+
+
 def _print_summary(summary: dict[str, Any], out: Path) -> int:
-    """The end line of a run (simulate and serve alike); returns the exit status."""
+    """The end line of a run (simulate and serve alike); returns the exit status: 130 when
+    interrupted, 3 when no round was applied, else 0."""
     acc = summary.get("final_accuracy")
+    n, applied = summary.get("rounds_completed", 0), summary.get("rounds_applied", 0)
+    discarded = summary.get("rounds_discarded", 0)
     print(
         f"done: accuracy {acc if acc is None else f'{acc:.4f}'} | "
+        + f"{n} round{'' if n == 1 else 's'}, {applied} applied"
+        + (f" ({discarded} discarded)" if discarded else "")
+        + " | "
         + (f"epsilon {summary['epsilon_spent']:.4g} | " if summary.get("epsilon_spent") else "")
         + "wire "
         f"{_fmt_bytes(summary.get('bytes_wire_total') or 0)} | "
         f"{summary.get('compression_ratio') or 0:.2f}x "
         f"smaller than fp32 | {summary.get('wall_seconds', 0):.1f} s | results in {out}"
     )
-    if summary.get("stopped_reason"):
-        print(f"stopped early: {summary['stopped_reason']}")
-    return 130 if summary.get("interrupted") else 0
+    failed = not applied and not summary.get("interrupted")
+    if summary.get("stopped_reason"):  # a failed run's begins "no round was applied"
+        print(("" if failed else "stopped early: ") + summary["stopped_reason"])
+    if summary.get("interrupted"):
+        return 130
+    return EXIT_NO_ROUND_APPLIED if failed else 0
 
 
 def _resume_args(args: argparse.Namespace, command: str) -> None:

@@ -4,6 +4,8 @@ Conventions (shared with :func:`fedq.report.plot_report`): ``bytes_up``, ``bytes
 ``bytes_fp32`` are per-record increments (bytes that crossed the transport for that record, and
 the fp32 equivalent), so totals are sums; ``epsilon`` is the privacy spent so far, so the run's
 value is the last one reported. Missing or null fields count as absent, never as zero accuracy.
+A round counts as applied unless a record of it says ``applied: false`` (it was discarded: too
+few updates arrived, and the model stayed as it was).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ SUMMARY_KEYS = (
     "compression_ratio",
     "epsilon_spent",
     "rounds_completed",
+    "rounds_applied",
+    "rounds_discarded",
     "wall_seconds",
 )
 
@@ -37,8 +41,8 @@ def summarize(
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Final / best accuracy, wire and fp32 byte totals, compression ratio (fp32 / wire), ε spent,
-    rounds completed (distinct ``round`` values) and wall seconds, plus ``extra`` (which may not
-    redefine those keys). Absent quantities are ``None``.
+    rounds completed (distinct ``round`` values), of which applied and discarded, and wall
+    seconds, plus ``extra`` (which may not redefine those keys). Absent quantities are ``None``.
     """
     acc = values(records, "accuracy")
     eps = values(records, "epsilon")
@@ -46,6 +50,9 @@ def summarize(
     down = int(sum(values(records, "bytes_down")))
     fp32 = int(sum(values(records, "bytes_fp32")))
     wire = up + down
+    rounds = {r["round"] for r in records if r.get("round") is not None}
+    discarded = {r["round"] for r in records if r.get("round") is not None
+                 and r.get("applied") is False}  # fmt: skip
     summary: dict[str, Any] = {
         "final_accuracy": acc[-1] if acc else None,
         "best_accuracy": max(acc) if acc else None,
@@ -55,7 +62,9 @@ def summarize(
         "bytes_fp32_total": fp32,
         "compression_ratio": fp32 / wire if wire > 0 and fp32 > 0 else None,
         "epsilon_spent": eps[-1] if eps else None,
-        "rounds_completed": len({r["round"] for r in records if r.get("round") is not None}),
+        "rounds_completed": len(rounds),
+        "rounds_applied": len(rounds - discarded),
+        "rounds_discarded": len(discarded),
         "wall_seconds": float(wall_seconds),
     }
     clash = sorted(set(extra or {}) & set(summary))

@@ -12,7 +12,9 @@
 4. collect uploads until every selected client delivered or was dropped (its work stream broke,
    a step failed) or the deadline ``fed.round_timeout_s`` passed;
 5. close the round all or nothing: applied only with at least ``fed.min_clients`` updates; an
-   update arriving later is refused and never counted.
+   update arriving later is refused and never counted. A discarded round leaves the model as it
+   was when the round opened (in split mode the workload rolls back what the steps trained);
+   the privacy charged when it opened stays spent.
 
 An update the workload refuses (malformed, non-finite, beyond the defence bounds) is a *bad
 update*: counted per client in the round's record, and a client with bad updates in
@@ -41,7 +43,7 @@ from fedq.codec.packed import FORMAT_VERSION
 from fedq.config import RunConfig
 from fedq.errors import FedqError, PrivacyBudgetExceeded
 from fedq.rounds.roster import select_clients
-from fedq.rounds.workload import Hooks, Member, StepWorkload, Update, Workload
+from fedq.rounds.workload import Hooks, Member, RollbackWorkload, StepWorkload, Update, Workload
 from fedq.wire.control import PROTOCOL_VERSION, Assignment, Joined, Registration, WorkItem
 from fedq.wire.message import WireMessage
 
@@ -422,6 +424,8 @@ class RoundEngine:
                 if self._stopping:  # the open round is abandoned: a resume runs it again
                     with self._cv:
                         self._round = None
+                    if isinstance(self.workload, RollbackWorkload):
+                        self.workload.abandon_round(r)
                     return self._finish(self._done or "stopped")
                 record = self._close(r)
                 self.next_round = r + 1

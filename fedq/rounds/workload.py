@@ -127,6 +127,16 @@ class StepWorkload(Protocol):
     def step(self, r: int, member: Member, msg: WireMessage) -> WireMessage: ...
 
 
+@runtime_checkable
+class RollbackWorkload(Protocol):
+    """A workload whose state changes while a round is open (split steps train the server's
+    half): when the run stops with a round open, the engine calls ``abandon_round`` so the
+    workload puts back what that round changed (a resume runs it again from the checkpoint).
+    A discarded round is rolled back by ``close_round(..., apply=False)`` itself."""
+
+    def abandon_round(self, r: int) -> None: ...
+
+
 class Hooks(Protocol):
     """How a run is observed: called from the engine's thread."""
 

@@ -3,9 +3,11 @@ data.
 
 :func:`serve` runs the server of a run on ``HOST:PORT`` (TLS outside loopback, per-client tokens):
 the same :class:`~fedq.runtime.hosts.ServerHost` a simulation runs, writing the same run folder
-(config.json, metrics.jsonl, summary.json, report.png, checkpoint.pt) as it goes. Its roster is
-the client ids of its tokens file. The server never sees client data: weights and sampling rates
-come from what each client reports it holds, and it evaluates on its own evaluation data.
+(config.json, metrics.jsonl, summary.json, report.png, checkpoint.pt) as it goes; its first
+checkpoint (next round 0) is written before it listens, so ``--resume`` works from the start.
+Its roster is the client ids of its tokens file. The server never sees client data: weights and
+sampling rates come from what each client reports it holds, and it evaluates on its own
+evaluation data.
 
 :func:`join` is one site: it loads its own data, registers as its client id, and pulls its work
 until the server says the run is over, reconnecting (with backoff) if the server restarts.
@@ -112,8 +114,9 @@ def serve(
     host, port = parse_address(listen)
     ckpt = load_checkpoint(out) if resume else None
     start_round = int(ckpt["next_round"]) if ckpt is not None else 0
+    wall = float(ckpt.get("wall_seconds", 0.0)) if ckpt is not None else 0.0
     recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None,
-                           last_round=ckpt and ckpt.get("log"))  # fmt: skip
+                           last_round=ckpt and ckpt.get("log"), wall_before=wall)  # fmt: skip
     hooks = _ServeHooks(recorder, on_event)
     if ckpt is not None:  # each client's bytes in the rounds before the restart
         hooks.clients = {str(c): {k: int(v) for k, v in row.items()}
@@ -126,6 +129,9 @@ def serve(
     hooks.host = server
     if ckpt is not None:
         server.load_state_dict(ckpt["server"], ckpt["ledger_journal"])
+    else:  # resumable from the start: round 0 with this run id, roster and initial model
+        recorder.checkpoint({"next_round": 0, "server": server.state_dict(), "clients": {},
+                             "client_traffic": {}})  # fmt: skip
     recorder.trainable_params = int(server.workload.info()["trainable_params"])
     address = server.start()
     if on_event is not None:

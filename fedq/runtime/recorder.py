@@ -7,6 +7,12 @@ A round's checkpoint is written before its log lines, and carries them: a round 
 ``metrics.jsonl`` can always be resumed after. On resume the logs are cut back to the rounds the
 checkpoint holds (a round that was running when the run stopped is logged once, by the resumed
 run), and the checkpoint's last round is logged if the run died before it was.
+
+``summary.json``'s ``wall_seconds`` covers every process of the run: each checkpoint carries the
+run's wall seconds so far, and a resumed run adds its own to the larger of that and the
+``summary.json`` an interrupted process left (the time a killed process spent after its last
+checkpoint is the only time not counted). A run that ends with no round applied (every round
+discarded, or none run) says so in ``stopped_reason``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from fedq.runtime.checkpoint import save_checkpoint, save_privacy_journal
 log = logging.getLogger(__name__)
 
 BITS_FILE = "bits.jsonl"
+#: How ``stopped_reason`` begins when a run ended without applying any round.
+NO_ROUND_APPLIED = "no round was applied"
 
 
 def _cut_log(path: Path, next_round: int) -> list[dict[str, Any]]:
@@ -42,6 +50,26 @@ def _cut_log(path: Path, next_round: int) -> list[dict[str, Any]]:
     return kept
 
 
+def _summary_wall(out: Path) -> float:
+    """``wall_seconds`` of the summary.json an earlier process of the run wrote, else 0."""
+    from fedq.report.metrics import SUMMARY_FILE
+
+    try:
+        return float(json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _no_round_applied(summary: dict[str, Any], cfg: RunConfig) -> str:
+    """``stopped_reason`` of a run that applied no round: why, and the earlier reason if any."""
+    n, why = summary["rounds_discarded"], summary.get("stopped_reason")
+    text = NO_ROUND_APPLIED
+    if n:
+        text += (f": {n} round{'s' if n > 1 else ''} discarded, each with fewer than "
+                 f"fed.min_clients={cfg.fed.min_clients} updates")  # fmt: skip
+    return f"{text}; {why}" if why else text
+
+
 class RunRecorder:
     """Writes one run's folder (module docstring). ``trainable_params`` sizes the fp32 baseline
     of the downlink in federated mode (the same tensors as raw fp32)."""
@@ -49,13 +77,16 @@ class RunRecorder:
     def __init__(
         self, out: Path, cfg: RunConfig, *, resume_round: int | None = None,
         last_round: dict[str, Any] | None = None, t0: float | None = None,
+        wall_before: float = 0.0,
     ) -> None:  # fmt: skip
         from fedq.report import MetricsWriter, write_config
 
         self.out = out
         self.cfg = cfg
-        self.t0 = time.perf_counter() if t0 is None else t0  # the run's start (perf_counter)
+        self.t0 = time.perf_counter() if t0 is None else t0  # this process's start
         out.mkdir(parents=True, exist_ok=True)
+        # the wall seconds of the processes before this one (module docstring)
+        self.wall_before = 0.0 if resume_round is None else max(wall_before, _summary_wall(out))
         write_config(out, cfg.to_dict())
         self.previous: list[dict[str, Any]] = []
         if resume_round is None:
@@ -73,6 +104,10 @@ class RunRecorder:
         self.trainable_params = 0
         self._pending: dict[str, Any] | None = None
         self._collapse_warned = False
+
+    def wall_seconds(self) -> float:
+        """The run's wall seconds so far, every process of it (module docstring)."""
+        return self.wall_before + time.perf_counter() - self.t0
 
     def _write(self, entry: dict[str, Any]) -> None:
         """Append one round's lines: its steps to bits.jsonl, its record to metrics.jsonl."""
@@ -122,7 +157,7 @@ class RunRecorder:
     def checkpoint(self, state: dict[str, Any]) -> None:
         """Write the checkpoint of the round :meth:`round` completed, then that round's lines."""
         pending, self._pending = self._pending, None
-        save_checkpoint(self.out, {**state, "log": pending})
+        save_checkpoint(self.out, {**state, "log": pending, "wall_seconds": self.wall_seconds()})
         if pending is not None:
             self._write(pending)
 
@@ -135,7 +170,9 @@ class RunRecorder:
 
         self.writer.close()
         records = self.previous + self.writer.records
-        summary = summarize(records, wall_seconds=time.perf_counter() - self.t0, extra=extra)
+        summary = summarize(records, wall_seconds=self.wall_seconds(), extra=extra)
+        if summary["rounds_applied"] == 0 and not summary.get("interrupted"):
+            summary["stopped_reason"] = _no_round_applied(summary, self.cfg)
         write_summary(self.out, summary)
         if self.cfg.mode == "split":
             from fedq.split.report import plot_split_report

@@ -7,7 +7,9 @@ the N logical clients (client ``c`` on worker ``c % K``, or as ``runtime.sites``
 state stays put) and pulling its work from the server like any ``fedq join``. The server runs
 the rounds; after each one the driver writes the record and a checkpoint (server state, and the
 client states that changed in the round: :class:`~fedq.runtime.checkpoint.ClientStateLog`)
-before the server opens the next, so ``--resume`` continues exactly where a run stopped.
+before the server opens the next, so ``--resume`` continues exactly where a run stopped; a first
+checkpoint (next round 0) is written as soon as the server runs, so a run killed before its
+first round ended resumes too.
 
 Before any host starts, the hosts are reserved where :mod:`fedq.runtime.placement` says. On a
 cluster the server listens on its node's address, with TLS from credentials the driver makes for
@@ -68,12 +70,14 @@ def simulate(
     out = Path(out_dir)
     ckpt = load_checkpoint(out) if resume else None
     start_round = int(ckpt["next_round"]) if ckpt is not None else 0
+    wall = float(ckpt.get("wall_seconds", 0.0)) if ckpt is not None else 0.0  # earlier processes
     backend = make_backend(cfg.runtime)
     try:  # a placement the cluster cannot take: one ConfigError before any host starts
         plan = plan_hosts(cfg, num_workers(cfg, backend.cluster_cpus()))
         nodes = reserve_hosts(backend, plan, cfg.runtime)
         recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None,
-                               last_round=ckpt and ckpt.get("log"), t0=t0)  # fmt: skip
+                               last_round=ckpt and ckpt.get("log"), t0=t0,
+                               wall_before=wall)  # fmt: skip
     except BaseException:
         backend.shutdown()
         raise
@@ -107,6 +111,8 @@ def simulate(
                                   hosts=hosts, run_id=run_id, host=listen,
                                   tls=creds.server_tls() if creds else None)  # fmt: skip
         address = backend.get([backend.call(server, "start")])[0]
+        if ckpt is None:  # resumable from here on: round 0 with this run id and model
+            _first_checkpoint(backend, server, recorder)
         client_tls = creds.client_tls() if creds else None
         workers = [backend.spawn_at(i, h.ask, WorkerHost, cfg, address, h.principal,
                                     tokens[h.principal], list(h.clients), tls=client_tls,
@@ -312,6 +318,14 @@ def _checkpoint(
                          "client_segments": segments, "client_bytes": client_bytes})  # fmt: skip
     client_log.prune()
     marks.update({p: int(a[0]) for (_, p), a in zip(alive, answers, strict=True)})
+
+
+def _first_checkpoint(backend: Any, server: Any, recorder: RunRecorder) -> None:
+    """The checkpoint of a run that has not run a round yet (next round 0: the run id, roster
+    and initial model), so a run killed before its first round ends can be resumed."""
+    state = backend.get([backend.call(server, "state_dict")])[0]
+    recorder.checkpoint({"next_round": 0, "server": state, "client_segments": [],
+                         "client_bytes": _zero_bytes()})  # fmt: skip
 
 
 def _restore(

@@ -28,9 +28,14 @@ order, each all its steps of the round, so runs are reproducible); each round a 
 downloads the averaged client state (its task), runs ``local_steps`` steps, and uploads its client
 state (raw fp32, counted like everything else); closing the round averages the states weighted by
 samples (FedAvg, as SplitLoRA every R steps), all or nothing. The client state is the bottom LoRA
-plus the client's AMAQ gates, so the gates are averaged too. The server keeps a copy of the bottom
-only to evaluate the whole model with the averaged client state, quantization at the cut included
-(forward only).
+plus the client's AMAQ gates, so the gates are averaged too. A discarded round (too few client
+states arrived) leaves the whole model as it was when the round opened: the server takes a
+:class:`RoundSnapshot` of what its steps change (the top's LoRA, head and gates, its optimizer
+and gate-controller state, the stochastic-rounding streams) when a round opens and puts it back
+when the round is discarded or abandoned, so the steps taken in it leave no trace. Only the
+AQ-SGD copies stay as the steps left them: they are the codec's, kept in step with the
+client's, not the model's. The server keeps a copy of the bottom only to evaluate the whole model
+with the averaged client state, quantization at the cut included (forward only).
 
 The server records every step as it sees it (``bits.jsonl``): wire bytes both ways, bits and
 payload sizes of both tensors, the loss, and the client's step time (the time between its
@@ -40,6 +45,7 @@ examples clipped by activation DP) as scalars of its activations message.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -122,6 +128,7 @@ class SplitServer:
         self._task: WireMessage | None = None
         self._rows: list[dict[str, Any]] = []
         self._seen: dict[str, float] = {}  # client -> time of its last message (step seconds)
+        self._snapshot: RoundSnapshot | None = None  # the open round's start (rolled back to)
         self.steps = 0
 
     def info(self) -> dict[str, Any]:
@@ -132,6 +139,7 @@ class SplitServer:
     def open_round(self, r: int, selected: Sequence[Member]) -> None:
         tensors = {k: raw(v) for k, v in self.client_state.items()}
         with self._lock:
+            self._snapshot = RoundSnapshot.take(self)
             self._task = WireMessage("global", "", r, 0, self.ledger.client_scalars(), {}, tensors)
             self._rows, self._seen = [], {}
 
@@ -160,10 +168,15 @@ class SplitServer:
         return Update(member, state, float(n), dict(msg.scalars), msg.nbytes)
 
     def close_round(self, r: int, updates: Sequence[Update], apply: bool) -> dict[str, Any]:
+        """Average the client states (``apply``), or roll the server's half back to the round's
+        start (module docstring); evaluate when due."""
+        with self._lock:  # no step of round r runs after this: step() checks the task
+            rows, self._rows, self._task = self._rows, [], None
+            snapshot, self._snapshot = self._snapshot, None
+            if not apply and snapshot is not None:
+                snapshot.restore(self)
         if apply and updates:
             self.client_state = weighted_mean([(dict(u.tensors), u.weight) for u in updates])
-        with self._lock:
-            rows, self._rows, self._task = self._rows, [], None
         rec = round_record(self.cfg, r, rows, updates)
         rec.update(self.bit_summary())
         if self.test_data is not None and (
@@ -172,6 +185,15 @@ class SplitServer:
             rec.update(self.evaluate())
         rec["steps"] = rows
         return rec
+
+    def abandon_round(self, r: int) -> None:
+        """The run stopped while round ``r`` was open: roll its steps back (a resume runs it
+        again from the checkpoint), so what the run reports at its end is the last round's."""
+        with self._lock:
+            self._rows, self._task = [], None
+            snapshot, self._snapshot = self._snapshot, None
+            if snapshot is not None:
+                snapshot.restore(self)
 
     def bit_summary(self) -> dict[str, float]:
         """Integer bit maps now in force: ``bits/<boundary>/<dir>/{mean,min,max}``."""
@@ -243,17 +265,22 @@ class SplitServer:
         """One server step (module docstring, 3-4), recorded as a row of ``bits.jsonl``."""
         received, mask, labels = self._decode_step(msg)
         with self._lock:
+            if self._task is None or self._task.round != r:
+                raise FedqError(f"round {r} is closed: step {msg.step} comes too late")
             h = received.value
             h.requires_grad_(True)
-            with seeded_forward(self.cfg.seed, "server:" + msg.client_id, msg.step, h.device):
-                loss, correct, count = self.model.top(h, mask, labels)
-            loss.backward()
-            assert h.grad is not None
-            coded = self.grad_q.send(h.grad)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            if self.gates is not None:
-                self.gates.step(msg.step)
+            try:
+                with seeded_forward(self.cfg.seed, "server:" + msg.client_id, msg.step, h.device):
+                    loss, correct, count = self.model.top(h, mask, labels)
+                loss.backward()
+                assert h.grad is not None
+                coded = self.grad_q.send(h.grad)
+                self.opt.step()
+                if self.gates is not None:
+                    self.gates.step(msg.step)
+            finally:  # a step that failed half-way leaves no gradient for the next one
+                self.opt.zero_grad(set_to_none=True)
+                _clear_grads(self.model.top, self.grad_q)
             self.act_rx.settle(msg.client_id, received, ok=True)
             self.steps += 1
         pg, ph = coded.tensors["g"], msg.tensors["h"]
@@ -313,6 +340,54 @@ class SplitServer:
         self.client_state = {k: v.clone() for k, v in state["client_state"].items()}
         self.steps = int(state["steps"])
         self.ledger.load_state_dict(state["ledger"])
+
+
+class RoundSnapshot:
+    """What a server step changes, as it was when a round opened (module docstring): the top's
+    trainable tensors (LoRA, head, gates of inner boundaries), the gradient codec (its gates and
+    stochastic-rounding stream), the other codecs' streams in the top, the optimizer and gate
+    controller state and the step count. Never the frozen base: steps do not touch it."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    @classmethod
+    def take(cls, server: SplitServer) -> RoundSnapshot:
+        top = server.model.top
+        return cls(copy.deepcopy({
+            "top": {n: p.detach() for n, p in top.named_parameters() if p.requires_grad},
+            "codecs": [q.get_extra_state() for q in _codecs(top)],
+            "grad_q": server.grad_q.state_dict(),
+            "optimizer": server.opt.state_dict(),
+            "gates": None if server.gates is None else server.gates.state_dict(),
+            "steps": server.steps,
+        }))  # fmt: skip
+
+    def restore(self, server: SplitServer) -> None:
+        s = self.state
+        params = dict(server.model.top.named_parameters())
+        with torch.no_grad():
+            for n, v in s["top"].items():
+                params[n].copy_(v)
+        for q, extra in zip(_codecs(server.model.top), s["codecs"], strict=True):
+            q.set_extra_state(extra)
+        server.grad_q.load_state_dict(s["grad_q"])
+        server.opt.load_state_dict(s["optimizer"])
+        if server.gates is not None and s["gates"] is not None:
+            server.gates.load_state_dict(s["gates"])
+        server.opt.zero_grad(set_to_none=True)
+        _clear_grads(server.model.top, server.grad_q)
+        server.steps = int(s["steps"])
+
+
+def _codecs(part: torch.nn.Module) -> list[CutCodec]:
+    return [m for m in part.modules() if isinstance(m, CutCodec)]
+
+
+def _clear_grads(*parts: torch.nn.Module) -> None:
+    for part in parts:
+        for p in part.parameters():
+            p.grad = None
 
 
 def round_record(

@@ -31,6 +31,8 @@ def test_summarize_hand_made() -> None:
         "compression_ratio": pytest.approx(16000 / 1500),
         "epsilon_spent": 1.5,  # last reported
         "rounds_completed": 4,  # distinct rounds 0..3
+        "rounds_applied": 4,  # none says applied: false
+        "rounds_discarded": 0,
         "wall_seconds": 12.5,
         "scenario": "mnist",
     }
@@ -45,6 +47,14 @@ def test_summarize_empty_and_non_private() -> None:
     s = summarize([{"round": 0, "accuracy": 0.3, "bytes_up": 10, "bytes_down": 10}], wall_seconds=1)
     assert s["epsilon_spent"] is None and s["final_accuracy"] == 0.3
     assert s["compression_ratio"] is None  # no fp32 reference reported
+
+
+def test_summarize_counts_the_discarded_rounds() -> None:
+    recs = [{**r, "applied": r["round"] != 1} if "bytes_up" in r else r for r in RECORDS]
+    s = summarize(recs, wall_seconds=1.0)
+    assert (s["rounds_completed"], s["rounds_applied"], s["rounds_discarded"]) == (4, 3, 1)
+    none = summarize([{**r, "applied": False} for r in RECORDS], wall_seconds=1.0)
+    assert (none["rounds_completed"], none["rounds_applied"], none["rounds_discarded"]) == (4, 0, 4)
 
 
 def test_summarize_extra_cannot_override() -> None:

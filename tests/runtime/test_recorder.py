@@ -70,3 +70,43 @@ def test_a_run_that_died_before_logging_its_checkpointed_round_gets_the_lines_on
     again.writer.close()  # the checkpoint's round is logged already: not written twice
     assert _rounds(tmp_path / "metrics.jsonl") == [0, 1, 2, 3]
     assert again.cum_bytes == 440
+
+
+class _Clock:
+    """A stand-in for time.perf_counter that the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("how", ["killed", "interrupted"])
+def test_wall_seconds_cover_every_process_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Process 1 checkpoints round 0 at 10 s and ends at 15 s (killed: no summary; interrupted:
+    its summary says 15 s); process 2 resumes and runs 30 s. The run took 10 + 30 s when the
+    first was killed (its time after the checkpoint is unknown), 15 + 30 s when interrupted."""
+    clock = _Clock()
+    monkeypatch.setattr(recorder_mod.time, "perf_counter", clock)
+    cfg = load_scenario(ROOT / "scenarios" / "quickstart.yaml")
+    first = RunRecorder(tmp_path, cfg)
+    clock.now = 10.0
+    first.round(_record(0), 0.0)
+    first.checkpoint({"next_round": 1})
+    clock.now = 15.0
+    if how == "interrupted":
+        assert first.finish({"interrupted": True}, None)["wall_seconds"] == 15.0
+    else:
+        first.writer.close()
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt["wall_seconds"] == 10.0
+    clock.now = 100.0
+    second = RunRecorder(tmp_path, cfg, resume_round=1, last_round=ckpt["log"],
+                         wall_before=ckpt["wall_seconds"])  # fmt: skip
+    clock.now = 130.0
+    summary = second.finish({"interrupted": False, "stopped_reason": None}, None)
+    assert summary["wall_seconds"] == (40.0 if how == "killed" else 45.0)
+    assert summary["rounds_applied"] == 1 and summary["stopped_reason"] is None

@@ -114,6 +114,52 @@ def test_split_interrupt_then_resume_matches_uninterrupted(tmp_path: Path, act_c
     assert maps[0] == maps[1]
 
 
+def test_a_run_stopped_before_its_first_round_resumes_from_the_start(tmp_path: Path) -> None:
+    """The run folder is resumable as soon as the server runs (a checkpoint of round 0 with the
+    run id and the initial model): a run stopped before round 0 ends resumes to the
+    uninterrupted result, and its wall seconds include the first process's."""
+    full = simulate(_cfg(), tmp_path / "full")
+
+    def stop_at_start(info: dict[str, Any]) -> None:
+        raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    first = simulate(_cfg(), part, on_start=stop_at_start)
+    assert first["interrupted"] and first["rounds_completed"] == 0
+    resumed = simulate(_cfg(), part, resume=True)
+    assert [r["round"] for r in _records(part)] == [0, 1, 2, 3]
+    assert [r["loss"] for r in _records(tmp_path / "full")] == [r["loss"] for r in _records(part)]
+    assert resumed["final_accuracy"] == full["final_accuracy"]
+    assert resumed["bytes_wire_total"] == full["bytes_wire_total"]
+    assert resumed["wall_seconds"] > first["wall_seconds"] > 0
+
+
+def test_discarded_rounds_are_counted_and_the_run_still_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every client fails in round 1 (discarded), rounds 0, 2 and 3 are applied: summary.json
+    counts them and the command line's exit status is 0."""
+    from fedq.cli import _print_summary
+    from fedq.errors import FedqError
+    from fedq.fed.client import ClientWorker
+
+    run = ClientWorker.run
+
+    def fails_in_round_1(self: ClientWorker, task: Any, conn: Any) -> dict[str, Any]:
+        if task.round == 1:
+            raise FedqError("the disk is full")
+        return run(self, task, conn)
+
+    monkeypatch.setattr(ClientWorker, "run", fails_in_round_1)
+    summary = simulate(_cfg(), tmp_path / "run")
+    assert [r["applied"] for r in _records(tmp_path / "run")] == [True, False, True, True]
+    assert (summary["rounds_completed"], summary["rounds_applied"],
+            summary["rounds_discarded"]) == (4, 3, 1)  # fmt: skip
+    assert summary["stopped_reason"] is None
+    assert _print_summary(summary, tmp_path / "run") == 0
+    assert "| 4 rounds, 3 applied (1 discarded) |" in capsys.readouterr().out
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no checkpoint\.pt"):
         simulate(_cfg(), tmp_path / "nothing", resume=True)
