@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedq.errors import TransportError
 from fedq.transport.budget import BUSY
 from fedq.transport.counters import ByteCounter, CountingFrames
+from fedq.transport.keepalive import Keepalive
 from fedq.transport.security import TlsConfig, client_metadata
 from fedq.transport.server import FEDERATED_SERVICE, SPLIT_SERVICE, check_chunk_size
 from fedq.wire import (
@@ -137,16 +138,18 @@ class TransportClient:
         limits: WireLimits | None = None,
         tls: TlsConfig | None = None,
         timeout: float = 120.0,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls
         self.client_id = client_id  # the principal
         self.limits = limits or WireLimits()
         check_chunk_size(self.limits)
         self.timeout = timeout
         self._metadata = client_metadata(client_id, token)
-        # keepalive pings notice a server that vanished while a long-lived stream is idle
-        options: list[tuple[str, Any]] = [("grpc.keepalive_time_ms", 20_000),
-                                          ("grpc.keepalive_timeout_ms", 10_000)]  # fmt: skip
+        # keepalive pings notice a server that vanished while a long-lived stream is idle, at an
+        # interval the server accepts (fedq.transport.keepalive)
+        options = (keepalive or Keepalive()).client_options()
         if tls is None:
             self._channel = grpc.insecure_channel(target, options)
         else:
