@@ -100,6 +100,7 @@ class RoundEngine:
         self._members: dict[str, Member] = {}
         self._owner: dict[str, str] = {}  # client id -> principal hosting it
         self._declared: dict[str, int] = {}  # client id -> examples it declared first
+        self._told: set[str] = set()  # principals whose work stream delivered DONE
         self._streams: dict[str, int] = {}  # principal -> open work streams
         self._round: _Open | None = None
         self._waiting = "starting"
@@ -194,6 +195,8 @@ class RoundEngine:
                 last = key
                 yield item
                 if item.action == "done":
+                    with self._cv:
+                        self._told.add(principal)
                     return
         finally:
             with self._cv:
@@ -201,6 +204,12 @@ class RoundEngine:
                 if not self._streams[principal]:
                     self._lost(principal, "its work stream closed")
                 self._cv.notify_all()
+
+    def untold(self) -> list[str]:
+        """The registered principals whose work stream has not delivered DONE (once the run is
+        over: those still to be told, e.g. a site reconnecting after a network failure)."""
+        with self._cv:
+            return sorted(p for p in set(self._owner.values()) if p not in self._told)
 
     def wake(self) -> None:
         """Wake every thread waiting on the engine (a work stream's ``closed`` was just set)."""

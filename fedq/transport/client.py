@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fedq.errors import TransportError
+from fedq.errors import TlsMismatch, TransportError
 from fedq.transport.budget import BUSY
 from fedq.transport.counters import ByteCounter, CountingFrames
 from fedq.transport.keepalive import Keepalive
 from fedq.transport.security import TlsConfig, client_metadata
 from fedq.transport.server import FEDERATED_SERVICE, SPLIT_SERVICE, check_chunk_size
+from fedq.transport.tlsprobe import diagnose_tls
 from fedq.wire import (
     WireLimits,
     WireMessage,
@@ -189,7 +190,9 @@ class TransportClient:
     def register(self, reg: Registration) -> Joined:
         """Register this principal's logical clients with the server. Registering again (after
         the server went away) also closes a split stream left open from before: it may belong
-        to a server that is gone, and the next step opens a fresh one."""
+        to a server that is gone, and the next step opens a fresh one. A refused TLS handshake
+        raises :class:`~fedq.errors.TlsMismatch` naming the option to change
+        (fedq.transport.tlsprobe); a server that is down, plain UNAVAILABLE."""
         with self._split_lock:
             self._drop_split()
         request = registration_to_proto(reg)
@@ -197,7 +200,12 @@ class TransportClient:
         try:
             reply = self._federated.Register(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise _transport_error(e) from e
+            error = _transport_error(e)
+            if error.code == "UNAVAILABLE":  # down, or a TLS mistake that a retry cannot fix?
+                why = diagnose_tls(self.target, self.tls)
+                if why is not None:
+                    raise TlsMismatch(error.code, why) from e
+            raise error from e
         self._count(None, received=reply.ByteSize())
         return joined_from_proto(reply)
 

@@ -30,7 +30,7 @@ DEFAULT_SERVER_PING_S = 60.0
 
 
 def _ms(seconds: float) -> int:
-    return max(1, int(round(seconds * 1000)))
+    return max(1, round(seconds * 1000))
 
 
 @dataclass(frozen=True, slots=True)

@@ -519,8 +519,10 @@ class TransportServer:
         server = grpc.server(
             pool,
             maximum_concurrent_rpcs=self._max_workers,
-            options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE),
-                     *self.keepalive.server_options()],
+            options=[
+                ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE),
+                *self.keepalive.server_options(),
+            ],
         )
         mtls = self._tls is not None and self._tls.require_client_cert
         servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters, self._hosts,

@@ -185,12 +185,12 @@ def test_the_declared_example_count_is_fixed_for_the_run() -> None:
     engine, _, _ = _engine()
     _register(engine, "client-0", "client-0")  # 10 examples
     changed = Registration((ClientInfo("client-0", 3),), "t")
-    with pytest.raises(FedqError, match="declared 10 examples .* now declares 3"):
+    with pytest.raises(FedqError, match=r"declared 10 examples .* now declares 3"):
         engine.register("client-0", changed)
     assert engine.register("client-0", Registration((ClientInfo("client-0", 10),), "t"))
     resumed, _, _ = _engine()
     resumed.load_state_dict(engine.state_dict())
-    with pytest.raises(FedqError, match="declared 10 examples .* now declares 3"):
+    with pytest.raises(FedqError, match=r"declared 10 examples .* now declares 3"):
         resumed.register("client-0", changed)
     _register(resumed, "client-1", "client-1")
 
@@ -398,6 +398,32 @@ def test_stop_ends_the_run_and_every_stream_gets_done() -> None:
     assert s.wait_for("done", None).reason == "operator stop" and hooks.reason == "operator stop"
     assert hooks.records == [] and engine.next_round == 0  # the open round is not counted
     s.close()
+
+
+def test_a_site_away_when_the_run_ends_is_told_when_it_comes_back() -> None:
+    """untold() names the registered principals whose work stream has not delivered DONE (the
+    server keeps answering for them); one that registers again after the end is told at once."""
+    engine, _, _ = _engine(n=2, k=1, rounds=1, min_clients=1)
+    _register(engine, "client-0", "client-0")
+    _register(engine, "client-1", "client-1")
+    away = Stream(engine, "client-1")
+    away.wait_for("wait", None)
+    away.close()  # its network failed
+    stays = Stream(engine, "client-0")
+    engine.start()
+    _deliver(engine, _tasks({"client-0": stays}, 0, 1)[0], 0)
+    assert engine.join(10)
+    stays.wait_for("done", None)
+    deadline = time.monotonic() + 10
+    while engine.untold() != ["client-1"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.untold() == ["client-1"]
+    _register(engine, "client-1", "client-1")  # back: registers again, hears the end
+    back = Stream(engine, "client-1")
+    assert back.wait_for("done", None).reason == "completed 1 rounds"
+    back._t.join(10)
+    assert engine.untold() == []
+    stays.close()
 
 
 def test_update_tensors_travel_as_the_workload_decodes_them() -> None:

@@ -55,27 +55,29 @@ def _hold_stream(server_keepalive: Keepalive, client_keepalive: Keepalive) -> tu
     """Open a work stream, leave it idle for IDLE_S; returns (the error that broke it, or None;
     the streams the server still had open at the end)."""
     handler = Waiting()
-    with TransportServer(handler, keepalive=server_keepalive) as srv:
-        with TransportClient(srv.address, client_id="c1", keepalive=client_keepalive) as c:
-            c.register(Registration((ClientInfo("c1", 10),), "test"))
-            stream = c.work("run")
-            items: list[WorkItem] = []
-            errors: list[BaseException] = []
+    with (
+        TransportServer(handler, keepalive=server_keepalive) as srv,
+        TransportClient(srv.address, client_id="c1", keepalive=client_keepalive) as c,
+    ):
+        c.register(Registration((ClientInfo("c1", 10),), "test"))
+        stream = c.work("run")
+        items: list[WorkItem] = []
+        errors: list[BaseException] = []
 
-            def read() -> None:
-                try:
-                    items.extend(stream)
-                except TransportError as e:
-                    errors.append(e)
+        def read() -> None:
+            try:
+                items.extend(stream)
+            except TransportError as e:
+                errors.append(e)
 
-            t = threading.Thread(target=read, daemon=True)
-            t.start()
-            time.sleep(IDLE_S)
-            still_open = handler.open
-            stream.cancel()
-            t.join(10)
-            assert [i.action for i in items] == ["wait"]
-            return (errors[0] if errors else None), still_open
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        time.sleep(IDLE_S)
+        still_open = handler.open
+        stream.cancel()
+        t.join(10)
+        assert [i.action for i in items] == ["wait"]
+        return (errors[0] if errors else None), still_open
 
 
 def test_an_idle_work_stream_survives_many_keepalive_pings() -> None:
