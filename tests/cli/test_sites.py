@@ -128,6 +128,26 @@ def test_a_second_process_with_a_clients_token_is_refused(
     assert not GRPC_LINE.search(server.log() + first.log())
 
 
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "-v"])
+def test_grpc_log_lines_show_only_with_verbose(
+    certs: Path, mtls_server: tuple[CliProcess, str], verbose: bool
+) -> None:
+    """A site pinging faster than the server accepts is cut off with GOAWAY, which gRPC's core
+    logs on its own; fedq reports the broken stream in its words, and gRPC's lines show with -v
+    only."""
+    _, address = mtls_server
+    cid = "client-2" if verbose else "client-1"
+    args = _join_args(address, cid, certs, *_mtls(certs, cid), "--keepalive-s", "1")
+    site = CliProcess(cid, ["-v", *args] if verbose else args, certs, timeout=60)
+    try:
+        site.wait_line(r"^joined run ")
+        site.wait_line(r"reconnecting")  # the server's GOAWAY broke the work stream
+    finally:
+        site.proc.kill()
+        site.end(10)
+    assert bool(GRPC_LINE.search(site.log())) is verbose, site.log()
+
+
 class Link:
     """A TCP relay from a loopback port to the server: the site's network, which can fail
     (every connection cut, new ones refused) and come back on the same port."""
