@@ -173,11 +173,12 @@ def _drain(server: ServerHost, linger_s: float, on_event: Events | None) -> None
     work stream, also after it registers again) or ``linger_s`` passed: a site that was
     reconnecting when the run ended hears that it ended, and exits 0. A site gone for good
     costs the wait."""
-    end = time.monotonic() + linger_s
-    untold = server.engine.untold()
-    if untold and on_event is not None and linger_s > 0:
-        on_event("linger", {"clients": untold, "seconds": linger_s})
-    while time.monotonic() < end and server.engine.untold():
+    start = time.monotonic()
+    said = on_event is None
+    while (left := start + linger_s - time.monotonic()) > 0 and (untold := server.engine.untold()):
+        if not said and left < linger_s - 1.0:  # the sites still following hear DONE in 1 s
+            on_event("linger", {"clients": untold, "seconds": round(left)})  # type: ignore[misc]
+            said = True
         time.sleep(0.1)
 
 

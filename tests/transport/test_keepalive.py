@@ -103,3 +103,15 @@ def test_keepalive_settings_are_checked() -> None:
     assert client["grpc.keepalive_permit_without_calls"] == 1
     # the defaults agree: a client pings no more often than a server accepts
     assert Keepalive().ping_s >= 2 * Keepalive().min_ping_s
+
+
+def test_the_command_line_states_the_defaults_it_uses() -> None:
+    from fedq.cli import build_parser
+    from fedq.runtime.deploy import LINGER_S
+    from fedq.transport.keepalive import DEFAULT_MIN_PING_S, DEFAULT_PING_S
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    join, serve = commands["join"].format_help(), commands["serve"].format_help()
+    assert f"(default {DEFAULT_PING_S:g};" in " ".join(join.split())
+    assert f"(default {DEFAULT_MIN_PING_S:g};" in " ".join(serve.split())
+    assert f"(default {LINGER_S:g})" in " ".join(serve.split())
