@@ -108,13 +108,7 @@ def _tls_problem(sock: socket.socket, target: str, tls: TlsConfig) -> str | None
     except (ssl.SSLError, ValueError, OSError) as e:
         return f"TLS: cannot load this site's TLS files (--ca, --cert/--key): {e}"
     try:
-        with ctx.wrap_socket(sock, server_hostname=name) as ss:
-            # Under TLS 1.3 a server refuses a client's certificate (or its absence) after the
-            # handshake: it closes the connection (or sends an alert) instead of answering the
-            # HTTP/2 preface with its settings.
-            ss.settimeout(2.0)
-            ss.sendall(_H2_PREFACE)
-            closed = ss.recv(1) == b""
+        ss = ctx.wrap_socket(sock, server_hostname=name)
     except ssl.SSLCertVerificationError as e:
         if e.verify_code == 62 or "hostname" in str(e).lower():  # X509_V_ERR_HOSTNAME_MISMATCH
             return (
@@ -127,19 +121,27 @@ def _tls_problem(sock: socket.socket, target: str, tls: TlsConfig) -> str | None
         )
     except ssl.SSLError as e:
         what = f"{e.reason or ''} {e}".upper()
-        if any(k in what for k in ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE", "EOF")):
-            return _client_cert_refused(tls)
-        if any(k in what for k in _CERT_REFUSED):
+        if any(k in what for k in ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE", *_CERT_REFUSED)):
             return _client_cert_refused(tls)
         if any(k in what for k in _NOT_TLS):
             return (f"TLS: the server at {target} speaks plaintext, but this site uses TLS: "
                     "ask its operator to serve with --cert/--key, or (trusted networks only) "
                     "join with --insecure and without --ca/--cert/--key")  # fmt: skip
-        return None
-    except ConnectionResetError:
-        return _client_cert_refused(tls)
+        return None  # e.g. the connection closed mid-handshake: not known to be TLS
     except OSError:
-        return None  # the handshake went through; no answer is not a TLS problem
+        return None
+    with ss:
+        # Under TLS 1.3 a server refuses a client's certificate (or its absence) after the
+        # handshake: it closes the connection (or sends an alert) instead of answering the
+        # HTTP/2 preface with its settings.
+        try:
+            ss.settimeout(2.0)
+            ss.sendall(_H2_PREFACE)
+            closed = ss.recv(1) == b""
+        except (ssl.SSLError, ConnectionResetError):
+            closed = True
+        except OSError:
+            return None  # no answer in time is not a TLS problem
     return _client_cert_refused(tls) if closed else None
 
 

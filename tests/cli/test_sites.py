@@ -59,13 +59,14 @@ def _mtls(certs: Path, cid: str, ca: Path | None = None) -> list[str]:
 
 @pytest.fixture(scope="module")
 def mtls_server(certs: Path) -> Iterator[tuple[CliProcess, str]]:
-    """A ``fedq serve`` under mutual TLS whose run never starts (it waits for all clients)."""
+    """A ``fedq serve`` under mutual TLS whose run never starts (it waits for all clients),
+    accepting keepalive pings every half second."""
     c = certs / "certs"
     server = CliProcess("server", ["serve", SCENARIO, "--set", "fed.num_clients=3",
                                    "--set", "fed.clients_per_round=3", "--set", "fed.min_clients=3",
                                    "--listen", "127.0.0.1:0", "--tokens", str(c / "tokens.yaml"),
                                    "--cert", str(c / "server.pem"), "--key", str(c / "server.key"),
-                                   "--client-ca", str(c / "ca.pem"),
+                                   "--client-ca", str(c / "ca.pem"), "--min-ping-s", "0.5",
                                    "--out", str(certs / "run")], certs, timeout=120)  # fmt: skip
     try:
         line = server.wait_line(r"^listening on ")[1]
@@ -128,6 +129,24 @@ def test_a_second_process_with_a_clients_token_is_refused(
     assert not GRPC_LINE.search(server.log() + first.log())
 
 
+def test_a_waiting_site_keeps_its_place_across_many_keepalive_pings(
+    certs: Path, mtls_server: tuple[CliProcess, str]
+) -> None:
+    """A site pinging every second (the server accepts every half second) waits for the run to
+    start across many pings: its work stream is never cut, the server never drops it."""
+    server, address = mtls_server
+    args = _join_args(address, "client-1", certs, *_mtls(certs, "client-1"), "--keepalive-s", "1")
+    site = CliProcess("client-1", args, certs, timeout=60)
+    try:
+        site.wait_line(r"^joined run ")
+        server.wait_line(r"^clients available \(\d\): .*client-1")
+        time.sleep(6)  # six pings, and three strikes would have been enough for a GOAWAY
+        assert site.proc.poll() is None and not site.seen("reconnecting"), site.log()
+    finally:
+        site.proc.kill()
+        site.end(10)
+
+
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "-v"])
 def test_grpc_log_lines_show_only_with_verbose(
     certs: Path, mtls_server: tuple[CliProcess, str], verbose: bool
@@ -137,7 +156,7 @@ def test_grpc_log_lines_show_only_with_verbose(
     only."""
     _, address = mtls_server
     cid = "client-2" if verbose else "client-1"
-    args = _join_args(address, cid, certs, *_mtls(certs, cid), "--keepalive-s", "1")
+    args = _join_args(address, cid, certs, *_mtls(certs, cid), "--keepalive-s", "0.1")
     site = CliProcess(cid, ["-v", *args] if verbose else args, certs, timeout=60)
     try:
         site.wait_line(r"^joined run ")
