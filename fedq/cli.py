@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -191,7 +192,8 @@ def _round_line(rec: dict[str, Any]) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fedq.runtime.deploy import serve
+    from fedq.runtime.deploy import LINGER_S, serve
+    from fedq.transport.keepalive import DEFAULT_MIN_PING_S, Keepalive
     from fedq.transport.security import TlsConfig
     from fedq.transport.tokens import load_tokens
 
@@ -223,10 +225,16 @@ def _serve(args: argparse.Namespace) -> int:
                   f"{', '.join(info['available'])}", flush=True)  # fmt: skip
         elif kind == "round":
             print(_round_line(info), flush=True)
+        elif kind == "linger":
+            print(f"the run is over; waiting up to {info['seconds']:g} s for "
+                  f"{', '.join(info['clients'])} to hear it (--linger-s)", flush=True)  # fmt: skip
 
+    min_ping = DEFAULT_MIN_PING_S if args.min_ping_s is None else args.min_ping_s
     summary = serve(
         cfg, listen=args.listen, tokens=tokens, out=out, tls=tls, allow_insecure=args.insecure,
         resume=bool(args.resume), eval_data=args.eval_data, on_event=on_event,
+        keepalive=Keepalive(min_ping_s=min_ping),
+        linger_s=LINGER_S if args.linger_s is None else args.linger_s,
     )  # fmt: skip
     for cid, row in sorted(summary.get("clients", {}).items()):
         print(f"  {cid}: up {row['bytes_up']} B, down {row['bytes_down']} B")
@@ -237,6 +245,7 @@ def _join(args: argparse.Namespace) -> int:
     from fedq.rounds.node import Backoff
     from fedq.runtime.deploy import join, parse_address
     from fedq.transport.client import TransportClient
+    from fedq.transport.keepalive import DEFAULT_PING_S, Keepalive
     from fedq.transport.security import TlsConfig, is_loopback
     from fedq.transport.tokens import read_token
 
@@ -263,8 +272,9 @@ def _join(args: argparse.Namespace) -> int:
             print(f"server unreachable ({info['error']}); reconnecting", flush=True)
 
     backoff = Backoff(give_up_after=args.give_up_after)
+    keepalive = Keepalive(ping_s=DEFAULT_PING_S if args.keepalive_s is None else args.keepalive_s)
     with TransportClient(args.server, client_id=args.client_id, token=token, tls=tls,
-                         timeout=args.timeout) as conn:  # fmt: skip
+                         timeout=args.timeout, keepalive=keepalive) as conn:  # fmt: skip
         result = join(conn, args.client_id, args.data, backoff=backoff, on_event=on_event,
                       device=args.device)  # fmt: skip
     print(
@@ -377,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="evaluation data (default: the scenario's data set's test split)",
     )
+    v.add_argument("--min-ping-s", type=float, metavar="S",
+                   help="accept a site's keepalive ping every S seconds or more (default 10; "
+                   "fedq join --keepalive-s must not be below it)")  # fmt: skip
+    v.add_argument("--linger-s", type=float, metavar="S",
+                   help="after the run ends, keep answering sites that are reconnecting for up "
+                   "to S seconds so that they hear it ended (default 30)")  # fmt: skip
     v.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
     v.add_argument("--out", metavar="DIR", help="output folder (default runs/<name>-<time>)")
     v.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
@@ -417,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("cpu", "cuda", "auto"),
         help="where this site trains (default: the run's runtime.device)",
     )
+    j.add_argument("--keepalive-s", type=float, metavar="S",
+                   help="ping the server every S seconds, to keep an idle connection open and "
+                   "notice a vanished server (default 20; not below its --min-ping-s)")  # fmt: skip
     j.add_argument(
         "--give-up-after",
         type=float,
@@ -478,8 +497,18 @@ class _ConsoleFormat(logging.Formatter):
         return super().format(record)
 
 
+def _quiet_grpc(verbose: bool) -> None:
+    """gRPC's C core writes its own log lines to stderr (keepalive, GOAWAY, "All log messages
+    before absl::InitializeLog()"); fedq says what matters in its own words. They show with -v,
+    or when the user set GRPC_VERBOSITY / GRPC_TRACE. Runs before anything imports grpc."""
+    if not verbose:
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+        os.environ.setdefault("GRPC_TRACE", "")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    _quiet_grpc(args.verbose)
     # transformers 5.x deprecation noise from inside PEFT; not actionable for fedq users.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     handler = logging.StreamHandler()

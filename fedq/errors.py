@@ -43,6 +43,17 @@ class TransportError(FedqError):
         super().__init__(f"{code}: {reason}")
 
 
+class AlreadyConnected(FedqError):
+    """A client id is held by a process whose work stream is open: a second holder is refused
+    (reported as ALREADY_EXISTS)."""
+
+
+class TlsMismatch(TransportError):
+    """The TLS handshake failed for a reason a retry cannot fix (no TLS against a TLS server, a
+    server certificate the site does not trust, no client certificate under mutual TLS): the
+    reason names the option to change."""
+
+
 class UnsupportedError(FedqError):
     """A valid request for something fedq does not support (says what to change instead)."""
 

@@ -41,7 +41,7 @@ from typing import Any
 from fedq import __version__
 from fedq.codec.packed import FORMAT_VERSION
 from fedq.config import RunConfig
-from fedq.errors import FedqError, PrivacyBudgetExceeded
+from fedq.errors import AlreadyConnected, FedqError, PrivacyBudgetExceeded
 from fedq.rounds.roster import select_clients
 from fedq.rounds.workload import Hooks, Member, RollbackWorkload, StepWorkload, Update, Workload
 from fedq.wire.control import PROTOCOL_VERSION, Assignment, Joined, Registration, WorkItem
@@ -109,6 +109,8 @@ class RoundEngine:
         self._cv = threading.Condition()
         self._members: dict[str, Member] = {}
         self._owner: dict[str, str] = {}  # client id -> principal hosting it
+        self._declared: dict[str, int] = {}  # client id -> examples it declared first
+        self._told: set[str] = set()  # principals whose work stream delivered DONE
         self._streams: dict[str, int] = {}  # principal -> open work streams
         self._round: _Open | None = None
         self._waiting = "starting"
@@ -140,12 +142,11 @@ class RoundEngine:
             raise FedqError(f"unknown client ids {unknown[:3]}: not in this run's roster")
         with self._cv:
             for c in reg.clients:
-                owner = self._owner.get(c.client_id)
-                if owner is not None and owner != principal and self._streams.get(owner, 0):
-                    raise FedqError(f"{c.client_id} is already connected from another process")
+                self._check_holder(c.client_id, c.num_examples)
             for c in reg.clients:
                 self._members[c.client_id] = Member(c.client_id, self.index[c.client_id],
                                                     c.num_examples)  # fmt: skip
+                self._declared[c.client_id] = c.num_examples
                 self._owner[c.client_id] = principal
             self._cv.notify_all()
         log.info("%s registered %d client(s) from %s", principal, len(reg.clients),
@@ -159,6 +160,29 @@ class RoundEngine:
             fedq_version=__version__,
         )
 
+    def _check_holder(self, client_id: str, num_examples: int) -> None:
+        """One holder per client id, and one example count per client and run (caller holds the
+        lock). While the work stream of the process holding ``client_id`` is open, registering
+        it again is refused (AlreadyConnected), from another process or the same principal: a
+        site that lost its network comes back once the server has seen its old stream close
+        (at once when the connection resets; a silent one by the keepalive timeout). The count
+        a client declared first weights its updates for the whole run (the checkpoint keeps
+        it): a different one is refused."""
+        owner = self._owner.get(client_id)
+        if owner is not None and self._streams.get(owner, 0):
+            raise AlreadyConnected(
+                f"{client_id} is already connected from another process (its work stream is "
+                "open): one process per client id. If that process is gone, the server lets "
+                "this one in once it has seen its connection close (keepalive timeout)"
+            )
+        declared = self._declared.get(client_id)
+        if declared is not None and declared != num_examples:
+            raise FedqError(
+                f"{client_id} declared {declared} examples when it first registered in run "
+                f"{self.run_id}; it now declares {num_examples}. The count weights its updates "
+                "and is fixed for the run: join again with the same data"
+            )
+
     def work(
         self, principal: str, run_id: str, closed: threading.Event
     ) -> Generator[WorkItem, None, None]:
@@ -168,6 +192,8 @@ class RoundEngine:
         with self._cv:
             if not any(p == principal for p in self._owner.values()):
                 raise FedqError(f"{principal} has not registered with run {self.run_id}")
+            if self._streams.get(principal, 0):
+                raise AlreadyConnected(f"{principal} already has its work stream open")
             self._streams[principal] = self._streams.get(principal, 0) + 1
             self._cv.notify_all()
         last: tuple[Any, ...] | None = None
@@ -181,6 +207,8 @@ class RoundEngine:
                 last = key
                 yield item
                 if item.action == "done":
+                    with self._cv:
+                        self._told.add(principal)
                     return
         finally:
             with self._cv:
@@ -188,6 +216,12 @@ class RoundEngine:
                 if not self._streams[principal]:
                     self._lost(principal, "its work stream closed")
                 self._cv.notify_all()
+
+    def untold(self) -> list[str]:
+        """The registered principals whose work stream has not delivered DONE (once the run is
+        over: those still to be told, e.g. a site reconnecting after a network failure)."""
+        with self._cv:
+            return sorted(p for p in set(self._owner.values()) if p not in self._told)
 
     def wake(self) -> None:
         """Wake every thread waiting on the engine (a work stream's ``closed`` was just set)."""
@@ -539,9 +573,10 @@ class RoundEngine:
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs of the server: the next round, the run id, the workload (model,
-        strategy, codecs, privacy ledger)."""
+        strategy, codecs, privacy ledger), the example count each client declared."""
         return {"next_round": self.next_round, "run_id": self.run_id,
                 "roster": list(self.roster), "workload": self.workload.state_dict(),
+                "declared": dict(self._declared),
                 "defence": {"strikes": dict(self._strikes),
                             "excluded": dict(self.excluded)}}  # fmt: skip
 
@@ -550,6 +585,7 @@ class RoundEngine:
             raise FedqError("the checkpoint's roster differs from this run's clients")
         self.run_id = str(state["run_id"])
         self.next_round = int(state["next_round"])
+        self._declared = {str(c): int(n) for c, n in state.get("declared", {}).items()}
         self.workload.load_state_dict(state["workload"])
         defence = state.get("defence", {})
         self._strikes = {str(c): int(n) for c, n in defence.get("strikes", {}).items()}

@@ -15,12 +15,12 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedq import __version__
-from fedq.errors import FedqError, TransportError
+from fedq.errors import FedqError, TlsMismatch, TransportError
 from fedq.wire.control import Assignment, ClientInfo, Joined, Registration, WorkItem
 from fedq.wire.message import WireMessage
 
@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 #: Status codes after which the node reconnects (the server restarted, the network failed).
 RETRYABLE = frozenset({"UNAVAILABLE", "CANCELLED", "DEADLINE_EXCEEDED", "UNKNOWN", "ABORTED"})
+
+
+def _retryable(e: TransportError, also: Collection[str] = ()) -> bool:
+    return not isinstance(e, TlsMismatch) and (e.code in RETRYABLE or e.code in also)
 
 
 class WorkFeed(Protocol):
@@ -130,7 +134,11 @@ class ClientNode:
     def register(self) -> Joined:
         """Register (retrying while the server is unreachable); build the runner the first time."""
         reg = Registration(clients=self.clients, fedq_version=__version__, node=self.node)
-        joined = self._retry(lambda: self.conn.register(reg), "register")
+        # Coming back after a network failure, the server may not have seen the old work stream
+        # close yet and refuses this id as held (ALREADY_EXISTS) until it has: wait for it. A
+        # first registration refused so is a second process with this id: an error.
+        held = {"ALREADY_EXISTS"} if self.joined is not None else set()
+        joined = self._retry(lambda: self.conn.register(reg), "register", held)
         if joined.protocol_version != reg.protocol_version:
             raise FedqError(
                 f"the server speaks round protocol {joined.protocol_version} (fedq "
@@ -154,13 +162,15 @@ class ClientNode:
         self._event("joined", run_id=joined.run_id, clients=len(self.clients))
         return joined
 
-    def _retry(self, fn: Callable[[], Any], what: str) -> Any:
+    def _retry(self, fn: Callable[[], Any], what: str, also: Collection[str] = ()) -> Any:
+        """``fn()``, again with backoff while it fails with a RETRYABLE status (or one of
+        ``also``), until ``give_up_after``. A TLS mismatch is never retried."""
         start, attempt = time.monotonic(), 0
         while True:
             try:
                 return fn()
             except TransportError as e:
-                if e.code not in RETRYABLE or self._stop.is_set():
+                if not _retryable(e, also) or self._stop.is_set():
                     raise
                 if time.monotonic() - start > self.backoff.give_up_after:
                     raise TransportError(
@@ -183,7 +193,7 @@ class ClientNode:
             try:
                 reason = self._follow(self.joined.run_id)
             except TransportError as e:
-                if e.code not in RETRYABLE or self._stop.is_set():
+                if not _retryable(e, {"ALREADY_EXISTS"}) or self._stop.is_set():
                     raise
                 self.stats["reconnects"] += 1
                 log.warning("work stream broke (%s); reconnecting", e)

@@ -34,12 +34,16 @@ from fedq.runtime.hosts import ServerHost, make_runner, run_config, take_round_t
 from fedq.runtime.preflight import check_names
 from fedq.runtime.recorder import RunRecorder
 from fedq.runtime.setup import preload_optimizers, torch_device
-from fedq.transport.security import TlsConfig
+from fedq.transport.keepalive import Keepalive
+from fedq.transport.security import TlsConfig, check_bind_policy
 from fedq.wire.control import ClientInfo, Joined
 
 log = logging.getLogger(__name__)
 
 Events = Callable[[str, dict[str, Any]], None]
+#: How long ``fedq serve`` keeps answering after the run ended for sites that may still ask: above
+#: the longest wait between two reconnection attempts of a site (Backoff.cap).
+LINGER_S = 30.0
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -102,8 +106,12 @@ def serve(
     resume: bool = False,
     eval_data: str | None = None,
     on_event: Events | None = None,
+    keepalive: Keepalive | None = None,
+    linger_s: float = LINGER_S,
 ) -> dict[str, Any]:
-    """Serve one run until it ends (or Ctrl-C); returns its summary."""
+    """Serve one run until it ends (or Ctrl-C); returns its summary. After the end it keeps
+    answering for up to ``linger_s`` seconds, until every site that may still ask was told
+    (:func:`_drain`)."""
     check_names(cfg)
     roster = list(tokens)
     if len(roster) != cfg.fed.num_clients:
@@ -112,6 +120,9 @@ def serve(
             f"fed.num_clients={cfg.fed.num_clients}; pass --set fed.num_clients={len(roster)}"
         )
     host, port = parse_address(listen)
+    # before the run folder exists: a refused start leaves nothing behind
+    check_bind_policy(host, tls, allow_insecure,
+                      fix="pass --cert FILE and --key FILE (TLS), or --insecure")  # fmt: skip
     ckpt = load_checkpoint(out) if resume else None
     start_round = int(ckpt["next_round"]) if ckpt is not None else 0
     wall = float(ckpt.get("wall_seconds", 0.0)) if ckpt is not None else 0.0
@@ -123,7 +134,7 @@ def serve(
                          for c, row in ckpt.get("client_traffic", {}).items()}  # fmt: skip
     server = ServerHost(
         cfg, roster, tokens=tokens, host=host, port=port, tls=tls, allow_insecure=allow_insecure,
-        eval_data=eval_data, hooks=hooks,
+        eval_data=eval_data, hooks=hooks, keepalive=keepalive,
         run_id=None if ckpt is None else str(ckpt["server"]["run_id"]),
     )  # fmt: skip
     hooks.host = server
@@ -149,7 +160,7 @@ def serve(
                 on_event("clients", {"available": [m.client_id for m in members],
                                      "new": sorted(new)})  # fmt: skip
             seen |= new
-        _drain(server)
+        _drain(server, linger_s, on_event)
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: keeping the rounds finished so far")
@@ -164,10 +175,17 @@ def serve(
     return recorder.finish(extra, bit_maps)
 
 
-def _drain(server: ServerHost, timeout: float = 10.0) -> None:
-    """Give the clients' work streams time to receive DONE before the server goes away."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end and server.engine.available():
+def _drain(server: ServerHost, linger_s: float, on_event: Events | None) -> None:
+    """Keep answering after the run ended until every registered site was told so (DONE on its
+    work stream, also after it registers again) or ``linger_s`` passed: a site that was
+    reconnecting when the run ended hears that it ended, and exits 0. A site gone for good
+    costs the wait."""
+    start = time.monotonic()
+    said = on_event is None
+    while (left := start + linger_s - time.monotonic()) > 0 and (untold := server.engine.untold()):
+        if not said and left < linger_s - 1.0:  # the sites still following hear DONE in 1 s
+            on_event("linger", {"clients": untold, "seconds": round(left)})  # type: ignore[misc]
+            said = True
         time.sleep(0.1)
 
 

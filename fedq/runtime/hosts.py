@@ -25,6 +25,7 @@ from fedq.rounds.engine import RoundEngine
 from fedq.rounds.node import Backoff, ClientNode, TaskRunner
 from fedq.runtime.placement import SiteData, location
 from fedq.runtime.setup import build_bundle, preload_optimizers, quiet_process, torch_device
+from fedq.transport.keepalive import Keepalive
 from fedq.transport.security import TlsConfig
 from fedq.wire.control import ClientInfo, Joined
 from fedq.wire.limits import WireLimits
@@ -121,6 +122,7 @@ class ServerHost:
         eval_data: str | None = None,
         hooks: Any = None,
         run_id: str | None = None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         quiet_process(cfg.runtime.threads_per_worker)
         from fedq.transport.budget import ServerLimits
@@ -136,6 +138,7 @@ class ServerHost:
         self.transport = TransportServer(
             self, host=host, port=port, tokens=tokens, hosts=hosts, tls=tls, limits=limits,
             allow_insecure=allow_insecure, max_workers=4 * principals + 8, server_limits=budget,
+            keepalive=keepalive,
         )  # fmt: skip
         self.observer = _Observer(self.transport.counters) if hooks is None else None
         self.engine = RoundEngine(

@@ -25,11 +25,13 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fedq.errors import TransportError
+from fedq.errors import TlsMismatch, TransportError
 from fedq.transport.budget import BUSY
 from fedq.transport.counters import ByteCounter, CountingFrames
+from fedq.transport.keepalive import Keepalive
 from fedq.transport.security import TlsConfig, client_metadata
 from fedq.transport.server import FEDERATED_SERVICE, SPLIT_SERVICE, check_chunk_size
+from fedq.transport.tlsprobe import diagnose_tls
 from fedq.wire import (
     WireLimits,
     WireMessage,
@@ -137,16 +139,18 @@ class TransportClient:
         limits: WireLimits | None = None,
         tls: TlsConfig | None = None,
         timeout: float = 120.0,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self.target = target
+        self.tls = tls
         self.client_id = client_id  # the principal
         self.limits = limits or WireLimits()
         check_chunk_size(self.limits)
         self.timeout = timeout
         self._metadata = client_metadata(client_id, token)
-        # keepalive pings notice a server that vanished while a long-lived stream is idle
-        options: list[tuple[str, Any]] = [("grpc.keepalive_time_ms", 20_000),
-                                          ("grpc.keepalive_timeout_ms", 10_000)]  # fmt: skip
+        # keepalive pings notice a server that vanished while a long-lived stream is idle, at an
+        # interval the server accepts (fedq.transport.keepalive)
+        options = (keepalive or Keepalive()).client_options()
         if tls is None:
             self._channel = grpc.insecure_channel(target, options)
         else:
@@ -186,7 +190,9 @@ class TransportClient:
     def register(self, reg: Registration) -> Joined:
         """Register this principal's logical clients with the server. Registering again (after
         the server went away) also closes a split stream left open from before: it may belong
-        to a server that is gone, and the next step opens a fresh one."""
+        to a server that is gone, and the next step opens a fresh one. A refused TLS handshake
+        raises :class:`~fedq.errors.TlsMismatch` naming the option to change
+        (fedq.transport.tlsprobe); a server that is down, plain UNAVAILABLE."""
         with self._split_lock:
             self._drop_split()
         request = registration_to_proto(reg)
@@ -194,7 +200,12 @@ class TransportClient:
         try:
             reply = self._federated.Register(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as e:
-            raise _transport_error(e) from e
+            error = _transport_error(e)
+            if error.code == "UNAVAILABLE":  # down, or a TLS mistake that a retry cannot fix?
+                why = diagnose_tls(self.target, self.tls)
+                if why is not None:
+                    raise TlsMismatch(error.code, why) from e
+            raise error from e
         self._count(None, received=reply.ByteSize())
         return joined_from_proto(reply)
 

@@ -114,11 +114,17 @@ def format_address(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def check_bind_policy(host: str, tls: TlsConfig | None, allow_insecure: bool) -> None:
+def check_bind_policy(
+    host: str,
+    tls: TlsConfig | None,
+    allow_insecure: bool,
+    fix: str = "configure tls (cert_file/key_file) or pass allow_insecure=True explicitly",
+) -> None:
+    """Refuse plaintext off loopback unless allowed; ``fix`` says how, in the caller's terms
+    (Python arguments here, command-line flags for ``fedq serve``)."""
     if tls is None and not is_loopback(host) and not allow_insecure:
         raise ConfigError(
-            f"transport: refusing to listen on {host!r} without TLS; configure tls "
-            "(cert_file/key_file) or pass allow_insecure=True explicitly (trusted networks only)"
+            f"transport: refusing to listen on {host!r} without TLS; {fix} (trusted networks only)"
         )
 
 

@@ -5,7 +5,8 @@ runs in-process in tests. Callers authenticate as a *principal* (a client id, or
 worker hosting several logical clients, ``hosts``); every message names the logical client it is
 for, which must be one the principal hosts. Failures travel as status codes with a reason, never
 as exceptions: malformed input is INVALID_ARGUMENT, a handler's :class:`~fedq.errors.FedqError`
-FAILED_PRECONDITION, a bad token UNAUTHENTICATED, a client the principal does not host
+FAILED_PRECONDITION (ALREADY_EXISTS when a client id is held by another open work stream), a bad
+token UNAUTHENTICATED, a client the principal does not host
 PERMISSION_DENIED, anything else INTERNAL (logged); each ends one RPC only, and the server keeps
 serving.
 """
@@ -25,9 +26,16 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2
 
-from fedq.errors import ConfigError, FedqError, ResourceExhausted, TransportError
+from fedq.errors import (
+    AlreadyConnected,
+    ConfigError,
+    FedqError,
+    ResourceExhausted,
+    TransportError,
+)
 from fedq.transport.budget import BUSY, CallSlots, ServerLimits, UploadBudget
 from fedq.transport.counters import ByteCounter, CountingFrames
+from fedq.transport.keepalive import Keepalive
 from fedq.transport.security import (
     AuthenticationError,
     TlsConfig,
@@ -112,6 +120,8 @@ def _status_for(phase: _Phase, error: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if phase is _Phase.DECODE and isinstance(error, ValueError):  # WireFormatError included
         return grpc.StatusCode.INVALID_ARGUMENT
+    if phase is _Phase.HANDLER and isinstance(error, AlreadyConnected):
+        return grpc.StatusCode.ALREADY_EXISTS
     if phase is _Phase.HANDLER and isinstance(error, FedqError):
         return grpc.StatusCode.FAILED_PRECONDITION
     return grpc.StatusCode.INTERNAL
@@ -468,8 +478,10 @@ class TransportServer:
         max_workers: int = 8,
         allow_insecure: bool = False,
         server_limits: ServerLimits | None = None,
+        keepalive: Keepalive | None = None,
     ) -> None:
         self._limits = limits or WireLimits()
+        self.keepalive = keepalive or Keepalive()
         self._server_limits = server_limits or ServerLimits()
         self._servicer: _Servicer | None = None
         check_bind_policy(host, tls, allow_insecure)
@@ -507,7 +519,10 @@ class TransportServer:
         server = grpc.server(
             pool,
             maximum_concurrent_rpcs=self._max_workers,
-            options=[("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE)],
+            options=[
+                ("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE),
+                *self.keepalive.server_options(),
+            ],
         )
         mtls = self._tls is not None and self._tls.require_client_cert
         servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters, self._hosts,

@@ -178,6 +178,10 @@ def test_serve_refuses_plaintext_off_loopback(certs: Path, tmp_path: Path) -> No
     assert done.returncode == 2
     assert "refusing to listen on '0.0.0.0' without TLS" in done.stderr
     assert "Traceback" not in done.stderr
+    # in the command's words (its flags, not Python arguments), before the run folder exists
+    assert "--cert FILE and --key FILE" in done.stderr and "--insecure" in done.stderr
+    assert "allow_insecure" not in done.stderr and "cert_file" not in done.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_serve_checks_the_roster_against_the_scenario(certs: Path, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from fedq.codec import raw
 from fedq.config import config_from_dict
-from fedq.errors import FedqError
+from fedq.errors import AlreadyConnected, FedqError
 from fedq.rounds import client_name
 from fedq.rounds import engine as engine_module
 from fedq.rounds.engine import RoundEngine
@@ -144,7 +144,7 @@ def test_versions_and_roster_are_checked_at_registration() -> None:
     with pytest.raises(FedqError, match="unknown client ids"):
         _register(engine, "x", "client-7")
     _register(engine, "worker-0", "client-0", "client-1")
-    joined = engine.register("worker-0", Registration((ClientInfo("client-1", 3),), "t"))
+    joined = engine.register("worker-0", Registration((ClientInfo("client-1", 10),), "t"))
     assert joined.client_index == {"client-1": 1} and joined.run_id == "r1"
     s = Stream(engine, "worker-0")
     with pytest.raises(FedqError, match="already connected from another process"):
@@ -152,6 +152,47 @@ def test_versions_and_roster_are_checked_at_registration() -> None:
     with pytest.raises(FedqError, match="is not this server's run"):
         next(engine.work("worker-0", "other-run", threading.Event()))
     s.close()
+
+
+def test_a_client_id_has_one_holder_while_its_work_stream_is_open() -> None:
+    """A second registration of a client id whose work stream is open is refused, from the same
+    principal too (one token per client: the principal is the client id), and so is a second
+    work stream; once the stream closed (the site lost its network) it registers again. A
+    worker hosting several clients keeps working."""
+    engine, _, _ = _engine()
+    _register(engine, "client-0", "client-0")
+    s = Stream(engine, "client-0")
+    s.wait_for("wait", None)
+    with pytest.raises(AlreadyConnected, match="client-0 is already connected"):
+        _register(engine, "client-0", "client-0")
+    with pytest.raises(AlreadyConnected, match="already has its work stream open"):
+        next(engine.work("client-0", engine.run_id, threading.Event()))
+    assert [m.client_id for m in engine.available()] == ["client-0"]
+    s.close()
+    _register(engine, "client-0", "client-0")  # the old stream closed: back in
+    _register(engine, "worker-0", "client-1", "client-2")
+    w = Stream(engine, "worker-0")
+    w.wait_for("wait", None)
+    assert [m.client_id for m in engine.available()] == ["client-1", "client-2"]
+    with pytest.raises(AlreadyConnected, match="client-2 is already connected"):
+        _register(engine, "worker-0", "client-2")
+    w.close()
+
+
+def test_the_declared_example_count_is_fixed_for_the_run() -> None:
+    """A client's count weights its updates: registering again with another count is refused,
+    also after the server resumed from its checkpoint."""
+    engine, _, _ = _engine()
+    _register(engine, "client-0", "client-0")  # 10 examples
+    changed = Registration((ClientInfo("client-0", 3),), "t")
+    with pytest.raises(FedqError, match=r"declared 10 examples .* now declares 3"):
+        engine.register("client-0", changed)
+    assert engine.register("client-0", Registration((ClientInfo("client-0", 10),), "t"))
+    resumed, _, _ = _engine()
+    resumed.load_state_dict(engine.state_dict())
+    with pytest.raises(FedqError, match=r"declared 10 examples .* now declares 3"):
+        resumed.register("client-0", changed)
+    _register(resumed, "client-1", "client-1")
 
 
 def _tasks(streams: Mapping[str, Stream], r: int, n: int, timeout: float = 10) -> list[str]:
@@ -357,6 +398,32 @@ def test_stop_ends_the_run_and_every_stream_gets_done() -> None:
     assert s.wait_for("done", None).reason == "operator stop" and hooks.reason == "operator stop"
     assert hooks.records == [] and engine.next_round == 0  # the open round is not counted
     s.close()
+
+
+def test_a_site_away_when_the_run_ends_is_told_when_it_comes_back() -> None:
+    """untold() names the registered principals whose work stream has not delivered DONE (the
+    server keeps answering for them); one that registers again after the end is told at once."""
+    engine, _, _ = _engine(n=2, k=1, rounds=1, min_clients=1)
+    _register(engine, "client-0", "client-0")
+    _register(engine, "client-1", "client-1")
+    away = Stream(engine, "client-1")
+    away.wait_for("wait", None)
+    away.close()  # its network failed
+    stays = Stream(engine, "client-0")
+    engine.start()
+    _deliver(engine, _tasks({"client-0": stays}, 0, 1)[0], 0)
+    assert engine.join(10)
+    stays.wait_for("done", None)
+    deadline = time.monotonic() + 10
+    while engine.untold() != ["client-1"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert engine.untold() == ["client-1"]
+    _register(engine, "client-1", "client-1")  # back: registers again, hears the end
+    back = Stream(engine, "client-1")
+    assert back.wait_for("done", None).reason == "completed 1 rounds"
+    back._t.join(10)
+    assert engine.untold() == []
+    stays.close()
 
 
 def test_update_tensors_travel_as_the_workload_decodes_them() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from fedq.errors import FedqError, TransportError
+from fedq.errors import FedqError, TlsMismatch, TransportError
 from fedq.rounds.node import Backoff, ClientNode
 from fedq.wire.control import Assignment, ClientInfo, Joined, Registration, WorkItem
 
@@ -126,6 +126,31 @@ def test_gives_up_after_the_configured_time() -> None:
     node, _ = _node(conn, backoff=Backoff(base=0.01, cap=0.01, give_up_after=0.2))
     with pytest.raises(TransportError, match=r"gave up after 0\.2 s"):
         node.run()
+
+
+def test_a_held_client_id_is_waited_for_on_rejoining_and_an_error_on_first_joining() -> None:
+    """Back from a network failure, the server may still hold the old work stream: the node
+    retries until the server has seen it close. A first registration refused so means another
+    process holds the id: no retry."""
+    gone = TransportError("UNAVAILABLE", "reset")
+    held = TransportError("ALREADY_EXISTS", "c is already connected from another process")
+    conn = Script([_joined(), held, held, _joined()],
+                  [[_task(0), gone], [WorkItem("done", 1, reason="completed")]])  # fmt: skip
+    node, runner = _node(conn)
+    assert node.run() == "completed" and runner.ran == [("c", 0)]
+    assert conn.calls.count("register") == 4
+    first = Script([held, _joined()], [])
+    with pytest.raises(TransportError, match="ALREADY_EXISTS"):
+        _node(first)[0].run()
+    assert first.calls == ["register"]
+
+
+def test_a_tls_mismatch_is_not_retried() -> None:
+    wrong = TlsMismatch("UNAVAILABLE", "TLS: the server speaks TLS; pass --ca FILE")
+    conn = Script([wrong, _joined()], [])
+    with pytest.raises(TlsMismatch, match="pass --ca"):
+        _node(conn)[0].run()
+    assert conn.calls == ["register"]
 
 
 def test_a_different_run_after_a_restart_is_an_error() -> None:

@@ -26,6 +26,7 @@ from hostile import mutate_frames, mutate_message
 from fedq import __version__
 from fedq.codec import quantize, raw
 from fedq.config import config_from_dict
+from fedq.errors import TransportError
 from fedq.runtime.hosts import ServerHost
 from fedq.transport import TransportClient
 from fedq.wire import WireMessage, message_to_frame_bytes
@@ -43,6 +44,7 @@ ALLOWED = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,  # a registration while the client's work stream is open
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.UNIMPLEMENTED,
     grpc.StatusCode.NOT_FOUND,
@@ -213,9 +215,14 @@ def test_every_hostile_call_gets_an_error_status_and_the_server_stays_healthy(li
         bad[:20]
     )
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    # the server still does its job for a valid client: it registers, and its stream is open
-    again = live.keeper.register(Registration((ClientInfo("client-0", 10),), __version__))
+    # the server still does its job for a valid client: one registers, and client-0 keeps its
+    # place (registering it again while its work stream is open is refused) and its stream
+    with TransportClient(live.address, client_id="client-1", token=TOKENS["client-1"],
+                         timeout=10) as other:  # fmt: skip
+        again = other.register(Registration((ClientInfo("client-1", 10),), __version__))
     assert again.run_id == live.host.engine.run_id
+    with pytest.raises(TransportError, match="ALREADY_EXISTS: client-0 is already connected"):
+        live.keeper.register(Registration((ClientInfo("client-0", 10),), __version__))
     assert [m.client_id for m in live.host.engine.available()] == ["client-0"]
     assert grown < 200 << 20, f"server memory grew by {grown >> 20} MiB over {CASES} calls"
     # the suite reached every RPC's validation, not only the authentication in front of it
