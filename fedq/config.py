@@ -273,7 +273,7 @@ class DefenceConfig:
     krum_f: int = 1  # krum: assumed attackers per round
     krum_m: int = 1  # krum: updates averaged (1 = Krum, > 1 = multi-Krum)
     max_update_norm: float | None = None  # refuse an update with a larger L2 norm (null: off)
-    max_abs_ratio: float = 1e4  # refuse max|delta| > ratio * (max|w| + 1), per tensor
+    max_abs_ratio: float = 100.0  # refuse max|delta| > ratio * (max|w| + 1), per tensor
     max_bad_updates: int = 3  # rounds with a refused update before exclusion (0: never)
 
     def check(self) -> Problems:

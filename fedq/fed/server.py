@@ -8,7 +8,8 @@ and evaluates when due. A malformed update is rejected with a :class:`~fedq.erro
 ``defence`` (non-finite, too large per tensor or in L2 norm). The round's updates are combined by
 the run's aggregator (:mod:`fedq.fed.robust`) in roster order, and the new model is checked by the
 same magnitude rule before it replaces the old one: a round that would leave a non-finite or
-runaway model is not applied (docs/algorithms.md, "Defences").
+runaway model, or one the downlink codec cannot carry to the clients, is not applied
+(docs/algorithms.md, "Defences").
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Any
 import torch
 
 from fedq.adapt import BitContext
-from fedq.codec import dequantize
+from fedq.codec import PackedTensor, dequantize
 from fedq.config import RunConfig
-from fedq.errors import FedqError
-from fedq.fed.pipeline import LinkCodec
+from fedq.errors import CodecError, FedqError
+from fedq.fed.pipeline import EncodeStats, LinkCodec
 from fedq.fed.privacy import ServerPrivacy
 from fedq.fed.robust import aggregate, clip_updates, update_norm
 from fedq.fed.strategy import State, make_strategy
@@ -75,6 +76,8 @@ class FedServer:
         self._task: WireMessage | None = None
         self._downlink_bits = 0.0
         self._bounds: dict[str, float] = {}  # of the open round's global model (open_round)
+        # The next round's downlink, encoded when the model was checked (_downlink_problem).
+        self._encoded: tuple[int, dict[str, PackedTensor], EncodeStats, LinkCodec] | None = None
 
     @property
     def ledger(self) -> ServerPrivacy:
@@ -91,8 +94,11 @@ class FedServer:
     def open_round(self, r: int, selected: Sequence[Member]) -> None:
         """Encode the downlink once (every selected client gets the same bytes)."""
         fed = self.cfg.fed
-        ctx = BitContext(round=r, total_rounds=fed.rounds)
-        packed, stats = self.downlink.encode(self.global_state, ctx)
+        encoded, self._encoded = self._encoded, None
+        if encoded is not None and encoded[0] == r:  # encoded by the check of the new model
+            _, packed, stats, self.downlink = encoded
+        else:
+            packed, stats = self.downlink.encode(self.global_state, BitContext(r, fed.rounds))
         scalars = {
             "total_rounds": float(fed.rounds),
             "max_samples": float(max(self._declared(m) for m in selected)),
@@ -208,12 +214,13 @@ class FedServer:
         """Combine the updates (roster order) and apply the result all or nothing; returns why
         the new model was refused, or None once it is the global model."""
         d = self.cfg.defence
+        self._encoded = None
         pairs = clip_updates([(u.tensors, u.weight) for u in updates], d.clip_norm)
         noise_gen = torch.Generator().manual_seed(self.cfg.seed * 7_368_787 + r)
         mean = self.privacy.aggregate(pairs, noise_gen, lambda p: aggregate(d, p))
         before = self.strategy.state_dict()  # FedAdam's moments change as it steps
         new = self.strategy.apply(self.global_state, mean)
-        problem = self._model_problem(new)
+        problem = self._model_problem(new) or self._downlink_problem(r, new)
         if problem is not None:
             self.strategy.load_state_dict(before)
             log.warning("round %d not applied: %s", r, problem)
@@ -241,6 +248,28 @@ class FedServer:
                     return f"the server optimizer's state {part}[{k!r}] holds NaN/Inf"
         return None
 
+    def _downlink_problem(self, r: int, new: Mapping[str, torch.Tensor]) -> str | None:
+        """Why the clients could not decode ``new`` as the next round's task, or None: a finite
+        model can still be beyond what the downlink codec carries (a float16 scale overflows once
+        a tensor's range passes about 65504 x (2^bits - 1)), and then every download of every
+        later round would fail. Encoded as round ``r + 1`` will encode it, by a copy of the
+        downlink codec; when the model is applied, that round's :meth:`open_round` takes this
+        encoding and the copy's state (the same bytes, encoded once)."""
+        trial = LinkCodec(self.cfg.compression.downlink, seed=self.cfg.seed)
+        trial.load_state_dict(self.downlink.state_dict())
+        try:
+            packed, stats = trial.encode(new, BitContext(r + 1, self.cfg.fed.rounds))
+            dev = self.bundle.device
+            bad = [k for k, p in packed.items()
+                   if not bool(torch.isfinite(dequantize(p, device=dev)).all())]  # fmt: skip
+        except CodecError as e:
+            return f"the downlink codec cannot encode the new model: {e}"
+        if bad:
+            return (f"the new model's tensor {bad[0]!r} is beyond what the downlink codec carries "
+                    "(it would decode to NaN/Inf)")  # fmt: skip
+        self._encoded = (r + 1, packed, stats, trial)
+        return None
+
     def evaluate(self) -> dict[str, Any]:
         self.bundle.load_trainable_state(self.global_state)
         return evaluation(self.bundle, self.test_data)
@@ -259,6 +288,7 @@ class FedServer:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.round_done = int(state["round_done"])
+        self._encoded = None
         dev = self.bundle.device
         self.global_state = {k: v.to(dev, copy=True) for k, v in state["global_state"].items()}
         self.strategy.load_state_dict(state.get("strategy", {}))
