@@ -534,3 +534,26 @@ def test_both_decoders_give_nan_for_an_infinite_value_times_a_zero_row_scale() -
     ref_got = np.frombuffer(d.data, dtype="<f4")[:4].tolist()
     for values in (got, ref_got):
         assert math.isnan(values[0]) and values[1:] == [math.inf, np.float32(3e38), 0.0]
+
+
+def test_stochastic_rounding_noise_is_mt19937_low_24_bits_in_block_view_order() -> None:
+    """wire-format §11.2: on the CPU, fedq's stochastic rounding draws u = (w & 0xFFFFFF) * 2^-24
+    from the 32-bit outputs w of MT19937 seeded with the generator's seed (numpy's RandomState
+    is that generator), one per element of the block view in order; the golden vector's codes
+    follow from its inputs, its scales and offsets and that stream."""
+    vector = VECTORS["stochastic_seeded"]
+    (t,) = vector["tensors"]
+    (p,) = _packed_tensors(vector)
+    assert t["encode"]["spec"]["granularity"] == "channel" and p.granularity == pb.CHANNEL
+    assert p.axis == 0 and not p.symmetric and p.scale_dtype == pb.FLOAT32
+    x = gv.tensor_from_json(t["input"]).numpy().astype(np.float32)  # axis 0: rows are blocks
+    words = np.random.RandomState(t["encode"]["seed"]).randint(0, 2**32, x.size, dtype=np.uint64)
+    u = ((words & 0xFFFFFF).astype(np.float32) * np.float32(2**-24)).reshape(x.shape)
+    scale = np.frombuffer(p.scales, dtype="<f4")[:, None]
+    offset = np.frombuffer(p.offsets, dtype="<f4")[:, None]
+    levels = np.float32(2 ** t["encode"]["bits"] - 1)
+    v = (x - offset) / np.where(scale > 0, scale, 1)
+    codes = np.clip(np.floor(v + u), 0, levels)
+    assert (codes != np.clip(np.round(v), 0, levels)).any()  # the noise does decide codes
+    sent = ref.unpack_run(p.payload, t["encode"]["bits"], x.size)
+    assert sent.tolist() == codes.astype(np.uint8).reshape(-1).tolist()
