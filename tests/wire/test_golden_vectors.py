@@ -519,7 +519,7 @@ def test_framed_golden_headers_write_map_entries_in_key_order(name: str) -> None
 
 
 def test_both_decoders_give_nan_for_an_infinite_value_times_a_zero_row_scale() -> None:
-    """wire-format §9.3: a finite scale may overflow a block value to infinity, and infinity times
+    """wire-format §9.5: a finite scale may overflow a block value to infinity, and infinity times
     a row scale of 0 is NaN; the only way a valid tensor decodes to NaN (RAW aside)."""
     t = pb.PackedTensor(
         format_version=3, name="x", shape=[8, 1], dtype=pb.FLOAT32, encoding=pb.QUANTIZED,
