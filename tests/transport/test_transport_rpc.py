@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import grpc
 import pytest
 import torch
 from grpc_health.v1 import health, health_pb2
@@ -138,3 +141,73 @@ def test_health_not_serving_after_stop(toy_handler_cls) -> None:
         srv.stop(grace=0)
         with pytest.raises(TransportError):
             c.wait_ready(timeout=0.5)
+
+
+def _health_check(address: str, service: str) -> Any:
+    """``Health.Check`` with no metadata at all: no principal, no token."""
+    with grpc.insecure_channel(address) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        try:
+            return check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+        except grpc.RpcError as e:
+            return e.code()
+
+
+def test_health_needs_no_token_and_reports_each_service(server: TransportServer) -> None:
+    """wire-format §13: health answers without x-fedq-client or a token, even on a server with
+    tokens; SERVING for "", Federated and (split served) Split; NOT_FOUND for other names."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    for name in ("", "fedq.v1.Federated", "fedq.v1.Split"):
+        assert _health_check(server.address, name) == serving, name
+    assert _health_check(server.address, "fedq.v1.Nope") == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_of_a_federated_only_server_has_no_split(toy_handler_cls) -> None:
+    class NoSplit:  # tasks and updates only: no split_step, so no Split service
+        def __init__(self) -> None:
+            self._toy = toy_handler_cls()
+
+        def get_task(self, client_id: str, round: int) -> WireMessage:
+            return self._toy.get_task(client_id, round)
+
+        def push_update(self, msg: WireMessage) -> None:
+            self._toy.push_update(msg)
+
+    with TransportServer(NoSplit()) as srv:
+        assert not srv.serves_split
+        assert (
+            _health_check(srv.address, "fedq.v1.Federated")
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+        assert _health_check(srv.address, "fedq.v1.Split") == grpc.StatusCode.NOT_FOUND
+
+
+def _register_status(address: str, metadata: list[tuple[str, str]], data: bytes = b"") -> Any:
+    with grpc.insecure_channel(address) as channel:
+        register = channel.unary_unary("/fedq.v1.Federated/Register")  # request sent as given
+        with pytest.raises(grpc.RpcError) as e:
+            register(data, metadata=metadata, timeout=10)
+    return e.value.code()
+
+
+def test_register_checks_the_token_before_the_client_header(
+    server: TransportServer, toy_handler_cls
+) -> None:
+    """wire-format §13, order of checks: with tokens, a Register without x-fedq-client is
+    UNAUTHENTICATED (authentication answers first); without tokens it is INVALID_ARGUMENT; a
+    named caller on a server that runs no rounds gets UNIMPLEMENTED before its request bytes
+    are parsed."""
+    garbage = b"\xff\xff\xff"
+    assert _register_status(server.address, []) == grpc.StatusCode.UNAUTHENTICATED
+    assert _register_status(server.address, [], garbage) == grpc.StatusCode.UNAUTHENTICATED
+    md = [("x-fedq-client", "c1"), ("authorization", "Bearer secret-1")]
+    assert _register_status(server.address, md, garbage) == grpc.StatusCode.UNIMPLEMENTED
+    with TransportServer(toy_handler_cls()) as open_srv:  # no tokens
+        assert _register_status(open_srv.address, []) == grpc.StatusCode.INVALID_ARGUMENT
+        assert _register_status(open_srv.address, [], garbage) == grpc.StatusCode.INVALID_ARGUMENT
+        named = [("x-fedq-client", "c1")]
+        assert _register_status(open_srv.address, named, garbage) == grpc.StatusCode.UNIMPLEMENTED

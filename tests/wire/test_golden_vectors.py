@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import ast
 import math
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import golden_vectors as gv
+import numpy as np
 import pytest
 import reference_decoder as ref
 import torch
@@ -463,3 +465,95 @@ def test_both_decoders_reject_bad_frame_sequences(case: str) -> None:
         message_from_frames([pb.Frame.FromString(f) for f in bad], LIMITS)
     with pytest.raises(ref.SpecError):
         ref.decode_frames(bad)
+
+
+@pytest.mark.parametrize("name", FRAMES)
+def test_framed_golden_files_are_varint_length_prefixed_frames(name: str) -> None:
+    """wire-format §15: a ``frames`` file is each serialized Frame preceded by its length as a
+    protobuf varint (no other header, nothing after the last frame); read here byte by byte."""
+    data = gv.vector_bytes(VECTORS[name])
+    frames, pos = [], 0
+    while pos < len(data):
+        size, shift = 0, 0
+        while True:  # a varint: 7 bits per byte, least significant first, high bit = more
+            byte = data[pos]
+            pos += 1
+            size |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        assert pos + size <= len(data)
+        frames.append(data[pos : pos + size])
+        pos += size
+    assert pos == len(data) and len(frames) >= 1
+    kinds = [pb.Frame.FromString(f).WhichOneof("kind") for f in frames]
+    assert kinds == ["header"] + ["chunk"] * (len(frames) - 1)
+
+
+def _map_keys(header: bytes, field: int) -> list[bytes]:
+    """The keys of map field ``field`` of a serialized Header, in the order they were written;
+    each entry carries both its key (1) and its value (2), even when the value is the default."""
+    keys = []
+    for number, _, entry in ref.scan_bundle(header):
+        if number == field:
+            assert isinstance(entry, bytes)
+            fields = {n: v for n, _, v in ref.scan_bundle(entry)}
+            assert set(fields) == {1, 2}
+            keys.append(fields[1])
+    return keys
+
+
+@pytest.mark.parametrize("name", FRAMES)
+def test_framed_golden_headers_write_map_entries_in_key_order(name: str) -> None:
+    """wire-format §3: the golden Header frames are protobuf's deterministic serialization, map
+    entries sorted by key bytes; protobuf writes a map entry's value even when it is 0 or ""."""
+    frame = _frames(VECTORS[name])[0]
+    (number, _, header), *rest = list(ref.scan_bundle(frame))
+    assert number == 1 and not rest and isinstance(header, bytes)
+    for field, key in ((7, "scalars"), (8, "tags")):
+        keys = _map_keys(header, field)
+        assert keys == sorted(keys) and len(keys) == len(VECTORS[name]["message"][key])
+    assert frame == pb.Frame.FromString(frame).SerializeToString(deterministic=True)
+    zero = pb.Header(scalars={"a": 0.0}, tags={"b": ""}).SerializeToString()
+    assert _map_keys(zero, 7) == [b"a"] and _map_keys(zero, 8) == [b"b"]
+
+
+def test_both_decoders_give_nan_for_an_infinite_value_times_a_zero_row_scale() -> None:
+    """wire-format §9.5: a finite scale may overflow a block value to infinity, and infinity times
+    a row scale of 0 is NaN; the only way a valid tensor decodes to NaN (RAW aside)."""
+    t = pb.PackedTensor(
+        format_version=3, name="x", shape=[8, 1], dtype=pb.FLOAT32, encoding=pb.QUANTIZED,
+        granularity=pb.TENSOR, scale_dtype=pb.FLOAT32, bits=bytes([8]),
+        scales=struct.pack("<f", 3e38), offsets=struct.pack("<f", 0.0),
+        payload=bytes([255, 255, 1, 0, 0, 0, 0, 0]),
+        row_scales=struct.pack("<8e", 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
+    )  # fmt: skip
+    got = dequantize(packed_from_proto(t, LIMITS)[1]).reshape(-1)[:4].tolist()
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = ref.decode_tensor(t)
+    ref_got = np.frombuffer(d.data, dtype="<f4")[:4].tolist()
+    for values in (got, ref_got):
+        assert math.isnan(values[0]) and values[1:] == [math.inf, np.float32(3e38), 0.0]
+
+
+def test_stochastic_rounding_noise_is_mt19937_low_24_bits_in_block_view_order() -> None:
+    """wire-format §11.2: on the CPU, fedq's stochastic rounding draws u = (w & 0xFFFFFF) * 2^-24
+    from the 32-bit outputs w of MT19937 seeded with the generator's seed (numpy's RandomState
+    is that generator), one per element of the block view in order; the golden vector's codes
+    follow from its inputs, its scales and offsets and that stream."""
+    vector = VECTORS["stochastic_seeded"]
+    (t,) = vector["tensors"]
+    (p,) = _packed_tensors(vector)
+    assert t["encode"]["spec"]["granularity"] == "channel" and p.granularity == pb.CHANNEL
+    assert p.axis == 0 and not p.symmetric and p.scale_dtype == pb.FLOAT32
+    x = gv.tensor_from_json(t["input"]).numpy().astype(np.float32)  # axis 0: rows are blocks
+    words = np.random.RandomState(t["encode"]["seed"]).randint(0, 2**32, x.size, dtype=np.uint64)
+    u = ((words & 0xFFFFFF).astype(np.float32) * np.float32(2**-24)).reshape(x.shape)
+    scale = np.frombuffer(p.scales, dtype="<f4")[:, None]
+    offset = np.frombuffer(p.offsets, dtype="<f4")[:, None]
+    levels = np.float32(2 ** t["encode"]["bits"] - 1)
+    v = (x - offset) / np.where(scale > 0, scale, 1)
+    codes = np.clip(np.floor(v + u), 0, levels)
+    assert (codes != np.clip(np.round(v), 0, levels)).any()  # the noise does decide codes
+    sent = ref.unpack_run(p.payload, t["encode"]["bits"], x.size)
+    assert sent.tolist() == codes.astype(np.uint8).reshape(-1).tolist()
