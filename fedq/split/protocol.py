@@ -165,7 +165,10 @@ class SplitServer:
             seen = self._seen.get(member.client_id)
             if seen is not None and self._rows and self._rows[-1]["client"] == member.client_id:
                 self._rows[-1]["seconds"] = time.monotonic() - seen  # the last step's time
-        return Update(member, state, float(n), dict(msg.scalars), msg.nbytes)
+        # Its weight in the average: never more than the examples it declared when it
+        # registered (fixed for the run), whatever it claims now.
+        weight = min(float(n), float(member.num_examples))
+        return Update(member, state, weight, dict(msg.scalars), msg.nbytes)
 
     def close_round(self, r: int, updates: Sequence[Update], apply: bool) -> dict[str, Any]:
         """Average the client states (``apply``), or roll the server's half back to the round's

@@ -119,3 +119,23 @@ def test_a_round_open_when_the_run_stops_is_rolled_back(kit, open_rounds) -> Non
     harness.engine.stop("interrupted")
     assert harness.engine.join(30) and harness.hooks.records == []
     assert not _same(server.state_dict(), start) and server.bit_maps() == maps
+
+
+def test_a_client_state_weighs_no_more_than_the_examples_declared(kit) -> None:  # type: ignore[no-untyped-def]
+    """A split client's state is averaged with the weight it claims in ``num_samples``, capped at
+    the examples it declared when it registered (fixed for the run): claiming a million rows
+    does not let one client outweigh the others."""
+    from fedq.codec import raw
+    from fedq.rounds.workload import Member
+
+    cfg = kit.tiny_cfg()
+    split, _ = kit.data(cfg)
+    server = SplitServer(cfg, kit.build(cfg), split.test, 2)
+    state = {k: raw(v) for k, v in server.client_state.items()}
+    member = Member("client-0", 0, 64)
+    honest = server.accept(0, member, WireMessage("update", "client-0", 0, 0,
+                                                  {"num_samples": 40.0}, {}, state))  # fmt: skip
+    greedy = server.accept(0, member, WireMessage("update", "client-0", 0, 0,
+                                                  {"num_samples": 1e6}, {}, state))  # fmt: skip
+    assert honest.weight == 40.0
+    assert greedy.weight == 64.0
