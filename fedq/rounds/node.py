@@ -3,7 +3,10 @@
 One :class:`ClientNode` per process (``fedq join``: one logical client; a simulation worker: many).
 It registers its clients, keeps the principal's work stream open (that is what makes its clients
 available, and what tells the server at once when the process dies), and runs each task it is
-given through a :class:`TaskRunner` (federated training or split steps). When the server goes
+given through a :class:`TaskRunner` (federated training or split steps). A task that raises
+(a fedq error, or any exception of the client's own work: an overflow in training, a bug) is
+reported to the server as failed and the node goes on with the next round; only a broken
+connection or an interrupt leaves the loop. When the server goes
 away it reconnects with exponential backoff and full jitter, registers again and, if the server
 resumed the same run, carries on; a server that started a different run ends the node with a
 clear error.
@@ -254,9 +257,12 @@ class ClientNode:
         except TransportError as e:
             if e.code in RETRYABLE:
                 raise  # the server went away: reconnect, the task comes back if still open
-            return self._failed(task, e)
+            return self._failed(task, str(e))
         except FedqError as e:
-            return self._failed(task, e)
+            return self._failed(task, str(e))
+        except Exception as e:  # a bug or a numeric failure in this client's own work
+            log.debug("%s: round %d raised", task.client_id, task.round, exc_info=True)
+            return self._failed(task, f"{type(e).__name__}: {e}")
         finally:
             with self._idle:
                 self._busy = None
@@ -265,14 +271,15 @@ class ClientNode:
         self._event("task", client=task.client_id, round=task.round,
                     seconds=time.perf_counter() - t0, **result)  # fmt: skip
 
-    def _failed(self, task: Assignment, error: Exception) -> None:
+    def _failed(self, task: Assignment, error: str) -> None:
         """The task cannot be finished: say so to the server (which drops the client from the
-        round now rather than at its deadline) and go on with the next work item."""
+        round now rather than at its deadline) and go on with the next work item. ``error`` is
+        the reason, sent on one line and cut to 300 characters."""
+        why = " ".join(error.split())[:300]
         self.stats["failed"] += 1
-        log.warning("%s: round %d failed: %s", task.client_id, task.round, error)
-        self._event("failed", client=task.client_id, round=task.round, error=str(error))
-        report = WireMessage("failed", task.client_id, task.round,
-                             tags={"error": str(error)[:300]})  # fmt: skip
+        log.warning("%s: round %d failed: %s", task.client_id, task.round, why)
+        self._event("failed", client=task.client_id, round=task.round, error=why)
+        report = WireMessage("failed", task.client_id, task.round, tags={"error": why})
         try:
             self.conn.push_update(report)
         except (TransportError, FedqError) as e:  # the round may have closed meanwhile

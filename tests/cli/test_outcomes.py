@@ -66,6 +66,29 @@ def test_a_federated_run_with_every_round_discarded_fails(fedq_cli: Any, tmp_pat
     assert summary["rounds_applied"] == 0 and summary["final_accuracy"] is not None
 
 
+def test_a_client_task_that_raises_fails_its_round_and_the_worker_carries_on(
+    fedq_cli: Any, tmp_path: Path
+) -> None:
+    """A learning rate of 1e300 does not fit a float32 parameter: torch's SGD step raises a
+    RuntimeError (no fedq error). Each client reports its task as failed with that reason, the
+    worker takes the next round, and the run ends with every round discarded, not a dead worker
+    and a traceback."""
+    out = tmp_path / "run"
+    done = fedq_cli("simulate", str(ROOT / "scenarios" / "quickstart.yaml"), "--set",
+                    "train.lr=1.0e+300", "--set", "fed.rounds=2", "--set", "fed.num_clients=2",
+                    "--set", "fed.clients_per_round=2", "--set", "runtime.backend=inprocess",
+                    "--set", "runtime.workers=1", "--out", str(out), "-q", timeout=300)  # fmt: skip
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "| 2 rounds, 0 applied (2 discarded) |" in done.stdout
+    assert "Traceback" not in done.stderr and "died" not in done.stderr, done.stderr
+    why = "the client failed: RuntimeError: value cannot be converted to type float"
+    recs = _records(out)
+    assert [r["applied"] for r in recs] == [False, False]
+    for r in recs:
+        assert sorted(r["dropped"]) == ["client-0", "client-1"]
+        assert all(d.startswith(why) for d in r["dropped"].values()), r["dropped"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

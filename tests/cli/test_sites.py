@@ -1,7 +1,8 @@
 """Sites that hold up, from the CLI as processes (``fedq serve`` + ``fedq join`` on loopback):
 TLS mistakes are reported at once in fedq's words, naming the flag to use, and not retried as
-outages; a second process with a client's token is refused while the first holds its stream; a
-site that was reconnecting when the run ended hears that it ended and exits 0; gRPC's own log
+outages; a second process with a client's token is refused while the first holds its stream;
+sites keep their connection across many keepalive pings, waiting and training alike; a site that
+was reconnecting when the run ended hears that it ended and exits 0; gRPC's own log
 lines stay out of the output."""
 
 from __future__ import annotations
@@ -145,6 +146,46 @@ def test_a_waiting_site_keeps_its_place_across_many_keepalive_pings(
     finally:
         site.proc.kill()
         site.end(10)
+
+
+@pytest.mark.slow
+def test_sites_busy_training_for_many_keepalive_pings_keep_their_connection(certs: Path) -> None:
+    """Two sites (of three) pinging every second train for several seconds each, their Python
+    busy in torch all that time: their work streams stay open through the pings, no site
+    reconnects, the server drops no one and applies the round. Before the server agreed to
+    frequent pings, a site pinging so often got GOAWAY too_many_pings while it trained and lost
+    its round."""
+    c = certs / "certs"
+    over = ["--set", "fed.num_clients=3", "--set", "fed.clients_per_round=2",
+            "--set", "fed.min_clients=2", "--set", "fed.rounds=1",
+            "--set", "train.local_epochs=20"]  # fmt: skip
+    server = CliProcess("server", ["serve", SCENARIO, *over, "--listen", "127.0.0.1:0",
+                                   "--tokens", str(c / "tokens.yaml"), "--cert",
+                                   str(c / "server.pem"), "--key", str(c / "server.key"),
+                                   "--min-ping-s", "0.5", "--out", str(certs / "busy")],
+                        certs, timeout=120)  # fmt: skip
+    sites: list[CliProcess] = []
+    try:
+        address = server.wait_line(r"^listening on ")[1].split()[2]
+        sites = [CliProcess(f"client-{i}", _join_args(address, f"client-{i}", certs, "--ca",
+                                                      str(c / "ca.pem"), "--keepalive-s", "1"),
+                            certs, timeout=120) for i in (0, 1)]  # fmt: skip
+        for site in sites:
+            assert site.end(120) == 0, site.log()
+            assert site.seen(r"^done: completed 1 rounds"), site.log()
+            assert not site.seen("reconnecting"), site.log()
+            assert not site.seen(r"^round \d+: failed"), site.log()
+            line = site.wait_line(r"^round 0: done in ")[1]
+            took = float(line.split()[4])
+            assert took >= 2, f"the task took {took} s, not several ping intervals"
+        assert server.end(60) == 0, server.log()
+        assert server.seen(r"\| 1 round, 1 applied \|"), server.log()
+        assert not server.seen("dropped"), server.log()
+    finally:
+        for p in (*sites, server):
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.end(10)
 
 
 @pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "-v"])

@@ -1,18 +1,28 @@
 """The client node against a scripted connection: it runs its tasks, reconnects with backoff when
 the server goes away and carries on with the same run, gives up after a while, refuses a server
-that started a different run, and reports version mismatches clearly."""
+that started a different run, reports version mismatches clearly, and reports a task that raised
+(a bug, an overflow) as failed while it keeps serving."""
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
+import torch
 
+from fedq.config import config_from_dict
 from fedq.errors import FedqError, TlsMismatch, TransportError
+from fedq.rounds.engine import RoundEngine
 from fedq.rounds.node import Backoff, ClientNode
+from fedq.rounds.workload import Member, NoPrivacy, Update
+from fedq.transport.counters import ByteCounter
+from fedq.transport.loopback import LoopbackConnection
 from fedq.wire.control import Assignment, ClientInfo, Joined, Registration, WorkItem
+from fedq.wire.message import WireMessage
 
 
 def _joined(run_id: str = "run-1", **kw: Any) -> Joined:
@@ -227,3 +237,112 @@ def test_wait_idle_waits_for_the_running_task_of_a_round() -> None:
     assert node.wait_idle(3, 5)
     t.join(5)
     assert runner.ran == [("c", 3)]
+
+
+class _Ones:
+    """Workload: the task is empty, an update adds its scalar ``value``."""
+
+    ledger = NoPrivacy()
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def open_round(self, r: int, selected: Sequence[Member]) -> None:
+        return None
+
+    def task(self, r: int, member: Member) -> WireMessage:
+        return WireMessage("global", member.client_id, r)
+
+    def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
+        return Update(member, {"v": torch.tensor(msg.scalars["value"])}, 1.0, dict(msg.scalars))
+
+    def close_round(self, r: int, updates: Sequence[Update], apply: bool) -> dict[str, Any]:
+        if apply:
+            self.total += sum(float(u.tensors["v"]) for u in updates)
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.total = float(state["total"])
+
+
+class _Records:
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        return None
+
+    def on_open(self, r: int, ledger: dict[str, Any]) -> None:
+        return None
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def on_done(self, reason: str) -> None:
+        return None
+
+
+def test_a_task_that_raises_is_reported_as_failed_and_the_node_takes_the_next_round(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An exception that is no FedqError (torch's overflow of a huge learning rate, a bug in local
+    training) fails that task only: the server drops the client from the round at once with the
+    exception as the reason, and the node, still up, delivers its update in the next round."""
+    cfg = config_from_dict({"fed": {"num_clients": 1, "clients_per_round": 1, "rounds": 2,
+                                    "min_clients": 1, "round_timeout_s": 60}})  # fmt: skip
+    work, hooks = _Ones(), _Records()
+    engine = RoundEngine(cfg, work, ["client-0"], run_id="r1", config_json="{}", num_classes=2,
+                         input_dim=4, hooks=hooks)  # fmt: skip
+
+    class Overflowing(Runner):
+        def run(self, task: Assignment, conn: Any) -> dict[str, Any]:
+            conn.get_task(task.round, task.client_id)
+            if task.round == 0:
+                raise RuntimeError("value cannot be converted to type float\nwithout overflow")
+            conn.push_update(WireMessage("update", task.client_id, task.round,
+                                         scalars={"value": 1.0}))  # fmt: skip
+            return super().run(task, conn)
+
+    conn = LoopbackConnection(engine, client_id="client-0", counters=ByteCounter())
+    runner = Overflowing()
+    node = ClientNode(conn, [ClientInfo("client-0", 10)], lambda j: runner)  # type: ignore[arg-type]
+    outcome: list[Any] = []
+    t = threading.Thread(target=lambda: outcome.append(node.run()), daemon=True)
+    with caplog.at_level(logging.DEBUG, logger="fedq.rounds.node"):
+        t.start()
+        assert engine.wait_available(1, 10) == 1
+        engine.start()
+        assert engine.join(30)
+        t.join(10)
+    assert outcome == ["completed 2 rounds"]  # the node ran to the end of the run
+    why = "RuntimeError: value cannot be converted to type float without overflow"
+    assert [(r["applied"], r["dropped"]) for r in hooks.records] == [
+        (False, {"client-0": f"the client failed: {why}"}), (True, {})]  # fmt: skip
+    assert work.total == 1.0 and runner.ran == [("client-0", 1)]
+    assert node.stats == {"tasks": 1, "failed": 1, "reconnects": 0}
+    here = [r for r in caplog.records if r.name == "fedq.rounds.node"]
+    warned = [r for r in here if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warned] == [f"client-0: round 0 failed: {why}"]
+    [traced] = [r for r in here if r.levelno == logging.DEBUG and r.exc_info]
+    assert traced.exc_info is not None and traced.exc_info[0] is RuntimeError
+
+
+def test_interrupts_are_not_reported_as_failed_tasks() -> None:
+    """KeyboardInterrupt in a task ends the node (the person stopping the site wins)."""
+
+    class Interrupted(Runner):
+        def run(self, task: Assignment, conn: Any) -> dict[str, Any]:
+            raise KeyboardInterrupt
+
+    conn = Script([_joined()], [[_task(0), WorkItem("done", 1, reason="ok")]])
+    runner = Interrupted()
+    node = ClientNode(conn, [ClientInfo("c", 1)], lambda j: runner)  # type: ignore[arg-type]
+    with pytest.raises(KeyboardInterrupt):
+        node.run()
+    assert conn.pushed == [] and node.stats["failed"] == 0
