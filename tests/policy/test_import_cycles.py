@@ -8,9 +8,9 @@ ties the two modules together, it only defers the tie to the call), or as
 is a module, else at ``pkg``. Not edges: imports under ``if TYPE_CHECKING:`` (they never run),
 and the implicit import of a module's parent packages (every submodule would otherwise form a
 circle with its package's ``__init__``). The codec's dispatch to the kernels
-(:data:`LAZY_EDGES`) is the one function-level import between the two packages, lazy so that
-``import fedq`` never loads triton; it counts like any edge, so the kernels must not import the
-modules that dispatch."""
+(:data:`LAZY_EDGES`) is the one import from the codec into the kernels, inside a function so
+that ``import fedq`` never loads triton; it counts like any edge, so the kernels must not import
+the codec modules that dispatch (they import :mod:`fedq.codec.reference`, which does not)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 #: Package name -> its directory.
 ROOTS = {"fedq": REPO / "fedq", "fedq_kernels": REPO / "kernels" / "fedq_kernels"}
-#: The declared lazy edges between the packages (importer, imported).
+#: The declared lazy edges from the codec into the kernels (importer, imported).
 LAZY_EDGES = {("fedq.codec.dispatch", "fedq_kernels")}
 
 
@@ -36,23 +36,24 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _walk(node: ast.AST) -> Iterator[ast.AST]:
-    """``ast.walk`` that skips the bodies of ``if TYPE_CHECKING:``."""
+def _walk(node: ast.AST, lazy: bool = True) -> Iterator[ast.AST]:
+    """``ast.walk`` that skips the bodies of ``if TYPE_CHECKING:``, and with ``lazy=False`` those
+    of functions too (what runs when the module is imported)."""
     for child in ast.iter_child_nodes(node):
-        test = child.test if isinstance(child, ast.If) else None
-        if isinstance(test, ast.Name | ast.Attribute) and ast.unparse(test).endswith(
-            "TYPE_CHECKING"
-        ):
+        if not lazy and isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        if isinstance(child, ast.If) and ast.unparse(child.test).endswith("TYPE_CHECKING"):
             for other in child.orelse:
                 yield other
-                yield from _walk(other)
+                yield from _walk(other, lazy)
             continue
         yield child
-        yield from _walk(child)
+        yield from _walk(child, lazy)
 
 
-def _imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """The modules of ``known`` that module ``name`` (at ``path``) imports."""
+def _imports(name: str, path: Path, known: set[str], lazy: bool = True) -> set[str]:
+    """The modules of ``known`` that module ``name`` (at ``path``) imports (with ``lazy=False``,
+    when it is imported)."""
     is_pkg = path.name == "__init__.py"
     found: set[str] = set()
 
@@ -66,7 +67,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         if parts:
             found.add(".".join(parts))
 
-    for node in _walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in _walk(ast.parse(path.read_text(), filename=str(path)), lazy):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 resolve(alias.name)
@@ -90,10 +91,10 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(lazy: bool = True) -> dict[str, set[str]]:
     mods = _modules()
     known = set(mods)
-    return {name: _imports(name, path, known) for name, path in mods.items()}
+    return {name: _imports(name, path, known, lazy) for name, path in mods.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -128,6 +129,20 @@ def test_the_graph_is_read_from_both_packages() -> None:
         assert imported in graph[importer], f"declared lazy edge {importer} -> {imported} is gone"
 
 
+def test_the_codec_reaches_the_kernels_only_through_the_declared_lazy_edges() -> None:
+    graph, eager = import_graph(), import_graph(lazy=False)
+    found = {
+        (a, b)
+        for a, targets in graph.items()
+        if a.startswith("fedq.codec")
+        for b in targets
+        if b.split(".")[0] == "fedq_kernels"
+    }
+    assert found == LAZY_EDGES
+    for importer, imported in LAZY_EDGES:
+        assert imported not in eager[importer], f"{importer} imports {imported} at top level"
+
+
 def test_no_import_cycle() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
@@ -151,4 +166,5 @@ def test_the_checker_sees_lazy_relative_and_dynamic_imports(tmp_path: Path) -> N
     )
     known = {"p", "p.a", "p.b", "p.c", "p.d"}
     assert _imports("p.a", f, known) == {"p.b", "p.d"}
+    assert _imports("p.a", f, known, lazy=False) == set()
     assert _imports("p", pkg / "__init__.py", known) == {"p.a"}
