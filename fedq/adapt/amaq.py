@@ -32,7 +32,7 @@ from fedq.codec import (
     QuantSpec,
     dequantize,
 )
-from fedq.codec.quantize import restore_rows
+from fedq.codec.reference import restore_rows
 from fedq.errors import ConfigError
 
 GateSignal = Literal["task", "fisher"]

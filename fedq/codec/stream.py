@@ -26,7 +26,7 @@ from fedq.codec import dispatch
 from fedq.codec.bitpack import packed_nbytes, unpack_bits
 from fedq.codec.layout import Granularity
 from fedq.codec.packed import FLOAT_DTYPES, Encoding, PackedTensor
-from fedq.codec.quantize import restore_rows
+from fedq.codec.reference import restore_rows
 from fedq.codec.runs import payload_runs
 from fedq.errors import CodecError
 

@@ -27,13 +27,14 @@ from typing import Any, Literal
 from fedq.config import RunConfig
 from fedq.data.datasets import Shard
 from fedq.data.scaling import scale_warning
-from fedq.errors import FOR_USER, ConfigError, FedqError
+from fedq.errors import FOR_USER, ConfigError
 from fedq.rounds.node import Backoff, ClientNode
 from fedq.runtime.checkpoint import load_checkpoint
 from fedq.runtime.hosts import ServerHost, make_runner, run_config, take_round_traffic
 from fedq.runtime.preflight import check_names
 from fedq.runtime.recorder import RunRecorder
 from fedq.runtime.setup import preload_optimizers, torch_device
+from fedq.runtime.sitedata import check_site_data, load_site_data
 from fedq.transport.keepalive import Keepalive
 from fedq.transport.security import TlsConfig, check_bind_policy
 from fedq.wire.control import ClientInfo, Joined
@@ -187,35 +188,6 @@ def _drain(server: ServerHost, linger_s: float, on_event: Events | None) -> None
             on_event("linger", {"clients": untold, "seconds": round(left)})  # type: ignore[misc]
             said = True
         time.sleep(0.1)
-
-
-def load_site_data(source: str, seed: int = 0) -> Any:
-    """A site's own training data: every row of ``source`` (``npz:``, ``csv:``, ``py:`` or a
-    built-in data set's training split), in file order."""
-    from fedq.data import check_dataset_name, load_dataset
-
-    problem = check_dataset_name(source)
-    if problem:
-        raise ConfigError(f"--data: {problem}")
-    if ":" in source:
-        return load_dataset(source, seed=seed, test_fraction=0.0).train
-    return load_dataset(source, seed=seed).train
-
-
-def check_site_data(data: Any, joined: Joined) -> None:
-    """The site's data must fit the model the server runs."""
-    n_cls = int(joined.num_classes)
-    top = int(data.y.max()) + 1 if len(data) else 0
-    if top > n_cls:
-        raise FedqError(f"--data has labels up to {top - 1}, but the run's model has {n_cls} "
-                        "classes")  # fmt: skip
-    x = getattr(data, "x", None)
-    if joined.input_dim and (x is None or x.dim() != 2 or int(x.shape[1]) != joined.input_dim):
-        shape = None if x is None else list(x.shape)
-        raise FedqError(f"--data has features of shape {shape}, but the run's model takes "
-                        f"{joined.input_dim} features per example")  # fmt: skip
-    if not joined.input_dim and x is not None:
-        raise FedqError("--data holds arrays, but the run's model reads text (a csv: source)")
 
 
 def join(

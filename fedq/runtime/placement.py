@@ -57,7 +57,7 @@ class SiteData:
         from fedq.data import partition
         from fedq.data.datasets import Shard
         from fedq.rounds import client_name
-        from fedq.runtime.deploy import load_site_data
+        from fedq.runtime.sitedata import load_site_data
 
         train = load_site_data(self.source, seed=cfg.seed)
         if self.count == 1:
@@ -71,7 +71,7 @@ class SiteData:
     @staticmethod
     def check(shards: dict[str, Any], joined: Any) -> None:
         """The site's data must fit the run's model (as ``fedq join`` checks its own)."""
-        from fedq.runtime.deploy import check_site_data
+        from fedq.runtime.sitedata import check_site_data
 
         check_site_data(next(iter(shards.values())).data, joined)
 

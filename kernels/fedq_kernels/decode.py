@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fedq.codec import dispatch
+from fedq.codec import reference
 from fedq.codec.layout import BlockLayout, Granularity
 from fedq.codec.packed import (
     FLOAT_DTYPES,
@@ -43,7 +43,6 @@ from fedq.codec.packed import (
     dtype_name,
     expected_payload_nbytes,
 )
-from fedq.codec.quantize import dequantize as _codec_dequantize
 from fedq.codec.runs import Run, payload_runs
 from fedq.errors import CodecError
 from fedq_kernels.common import check_device, from_f32, magic, supports, to_f32, udiv
@@ -282,5 +281,4 @@ def dequantize_ref(
     """The definition: the codec's torch path (decoding as if ``p`` had been sent as ``dtype``)."""
     if dtype is not None:
         p = dataclasses.replace(p, dtype=dtype_name(dtype))
-    with dispatch.torch_only():
-        return _codec_dequantize(p, device=device)
+    return reference.dequantize(p, device=device)

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from fedq.codec.layout import BlockLayout
 from fedq.codec.packed import FLOAT_DTYPES, expected_payload_nbytes
-from fedq.codec.quantize import _PIECE_ELEMS, _encode_blocks, _pack_by_class
+from fedq.codec.reference import PIECE_ELEMS, encode_blocks, pack_by_class
 from fedq.codec.runs import payload_runs
 from fedq.errors import CodecError
 from fedq_kernels.common import (
@@ -176,12 +176,12 @@ def quantize_pack_ref(
     symmetric: bool,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """The definition: the codec's torch coding (``_encode_blocks``) and packing
-    (``_pack_by_class``) of the same inputs."""
+    """The definition: the codec's torch coding (:func:`fedq.codec.reference.encode_blocks`)
+    and packing (:func:`~fedq.codec.reference.pack_by_class`) of the same inputs."""
     levels = (2 ** bits.to(device=xb.device, dtype=torch.int32) - 1).float()
     if layout.numel == 0:
         return torch.empty(0, dtype=torch.uint8, device=xb.device)
-    codes = _encode_blocks(xb, layout.pieces(_PIECE_ELEMS), divisor, centre, levels,
-                           symmetric=symmetric, stochastic=seed is not None, generator=None,
-                           seed=seed)  # fmt: skip
-    return _pack_by_class(codes, bits.to("cpu"), layout)
+    codes = encode_blocks(xb, layout.pieces(PIECE_ELEMS), divisor, centre, levels,
+                          symmetric=symmetric, stochastic=seed is not None, generator=None,
+                          seed=seed)  # fmt: skip
+    return pack_by_class(codes, bits.to("cpu"), layout)
