@@ -8,6 +8,12 @@ accountant past the target, or a run with fewer clients inside their budget than
 stops *before* the release, with the reason in ``summary.json``. The ledger is checkpointed with
 the server, so resuming never resets the privacy spent.
 
+Each mechanism is one class (:class:`ServerPrivacy` is the run without DP; :class:`DpsgdPrivacy`,
+:class:`CentralPrivacy`, :class:`LaplacePrivacy`) registered by name in :data:`MECHANISMS`; the
+server builds its ledger with :func:`make_privacy`, and a client finds its side of the mechanism
+(class methods) with :func:`mechanism_class` from its task's tag. docs/design.md §4 says how to
+add one.
+
 Approximations (stated, not hidden): the strategy samples exactly K of N clients, while the RDP /
 PRV accountants assume Poisson sampling at rate K/N (as Flower's and TFF's DP-FedAvg do).
 """
