@@ -202,6 +202,13 @@ class CompressionConfig:
         return self.uplink.check("compression.uplink") + self.downlink.check("compression.downlink")
 
 
+#: ``privacy.mechanism`` names each mode offers: the keys of its registry of mechanism classes
+#: (``fedq.fed.privacy.MECHANISMS``, ``fedq.split.privacy.LEDGERS``; a test keeps them equal),
+#: named here because ``config`` imports nothing above it.
+FED_PRIVACY = ("none", "dpsgd", "central", "laplace")
+SPLIT_PRIVACY = ("none", "activations")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PrivacyConfig:
     """Differential privacy (see README "Privacy" for the guarantee each mechanism gives).
@@ -505,7 +512,7 @@ class RunConfig:
             )
         if split and self.data.standardize:
             p.append("data.standardize: mode 'split' reads text, which has no features to scale")
-        allowed = ("none", "activations") if split else ("none", "dpsgd", "central", "laplace")
+        allowed = SPLIT_PRIVACY if split else FED_PRIVACY
         if self.privacy.mechanism not in allowed:
             p.append(
                 f"privacy.mechanism: {self.privacy.mechanism!r} is not available in mode "

@@ -30,7 +30,7 @@ from fedq.codec import dequantize
 from fedq.config import RunConfig
 from fedq.data.datasets import Shard
 from fedq.fed.pipeline import LinkCodec
-from fedq.fed.privacy import privatize_update
+from fedq.fed.privacy import ServerPrivacy, mechanism_class
 from fedq.fed.train import local_train, make_optimizer
 from fedq.models.rng import seeded_forward
 from fedq.rounds import client_seed
@@ -122,13 +122,13 @@ class ClientWorker:
         shard = self.shards[cid]
         index = self.index[cid]
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, index, r))
-        mechanism = task.tags.get("dp_mechanism", "none")
+        mechanism = mechanism_class(task.tags.get("dp_mechanism", "none"))
         loss, steps, laplace_sensitivity, epsilon = self._train(cid, task, shard, gen, mechanism)
         trained = self.bundle.trainable_state()
         delta = {k: (trained[k].detach().float() - start[k].float()) for k in start}
         # The one fixed order: clip -> noise here, then bits -> quantize in the uplink codec.
-        delta, update_norm = privatize_update(
-            delta, mechanism, task.scalars, gen, laplace_sensitivity=laplace_sensitivity
+        delta, update_norm = mechanism.privatize(
+            delta, task.scalars, gen, laplace_sensitivity=laplace_sensitivity
         )
         ctx = BitContext(
             round=r,
@@ -156,12 +156,17 @@ class ClientWorker:
         return {"wire_up": sent1 - sent0, "wire_down": recv1 - recv0, "loss": loss}
 
     def _train(
-        self, cid: str, task: WireMessage, shard: Shard, gen: torch.Generator, mechanism: str
+        self,
+        cid: str,
+        task: WireMessage,
+        shard: Shard,
+        gen: torch.Generator,
+        mechanism: type[ServerPrivacy],
     ) -> tuple[float, int, float | None, float | None]:
         """Local training as the privacy mechanism requires: (loss, steps, laplace sensitivity,
         DP-SGD epsilon this client has spent, by its own accountant)."""
         tc = self.cfg.train
-        if mechanism == "dpsgd":
+        if mechanism.local_dpsgd:
             from fedq.privacy import dp_local_train
 
             res = dp_local_train(
@@ -177,7 +182,7 @@ class ClientWorker:
                 grad_sample_mode=self.cfg.privacy.grad_sample_mode,
             )
             return res.loss, res.steps, None, self._account(cid, res)
-        paper = mechanism == "laplace" and task.tags.get("laplace_calibration") == "paper"
+        paper = mechanism.smoothness_calibrated(task.tags)
         smooth = None
         if paper:
             from fedq.privacy import SmoothnessEstimator

@@ -27,7 +27,7 @@ from fedq.codec import PackedTensor, dequantize
 from fedq.config import RunConfig
 from fedq.errors import CodecError, FedqError
 from fedq.fed.pipeline import EncodeStats, LinkCodec
-from fedq.fed.privacy import ServerPrivacy
+from fedq.fed.privacy import ServerPrivacy, make_privacy
 from fedq.fed.robust import aggregate, clip_updates, update_norm
 from fedq.fed.strategy import State, make_strategy
 from fedq.fed.train import evaluation
@@ -67,7 +67,7 @@ class FedServer:
         self.test_data = test_data
         self.strategy = make_strategy(cfg.fed)
         self.downlink = LinkCodec(cfg.compression.downlink, seed=cfg.seed)
-        self.privacy = ServerPrivacy(cfg)
+        self.privacy = make_privacy(cfg)
         self.global_state: State = {
             k: v.detach().clone() for k, v in bundle.trainable_state().items()
         }

@@ -38,7 +38,7 @@ expected number of steps (``plan_noise_multiplier``) and sent to the clients wit
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ import torch
 from fedq.config import RunConfig
 from fedq.errors import PrivacyBudgetExceeded
 from fedq.privacy import BudgetGuard, GaussianAccountant, GaussianMechanism, plan_noise_multiplier
+from fedq.rounds.workload import Ledger, NoPrivacy
 
 MECHANISM = "activations"
 
@@ -162,11 +163,28 @@ class ActivationLedger:
             self._acc(int(cid)).load_state_dict(st)
 
 
+#: ``privacy.mechanism`` -> the split server's ledger for it (``fedq.config.SPLIT_PRIVACY`` lists
+#: the same names). Split mode cannot share federated mode's registry (``fedq.fed.privacy``; the two
+#: modes do not import each other); both ledgers are the round engine's
+#: :class:`~fedq.rounds.workload.Ledger`.
+LEDGERS: dict[str, Callable[[RunConfig], Ledger]] = {
+    "none": lambda cfg: NoPrivacy(),
+    MECHANISM: ActivationLedger,
+}
+
+
+def make_ledger(cfg: RunConfig) -> Ledger:
+    """The split server's ledger for ``cfg.privacy.mechanism`` (checked by the config)."""
+    return LEDGERS[cfg.privacy.mechanism](cfg)
+
+
 __all__ = [
+    "LEDGERS",
     "MECHANISM",
     "ActivationLedger",
     "PrivacyBudgetExceeded",
     "enabled",
+    "make_ledger",
     "planned_noise_multiplier",
     "privatize_activations",
     "sample_rate",

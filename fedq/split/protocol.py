@@ -64,7 +64,7 @@ from fedq.models.rng import seeded_forward
 from fedq.privacy import GaussianMechanism
 from fedq.rounds import client_seed, weighted_mean
 from fedq.rounds.node import Connection
-from fedq.rounds.workload import Ledger, Member, NoPrivacy, Update
+from fedq.rounds.workload import Ledger, Member, Update
 from fedq.split.codecs import (
     bit_schedule,
     gate_controller,
@@ -77,8 +77,8 @@ from fedq.split.codecs import (
     unpack_mask,
 )
 from fedq.split.models import CLASSIFY, SplitModel
-from fedq.split.privacy import ActivationLedger, privatize_activations
 from fedq.split.privacy import enabled as dp_enabled
+from fedq.split.privacy import make_ledger, privatize_activations
 from fedq.wire.control import Assignment
 from fedq.wire.message import WireMessage, message_nbytes
 
@@ -112,7 +112,7 @@ class SplitServer:
         self.num_labels = num_labels
         sc = cfg.split
         self.steps_per_round = sc.local_steps
-        self.ledger: Ledger = ActivationLedger(cfg) if dp_enabled(cfg) else NoPrivacy()
+        self.ledger: Ledger = make_ledger(cfg)
         self.grad_q = make_codec(sc, "grad", model.hidden, seed=cfg.seed)
         self.eval_act_q = make_codec(sc, "act", model.hidden)  # evaluation codes the cut as sent
         self.act_rx = make_receiver(sc, "act")
