@@ -385,7 +385,9 @@ def _check_storable(
     b = int(bm[j])
     top = float(torch.finfo(SCALE_DTYPES[scale_dtype]).max)
     levels = 2**b - 1
-    if offset is None:  # symmetric: the scale spans twice the largest magnitude
+    if scale_dtype == "float32":  # (hi - offset) or 2 |x| overflows in the float32 maths itself
+        fits = f"|x| <= {top / 2:.4g}" if offset is None else f"range <= {top:.4g}"
+    elif offset is None:  # symmetric: the scale spans twice the largest magnitude
         fits = f"|x| <= about {top * levels / 2:.4g}"
     else:  # the offset must hold the minimum (rounded down); the scale the rest of the range
         fits = f"min >= -{top:.4g}, max <= {top * (levels + 1):.4g}, range <= {top * levels:.4g}"

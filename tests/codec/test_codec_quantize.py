@@ -309,6 +309,8 @@ def test_the_float16_limit_is_refused_exactly_where_the_bytes_would_be() -> None
         quantize(torch.tensor([0.0, top * 1.001]), 8, QuantSpec())
     with pytest.raises(CodecError, match="offset overflows float16"):
         quantize(torch.tensor([-7e4, -6.9e4]), 8, QuantSpec())
+    with pytest.raises(CodecError, match="overflows float32, which at 8 bits carries range <="):
+        quantize(torch.tensor([-3e38, 3e38]), 8, QuantSpec(scale_dtype="float32"))
     gen = torch.Generator().manual_seed(0)
     outcomes = {"refused": 0, "decoded": 0}
     for _ in range(200):
