@@ -14,6 +14,7 @@ import torch
 
 from fedq.codec.packed import PackedTensor
 from fedq.codec.quantize import QuantSpec, dequantize, quantize, raw
+from fedq.errors import CodecError
 
 
 class Compressor(Protocol):
@@ -75,7 +76,10 @@ class QuantCompressor:
         if isinstance(bits, int) and bits > 8:
             return raw_for_bits(x, bits)
         gen = self.generator if self.spec.stochastic else None  # off the CPU: draws a noise seed
-        return quantize(x, bits, self.spec, generator=gen)
+        try:
+            return quantize(x, bits, self.spec, generator=gen)
+        except CodecError as e:  # say which tensor: the error travels in a 'failed' report
+            raise CodecError(f"tensor {name!r}: {e}") from e
 
     def decompress(self, p: PackedTensor) -> torch.Tensor:
         return dequantize(p)

@@ -22,7 +22,9 @@ and "Split learning"); the exact decode arithmetic is specified in docs/wire-for
 - ``outlier_ratio=t``: rows with RMS above ``t`` times the median row's travel as float16 rows
   beside the codes (format version 3, §5.9);
 - zero-range blocks get scale 0 and decode exactly; zero rows get row scale 0; NaN / Inf inputs
-  raise :class:`~fedq.errors.CodecError`, so no payload ever carries them.
+  raise :class:`~fedq.errors.CodecError`, and so does a finite block whose scale or offset
+  overflows its storage dtype (float16: a range beyond about 65504 x (2**b - 1)), so no payload
+  ever carries a value its receiver refuses.
 """
 
 from __future__ import annotations
@@ -249,7 +251,11 @@ def _row_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = x.reshape(-1, x.shape[-1]).float()
     r = rows.square().mean(dim=1).sqrt().to(ROW_SCALE_DTYPE)
     if not bool(torch.isfinite(r).all()):
-        raise CodecError("cannot quantize a tensor containing NaN or Inf")
+        if not bool(torch.isfinite(rows).all()):
+            raise CodecError("cannot quantize a tensor containing NaN or Inf")
+        raise CodecError(f"a row's RMS overflows the {dtype_name(ROW_SCALE_DTYPE)} row scales "
+                         f"(largest {float(torch.finfo(ROW_SCALE_DTYPE).max):.4g}): turn "
+                         "row_scale off or bring the values into range")  # fmt: skip
     rf = r.float()
     div = torch.where(rf > 0, rf, torch.ones_like(rf)).unsqueeze(1)
     return r, (rows / div).reshape(x.shape)
@@ -264,7 +270,9 @@ def _outlier_rows(
     rows = x.reshape(-1, x.shape[-1])
     rms = rows.float().square().mean(dim=1).sqrt()
     if not bool(torch.isfinite(rms).all()):
-        raise CodecError("cannot quantize a tensor containing NaN or Inf")
+        if not bool(torch.isfinite(rows).all()):
+            raise CodecError("cannot quantize a tensor containing NaN or Inf")
+        raise CodecError("a row's RMS overflows float32: bring the values into range")
     cand = (rms > ratio * rms.median()).nonzero().squeeze(1)
     cap = int(rows.shape[0] * MAX_OUTLIER_FRACTION)
     if cand.numel() > cap:
@@ -338,6 +346,7 @@ def quantize(
         offset = _round_down(lo, sdt)
         scale = _round_up((hi - offset.float()) / levels, sdt)
         centre = offset.float()
+    _check_storable(scale, offset, lo, hi, bm, spec.scale_dtype)
     s = scale.float()
     divisor = torch.where(s > 0, s, 1.0)  # scale 0 (zero range): every code decodes exactly
     if kernels is not None:  # the fused code + pack kernel (same bytes)
@@ -353,6 +362,46 @@ def quantize(
     if outliers is None:
         return p
     return dataclasses.replace(p, outlier_index=outliers[0], outlier_values=outliers[1])
+
+
+def _check_storable(
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    bm: torch.Tensor,
+    scale_dtype: str,
+) -> None:
+    """Raise :class:`CodecError` unless every scale and offset is finite in ``scale_dtype``: with
+    float16, a finite block beyond what it holds (a range over about 65504 x (2**b - 1), a minimum
+    below -65504, or, symmetric, a magnitude over about 65504 x (2**b - 1) / 2) would get an
+    infinite scale or offset, and every receiver refuses such a tensor ('scales contain NaN or
+    Inf'). Checks only the per-block metadata; the bytes of every other input are unchanged."""
+    ok = torch.isfinite(scale)
+    if offset is not None:
+        ok &= torch.isfinite(offset)
+    if bool(ok.all()):
+        return
+    j = int((~ok).nonzero()[0, 0])
+    b = int(bm[j])
+    top = float(torch.finfo(SCALE_DTYPES[scale_dtype]).max)
+    levels = 2**b - 1
+    if scale_dtype == "float32":  # (hi - offset) or 2 |x| overflows in the float32 maths itself
+        fits = f"|x| <= {top / 2:.4g}" if offset is None else f"range <= {top:.4g}"
+    elif offset is None:  # symmetric: the scale spans twice the largest magnitude
+        fits = f"|x| <= about {top * levels / 2:.4g}"
+    else:  # the offset must hold the minimum (rounded down); the scale the rest of the range
+        fits = f"min >= -{top:.4g}, max <= {top * (levels + 1):.4g}, range <= {top * levels:.4g}"
+    what = "offset" if offset is not None and not bool(torch.isfinite(offset[j])) else "scale"
+    advice = (
+        "use scale_dtype: float32 for this link (compression config) or smaller values"
+        if scale_dtype != "float32"
+        else "bring the values into range"
+    )
+    raise CodecError(
+        f"block {j} spans [{float(lo[j]):.4g}, {float(hi[j]):.4g}]: its {what} overflows "
+        f"{scale_dtype}, which at {b} bits carries {fits}; {advice}"
+    )
 
 
 def _packed(

@@ -263,7 +263,7 @@ class FedServer:
             bad = [k for k, p in packed.items()
                    if not bool(torch.isfinite(dequantize(p, device=dev)).all())]  # fmt: skip
         except CodecError as e:
-            return f"the downlink codec cannot encode the new model: {e}"
+            return f"the new model is beyond what the downlink codec carries: {e}"
         if bad:
             return (f"the new model's tensor {bad[0]!r} is beyond what the downlink codec carries "
                     "(it would decode to NaN/Inf)")  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 
@@ -11,10 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedq.codec import Encoding, Granularity, QuantSpec, dequantize, quantize, raw
+from fedq.codec.compressors import QuantCompressor
 from fedq.codec.layout import BlockLayout
 from fedq.codec.packed import PackedTensor, expected_payload_nbytes
 from fedq.codec.quantize import MSE_SEARCH_SAMPLES, _pack_by_class, _unpack_by_class
 from fedq.errors import CodecError
+from fedq.wire import WireLimits, bundle_from_bytes, bundle_to_bytes
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPE = (6, 7, 5)  # 210 elements: no power of two anywhere
@@ -259,6 +262,85 @@ def test_non_finite_input_is_a_codec_error(bad: float, cut: tuple[Granularity, i
     for symmetric in (False, True):
         with pytest.raises(CodecError, match="NaN or Inf"):
             quantize(x.to(torch.bfloat16), 4, _spec(cut, symmetric=symmetric))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(range="sigma"), QuantSpec(range="mse"), QuantSpec(axis=-1, row_scale=True),
+     QuantSpec(axis=-1, outlier_ratio=2.0), QuantSpec(scale_dtype="float32")],
+    ids=["sigma", "mse", "row_scale", "outliers", "fp32_scales"],
+)  # fmt: skip
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_a_codec_error_with_every_option(spec: QuantSpec, bad: float) -> None:
+    x = torch.randn(16, 40)
+    x[3, 7] = bad
+    with pytest.raises(CodecError, match="NaN or Inf"):
+        quantize(x, 8, spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(), QuantSpec(symmetric=True), QuantSpec(range="sigma"), QuantSpec(range="mse")],
+    ids=["minmax", "symmetric", "sigma", "mse"],
+)
+@pytest.mark.parametrize("lo", [-5e7, 0.0], ids=["centred", "positive"])
+def test_a_range_beyond_float16_scales_is_a_codec_error(spec: QuantSpec, lo: float) -> None:
+    """Range 1e8 at 8 bits needs a scale of about 3.9e5 (or an offset of -5e7): float16 would
+    round it to infinity, which every receiver refuses; the encoder says so instead."""
+    x = torch.linspace(lo, lo + 1e8, 4096)  # rank 1: one block, range 1e8
+    with pytest.raises(CodecError, match="overflows float16") as e:
+        quantize(x, 8, spec)
+    assert "scale_dtype: float32" in str(e.value)
+    p = quantize(x, 8, dataclasses.replace(spec, scale_dtype="float32"))
+    back = bundle_from_bytes(bundle_to_bytes({"w": p}), WireLimits())["w"]
+    y = dequantize(back)
+    assert bool(torch.isfinite(y).all())
+    if spec.range == "minmax":
+        _assert_within_half_step(x, p)
+
+
+def test_the_float16_limit_is_refused_exactly_where_the_bytes_would_be() -> None:
+    """Ranges just inside the float16 limit (65504 x 255 at 8 bits) still go as before and decode;
+    just beyond it they are refused. A finite tensor either raises or makes bytes that decode."""
+    top = 65504.0 * 255
+    ok = quantize(torch.tensor([0.0, top * 0.999]), 8, QuantSpec())
+    assert bool(torch.isfinite(ok.scales).all())
+    with pytest.raises(CodecError, match=r"block 0 spans \[0, 1\.67.*at 8 bits"):
+        quantize(torch.tensor([0.0, top * 1.001]), 8, QuantSpec())
+    with pytest.raises(CodecError, match="offset overflows float16"):
+        quantize(torch.tensor([-7e4, -6.9e4]), 8, QuantSpec())
+    with pytest.raises(CodecError, match="overflows float32, which at 8 bits carries range <="):
+        quantize(torch.tensor([-3e38, 3e38]), 8, QuantSpec(scale_dtype="float32"))
+    gen = torch.Generator().manual_seed(0)
+    outcomes = {"refused": 0, "decoded": 0}
+    for _ in range(200):
+        mag = 10.0 ** float(torch.randint(0, 39, (), generator=gen))
+        x = torch.randn(4, 32, generator=gen) * mag + torch.randn((), generator=gen) * mag
+        bits = int(torch.randint(1, 9, (), generator=gen))
+        sym = bool(torch.randint(0, 2, (), generator=gen))
+        for sdt in ("float16", "float32"):
+            try:
+                p = quantize(x, bits, QuantSpec(symmetric=sym, scale_dtype=sdt))
+            except CodecError:
+                outcomes["refused"] += 1
+                continue
+            back = bundle_from_bytes(bundle_to_bytes({"w": p}), WireLimits())  # accepted
+            assert bool(torch.isfinite(dequantize(back["w"])).all())
+            outcomes["decoded"] += 1
+    assert min(outcomes.values()) > 50, outcomes
+
+
+def test_row_scales_beyond_float16_say_so() -> None:
+    x = torch.randn(8, 32)
+    x[2] *= 1e6  # finite, but its RMS is beyond a float16 row scale
+    with pytest.raises(CodecError, match="RMS overflows the float16 row scales"):
+        quantize(x, 8, QuantSpec(axis=-1, row_scale=True))
+
+
+def test_the_compressor_names_the_tensor_it_cannot_encode() -> None:
+    x = torch.linspace(-5e7, 5e7, 4096).reshape(16, 256)
+    with pytest.raises(CodecError, match=r"tensor 'fc\.weight': block 0 spans"):
+        QuantCompressor(QuantSpec()).compress("fc.weight", x, 8)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])

@@ -152,6 +152,22 @@ def test_without_a_seed_the_kernel_path_draws_one_from_the_generator() -> None:
     assert torch.equal(a.payload, b.payload) and not torch.equal(a.payload, c.payload)
 
 
+@pytest.mark.usefixtures("cpu_kernels")
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_a_range_beyond_float16_scales_is_refused_before_the_kernel(symmetric: bool) -> None:
+    """The kernel path shares the codec's scale check: range 1e8 at 8 bits overflows float16
+    scales (a CodecError, no bytes), and with float32 scales the kernel sends the torch bytes."""
+    assert dispatch.kernels_for(torch.device("cpu"), 1) is fedq_kernels
+    x = torch.linspace(-5e7, 5e7, 4096).reshape(16, 256)
+    with pytest.raises(CodecError, match="overflows float16"):
+        quantize(x, 8, QuantSpec(symmetric=symmetric))
+    spec = QuantSpec(symmetric=symmetric, scale_dtype="float32")
+    got = quantize(x, 8, spec)
+    with dispatch.torch_only():
+        want = quantize(x, 8, spec)
+    assert _same_packed(got, want)
+
+
 def test_bad_inputs_are_codec_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     layout = LAYOUTS[0]
     bm = torch.full((layout.num_blocks,), 4, dtype=torch.uint8)
