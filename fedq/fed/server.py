@@ -40,9 +40,11 @@ __all__ = ["FedServer", "abs_bounds", "client_name", "to_cpu"]
 log = logging.getLogger(__name__)
 
 
-def abs_bounds(state: Mapping[str, torch.Tensor], ratio: float) -> dict[str, float]:
+def abs_bounds(state: Mapping[str, torch.Tensor], ratio: float | None) -> dict[str, float]:
     """Per tensor, the largest change of one entry a round may bring: ``ratio * (max|w| + 1)``
-    (``defence.max_abs_ratio``)."""
+    (``defence.max_abs_ratio``; infinite when it is not set)."""
+    if ratio is None:
+        return {k: math.inf for k in state}
     return {k: ratio * (float(v.detach().abs().max()) + 1.0) if v.numel() else ratio
             for k, v in state.items()}  # fmt: skip
 

@@ -27,7 +27,8 @@ def _cfg() -> Any:
                 "round_timeout_s": 60},
         "compression": {"uplink": {"policy": "fixed", "bits": 8}},
         "runtime": {"backend": "inprocess"},
-        "defence": {"aggregator": "median", "max_bad_updates": 0},
+        # the settings docs/algorithms.md recommends for untrusted clients on scaled features
+        "defence": {"aggregator": "median", "max_abs_ratio": 100.0, "max_bad_updates": 0},
     })  # fmt: skip
 
 
