@@ -8,6 +8,7 @@ lines stay out of the output."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
 import subprocess
@@ -158,7 +159,7 @@ def test_sites_busy_training_for_many_keepalive_pings_keep_their_connection(cert
     c = certs / "certs"
     over = ["--set", "fed.num_clients=3", "--set", "fed.clients_per_round=2",
             "--set", "fed.min_clients=2", "--set", "fed.rounds=1",
-            "--set", "train.local_epochs=20"]  # fmt: skip
+            "--set", "train.local_epochs=80"]  # fmt: skip
     server = CliProcess("server", ["serve", SCENARIO, *over, "--listen", "127.0.0.1:0",
                                    "--tokens", str(c / "tokens.yaml"), "--cert",
                                    str(c / "server.pem"), "--key", str(c / "server.key"),
@@ -188,19 +189,37 @@ def test_sites_busy_training_for_many_keepalive_pings_keep_their_connection(cert
                 p.end(10)
 
 
-@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "-v"])
-def test_grpc_log_lines_show_only_with_verbose(
-    certs: Path, mtls_server: tuple[CliProcess, str], verbose: bool
+def test_grpc_log_lines_stay_out_of_a_quiet_run(
+    certs: Path, mtls_server: tuple[CliProcess, str]
 ) -> None:
-    """gRPC's core logs a failed handshake on its own, at both ends; fedq says it in its words,
-    and gRPC's lines show with -v only (the server, started without -v, stays quiet)."""
+    """gRPC's core may log a failed handshake on its own, at both ends; fedq says it in its own
+    words, and without -v no gRPC line shows at either end. (Whether the core logs a given
+    handshake at all varies from run to run, so -v is checked where it is decided:
+    test_verbose_leaves_grpc_logging_to_grpc.)"""
     server, address = mtls_server
     args = _join_args(address, "client-1", certs,
                       *_mtls(certs, "client-1", ca=certs / "other" / "ca.pem"))  # fmt: skip
-    done = _run(["-v", *args] if verbose else args, certs)
+    done = _run(args, certs)
     assert done.returncode == 2 and "pass --ca FILE" in done.stderr, done.stderr
-    assert bool(GRPC_LINE.search(done.stdout + done.stderr)) is verbose, done.stderr
+    assert not GRPC_LINE.search(done.stdout + done.stderr), done.stderr
     assert not GRPC_LINE.search(server.log()), server.log()
+
+
+@pytest.mark.parametrize("user", [None, "DEBUG"])
+def test_verbose_leaves_grpc_logging_to_grpc(monkeypatch: pytest.MonkeyPatch,
+                                             user: str | None) -> None:  # fmt: skip
+    """Without -v the CLI silences gRPC's core before grpc is imported, unless the user set
+    GRPC_VERBOSITY; with -v it leaves gRPC's own settings alone."""
+    from fedq.cli import _quiet_grpc
+
+    for verbose in (False, True):
+        monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
+        monkeypatch.delenv("GRPC_TRACE", raising=False)
+        if user is not None:
+            monkeypatch.setenv("GRPC_VERBOSITY", user)
+        _quiet_grpc(verbose)
+        want = user if user is not None else (None if verbose else "NONE")
+        assert os.environ.get("GRPC_VERBOSITY") == want, (verbose, user)
 
 
 class Link:
@@ -290,7 +309,8 @@ def test_a_site_reconnecting_when_the_run_ends_hears_that_it_ended(certs: Path) 
         for p in stay:
             assert p.end(120) == 0, p.log()
             assert p.seen(r"^done: completed 2 rounds"), p.log()
-        server.wait_line(r"^the run is over; waiting up to \d+ s for client-1 to hear it")
+        # client-1 among those not yet told (on a loaded machine the others may be listed too)
+        server.wait_line(r"^the run is over; waiting up to \d+ s for .*\bclient-1\b.* to hear it")
         assert server.proc.poll() is None  # the run is over; the server still answers
         link.up()
         assert away.end(90) == 0, away.log()
