@@ -100,6 +100,8 @@ class ServerPrivacy:
         self.planned = True
 
     def _planned_noise(self, sizes: Mapping[int, int]) -> float:
+        """Hook of the mechanisms that plan noise to a target (DP-SGD, central); the others
+        never reach it (``_plan`` runs only with a target)."""
         raise NotImplementedError(f"mechanism {self.name!r} plans no noise multiplier")
 
     def plan(self, sizes: Mapping[int, int]) -> dict[str, Any]:
@@ -120,8 +122,9 @@ class ServerPrivacy:
     # -- selection and accounting (at round open) --------------------------------------------
 
     def _client_eps_if(self, cid: int, n: int) -> float:
-        """Client ``cid``'s epsilon if it took part in the next round (per-client mechanisms)."""
-        raise NotImplementedError
+        """Client ``cid``'s epsilon if it took part in the next round: a hook of the per-client
+        mechanisms (DP-SGD, Laplace), called only when ``per_client`` is set."""
+        raise NotImplementedError(f"mechanism {self.name!r} keeps no per-client accounting")
 
     def eligible(self, candidates: Sequence[int], sizes: Mapping[int, int]) -> list[int]:
         """Candidates whose next participation stays within the target (all without one)."""
