@@ -127,8 +127,9 @@ def _placement_lines(pl: dict[str, Any], most: int = 4) -> list[str]:
         return f"on {w['node_ip']} ({w['hostname']})" if w.get("node_ip") else "in this process"
 
     srv = pl["server"]
-    lines = [f"server {node(srv)}, listening on {pl['address']} "
-             f"({'TLS' if pl['tls'] else 'plaintext'})"]  # fmt: skip
+    lines = [
+        f"server {node(srv)}, listening on {pl['address']} ({'TLS' if pl['tls'] else 'plaintext'})"
+    ]
     by_node: dict[str, list[str]] = {}
     for name, w in pl["workers"].items():
         by_node.setdefault(node(w), []).append(f"{name} clients {w['clients']}")
@@ -205,8 +206,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError("serve: --client-ca (mutual TLS) needs --cert and --key")
     tls = None
     if args.cert:
-        tls = TlsConfig(args.cert, args.key, ca_file=args.client_ca,
-                        require_client_cert=bool(args.client_ca))  # fmt: skip
+        tls = TlsConfig(
+            args.cert, args.key, ca_file=args.client_ca, require_client_cert=bool(args.client_ca)
+        )
     tokens = load_tokens(args.tokens)
     out = Path(
         args.resume or args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -216,26 +218,40 @@ def _serve(args: argparse.Namespace) -> int:
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "listening":
             how = "plaintext" if tls is None else ("mutual TLS" if args.client_ca else "TLS")
-            print(f"listening on {info['address']} ({how}), run {info['run_id']}, "
-                  f"{info['clients']} clients known"
-                  + (f"; resuming at round {info['start_round']}" if info["start_round"] else ""),
-                  flush=True)  # fmt: skip
+            print(
+                f"listening on {info['address']} ({how}), run {info['run_id']}, "
+                f"{info['clients']} clients known"
+                + (f"; resuming at round {info['start_round']}" if info["start_round"] else ""),
+                flush=True,
+            )
         elif kind == "clients":
-            print(f"clients available ({len(info['available'])}): "
-                  f"{', '.join(info['available'])}", flush=True)  # fmt: skip
+            print(
+                f"clients available ({len(info['available'])}): {', '.join(info['available'])}",
+                flush=True,
+            )
         elif kind == "round":
             print(_round_line(info), flush=True)
         elif kind == "linger":
-            print(f"the run is over; waiting up to {info['seconds']:g} s for "
-                  f"{', '.join(info['clients'])} to hear it (--linger-s)", flush=True)  # fmt: skip
+            print(
+                f"the run is over; waiting up to {info['seconds']:g} s for "
+                f"{', '.join(info['clients'])} to hear it (--linger-s)",
+                flush=True,
+            )
 
     min_ping = DEFAULT_MIN_PING_S if args.min_ping_s is None else args.min_ping_s
     summary = serve(
-        cfg, listen=args.listen, tokens=tokens, out=out, tls=tls, allow_insecure=args.insecure,
-        resume=bool(args.resume), eval_data=args.eval_data, on_event=on_event,
+        cfg,
+        listen=args.listen,
+        tokens=tokens,
+        out=out,
+        tls=tls,
+        allow_insecure=args.insecure,
+        resume=bool(args.resume),
+        eval_data=args.eval_data,
+        on_event=on_event,
         keepalive=Keepalive(min_ping_s=min_ping),
         linger_s=LINGER_S if args.linger_s is None else args.linger_s,
-    )  # fmt: skip
+    )
     for cid, row in sorted(summary.get("clients", {}).items()):
         print(f"  {cid}: up {row['bytes_up']} B, down {row['bytes_down']} B")
     return _print_summary(summary, out)
@@ -260,12 +276,17 @@ def _join(args: argparse.Namespace) -> int:
 
     def on_event(kind: str, info: dict[str, Any]) -> None:
         if kind == "joined":
-            print(f"joined run {info['run_id']} on {args.server} as {args.client_id}"
-                  + (" (TLS)" if tls is not None else " (plaintext)"), flush=True)  # fmt: skip
+            print(
+                f"joined run {info['run_id']} on {args.server} as {args.client_id}"
+                + (" (TLS)" if tls is not None else " (plaintext)"),
+                flush=True,
+            )
         elif kind == "task":
-            print(f"round {info['round']}: done in {info['seconds']:.1f} s"
-                  + (f", loss {info['loss']:.4f}" if info.get("loss") is not None else ""),
-                  flush=True)  # fmt: skip
+            print(
+                f"round {info['round']}: done in {info['seconds']:.1f} s"
+                + (f", loss {info['loss']:.4f}" if info.get("loss") is not None else ""),
+                flush=True,
+            )
         elif kind == "failed":
             print(f"round {info['round']}: failed: {info['error']}", flush=True)
         elif kind in ("retry", "reconnect"):
@@ -273,10 +294,17 @@ def _join(args: argparse.Namespace) -> int:
 
     backoff = Backoff(give_up_after=args.give_up_after)
     keepalive = Keepalive(ping_s=DEFAULT_PING_S if args.keepalive_s is None else args.keepalive_s)
-    with TransportClient(args.server, client_id=args.client_id, token=token, tls=tls,
-                         timeout=args.timeout, keepalive=keepalive) as conn:  # fmt: skip
-        result = join(conn, args.client_id, args.data, backoff=backoff, on_event=on_event,
-                      device=args.device)  # fmt: skip
+    with TransportClient(
+        args.server,
+        client_id=args.client_id,
+        token=token,
+        tls=tls,
+        timeout=args.timeout,
+        keepalive=keepalive,
+    ) as conn:
+        result = join(
+            conn, args.client_id, args.data, backoff=backoff, on_event=on_event, device=args.device
+        )
     print(
         f"done: {result['reason']} | {result['tasks']} rounds ({result['failed']} failed) | "
         f"{result['examples']} examples | up {result['bytes_up']} B, down "
@@ -290,8 +318,10 @@ def _shard(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     paths = write_shards(cfg, Path(args.out))
-    print(f"fedq shard: {len(paths)} client files of {cfg.data.name} ({cfg.data.partition}) in "
-          f"{args.out}: {paths[0].name} .. {paths[-1].name}")  # fmt: skip
+    print(
+        f"fedq shard: {len(paths)} client files of {cfg.data.name} ({cfg.data.partition}) in "
+        f"{args.out}: {paths[0].name} .. {paths[-1].name}"
+    )
     return 0
 
 
@@ -371,12 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="serve a run to clients on other machines (fedq join)")
     v.add_argument("scenario", nargs="?", help="scenario YAML file (or --resume DIR)")
     v.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to listen on")
-    v.add_argument("--tokens", required=True, metavar="FILE",
-                   help="YAML mapping client id -> token (fedq certs writes one)")  # fmt: skip
+    v.add_argument(
+        "--tokens",
+        required=True,
+        metavar="FILE",
+        help="YAML mapping client id -> token (fedq certs writes one)",
+    )
     v.add_argument("--cert", metavar="FILE", help="server certificate (PEM): TLS on")
     v.add_argument("--key", metavar="FILE", help="server private key (PEM)")
-    v.add_argument("--client-ca", metavar="FILE",
-                   help="CA that signs client certificates: mutual TLS")  # fmt: skip
+    v.add_argument(
+        "--client-ca", metavar="FILE", help="CA that signs client certificates: mutual TLS"
+    )
     v.add_argument(
         "--insecure",
         action="store_true",
@@ -387,12 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="evaluation data (default: the scenario's data set's test split)",
     )
-    v.add_argument("--min-ping-s", type=float, metavar="S",
-                   help="accept a site's keepalive ping every S seconds or more (default 10; "
-                   "fedq join --keepalive-s must not be below it)")  # fmt: skip
-    v.add_argument("--linger-s", type=float, metavar="S",
-                   help="after the run ends, keep answering sites that are reconnecting for up "
-                   "to S seconds so that they hear it ended (default 30)")  # fmt: skip
+    v.add_argument(
+        "--min-ping-s",
+        type=float,
+        metavar="S",
+        help="accept a site's keepalive ping every S seconds or more (default 10; "
+        "fedq join --keepalive-s must not be below it)",
+    )
+    v.add_argument(
+        "--linger-s",
+        type=float,
+        metavar="S",
+        help="after the run ends, keep answering sites that are reconnecting for up "
+        "to S seconds so that they hear it ended (default 30)",
+    )
     v.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
     v.add_argument("--out", metavar="DIR", help="output folder (default runs/<name>-<time>)")
     v.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its checkpoint")
@@ -433,9 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("cpu", "cuda", "auto"),
         help="where this site trains (default: the run's runtime.device)",
     )
-    j.add_argument("--keepalive-s", type=float, metavar="S",
-                   help="ping the server every S seconds, to keep an idle connection open and "
-                   "notice a vanished server (default 20; not below its --min-ping-s)")  # fmt: skip
+    j.add_argument(
+        "--keepalive-s",
+        type=float,
+        metavar="S",
+        help="ping the server every S seconds, to keep an idle connection open and "
+        "notice a vanished server (default 20; not below its --min-ping-s)",
+    )
     j.add_argument(
         "--give-up-after",
         type=float,
@@ -513,8 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     handler = logging.StreamHandler()
     handler.setFormatter(_ConsoleFormat("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        handlers=[handler])  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING, handlers=[handler]
+    )
     try:
         code = args.func(args)
     except FedqError as e:

@@ -290,8 +290,10 @@ class DefenceConfig:
     def check(self) -> Problems:
         p = []
         if self.max_examples_per_client is not None and self.max_examples_per_client < 1:
-            p.append("defence.max_examples_per_client: must be >= 1 or null, got "
-                     f"{self.max_examples_per_client}")  # fmt: skip
+            p.append(
+                "defence.max_examples_per_client: must be >= 1 or null, got "
+                f"{self.max_examples_per_client}"
+            )
         for k in ("clip_norm", "max_update_norm"):
             v = getattr(self, k)
             if v is not None and not 0 < v < float("inf"):
@@ -303,11 +305,14 @@ class DefenceConfig:
         if self.krum_m < 1:
             p.append(f"defence.krum_m: must be >= 1, got {self.krum_m}")
         if self.max_abs_ratio is not None and not 0 < self.max_abs_ratio < float("inf"):
-            p.append(f"defence.max_abs_ratio: must be > 0 and finite or null, got "
-                     f"{self.max_abs_ratio}")  # fmt: skip
+            p.append(
+                f"defence.max_abs_ratio: must be > 0 and finite or null, got {self.max_abs_ratio}"
+            )
         if self.max_bad_updates < 0:
-            p.append(f"defence.max_bad_updates: must be >= 0 (0 = never exclude), got "
-                     f"{self.max_bad_updates}")  # fmt: skip
+            p.append(
+                f"defence.max_bad_updates: must be >= 0 (0 = never exclude), got "
+                f"{self.max_bad_updates}"
+            )
         return p
 
 
@@ -339,8 +344,9 @@ class SiteConfig:
         if self.clients < 1:
             p.append(f"{prefix}.clients: must be >= 1, got {self.clients}")
         if not 1 <= self.workers <= max(self.clients, 1):
-            p.append(f"{prefix}.workers: must be in 1..clients ({self.clients}), "
-                     f"got {self.workers}")  # fmt: skip
+            p.append(
+                f"{prefix}.workers: must be in 1..clients ({self.clients}), got {self.workers}"
+            )
         if self.resource is not None and not self.resource.strip():
             p.append(f"{prefix}.resource: must be a Ray resource name or null, got ''")
         if self.data is not None and not self.data.strip():
@@ -402,18 +408,23 @@ class RuntimeConfig:
         for i, site in enumerate(self.sites):
             p += site.check(f"runtime.sites[{i}]")
         if self.sites and self.workers:
-            p.append("runtime.workers: with runtime.sites each site says how many workers it "
-                     "has (runtime.sites[i].workers, default 1); leave runtime.workers at "
-                     "0")  # fmt: skip
+            p.append(
+                "runtime.workers: with runtime.sites each site says how many workers it "
+                "has (runtime.sites[i].workers, default 1); leave runtime.workers at "
+                "0"
+            )
         if self.backend == "inprocess":
-            p += [f"{key}: placement on Ray nodes needs runtime.backend 'ray'"
-                  for key in self.ray_placement_keys()]  # fmt: skip
+            p += [
+                f"{key}: placement on Ray nodes needs runtime.backend 'ray'"
+                for key in self.ray_placement_keys()
+            ]
         return p
 
     def ray_placement_keys(self) -> list[str]:
         """The keys set here that only a Ray backend can honour."""
-        keys = [k for k in ("cpus_per_worker", "gpus_per_worker", "server_resource")
-                if getattr(self, k)]  # fmt: skip
+        keys = [
+            k for k in ("cpus_per_worker", "gpus_per_worker", "server_resource") if getattr(self, k)
+        ]
         keys += [f"sites[{i}].resource" for i, s in enumerate(self.sites) if s.resource]
         return [f"runtime.{k}" for k in keys]
 
@@ -537,11 +548,15 @@ class RunConfig:
             )
         if d.aggregator == "krum":
             if k < 2 * d.krum_f + 3:
-                p.append(f"defence.krum_f: Krum with f={d.krum_f} needs fed.clients_per_round >= "
-                         f"2f + 3 = {2 * d.krum_f + 3}, got {k}")  # fmt: skip
+                p.append(
+                    f"defence.krum_f: Krum with f={d.krum_f} needs fed.clients_per_round >= "
+                    f"2f + 3 = {2 * d.krum_f + 3}, got {k}"
+                )
             if d.krum_m > k - d.krum_f:
-                p.append(f"defence.krum_m: at most clients_per_round - krum_f = {k - d.krum_f}, "
-                         f"got {d.krum_m}")  # fmt: skip
+                p.append(
+                    f"defence.krum_m: at most clients_per_round - krum_f = {k - d.krum_f}, "
+                    f"got {d.krum_m}"
+                )
         return p
 
     def to_dict(self) -> dict[str, Any]:

@@ -74,13 +74,21 @@ def run_rounds(
     num_classes, input_dim = data_shape(data)
     counters = ByteCounter()
     hooks = _Collect(counters)
-    engine = RoundEngine(cfg, workload, roster, run_id="test-run",
-                         config_json=json.dumps(cfg.to_dict()), num_classes=num_classes,
-                         input_dim=input_dim, hooks=hooks)  # fmt: skip
+    engine = RoundEngine(
+        cfg,
+        workload,
+        roster,
+        run_id="test-run",
+        config_json=json.dumps(cfg.to_dict()),
+        num_classes=num_classes,
+        input_dim=input_dim,
+        hooks=hooks,
+    )
     transport = None
     if grpc:
-        transport = TransportServer(engine, tokens=tokens, hosts=hosts,
-                                    max_workers=2 * len(hosts) + 8)  # fmt: skip
+        transport = TransportServer(
+            engine, tokens=tokens, hosts=hosts, max_workers=2 * len(hosts) + 8
+        )
         transport.start()
         hooks.counters = transport.counters
     nodes, threads = [], []
@@ -89,15 +97,17 @@ def run_rounds(
             conn = connect(principal, transport.address if transport else None)
         elif transport is not None:
             token = None if tokens is None else tokens[principal]
-            conn = TransportClient(transport.address, client_id=principal, token=token,
-                                   timeout=60)  # fmt: skip
+            conn = TransportClient(transport.address, client_id=principal, token=token, timeout=60)
         else:
             conn = LoopbackConnection(engine, client_id=principal, counters=counters)
         if wrap is not None:
             conn = wrap(principal, conn)
         mine = {c: shards[c] for c in cids}
-        node = ClientNode(conn, [ClientInfo(c, mine[c].size) for c in cids],
-                          lambda joined, mine=mine: make_runner(cfg, mine, joined))  # fmt: skip
+        node = ClientNode(
+            conn,
+            [ClientInfo(c, mine[c].size) for c in cids],
+            lambda joined, mine=mine: make_runner(cfg, mine, joined),
+        )
         nodes.append(node)
     for node in nodes:
         node.register()
@@ -151,21 +161,28 @@ class Metered:
             return fn()
         finally:
             up1, down1 = self._own(client_id)
-            self.calls.append({"kind": kind, "client": client_id, "round": round, "msg": msg,
-                               "up": up1 - up0, "down": down1 - down0})  # fmt: skip
+            self.calls.append(
+                {
+                    "kind": kind,
+                    "client": client_id,
+                    "round": round,
+                    "msg": msg,
+                    "up": up1 - up0,
+                    "down": down1 - down0,
+                }
+            )
 
     def get_task(self, round: int, client_id: str | None = None) -> object:
         cid = client_id or self.conn.client_id
-        return self._call("task", cid, round, None,
-                          lambda: self.conn.get_task(round, client_id))  # fmt: skip
+        return self._call("task", cid, round, None, lambda: self.conn.get_task(round, client_id))
 
     def push_update(self, msg) -> object:
-        return self._call("update", msg.client_id, msg.round, msg,
-                          lambda: self.conn.push_update(msg))  # fmt: skip
+        return self._call(
+            "update", msg.client_id, msg.round, msg, lambda: self.conn.push_update(msg)
+        )
 
     def split_step(self, msg) -> object:
-        return self._call("step", msg.client_id, msg.round, msg,
-                          lambda: self.conn.split_step(msg))  # fmt: skip
+        return self._call("step", msg.client_id, msg.round, msg, lambda: self.conn.split_step(msg))
 
 
 @pytest.fixture(scope="session")
@@ -194,9 +211,16 @@ class OpenRounds:
         self.counters = ByteCounter()
         self.hooks = _Collect(self.counters)
         roster = [client_name(i) for i in range(cfg.fed.num_clients)]
-        self.engine = RoundEngine(cfg, workload, roster, run_id="open", config_json=json.dumps({}),
-                                  num_classes=num_classes, input_dim=input_dim,
-                                  hooks=self.hooks)  # fmt: skip
+        self.engine = RoundEngine(
+            cfg,
+            workload,
+            roster,
+            run_id="open",
+            config_json=json.dumps({}),
+            num_classes=num_classes,
+            input_dim=input_dim,
+            hooks=self.hooks,
+        )
         infos = tuple(ClientInfo(c, n) for c, n in clients.items())
         self.engine.register("site", Registration(infos, fedq_version=__version__))
         self.closed = threading.Event()

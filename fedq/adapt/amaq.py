@@ -162,10 +162,14 @@ class AmaqQuantizer(CutCodec):
         self.b_min, self.b_max = int(b_min), int(b_max)
         self.signal: GateSignal = signal
         self.spec = QuantSpec(
-            granularity=Granularity.CHANNEL, axis=-1, scale_dtype=scale_dtype,
-            stochastic=stochastic, range=quant_range, row_scale=row_scale,
+            granularity=Granularity.CHANNEL,
+            axis=-1,
+            scale_dtype=scale_dtype,
+            stochastic=stochastic,
+            range=quant_range,
+            row_scale=row_scale,
             outlier_ratio=outlier_ratio,
-        )  # fmt: skip
+        )
         self.compressor = QuantCompressor(self.spec, seed=seed)
         frac = min(max((init_bits - b_min) / (b_max - b_min), 0.02), 0.98)
         self.gate = nn.Parameter(torch.full((num_channels,), math.log(frac / (1 - frac))))
@@ -272,10 +276,15 @@ class FixedQuantizer(CutCodec):
             raise ConfigError(f"fixed bits must be in 1..8, got {bits}")
         self.bits = int(bits)
         self.spec = QuantSpec(
-            granularity=Granularity(granularity), axis=-1, group_size=group_size,
-            scale_dtype=scale_dtype, stochastic=stochastic, range=quant_range, row_scale=row_scale,
+            granularity=Granularity(granularity),
+            axis=-1,
+            group_size=group_size,
+            scale_dtype=scale_dtype,
+            stochastic=stochastic,
+            range=quant_range,
+            row_scale=row_scale,
             outlier_ratio=outlier_ratio,
-        )  # fmt: skip
+        )
         self.compressor = QuantCompressor(self.spec, seed=seed)
 
     def encode(self, x: torch.Tensor) -> PackedTensor:
@@ -391,8 +400,9 @@ class GateController:
                 q.gate.grad = None
 
     def _task_step(self, i: int, group: list[AmaqQuantizer]) -> None:
-        grads = [q.gate.grad if q.gate.grad is not None else torch.zeros_like(q.gate)
-                 for q in group]  # fmt: skip
+        grads = [
+            q.gate.grad if q.gate.grad is not None else torch.zeros_like(q.gate) for q in group
+        ]
         g = torch.cat([x.detach().float().reshape(-1) for x in grads])
         g = g - g.mean()
         rms = float(g.square().mean().sqrt())

@@ -190,9 +190,12 @@ class DeltaQuantizer(FixedQuantizer):
 
 
 def decode_delta(
-    memory: ActivationMemory, ids: Sequence[int], versions: Sequence[int], p: PackedTensor,
+    memory: ActivationMemory,
+    ids: Sequence[int],
+    versions: Sequence[int],
+    p: PackedTensor,
     device: torch.device | str,
-) -> tuple[torch.Tensor, PendingCommit]:  # fmt: skip
+) -> tuple[torch.Tensor, PendingCommit]:
     """The receiver's side: ``m + dequantize(p)`` for the batch's ids and the commit to make
     once the step has gone through; the same float32 operations as
     :meth:`DeltaQuantizer.forward_encode_delta`."""

@@ -138,8 +138,11 @@ class BudgetBits:
             log.warning(
                 "bit budget %d B is below the %d B needed at b_min=%d for every tensor; "
                 "sending at b_min (%d B over)",
-                self.bytes_per_round, used, self.b_min, self.last_overflow,
-            )  # fmt: skip
+                self.bytes_per_round,
+                used,
+                self.b_min,
+                self.last_overflow,
+            )
             return {n: bits[n] for n in tensors}
         weights = {n: error_weight(tensors[n], self.spec) for n in names}
         heap: list[tuple[float, int, int]] = []

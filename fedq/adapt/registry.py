@@ -101,5 +101,6 @@ def make_cut_codec(
     if issubclass(cls, FixedQuantizer):  # fixed and aqsgd
         return cls(fixed_bits, **common)
     signal: GateSignal = gate_signal if act else "task"
-    return AmaqQuantizer(width, b_min=b_min, b_max=b_max, init_bits=init_bits, signal=signal,
-                         **common)  # fmt: skip
+    return AmaqQuantizer(
+        width, b_min=b_min, b_max=b_max, init_bits=init_bits, signal=signal, **common
+    )

@@ -69,8 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=",".join(WAYS),
         help=f"the ways to run, comma-separated, in this order ({', '.join(WAYS)})",
     )
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="further scenario overrides, applied to every way")  # fmt: skip
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further scenario overrides, applied to every way",
+    )
     g.add_argument("--keep", metavar="DIR", help="keep the run folders and logs in DIR")
 
 
@@ -78,8 +83,14 @@ def overrides(args: argparse.Namespace) -> list[str]:
     """The scenario overrides every way runs with: all clients selected, and every one of them
     needed to open a round (so a deployment's round 0 waits for all its sites)."""
     n = args.clients
-    return [f"seed={args.seed}", f"fed.num_clients={n}", f"fed.clients_per_round={n}",
-            f"fed.min_clients={n}", f"fed.rounds={args.rounds}", *args.set]  # fmt: skip
+    return [
+        f"seed={args.seed}",
+        f"fed.num_clients={n}",
+        f"fed.clients_per_round={n}",
+        f"fed.min_clients={n}",
+        f"fed.rounds={args.rounds}",
+        *args.set,
+    ]
 
 
 def _sets(values: list[str]) -> list[str]:
@@ -116,8 +127,9 @@ class _Records:
 def _setup(work: Path, sets: list[str], clients: int) -> None:
     """Credentials and one data file per site, for the ``serve`` way (not timed)."""
     run_cli(["certs", str(work / "certs"), "--clients", str(clients)], work, WAY_TIMEOUT_S)
-    run_cli(["shard", str(SCENARIO), *_sets(sets), "--out", str(work / "data")], work,
-            WAY_TIMEOUT_S)  # fmt: skip
+    run_cli(
+        ["shard", str(SCENARIO), *_sets(sets), "--out", str(work / "data")], work, WAY_TIMEOUT_S
+    )
 
 
 def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, Any]:
@@ -131,14 +143,40 @@ def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, An
         deadline = t0 + WAY_TIMEOUT_S
         if way == "serve":
             c = work / "certs"
-            serve = ["serve", str(SCENARIO), *_sets(sets), "--listen", "127.0.0.1:0",
-                     "--tokens", str(c / "tokens.yaml"), "--cert", str(c / "server.pem"),
-                     "--key", str(c / "server.key"), "--out", str(out)]  # fmt: skip
+            serve = [
+                "serve",
+                str(SCENARIO),
+                *_sets(sets),
+                "--listen",
+                "127.0.0.1:0",
+                "--tokens",
+                str(c / "tokens.yaml"),
+                "--cert",
+                str(c / "server.pem"),
+                "--key",
+                str(c / "server.key"),
+                "--out",
+                str(out),
+            ]
             procs.append(CliProcess("serve", serve, work, WAY_TIMEOUT_S))
         else:
-            procs.append(CliProcess(way, ["simulate", str(SCENARIO), *_sets(sets),
-                                          "--set", f"runtime.backend={way}", "--out", str(out),
-                                          "-q"], work, WAY_TIMEOUT_S))  # fmt: skip
+            procs.append(
+                CliProcess(
+                    way,
+                    [
+                        "simulate",
+                        str(SCENARIO),
+                        *_sets(sets),
+                        "--set",
+                        f"runtime.backend={way}",
+                        "--out",
+                        str(out),
+                        "-q",
+                    ],
+                    work,
+                    WAY_TIMEOUT_S,
+                )
+            )
         with TreeMemorySampler(interval=0.5, pid=procs[0].proc.pid) as mem:
             if way == "serve":
                 t, line = procs[0].wait_line(r"^listening on \S+ \(", deadline - time.monotonic())
@@ -146,11 +184,28 @@ def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, An
                 c = work / "certs"
                 for i in range(clients):
                     cid = f"client-{i}"
-                    procs.append(CliProcess(cid, [
-                        "join", "--server", address, "--client-id", cid,
-                        "--token-file", str(c / "clients" / f"{cid}.token"),
-                        "--ca", str(c / "ca.pem"), "--data", f"npz:{work / 'data' / cid}.npz",
-                        "--give-up-after", "120"], work, WAY_TIMEOUT_S))  # fmt: skip
+                    procs.append(
+                        CliProcess(
+                            cid,
+                            [
+                                "join",
+                                "--server",
+                                address,
+                                "--client-id",
+                                cid,
+                                "--token-file",
+                                str(c / "clients" / f"{cid}.token"),
+                                "--ca",
+                                str(c / "ca.pem"),
+                                "--data",
+                                f"npz:{work / 'data' / cid}.npz",
+                                "--give-up-after",
+                                "120",
+                            ],
+                            work,
+                            WAY_TIMEOUT_S,
+                        )
+                    )
                     mem.track(procs[-1].proc.pid)
             while None in [p.proc.poll() for p in procs]:  # every one polled, not only the first
                 records.poll()
@@ -158,8 +213,7 @@ def run_way(way: str, work: Path, sets: list[str], clients: int) -> dict[str, An
                 if failed is not None:  # say so now, not when the others give up waiting
                     raise failed.failed()
                 if time.monotonic() > deadline:
-                    raise FedqError(f"bench transport: the {way} run took over "
-                                    f"{WAY_TIMEOUT_S:g} s")  # fmt: skip
+                    raise FedqError(f"bench transport: the {way} run took over {WAY_TIMEOUT_S:g} s")
                 time.sleep(POLL_S)
             wall, end_ns = time.monotonic() - t0, time.time_ns()
         records.poll()
@@ -188,15 +242,21 @@ def _stop(procs: list[CliProcess]) -> None:
 
 
 def _summarize(
-    way: str, records: _Records, span_ns: tuple[int, int], wall: float, listening: float | None,
-    mem: TreeMemorySampler, clients: int,
-) -> dict[str, Any]:  # fmt: skip
+    way: str,
+    records: _Records,
+    span_ns: tuple[int, int],
+    wall: float,
+    listening: float | None,
+    mem: TreeMemorySampler,
+    clients: int,
+) -> dict[str, Any]:
     """A way's numbers; ``span_ns``: its launch and its end (every process exited), wall clock
     like the records' times."""
     recs, stamps = records.records, records.written_ns
     if not recs or [r["round"] for r in recs] != list(range(len(recs))):
-        raise FedqError(f"bench transport: the {way} run logged rounds "
-                        f"{[r['round'] for r in recs]}")  # fmt: skip
+        raise FedqError(
+            f"bench transport: the {way} run logged rounds {[r['round'] for r in recs]}"
+        )
     between = [(b - a) / 1e9 for a, b in itertools.pairwise(stamps)]
     opened0 = stamps[0] - int(recs[0]["round_seconds"] * 1e9)
     per_round = [int(r["bytes_up"]) + int(r["bytes_down"]) for r in recs]
@@ -227,8 +287,14 @@ def _summarize(
 def _ratios(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float | None]:
     """``a`` over ``b``, for each time and the memory."""
     out: dict[str, float | None] = {}
-    for k in ("startup_s", "round0_s", "seconds_per_round", "wall_s", "peak_rss_gib",
-              "peak_pss_gib"):  # fmt: skip
+    for k in (
+        "startup_s",
+        "round0_s",
+        "seconds_per_round",
+        "wall_s",
+        "peak_rss_gib",
+        "peak_pss_gib",
+    ):
         out[k] = a[k] / b[k] if a[k] is not None and b[k] else None
     return out
 
@@ -256,21 +322,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     by_way = {r["way"]: r for r in rows}
-    ratios = {w: _ratios(by_way["serve"], r) for w, r in by_way.items()
-              if "serve" in by_way and w != "serve"}  # fmt: skip
+    ratios = {
+        w: _ratios(by_way["serve"], r)
+        for w, r in by_way.items()
+        if "serve" in by_way and w != "serve"
+    }
     agree = {
         "bytes": all(r["bytes"] == rows[0]["bytes"] for r in rows),
         "accuracy": all(r["accuracy"] == rows[0]["accuracy"] for r in rows),
     }
     result = {
-        "config": {"scenario": SCENARIO.name, "clients": args.clients, "rounds": args.rounds,
-                   "clients_per_round": args.clients, "seed": args.seed, "overrides": sets,
-                   "ways": ways, "torch_threads_per_process": 1,
-                   "serve_transport": "TLS, loopback"},
+        "config": {
+            "scenario": SCENARIO.name,
+            "clients": args.clients,
+            "rounds": args.rounds,
+            "clients_per_round": args.clients,
+            "seed": args.seed,
+            "overrides": sets,
+            "ways": ways,
+            "torch_threads_per_process": 1,
+            "serve_transport": "TLS, loopback",
+        },
         "ways": rows,
         "serve_over": ratios,
         "agree": agree,
-    }  # fmt: skip
+    }
     _print_report(result)
     return result
 
@@ -282,18 +358,22 @@ def _print_report(result: dict[str, Any]) -> None:
         f"selected, {cfg['rounds']} rounds, seed {cfg['seed']}, 1 torch thread per process | "
         f"{cpu_model()}, {os.cpu_count()} cores"
     )
-    print(f"{'way':32s} {'start-up':>9s} {'round 0':>8s} {'s/round':>8s} {'engine':>7s} "
-          f"{'end':>7s} {'wall':>7s} {'procs':>5s} {'peak RSS':>9s} {'peak PSS':>9s} "
-          f"{'bytes/round':>11s} {'accuracy':>8s}")  # fmt: skip
+    print(
+        f"{'way':32s} {'start-up':>9s} {'round 0':>8s} {'s/round':>8s} {'engine':>7s} "
+        f"{'end':>7s} {'wall':>7s} {'procs':>5s} {'peak RSS':>9s} {'peak PSS':>9s} "
+        f"{'bytes/round':>11s} {'accuracy':>8s}"
+    )
     for r in rows:
         spr, eng = (
             "-" if v is None else f"{v:.3f}"
             for v in (r["seconds_per_round"], r["engine_seconds_per_round"])
         )
-        print(f"{r['label']:32s} {r['startup_s']:7.2f} s {r['round0_s']:6.2f} s {spr:>8s} "
-              f"{eng:>7s} {r['shutdown_s']:5.1f} s {r['wall_s']:5.1f} s {r['peak_processes']:5d} "
-              f"{r['peak_rss_gib']:7.2f} G {r['peak_pss_gib']:7.2f} G "
-              f"{r['bytes_per_round']:11,.0f} {r['final_accuracy']:8.4f}")  # fmt: skip
+        print(
+            f"{r['label']:32s} {r['startup_s']:7.2f} s {r['round0_s']:6.2f} s {spr:>8s} "
+            f"{eng:>7s} {r['shutdown_s']:5.1f} s {r['wall_s']:5.1f} s {r['peak_processes']:5d} "
+            f"{r['peak_rss_gib']:7.2f} G {r['peak_pss_gib']:7.2f} G "
+            f"{r['bytes_per_round']:11,.0f} {r['final_accuracy']:8.4f}"
+        )
     for way, q in result["serve_over"].items():
         shown = ", ".join(
             f"{k} {v:.2f}x"
@@ -307,15 +387,18 @@ def _print_report(result: dict[str, Any]) -> None:
             )
             if v is not None
         )
-        print(f"serve + joins / {LABELS[way].removeprefix('fedq ')}: {shown}")  # fmt: skip
+        print(f"serve + joins / {LABELS[way].removeprefix('fedq ')}: {shown}")
     served = [r for r in rows if r["listening_s"] is not None]
     if served:
-        print(f"fedq serve listened after {served[0]['listening_s']:.2f} s; the joins started "
-              "then")  # fmt: skip
+        print(f"fedq serve listened after {served[0]['listening_s']:.2f} s; the joins started then")
     agree = result["agree"]
-    print(f"every round's bytes equal across the ways: {'yes' if agree['bytes'] else 'NO'}; "
-          f"every round's accuracy equal: {'yes' if agree['accuracy'] else 'NO'}")  # fmt: skip
-    print("(start-up: launch -> round 0 opened; round 0: its open -> close; s/round: median "
-          "record-to-record time of rounds 1..; engine: their median open -> close; end: last "
-          "record -> every process exited; memory: the way's processes and descendants, "
-          "sampled every 0.5 s)")  # fmt: skip
+    print(
+        f"every round's bytes equal across the ways: {'yes' if agree['bytes'] else 'NO'}; "
+        f"every round's accuracy equal: {'yes' if agree['accuracy'] else 'NO'}"
+    )
+    print(
+        "(start-up: launch -> round 0 opened; round 0: its open -> close; s/round: median "
+        "record-to-record time of rounds 1..; engine: their median open -> close; end: last "
+        "record -> every process exited; memory: the way's processes and descendants, "
+        "sampled every 0.5 s)"
+    )

@@ -77,9 +77,12 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     texts = load_dataset("rotten_tomatoes").train
     assert isinstance(bundle, LoraTextBundle) and isinstance(texts, TextDataset)
     enc = bundle.tokenizer(
-        [texts.texts[i] for i in range(bs)], padding="max_length", truncation=True,
-        max_length=seq, return_tensors="pt",
-    )  # fmt: skip
+        [texts.texts[i] for i in range(bs)],
+        padding="max_length",
+        truncation=True,
+        max_length=seq,
+        return_tensors="pt",
+    )
     inputs = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
     labels = texts.y[:bs].to(dev)
     encoders.clear_cache()  # the cached pretrained copy is not part of any mode's cost
@@ -90,10 +93,15 @@ def worker(cfg: dict[str, Any]) -> dict[str, Any]:
     if mode != "nonprivate":
         loader = DataLoader(TensorDataset(torch.arange(10 * bs)), batch_size=bs)
         priv = make_private(
-            bundle.module, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0,
-            grad_sample_mode=mode, poisson_sampling=False,
+            bundle.module,
+            opt,
+            loader,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            grad_sample_mode=mode,
+            poisson_sampling=False,
             noise_generator=torch.Generator(device=dev).manual_seed(0),
-        )  # fmt: skip
+        )
         module, opt, criterion = priv.module, priv.optimizer, priv.criterion
 
     def step() -> None:
@@ -148,8 +156,10 @@ def _spawn(cfg: dict[str, Any]) -> dict[str, Any]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", code, json.dumps(cfg)],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("@@")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"bench dp worker {cfg['mode']!r} failed:\n{proc.stderr[-3000:]}")

@@ -75,10 +75,20 @@ class _Case:
         self.name = name
         self.work = work
         self.out = work / name
-        self.over = ["--set", "fed.num_clients=3", "--set", "fed.clients_per_round=3",
-                     "--set", f"fed.min_clients={min_clients}", "--set", "fed.rounds=1000",
-                     "--set", f"train.local_epochs={args.epochs}",
-                     "--set", f"fed.round_timeout_s={args.round_timeout:g}"]  # fmt: skip
+        self.over = [
+            "--set",
+            "fed.num_clients=3",
+            "--set",
+            "fed.clients_per_round=3",
+            "--set",
+            f"fed.min_clients={min_clients}",
+            "--set",
+            "fed.rounds=1000",
+            "--set",
+            f"train.local_epochs={args.epochs}",
+            "--set",
+            f"fed.round_timeout_s={args.round_timeout:g}",
+        ]
         self.port = _free_port()
         self.procs: list[CliProcess] = []
         self.server: CliProcess | None = None
@@ -86,9 +96,20 @@ class _Case:
 
     def serve(self, *extra: str) -> CliProcess:
         c = self.work / "certs"
-        args = ["serve", *extra, "--listen", f"127.0.0.1:{self.port}",
-                "--tokens", str(c / "tokens.yaml"), "--cert", str(c / "server.pem"),
-                "--key", str(c / "server.key"), "--out", str(self.out)]  # fmt: skip
+        args = [
+            "serve",
+            *extra,
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--tokens",
+            str(c / "tokens.yaml"),
+            "--cert",
+            str(c / "server.pem"),
+            "--key",
+            str(c / "server.key"),
+            "--out",
+            str(self.out),
+        ]
         if "--resume" not in extra:
             args[1:1] = [str(SCENARIO), *self.over]
         who = "resumed server" if "--resume" in extra else "server"
@@ -100,9 +121,21 @@ class _Case:
         c = self.work / "certs"
         for cid in CLIENTS:
             data = "digits" if cid == SLOW else f"npz:{self.work / 'data' / cid}.npz"
-            args = ["join", "--server", f"127.0.0.1:{self.port}", "--client-id", cid,
-                    "--token-file", str(c / "clients" / f"{cid}.token"), "--ca",
-                    str(c / "ca.pem"), "--data", data, "--give-up-after", "120"]  # fmt: skip
+            args = [
+                "join",
+                "--server",
+                f"127.0.0.1:{self.port}",
+                "--client-id",
+                cid,
+                "--token-file",
+                str(c / "clients" / f"{cid}.token"),
+                "--ca",
+                str(c / "ca.pem"),
+                "--data",
+                data,
+                "--give-up-after",
+                "120",
+            ]
             self.joins[cid] = CliProcess(f"{self.name} {cid}", args, self.work, STEP_TIMEOUT_S)
             self.procs.append(self.joins[cid])
 
@@ -178,8 +211,20 @@ def _free_port() -> int:
 
 def _setup(work: Path) -> None:
     run_cli(["certs", str(work / "certs"), "--clients", "3"], work, STEP_TIMEOUT_S)
-    run_cli(["shard", str(SCENARIO), "--set", "fed.num_clients=10", "--set", "data.partition=iid",
-             "--out", str(work / "data")], work, STEP_TIMEOUT_S)  # fmt: skip
+    run_cli(
+        [
+            "shard",
+            str(SCENARIO),
+            "--set",
+            "fed.num_clients=10",
+            "--set",
+            "data.partition=iid",
+            "--out",
+            str(work / "data"),
+        ],
+        work,
+        STEP_TIMEOUT_S,
+    )
 
 
 def _client_fault(work: Path, args: argparse.Namespace, sig: int) -> dict[str, Any]:
@@ -274,23 +319,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{cpu_model()}, {os.cpu_count()} cores"
     )
     rows = [
-        ("dead client", "kill -> round closed", dead["fault_to_close_s"],
-         "round, all delivering", dead["normal_round_s"], dead["ratio_to_normal_round"]),
-        ("stalled client", "round open -> closed", stalled["fault_round_s"],
-         "fed.round_timeout_s", stalled["deadline_s"], stalled["ratio_to_deadline"]),
-        ("server restart", "restart -> round closed", restart["restart_to_first_round_s"],
-         "round, all delivering", restart["normal_round_s"], restart["ratio_to_normal_round"]),
-        ("", "", restart["restart_to_first_round_s"], "cold start -> round closed",
-         restart["cold_start_s"], restart["ratio_to_cold_start"]),
-    ]  # fmt: skip
+        (
+            "dead client",
+            "kill -> round closed",
+            dead["fault_to_close_s"],
+            "round, all delivering",
+            dead["normal_round_s"],
+            dead["ratio_to_normal_round"],
+        ),
+        (
+            "stalled client",
+            "round open -> closed",
+            stalled["fault_round_s"],
+            "fed.round_timeout_s",
+            stalled["deadline_s"],
+            stalled["ratio_to_deadline"],
+        ),
+        (
+            "server restart",
+            "restart -> round closed",
+            restart["restart_to_first_round_s"],
+            "round, all delivering",
+            restart["normal_round_s"],
+            restart["ratio_to_normal_round"],
+        ),
+        (
+            "",
+            "",
+            restart["restart_to_first_round_s"],
+            "cold start -> round closed",
+            restart["cold_start_s"],
+            restart["ratio_to_cold_start"],
+        ),
+    ]
     print(f"{'case':15s} {'measured':35s} {'baseline, same run':38s} {'ratio':>7s}")
     for case, what, value, base, base_value, ratio in rows:
-        print(f"{case:15s} {what:24s} {value:8.2f} s {base:27s} {base_value:8.2f} s "
-              f"{ratio:7.3f}")  # fmt: skip
-    print(f"server restart: listening after {restart['restart_to_listening_s']:.2f} s, all 3 "
-          f"clients back after {restart['restart_to_all_clients_s']:.2f} s; dropped: the dead "
-          f"client as '{dead['dropped_because']}', the stalled one as "
-          f"'{stalled['dropped_because']}'")  # fmt: skip
+        print(f"{case:15s} {what:24s} {value:8.2f} s {base:27s} {base_value:8.2f} s {ratio:7.3f}")
+    print(
+        f"server restart: listening after {restart['restart_to_listening_s']:.2f} s, all 3 "
+        f"clients back after {restart['restart_to_all_clients_s']:.2f} s; dropped: the dead "
+        f"client as '{dead['dropped_because']}', the stalled one as "
+        f"'{stalled['dropped_because']}'"
+    )
     return {
         "bench": "faults",
         "machine": machine_info(),

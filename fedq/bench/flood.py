@@ -62,8 +62,9 @@ def _serve(conn: Connection, tokens: dict[str, str], budget: int, hold_s: float)
 
     handler = _Holding(hold_s)
     limits = ServerLimits(upload_budget_bytes=budget, upload_wait_s=0.0)
-    server = TransportServer(handler, tokens=tokens, max_workers=4 * len(tokens) + 8,
-                             server_limits=limits)  # fmt: skip
+    server = TransportServer(
+        handler, tokens=tokens, max_workers=4 * len(tokens) + 8, server_limits=limits
+    )
     server.start()
     gc.collect()
     conn.send(server.address)
@@ -146,20 +147,36 @@ def flood(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     total = args.clients * args.size_mib
-    kw = {"clients": args.clients, "size_mib": args.size_mib, "hold_s": args.hold_s,
-          "waves": args.waves}  # fmt: skip
+    kw = {
+        "clients": args.clients,
+        "size_mib": args.size_mib,
+        "hold_s": args.hold_s,
+        "waves": args.waves,
+    }
     baseline = flood(budget_mib=2 * total + 64, **kw)  # room for every upload at once
     bounded = flood(budget_mib=args.budget_mib, **kw)
-    print(f"{args.clients} clients x {args.size_mib} MiB uploads x {args.waves} waves "
-          f"(handler holds each {args.hold_s:g} s)")  # fmt: skip
-    print(f"{'case':<22}{'budget MiB':>11}{'peak RSS over idle MiB':>24}{'budget peak MiB':>17}"
-          f"{'accepted':>10}{'s':>8}")  # fmt: skip
+    print(
+        f"{args.clients} clients x {args.size_mib} MiB uploads x {args.waves} waves "
+        f"(handler holds each {args.hold_s:g} s)"
+    )
+    print(
+        f"{'case':<22}{'budget MiB':>11}{'peak RSS over idle MiB':>24}{'budget peak MiB':>17}"
+        f"{'accepted':>10}{'s':>8}"
+    )
     for name, r in (("no effective budget", baseline), ("upload budget", bounded)):
         accepted = f"{r['accepted']}/{r['uploads']}"
-        print(f"{name:<22}{r['budget_mib']:>11}{r['peak_rss_over_idle_mib']:>24}"
-              f"{r['budget_peak_mib']:>17}{accepted:>10}{r['seconds']:>8}")  # fmt: skip
+        print(
+            f"{name:<22}{r['budget_mib']:>11}{r['peak_rss_over_idle_mib']:>24}"
+            f"{r['budget_peak_mib']:>17}{accepted:>10}{r['seconds']:>8}"
+        )
     over = bounded["peak_rss_over_idle_mib"]
-    print(f"bounded peak / budget: {over / args.budget_mib:.2f}; bounded peak / baseline peak: "
-          f"{over / max(baseline['peak_rss_over_idle_mib'], 1e-9):.2f}")  # fmt: skip
-    return {"machine": machine_info(), "baseline": baseline, "bounded": bounded,
-            "args": vars(args) | {"func": None}}  # fmt: skip
+    print(
+        f"bounded peak / budget: {over / args.budget_mib:.2f}; bounded peak / baseline peak: "
+        f"{over / max(baseline['peak_rss_over_idle_mib'], 1e-9):.2f}"
+    )
+    return {
+        "machine": machine_info(),
+        "baseline": baseline,
+        "bounded": bounded,
+        "args": vars(args) | {"func": None},
+    }

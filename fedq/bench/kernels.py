@@ -50,8 +50,11 @@ NO_GPU = "GPU numbers need a CUDA device: none here, so nothing was timed."
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes-mib", default=",".join(map(str, SIZES_MIB)),
-                   help="fp32 tensor sizes in MiB (rows of 4096)")  # fmt: skip
+    p.add_argument(
+        "--sizes-mib",
+        default=",".join(map(str, SIZES_MIB)),
+        help="fp32 tensor sizes in MiB (rows of 4096)",
+    )
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench time per measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="only the interpreter correctness cases")
@@ -87,12 +90,20 @@ def smoke() -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     cases: list[tuple[str, tuple[int, ...], QuantSpec, int]] = [  # bits 0: a mixed map
         ("per-channel 3-bit", (64, 96), QuantSpec(), 3),
-        ("last-axis mixed, row scales, outliers", (4, 16, 24),
-         QuantSpec(axis=-1, row_scale=True, range="sigma", outlier_ratio=3.0), 0),
-        ("groups of 64, symmetric 4-bit", (1001,), QuantSpec(Granularity.GROUP, group_size=64,
-                                                             symmetric=True), 4),
+        (
+            "last-axis mixed, row scales, outliers",
+            (4, 16, 24),
+            QuantSpec(axis=-1, row_scale=True, range="sigma", outlier_ratio=3.0),
+            0,
+        ),
+        (
+            "groups of 64, symmetric 4-bit",
+            (1001,),
+            QuantSpec(Granularity.GROUP, group_size=64, symmetric=True),
+            4,
+        ),
         ("middle axis 7-bit, stochastic", (6, 7, 5), QuantSpec(axis=1, stochastic=True), 7),
-    ]  # fmt: skip
+    ]
     rows = []
     for label, shape, spec, bits in cases:
         x = torch.randn(shape, generator=g) * 3
@@ -118,10 +129,19 @@ def smoke() -> dict[str, Any]:
             fedq_kernels.quantize_pack(*args, symmetric=p.symmetric, seed=seed),
             fedq_kernels.quantize_pack_ref(*args, symmetric=p.symmetric, seed=seed),
         )
-        rows.append({"case": label, "shape": list(shape), "dequantize_exact": decode,
-                     "quantize_pack_exact": pack})  # fmt: skip
-    return {"ran": True, "cases": rows, "all_exact": all(
-        r["dequantize_exact"] and r["quantize_pack_exact"] for r in rows)}  # fmt: skip
+        rows.append(
+            {
+                "case": label,
+                "shape": list(shape),
+                "dequantize_exact": decode,
+                "quantize_pack_exact": pack,
+            }
+        )
+    return {
+        "ran": True,
+        "cases": rows,
+        "all_exact": all(r["dequantize_exact"] and r["quantize_pack_exact"] for r in rows),
+    }
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------
@@ -155,8 +175,12 @@ def _case(x: Any, bits: str, rep_ms: int, seed: int, timer: Timer) -> dict[str, 
     )
     p = quantize(x, bm, spec)
     dev = x.device
-    pd = dataclasses.replace(p, payload=p.payload.to(dev), scales=p.scales.to(dev),
-                             offsets=None if p.offsets is None else p.offsets.to(dev))  # fmt: skip
+    pd = dataclasses.replace(
+        p,
+        payload=p.payload.to(dev),
+        scales=p.scales.to(dev),
+        offsets=None if p.offsets is None else p.offsets.to(dev),
+    )
     lay = p.layout
     xb = lay.to_blocks(x)
     s = pd.scales.float()
@@ -175,16 +199,23 @@ def _case(x: Any, bits: str, rep_ms: int, seed: int, timer: Timer) -> dict[str, 
         )
     moved = x.nbytes + p.payload_nbytes
     times = {
-        "quantize_kernel_ms": timer(lambda: fedq_kernels.quantize_pack(*args, symmetric=False),
-                                    rep_ms),
-        "quantize_torch_ms": timer(lambda: fedq_kernels.quantize_pack_ref(*args, symmetric=False),
-                                   rep_ms),
+        "quantize_kernel_ms": timer(
+            lambda: fedq_kernels.quantize_pack(*args, symmetric=False), rep_ms
+        ),
+        "quantize_torch_ms": timer(
+            lambda: fedq_kernels.quantize_pack_ref(*args, symmetric=False), rep_ms
+        ),
         "dequantize_kernel_ms": timer(lambda: fedq_kernels.dequantize(pd, plan=plan), rep_ms),
-    }  # fmt: skip
+    }
     with dispatch.torch_only():
         times["dequantize_torch_ms"] = timer(lambda: dequantize(pd, device=dev), rep_ms)
-    row: dict[str, Any] = {"bits": bits, "mean_bits": p.mean_bits(), "bytes_moved": moved,
-                           "exact": exact, **times}  # fmt: skip
+    row: dict[str, Any] = {
+        "bits": bits,
+        "mean_bits": p.mean_bits(),
+        "bytes_moved": moved,
+        "exact": exact,
+        **times,
+    }
     for op in ("quantize", "dequantize"):
         for path in ("kernel", "torch"):
             row[f"{op}_{path}_gbps"] = moved / (times[f"{op}_{path}_ms"] * 1e-3) / 1e9
@@ -205,10 +236,19 @@ def amaq_overhead(
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    act = AmaqQuantizer(384, b_min=2, init_bits=4.0, quant_range="mse", row_scale=True,
-                        outlier_ratio=3.0).to(dev)  # fmt: skip
-    grad = AmaqQuantizer(384, b_min=2, init_bits=4.0, quant_range="mse", row_scale=True,
-                         scale_dtype="float32", stochastic=True, seed=1).to(dev)  # fmt: skip
+    act = AmaqQuantizer(
+        384, b_min=2, init_bits=4.0, quant_range="mse", row_scale=True, outlier_ratio=3.0
+    ).to(dev)
+    grad = AmaqQuantizer(
+        384,
+        b_min=2,
+        init_bits=4.0,
+        quant_range="mse",
+        row_scale=True,
+        scale_dtype="float32",
+        stochastic=True,
+        seed=1,
+    ).to(dev)
     x = torch.randn(shape, device=dev, requires_grad=True)
     g = torch.randn(shape, device=dev) * 1e-3
 
@@ -231,9 +271,14 @@ def amaq_overhead(
     with dispatch.torch_only():
         plain = timer(coding, rep_ms)
     compute = timer(step, rep_ms)
-    return {"shape": list(shape), "coding_kernel_ms": kernel, "coding_torch_ms": plain,
-            "step_compute_ms": compute, "overhead_kernel": kernel / compute,
-            "overhead_torch": plain / compute}  # fmt: skip
+    return {
+        "shape": list(shape),
+        "coding_kernel_ms": kernel,
+        "coding_torch_ms": plain,
+        "step_compute_ms": compute,
+        "overhead_kernel": kernel / compute,
+        "overhead_torch": plain / compute,
+    }
 
 
 def measure(
@@ -255,8 +300,12 @@ def measure(
     rows = []
     copies = {}
     for size in sizes_mib:
-        x = torch.randn(max(1, int(size * 2**20) // (4 * COLS)), COLS, device=dev,
-                        generator=torch.Generator(dev).manual_seed(seed))  # fmt: skip
+        x = torch.randn(
+            max(1, int(size * 2**20) // (4 * COLS)),
+            COLS,
+            device=dev,
+            generator=torch.Generator(dev).manual_seed(seed),
+        )
         y = torch.empty_like(x)
         copy_ms = timer(partial(y.copy_, x), rep_ms)
         copies[f"{size:g}"] = 2 * x.nbytes / (copy_ms * 1e-3) / 1e9
@@ -270,9 +319,14 @@ def measure(
                 row[f"{op}_speedup"] = row[f"{op}_torch_ms"] / row[f"{op}_kernel_ms"]
             rows.append(row)
         del x, y
-    result: dict[str, Any] = {"cuda": dev.type == "cuda", "device": name, "peak_gbps": peak,
-                              "copy_gbps": copies, "rows": rows,
-                              "amaq": amaq_overhead(rep_ms, timer, dev, amaq_shape)}  # fmt: skip
+    result: dict[str, Any] = {
+        "cuda": dev.type == "cuda",
+        "device": name,
+        "peak_gbps": peak,
+        "copy_gbps": copies,
+        "rows": rows,
+        "amaq": amaq_overhead(rep_ms, timer, dev, amaq_shape),
+    }
     result["targets"] = _verdicts(rows, peak)
     return result
 
@@ -280,8 +334,11 @@ def measure(
 def _verdicts(rows: list[dict[str, Any]], peak: float | None) -> dict[str, Any]:
     """Per (op, bits) at sizes >= 64 MiB: share of peak (of the measured copy where the peak is
     unknown) against the goal, and whether the kernel is never slower than torch anywhere."""
-    out: dict[str, Any] = {"never_slower": all(
-        r[f"{op}_speedup"] >= 1.0 for r in rows for op in ("quantize", "dequantize"))}  # fmt: skip
+    out: dict[str, Any] = {
+        "never_slower": all(
+            r[f"{op}_speedup"] >= 1.0 for r in rows for op in ("quantize", "dequantize")
+        )
+    }
     gated = [r for r in rows if r["size_mib"] >= TARGET_GATE_MIB]
     checks = []
     for r in gated:
@@ -289,9 +346,17 @@ def _verdicts(rows: list[dict[str, Any]], peak: float | None) -> dict[str, Any]:
             share = r[f"{op}_of_peak"] if peak is not None else r[f"{op}_vs_copy"]
             goal = target_for(r["bits"])
             first = TARGET_POW2_FIRST if goal == TARGET_POW2 else goal
-            checks.append({"op": op, "bits": r["bits"], "size_mib": r["size_mib"],
-                           "share": share, "goal": goal, "pass": share >= goal,
-                           "first_bar_pass": share >= first})  # fmt: skip
+            checks.append(
+                {
+                    "op": op,
+                    "bits": r["bits"],
+                    "size_mib": r["size_mib"],
+                    "share": share,
+                    "goal": goal,
+                    "pass": share >= goal,
+                    "first_bar_pass": share >= first,
+                }
+            )
     out["checks"] = checks
     out["all_pass"] = out["never_slower"] and all(c["pass"] for c in checks) and bool(checks)
     out["reference"] = "spec peak" if peak is not None else "measured copy (peak unknown)"
@@ -310,12 +375,16 @@ def _print_gpu(result: dict[str, Any]) -> None:
         cells = []
         for op in ("dequantize", "quantize"):
             of_peak = r[f"{op}_of_peak"]
-            cells.append(f"{r[f'{op}_kernel_gbps']:>8.0f}"
-                         f"{'-' if of_peak is None else f'{of_peak:.0%}':>7}"
-                         f"{r[f'{op}_vs_copy']:>7.0%}{r[f'{op}_speedup']:>8.1f}")  # fmt: skip
+            cells.append(
+                f"{r[f'{op}_kernel_gbps']:>8.0f}"
+                f"{'-' if of_peak is None else f'{of_peak:.0%}':>7}"
+                f"{r[f'{op}_vs_copy']:>7.0%}{r[f'{op}_speedup']:>8.1f}"
+            )
         copy = result["copy_gbps"][f"{r['size_mib']:g}"]
-        print(f"{r['size_mib']:>5g}{r['bits']:>7}{copy:>8.0f} | {cells[0]} | {cells[1]}"
-              f"{'yes' if r['exact'] else 'NO':>7}")  # fmt: skip
+        print(
+            f"{r['size_mib']:>5g}{r['bits']:>7}{copy:>8.0f} | {cells[0]} | {cells[1]}"
+            f"{'yes' if r['exact'] else 'NO':>7}"
+        )
     a = result["amaq"]
     print(
         f"AMAQ coding per split step ({'x'.join(map(str, a['shape']))}, both directions): "

@@ -33,8 +33,14 @@ def cli_env() -> dict[str, str]:
 def run_cli(args: list[str], cwd: Path, timeout: float) -> None:
     """Run one ``fedq`` command to its end (set-up such as ``fedq certs``); FedqError if it
     fails."""
-    done = subprocess.run([*fedq_command(), *args], cwd=cwd, env=cli_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    done = subprocess.run(
+        [*fedq_command(), *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if done.returncode != 0:
         raise FedqError(f"fedq bench: fedq {args[0]} failed: {done.stderr.strip()}")
 
@@ -47,9 +53,14 @@ class CliProcess:
     def __init__(self, name: str, args: list[str], cwd: Path, timeout: float = 300.0) -> None:
         self.name = name
         self.timeout = timeout
-        self.proc = subprocess.Popen([*fedq_command(), *args], cwd=cwd, env=cli_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [*fedq_command(), *args],
+            cwd=cwd,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[tuple[float, str]] = []
         self._cv = threading.Condition()
         self._reader = threading.Thread(target=self._read, name=f"bench-{name}", daemon=True)
@@ -81,15 +92,19 @@ class CliProcess:
         end = time.monotonic() + timeout
         with self._cv:
             while True:
-                hit = next(((t, line) for t, line in self.lines
-                            if t > after and re.search(pattern, line)), None)  # fmt: skip
+                hit = next(
+                    ((t, line) for t, line in self.lines if t > after and re.search(pattern, line)),
+                    None,
+                )
                 if hit is not None:
                     return hit
                 left = end - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise FedqError(f"fedq bench: {self.name} printed no line matching "
-                                    f"{pattern!r} within {timeout:g} s; its output ends:\n"
-                                    f"{self.tail()}")  # fmt: skip
+                    raise FedqError(
+                        f"fedq bench: {self.name} printed no line matching "
+                        f"{pattern!r} within {timeout:g} s; its output ends:\n"
+                        f"{self.tail()}"
+                    )
                 self._cv.wait(min(left, 0.5))
 
     def wait_for(self, pattern: str, timeout: float | None = None, after: float = 0.0) -> float:
@@ -112,8 +127,10 @@ class CliProcess:
 
     def failed(self) -> FedqError:
         """The error for a process that exited with a failure status."""
-        return FedqError(f"fedq bench: {self.name} exited with status {self.proc.returncode}; "
-                         f"its output ends:\n{self.tail()}")  # fmt: skip
+        return FedqError(
+            f"fedq bench: {self.name} exited with status {self.proc.returncode}; "
+            f"its output ends:\n{self.tail()}"
+        )
 
     def tail(self, lines: int = 15) -> str:
         with self._cv:

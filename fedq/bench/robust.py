@@ -35,12 +35,20 @@ BASE: dict[str, Any] = {
     "data": {"name": "digits", "partition": "iid"},
     "model": {"name": "mlp", "hidden": 64},
     "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
-    "fed": {"num_clients": 10, "clients_per_round": 10, "min_clients": 1, "rounds": 10,
-            "eval_every": 10, "round_timeout_s": 120},
-    "compression": {"uplink": {"policy": "fixed", "bits": 8},
-                    "downlink": {"policy": "fixed", "bits": 8}},
+    "fed": {
+        "num_clients": 10,
+        "clients_per_round": 10,
+        "min_clients": 1,
+        "rounds": 10,
+        "eval_every": 10,
+        "round_timeout_s": 120,
+    },
+    "compression": {
+        "uplink": {"policy": "fixed", "bits": 8},
+        "downlink": {"policy": "fixed", "bits": 8},
+    },
     "runtime": {"backend": "inprocess"},
-}  # fmt: skip
+}
 #: Each aggregator's settings for up to 3 attackers of 10.
 DEFENCE: dict[str, dict[str, Any]] = {
     "mean": {"aggregator": "mean"},
@@ -52,12 +60,18 @@ DEFENCE: dict[str, dict[str, Any]] = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=10, help="rounds per run")
-    p.add_argument("--attackers", type=int, nargs="+", default=[1, 2, 3],
-                   help="numbers of attackers (of 10 clients)")  # fmt: skip
+    p.add_argument(
+        "--attackers",
+        type=int,
+        nargs="+",
+        default=[1, 2, 3],
+        help="numbers of attackers (of 10 clients)",
+    )
     p.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     p.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS), choices=AGGREGATORS)
-    p.add_argument("--quick", action="store_true",
-                   help="3 rounds, 2 attackers, sign_flip only: a smoke test")  # fmt: skip
+    p.add_argument(
+        "--quick", action="store_true", help="3 rounds, 2 attackers, sign_flip only: a smoke test"
+    )
 
 
 def attacked(kind: str, delta: Mapping[str, torch.Tensor], gen: torch.Generator) -> dict[str, Any]:
@@ -223,11 +237,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for k in counts:
                 # the attackers spread over the roster: clients 0, 3, 6 (k of them)
                 out = run_attacked(cfg, [3 * i for i in range(k)], [attack])
-                rows.append({"aggregator": agg, "attack": attack, "attackers": k,
-                             "accuracy": out["accuracy"], "refused": out["refused"]})  # fmt: skip
+                rows.append(
+                    {
+                        "aggregator": agg,
+                        "attack": attack,
+                        "attackers": k,
+                        "accuracy": out["accuracy"],
+                        "refused": out["refused"],
+                    }
+                )
     base = clean.get("mean") or next(iter(clean.values()))
-    print(f"robust aggregation, digits, 10 clients, {rounds} rounds (same seeds); "
-          f"clean mean accuracy {base:.4f}")  # fmt: skip
+    print(
+        f"robust aggregation, digits, 10 clients, {rounds} rounds (same seeds); "
+        f"clean mean accuracy {base:.4f}"
+    )
     head = "aggregator     clean  " + "  ".join(
         f"{a}x{k:<2}".rjust(14) for a in attacks for k in counts
     )
@@ -236,10 +259,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cells = []
         for a in attacks:
             for k in counts:
-                r = next(x for x in rows if (x["aggregator"], x["attack"], x["attackers"]) ==
-                         (agg, a, k))  # fmt: skip
+                r = next(
+                    x for x in rows if (x["aggregator"], x["attack"], x["attackers"]) == (agg, a, k)
+                )
                 cells.append(f"{r['accuracy']:.3f} ({r['accuracy'] / base:.2f})".rjust(14))
         print(f"{agg:<13} {clean[agg]:.3f}  " + "  ".join(cells))
     print("cells: accuracy (ratio to the clean mean run)")
-    return {"rounds": rounds, "clean": clean, "rows": rows,
-            "seconds": round(time.perf_counter() - t0, 1), "machine": machine_info()}  # fmt: skip
+    return {
+        "rounds": rounds,
+        "clean": clean,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": machine_info(),
+    }

@@ -44,8 +44,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("ray", "inprocess"), default="ray")
     p.add_argument("--workers", type=int, default=0, help="worker hosts (0: one per core)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="further scenario overrides, applied to every size")  # fmt: skip
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further scenario overrides, applied to every size",
+    )
 
 
 def num_samples_for(clients: int, rows_per_client: int) -> int:
@@ -89,15 +94,17 @@ def _child(sets: list[str], out: str, conn: Connection) -> None:
         last[0] = time.time_ns()
 
     summary = simulate(cfg, out, on_start=on_start, on_round=on_round)
-    conn.send({
-        **info,
-        "round_seconds": [b - a for a, b in itertools.pairwise(marks)],
-        "checkpoint_written": written,
-        "accuracy": summary["final_accuracy"],
-        "bytes_wire": summary["bytes_wire_total"],
-        "wall_seconds": summary["wall_seconds"],
-        "checkpoint_bytes": sum(f.stat().st_size for f in _checkpoint_files(Path(out))),
-    })  # fmt: skip
+    conn.send(
+        {
+            **info,
+            "round_seconds": [b - a for a, b in itertools.pairwise(marks)],
+            "checkpoint_written": written,
+            "accuracy": summary["final_accuracy"],
+            "bytes_wire": summary["bytes_wire_total"],
+            "wall_seconds": summary["wall_seconds"],
+            "checkpoint_bytes": sum(f.stat().st_size for f in _checkpoint_files(Path(out))),
+        }
+    )
     conn.close()
 
 
@@ -163,9 +170,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"{args.per_round} clients per round, {args.rounds} rounds, {args.backend} backend, "
         f"seed {args.seed} | {cpu_model()}, {os.cpu_count()} cores"
     )
-    print(f"{'clients':>8s} {'s/round':>8s} {'x':>6s} {'late':>6s} {'peak RSS':>9s} {'x':>6s} "
-          f"{'peak PSS':>9s} {'x':>6s} {'start-up':>9s} {'ckpt/round':>11s} "
-          f"{'ckpt total':>11s}")  # fmt: skip
+    print(
+        f"{'clients':>8s} {'s/round':>8s} {'x':>6s} {'late':>6s} {'peak RSS':>9s} {'x':>6s} "
+        f"{'peak PSS':>9s} {'x':>6s} {'start-up':>9s} {'ckpt/round':>11s} "
+        f"{'ckpt total':>11s}"
+    )
     for r in rows:
         r["seconds_ratio"] = r["seconds_per_round"] / base["seconds_per_round"]
         r["rss_ratio"] = r["peak_rss_gib"] / base["peak_rss_gib"]
@@ -178,18 +187,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{r['checkpoint_written_per_round'] / 2**20:7.2f} MiB "
             f"{r['checkpoint_bytes'] / 2**20:7.1f} MiB"
         )
-    print(f"(x: ratio to {base['clients']:,} clients in this run; s/round: median over the "
-          "rounds, checkpoint included; late: median of the last quarter of the rounds; "
-          "memory: the whole process tree; ckpt/round: checkpoint bytes written per round, "
-          "last quarter; ckpt total: on disk at the end)")  # fmt: skip
+    print(
+        f"(x: ratio to {base['clients']:,} clients in this run; s/round: median over the "
+        "rounds, checkpoint included; late: median of the last quarter of the rounds; "
+        "memory: the whole process tree; ckpt/round: checkpoint bytes written per round, "
+        "last quarter; ckpt total: on disk at the end)"
+    )
     big = [r for r in rows if r["clients"] >= 10_000]
-    result: dict[str, Any] = {"sizes": rows, "per_round": args.per_round,
-                              "rows_per_client": args.rows_per_client, "rounds": args.rounds,
-                              "backend": args.backend, "seed": args.seed,
-                              "machine": machine_info()}  # fmt: skip
+    result: dict[str, Any] = {
+        "sizes": rows,
+        "per_round": args.per_round,
+        "rows_per_client": args.rows_per_client,
+        "rounds": args.rounds,
+        "backend": args.backend,
+        "seed": args.seed,
+        "machine": machine_info(),
+    }
     if big:
         ok = all(r["peak_rss_gib"] <= MEMORY_GOAL_GIB for r in big)
         result["memory_goal_met"] = ok
-        print(f"goal (10,000 clients: whole tree <= {MEMORY_GOAL_GIB:g} GiB RSS): "
-              f"{'PASS' if ok else 'FAIL'}")  # fmt: skip
+        print(
+            f"goal (10,000 clients: whole tree <= {MEMORY_GOAL_GIB:g} GiB RSS): "
+            f"{'PASS' if ok else 'FAIL'}"
+        )
     return result

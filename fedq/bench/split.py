@@ -37,13 +37,17 @@ ARMS: dict[str, list[str]] = {
     "amaq4": ["split.target_bits=4.0", "split.b_min=2"],  # floor 2 at a 4-bit target (BENCHMARKS)
     "amaq2": ["split.target_bits=2.0"],
     "amaq1.5": ["split.target_bits=1.5"],
-    "all-b fixed2": ["split.all_boundaries=true", "split.act_codec=fixed",
-                     "split.grad_codec=fixed", "split.fixed_bits=2"],
+    "all-b fixed2": [
+        "split.all_boundaries=true",
+        "split.act_codec=fixed",
+        "split.grad_codec=fixed",
+        "split.fixed_bits=2",
+    ],
     "all-b amaq2": ["split.all_boundaries=true", "split.target_bits=2.0"],
     # AQ-SGD (optional baseline): activations as the change since the example's last visit
     "aqsgd4": ["split.act_codec=aqsgd", "split.grad_codec=fixed", "split.fixed_bits=4"],
     "aqsgd2": ["split.act_codec=aqsgd", "split.grad_codec=fixed", "split.fixed_bits=2"],
-}  # fmt: skip
+}
 DEFAULT_ARMS = [a for a in ARMS if not a.startswith("aqsgd")]
 SMOL_ARMS = {
     "smol fp32": ARMS["fp32"],
@@ -98,10 +102,17 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
     scenario = "split_smollm2_amaq.yaml" if smol else "split_minilm_amaq.yaml"
     rounds = max(1, args.steps // args.local_steps)
     base = [
-        f"seed={seed}", "fed.num_clients=1", "fed.clients_per_round=1", f"fed.rounds={rounds}",
-        f"split.local_steps={args.local_steps}", "split.b_min=1", "runtime.backend=inprocess",
-        "runtime.workers=1", f"data.max_train={args.max_train}", f"data.max_test={args.max_test}",
-    ]  # fmt: skip
+        f"seed={seed}",
+        "fed.num_clients=1",
+        "fed.clients_per_round=1",
+        f"fed.rounds={rounds}",
+        f"split.local_steps={args.local_steps}",
+        "split.b_min=1",
+        "runtime.backend=inprocess",
+        "runtime.workers=1",
+        f"data.max_train={args.max_train}",
+        f"data.max_test={args.max_test}",
+    ]
     cfg = load_scenario(ROOT / "scenarios" / scenario, base + overrides + list(args.set))
     with tempfile.TemporaryDirectory(prefix="fedq-bench-split-") as out:
         summary = simulate(cfg, out)
@@ -113,14 +124,18 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
     link = step_bytes * 8 / (args.mbps * 1e6) + 2 * args.latency_ms / 1000
     last = recs[-1]
     return {
-        "accuracy": last.get("accuracy"), "perplexity": last.get("perplexity"),
+        "accuracy": last.get("accuracy"),
+        "perplexity": last.get("perplexity"),
         "accuracy_rounds": [r.get("accuracy") for r in recs],
         "mean_bits_run": sum(r["mean_bits"] for r in recs) / len(recs),
-        "mean_bits_final": last["mean_bits"], "step_bytes": step_bytes, "cut_bytes": wire,
+        "mean_bits_final": last["mean_bits"],
+        "step_bytes": step_bytes,
+        "cut_bytes": wire,
         "act_wire_bits_final": last.get("act_wire_bits"),
         "act_bits_range_final": [last.get("bits/cut/act/min"), last.get("bits/cut/act/max")],
-        "s_per_step_compute": compute, "s_per_step_link": compute + link,
-    }  # fmt: skip
+        "s_per_step_compute": compute,
+        "s_per_step_link": compute + link,
+    }
 
 
 def _fmt(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -146,15 +161,20 @@ def run_link(args: argparse.Namespace) -> dict[str, Any]:
     from fedq.runtime.netlink import LinkUnavailable, rate_bits_per_s, run_link_arm, veth_link
 
     scenario = ROOT / "scenarios" / "split_minilm_amaq.yaml"
-    base = [f"train.batch_size={args.link_batch}", "data.max_train=512", "data.max_test=8",
-            "runtime.threads_per_worker=1"]  # fmt: skip
+    base = [
+        f"train.batch_size={args.link_batch}",
+        "data.max_train=512",
+        "data.max_test=8",
+        "runtime.threads_per_worker=1",
+    ]
     bps = rate_bits_per_s(args.link)
     res: dict[str, dict[str, Any]] = {}
     try:
         with veth_link(args.link) as link:
             for name, ov in LINK_ARMS.items():
-                res[name] = run_link_arm(link, scenario, [*base, *ov], steps=args.link_steps,
-                                         warmup=2)  # fmt: skip
+                res[name] = run_link_arm(
+                    link, scenario, [*base, *ov], steps=args.link_steps, warmup=2
+                )
                 print(f"  link {name}: {res[name]['s_per_step']:.3f} s/step", flush=True)
     except LinkUnavailable as e:
         print(f"link emulation skipped: {e}")
@@ -171,8 +191,10 @@ def run_link(args: argparse.Namespace) -> dict[str, Any]:
         speed = f["s_per_step"] / r["s_per_step"]
         share = (speed - 1) / (allowed - 1) if allowed > 1 else float("nan")
         r.update(speedup=speed, allowed_speedup=allowed, share_of_allowed=share)
-        print(f"{name:<8} {r['s_per_step']:>8.3f} {r['bytes_per_step'] / 1024:>10.1f} "
-              f"{speed:>9.2f} {allowed:>8.2f} {share:>6.2f}")  # fmt: skip
+        print(
+            f"{name:<8} {r['s_per_step']:>8.3f} {r['bytes_per_step'] / 1024:>10.1f} "
+            f"{speed:>9.2f} {allowed:>8.2f} {share:>6.2f}"
+        )
     return res
 
 
@@ -190,8 +212,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _run(name, ov, s, args) for s in range(args.first_seed, args.first_seed + args.seeds)
         ]
         curves = [r["accuracy_rounds"] for r in results[name]]
-        print(f"  done {name}: acc {[r['accuracy'] for r in results[name]]}, per round {curves}",
-              flush=True)  # fmt: skip
+        print(
+            f"  done {name}: acc {[r['accuracy'] for r in results[name]]}, per round {curves}",
+            flush=True,
+        )
     print(f"\nsplit bench: {args.steps} steps x {args.seeds} seeds, link {args.mbps} Mbit/s")
     head = f"{'arm':<14} {'acc %':>12} {'ppl':>10} {'bits(run)':>10} {'bits(end)':>10} "
     print(head + f"{'act wire(end)':>14} {'KiB/step':>10} {'s/step':>8} {'s/step@link':>12}")
@@ -199,18 +223,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name, rs in results.items():
         acc = [r["accuracy"] for r in rs if r["accuracy"] is not None]
         ppl = [r["perplexity"] for r in rs if r["perplexity"] is not None]
-        row: dict[str, Any] = {k: statistics.fmean(r[k] for r in rs) for k in
-               ("mean_bits_run", "mean_bits_final", "step_bytes", "s_per_step_compute",
-                "s_per_step_link")}  # fmt: skip
+        row: dict[str, Any] = {
+            k: statistics.fmean(r[k] for r in rs)
+            for k in (
+                "mean_bits_run",
+                "mean_bits_final",
+                "step_bytes",
+                "s_per_step_compute",
+                "s_per_step_link",
+            )
+        }
         wire = [r["act_wire_bits_final"] for r in rs if r.get("act_wire_bits_final") is not None]
         row["act_wire_bits_final"] = statistics.fmean(wire) if wire else float("nan")
         row["accuracy"] = acc
         table[name] = row
-        print(f"{name:<14} {_fmt(acc, 100, 1):>12} {_fmt(ppl, 1, 1):>10} "
-              f"{row['mean_bits_run']:>10.2f} {row['mean_bits_final']:>10.2f} "
-              f"{row['act_wire_bits_final']:>14.2f} {row['step_bytes'] / 1024:>10.1f} "
-              f"{row['s_per_step_compute']:>8.2f} "
-              f"{row['s_per_step_link']:>12.2f}")  # fmt: skip
+        print(
+            f"{name:<14} {_fmt(acc, 100, 1):>12} {_fmt(ppl, 1, 1):>10} "
+            f"{row['mean_bits_run']:>10.2f} {row['mean_bits_final']:>10.2f} "
+            f"{row['act_wire_bits_final']:>14.2f} {row['step_bytes'] / 1024:>10.1f} "
+            f"{row['s_per_step_compute']:>8.2f} "
+            f"{row['s_per_step_link']:>12.2f}"
+        )
     out = {"args": vars(args) | {"func": None}, "arms": table, "runs": results}
     if args.link:
         out["link"] = run_link(args)

@@ -233,9 +233,14 @@ class _Clients:
     measured as fedq vs raw in alternating order, with the bytes both ends counted."""
 
     def __init__(
-        self, args: argparse.Namespace, msg: WireMessage, conn: Connection, ports: tuple[int, int],
-        token: str, tls: TlsConfig | None,
-    ) -> None:  # fmt: skip
+        self,
+        args: argparse.Namespace,
+        msg: WireMessage,
+        conn: Connection,
+        ports: tuple[int, int],
+        token: str,
+        tls: TlsConfig | None,
+    ) -> None:
         import grpc
 
         from fedq.transport import TransportClient
@@ -247,9 +252,13 @@ class _Clients:
         self.raw_chunks = _chunks(bundle_to_bytes(msg.tensors), chunk)
         self.frame_bytes = sum(f.ByteSize() for f in message_to_frames(msg, chunk))
         self.client = TransportClient(
-            f"127.0.0.1:{ports[0]}", client_id=CLIENT_ID, token=token,
-            limits=WireLimits(chunk_size=chunk), tls=tls, timeout=600,
-        )  # fmt: skip
+            f"127.0.0.1:{ports[0]}",
+            client_id=CLIENT_ID,
+            token=token,
+            limits=WireLimits(chunk_size=chunk),
+            tls=tls,
+            timeout=600,
+        )
         target = f"127.0.0.1:{ports[1]}"
         self.channel = (
             grpc.secure_channel(target, tls.channel_credentials())

@@ -59,8 +59,15 @@ MIN_CHANNEL_BLOCK = 16
 #: ``2**b`` levels for a Gaussian source (levels at ``mean +- k``; Max 1960, recomputed by
 #: numerical minimisation: MSE 0.363, 0.119, 0.037, 0.012 of the variance at 1-4 bits).
 SIGMA_CLIP: dict[int, float] = {
-    1: 0.798, 2: 1.494, 3: 2.051, 4: 2.514, 5: 2.916, 6: 3.278, 7: 3.611, 8: 3.922,
-}  # fmt: skip
+    1: 0.798,
+    2: 1.494,
+    3: 2.051,
+    4: 2.514,
+    5: 2.916,
+    6: 3.278,
+    7: 3.611,
+    8: 3.922,
+}
 
 #: ``range="mse"``: the candidate half-widths, as multiples of :data:`SIGMA_CLIP`'s (``inf``:
 #: min-max). Heavy-tailed blocks (an LLM's residual stream) want wider ranges than a Gaussian.
@@ -253,9 +260,11 @@ def _row_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not bool(torch.isfinite(r).all()):
         if not bool(torch.isfinite(rows).all()):
             raise CodecError("cannot quantize a tensor containing NaN or Inf")
-        raise CodecError(f"a row's RMS overflows the {dtype_name(ROW_SCALE_DTYPE)} row scales "
-                         f"(largest {float(torch.finfo(ROW_SCALE_DTYPE).max):.4g}): turn "
-                         "row_scale off or bring the values into range")  # fmt: skip
+        raise CodecError(
+            f"a row's RMS overflows the {dtype_name(ROW_SCALE_DTYPE)} row scales "
+            f"(largest {float(torch.finfo(ROW_SCALE_DTYPE).max):.4g}): turn "
+            "row_scale off or bring the values into range"
+        )
     rf = r.float()
     div = torch.where(rf > 0, rf, torch.ones_like(rf)).unsqueeze(1)
     return r, (rows / div).reshape(x.shape)
@@ -314,8 +323,16 @@ def quantize(
         seed = draw_seed(generator, x.device)
     if layout.numel == 0:
         empty = torch.empty(0, dtype=sdt)  # no rows to scale either: row_scales stays None
-        return _packed(x, spec, layout, bm, empty, None if spec.symmetric else empty.clone(),
-                       torch.empty(0, dtype=torch.uint8), None)  # fmt: skip
+        return _packed(
+            x,
+            spec,
+            layout,
+            bm,
+            empty,
+            None if spec.symmetric else empty.clone(),
+            torch.empty(0, dtype=torch.uint8),
+            None,
+        )
     row_scales = None
     src = x.detach()
     outliers = _outlier_rows(src, spec.outlier_ratio) if spec.outlier_ratio else None
@@ -350,15 +367,38 @@ def quantize(
     s = scale.float()
     divisor = torch.where(s > 0, s, 1.0)  # scale 0 (zero range): every code decodes exactly
     if kernels is not None:  # the fused code + pack kernel (same bytes)
-        payload = kernels.quantize_pack(xb, bm, layout, divisor, centre, symmetric=spec.symmetric,
-                                        seed=seed if spec.stochastic else None)  # fmt: skip
+        payload = kernels.quantize_pack(
+            xb,
+            bm,
+            layout,
+            divisor,
+            centre,
+            symmetric=spec.symmetric,
+            seed=seed if spec.stochastic else None,
+        )
     else:
-        codes = encode_blocks(xb, pieces, divisor, centre, levels, symmetric=spec.symmetric,
-                              stochastic=spec.stochastic, generator=generator,
-                              seed=seed)  # fmt: skip
+        codes = encode_blocks(
+            xb,
+            pieces,
+            divisor,
+            centre,
+            levels,
+            symmetric=spec.symmetric,
+            stochastic=spec.stochastic,
+            generator=generator,
+            seed=seed,
+        )
         payload = pack_by_class(codes, bm, layout)
-    p = _packed(x, spec, layout, bm, scale.cpu(), None if offset is None else offset.cpu(),
-                payload, None if row_scales is None else row_scales.cpu())  # fmt: skip
+    p = _packed(
+        x,
+        spec,
+        layout,
+        bm,
+        scale.cpu(),
+        None if offset is None else offset.cpu(),
+        payload,
+        None if row_scales is None else row_scales.cpu(),
+    )
     if outliers is None:
         return p
     return dataclasses.replace(p, outlier_index=outliers[0], outlier_values=outliers[1])

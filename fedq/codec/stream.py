@@ -95,8 +95,9 @@ class StreamDecoder:
         chunk = _as_uint8(data)
         n = chunk.numel()
         if n > self.total - self._received:
-            raise CodecError(f"stream: {self._received} + {n} bytes exceeds the payload's "
-                             f"{self.total}")  # fmt: skip
+            raise CodecError(
+                f"stream: {self._received} + {n} bytes exceeds the payload's {self.total}"
+            )
         if n == 0:
             return self.decoded
         start, self._received = self._received, self._received + n
@@ -162,8 +163,12 @@ class StreamDecoder:
             if not shape or outlier_values.numel() != outlier_index.numel() * shape[-1]:
                 raise CodecError("stream: outlier_values must be [len(outlier_index), shape[-1]]")
             outlier_values = outlier_values.reshape(-1, shape[-1])
-        p = dataclasses.replace(self.header, row_scales=row_scales, outlier_index=outlier_index,
-                                outlier_values=outlier_values)  # fmt: skip
+        p = dataclasses.replace(
+            self.header,
+            row_scales=row_scales,
+            outlier_index=outlier_index,
+            outlier_values=outlier_values,
+        )
         return restore_rows(self.out, p)
 
 

@@ -31,8 +31,10 @@ def check_standardizable(data: AnyDataset, what: str = "data set") -> ArrayDatas
     """``data`` itself when it has float features; else a ConfigError for ``data.standardize``."""
     if not isinstance(data, ArrayDataset) or not data.x.is_floating_point():
         kind = "text" if not isinstance(data, ArrayDataset) else "integer token ids"
-        raise ConfigError(f"data.standardize: {what} {data.name!r} holds {kind}, not numeric "
-                          "features; standardize only tabular or image data")  # fmt: skip
+        raise ConfigError(
+            f"data.standardize: {what} {data.name!r} holds {kind}, not numeric "
+            "features; standardize only tabular or image data"
+        )
     return data
 
 
@@ -49,8 +51,10 @@ def standardized(data: AnyDataset, what: str = "data set") -> ArrayDataset:
 
 def standardize_shards(shards: Mapping[str, Shard]) -> dict[str, Shard]:
     """Each client's shard standardized with statistics of its own rows only."""
-    return {cid: Shard.whole(standardized(sh.data.subset(sh.idx), f"client {cid}'s data"))
-            for cid, sh in shards.items()}  # fmt: skip
+    return {
+        cid: Shard.whole(standardized(sh.data.subset(sh.idx), f"client {cid}'s data"))
+        for cid, sh in shards.items()
+    }
 
 
 def scale_warning(data: AnyDataset, where: str) -> str | None:
@@ -66,6 +70,8 @@ def scale_warning(data: AnyDataset, where: str) -> str | None:
     if float(worst[col]) <= SCALE_LIMIT:
         return None
     m, sd = float(x[:, col].mean()), float(std[col])
-    return (f"{where}: features are far from unit scale (column {col}: mean {m:.4g}, std "
-            f"{sd:.4g}); plain SGD may then learn only the majority class: set "
-            "data.standardize: true")  # fmt: skip
+    return (
+        f"{where}: features are far from unit scale (column {col}: mean {m:.4g}, std "
+        f"{sd:.4g}); plain SGD may then learn only the majority class: set "
+        "data.standardize: true"
+    )

@@ -64,9 +64,11 @@ def encode_labels(values: Sequence[Any] | np.ndarray, where: str) -> tuple[np.nd
         bad = ~np.isfinite(arr) | (arr != np.round(arr))
         if bad.any():
             i = _first(bad)
-            raise ConfigError(f"{where}: labels must be class indices (whole numbers), got "
-                              f"{arr[i].item()} at row {i} ({_rows(int(bad.sum()))} in "
-                              "all)")  # fmt: skip
+            raise ConfigError(
+                f"{where}: labels must be class indices (whole numbers), got "
+                f"{arr[i].item()} at row {i} ({_rows(int(bad.sum()))} in "
+                "all)"
+            )
         ids = arr.astype(np.int64)
     elif arr.dtype.kind in "US":
         strings = [(v.decode() if isinstance(v, bytes) else str(v)).strip() for v in arr]
@@ -77,20 +79,24 @@ def encode_labels(values: Sequence[Any] | np.ndarray, where: str) -> tuple[np.nd
         except ValueError:
             classes = sorted(set(strings))
             if len(classes) > MAX_CLASSES:
-                raise ConfigError(f"{where}: {len(classes)} distinct label names; labels must "
-                                  "be classes") from None  # fmt: skip
+                raise ConfigError(
+                    f"{where}: {len(classes)} distinct label names; labels must be classes"
+                ) from None
             lookup = {c: i for i, c in enumerate(classes)}
             return np.asarray([lookup[s] for s in strings], dtype=np.int64), len(classes)
     else:
         raise ConfigError(f"{where}: labels must be integers or strings, got dtype {arr.dtype}")
     if ids.size and ids.min() < 0:
         i = _first(ids < 0)
-        raise ConfigError(f"{where}: labels must be class indices >= 0, got {int(ids[i])} at "
-                          f"row {i}")  # fmt: skip
+        raise ConfigError(
+            f"{where}: labels must be class indices >= 0, got {int(ids[i])} at row {i}"
+        )
     if ids.size and int(ids.max()) >= MAX_CLASSES:
-        raise ConfigError(f"{where}: labels must be class indices, got {int(ids.max())} (a "
-                          f"{int(ids.max()) + 1}-class model; more than {MAX_CLASSES:,} classes "
-                          "is not a classification task)")  # fmt: skip
+        raise ConfigError(
+            f"{where}: labels must be class indices, got {int(ids.max())} (a "
+            f"{int(ids.max()) + 1}-class model; more than {MAX_CLASSES:,} classes "
+            "is not a classification task)"
+        )
     return ids, int(ids.max()) + 1 if ids.size else 1
 
 
@@ -111,8 +117,10 @@ def check_features(x: np.ndarray, where: str) -> None:
     if x.dtype.kind == "f":
         bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if bad.any():
-            raise ConfigError(f"{where}: {_rows(int(bad.sum()))} with NaN or Inf features "
-                              f"(first: row {_first(bad)}); drop or impute them")  # fmt: skip
+            raise ConfigError(
+                f"{where}: {_rows(int(bad.sum()))} with NaN or Inf features "
+                f"(first: row {_first(bad)}); drop or impute them"
+            )
 
 
 def _features(x: np.ndarray, where: str) -> torch.Tensor:
@@ -164,8 +172,9 @@ def arrays_to_split(
 def _test_features(x_test: np.ndarray, x: np.ndarray, name: str) -> torch.Tensor:
     x_test = np.asarray(x_test)
     if x_test.shape[1:] != x.shape[1:]:
-        raise ConfigError(f"{name}: x_test rows have shape {x_test.shape[1:]}, x rows "
-                          f"{x.shape[1:]}")  # fmt: skip
+        raise ConfigError(
+            f"{name}: x_test rows have shape {x_test.shape[1:]}, x rows {x.shape[1:]}"
+        )
     return _features(x_test, f"{name}: x_test")
 
 
@@ -220,8 +229,10 @@ def _utf8_text(p: Path) -> str:
     except UnicodeDecodeError as e:
         at = skip + e.start
         line = raw.count(b"\n", 0, at) + 1
-        raise ConfigError(f"{p}: not UTF-8 text: byte 0x{raw[at]:02x} at offset {at} (line "
-                          f"{line}); save the file as UTF-8") from None  # fmt: skip
+        raise ConfigError(
+            f"{p}: not UTF-8 text: byte 0x{raw[at]:02x} at offset {at} (line "
+            f"{line}); save the file as UTF-8"
+        ) from None
 
 
 def _read_text_csv(p: Path) -> tuple[list[str], list[str]]:
@@ -234,8 +245,10 @@ def _read_text_csv(p: Path) -> tuple[list[str], list[str]]:
         rows = []
         for r in reader:
             if r["text"] is None or r["label"] is None:
-                raise ConfigError(f"{p}: line {reader.line_num} has no "
-                                  f"{'text' if r['text'] is None else 'label'} column")  # fmt: skip
+                raise ConfigError(
+                    f"{p}: line {reader.line_num} has no "
+                    f"{'text' if r['text'] is None else 'label'} column"
+                )
             rows.append((r["text"], r["label"]))
     except csv.Error as e:
         raise ConfigError(f"{p}: not a readable CSV file ({e})") from None

@@ -222,8 +222,9 @@ class ClientWorker:
     def _client_state(self, cid: str) -> dict[str, Any]:
         st = self._state(cid)
         acc = None if st.accountant is None else st.accountant.state_dict()
-        return copy.deepcopy({"uplink": st.uplink.state_dict(), "rounds_done": st.rounds_done,
-                              "accountant": acc})  # fmt: skip
+        return copy.deepcopy(
+            {"uplink": st.uplink.state_dict(), "rounds_done": st.rounds_done, "accountant": acc}
+        )
 
     def _load_client(self, cid: str, s: Mapping[str, Any]) -> None:
         st = self._state(cid)

@@ -159,8 +159,9 @@ class ServerPrivacy:
             ledger = self.client_epsilon(cid)
             if eps > ledger * (1 + 1e-6) + 1e-9:
                 bad.append(cid)
-                log.warning("client %d reports epsilon %.6g, above the ledger's %.6g", cid, eps,
-                            ledger)  # fmt: skip
+                log.warning(
+                    "client %d reports epsilon %.6g, above the ledger's %.6g", cid, eps, ledger
+                )
         return bad
 
     def client_scalars(self) -> dict[str, float]:

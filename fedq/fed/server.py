@@ -45,8 +45,10 @@ def abs_bounds(state: Mapping[str, torch.Tensor], ratio: float | None) -> dict[s
     (``defence.max_abs_ratio``; infinite when it is not set)."""
     if ratio is None:
         return {k: math.inf for k in state}
-    return {k: ratio * (float(v.detach().abs().max()) + 1.0) if v.numel() else ratio
-            for k, v in state.items()}  # fmt: skip
+    return {
+        k: ratio * (float(v.detach().abs().max()) + 1.0) if v.numel() else ratio
+        for k, v in state.items()
+    }
 
 
 def to_cpu(tree: Any) -> Any:
@@ -123,8 +125,7 @@ class FedServer:
             t = self._task
         if t is None or t.round != r:
             raise FedqError(f"no task prepared for round {r}")
-        return WireMessage(t.kind, member.client_id, t.round, t.step, t.scalars, t.tags,
-                           t.tensors)  # fmt: skip
+        return WireMessage(t.kind, member.client_id, t.round, t.step, t.scalars, t.tags, t.tensors)
 
     def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
         """Validate and decode one client's delta; raises FedqError (nothing kept) if bad."""
@@ -149,8 +150,7 @@ class FedServer:
         problem = self._out_of_bounds(delta)
         if problem:
             raise FedqError(f"update from {msg.client_id}: {problem}")
-        return Update(member, delta, self._weight(member, float(n)), dict(msg.scalars),
-                      msg.nbytes)  # fmt: skip
+        return Update(member, delta, self._weight(member, float(n)), dict(msg.scalars), msg.nbytes)
 
     def _out_of_bounds(self, delta: Mapping[str, torch.Tensor]) -> str | None:
         """Why ``delta`` is refused (defence bounds), or None."""
@@ -162,9 +162,10 @@ class FedServer:
                 return f"tensor {k!r} decodes to NaN/Inf"
             big = float(d.abs().max()) if d.numel() else 0.0
             if big > bounds[k]:
-                return (f"tensor {k!r} changes an entry by {big:.4g}, beyond the bound "
-                        f"{bounds[k]:.4g} (defence.max_abs_ratio={ratio:g} x (max|w| + 1))"
-                        )  # fmt: skip
+                return (
+                    f"tensor {k!r} changes an entry by {big:.4g}, beyond the bound "
+                    f"{bounds[k]:.4g} (defence.max_abs_ratio={ratio:g} x (max|w| + 1))"
+                )
         limit = self.cfg.defence.max_update_norm
         if limit is not None:
             norm = update_norm(delta)
@@ -198,13 +199,20 @@ class FedServer:
         bits = sum(u.scalars.get("mean_bits", 0.0) * n for u, n in zip(updates, sizes, strict=True))
         out["mean_bits"] = bits / numel if numel else None
         out["fp32_up"] = int(sum(u.scalars.get("fp32_bytes", 0.0) for u in updates))
-        reported = {u.member.client_id: u.scalars["dp_epsilon"] for u in updates
-                    if "dp_epsilon" in u.scalars}  # fmt: skip
+        reported = {
+            u.member.client_id: u.scalars["dp_epsilon"]
+            for u in updates
+            if "dp_epsilon" in u.scalars
+        }
         if reported:  # DP-SGD: each client's own accounting, checked against the ledger
             out["epsilon_reported"] = max(reported.values())
             out["epsilon_disagrees"] = self.privacy.disagreements(
-                {u.member.index: u.scalars["dp_epsilon"] for u in updates
-                 if "dp_epsilon" in u.scalars})  # fmt: skip
+                {
+                    u.member.index: u.scalars["dp_epsilon"]
+                    for u in updates
+                    if "dp_epsilon" in u.scalars
+                }
+            )
         last = r + 1 == self.cfg.fed.rounds
         if self.test_data is not None and ((r + 1) % self.cfg.fed.eval_every == 0 or last):
             out.update(self.evaluate())
@@ -242,8 +250,10 @@ class FedServer:
                 float((v.float() - self.global_state[k].float()).abs().max()) if v.numel() else 0.0
             )
             if moved > bounds[k]:
-                return (f"the new model's tensor {k!r} moves an entry by {moved:.4g}, beyond the "
-                        f"bound {bounds[k]:.4g}")  # fmt: skip
+                return (
+                    f"the new model's tensor {k!r} moves an entry by {moved:.4g}, beyond the "
+                    f"bound {bounds[k]:.4g}"
+                )
         for part, tensors in self.strategy.state_dict().items():  # FedAdam's moments
             for k, v in tensors.items() if isinstance(tensors, dict) else ():
                 if isinstance(v, torch.Tensor) and not bool(torch.isfinite(v).all()):
@@ -262,13 +272,18 @@ class FedServer:
         try:
             packed, stats = trial.encode(new, BitContext(r + 1, self.cfg.fed.rounds))
             dev = self.bundle.device
-            bad = [k for k, p in packed.items()
-                   if not bool(torch.isfinite(dequantize(p, device=dev)).all())]  # fmt: skip
+            bad = [
+                k
+                for k, p in packed.items()
+                if not bool(torch.isfinite(dequantize(p, device=dev)).all())
+            ]
         except CodecError as e:
             return f"the new model is beyond what the downlink codec carries: {e}"
         if bad:
-            return (f"the new model's tensor {bad[0]!r} is beyond what the downlink codec carries "
-                    "(it would decode to NaN/Inf)")  # fmt: skip
+            return (
+                f"the new model's tensor {bad[0]!r} is beyond what the downlink codec carries "
+                "(it would decode to NaN/Inf)"
+            )
         self._encoded = (r + 1, packed, stats, trial)
         return None
 
@@ -280,13 +295,15 @@ class FedServer:
 
     def state_dict(self) -> dict[str, Any]:
         """On the CPU whatever the device, so a checkpoint resumes on any machine."""
-        return to_cpu({
-            "round_done": self.round_done,
-            "global_state": {k: v.clone() for k, v in self.global_state.items()},
-            "strategy": self.strategy.state_dict(),
-            "downlink": self.downlink.state_dict(),
-            "privacy": self.privacy.state_dict(),
-        })  # fmt: skip
+        return to_cpu(
+            {
+                "round_done": self.round_done,
+                "global_state": {k: v.clone() for k, v in self.global_state.items()},
+                "strategy": self.strategy.state_dict(),
+                "downlink": self.downlink.state_dict(),
+                "privacy": self.privacy.state_dict(),
+            }
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.round_done = int(state["round_done"])

@@ -93,8 +93,11 @@ def evaluation(bundle: Any, data: Any, *, batch_size: int = 256) -> dict[str, An
         correct += int((predicted == labels).sum())
         counts += torch.bincount(predicted.cpu(), minlength=counts.numel())[: counts.numel()]
     model.train(was_training)
-    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1),
-            "predictions": counts.tolist()}  # fmt: skip
+    return {
+        "accuracy": correct / max(n, 1),
+        "loss": loss_sum / max(n, 1),
+        "predictions": counts.tolist(),
+    }
 
 
 def evaluate(bundle: Any, data: Any, *, batch_size: int = 256) -> tuple[float, float]:

@@ -243,9 +243,14 @@ def dp_local_train(
     noise_gen = torch.Generator().manual_seed(_seed_from(generator))
     loader = DataLoader(TensorDataset(idx.long()), batch_size=batch_size, generator=loader_gen)
     private = make_private(
-        model, opt, loader, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        grad_sample_mode=grad_sample_mode, noise_generator=noise_gen,
-    )  # fmt: skip
+        model,
+        opt,
+        loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        grad_sample_mode=grad_sample_mode,
+        noise_generator=noise_gen,
+    )
     total, counted, steps = 0.0, 0, 0
     with private_session(private):
         for _ in range(epochs):

@@ -75,8 +75,9 @@ def plot_report(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
         xs, ys = [x for x in xs if x > 0], [y for x, y in zip(xs, ys, strict=True) if x > 0]
         ax.set_xscale("log")
     ax.plot(xs, ys, marker="o", ms=3)
-    ax.set(title="(b) accuracy vs wire bytes", xlabel="cumulative bytes (up + down)",
-           ylabel="accuracy")  # fmt: skip
+    ax.set(
+        title="(b) accuracy vs wire bytes", xlabel="cumulative bytes (up + down)", ylabel="accuracy"
+    )
 
     ax = axes[2]
     ax.plot(*_series(records, rounds, "mean_bits"), marker="o", ms=3)

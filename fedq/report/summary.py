@@ -51,8 +51,9 @@ def summarize(
     fp32 = int(sum(values(records, "bytes_fp32")))
     wire = up + down
     rounds = {r["round"] for r in records if r.get("round") is not None}
-    discarded = {r["round"] for r in records if r.get("round") is not None
-                 and r.get("applied") is False}  # fmt: skip
+    discarded = {
+        r["round"] for r in records if r.get("round") is not None and r.get("applied") is False
+    }
     summary: dict[str, Any] = {
         "final_accuracy": acc[-1] if acc else None,
         "best_accuracy": max(acc) if acc else None,

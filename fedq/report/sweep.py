@@ -8,9 +8,15 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = (
-    "final_accuracy", "best_accuracy", "epsilon_spent", "bytes_wire_total", "compression_ratio",
-    "rounds_completed", "stopped_reason", "wall_seconds",
-)  # fmt: skip
+    "final_accuracy",
+    "best_accuracy",
+    "epsilon_spent",
+    "bytes_wire_total",
+    "compression_ratio",
+    "rounds_completed",
+    "stopped_reason",
+    "wall_seconds",
+)
 
 
 def _fmt(v: Any) -> str:
@@ -63,8 +69,11 @@ def _plots(out: Path, rows: list[dict[str, Any]], axes: list[str]) -> None:
         for e, a in pts:
             if not math.isfinite(e):
                 ax1.axhline(a, linestyle=":", linewidth=1, color="grey")
-        b = [(r["bytes_wire_total"], r["final_accuracy"]) for r in rs
-             if r.get("bytes_wire_total") and r.get("final_accuracy") is not None]  # fmt: skip
+        b = [
+            (r["bytes_wire_total"], r["final_accuracy"])
+            for r in rs
+            if r.get("bytes_wire_total") and r.get("final_accuracy") is not None
+        ]
         if b:
             ax2.scatter(*zip(*b, strict=True), label=key)
     ax1.set_xscale("log")

@@ -72,8 +72,11 @@ class _Open:
         return next((m for m in self.selected if m.client_id == client_id), None)
 
     def active(self) -> list[Member]:
-        return [m for m in self.selected
-                if m.client_id not in self.updates and m.client_id not in self.dropped]  # fmt: skip
+        return [
+            m
+            for m in self.selected
+            if m.client_id not in self.updates and m.client_id not in self.dropped
+        ]
 
     def complete(self) -> bool:
         return not self.active()
@@ -144,13 +147,13 @@ class RoundEngine:
             for c in reg.clients:
                 self._check_holder(c.client_id, c.num_examples)
             for c in reg.clients:
-                self._members[c.client_id] = Member(c.client_id, self.index[c.client_id],
-                                                    c.num_examples)  # fmt: skip
+                self._members[c.client_id] = Member(
+                    c.client_id, self.index[c.client_id], c.num_examples
+                )
                 self._declared[c.client_id] = c.num_examples
                 self._owner[c.client_id] = principal
             self._cv.notify_all()
-        log.info("%s registered %d client(s) from %s", principal, len(reg.clients),
-                 reg.node or "?")  # fmt: skip
+        log.info("%s registered %d client(s) from %s", principal, len(reg.clients), reg.node or "?")
         return Joined(
             run_id=self.run_id,
             config_json=self._config_json,
@@ -233,8 +236,10 @@ class RoundEngine:
             return WorkItem("done", self._current, reason=self._done), ("done",)
         rnd = self._round
         if rnd is None:
-            return (WorkItem("wait", self._current, reason=self._waiting),
-                    ("wait", self._current, self._waiting))  # fmt: skip
+            return (
+                WorkItem("wait", self._current, reason=self._waiting),
+                ("wait", self._current, self._waiting),
+            )
         mine = [m for m in rnd.active() if self._owner.get(m.client_id) == principal]
         if mine:  # sent once per round and stream: delivering a task does not re-send the rest
             left = max(0.0, rnd.deadline - time.monotonic())
@@ -259,9 +264,11 @@ class RoundEngine:
             return self._available()
 
     def _available(self) -> list[Member]:
-        alive = [m for cid, m in self._members.items()
-                 if self._streams.get(self._owner[cid], 0)
-                 and cid not in self.excluded]  # fmt: skip
+        alive = [
+            m
+            for cid, m in self._members.items()
+            if self._streams.get(self._owner[cid], 0) and cid not in self.excluded
+        ]
         return sorted(alive, key=lambda m: m.index)
 
     def wait_available(self, n: int, timeout: float) -> int:
@@ -334,8 +341,13 @@ class RoundEngine:
             if entry["count"] == 1:
                 self._strikes[client_id] = self._strikes.get(client_id, 0) + 1
             strikes = self._strikes[client_id]
-            log.warning("round %d: update from %s refused (%d round(s) with bad updates): %s", r,
-                        client_id, strikes, why)  # fmt: skip
+            log.warning(
+                "round %d: update from %s refused (%d round(s) with bad updates): %s",
+                r,
+                client_id,
+                strikes,
+                why,
+            )
             if limit and strikes >= limit and client_id not in self.excluded:
                 self.excluded[client_id] = (
                     f"excluded in round {r}: bad updates in {strikes} rounds "
@@ -388,8 +400,12 @@ class RoundEngine:
                 while True:  # wait for the clients before this one to finish their turns
                     if self._round is not rnd or member.client_id in rnd.dropped:
                         raise FedqError(f"{member.client_id} is no longer in round {msg.round}")
-                    earlier = [m for m in rnd.active() if m.index < member.index
-                               and rnd.steps.get(m.client_id, 0) < w.steps_per_round]  # fmt: skip
+                    earlier = [
+                        m
+                        for m in rnd.active()
+                        if m.index < member.index
+                        and rnd.steps.get(m.client_id, 0) < w.steps_per_round
+                    ]
                     if not earlier:
                         break
                     self._cv.wait(_TICK)
@@ -399,8 +415,9 @@ class RoundEngine:
                 with self._cv:
                     if member.client_id not in rnd.dropped:
                         rnd.dropped[member.client_id] = f"step {msg.step} failed: {e}"
-                        log.warning("round %d: %s dropped (step failed: %s)", rnd.index,
-                                    member.client_id, e)  # fmt: skip
+                        log.warning(
+                            "round %d: %s dropped (step failed: %s)", rnd.index, member.client_id, e
+                        )
                 raise
             with self._cv:
                 rnd.steps[member.client_id] = done + 1
@@ -477,8 +494,10 @@ class RoundEngine:
             self._current = r
             remaining = len(self.roster) - len(self.excluded)
         if remaining < fed.min_clients:
-            why = (f"only {remaining} of {len(self.roster)} clients are not excluded; a round "
-                   f"needs fed.min_clients={fed.min_clients}")  # fmt: skip
+            why = (
+                f"only {remaining} of {len(self.roster)} clients are not excluded; a round "
+                f"needs fed.min_clients={fed.min_clients}"
+            )
             log.warning("stopping before round %d: %s", r, why)
             self.stop(why)
             return None
@@ -488,8 +507,10 @@ class RoundEngine:
                 alive = self._available()
                 if len(alive) >= fed.min_clients:
                     break
-                self._waiting = (f"round {r}: waiting for clients, {len(alive)} of "
-                                 f"{fed.min_clients} needed available")  # fmt: skip
+                self._waiting = (
+                    f"round {r}: waiting for clients, {len(alive)} of "
+                    f"{fed.min_clients} needed available"
+                )
                 if self._waiting != logged:
                     log.info(self._waiting)
                     logged = self._waiting
@@ -553,8 +574,13 @@ class RoundEngine:
         record = self.workload.close_round(r, updates, apply)
         record.setdefault("rejected", None)  # the workload refused the new model: why
         if not apply:
-            log.warning("round %d discarded: %d of %d updates arrived (min_clients=%d)", r,
-                        len(updates), len(rnd.selected), self.cfg.fed.min_clients)  # fmt: skip
+            log.warning(
+                "round %d discarded: %d of %d updates arrived (min_clients=%d)",
+                r,
+                len(updates),
+                len(rnd.selected),
+                self.cfg.fed.min_clients,
+            )
         record.update(
             round=r,
             applied=apply and record["rejected"] is None,
@@ -574,11 +600,14 @@ class RoundEngine:
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs of the server: the next round, the run id, the workload (model,
         strategy, codecs, privacy ledger), the example count each client declared."""
-        return {"next_round": self.next_round, "run_id": self.run_id,
-                "roster": list(self.roster), "workload": self.workload.state_dict(),
-                "declared": dict(self._declared),
-                "defence": {"strikes": dict(self._strikes),
-                            "excluded": dict(self.excluded)}}  # fmt: skip
+        return {
+            "next_round": self.next_round,
+            "run_id": self.run_id,
+            "roster": list(self.roster),
+            "workload": self.workload.state_dict(),
+            "declared": dict(self._declared),
+            "defence": {"strikes": dict(self._strikes), "excluded": dict(self.excluded)},
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if list(state["roster"]) != self.roster:

@@ -268,8 +268,13 @@ class ClientNode:
                 self._busy = None
                 self._idle.notify_all()
         self.stats["tasks"] += 1
-        self._event("task", client=task.client_id, round=task.round,
-                    seconds=time.perf_counter() - t0, **result)  # fmt: skip
+        self._event(
+            "task",
+            client=task.client_id,
+            round=task.round,
+            seconds=time.perf_counter() - t0,
+            **result,
+        )
 
     def _failed(self, task: Assignment, error: str) -> None:
         """The task cannot be finished: say so to the server (which drops the client from the
@@ -283,5 +288,6 @@ class ClientNode:
         try:
             self.conn.push_update(report)
         except (TransportError, FedqError) as e:  # the round may have closed meanwhile
-            log.info("%s: could not report the failure of round %d: %s", task.client_id,
-                     task.round, e)  # fmt: skip
+            log.info(
+                "%s: could not report the failure of round %d: %s", task.client_id, task.round, e
+            )

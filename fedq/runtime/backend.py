@@ -81,8 +81,9 @@ class InProcessBackend:
     name = "inprocess"
     attached = False
 
-    def spawn_at(self, bundle: int, ask: dict[str, float], cls: type, *args: Any,
-                 **kwargs: Any) -> Any:  # fmt: skip
+    def spawn_at(
+        self, bundle: int, ask: dict[str, float], cls: type, *args: Any, **kwargs: Any
+    ) -> Any:
         return cls(*args, **kwargs)
 
     def cluster_cpus(self) -> int | None:
@@ -127,8 +128,9 @@ class RayBackend:
                 )
             self._started = True
 
-    def spawn_at(self, bundle: int, ask: dict[str, float], cls: type, *args: Any,
-                 **kwargs: Any) -> Any:  # fmt: skip
+    def spawn_at(
+        self, bundle: int, ask: dict[str, float], cls: type, *args: Any, **kwargs: Any
+    ) -> Any:
         """An actor of ``cls`` holding ``ask`` (Ray resources) in bundle ``bundle`` of the run's
         placement group (:meth:`reserve`)."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -136,18 +138,26 @@ class RayBackend:
         custom = {k: v for k, v in ask.items() if k not in ("CPU", "GPU")}
         where = PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=bundle)
         actor: Any = self.ray.remote(cls).options(
-            num_cpus=ask.get("CPU", 0.0), num_gpus=ask.get("GPU", 0.0), resources=custom,
-            max_concurrency=4, scheduling_strategy=where,
-        )  # fmt: skip
+            num_cpus=ask.get("CPU", 0.0),
+            num_gpus=ask.get("GPU", 0.0),
+            resources=custom,
+            max_concurrency=4,
+            scheduling_strategy=where,
+        )
         return actor.remote(*args, **kwargs)
 
     def nodes(self) -> list[dict[str, Any]]:
         """The cluster's live nodes: id, address, host name and total resources."""
         return [
-            {"node_id": n["NodeID"], "node_ip": n["NodeManagerAddress"],
-             "hostname": n["NodeManagerHostname"], "resources": dict(n["Resources"])}
-            for n in self.ray.nodes() if n.get("Alive")
-        ]  # fmt: skip
+            {
+                "node_id": n["NodeID"],
+                "node_ip": n["NodeManagerAddress"],
+                "hostname": n["NodeManagerHostname"],
+                "resources": dict(n["Resources"]),
+            }
+            for n in self.ray.nodes()
+            if n.get("Alive")
+        ]
 
     def available(self) -> dict[str, float]:
         return dict(self.ray.available_resources())

@@ -71,8 +71,10 @@ def _read(path: Path, what: str) -> dict[str, Any]:
         ) from e
     if not isinstance(state, dict) or state.get("version") not in READABLE_VERSIONS:
         version = state.get("version") if isinstance(state, dict) else None
-        raise ConfigError(f"--resume: {path}: unsupported checkpoint version {version} "
-                          f"(this fedq writes {CHECKPOINT_VERSION})")  # fmt: skip
+        raise ConfigError(
+            f"--resume: {path}: unsupported checkpoint version {version} "
+            f"(this fedq writes {CHECKPOINT_VERSION})"
+        )
     return state
 
 
@@ -109,8 +111,10 @@ def load_checkpoint(out_dir: Path) -> dict[str, Any]:
 def _read_segment(out_dir: Path, name: str) -> dict[str, Any]:
     path = out_dir / name
     if not path.is_file():
-        raise ConfigError(f"--resume: {path} is missing: {CHECKPOINT_FILE} lists it; restore it "
-                          "from a copy or start a new run")  # fmt: skip
+        raise ConfigError(
+            f"--resume: {path} is missing: {CHECKPOINT_FILE} lists it; restore it "
+            "from a copy or start a new run"
+        )
     return dict(_read(path, "restore it from a copy or start a new run")["clients"])
 
 

@@ -86,8 +86,14 @@ class _ServeHooks:
             tot["bytes_down"] += int(row["bytes_down"])
         rec = self.recorder.round(record, self._t)
         state = self.host.state_dict()
-        self.recorder.checkpoint({"next_round": rec["round"] + 1, "server": state, "clients": {},
-                                  "client_traffic": self.clients})  # fmt: skip
+        self.recorder.checkpoint(
+            {
+                "next_round": rec["round"] + 1,
+                "server": state,
+                "clients": {},
+                "client_traffic": self.clients,
+            }
+        )
         self._t = time.perf_counter()
         self._event("round", **rec)
 
@@ -122,34 +128,58 @@ def serve(
         )
     host, port = parse_address(listen)
     # before the run folder exists: a refused start leaves nothing behind
-    check_bind_policy(host, tls, allow_insecure,
-                      fix="pass --cert FILE and --key FILE (TLS), or --insecure")  # fmt: skip
+    check_bind_policy(
+        host, tls, allow_insecure, fix="pass --cert FILE and --key FILE (TLS), or --insecure"
+    )
     ckpt = load_checkpoint(out) if resume else None
     start_round = int(ckpt["next_round"]) if ckpt is not None else 0
     wall = float(ckpt.get("wall_seconds", 0.0)) if ckpt is not None else 0.0
-    recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None,
-                           last_round=ckpt and ckpt.get("log"), wall_before=wall)  # fmt: skip
+    recorder = RunRecorder(
+        out,
+        cfg,
+        resume_round=start_round if ckpt is not None else None,
+        last_round=ckpt and ckpt.get("log"),
+        wall_before=wall,
+    )
     hooks = _ServeHooks(recorder, on_event)
     if ckpt is not None:  # each client's bytes in the rounds before the restart
-        hooks.clients = {str(c): {k: int(v) for k, v in row.items()}
-                         for c, row in ckpt.get("client_traffic", {}).items()}  # fmt: skip
+        hooks.clients = {
+            str(c): {k: int(v) for k, v in row.items()}
+            for c, row in ckpt.get("client_traffic", {}).items()
+        }
     server = ServerHost(
-        cfg, roster, tokens=tokens, host=host, port=port, tls=tls, allow_insecure=allow_insecure,
-        eval_data=eval_data, hooks=hooks, keepalive=keepalive,
+        cfg,
+        roster,
+        tokens=tokens,
+        host=host,
+        port=port,
+        tls=tls,
+        allow_insecure=allow_insecure,
+        eval_data=eval_data,
+        hooks=hooks,
+        keepalive=keepalive,
         run_id=None if ckpt is None else str(ckpt["server"]["run_id"]),
-    )  # fmt: skip
+    )
     hooks.host = server
     if ckpt is not None:
         server.load_state_dict(ckpt["server"], ckpt["ledger_journal"])
     else:  # resumable from the start: round 0 with this run id, roster and initial model
-        recorder.checkpoint({"next_round": 0, "server": server.state_dict(), "clients": {},
-                             "client_traffic": {}})  # fmt: skip
+        recorder.checkpoint(
+            {"next_round": 0, "server": server.state_dict(), "clients": {}, "client_traffic": {}}
+        )
     recorder.trainable_params = int(server.workload.info()["trainable_params"])
     address = server.start()
     if on_event is not None:
-        on_event("listening", {"address": address, "run_id": server.engine.run_id,
-                               "tls": tls is not None, "clients": len(roster),
-                               "start_round": start_round})  # fmt: skip
+        on_event(
+            "listening",
+            {
+                "address": address,
+                "run_id": server.engine.run_id,
+                "tls": tls is not None,
+                "clients": len(roster),
+                "start_round": start_round,
+            },
+        )
     interrupted = False
     seen: set[str] = set()
     try:
@@ -158,8 +188,9 @@ def serve(
             members = server.engine.available()
             new = {m.client_id for m in members} - seen
             if new and on_event is not None:
-                on_event("clients", {"available": [m.client_id for m in members],
-                                     "new": sorted(new)})  # fmt: skip
+                on_event(
+                    "clients", {"available": [m.client_id for m in members], "new": sorted(new)}
+                )
             seen |= new
         _drain(server, linger_s, on_event)
     except KeyboardInterrupt:
@@ -169,9 +200,14 @@ def serve(
         server.stop("the server was stopped" if interrupted else "the run is over")
     reason = hooks.reason or "interrupted"
     stopped = None if reason.startswith("completed") else reason
-    extra = {"interrupted": interrupted, "name": cfg.name, "mode": cfg.mode,
-             "stopped_reason": stopped, "run_id": server.engine.run_id,
-             "clients": hooks.clients}  # fmt: skip
+    extra = {
+        "interrupted": interrupted,
+        "name": cfg.name,
+        "mode": cfg.mode,
+        "stopped_reason": stopped,
+        "run_id": server.engine.run_id,
+        "clients": hooks.clients,
+    }
     bit_maps = server.bit_maps() if cfg.mode == "split" else None
     return recorder.finish(extra, bit_maps)
 
@@ -223,14 +259,24 @@ def join(
             cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, device=device))
         return make_runner(cfg, {client_id: shard}, joined)
 
-    node = ClientNode(conn, [ClientInfo(client_id, shard.size)], runner,
-                      node=socket.gethostname(), backoff=backoff, on_event=on_event)  # fmt: skip
+    node = ClientNode(
+        conn,
+        [ClientInfo(client_id, shard.size)],
+        runner,
+        node=socket.gethostname(),
+        backoff=backoff,
+        on_event=on_event,
+    )
     try:
         reason = node.run()
     except KeyboardInterrupt:
         node.stop()
         reason = "interrupted"
     mine = conn.counters.snapshot()["clients"].get(client_id, {})
-    return {"reason": reason, **node.stats, "examples": shard.size,
-            "bytes_up": int(mine.get("bytes_up", 0)),
-            "bytes_down": int(mine.get("bytes_down", 0))}  # fmt: skip
+    return {
+        "reason": reason,
+        **node.stats,
+        "examples": shard.size,
+        "bytes_up": int(mine.get("bytes_up", 0)),
+        "bytes_down": int(mine.get("bytes_down", 0)),
+    }

@@ -44,10 +44,16 @@ def build_split_model(cfg: RunConfig, num_classes: int) -> Any:
 
     m, sc = cfg.model, cfg.split
     model = build(
-        m.name, cut=sc.cut, num_classes=num_classes, seed=cfg.seed, lora_r=m.lora_r,
-        max_length=m.max_length, hidden=m.hidden, tiny_layers=sc.tiny_layers,
+        m.name,
+        cut=sc.cut,
+        num_classes=num_classes,
+        seed=cfg.seed,
+        lora_r=m.lora_r,
+        max_length=m.max_length,
+        hidden=m.hidden,
+        tiny_layers=sc.tiny_layers,
         make_boundary=boundary_factory(sc, _hidden_of(cfg)),
-    )  # fmt: skip
+    )
     return model.to(torch_device(cfg.runtime.device))
 
 
@@ -136,16 +142,29 @@ class ServerHost:
         limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
         budget = ServerLimits(upload_budget_bytes=cfg.runtime.upload_budget_mb << 20)
         self.transport = TransportServer(
-            self, host=host, port=port, tokens=tokens, hosts=hosts, tls=tls, limits=limits,
-            allow_insecure=allow_insecure, max_workers=4 * principals + 8, server_limits=budget,
+            self,
+            host=host,
+            port=port,
+            tokens=tokens,
+            hosts=hosts,
+            tls=tls,
+            limits=limits,
+            allow_insecure=allow_insecure,
+            max_workers=4 * principals + 8,
+            server_limits=budget,
             keepalive=keepalive,
-        )  # fmt: skip
+        )
         self.observer = _Observer(self.transport.counters) if hooks is None else None
         self.engine = RoundEngine(
-            cfg, self.workload, roster, run_id=run_id or uuid.uuid4().hex[:12],
-            config_json=json.dumps(cfg.to_dict()), num_classes=num_classes, input_dim=input_dim,
+            cfg,
+            self.workload,
+            roster,
+            run_id=run_id or uuid.uuid4().hex[:12],
+            config_json=json.dumps(cfg.to_dict()),
+            num_classes=num_classes,
+            input_dim=input_dim,
             hooks=hooks or self.observer,
-        )  # fmt: skip
+        )
 
     # the transport's handler: the engine
     def register(self, principal: str, reg: Any) -> Joined:
@@ -178,9 +197,13 @@ class ServerHost:
         members = self.engine.available()
         sizes = {m.index: m.num_examples for m in members}
         out = self.workload.info()
-        out.update(run_id=self.engine.run_id, address=self.transport.address,
-                   clients_available=len(members), client_sizes=sizes,
-                   privacy=self.workload.ledger.plan(sizes) if sizes else {})  # fmt: skip
+        out.update(
+            run_id=self.engine.run_id,
+            address=self.transport.address,
+            clients_available=len(members),
+            client_sizes=sizes,
+            privacy=self.workload.ledger.plan(sizes) if sizes else {},
+        )
         return out
 
     def wait_available(self, n: int, timeout: float) -> int:
@@ -278,11 +301,17 @@ def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> 
 
     m = cfg.model
     bundle = build_model(
-        m.name, num_classes=joined.num_classes, input_dim=joined.input_dim or None,
-        seed=cfg.seed, hidden=m.hidden, lora_r=m.lora_r, max_length=m.max_length,
-    )  # fmt: skip
-    return ClientWorker(cfg, bundle.to(torch_device(cfg.runtime.device)), shards,
-                        joined.client_index)  # fmt: skip
+        m.name,
+        num_classes=joined.num_classes,
+        input_dim=joined.input_dim or None,
+        seed=cfg.seed,
+        hidden=m.hidden,
+        lora_r=m.lora_r,
+        max_length=m.max_length,
+    )
+    return ClientWorker(
+        cfg, bundle.to(torch_device(cfg.runtime.device)), shards, joined.client_index
+    )
 
 
 def run_config(joined: Joined) -> RunConfig:
@@ -329,8 +358,14 @@ class WorkerHost:
             shards = data.shards(cfg, clients)
         infos = [ClientInfo(cid, sh.size) for cid, sh in shards.items()]
         limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
-        self.conn = TransportClient(address, client_id=principal, token=token, limits=limits,
-                                    tls=tls, timeout=cfg.fed.round_timeout_s)  # fmt: skip
+        self.conn = TransportClient(
+            address,
+            client_id=principal,
+            token=token,
+            limits=limits,
+            tls=tls,
+            timeout=cfg.fed.round_timeout_s,
+        )
 
         def runner(joined: Joined) -> TaskRunner:
             if data is not None:
@@ -338,9 +373,12 @@ class WorkerHost:
             return make_runner(cfg, shards, joined)
 
         self.node = ClientNode(
-            self.conn, infos, runner, node=f"{socket.gethostname()}/{principal}",
+            self.conn,
+            infos,
+            runner,
+            node=f"{socket.gethostname()}/{principal}",
             backoff=Backoff(give_up_after=60.0),
-        )  # fmt: skip
+        )
         self._thread: threading.Thread | None = None
         self.result: str | None = None
         self.error: str | None = None
@@ -371,8 +409,9 @@ class WorkerHost:
         """This worker's byte counters since it started (not reset); with ``settled``, read once
         its tasks of rounds up to ``settled`` have finished (their replies counted)."""
         if settled is not None and not self.node.wait_idle(settled, SETTLE_TIMEOUT_S):
-            log.warning("a task of round %d was still running after %g s", settled,
-                        SETTLE_TIMEOUT_S)  # fmt: skip
+            log.warning(
+                "a task of round %d was still running after %g s", settled, SETTLE_TIMEOUT_S
+            )
         return self.conn.counters.snapshot()
 
     def state_dict(self) -> dict[str, Any]:

@@ -88,8 +88,25 @@ def veth_link(rate: str = "100mbit") -> Iterator[LinkPair]:
             _sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
             _sh("ip", "-n", ns, "link", "set", dev, "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                "rate", rate, "burst", "64kb", "latency", "100ms")  # fmt: skip
+            _sh(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kb",
+                "latency",
+                "100ms",
+            )
         yield LinkPair(ns_s, ns_c, ip_s, ip_c, rate)
     finally:
         for ns in (ns_s, ns_c):
@@ -138,8 +155,25 @@ def veth_star(clients: int, rate: str | None = None) -> Iterator[Star]:
                 _sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
                 _sh("ip", "-n", ns, "link", "set", dev, "up")
                 if rate:
-                    _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root",
-                        "tbf", "rate", rate, "burst", "64kb", "latency", "100ms")  # fmt: skip
+                    _sh(
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        "tc",
+                        "qdisc",
+                        "add",
+                        "dev",
+                        dev,
+                        "root",
+                        "tbf",
+                        "rate",
+                        rate,
+                        "burst",
+                        "64kb",
+                        "latency",
+                        "100ms",
+                    )
             _sh("ip", "-n", ns_c, "link", "set", "lo", "up")
             links.append((ns_c, ip_c, ip_s))
         yield Star(ns_s, links)
@@ -199,9 +233,13 @@ class RayPair:
 
 @contextmanager
 def ray_pair(
-    head_resources: dict[str, float], worker_resources: dict[str, float], *,
-    rate: str = "1gbit", object_store_bytes: int = 100_000_000, port: int = 6379,
-) -> Iterator[RayPair]:  # fmt: skip
+    head_resources: dict[str, float],
+    worker_resources: dict[str, float],
+    *,
+    rate: str = "1gbit",
+    object_store_bytes: int = 100_000_000,
+    port: int = 6379,
+) -> Iterator[RayPair]:
     """A Ray head in one namespace and a worker node in another (:func:`veth_link`), started with
     ``ray start`` (one CPU each, a small object store, no dashboard, session files in a fresh
     short-named folder); afterwards every process in both namespaces is ended, the folder and
@@ -214,19 +252,46 @@ def ray_pair(
     with veth_link(rate) as link:
         # Ray's socket paths are length-limited: keep the session folder short
         tmp = Path(tempfile.mkdtemp(prefix="fqrc-", dir="/tmp" if os.path.isdir("/tmp") else None))
-        common = ["--num-cpus", "1", "--object-store-memory", str(object_store_bytes),
-                  "--disable-usage-stats"]  # fmt: skip
+        common = [
+            "--num-cpus",
+            "1",
+            "--object-store-memory",
+            str(object_store_bytes),
+            "--disable-usage-stats",
+        ]
         address = f"{link.server_ip}:{port}"
         try:
             for ns, args in (
-                (link.server_ns, ["--head", "--port", str(port), "--include-dashboard", "false",
-                                  "--node-ip-address", link.server_ip,
-                                  "--resources", _json.dumps(head_resources),
-                                  "--temp-dir", str(tmp / "head")]),
-                (link.client_ns, ["--address", address, "--node-ip-address", link.client_ip,
-                                  "--resources", _json.dumps(worker_resources),
-                                  "--temp-dir", str(tmp / "node")]),
-            ):  # fmt: skip
+                (
+                    link.server_ns,
+                    [
+                        "--head",
+                        "--port",
+                        str(port),
+                        "--include-dashboard",
+                        "false",
+                        "--node-ip-address",
+                        link.server_ip,
+                        "--resources",
+                        _json.dumps(head_resources),
+                        "--temp-dir",
+                        str(tmp / "head"),
+                    ],
+                ),
+                (
+                    link.client_ns,
+                    [
+                        "--address",
+                        address,
+                        "--node-ip-address",
+                        link.client_ip,
+                        "--resources",
+                        _json.dumps(worker_resources),
+                        "--temp-dir",
+                        str(tmp / "node"),
+                    ],
+                ),
+            ):
                 cmd = ["ip", "netns", "exec", ns, ray, "start", *args, *common]
                 done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
                 if done.returncode != 0:
@@ -262,8 +327,14 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
         if kind == "listening":
             print("READY", flush=True)
 
-    run_server(cfg, listen=f"{spec['host']}:{spec['port']}", tokens={"client-0": spec["token"]},
-               out=out, allow_insecure=True, on_event=on_event)  # fmt: skip
+    run_server(
+        cfg,
+        listen=f"{spec['host']}:{spec['port']}",
+        tokens={"client-0": spec["token"]},
+        out=out,
+        allow_insecure=True,
+        on_event=on_event,
+    )
     rows = [json.loads(line) for line in (out / "bits.jsonl").read_text().splitlines()]
     return {
         "seconds": [r["seconds"] for r in rows],
@@ -287,9 +358,15 @@ def client(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_link_arm(
-    link: LinkPair, scenario: str | Path, overrides: Sequence[str], *, steps: int,
-    warmup: int = 1, port: int = 50_551, timeout: float = 600.0,
-) -> dict[str, Any]:  # fmt: skip
+    link: LinkPair,
+    scenario: str | Path,
+    overrides: Sequence[str],
+    *,
+    steps: int,
+    warmup: int = 1,
+    port: int = 50_551,
+    timeout: float = 600.0,
+) -> dict[str, Any]:
     """One arm over ``link``: median seconds per step after ``warmup`` steps, and mean bytes."""
     import tempfile
 
@@ -297,19 +374,31 @@ def run_link_arm(
     from fedq.runtime.shard import write_shards
 
     spec: dict[str, Any] = {
-        "scenario": str(scenario), "token": secrets.token_urlsafe(16), "port": port,
-        "overrides": [*overrides, "fed.num_clients=1", "fed.clients_per_round=1",
-                      "fed.rounds=1", f"split.local_steps={steps + warmup}"],
+        "scenario": str(scenario),
+        "token": secrets.token_urlsafe(16),
+        "port": port,
+        "overrides": [
+            *overrides,
+            "fed.num_clients=1",
+            "fed.clients_per_round=1",
+            "fed.rounds=1",
+            f"split.local_steps={steps + warmup}",
+        ],
         "host": link.server_ip,
-    }  # fmt: skip
+    }
     tmp = Path(tempfile.mkdtemp(prefix="fedq-link-"))
     spec["out"] = str(tmp / "run")
-    spec["data"] = "csv:" + str(write_shards(load_scenario(scenario, spec["overrides"]),
-                                             tmp / "data")[0])  # fmt: skip
+    spec["data"] = "csv:" + str(
+        write_shards(load_scenario(scenario, spec["overrides"]), tmp / "data")[0]
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     py = [sys.executable, "-m", "fedq.runtime.netlink"]
-    srv = subprocess.Popen(["ip", "netns", "exec", link.server_ns, *py, "serve", json.dumps(spec)],
-                           stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    srv = subprocess.Popen(
+        ["ip", "netns", "exec", link.server_ns, *py, "serve", json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert srv.stdout is not None
         t0 = time.monotonic()
@@ -329,10 +418,11 @@ def run_link_arm(
             srv.wait()
     timed = data["seconds"][warmup:]
     return {
-        "s_per_step": statistics.median(timed), "s_per_step_all": data["seconds"],
+        "s_per_step": statistics.median(timed),
+        "s_per_step_all": data["seconds"],
         "bytes_per_step": statistics.fmean(data["bytes"][warmup:]),
         "act_bits": statistics.fmean(data["act_bits"][warmup:]),
-    }  # fmt: skip
+    }
 
 
 def rate_bits_per_s(rate: str) -> float:
@@ -351,8 +441,11 @@ def on_ray_pair(spec: dict[str, Any]) -> int:
     with ray_pair(spec["head"], spec["node"], rate=spec.get("rate", "1gbit")) as pair:
         argv = [a.replace("HEAD_ADDRESS", pair.address) for a in spec["argv"]]
         link = pair.link
-        print(f"two-node Ray cluster at {pair.address} (namespace {link.server_ns}), worker node "
-              f"{link.client_ip} (namespace {link.client_ns})", flush=True)  # fmt: skip
+        print(
+            f"two-node Ray cluster at {pair.address} (namespace {link.server_ns}), worker node "
+            f"{link.client_ip} (namespace {link.client_ns})",
+            flush=True,
+        )
         return subprocess.run(["ip", "netns", "exec", link.server_ns, *argv]).returncode
 
 

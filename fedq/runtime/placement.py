@@ -64,8 +64,14 @@ class SiteData:
             parts = [torch.arange(len(train))]
         else:
             d = cfg.data
-            parts = partition(train.y, self.count, d.partition, seed=cfg.seed, alpha=d.alpha,
-                              classes_per_client=d.classes_per_client)  # fmt: skip
+            parts = partition(
+                train.y,
+                self.count,
+                d.partition,
+                seed=cfg.seed,
+                alpha=d.alpha,
+                classes_per_client=d.classes_per_client,
+            )
         return {client_name(c): Shard(train, parts[c - self.first]) for c in clients}
 
     @staticmethod
@@ -127,8 +133,7 @@ def plan_hosts(cfg: RunConfig, workers: int) -> list[HostPlan]:
         for j in range(k):
             ask, keys = _ask(rt.cpus_per_worker, gpus, gpu_key, label, label_key)
             clients = tuple(range(first + j, first + count, k))
-            hosts.append(HostPlan(f"worker-{len(hosts) - 1}", clients, ask, keys, site_index,
-                                  data))  # fmt: skip
+            hosts.append(HostPlan(f"worker-{len(hosts) - 1}", clients, ask, keys, site_index, data))
     return hosts
 
 
@@ -183,8 +188,10 @@ def fit_problems(hosts: Sequence[HostPlan], nodes: Sequence[dict[str, Any]]) -> 
         if have and want > have + 1e-9:
             key = next(h.keys[r] for h in reversed(hosts) if r in h.ask)  # a worker's, if any
             key = "runtime.workers" if key == "runtime.placement" else key  # too many hosts
-            add(f"{key}: the run's {len(hosts)} hosts ask for {want:g} {r} in all, but the "
-                f"cluster has {have:g}")  # fmt: skip
+            add(
+                f"{key}: the run's {len(hosts)} hosts ask for {want:g} {r} in all, but the "
+                f"cluster has {have:g}"
+            )
     if problems:
         problems.append("the cluster's nodes: " + "; ".join(_node_text(n) for n in nodes))
     return problems
@@ -209,8 +216,9 @@ def reserve_hosts(
     placed = backend.reserve([h.ask for h in hosts], rt.placement, rt.placement_timeout_s)
     if placed is None:
         free = backend.available()
-        shown = ", ".join(f"{k} {v:g}" for k, v in sorted(free.items())
-                          if not k.startswith(_HIDDEN))  # fmt: skip
+        shown = ", ".join(
+            f"{k} {v:g}" for k, v in sorted(free.items()) if not k.startswith(_HIDDEN)
+        )
         raise ConfigError(
             f"runtime.placement: Ray could not reserve the run's {len(hosts)} hosts "
             f"({rt.placement}) within runtime.placement_timeout_s={rt.placement_timeout_s:g} s; "
@@ -226,8 +234,12 @@ def reserve_hosts(
 def location() -> dict[str, Any]:
     """Where the calling process runs: host name and pid, and its Ray node (id and address) when
     it is a Ray worker (else null)."""
-    out: dict[str, Any] = {"hostname": socket.gethostname(), "pid": os.getpid(),
-                           "node_id": None, "node_ip": None}  # fmt: skip
+    out: dict[str, Any] = {
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "node_id": None,
+        "node_ip": None,
+    }
     ray = sys.modules.get("ray")  # imported by every Ray worker; never imported here
     if ray is not None and ray.is_initialized():
         out["node_id"] = ray.get_runtime_context().get_node_id()

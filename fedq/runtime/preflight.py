@@ -27,8 +27,10 @@ def name_problems(cfg: RunConfig) -> list[str]:
     if data:
         problems.append(f"data.name: {data}")
     elif cfg.data.num_samples is not None and "num_samples" not in dataset_options(cfg.data.name):
-        problems.append(f"data.num_samples: data set {cfg.data.name!r} has a fixed size; only a "
-                        "generated one (mnist1d) takes a number of rows")  # fmt: skip
+        problems.append(
+            f"data.num_samples: data set {cfg.data.name!r} has a fixed size; only a "
+            "generated one (mnist1d) takes a number of rows"
+        )
     for i, site in enumerate(cfg.runtime.sites):
         source = None if site.data is None else check_dataset_name(site.data)
         if source:
@@ -83,8 +85,10 @@ def check_data(cfg: RunConfig, split: Any) -> None:
     name = cfg.data.name
     seen = torch.unique(split.train.y).tolist()
     if len(seen) < 2:
-        raise ConfigError(f"data.name: every training label of {name!r} is class {seen[0]}; a "
-                          "classifier needs two or more classes")  # fmt: skip
+        raise ConfigError(
+            f"data.name: every training label of {name!r} is class {seen[0]}; a "
+            "classifier needs two or more classes"
+        )
     if cfg.data.standardize:
         try:
             check_standardizable(split.train, "data set")

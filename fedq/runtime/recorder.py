@@ -65,8 +65,10 @@ def _no_round_applied(summary: dict[str, Any], cfg: RunConfig) -> str:
     n, why = summary["rounds_discarded"], summary.get("stopped_reason")
     text = NO_ROUND_APPLIED
     if n:
-        text += (f": {n} round{'s' if n > 1 else ''} discarded, each with fewer than "
-                 f"fed.min_clients={cfg.fed.min_clients} updates")  # fmt: skip
+        text += (
+            f": {n} round{'s' if n > 1 else ''} discarded, each with fewer than "
+            f"fed.min_clients={cfg.fed.min_clients} updates"
+        )
     return f"{text}; {why}" if why else text
 
 
@@ -75,10 +77,15 @@ class RunRecorder:
     of the downlink in federated mode (the same tensors as raw fp32)."""
 
     def __init__(
-        self, out: Path, cfg: RunConfig, *, resume_round: int | None = None,
-        last_round: dict[str, Any] | None = None, t0: float | None = None,
+        self,
+        out: Path,
+        cfg: RunConfig,
+        *,
+        resume_round: int | None = None,
+        last_round: dict[str, Any] | None = None,
+        t0: float | None = None,
         wall_before: float = 0.0,
-    ) -> None:  # fmt: skip
+    ) -> None:
         from fedq.report import MetricsWriter, write_config
 
         self.out = out
@@ -178,8 +185,9 @@ class RunRecorder:
             from fedq.split.report import plot_split_report
 
             (self.out / "bit_maps.json").write_text(json.dumps(bit_maps or {}) + "\n")
-            plot_split_report(records, bit_maps or {}, self.out / "report.png",
-                              steps_path=self.out / BITS_FILE)  # fmt: skip
+            plot_split_report(
+                records, bit_maps or {}, self.out / "report.png", steps_path=self.out / BITS_FILE
+            )
         else:
             plot_report(records, self.out / "report.png")
         return summary

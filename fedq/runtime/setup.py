@@ -22,8 +22,10 @@ def torch_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("runtime.device: 'cuda' asked for, but torch sees no CUDA GPU "
-                          f"(torch {torch.__version__}); use 'cpu' or 'auto'")  # fmt: skip
+        raise ConfigError(
+            "runtime.device: 'cuda' asked for, but torch sees no CUDA GPU "
+            f"(torch {torch.__version__}); use 'cpu' or 'auto'"
+        )
     return torch.device(name)
 
 
@@ -47,8 +49,9 @@ def load_data(cfg: RunConfig, name: str | None = None) -> Any:
 
     d = cfg.data
     extra = {} if d.num_samples is None else {"num_samples": d.num_samples}
-    return load_dataset(name or d.name, seed=cfg.seed, max_train=d.max_train,
-                        max_test=d.max_test, **extra)  # fmt: skip
+    return load_dataset(
+        name or d.name, seed=cfg.seed, max_train=d.max_train, max_test=d.max_test, **extra
+    )
 
 
 def client_partitions(cfg: RunConfig, train: Any) -> list[torch.Tensor]:

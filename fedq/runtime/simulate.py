@@ -75,9 +75,14 @@ def simulate(
     try:  # a placement the cluster cannot take: one ConfigError before any host starts
         plan = plan_hosts(cfg, num_workers(cfg, backend.cluster_cpus()))
         nodes = reserve_hosts(backend, plan, cfg.runtime)
-        recorder = RunRecorder(out, cfg, resume_round=start_round if ckpt is not None else None,
-                               last_round=ckpt and ckpt.get("log"), t0=t0,
-                               wall_before=wall)  # fmt: skip
+        recorder = RunRecorder(
+            out,
+            cfg,
+            resume_round=start_round if ckpt is not None else None,
+            last_round=ckpt and ckpt.get("log"),
+            t0=t0,
+            wall_before=wall,
+        )
     except BaseException:
         backend.shutdown()
         raise
@@ -97,8 +102,11 @@ def simulate(
     interrupted, stopped = False, None
     lost: dict[str, str] = {}  # worker principal -> why it was lost
     placement: dict[str, Any] = {}  # where each host runs (summary.json, the start line)
-    states = ClientStateLog(out) if ckpt is None else ClientStateLog(
-        out, ckpt.get("client_segments", ()), ckpt["clients"])  # fmt: skip
+    states = (
+        ClientStateLog(out)
+        if ckpt is None
+        else ClientStateLog(out, ckpt.get("client_segments", ()), ckpt["clients"])
+    )
     marks: dict[str, int] = {}  # worker principal -> its state mark at the last checkpoint
     bit_maps: dict[str, list[int]] = {}
     # Bytes the clients counted: the runs before a resume (from the checkpoint) plus, per
@@ -107,17 +115,38 @@ def simulate(
     seen: dict[str, dict[str, int]] = {}
     try:
         run_id = None if ckpt is None else str(ckpt["server"]["run_id"])
-        server = backend.spawn_at(0, plan[0].ask, ServerHost, cfg, roster, tokens=tokens,
-                                  hosts=hosts, run_id=run_id, host=listen,
-                                  tls=creds.server_tls() if creds else None)  # fmt: skip
+        server = backend.spawn_at(
+            0,
+            plan[0].ask,
+            ServerHost,
+            cfg,
+            roster,
+            tokens=tokens,
+            hosts=hosts,
+            run_id=run_id,
+            host=listen,
+            tls=creds.server_tls() if creds else None,
+        )
         address = backend.get([backend.call(server, "start")])[0]
         if ckpt is None:  # resumable from here on: round 0 with this run id and model
             _first_checkpoint(backend, server, recorder)
         client_tls = creds.client_tls() if creds else None
-        workers = [backend.spawn_at(i, h.ask, WorkerHost, cfg, address, h.principal,
-                                    tokens[h.principal], list(h.clients), tls=client_tls,
-                                    data=h.data)
-                   for i, h in enumerate(plan) if i]  # fmt: skip
+        workers = [
+            backend.spawn_at(
+                i,
+                h.ask,
+                WorkerHost,
+                cfg,
+                address,
+                h.principal,
+                tokens[h.principal],
+                list(h.clients),
+                tls=client_tls,
+                data=h.data,
+            )
+            for i, h in enumerate(plan)
+            if i
+        ]
         _start_workers(backend, workers, plan[1:], nodes[1:], lost)
         placement = _placement(backend, server, workers, plan, cfg, address, creds is not None)
         ready = backend.get([backend.call(server, "wait_available", n, REGISTER_TIMEOUT_S)])[0]
@@ -126,9 +155,13 @@ def simulate(
         if ckpt is not None:
             _restore(backend, server, workers, list(shares), ckpt, cfg)
         info = backend.get([backend.call(server, "info")])[0]
-        info.update(workers=k, backend=backend.name, start_round=start_round,
-                    startup_seconds=round(time.perf_counter() - recorder.t0, 2),
-                    placement=placement)  # fmt: skip
+        info.update(
+            workers=k,
+            backend=backend.name,
+            start_round=start_round,
+            startup_seconds=round(time.perf_counter() - recorder.t0, 2),
+            placement=placement,
+        )
         recorder.trainable_params = int(info["trainable_params"])
         log.info("run started: %s", info)
         if on_start:
@@ -153,8 +186,19 @@ def simulate(
             rec = recorder.round(event["round"], t_round)
             _lost_workers(backend, server, workers, shares, lost, cfg)
             _read_bytes(backend, workers, list(shares), lost, seen, settled=rec["round"])
-            _checkpoint(backend, server, workers, list(shares), recorder, rec["round"] + 1, cfg,
-                        lost, states, marks, _add_bytes(bytes_before, *seen.values()))  # fmt: skip
+            _checkpoint(
+                backend,
+                server,
+                workers,
+                list(shares),
+                recorder,
+                rec["round"] + 1,
+                cfg,
+                lost,
+                states,
+                marks,
+                _add_bytes(bytes_before, *seen.values()),
+            )
             if on_round:
                 on_round(rec)
             t_round = time.perf_counter()
@@ -173,17 +217,26 @@ def simulate(
                 log.warning("worker stop failed: %s", e)
         _read_bytes(backend, workers, list(shares), lost, seen)
         stop_all(backend, server)
-    extra: dict[str, Any] = {"interrupted": interrupted, "name": cfg.name, "mode": cfg.mode,
-                             "stopped_reason": stopped, "privacy": info_privacy(cfg),
-                             "workers_lost": lost, "placement": placement,
-                             **_add_bytes(bytes_before, *seen.values())}  # fmt: skip
+    extra: dict[str, Any] = {
+        "interrupted": interrupted,
+        "name": cfg.name,
+        "mode": cfg.mode,
+        "stopped_reason": stopped,
+        "privacy": info_privacy(cfg),
+        "workers_lost": lost,
+        "placement": placement,
+        **_add_bytes(bytes_before, *seen.values()),
+    }
     return recorder.finish(extra, bit_maps if cfg.mode == "split" else None)
 
 
 def _start_workers(
-    backend: Any, workers: list[Any], plan: list[HostPlan], nodes: list[dict[str, Any]],
+    backend: Any,
+    workers: list[Any],
+    plan: list[HostPlan],
+    nodes: list[dict[str, Any]],
     lost: dict[str, str],
-) -> None:  # fmt: skip
+) -> None:
     """Register every worker's clients; a worker that cannot start (say, its site's data is not
     on its node) is a FedqError naming it, its node and why (and it counts as lost)."""
     calls = [backend.call(w, "start") for w in workers]
@@ -197,30 +250,44 @@ def _start_workers(
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
             where = f" on {node['node_ip']} ({node['hostname']})" if node["node_ip"] else ""
             site = "" if h.site is None else f" (runtime.sites[{h.site}])"
-            raise FedqError(f"{h.principal}{site}{where} could not start: "
-                            f"{lines[-1] if lines else type(e).__name__}") from e  # fmt: skip
+            raise FedqError(
+                f"{h.principal}{site}{where} could not start: "
+                f"{lines[-1] if lines else type(e).__name__}"
+            ) from e
 
 
 def _placement(
-    backend: Any, server: Any, workers: list[Any], plan: list[HostPlan], cfg: RunConfig,
-    address: str, tls: bool,
-) -> dict[str, Any]:  # fmt: skip
+    backend: Any,
+    server: Any,
+    workers: list[Any],
+    plan: list[HostPlan],
+    cfg: RunConfig,
+    address: str,
+    tls: bool,
+) -> dict[str, Any]:
     """Where each host runs, as the hosts themselves report it (for summary.json and the
     console): the server's node and address, and per worker its node and its clients."""
     where = backend.get([backend.call(h, "where") for h in [server, *workers]])
     rt = cfg.runtime
     out: dict[str, Any] = {
-        "backend": backend.name, "cluster": backend.attached,
+        "backend": backend.name,
+        "cluster": backend.attached,
         "strategy": rt.placement if backend.name == "ray" else None,
-        "address": address, "tls": tls,
-        "server": {**where[0], "resource": rt.server_resource}, "workers": {},
-    }  # fmt: skip
+        "address": address,
+        "tls": tls,
+        "server": {**where[0], "resource": rt.server_resource},
+        "workers": {},
+    }
     for h, w in zip(plan[1:], where[1:], strict=True):
         site = None if h.site is None else rt.sites[h.site]
         out["workers"][h.principal] = {
-            **w, "clients": compact(h.clients), "num_clients": len(h.clients), "site": h.site,
-            "resource": site.resource if site else None, "data": site.data if site else None,
-        }  # fmt: skip
+            **w,
+            "clients": compact(h.clients),
+            "num_clients": len(h.clients),
+            "site": h.site,
+            "resource": site.resource if site else None,
+            "data": site.data if site else None,
+        }
     return out
 
 
@@ -237,9 +304,13 @@ def _add_bytes(*parts: dict[str, int]) -> dict[str, int]:
 
 
 def _read_bytes(
-    backend: Any, workers: list[Any], principals: list[str], lost: dict[str, str],
-    seen: dict[str, dict[str, int]], settled: int | None = None,
-) -> None:  # fmt: skip
+    backend: Any,
+    workers: list[Any],
+    principals: list[str],
+    lost: dict[str, str],
+    seen: dict[str, dict[str, int]],
+    settled: int | None = None,
+) -> None:
     """Read the live workers' byte counters (totals since they started) into ``seen``; with
     ``settled``, each once its tasks of that round have finished."""
     for w, p in zip(workers, principals, strict=False):
@@ -254,9 +325,13 @@ def _read_bytes(
 
 
 def _lost_workers(
-    backend: Any, server: Any, workers: list[Any], shares: dict[str, list[int]],
-    lost: dict[str, str], cfg: RunConfig,
-) -> bool:  # fmt: skip
+    backend: Any,
+    server: Any,
+    workers: list[Any],
+    shares: dict[str, list[int]],
+    lost: dict[str, str],
+    cfg: RunConfig,
+) -> bool:
     """Find workers that died since the last check (their clients leave the run: the server drops
     them from an open round as their work stream closes); report each with its clients and why.
     When too few clients remain for a round, stop the run with the reason. Returns True when
@@ -279,8 +354,10 @@ def _lost_workers(
         log.error("%s died (clients %s%s): %s", p, clients, more, why)
     left = sum(len(c) for p, c in shares.items() if p not in lost)
     if found and left < cfg.fed.min_clients:
-        reason = (f"{len(lost)} worker(s) lost ({', '.join(sorted(lost))}); {left} clients left, "
-                  f"a round needs fed.min_clients={cfg.fed.min_clients}")  # fmt: skip
+        reason = (
+            f"{len(lost)} worker(s) lost ({', '.join(sorted(lost))}); {left} clients left, "
+            f"a round needs fed.min_clients={cfg.fed.min_clients}"
+        )
         backend.get([backend.call(server, "stop_run", reason)])
     return found
 
@@ -302,10 +379,18 @@ def _client_states(states: list[dict[str, Any]], principals: list[str], cfg: Run
 
 
 def _checkpoint(
-    backend: Any, server: Any, workers: list[Any], principals: list[str], recorder: RunRecorder,
-    next_round: int, cfg: RunConfig, lost: dict[str, str], client_log: ClientStateLog,
-    marks: dict[str, int], client_bytes: dict[str, int],
-) -> None:  # fmt: skip
+    backend: Any,
+    server: Any,
+    workers: list[Any],
+    principals: list[str],
+    recorder: RunRecorder,
+    next_round: int,
+    cfg: RunConfig,
+    lost: dict[str, str],
+    client_log: ClientStateLog,
+    marks: dict[str, int],
+    client_bytes: dict[str, int],
+) -> None:
     """Write the checkpoint: the server's state and the client states that changed since the
     last one (``marks``: each worker's mark then); a lost worker's clients keep their last
     checkpointed state."""
@@ -314,8 +399,14 @@ def _checkpoint(
     answers = backend.get([backend.call(w, "state_changes", marks.get(p, 0)) for w, p in alive])
     changed = _client_states([a[1] for a in answers], [p for _, p in alive], cfg)
     segments = client_log.append(next_round, changed)
-    recorder.checkpoint({"next_round": next_round, "server": server_state,
-                         "client_segments": segments, "client_bytes": client_bytes})  # fmt: skip
+    recorder.checkpoint(
+        {
+            "next_round": next_round,
+            "server": server_state,
+            "client_segments": segments,
+            "client_bytes": client_bytes,
+        }
+    )
     client_log.prune()
     marks.update({p: int(a[0]) for (_, p), a in zip(alive, answers, strict=True)})
 
@@ -324,19 +415,26 @@ def _first_checkpoint(backend: Any, server: Any, recorder: RunRecorder) -> None:
     """The checkpoint of a run that has not run a round yet (next round 0: the run id, roster
     and initial model), so a run killed before its first round ends can be resumed."""
     state = backend.get([backend.call(server, "state_dict")])[0]
-    recorder.checkpoint({"next_round": 0, "server": state, "client_segments": [],
-                         "client_bytes": _zero_bytes()})  # fmt: skip
+    recorder.checkpoint(
+        {"next_round": 0, "server": state, "client_segments": [], "client_bytes": _zero_bytes()}
+    )
 
 
 def _restore(
-    backend: Any, server: Any, workers: list[Any], principals: list[str], ckpt: dict[str, Any],
+    backend: Any,
+    server: Any,
+    workers: list[Any],
+    principals: list[str],
+    ckpt: dict[str, Any],
     cfg: RunConfig,
-) -> None:  # fmt: skip
+) -> None:
     backend.get([backend.call(server, "load_state_dict", ckpt["server"], ckpt["ledger_journal"])])
     clients = ckpt["clients"]
     if cfg.mode == "split":
-        calls = [backend.call(w, "load_state_dict", clients.get(p, {}))
-                 for w, p in zip(workers, principals, strict=True)]  # fmt: skip
+        calls = [
+            backend.call(w, "load_state_dict", clients.get(p, {}))
+            for w, p in zip(workers, principals, strict=True)
+        ]
     else:
         calls = [backend.call(w, "load_state_dict", clients) for w in workers]
     backend.get(calls)

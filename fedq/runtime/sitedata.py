@@ -29,12 +29,15 @@ def check_site_data(data: Any, joined: Joined) -> None:
     n_cls = int(joined.num_classes)
     top = int(data.y.max()) + 1 if len(data) else 0
     if top > n_cls:
-        raise FedqError(f"--data has labels up to {top - 1}, but the run's model has {n_cls} "
-                        "classes")  # fmt: skip
+        raise FedqError(
+            f"--data has labels up to {top - 1}, but the run's model has {n_cls} classes"
+        )
     x = getattr(data, "x", None)
     if joined.input_dim and (x is None or x.dim() != 2 or int(x.shape[1]) != joined.input_dim):
         shape = None if x is None else list(x.shape)
-        raise FedqError(f"--data has features of shape {shape}, but the run's model takes "
-                        f"{joined.input_dim} features per example")  # fmt: skip
+        raise FedqError(
+            f"--data has features of shape {shape}, but the run's model takes "
+            f"{joined.input_dim} features per example"
+        )
     if not joined.input_dim and x is not None:
         raise FedqError("--data holds arrays, but the run's model reads text (a csv: source)")

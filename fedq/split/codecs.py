@@ -28,10 +28,18 @@ def make_codec(sc: SplitConfig, direction: Direction, width: int, seed: int = 0)
     """The sender's codec for one boundary and direction (``act_codec`` / ``grad_codec``); ``seed``
     seeds the gradient direction's stochastic rounding."""
     return make_cut_codec(
-        sc.act_codec if direction == "act" else sc.grad_codec, direction, width=width, seed=seed,
-        fixed_bits=sc.fixed_bits, quant_range=sc.quant_range, outlier_ratio=sc.act_outlier_ratio,
-        b_min=sc.b_min, b_max=sc.b_max, init_bits=sc.init_bits, gate_signal=sc.act_gate_signal,
-    )  # fmt: skip
+        sc.act_codec if direction == "act" else sc.grad_codec,
+        direction,
+        width=width,
+        seed=seed,
+        fixed_bits=sc.fixed_bits,
+        quant_range=sc.quant_range,
+        outlier_ratio=sc.act_outlier_ratio,
+        b_min=sc.b_min,
+        b_max=sc.b_max,
+        init_bits=sc.init_bits,
+        gate_signal=sc.act_gate_signal,
+    )
 
 
 def make_receiver(sc: SplitConfig, direction: Direction) -> CutReceiver:

@@ -143,9 +143,12 @@ class _LlamaOps(_Ops):
 
         pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
         causal = create_causal_mask(
-            config=self.config, inputs_embeds=h, attention_mask=mask.long(),
-            past_key_values=None, position_ids=pos,
-        )  # fmt: skip
+            config=self.config,
+            inputs_embeds=h,
+            attention_mask=mask.long(),
+            past_key_values=None,
+            position_ids=pos,
+        )
         return causal, mods["rotary_emb"](h, pos), pos
 
     def block(self, blk: nn.Module, h: torch.Tensor, ctx: Any) -> torch.Tensor:
@@ -158,8 +161,9 @@ class _LlamaOps(_Ops):
     ) -> tuple[torch.Tensor, int, int]:
         logits = mods["lm_head"](mods["norm"](h))[:, :-1]
         target = labels[:, 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                               ignore_index=-100)  # fmt: skip
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
+        )
         valid = target != -100
         correct = int(((logits.detach().argmax(-1) == target) & valid).sum())
         return loss, correct, int(valid.sum())
@@ -169,9 +173,12 @@ class _Half(nn.Module):
     """A run of consecutive blocks of one model family, with optional inner boundaries."""
 
     def __init__(
-        self, ops: _Ops, mods: nn.ModuleDict, blocks: Sequence[nn.Module],
+        self,
+        ops: _Ops,
+        mods: nn.ModuleDict,
+        blocks: Sequence[nn.Module],
         boundaries: Sequence[SimulatedBoundary] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         self.ops = ops
         self.mods = mods
@@ -233,9 +240,12 @@ class SplitModel:
         """Tokenize ``texts`` (padded to the longest); classification keeps ``labels``, causal LM
         uses the tokens (padding -> -100)."""
         enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length,
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
             return_tensors="pt",
-        )  # fmt: skip
+        )
         batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if "token_type_ids" in enc and self.task == CLASSIFY:
             batch["token_type_ids"] = enc["token_type_ids"]
@@ -313,8 +323,9 @@ def _build_bert(
     from fedq.models import build_model
 
     extra = {"width": hidden, "layers": layers, "heads": 2} if name == "tiny_bert_lora" else {}
-    bundle: Any = build_model(name, num_classes=num_classes, seed=seed, lora_r=lora_r,
-                              max_length=max_length, **extra)  # fmt: skip
+    bundle: Any = build_model(
+        name, num_classes=num_classes, seed=seed, lora_r=lora_r, max_length=max_length, **extra
+    )
     module = bundle.module
     bert = module.encoder.base_model.model
     mods_b = nn.ModuleDict({"embeddings": bert.embeddings})
@@ -403,10 +414,15 @@ def _llama_base(name: str, hidden: int, layers: int) -> tuple[nn.Module, Any]:
 
     tok = load_tokenizer(minilm_path())  # any tokenizer will do for a random test model
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=512, tie_word_embeddings=True,
-    )  # fmt: skip
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the frozen base must be identical in every process
         return LlamaForCausalLM(config).eval(), tok
@@ -423,8 +439,9 @@ def _build_llama(
     model = copy.deepcopy(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        lora = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "v_proj"],
-                          lora_dropout=0.0)  # fmt: skip
+        lora = LoraConfig(
+            r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+        )
         full = get_peft_model(model, lora)
     full.train()
     return full, tok, model.config

@@ -147,9 +147,14 @@ class ActivationLedger:
     def plan(self, sizes: Mapping[int, int]) -> dict[str, Any]:
         p = self.cfg.privacy
         q_max = max(sample_rate(self.cfg, n) for n in sizes.values())
-        return {"mechanism": MECHANISM, "noise_multiplier": self._z(sizes),
-                "clip_norm": p.clip_norm, "delta": p.delta, "target_epsilon": p.target_epsilon,
-                "sample_rate_max": q_max}  # fmt: skip
+        return {
+            "mechanism": MECHANISM,
+            "noise_multiplier": self._z(sizes),
+            "clip_norm": p.clip_norm,
+            "delta": p.delta,
+            "target_epsilon": p.target_epsilon,
+            "sample_rate_max": q_max,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         accountants = {c: a.state_dict() for c, a in self.accountants.items()}

@@ -119,8 +119,7 @@ class SplitServer:
         self.grad_q.to(model.device)
         self.eval_act_q.to(model.device)
         self.schedule = bit_schedule(sc, total_steps(cfg))
-        self.gates = gate_controller(sc, _gate_groups(model.top, grad=[self.grad_q]),
-                                     self.schedule)  # fmt: skip
+        self.gates = gate_controller(sc, _gate_groups(model.top, grad=[self.grad_q]), self.schedule)
         lora = [p for n, p in model.top.named_parameters() if p.requires_grad and "gate" not in n]
         self.opt = lora_optimizer(lora, cfg.train)
         self.client_state = _client_state(model, self.eval_act_q)
@@ -247,13 +246,16 @@ class SplitServer:
         """Validate an activations message and decode it: ``(received, mask, labels)``."""
         names = self.act_rx.wire_names | {"mask", "labels"}
         if msg.kind != "activations" or set(msg.tensors) != names:
-            raise FedqError(f"expected activations {'/'.join(sorted(names))}, got {msg.kind!r} "
-                            f"{sorted(msg.tensors)}")  # fmt: skip
+            raise FedqError(
+                f"expected activations {'/'.join(sorted(names))}, got {msg.kind!r} "
+                f"{sorted(msg.tensors)}"
+            )
         ph = msg.tensors["h"]
         m = self.model
         if len(ph.shape) != 3 or ph.shape[2] != m.hidden or not 1 <= ph.shape[1] <= m.max_length:
-            raise FedqError(f"activations must be [B, T<={m.max_length}, {m.hidden}], "
-                            f"got {list(ph.shape)}")  # fmt: skip
+            raise FedqError(
+                f"activations must be [B, T<={m.max_length}, {m.hidden}], got {list(ph.shape)}"
+            )
         b, t = ph.shape[0], ph.shape[1]
         mask = unpack_mask(msg.tensors["mask"]).to(m.device)
         labels = unpack_labels(msg.tensors["labels"], 0, self.num_labels).to(m.device)
@@ -287,25 +289,42 @@ class SplitServer:
             self.act_rx.settle(msg.client_id, received, ok=True)
             self.steps += 1
         pg, ph = coded.tensors["g"], msg.tensors["h"]
-        scalars = {"loss": float(loss.detach()), "correct": float(correct), "count": float(count),
-                   "grad_rel_err": coded.stats["rel_err"], "grad_bits": pg.mean_bits()}  # fmt: skip
+        scalars = {
+            "loss": float(loss.detach()),
+            "correct": float(correct),
+            "count": float(count),
+            "grad_rel_err": coded.stats["rel_err"],
+            "grad_bits": pg.mean_bits(),
+        }
         for k, v in _stats_row("grad", self.grad_q).items():
             scalars[k.replace("/", "_")] = v
-        reply = WireMessage("gradients", msg.client_id, msg.round, msg.step, scalars, {},
-                            coded.tensors)  # fmt: skip
+        reply = WireMessage(
+            "gradients", msg.client_id, msg.round, msg.step, scalars, {}, coded.tensors
+        )
         now = time.monotonic()
         row: dict[str, Any] = {
-            "round": r, "client": member.client_id, "step": msg.step, "count": count,
-            "loss": scalars["loss"], "bytes_up": msg.nbytes,
+            "round": r,
+            "client": member.client_id,
+            "step": msg.step,
+            "count": count,
+            "loss": scalars["loss"],
+            "bytes_up": msg.nbytes,
             "bytes_down": message_nbytes(reply, self.cfg.runtime.chunk_bytes),
-            "numel": ph.numel, "act_bits": ph.mean_bits(), "grad_bits": pg.mean_bits(),
-            "act_payload": ph.payload_nbytes, "act_meta": ph.metadata_nbytes,
-            "grad_payload": pg.payload_nbytes, "grad_meta": pg.metadata_nbytes,
-        }  # fmt: skip
+            "numel": ph.numel,
+            "act_bits": ph.mean_bits(),
+            "grad_bits": pg.mean_bits(),
+            "act_payload": ph.payload_nbytes,
+            "act_meta": ph.metadata_nbytes,
+            "grad_payload": pg.payload_nbytes,
+            "grad_meta": pg.metadata_nbytes,
+        }
         if self.cfg.split.act_codec == "amaq":
             b = ph.bits.float()
-            row |= {"bits/cut/act/mean": float(b.mean()), "bits/cut/act/min": float(b.min()),
-                    "bits/cut/act/max": float(b.max())}  # fmt: skip
+            row |= {
+                "bits/cut/act/mean": float(b.mean()),
+                "bits/cut/act/min": float(b.min()),
+                "bits/cut/act/max": float(b.max()),
+            }
         row |= _stats_row("bits/cut/grad", self.grad_q)
         row |= {k: v for k, v in msg.scalars.items() if k.startswith(CLIENT_STATS)}
         with self._lock:
@@ -317,8 +336,9 @@ class SplitServer:
 
     # -- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        top = {n: p.detach().clone() for n, p in self.model.top.named_parameters()
-               if p.requires_grad}  # fmt: skip
+        top = {
+            n: p.detach().clone() for n, p in self.model.top.named_parameters() if p.requires_grad
+        }
         return {
             "top": top,
             "optimizer": self.opt.state_dict(),
@@ -357,14 +377,18 @@ class RoundSnapshot:
     @classmethod
     def take(cls, server: SplitServer) -> RoundSnapshot:
         top = server.model.top
-        return cls(copy.deepcopy({
-            "top": {n: p.detach() for n, p in top.named_parameters() if p.requires_grad},
-            "codecs": [q.get_extra_state() for q in _codecs(top)],
-            "grad_q": server.grad_q.state_dict(),
-            "optimizer": server.opt.state_dict(),
-            "gates": None if server.gates is None else server.gates.state_dict(),
-            "steps": server.steps,
-        }))  # fmt: skip
+        return cls(
+            copy.deepcopy(
+                {
+                    "top": {n: p.detach() for n, p in top.named_parameters() if p.requires_grad},
+                    "codecs": [q.get_extra_state() for q in _codecs(top)],
+                    "grad_q": server.grad_q.state_dict(),
+                    "optimizer": server.opt.state_dict(),
+                    "gates": None if server.gates is None else server.gates.state_dict(),
+                    "steps": server.steps,
+                }
+            )
+        )
 
     def restore(self, server: SplitServer) -> None:
         s = self.state
@@ -492,15 +516,20 @@ class SplitClientWorker:
         if cid not in self.shards:
             raise FedqError(f"{cid} is not hosted here")
         msg = conn.get_task(r, cid)
-        _load_client_state(self.model, self.act_q, {k: dequantize(p) for k, p in
-                                                   msg.tensors.items()})  # fmt: skip
+        _load_client_state(
+            self.model, self.act_q, {k: dequantize(p) for k, p in msg.tensors.items()}
+        )
         dp = None
         if dp_enabled(self.cfg):  # activation DP (fedq.split.privacy): z planned by the server
             dp = GaussianMechanism(msg.scalars["dp_clip"], msg.scalars["dp_noise_multiplier"])
-        lora = [p for n, p in self.model.bottom.named_parameters()
-                if p.requires_grad and "gate" not in n]  # fmt: skip
-        gates = gate_controller(self.cfg.split, _gate_groups(self.model.bottom, act=[self.act_q]),
-                                self.schedule)  # fmt: skip
+        lora = [
+            p
+            for n, p in self.model.bottom.named_parameters()
+            if p.requires_grad and "gate" not in n
+        ]
+        gates = gate_controller(
+            self.cfg.split, _gate_groups(self.model.bottom, act=[self.act_q]), self.schedule
+        )
         opt = lora_optimizer(lora, self.cfg.train)
         shard = self.shards[cid]
         seed = client_seed(self.cfg.seed, self.index[cid], r)
@@ -515,15 +544,26 @@ class SplitClientWorker:
             losses.append(self.step(conn, cid, shard, opt, take, r, step, gates, dp, noise))
         state = _client_state(self.model, self.act_q)
         n = float(shard.size or 1)
-        conn.push_update(WireMessage("update", cid, r, 0, {"num_samples": n}, {},
-                                     {k: raw(v) for k, v in state.items()}))  # fmt: skip
+        conn.push_update(
+            WireMessage(
+                "update", cid, r, 0, {"num_samples": n}, {}, {k: raw(v) for k, v in state.items()}
+            )
+        )
         return {"loss": sum(losses) / max(len(losses), 1), "steps": len(losses)}
 
     def step(
-        self, conn: Connection, cid: str, shard: Shard, opt: torch.optim.Optimizer,
-        take: torch.Tensor, r: int, step: int, gates: GateController | None,
-        dp: GaussianMechanism | None, noise: torch.Generator,
-    ) -> float:  # fmt: skip
+        self,
+        conn: Connection,
+        cid: str,
+        shard: Shard,
+        opt: torch.optim.Optimizer,
+        take: torch.Tensor,
+        r: int,
+        step: int,
+        gates: GateController | None,
+        dp: GaussianMechanism | None,
+        noise: torch.Generator,
+    ) -> float:
         """One split step (module docstring, 1, 2 and 5); returns the server's loss."""
         m = self.model
         data: Any = shard.data  # text data (the split models are language models)
@@ -538,8 +578,11 @@ class SplitClientWorker:
         for i, b in enumerate(bounds):
             stats |= _stats_row(f"bits/b{i}/act", b.act_q) | _stats_row(f"bits/b{i}/grad", b.grad_q)
         coded = self.act_q.send(h, ids=take.tolist())
-        tensors = {**coded.tensors, "mask": pack_mask(batch["attention_mask"]),
-                   "labels": pack_labels(batch["labels"])}  # fmt: skip
+        tensors = {
+            **coded.tensors,
+            "mask": pack_mask(batch["attention_mask"]),
+            "labels": pack_labels(batch["labels"]),
+        }
         msg = WireMessage("activations", cid, r, step, stats, {}, tensors)
         try:
             reply = conn.split_step(msg)

@@ -42,11 +42,15 @@ def plot_split_report(
     ax[0].plot([a for a, _ in acc], [b for _, b in acc], marker="o", ms=3)
     ax[0].set(title="(a) accuracy vs round", xlabel="round", ylabel="accuracy")
     wire = cumulative_wire_bytes(records)
-    pts = [(w, r["accuracy"]) for w, r in zip(wire, records, strict=True)
-           if r.get("accuracy") is not None]  # fmt: skip
+    pts = [
+        (w, r["accuracy"])
+        for w, r in zip(wire, records, strict=True)
+        if r.get("accuracy") is not None
+    ]
     ax[1].plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3)
-    ax[1].set(title="(b) accuracy vs wire bytes", xlabel="cumulative bytes (up + down)",
-              ylabel="accuracy")  # fmt: skip
+    ax[1].set(
+        title="(b) accuracy vs wire bytes", xlabel="cumulative bytes (up + down)", ylabel="accuracy"
+    )
     series: dict[str, list[tuple[int, float, float, float]]] = defaultdict(list)
     for row in _step_rows(steps_path):
         for key, v in row.items():
@@ -58,8 +62,10 @@ def plot_split_report(
         by_step: dict[int, list[tuple[int, float, float, float]]] = defaultdict(list)
         for p in raw_pts:  # several clients report the same step: mean of means, min, max
             by_step[p[0]].append(p)
-        pts4 = [(st, sum(p[1] for p in ps) / len(ps), min(p[2] for p in ps),
-                 max(p[3] for p in ps)) for st, ps in sorted(by_step.items())]  # fmt: skip
+        pts4 = [
+            (st, sum(p[1] for p in ps) / len(ps), min(p[2] for p in ps), max(p[3] for p in ps))
+            for st, ps in sorted(by_step.items())
+        ]
         xs = [p[0] for p in pts4]
         ax[2].plot(xs, [p[1] for p in pts4], label=name)
         ax[2].fill_between(xs, [p[2] for p in pts4], [p[3] for p in pts4], alpha=0.15)

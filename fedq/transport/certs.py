@@ -69,8 +69,9 @@ def check_client_ids(ids: Sequence[str]) -> list[str]:
         for cid in ids
         if not CLIENT_ID_PATTERN.fullmatch(cid)
     ]
-    problems += [f"certs: client id {cid!r} is given twice" for cid in sorted(set(ids))
-                 if ids.count(cid) > 1]  # fmt: skip
+    problems += [
+        f"certs: client id {cid!r} is given twice" for cid in sorted(set(ids)) if ids.count(cid) > 1
+    ]
     if problems:
         raise ConfigError(problems)
     return list(ids)
@@ -172,9 +173,12 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _builder(
-    subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, start: dt.datetime,
+    subject: x509.Name,
+    issuer: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    start: dt.datetime,
     end: dt.datetime,
-) -> x509.CertificateBuilder:  # fmt: skip
+) -> x509.CertificateBuilder:
     return (
         x509.CertificateBuilder()
         .subject_name(subject)

@@ -184,8 +184,9 @@ class TransportClient:
         with self._lock:
             self.bytes_sent += sent
             self.bytes_received += received
-        self.counters.add(client_id or self.client_id, up=sent, down=received,
-                          control=client_id is None)  # fmt: skip
+        self.counters.add(
+            client_id or self.client_id, up=sent, down=received, control=client_id is None
+        )
 
     def register(self, reg: Registration) -> Joined:
         """Register this principal's logical clients with the server. Registering again (after

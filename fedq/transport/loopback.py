@@ -85,8 +85,9 @@ class LoopbackConnection:
 
     def register(self, reg: Registration) -> Joined:
         request = registration_to_proto(reg)
-        joined = self.handler.register(self.client_id,
-                                       registration_from_proto(request, self.limits))  # fmt: skip
+        joined = self.handler.register(
+            self.client_id, registration_from_proto(request, self.limits)
+        )
         reply = joined_to_proto(joined)
         self._count(None, request.ByteSize(), reply.ByteSize())
         return joined_from_proto(reply)

@@ -52,9 +52,13 @@ class TlsConfig:
 
     @classmethod
     def from_pem(
-        cls, *, cert: bytes | None = None, key: bytes | None = None, ca: bytes | None = None,
+        cls,
+        *,
+        cert: bytes | None = None,
+        key: bytes | None = None,
+        ca: bytes | None = None,
         server_name: str | None = None,
-    ) -> TlsConfig:  # fmt: skip
+    ) -> TlsConfig:
         """TLS from PEM bytes held in memory (nothing is read from or written to disk)."""
         return cls(None, None, cert_pem=cert, key_pem=key, ca_pem=ca, server_name=server_name)
 

@@ -185,8 +185,11 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
 
     def _principal(self, context: grpc.ServicerContext, authed: str | None) -> str:
         if authed is None:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                        "missing x-fedq-client metadata: who is calling?")  # fmt: skip
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "missing x-fedq-client metadata: who is calling?",
+            )
         return authed
 
     def _run(self, context: grpc.ServicerContext, phase: _Phase, fn: Callable[[], T]) -> T:
@@ -211,8 +214,11 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         try:
             msg.ParseFromString(data)
         except (DecodeError, ValueError, RuntimeError) as e:
-            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT,
-                        f"{cls.DESCRIPTOR.name}: not a valid message ({e})"[:500])  # fmt: skip
+            self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{cls.DESCRIPTOR.name}: not a valid message ({e})"[:500],
+            )
         return msg
 
     def _slot(
@@ -220,8 +226,7 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
     ) -> None:
         """Hold one of the authenticated principal's call slots for this call's life."""
         if authed is not None:
-            self._run(context, _Phase.DECODE,
-                      lambda: stack.enter_context(self._slots.hold(authed)))  # fmt: skip
+            self._run(context, _Phase.DECODE, lambda: stack.enter_context(self._slots.hold(authed)))
 
     def _admit(
         self, context: grpc.ServicerContext, who: str, held: list[int]
@@ -525,8 +530,15 @@ class TransportServer:
             ],
         )
         mtls = self._tls is not None and self._tls.require_client_cert
-        servicer = _Servicer(self._handler, self._limits, self._tokens, self.counters, self._hosts,
-                             check_cert_name=mtls, server_limits=self._server_limits)  # fmt: skip
+        servicer = _Servicer(
+            self._handler,
+            self._limits,
+            self._tokens,
+            self.counters,
+            self._hosts,
+            check_cert_name=mtls,
+            server_limits=self._server_limits,
+        )
         self._servicer = servicer
         _add_service(server, FEDERATED_SERVICE, _federated_handlers(servicer))
         services = ["", FEDERATED_SERVICE]

@@ -20,10 +20,23 @@ from fedq.transport.security import TlsConfig
 
 #: What an HTTP/2 client sends first: a gRPC server answers it with its settings.
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-_NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
-            "UNKNOWN_PROTOCOL", "HTTP_REQUEST", "RECORD_TOO_LARGE")  # fmt: skip
-_CERT_REFUSED = ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "DECRYPT_ERROR",
-                 "UNSUPPORTED_CERTIFICATE", "CERTIFICATE_EXPIRED", "ACCESS_DENIED")  # fmt: skip
+_NOT_TLS = (
+    "WRONG_VERSION_NUMBER",
+    "RECORD_LAYER_FAILURE",
+    "PACKET_LENGTH_TOO_LONG",
+    "UNKNOWN_PROTOCOL",
+    "HTTP_REQUEST",
+    "RECORD_TOO_LARGE",
+)
+_CERT_REFUSED = (
+    "UNKNOWN_CA",
+    "BAD_CERTIFICATE",
+    "CERTIFICATE_UNKNOWN",
+    "DECRYPT_ERROR",
+    "UNSUPPORTED_CERTIFICATE",
+    "CERTIFICATE_EXPIRED",
+    "ACCESS_DENIED",
+)
 
 
 def _split(target: str) -> tuple[str, int] | None:
@@ -101,8 +114,13 @@ def _context(tls: TlsConfig) -> ssl.SSLContext:
 def _tls_problem(sock: socket.socket, target: str, tls: TlsConfig) -> str | None:
     host = _split(target)[0]  # type: ignore[index]
     name = tls.server_name or host
-    trusted = f"--ca {tls.ca_file}" if tls.ca_file else "the CA given" if tls.ca_pem else (
-        "the system's trusted CAs (no --ca)")  # fmt: skip
+    trusted = (
+        f"--ca {tls.ca_file}"
+        if tls.ca_file
+        else "the CA given"
+        if tls.ca_pem
+        else ("the system's trusted CAs (no --ca)")
+    )
     try:
         ctx = _context(tls)
     except (ssl.SSLError, ValueError, OSError) as e:
@@ -124,9 +142,11 @@ def _tls_problem(sock: socket.socket, target: str, tls: TlsConfig) -> str | None
         if any(k in what for k in ("CERTIFICATE_REQUIRED", "HANDSHAKE_FAILURE", *_CERT_REFUSED)):
             return _client_cert_refused(tls)
         if any(k in what for k in _NOT_TLS):
-            return (f"TLS: the server at {target} speaks plaintext, but this site uses TLS: "
-                    "ask its operator to serve with --cert/--key, or (trusted networks only) "
-                    "join with --insecure and without --ca/--cert/--key")  # fmt: skip
+            return (
+                f"TLS: the server at {target} speaks plaintext, but this site uses TLS: "
+                "ask its operator to serve with --cert/--key, or (trusted networks only) "
+                "join with --insecure and without --ca/--cert/--key"
+            )
         return None  # e.g. the connection closed mid-handshake: not known to be TLS
     except OSError:
         return None
@@ -149,8 +169,12 @@ def _client_cert_refused(tls: TlsConfig) -> str:
     """The server closed the connection during or right after the handshake: under mutual TLS,
     because this site sent no certificate, or one the server's CA did not issue."""
     if not (tls.cert_file or tls.cert_pem):
-        return ("TLS: the server requires a client certificate (mutual TLS): pass --cert FILE "
-                "and --key FILE, this site's certificate and key (fedq certs writes "
-                "clients/<id>.pem and .key)")  # fmt: skip
-    return ("TLS: the server refuses this site's client certificate (--cert/--key): use the "
-            "certificate issued for this client id by the CA the server trusts")  # fmt: skip
+        return (
+            "TLS: the server requires a client certificate (mutual TLS): pass --cert FILE "
+            "and --key FILE, this site's certificate and key (fedq certs writes "
+            "clients/<id>.pem and .key)"
+        )
+    return (
+        "TLS: the server refuses this site's client certificate (--cert/--key): use the "
+        "certificate issued for this client id by the CA the server trusts"
+    )

@@ -294,9 +294,10 @@ def message_from_frames(
     if extra is not None:
         kind = decode_frame(frame_bytes(extra), "frame")
         field_name, what = (
-            ("header", "header") if isinstance(kind, pb.Header)
+            ("header", "header")
+            if isinstance(kind, pb.Header)
             else ("chunk", "chunk" if kind is not None else "empty")
-        )  # fmt: skip
+        )
         raise WireFormatError(
             f"frame: field {field_name!r}: unexpected {what} frame after the payload"
         )

@@ -167,9 +167,13 @@ class _TensorStream:
         self.header: PackedTensor | None = None
         self.decoder: StreamDecoder | None = None
         self.reader = _FieldReader(
-            f"bundle: tensor {index}", {_PAYLOAD}, self._field, self._start, self._data,
+            f"bundle: tensor {index}",
+            {_PAYLOAD},
+            self._field,
+            self._start,
+            self._data,
             lambda f: None,
-        )  # fmt: skip
+        )
 
     def _parse(self, raw: bytes | bytearray) -> pb.PackedTensor:
         try:

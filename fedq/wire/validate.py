@@ -163,9 +163,10 @@ def check_tensor(
         if msg.granularity != pb.TENSOR:
             raise fail(name, "granularity", "RAW tensors must use TENSOR granularity")
         _check_empty(
-            msg, ("bits", "scales", "offsets", "row_scales", "outlier_index", "outlier_values"),
+            msg,
+            ("bits", "scales", "offsets", "row_scales", "outlier_index", "outlier_values"),
             "for a RAW tensor",
-        )  # fmt: skip
+        )
         expected = numel * FLOAT_DTYPES[dtype].itemsize
         if npay != expected:
             raise fail(name, "payload", f"length {npay} bytes != expected {expected}")
@@ -200,9 +201,10 @@ def _check_outlier_sizes(msg: pb.PackedTensor, shape: tuple[int, ...], numel: in
         raise fail(name, "outlier_index", f"{k} outlier rows of {rows} (at most 1/8)")
     if len(msg.outlier_values) != k * width * vsz:
         raise fail(
-            name, "outlier_values",
+            name,
+            "outlier_values",
             f"length {len(msg.outlier_values)} bytes != {k} x {width} x {vsz}",
-        )  # fmt: skip
+        )
 
 
 def check_outliers(name: str, spec: TensorSpec, index: torch.Tensor, values: torch.Tensor) -> None:

@@ -73,8 +73,18 @@ def _code(payload_ptr, bit, mask, BITS: tl.constexpr):
 
 #: Integer arguments whose value Triton should not specialise on (divisibility by 16, == 1):
 #: they are bounds and constants, not addresses, and each specialisation is another compile.
-_PLAIN_INTS = ["stop", "bit_base", "block_len", "bl_m", "bl_s", "inner", "in_m", "in_s",
-               "row_m", "row_s"]  # fmt: skip
+_PLAIN_INTS = [
+    "stop",
+    "bit_base",
+    "block_len",
+    "bl_m",
+    "bl_s",
+    "inner",
+    "in_m",
+    "in_s",
+    "row_m",
+    "row_s",
+]
 
 
 @triton.jit(do_not_specialize=_PLAIN_INTS)
@@ -164,8 +174,19 @@ class DecodePlan:
             inner = math.prod(shape[layout.axis + 1 :])
             mode = CHANNEL_LAST if layout.axis == len(shape) - 1 else CHANNEL_MID
         offsets = None if p.offsets is None else p.offsets.to(dev)
-        return DecodePlan(layout, p.symmetric, dev, runs, blocks, p.scales.to(dev), offsets,
-                          mode, channels, inner, shape[-1] if shape else 1)  # fmt: skip
+        return DecodePlan(
+            layout,
+            p.symmetric,
+            dev,
+            runs,
+            blocks,
+            p.scales.to(dev),
+            offsets,
+            mode,
+            channels,
+            inner,
+            shape[-1] if shape else 1,
+        )
 
 
 def _check_header(p: PackedTensor, device: torch.device) -> None:
@@ -183,8 +204,10 @@ def _check_header(p: PackedTensor, device: torch.device) -> None:
     if bits.numel() != nb or (nb and (int(bits.min()) < 1 or int(bits.max()) > 8)):
         raise CodecError(f"bit map must have {nb} entries in 1..8")
     if p.scales.dtype not in SCALE_DTYPES.values() or p.scales.numel() != nb:
-        raise CodecError(f"scales must be {nb} float16/float32 values, got {p.scales.dtype} "
-                         f"{list(p.scales.shape)}")  # fmt: skip
+        raise CodecError(
+            f"scales must be {nb} float16/float32 values, got {p.scales.dtype} "
+            f"{list(p.scales.shape)}"
+        )
     if p.symmetric != (p.offsets is None):
         raise CodecError("offsets must be given exactly for asymmetric tensors")
     if p.offsets is not None and (
@@ -230,15 +253,33 @@ def decode_range(
     table = plan.blocks[run]
     grid = (triton.cdiv(stop - start, BLOCK),)
     _dequantize_kernel[grid](
-        payload, out, plan.scales if table is None else table, plan.scales,
+        payload,
+        out,
+        plan.scales if table is None else table,
+        plan.scales,
         plan.scales if plan.offsets is None else plan.offsets,
         plan.scales if row_scales is None else row_scales,
-        start, stop, 8 * r.byte_start, lay.block_len, bl_m, bl_s,
-        plan.channels, plan.inner, in_m, in_s, row_m, row_s,
-        BITS=r.bits, SYMMETRIC=plan.symmetric, ALL_BLOCKS=r.all_blocks, MODE=plan.mode,
-        ROW_SCALE=row_scales is not None, BLOCK=BLOCK,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,
-    )  # fmt: skip
+        start,
+        stop,
+        8 * r.byte_start,
+        lay.block_len,
+        bl_m,
+        bl_s,
+        plan.channels,
+        plan.inner,
+        in_m,
+        in_s,
+        row_m,
+        row_s,
+        BITS=r.bits,
+        SYMMETRIC=plan.symmetric,
+        ALL_BLOCKS=r.all_blocks,
+        MODE=plan.mode,
+        ROW_SCALE=row_scales is not None,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
+    )
 
 
 def dequantize(
@@ -258,8 +299,9 @@ def dequantize(
     _check_rows(p)
     need = expected_payload_nbytes(plan.layout, p.bits)
     if p.payload.dtype != torch.uint8 or p.payload.dim() != 1 or p.payload.numel() != need:
-        raise CodecError(f"payload must be {need} uint8 bytes, got {p.payload.dtype} "
-                         f"{list(p.payload.shape)}")  # fmt: skip
+        raise CodecError(
+            f"payload must be {need} uint8 bytes, got {p.payload.dtype} {list(p.payload.shape)}"
+        )
     out = torch.empty(p.shape, dtype=out_dtype, device=dev)
     if plan.layout.numel == 0:
         return out

@@ -115,8 +115,10 @@ def _check(
 ) -> None:
     nb, bl = layout.num_blocks, layout.block_len
     if xb.dtype not in FLOAT_DTYPES.values() or tuple(xb.shape) != (nb, bl):
-        raise CodecError(f"quantize_pack: x must be the [{nb}, {bl}] block view in "
-                         f"float32/float16/bfloat16, got {xb.dtype} {list(xb.shape)}")  # fmt: skip
+        raise CodecError(
+            f"quantize_pack: x must be the [{nb}, {bl}] block view in "
+            f"float32/float16/bfloat16, got {xb.dtype} {list(xb.shape)}"
+        )
     check_device(xb.device)
     if not supports(layout.numel):
         raise CodecError(f"{layout.numel} elements exceeds the kernels' limit; use the torch path")
@@ -125,8 +127,10 @@ def _check(
         raise CodecError(f"quantize_pack: bit map must have {nb} entries in 1..8")
     for name, t in (("divisor", divisor), ("centre", centre)):
         if t.dtype != torch.float32 or t.numel() != nb or t.device != xb.device:
-            raise CodecError(f"quantize_pack: {name} must be {nb} float32 values on {xb.device}, "
-                             f"got {t.dtype} {list(t.shape)} on {t.device}")  # fmt: skip
+            raise CodecError(
+                f"quantize_pack: {name} must be {nb} float32 values on {xb.device}, "
+                f"got {t.dtype} {list(t.shape)} on {t.device}"
+            )
 
 
 def quantize_pack(
@@ -158,11 +162,28 @@ def quantize_pack(
         table = divisor if run.all_blocks else run.blocks.to(device=xb.device, dtype=torch.int32)
         grid = (triton.cdiv(run.nbytes, nbytes),)
         _quantize_pack_kernel[grid](
-            xb, out, table, divisor, centre,
-            run.numel, run.nbytes, run.byte_start, layout.block_len, bl_m, bl_s, seed_lo, seed_hi,
-            BITS=run.bits, E=e, SYMMETRIC=symmetric, STOCHASTIC=seed is not None,
-            ALL_BLOCKS=run.all_blocks, BYTES=nbytes, num_warps=NUM_WARPS, enable_fp_fusion=False,
-        )  # fmt: skip
+            xb,
+            out,
+            table,
+            divisor,
+            centre,
+            run.numel,
+            run.nbytes,
+            run.byte_start,
+            layout.block_len,
+            bl_m,
+            bl_s,
+            seed_lo,
+            seed_hi,
+            BITS=run.bits,
+            E=e,
+            SYMMETRIC=symmetric,
+            STOCHASTIC=seed is not None,
+            ALL_BLOCKS=run.all_blocks,
+            BYTES=nbytes,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
     return out
 
 
@@ -181,7 +202,15 @@ def quantize_pack_ref(
     levels = (2 ** bits.to(device=xb.device, dtype=torch.int32) - 1).float()
     if layout.numel == 0:
         return torch.empty(0, dtype=torch.uint8, device=xb.device)
-    codes = encode_blocks(xb, layout.pieces(PIECE_ELEMS), divisor, centre, levels,
-                          symmetric=symmetric, stochastic=seed is not None, generator=None,
-                          seed=seed)  # fmt: skip
+    codes = encode_blocks(
+        xb,
+        layout.pieces(PIECE_ELEMS),
+        divisor,
+        centre,
+        levels,
+        symmetric=symmetric,
+        stochastic=seed is not None,
+        generator=None,
+        seed=seed,
+    )
     return pack_by_class(codes, bits.to("cpu"), layout)

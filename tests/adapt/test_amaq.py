@@ -251,8 +251,15 @@ def test_stochastic_gradient_rounding_is_unbiased_seeded_and_wire_exact(kind: st
     def make(seed: int, stochastic: bool = True) -> FixedQuantizer | AmaqQuantizer:
         if kind == "fixed":
             return FixedQuantizer(2, scale_dtype="float32", stochastic=stochastic, seed=seed)
-        return AmaqQuantizer(16, b_min=1, b_max=8, init_bits=2.0, scale_dtype="float32",
-                             stochastic=stochastic, seed=seed)  # fmt: skip
+        return AmaqQuantizer(
+            16,
+            b_min=1,
+            b_max=8,
+            init_bits=2.0,
+            scale_dtype="float32",
+            stochastic=stochastic,
+            seed=seed,
+        )
 
     g = _x(4, 8, 16) * 1e-4
     q = make(0)
@@ -304,8 +311,9 @@ def test_send_and_receive_through_the_one_interface(name: str) -> None:
     grad = make_cut_codec(name, "grad", width=16, seed=1)
     g = grad.send(_x(2, 6, 16, seed=3) * 1e-3)
     assert set(g.tensors) == {"g"} and g.stats["rel_err"] >= 0.0
-    assert torch.equal(CUT_CODECS[name].receiver("grad").receive(g.tensors, "s", "cpu").value,
-                       g.value.float())  # fmt: skip
+    assert torch.equal(
+        CUT_CODECS[name].receiver("grad").receive(g.tensors, "s", "cpu").value, g.value.float()
+    )
     bad = {"h": IdentityQuantizer().encode(torch.full((2, 6, 16), float("nan")))}
     with pytest.raises(FedqError, match="NaN"):
         rx.receive(bad, "client-0", "cpu")
@@ -340,8 +348,9 @@ def test_outlier_rows_fake_quant_is_the_wire_and_passes_gradients_straight(
 
     def run(x: torch.Tensor) -> tuple:
         if kind == "amaq":
-            q: torch.nn.Module = AmaqQuantizer(16, b_min=1, b_max=8, init_bits=3.0,
-                                               outlier_ratio=3.0, **extra)  # fmt: skip
+            q: torch.nn.Module = AmaqQuantizer(
+                16, b_min=1, b_max=8, init_bits=3.0, outlier_ratio=3.0, **extra
+            )
             with torch.no_grad():
                 q.gate.copy_(torch.linspace(-3, 3, 16))
         else:

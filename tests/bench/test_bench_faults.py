@@ -19,16 +19,34 @@ pytestmark = pytest.mark.slow
 def test_bench_faults_cli_hits_each_fault_and_cleans_up(tmp_path: Path) -> None:
     out, keep = tmp_path / "faults.json", tmp_path / "work"
     done = subprocess.run(
-        [sys.executable, "-m", "fedq.cli", "bench", "faults", "--rounds", "1", "--epochs", "10",
-         "--round-timeout", "15", "--keep", str(keep), "--json", str(out)],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedq.cli",
+            "bench",
+            "faults",
+            "--rounds",
+            "1",
+            "--epochs",
+            "10",
+            "--round-timeout",
+            "15",
+            "--keep",
+            str(keep),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     for line in ("dead client", "stalled client", "server restart", "cold start"):
         assert line in done.stdout, done.stdout
     result = json.loads(out.read_text())
-    dead, stalled, restart = (result[k] for k in ("dead_client", "stalled_client",
-                                                  "server_restart"))  # fmt: skip
+    dead, stalled, restart = (
+        result[k] for k in ("dead_client", "stalled_client", "server_restart")
+    )
     assert dead["dropped_because"] == "its work stream closed"
     assert dead["applied"] and dead["clients_ok"] == 2  # closed with the other two
     assert dead["ratio_to_normal_round"] == dead["fault_to_close_s"] / dead["normal_round_s"]
@@ -41,6 +59,9 @@ def test_bench_faults_cli_hits_each_fault_and_cleans_up(tmp_path: Path) -> None:
     assert [r["round"] for r in recs] == list(range(len(recs))) and len(recs) > restart["round"]
     server_log = (keep / "logs" / "restart-resumed-server.log").read_text()
     assert f"resuming at round {restart['round']}" in server_log
-    left = [p for p in psutil.process_iter(["cmdline"]) if str(keep) in " ".join(
-        p.info["cmdline"] or [])]  # fmt: skip
+    left = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(keep) in " ".join(p.info["cmdline"] or [])
+    ]
     assert not left, [p.info["cmdline"] for p in left]

@@ -13,10 +13,24 @@ from pathlib import Path
 def test_bench_robust_quick_cli(tmp_path: Path) -> None:
     out = tmp_path / "robust.json"
     done = subprocess.run(
-        [sys.executable, "-m", "fedq.cli", "bench", "robust", "--quick",
-         "--aggregators", "mean", "median", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedq.cli",
+            "bench",
+            "robust",
+            "--quick",
+            "--aggregators",
+            "mean",
+            "median",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "sign_flipx2" in done.stdout and "ratio to the clean mean run" in done.stdout
     result = json.loads(out.read_text())

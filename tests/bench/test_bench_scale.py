@@ -17,10 +17,28 @@ def test_bench_scale_cli_runs_every_size(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     env = {**os.environ, "FEDQ_CACHE": str(tmp_path / "cache")}  # this subprocess only
     done = subprocess.run(
-        [sys.executable, "-m", "fedq.cli", "bench", "scale", "--clients", "40,20",
-         "--per-round", "4", "--rounds", "2", "--backend", "inprocess", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedq.cli",
+            "bench",
+            "scale",
+            "--clients",
+            "40,20",
+            "--per-round",
+            "4",
+            "--rounds",
+            "2",
+            "--backend",
+            "inprocess",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert "s/round" in done.stdout and "peak RSS" in done.stdout
     result = json.loads(out.read_text())

@@ -21,10 +21,25 @@ from fedq.wire import bundle_to_bytes, message_to_frames
 def test_bench_transport_cli_counts_every_byte(tmp_path: Path) -> None:
     out = tmp_path / "transport.json"
     done = subprocess.run(
-        [sys.executable, "-m", "fedq.cli", "bench", "transport", "--part", "throughput",
-         "--size-mib", "2", "--repeats", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedq.cli",
+            "bench",
+            "transport",
+            "--part",
+            "throughput",
+            "--size-mib",
+            "2",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "fedq MB/s" in done.stdout and "raw MB/s" in done.stdout
     result = json.loads(out.read_text())
@@ -47,8 +62,9 @@ def test_bench_transport_cli_counts_every_byte(tmp_path: Path) -> None:
         if direction == "upload":
             assert fedq["client_sent"] == fedq["server_received"] == calls * frames
             assert (fedq["updates_decoded"], fedq["updates_wrong_size"]) == (calls, 0)
-            assert raw == {k: calls * payload for k in ("client_sent", "server_received",
-                                                         "server_acked")}  # fmt: skip
+            assert raw == {
+                k: calls * payload for k in ("client_sent", "server_received", "server_acked")
+            }
         else:
             assert fedq["server_sent"] == fedq["client_received"] == calls * frames
             assert raw == {"server_sent": calls * payload, "client_received": calls * payload}
@@ -58,10 +74,27 @@ def test_bench_transport_cli_counts_every_byte(tmp_path: Path) -> None:
 def test_bench_transport_rounds_part_runs_three_ways_alike(tmp_path: Path) -> None:
     out, keep = tmp_path / "rounds.json", tmp_path / "work"
     done = subprocess.run(
-        [sys.executable, "-m", "fedq.cli", "bench", "transport", "--part", "rounds",
-         "--clients", "3", "--rounds", "2", "--keep", str(keep), "--json", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "fedq.cli",
+            "bench",
+            "transport",
+            "--part",
+            "rounds",
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--keep",
+            str(keep),
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "s/round" in done.stdout and "serve + joins / simulate (ray)" in done.stdout
     result = json.loads(out.read_text())
@@ -95,6 +128,9 @@ def test_bench_transport_rounds_part_runs_three_ways_alike(tmp_path: Path) -> No
     logs = {p.stem for p in (keep / "logs").iterdir()}
     assert logs == {"ray", "inprocess", "serve", "client-0", "client-1", "client-2"}
     assert "(TLS)" in (keep / "logs" / "client-0.log").read_text()
-    left = [p for p in psutil.process_iter(["cmdline"]) if str(keep) in " ".join(
-        p.info["cmdline"] or [])]  # fmt: skip
+    left = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(keep) in " ".join(p.info["cmdline"] or [])
+    ]
     assert not left, [p.info["cmdline"] for p in left]

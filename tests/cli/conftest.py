@@ -15,8 +15,13 @@ FEDQ = Path(sys.executable).with_name("fedq")
 
 
 def run_fedq(*args: str, timeout: float = 600, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
     return subprocess.run(
         [str(FEDQ), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

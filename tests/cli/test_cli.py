@@ -32,8 +32,17 @@ def test_quickstart_on_ray_then_resume_from_its_folder(fedq_cli: Run, tmp_path: 
     """The README's main job (Ray, real gRPC), then ``--resume DIR --set fed.rounds=N``: the
     saved config.json loads back (its 1e-05 delta included) and the run continues."""
     out = tmp_path / "q"
-    first = fedq_cli("simulate", "scenarios/quickstart.yaml", "--set", "fed.rounds=2",
-                     "--set", "runtime.object_store_mb=128", "--out", str(out), "-q")  # fmt: skip
+    first = fedq_cli(
+        "simulate",
+        "scenarios/quickstart.yaml",
+        "--set",
+        "fed.rounds=2",
+        "--set",
+        "runtime.object_store_mb=128",
+        "--out",
+        str(out),
+        "-q",
+    )
     assert first.returncode == 0, first.stderr
     assert "done: accuracy" in first.stdout
     for name in ("config.json", "metrics.jsonl", "summary.json", "report.png", "checkpoint.pt"):
@@ -60,8 +69,9 @@ def test_configuration_problems_are_one_clear_error(
     """Bad keys and problems only the data or the registries reveal fail the same way: exit 2,
     a one-line error, no traceback, nothing started or written."""
     out = tmp_path / "never"
-    done = fedq_cli("simulate", "scenarios/quickstart.yaml", "--set", override,
-                    "--out", str(out), "-q")  # fmt: skip
+    done = fedq_cli(
+        "simulate", "scenarios/quickstart.yaml", "--set", override, "--out", str(out), "-q"
+    )
     assert done.returncode == 2
     assert done.stderr.startswith(first_line), done.stderr
     assert "Traceback" not in done.stderr and not out.exists()

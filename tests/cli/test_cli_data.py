@@ -54,21 +54,30 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[str, str]]:
     neg[5] = -1
     how = "write one with numpy.savez(path, x=features, y=labels)"
     return {
-        "latin1": (f"csv:{latin}",
-                   "not UTF-8 text: byte 0xe9 at offset 21 (line 3); save the file as UTF-8"),
+        "latin1": (
+            f"csv:{latin}",
+            "not UTF-8 text: byte 0xe9 at offset 21 (line 3); save the file as UTF-8",
+        ),
         "zip": (f"npz:{zipish}", f"not an npz file (File is not a zip file); {how}"),
         "text": (f"npz:{text}", f"not an npz file (no zip signature at its start); {how}"),
-        "nan": (f"npz:{_npz(tmp_path / 'nan.npz', nan, y)}",
-                "x: 2 rows with NaN or Inf features (first: row 7); drop or impute them"),
-        "fraction": (f"npz:{_npz(tmp_path / 'frac.npz', x, frac)}",
-                     "labels must be class indices (whole numbers), got 0.5 at row 3 (1 row in "
-                     "all)"),
-        "negative": (f"npz:{_npz(tmp_path / 'neg.npz', x, neg)}",
-                     "labels must be class indices >= 0, got -1 at row 5"),
-        "strings": (f"npz:{_npz(tmp_path / 'strx.npz', x.astype(str), y)}",
-                    "x: features must be numeric, got dtype <U32"),
+        "nan": (
+            f"npz:{_npz(tmp_path / 'nan.npz', nan, y)}",
+            "x: 2 rows with NaN or Inf features (first: row 7); drop or impute them",
+        ),
+        "fraction": (
+            f"npz:{_npz(tmp_path / 'frac.npz', x, frac)}",
+            "labels must be class indices (whole numbers), got 0.5 at row 3 (1 row in all)",
+        ),
+        "negative": (
+            f"npz:{_npz(tmp_path / 'neg.npz', x, neg)}",
+            "labels must be class indices >= 0, got -1 at row 5",
+        ),
+        "strings": (
+            f"npz:{_npz(tmp_path / 'strx.npz', x.astype(str), y)}",
+            "x: features must be numeric, got dtype <U32",
+        ),
         "arrays": (f"npz:{tmp_path / 'noy.npz'}", "missing arrays ['y'] (found ['x'])"),
-    }  # fmt: skip
+    }
 
 
 def _one_error(done: Any, line: str) -> None:
@@ -101,16 +110,34 @@ def test_bad_data_fails_the_same_way_in_shard_serve_and_join(fedq_cli: Run, tmp_
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text(f"client-0: {TOKEN}\nclient-1: {TOKEN[::-1]}u\n")
     tokens.chmod(0o600)
-    serve = fedq_cli("serve", str(_scenario(tmp_path, "digits")), "--listen", "127.0.0.1:0",
-                     "--tokens", str(tokens), "--eval-data", source,
-                     "--out", str(tmp_path / "run"))  # fmt: skip
+    serve = fedq_cli(
+        "serve",
+        str(_scenario(tmp_path, "digits")),
+        "--listen",
+        "127.0.0.1:0",
+        "--tokens",
+        str(tokens),
+        "--eval-data",
+        source,
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert serve.returncode == 2 and f"fedq: error: {ERR[13:]}{path}: {problem}\n" in serve.stderr
     assert "Traceback" not in serve.stderr
     token = tmp_path / "client-0.token"
     token.write_text(TOKEN)
     token.chmod(0o600)
-    join = fedq_cli("join", "--server", "127.0.0.1:9", "--client-id", "client-0",
-                    "--token-file", str(token), "--data", source)  # fmt: skip
+    join = fedq_cli(
+        "join",
+        "--server",
+        "127.0.0.1:9",
+        "--client-id",
+        "client-0",
+        "--token-file",
+        str(token),
+        "--data",
+        source,
+    )
     _one_error(join, f"{ERR}{path}: {problem}")
 
 
@@ -133,10 +160,20 @@ def test_one_class_of_labels_is_an_error(fedq_cli: Run, tmp_path: Path) -> None:
     csv = tmp_path / "one.csv"
     csv.write_text("text,label\n" + "".join(f"row {i},spam\n" for i in range(20)))
     scenario = str(_scenario(tmp_path, f"csv:{csv}"))
-    done = fedq_cli("simulate", scenario, "-q", "--set", "model.name=minilm_lora",
-                    "--out", str(tmp_path / "never"))  # fmt: skip
-    _one_error(done, f"{ERR}data.name: every training label of 'csv:{csv}' is class 0; a "
-                     "classifier needs two or more classes")  # fmt: skip
+    done = fedq_cli(
+        "simulate",
+        scenario,
+        "-q",
+        "--set",
+        "model.name=minilm_lora",
+        "--out",
+        str(tmp_path / "never"),
+    )
+    _one_error(
+        done,
+        f"{ERR}data.name: every training label of 'csv:{csv}' is class 0; a "
+        "classifier needs two or more classes",
+    )
 
 
 def test_unscaled_features_warn_and_standardize_fixes_them(fedq_cli: Run, tmp_path: Path) -> None:
@@ -160,11 +197,14 @@ def test_unscaled_features_warn_and_standardize_fixes_them(fedq_cli: Run, tmp_pa
             assert warnings == [], done.stderr
         else:
             assert len(warnings) == 2, done.stderr
-            assert warnings[0].startswith(f"fedq: warning: data.name {source!r}: features are far "
-                                          "from unit scale (column 23: mean 886.9")  # fmt: skip
+            assert warnings[0].startswith(
+                f"fedq: warning: data.name {source!r}: features are far "
+                "from unit scale (column 23: mean 886.9"
+            )
             assert warnings[0].endswith("set data.standardize: true")
-            assert warnings[1].startswith("fedq: warning: round 0: the model predicts class 1 "
-                                          "for all 113 evaluation rows")  # fmt: skip
+            assert warnings[1].startswith(
+                "fedq: warning: round 0: the model predicts class 1 for all 113 evaluation rows"
+            )
     assert accuracy[False] == pytest.approx(majority, abs=0.01)
     assert accuracy[True] > 0.9
 
@@ -180,13 +220,20 @@ def test_git_ignores_what_the_readme_recipe_writes() -> None:
     text = (root / "README.md").read_text()
     block = next(b for b in text.split("```bash\n")[1:] if "# terminal 1: the server" in b)
     assert "fedq certs certs " in block and "--out data\n" in block and "--out runs/served" in block
-    written = ["certs/ca.key", "certs/tokens.yaml", "certs/clients/client-0.token",
-               "data/client-0.npz", "runs/served/checkpoint.pt"]  # fmt: skip
-    done = subprocess.run(["git", "check-ignore", *written], cwd=root, capture_output=True,
-                          text=True)  # fmt: skip
+    written = [
+        "certs/ca.key",
+        "certs/tokens.yaml",
+        "certs/clients/client-0.token",
+        "data/client-0.npz",
+        "runs/served/checkpoint.pt",
+    ]
+    done = subprocess.run(
+        ["git", "check-ignore", *written], cwd=root, capture_output=True, text=True
+    )
     assert done.stdout.split() == written, done.stdout + done.stderr
-    tracked = subprocess.run(["git", "ls-files", "certs", "data"], cwd=root, capture_output=True,
-                             text=True)  # fmt: skip
+    tracked = subprocess.run(
+        ["git", "ls-files", "certs", "data"], cwd=root, capture_output=True, text=True
+    )
     assert tracked.stdout == ""  # nothing of the repository's own is hidden
 
 
@@ -211,11 +258,29 @@ def test_a_joining_site_warns_about_its_unscaled_data_and_the_server_about_the_c
         f.chmod(0o600)
     fedq = str(Path(sys.executable).with_name("fedq"))
     server = subprocess.Popen(
-        [fedq, "serve", str(scenario), "--listen", "127.0.0.1:0", "--tokens", str(tokens),
-         "--eval-data", evals, "--out", str(tmp_path / "run"), "--set", "fed.num_clients=1",
-         "--set", "fed.clients_per_round=1", "--set", "fed.rounds=2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            fedq,
+            "serve",
+            str(scenario),
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens",
+            str(tokens),
+            "--eval-data",
+            evals,
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "fed.num_clients=1",
+            "--set",
+            "fed.clients_per_round=1",
+            "--set",
+            "fed.rounds=2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         lines = []
@@ -224,8 +289,18 @@ def test_a_joining_site_warns_about_its_unscaled_data_and_the_server_about_the_c
             if line.startswith("listening on "):
                 break
         address = lines[-1].split()[2]
-        join = fedq_cli("join", "--server", address, "--client-id", "client-0",
-                        "--token-file", str(token), "--data", site, timeout=120)  # fmt: skip
+        join = fedq_cli(
+            "join",
+            "--server",
+            address,
+            "--client-id",
+            "client-0",
+            "--token-file",
+            str(token),
+            "--data",
+            site,
+            timeout=120,
+        )
         out, _ = server.communicate(timeout=120)
     finally:
         server.kill()

@@ -20,24 +20,35 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 FEDQ = Path(sys.executable).with_name("fedq")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
 
 pytestmark = pytest.mark.skipif(not FEDQ.exists(), reason="the fedq entry point is not installed")
 
 
 def _fedq(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(FEDQ), *args], cwd=cwd, env=ENV, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return subprocess.run(
+        [str(FEDQ), *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 class Server:
     """A ``fedq serve`` process on an ephemeral loopback port."""
 
     def __init__(self, args: list[str], cwd: Path) -> None:
-        self.proc = subprocess.Popen([str(FEDQ), "serve", *args, "--listen", "127.0.0.1:0"],
-                                     cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [str(FEDQ), "serve", *args, "--listen", "127.0.0.1:0"],
+            cwd=cwd,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.lines: list[str] = []
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -56,11 +67,30 @@ class Server:
 
 
 def _join(address: str, cid: str, data: str, certs: Path, cwd: Path, *extra: str) -> Any:
-    args = ["join", "--server", address, "--client-id", cid, "--data", data,
-            "--token-file", str(certs / "clients" / f"{cid}.token"),
-            "--ca", str(certs / "ca.pem"), "--give-up-after", "30", *extra]  # fmt: skip
-    return subprocess.Popen([str(FEDQ), *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    args = [
+        "join",
+        "--server",
+        address,
+        "--client-id",
+        cid,
+        "--data",
+        data,
+        "--token-file",
+        str(certs / "clients" / f"{cid}.token"),
+        "--ca",
+        str(certs / "ca.pem"),
+        "--give-up-after",
+        "30",
+        *extra,
+    ]
+    return subprocess.Popen(
+        [str(FEDQ), *args],
+        cwd=cwd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _records(run: Path) -> list[dict[str, Any]]:
@@ -84,16 +114,44 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def test_serve_and_three_joins_over_tls_match_simulate(
     certs: Path, tmp_path: Path, scenario: str, kind: str
 ) -> None:
-    over = ["--set", "fed.num_clients=3", "--set", "fed.clients_per_round=3",
-            "--set", "fed.min_clients=3", "--set", "fed.rounds=3"]  # fmt: skip
+    over = [
+        "--set",
+        "fed.num_clients=3",
+        "--set",
+        "fed.clients_per_round=3",
+        "--set",
+        "fed.min_clients=3",
+        "--set",
+        "fed.rounds=3",
+    ]
     path = str(ROOT / "scenarios" / scenario)
     shard = _fedq("shard", path, *over, "--out", str(tmp_path / "data"), cwd=tmp_path)
     assert shard.returncode == 0, shard.stderr
-    server = Server([path, *over, "--tokens", str(certs / "tokens.yaml"),
-                     "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
-                     "--out", str(tmp_path / "served")], tmp_path)  # fmt: skip
-    joins = [_join(server.address, f"client-{i}", f"{kind}:{tmp_path / 'data'}/client-{i}.{kind}",
-                   certs, tmp_path) for i in range(3)]  # fmt: skip
+    server = Server(
+        [
+            path,
+            *over,
+            "--tokens",
+            str(certs / "tokens.yaml"),
+            "--cert",
+            str(certs / "server.pem"),
+            "--key",
+            str(certs / "server.key"),
+            "--out",
+            str(tmp_path / "served"),
+        ],
+        tmp_path,
+    )
+    joins = [
+        _join(
+            server.address,
+            f"client-{i}",
+            f"{kind}:{tmp_path / 'data'}/client-{i}.{kind}",
+            certs,
+            tmp_path,
+        )
+        for i in range(3)
+    ]
     log = server.finish()
     outputs = [j.communicate(timeout=120)[0] for j in joins]
     assert all(j.returncode == 0 for j in joins), outputs
@@ -107,8 +165,17 @@ def test_serve_and_three_joins_over_tls_match_simulate(
         up, down = int(found.group(1)), int(found.group(2))
         assert summary["clients"][f"client-{i}"] == {"bytes_up": up, "bytes_down": down} != {}
     # the deployment is the simulation: same selection, seeds and data -> same numbers
-    sim = _fedq("simulate", path, *over, "--set", "runtime.backend=inprocess",
-                "--out", str(tmp_path / "sim"), "-q", cwd=tmp_path)  # fmt: skip
+    sim = _fedq(
+        "simulate",
+        path,
+        *over,
+        "--set",
+        "runtime.backend=inprocess",
+        "--out",
+        str(tmp_path / "sim"),
+        "-q",
+        cwd=tmp_path,
+    )
     assert sim.returncode == 0, sim.stderr
     served, simulated = _records(tmp_path / "served"), _records(tmp_path / "sim")
     assert len(served) == len(simulated) == 3
@@ -130,36 +197,86 @@ def test_bad_credentials_are_refused_and_the_run_goes_on(certs: Path, tmp_path: 
     assert _fedq("certs", str(other), "--clients", "1", cwd=tmp_path).returncode == 0
     (tmp_path / "wrong.token").write_text("not-the-token\n")
     os.chmod(tmp_path / "wrong.token", 0o600)
-    over = ["--set", "fed.num_clients=3", "--set", "fed.clients_per_round=2",
-            "--set", "fed.min_clients=2", "--set", "fed.rounds=2"]  # fmt: skip
+    over = [
+        "--set",
+        "fed.num_clients=3",
+        "--set",
+        "fed.clients_per_round=2",
+        "--set",
+        "fed.min_clients=2",
+        "--set",
+        "fed.rounds=2",
+    ]
     path = str(ROOT / "scenarios" / "quickstart.yaml")
     assert _fedq("shard", path, *over, "--out", str(tmp_path / "d"), cwd=tmp_path).returncode == 0
-    server = Server([path, *over, "--tokens", str(certs / "tokens.yaml"),
-                     "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key"),
-                     "--client-ca", str(certs / "ca.pem"),
-                     "--out", str(tmp_path / "run")], tmp_path)  # fmt: skip
+    server = Server(
+        [
+            path,
+            *over,
+            "--tokens",
+            str(certs / "tokens.yaml"),
+            "--cert",
+            str(certs / "server.pem"),
+            "--key",
+            str(certs / "server.key"),
+            "--client-ca",
+            str(certs / "ca.pem"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        tmp_path,
+    )
     a = server.address
 
     def mtls(cid: str) -> list[str]:
-        return ["--cert", str(certs / "clients" / f"{cid}.pem"),
-                "--key", str(certs / "clients" / f"{cid}.key")]  # fmt: skip
+        return [
+            "--cert",
+            str(certs / "clients" / f"{cid}.pem"),
+            "--key",
+            str(certs / "clients" / f"{cid}.key"),
+        ]
 
     data = f"npz:{tmp_path / 'd'}/client-2.npz"
     bad = {
-        "wrong token": _join(a, "client-2", data, certs, tmp_path, *mtls("client-2"),
-                             "--token-file", str(tmp_path / "wrong.token")),
-        "unknown id": _join(a, "client-9", data, certs, tmp_path, *mtls("client-2"),
-                            "--token-file", str(certs / "clients" / "client-2.token")),
+        "wrong token": _join(
+            a,
+            "client-2",
+            data,
+            certs,
+            tmp_path,
+            *mtls("client-2"),
+            "--token-file",
+            str(tmp_path / "wrong.token"),
+        ),
+        "unknown id": _join(
+            a,
+            "client-9",
+            data,
+            certs,
+            tmp_path,
+            *mtls("client-2"),
+            "--token-file",
+            str(certs / "clients" / "client-2.token"),
+        ),
         "someone else's cert": _join(a, "client-2", data, certs, tmp_path, *mtls("client-1")),
         "no client cert": _join(a, "client-2", data, certs, tmp_path),
-        "other CA": _join(a, "client-2", data, certs, tmp_path, *mtls("client-2"),
-                          "--ca", str(other / "ca.pem")),
-        "plaintext": _join(a, "client-2", data, certs, tmp_path, "--insecure",
-                           "--ca", ""),
-    }  # fmt: skip
+        "other CA": _join(
+            a, "client-2", data, certs, tmp_path, *mtls("client-2"), "--ca", str(other / "ca.pem")
+        ),
+        "plaintext": _join(a, "client-2", data, certs, tmp_path, "--insecure", "--ca", ""),
+    }
     outcomes = {k: p.communicate(timeout=120)[0] for k, p in bad.items()}
-    good = [_join(a, f"client-{i}", f"npz:{tmp_path / 'd'}/client-{i}.npz", certs, tmp_path,
-                  *mtls(f"client-{i}")) for i in range(2)]  # fmt: skip
+    good = [
+        _join(
+            a,
+            f"client-{i}",
+            f"npz:{tmp_path / 'd'}/client-{i}.npz",
+            certs,
+            tmp_path,
+            *mtls(f"client-{i}"),
+        )
+        for i in range(2)
+    ]
     log = server.finish()
     assert all(g.communicate(timeout=120)[0] and g.returncode == 0 for g in good)
     for k in ("wrong token", "unknown id", "someone else's cert"):
@@ -171,10 +288,21 @@ def test_bad_credentials_are_refused_and_the_run_goes_on(certs: Path, tmp_path: 
 
 
 def test_serve_refuses_plaintext_off_loopback(certs: Path, tmp_path: Path) -> None:
-    done = _fedq("serve", str(ROOT / "scenarios" / "quickstart.yaml"), "--listen", "0.0.0.0:0",
-                 "--tokens", str(certs / "tokens.yaml"), "--set", "fed.num_clients=3",
-                 "--set", "fed.clients_per_round=3", "--out", str(tmp_path / "r"),
-                 cwd=tmp_path)  # fmt: skip
+    done = _fedq(
+        "serve",
+        str(ROOT / "scenarios" / "quickstart.yaml"),
+        "--listen",
+        "0.0.0.0:0",
+        "--tokens",
+        str(certs / "tokens.yaml"),
+        "--set",
+        "fed.num_clients=3",
+        "--set",
+        "fed.clients_per_round=3",
+        "--out",
+        str(tmp_path / "r"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert "refusing to listen on '0.0.0.0' without TLS" in done.stderr
     assert "Traceback" not in done.stderr
@@ -185,17 +313,35 @@ def test_serve_refuses_plaintext_off_loopback(certs: Path, tmp_path: Path) -> No
 
 
 def test_serve_checks_the_roster_against_the_scenario(certs: Path, tmp_path: Path) -> None:
-    done = _fedq("serve", str(ROOT / "scenarios" / "quickstart.yaml"), "--listen", "127.0.0.1:0",
-                 "--tokens", str(certs / "tokens.yaml"), cwd=tmp_path)  # fmt: skip
+    done = _fedq(
+        "serve",
+        str(ROOT / "scenarios" / "quickstart.yaml"),
+        "--listen",
+        "127.0.0.1:0",
+        "--tokens",
+        str(certs / "tokens.yaml"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     assert "the tokens file lists 3 clients but the scenario has fed.num_clients=10" in done.stderr
 
 
 def test_join_reports_an_unreachable_server_and_gives_up(certs: Path, tmp_path: Path) -> None:
     t0 = time.monotonic()
-    done = _fedq("join", "--server", "127.0.0.1:1", "--client-id", "client-0",
-                 "--token-file", str(certs / "clients" / "client-0.token"), "--data", "digits",
-                 "--give-up-after", "2", cwd=tmp_path)  # fmt: skip
+    done = _fedq(
+        "join",
+        "--server",
+        "127.0.0.1:1",
+        "--client-id",
+        "client-0",
+        "--token-file",
+        str(certs / "clients" / "client-0.token"),
+        "--data",
+        "digits",
+        "--give-up-after",
+        "2",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "UNAVAILABLE" in done.stderr
     assert "gave up after 2 s" in done.stderr
     assert time.monotonic() - t0 < 60
@@ -205,8 +351,21 @@ def test_join_reports_an_unreachable_server_and_gives_up(certs: Path, tmp_path: 
 def test_join_on_a_site_without_the_gpu_it_asks_for_fails_before_joining(
     certs: Path, tmp_path: Path
 ) -> None:
-    done = _fedq("join", "--server", "127.0.0.1:1", "--client-id", "client-0", "--device", "cuda",
-                 "--token-file", str(certs / "clients" / "client-0.token"), "--data", "digits",
-                 "--give-up-after", "30", cwd=tmp_path)  # fmt: skip
+    done = _fedq(
+        "join",
+        "--server",
+        "127.0.0.1:1",
+        "--client-id",
+        "client-0",
+        "--device",
+        "cuda",
+        "--token-file",
+        str(certs / "clients" / "client-0.token"),
+        "--data",
+        "digits",
+        "--give-up-after",
+        "30",
+        cwd=tmp_path,
+    )
     assert done.returncode == 2 and "sees no CUDA GPU" in done.stderr, done.stderr
     assert "UNAVAILABLE" not in done.stderr  # it never tried the server

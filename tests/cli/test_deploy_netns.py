@@ -18,11 +18,19 @@ from fedq.runtime.netlink import link_unavailable_reason, veth_star
 ROOT = Path(__file__).resolve().parents[2]
 FEDQ = Path(sys.executable).with_name("fedq")
 REASON = link_unavailable_reason()
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
 
-pytestmark = [pytest.mark.netns, pytest.mark.slow,
-              pytest.mark.skipif(REASON is not None, reason=str(REASON))]  # fmt: skip
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.slow,
+    pytest.mark.skipif(REASON is not None, reason=str(REASON)),
+]
 
 
 def _in(ns: str, *args: str) -> list[str]:
@@ -30,11 +38,24 @@ def _in(ns: str, *args: str) -> list[str]:
 
 
 def test_clients_in_other_namespaces_join_over_tls(tmp_path: Path) -> None:
-    over = ["--set", "fed.num_clients=2", "--set", "fed.clients_per_round=2",
-            "--set", "fed.min_clients=2", "--set", "fed.rounds=2"]  # fmt: skip
+    over = [
+        "--set",
+        "fed.num_clients=2",
+        "--set",
+        "fed.clients_per_round=2",
+        "--set",
+        "fed.min_clients=2",
+        "--set",
+        "fed.rounds=2",
+    ]
     scenario = str(ROOT / "scenarios" / "quickstart.yaml")
-    run = subprocess.run([str(FEDQ), "shard", scenario, *over, "--out", str(tmp_path / "data")],
-                         env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [str(FEDQ), "shard", scenario, *over, "--out", str(tmp_path / "data")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     with veth_star(2) as star:
         # shape client 1's link (both directions) after the fact: the run must still complete
@@ -49,20 +70,60 @@ def test_clients_in_other_namespaces_join_over_tls(tmp_path: Path) -> None:
             .strip()
         )
         dev = dev.split("@")[0]
-        subprocess.run(["ip", "netns", "exec", ns1, "tc", "qdisc", "add", "dev", dev, "root",
-                        "tbf", "rate", "20mbit", "burst", "64kb", "latency", "100ms"],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns1,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                "20mbit",
+                "burst",
+                "64kb",
+                "latency",
+                "100ms",
+            ],
+            check=True,
+        )
         certs = tmp_path / "certs"
         hosts = [a for ip in star.server_ips for a in ("--host", ip)]
-        made = subprocess.run([str(FEDQ), "certs", str(certs), "--clients", "2", *hosts],
-                              env=ENV, capture_output=True, text=True, timeout=60)  # fmt: skip
+        made = subprocess.run(
+            [str(FEDQ), "certs", str(certs), "--clients", "2", *hosts],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert made.returncode == 0, made.stderr
         server = subprocess.Popen(
-            _in(star.server_ns, "serve", scenario, *over, "--listen", "0.0.0.0:50061",
-                "--tokens", str(certs / "tokens.yaml"), "--cert", str(certs / "server.pem"),
-                "--key", str(certs / "server.key"), "--out", str(tmp_path / "run")),
-            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
+            _in(
+                star.server_ns,
+                "serve",
+                scenario,
+                *over,
+                "--listen",
+                "0.0.0.0:50061",
+                "--tokens",
+                str(certs / "tokens.yaml"),
+                "--cert",
+                str(certs / "server.pem"),
+                "--key",
+                str(certs / "server.key"),
+                "--out",
+                str(tmp_path / "run"),
+            ),
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         assert server.stdout is not None
         line = server.stdout.readline()
         while line and "listening on" not in line:
@@ -71,23 +132,55 @@ def test_clients_in_other_namespaces_join_over_tls(tmp_path: Path) -> None:
         joins = []
         for i, (ns, _, server_ip) in enumerate(star.links):
             cid = f"client-{i}"
-            joins.append(subprocess.Popen(
-                _in(ns, "join", "--server", f"{server_ip}:50061", "--client-id", cid,
-                    "--token-file", str(certs / "clients" / f"{cid}.token"),
-                    "--ca", str(certs / "ca.pem"), "--give-up-after", "60",
-                    "--data", f"npz:{tmp_path / 'data'}/{cid}.npz"),
-                env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            ))  # fmt: skip
+            joins.append(
+                subprocess.Popen(
+                    _in(
+                        ns,
+                        "join",
+                        "--server",
+                        f"{server_ip}:50061",
+                        "--client-id",
+                        cid,
+                        "--token-file",
+                        str(certs / "clients" / f"{cid}.token"),
+                        "--ca",
+                        str(certs / "ca.pem"),
+                        "--give-up-after",
+                        "60",
+                        "--data",
+                        f"npz:{tmp_path / 'data'}/{cid}.npz",
+                    ),
+                    env=ENV,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
         outs = [j.communicate(timeout=300)[0] for j in joins]
         log = server.communicate(timeout=120)[0]
         assert server.returncode == 0, log
         assert all(j.returncode == 0 for j in joins), outs
         # the plain loopback of a client's namespace cannot reach the server: only the veth can
-        probe = subprocess.run(_in(star.links[0][0], "join", "--server", "127.0.0.1:50061",
-                                   "--client-id", "client-0", "--token-file",
-                                   str(certs / "clients" / "client-0.token"), "--data", "digits",
-                                   "--give-up-after", "1"),
-                               env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+        probe = subprocess.run(
+            _in(
+                star.links[0][0],
+                "join",
+                "--server",
+                "127.0.0.1:50061",
+                "--client-id",
+                "client-0",
+                "--token-file",
+                str(certs / "clients" / "client-0.token"),
+                "--data",
+                "digits",
+                "--give-up-after",
+                "1",
+            ),
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert probe.returncode == 2 and "UNAVAILABLE" in probe.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
@@ -96,6 +189,8 @@ def test_clients_in_other_namespaces_join_over_tls(tmp_path: Path) -> None:
         found = re.search(r"up (\d+) B, down (\d+) B", out)
         assert found is not None
         assert summary["clients"][f"client-{i}"] == {
-            "bytes_up": int(found.group(1)), "bytes_down": int(found.group(2))}  # fmt: skip
+            "bytes_up": int(found.group(1)),
+            "bytes_down": int(found.group(2)),
+        }
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert star.server_ns not in left and all(ns not in left for ns, _, _ in star.links)

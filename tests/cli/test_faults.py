@@ -22,8 +22,13 @@ from fedq.bench.procs import CliProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 FEDQ = Path(sys.executable).with_name("fedq")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not FEDQ.exists(), reason="fedq entry point not installed"),
@@ -50,26 +55,47 @@ def _wait(pred: Any, timeout: float, what: str) -> None:
         time.sleep(0.1)
 
 
-def _setup(tmp: Path, over: list[str], name: str = "quickstart.yaml",
-           clients: int = 3) -> tuple[Path, str]:  # fmt: skip
+def _setup(
+    tmp: Path, over: list[str], name: str = "quickstart.yaml", clients: int = 3
+) -> tuple[Path, str]:
     scenario = str(ROOT / "scenarios" / name)
-    for args in (["certs", str(tmp / "certs"), "--clients", str(clients)],
-                 ["shard", scenario, *over, "--out", str(tmp / "data")]):  # fmt: skip
-        done = subprocess.run([str(FEDQ), *args], env=ENV, capture_output=True, text=True,
-                              timeout=120)  # fmt: skip
+    for args in (
+        ["certs", str(tmp / "certs"), "--clients", str(clients)],
+        ["shard", scenario, *over, "--out", str(tmp / "data")],
+    ):
+        done = subprocess.run(
+            [str(FEDQ), *args], env=ENV, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr
     return tmp / "certs", scenario
 
 
-def _serve(scenario: str, over: list[str], port: int, certs: Path, out: Path,
-           *extra: str) -> subprocess.Popen[str]:  # fmt: skip
+def _serve(
+    scenario: str, over: list[str], port: int, certs: Path, out: Path, *extra: str
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [str(FEDQ), "serve", *([scenario] if scenario else []), *over,
-         "--listen", f"127.0.0.1:{port}",
-         "--tokens", str(certs / "tokens.yaml"), "--cert", str(certs / "server.pem"),
-         "--key", str(certs / "server.key"), "--out", str(out), *extra],
-        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            str(FEDQ),
+            "serve",
+            *([scenario] if scenario else []),
+            *over,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tokens",
+            str(certs / "tokens.yaml"),
+            "--cert",
+            str(certs / "server.pem"),
+            "--key",
+            str(certs / "server.key"),
+            "--out",
+            str(out),
+            *extra,
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _listening(server: subprocess.Popen[str]) -> str:
@@ -83,18 +109,34 @@ def _listening(server: subprocess.Popen[str]) -> str:
     raise AssertionError("fedq serve did not start:\n" + head)
 
 
-def _join(i: int, port: int, certs: Path, tmp: Path, data: str | None = None,
-          log: Path | None = None) -> subprocess.Popen[str]:  # fmt: skip
+def _join(
+    i: int, port: int, certs: Path, tmp: Path, data: str | None = None, log: Path | None = None
+) -> subprocess.Popen[str]:
     """``fedq join`` as client-``i`` with ``data`` (default: its shard); its output in a pipe,
     or in the file ``log`` (readable while it runs)."""
     cid = f"client-{i}"
     return subprocess.Popen(
-        [str(FEDQ), "join", "--server", f"127.0.0.1:{port}", "--client-id", cid,
-         "--token-file", str(certs / "clients" / f"{cid}.token"), "--ca", str(certs / "ca.pem"),
-         "--data", data or f"npz:{tmp / 'data'}/{cid}.npz", "--give-up-after", "120"],
-        env=ENV, stdout=subprocess.PIPE if log is None else log.open("w"),
-        stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            str(FEDQ),
+            "join",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--client-id",
+            cid,
+            "--token-file",
+            str(certs / "clients" / f"{cid}.token"),
+            "--ca",
+            str(certs / "ca.pem"),
+            "--data",
+            data or f"npz:{tmp / 'data'}/{cid}.npz",
+            "--give-up-after",
+            "120",
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE if log is None else log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _held_round(server: CliProcess, done: set[int]) -> int:
@@ -115,16 +157,41 @@ def test_a_killed_and_a_stalled_client_are_dropped_and_the_run_goes_on(tmp_path:
     dropped at the deadline. The rounds go on with the others, client-1 again once it is
     continued; client-0 never again."""
     rounds = 40  # quick rounds; the faults come once all three clients have taken part in one
-    over = ["--set", "fed.num_clients=3", "--set", "fed.clients_per_round=3",
-            "--set", "fed.min_clients=1", "--set", f"fed.rounds={rounds}",
-            "--set", "fed.round_timeout_s=6"]  # fmt: skip
+    over = [
+        "--set",
+        "fed.num_clients=3",
+        "--set",
+        "fed.clients_per_round=3",
+        "--set",
+        "fed.min_clients=1",
+        "--set",
+        f"fed.rounds={rounds}",
+        "--set",
+        "fed.round_timeout_s=6",
+    ]
     certs, scenario = _setup(tmp_path, over)
     port, out = _free_port(), tmp_path / "run"
-    server = CliProcess("server", ["-v", "serve", scenario, *over, "--listen",
-                                   f"127.0.0.1:{port}", "--tokens", str(certs / "tokens.yaml"),
-                                   "--cert", str(certs / "server.pem"), "--key",
-                                   str(certs / "server.key"), "--out", str(out)],
-                        tmp_path, timeout=180)  # fmt: skip
+    server = CliProcess(
+        "server",
+        [
+            "-v",
+            "serve",
+            scenario,
+            *over,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--tokens",
+            str(certs / "tokens.yaml"),
+            "--cert",
+            str(certs / "server.pem"),
+            "--key",
+            str(certs / "server.key"),
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+        timeout=180,
+    )
     logs = [tmp_path / f"client-{i}.log" for i in range(3)]
     joins: list[subprocess.Popen[str]] = []
     try:
@@ -136,8 +203,9 @@ def test_a_killed_and_a_stalled_client_are_dropped_and_the_run_goes_on(tmp_path:
         held = _held_round(server, done)
         joins[1].send_signal(signal.SIGSTOP)  # hangs: its connection stays open, silent
         joins[0].send_signal(signal.SIGKILL)  # dies holding its task: its stream closes at once
-        _wait(lambda: any("client-1" in r["dropped"] for r in _records(out)), 60,
-              "client-1 dropped")  # fmt: skip
+        _wait(
+            lambda: any("client-1" in r["dropped"] for r in _records(out)), 60, "client-1 dropped"
+        )
         joins[1].send_signal(signal.SIGCONT)  # back: it takes part again (or is told it is late)
         assert server.end(180) == 0, server.log()
         assert joins[1].wait(60) == 0, logs[1].read_text()
@@ -160,11 +228,24 @@ def test_a_killed_and_a_stalled_client_are_dropped_and_the_run_goes_on(tmp_path:
 
 
 def test_a_killed_server_resumes_and_its_clients_come_back(tmp_path: Path) -> None:
-    over = ["--set", "fed.num_clients=3", "--set", "fed.clients_per_round=3",
-            "--set", "fed.min_clients=3", "--set", "fed.rounds=6",
-            "--set", "train.local_epochs=4",
-            "--set", "privacy.mechanism=central", "--set", "privacy.noise_multiplier=2.0",
-            "--set", "privacy.clip_norm=5.0"]  # fmt: skip
+    over = [
+        "--set",
+        "fed.num_clients=3",
+        "--set",
+        "fed.clients_per_round=3",
+        "--set",
+        "fed.min_clients=3",
+        "--set",
+        "fed.rounds=6",
+        "--set",
+        "train.local_epochs=4",
+        "--set",
+        "privacy.mechanism=central",
+        "--set",
+        "privacy.noise_multiplier=2.0",
+        "--set",
+        "privacy.clip_norm=5.0",
+    ]
     certs, scenario = _setup(tmp_path, over)
     port, out = _free_port(), tmp_path / "run"
     server = _serve(scenario, over, port, certs, out)
@@ -201,8 +282,15 @@ def _steps(run: Path) -> list[dict[str, Any]]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # all but the timing
 
 
-def _served(tmp: Path, certs: Path, scenario: str, over: list[str], data: list[str],
-            name: str, kill_in: int | None) -> tuple[Path, str, list[str]]:  # fmt: skip
+def _served(
+    tmp: Path,
+    certs: Path,
+    scenario: str,
+    over: list[str],
+    data: list[str],
+    name: str,
+    kill_in: int | None,
+) -> tuple[Path, str, list[str]]:
     """A served run with two joins (client-``i`` with ``data[i]``). With ``kill_in`` the server
     is SIGKILLed once client-0 finished round ``kill_in`` (client-1 still works on it) and
     started again with ``--resume``. Returns the run folder, the (last) server's output and the
@@ -244,8 +332,16 @@ def test_a_killed_server_resumes_to_the_uninterrupted_result(tmp_path: Path, mod
     federated client-1 that finishes its round after the server came back uploads it before it
     learns of the restart; the upload is refused (the round is not open yet) but its bytes
     crossed the wire, and they count."""
-    over = ["--set", "fed.num_clients=2", "--set", "fed.clients_per_round=2",
-            "--set", "fed.min_clients=2", "--set", "fed.rounds=4"]  # fmt: skip
+    over = [
+        "--set",
+        "fed.num_clients=2",
+        "--set",
+        "fed.clients_per_round=2",
+        "--set",
+        "fed.min_clients=2",
+        "--set",
+        "fed.rounds=4",
+    ]
     if mode == "split":
         over += ["--set", "split.local_steps=16"]
         certs, scenario = _setup(tmp_path, over, "split_tiny.yaml", clients=2)
@@ -263,8 +359,16 @@ def test_a_killed_server_resumes_to_the_uninterrupted_result(tmp_path: Path, mod
     assert outs[0].count("round 2: done") == 2  # client-0 ran round 2 twice
     a, b = _records(full), _records(killed)
     assert [r["round"] for r in b] == [0, 1, 2, 3]
-    for key in ("updated", "train_loss", "accuracy", "loss", "bytes_down", "mean_bits",
-                "bits/cut/act/mean", "bits/cut/grad/mean"):  # fmt: skip
+    for key in (
+        "updated",
+        "train_loss",
+        "accuracy",
+        "loss",
+        "bytes_down",
+        "mean_bits",
+        "bits/cut/act/mean",
+        "bits/cut/grad/mean",
+    ):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, killed))
     assert sa["final_accuracy"] == sb["final_accuracy"]

@@ -29,8 +29,13 @@ from fedq.runtime.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 FEDQ = Path(sys.executable).with_name("fedq")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not FEDQ.exists(), reason="fedq entry point not installed"),
@@ -43,17 +48,32 @@ RAY = ["--set", "runtime.backend=ray", "--set", "runtime.object_store_mb=128"]
 FEDERATED = ("quickstart.yaml", ["--set", "fed.rounds=5", "--set", "train.local_epochs=100"])
 SPLIT = ("split_tiny.yaml", ["--set", "fed.rounds=4", "--set", "split.local_steps=16"])
 #: What must match per round (all but timings); absent keys compare as None.
-SAME = ("round", "clients_selected", "clients_ok", "updated", "applied", "loss", "train_loss",
-        "accuracy", "bytes_up", "bytes_down", "cum_bytes", "bytes_fp32", "mean_bits",
-        "bits/cut/act/mean", "bits/cut/grad/mean")  # fmt: skip
+SAME = (
+    "round",
+    "clients_selected",
+    "clients_ok",
+    "updated",
+    "applied",
+    "loss",
+    "train_loss",
+    "accuracy",
+    "bytes_up",
+    "bytes_down",
+    "cum_bytes",
+    "bytes_fp32",
+    "mean_bits",
+    "bits/cut/act/mean",
+    "bits/cut/grad/mean",
+)
 
 
 class Run:
     """A ``fedq`` process whose output is collected as it comes, so a test can act on a line."""
 
     def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([str(FEDQ), *args], env=ENV, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [str(FEDQ), *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self.lines: list[str] = []
         self._cv = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -151,9 +171,16 @@ def _assert_same_run(full: Path, part: Path) -> None:
     for key in SAME:
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (full, part))
-    for key in ("rounds_completed", "final_accuracy", "bytes_wire_total", "bytes_up_total",
-                "bytes_down_total", "compression_ratio", "client_bytes_up",
-                "client_bytes_down"):  # fmt: skip
+    for key in (
+        "rounds_completed",
+        "final_accuracy",
+        "bytes_wire_total",
+        "bytes_up_total",
+        "bytes_down_total",
+        "compression_ratio",
+        "client_bytes_up",
+        "client_bytes_down",
+    ):
         assert sa.get(key) == sb.get(key), key
     assert sb["interrupted"] is False
 

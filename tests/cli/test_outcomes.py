@@ -34,19 +34,34 @@ def test_a_split_run_with_every_round_discarded_says_so_and_fails(
     took a step from it at that rate, so every client fails and every round is discarded.
     Rolled back, the top evaluates to the same finite loss after each round (kept, it is NaN)."""
     out = tmp_path / "run"
-    done = fedq_cli("simulate", str(ROOT / "scenarios" / "split_tiny.yaml"), "--set",
-                    "train.lr=1.0e+38", "--set", "train.optimizer=sgd", "--set", "fed.rounds=2",
-                    "--out", str(out), "-q", timeout=300)  # fmt: skip
+    done = fedq_cli(
+        "simulate",
+        str(ROOT / "scenarios" / "split_tiny.yaml"),
+        "--set",
+        "train.lr=1.0e+38",
+        "--set",
+        "train.optimizer=sgd",
+        "--set",
+        "fed.rounds=2",
+        "--out",
+        str(out),
+        "-q",
+        timeout=300,
+    )
     assert done.returncode == 3, done.stdout + done.stderr
     assert "| 2 rounds, 0 applied (2 discarded) |" in done.stdout
     recs = _records(out)
     assert [r["applied"] for r in recs] == [False, False]
     assert recs[0]["loss"] is not None and math.isfinite(recs[0]["loss"])
-    assert [(r["accuracy"], r["loss"]) for r in recs] == [(recs[0]["accuracy"],
-                                                          recs[0]["loss"])] * 2  # fmt: skip
+    assert [(r["accuracy"], r["loss"]) for r in recs] == [
+        (recs[0]["accuracy"], recs[0]["loss"])
+    ] * 2
     summary = json.loads((out / "summary.json").read_text())
-    assert (summary["rounds_completed"], summary["rounds_applied"],
-            summary["rounds_discarded"]) == (2, 0, 2)  # fmt: skip
+    assert (
+        summary["rounds_completed"],
+        summary["rounds_applied"],
+        summary["rounds_discarded"],
+    ) == (2, 0, 2)
     assert summary["stopped_reason"].startswith("no round was applied: 2 rounds discarded")
     assert summary["stopped_reason"] in done.stdout
 
@@ -54,10 +69,26 @@ def test_a_split_run_with_every_round_discarded_says_so_and_fails(
 def test_a_federated_run_with_every_round_discarded_fails(fedq_cli: Any, tmp_path: Path) -> None:
     """Every client's training overflows (learning rate 1e38), so none delivers an update."""
     out = tmp_path / "run"
-    done = fedq_cli("simulate", str(ROOT / "scenarios" / "quickstart.yaml"), "--set",
-                    "train.lr=1.0e+38", "--set", "fed.rounds=2", "--set", "fed.num_clients=2",
-                    "--set", "fed.clients_per_round=2", "--set", "runtime.backend=inprocess",
-                    "--set", "runtime.workers=1", "--out", str(out), "-q", timeout=300)  # fmt: skip
+    done = fedq_cli(
+        "simulate",
+        str(ROOT / "scenarios" / "quickstart.yaml"),
+        "--set",
+        "train.lr=1.0e+38",
+        "--set",
+        "fed.rounds=2",
+        "--set",
+        "fed.num_clients=2",
+        "--set",
+        "fed.clients_per_round=2",
+        "--set",
+        "runtime.backend=inprocess",
+        "--set",
+        "runtime.workers=1",
+        "--out",
+        str(out),
+        "-q",
+        timeout=300,
+    )
     assert done.returncode == 3, done.stdout + done.stderr
     assert "| 2 rounds, 0 applied (2 discarded) |" in done.stdout
     why = "no round was applied: 2 rounds discarded, each with fewer than fed.min_clients=1"
@@ -74,10 +105,26 @@ def test_a_client_task_that_raises_fails_its_round_and_the_worker_carries_on(
     worker takes the next round, and the run ends with every round discarded, not a dead worker
     and a traceback."""
     out = tmp_path / "run"
-    done = fedq_cli("simulate", str(ROOT / "scenarios" / "quickstart.yaml"), "--set",
-                    "train.lr=1.0e+300", "--set", "fed.rounds=2", "--set", "fed.num_clients=2",
-                    "--set", "fed.clients_per_round=2", "--set", "runtime.backend=inprocess",
-                    "--set", "runtime.workers=1", "--out", str(out), "-q", timeout=300)  # fmt: skip
+    done = fedq_cli(
+        "simulate",
+        str(ROOT / "scenarios" / "quickstart.yaml"),
+        "--set",
+        "train.lr=1.0e+300",
+        "--set",
+        "fed.rounds=2",
+        "--set",
+        "fed.num_clients=2",
+        "--set",
+        "fed.clients_per_round=2",
+        "--set",
+        "runtime.backend=inprocess",
+        "--set",
+        "runtime.workers=1",
+        "--out",
+        str(out),
+        "-q",
+        timeout=300,
+    )
     assert done.returncode == 3, done.stdout + done.stderr
     assert "| 2 rounds, 0 applied (2 discarded) |" in done.stdout
     assert "Traceback" not in done.stderr and "died" not in done.stderr, done.stderr
@@ -101,27 +148,59 @@ def test_a_served_run_killed_before_its_first_round_resumes(tmp_path: Path) -> N
     round 0 from the start, ``--resume`` serves the same run (same run id), client-0, which
     joined before the kill, reconnects and carries on, and the run completes."""
     scenario = str(ROOT / "scenarios" / "quickstart.yaml")
-    over = ["--set", "fed.num_clients=2", "--set", "fed.clients_per_round=2",
-            "--set", "fed.min_clients=2", "--set", "fed.rounds=2"]  # fmt: skip
+    over = [
+        "--set",
+        "fed.num_clients=2",
+        "--set",
+        "fed.clients_per_round=2",
+        "--set",
+        "fed.min_clients=2",
+        "--set",
+        "fed.rounds=2",
+    ]
     certs = tmp_path / "certs"
     run_cli(["certs", str(certs), "--clients", "2"], tmp_path, 120)
     run_cli(["shard", scenario, *over, "--out", str(tmp_path / "data")], tmp_path, 120)
     port, out = _free_port(), tmp_path / "run"
-    serve = ["--listen", f"127.0.0.1:{port}", "--tokens", str(certs / "tokens.yaml"),
-             "--cert", str(certs / "server.pem"), "--key", str(certs / "server.key")]  # fmt: skip
+    serve = [
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--tokens",
+        str(certs / "tokens.yaml"),
+        "--cert",
+        str(certs / "server.pem"),
+        "--key",
+        str(certs / "server.key"),
+    ]
 
     def join(i: int) -> CliProcess:
         cid = f"client-{i}"
-        return CliProcess(cid, ["join", "--server", f"127.0.0.1:{port}", "--client-id", cid,
-                                "--token-file", str(certs / "clients" / f"{cid}.token"),
-                                "--ca", str(certs / "ca.pem"), "--give-up-after", "120",
-                                "--data", f"npz:{tmp_path / 'data'}/{cid}.npz"],
-                          tmp_path, timeout=180)  # fmt: skip
+        return CliProcess(
+            cid,
+            [
+                "join",
+                "--server",
+                f"127.0.0.1:{port}",
+                "--client-id",
+                cid,
+                "--token-file",
+                str(certs / "clients" / f"{cid}.token"),
+                "--ca",
+                str(certs / "ca.pem"),
+                "--give-up-after",
+                "120",
+                "--data",
+                f"npz:{tmp_path / 'data'}/{cid}.npz",
+            ],
+            tmp_path,
+            timeout=180,
+        )
 
     procs: list[CliProcess] = []
     try:
-        first = CliProcess("server", ["serve", scenario, *over, *serve, "--out", str(out)],
-                           tmp_path, timeout=180)  # fmt: skip
+        first = CliProcess(
+            "server", ["serve", scenario, *over, *serve, "--out", str(out)], tmp_path, timeout=180
+        )
         procs.append(first)
         _, line = first.wait_line(r"^listening on ")
         run_id = re.search(r", run (\S+),", line)
@@ -134,8 +213,9 @@ def test_a_served_run_killed_before_its_first_round_resumes(tmp_path: Path) -> N
         first.signal(signal.SIGKILL)
         first.end(30)
         assert _records(out) == []
-        second = CliProcess("server again", ["serve", "--resume", str(out), *serve], tmp_path,
-                            timeout=180)  # fmt: skip
+        second = CliProcess(
+            "server again", ["serve", "--resume", str(out), *serve], tmp_path, timeout=180
+        )
         procs.append(second)
         _, line = second.wait_line(r"^listening on ")
         assert f", run {run_id[1]}," in line and "resuming" not in line

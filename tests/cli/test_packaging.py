@@ -47,8 +47,11 @@ def _flag(command: list[str], flag: str) -> str:
 
 def _dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
-    lines = [ln for ln in (ROOT / "Dockerfile").read_text().splitlines()
-             if not ln.lstrip().startswith("#")]  # fmt: skip
+    lines = [
+        ln
+        for ln in (ROOT / "Dockerfile").read_text().splitlines()
+        if not ln.lstrip().startswith("#")
+    ]
     joined = re.sub(r"\\\n", " ", "\n".join(lines))
     out = []
     for line in joined.splitlines():
@@ -82,8 +85,11 @@ def test_server_mounts_its_credentials_scenarios_and_a_runs_volume() -> None:
     compose = _compose()
     svc = compose["services"]["server"]
     command, mounts = svc["command"], _mounts(svc)
-    for flag, name in (("--cert", "server.pem"), ("--key", "server.key"),
-                       ("--tokens", "tokens.yaml")):  # fmt: skip
+    for flag, name in (
+        ("--cert", "server.pem"),
+        ("--key", "server.key"),
+        ("--tokens", "tokens.yaml"),
+    ):
         source, opts = mounts[_flag(command, flag)]
         assert source.endswith(f"/certs/{name}") and opts == "ro", (flag, source, opts)
     secrets = [src for src, _ in mounts.values() if src.endswith((".key", ".token"))]
@@ -158,9 +164,14 @@ def test_dockerfile_installs_torch_first_on_base_image_and_runs_fedq_unprivilege
 
 
 def test_build_context_holds_what_the_dockerfile_copies() -> None:
-    allowed = {ln[1:] for ln in (ROOT / ".dockerignore").read_text().splitlines()
-               if ln.startswith("!")}  # fmt: skip
-    copied = [word for step, args in _dockerfile() if step == "COPY" and "--from" not in args
-              for word in args.split()[:-1]]  # fmt: skip
+    allowed = {
+        ln[1:] for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.startswith("!")
+    }
+    copied = [
+        word
+        for step, args in _dockerfile()
+        if step == "COPY" and "--from" not in args
+        for word in args.split()[:-1]
+    ]
     assert copied and set(copied) <= allowed, (copied, allowed)
     assert all((ROOT / name).exists() for name in copied)

@@ -28,8 +28,13 @@ from fedq.runtime.netlink import link_unavailable_reason, namespaces_left, ray_p
 
 ROOT = Path(__file__).resolve().parents[2]
 FEDQ = Path(sys.executable).with_name("fedq")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+}
 REASON = link_unavailable_reason()
 KIND = os.environ.get("FEDQ_TEST_RAY_CLUSTER") or ("netns" if REASON is None else "local")
 
@@ -78,8 +83,13 @@ def test_the_readme_recipe_starts_a_head_and_a_site_node_then_simulates() -> Non
     assert head[:3] == ["ray", "start", "--head"] and _resources(head) == {"hub": 1}
     assert node[:4] == ["ray", "start", "--address", "HEAD_IP:6379"]
     assert _resources(node) == {"site_b": 1}
-    assert run == ["fedq", "simulate", "scenarios/quickstart_sites.yaml", "--set",
-                   "runtime.ray_address=HEAD_IP:6379"]  # fmt: skip
+    assert run == [
+        "fedq",
+        "simulate",
+        "scenarios/quickstart_sites.yaml",
+        "--set",
+        "runtime.ray_address=HEAD_IP:6379",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +98,9 @@ def cluster() -> Iterator[Cluster]:
     if KIND == "netns":
         with ray_pair(_resources(head), _resources(node)) as pair:
             link = pair.link
-            yield Cluster(pair.address, link.server_ip, link.server_ns, link.client_ns,
-                          link.client_ip)  # fmt: skip
+            yield Cluster(
+                pair.address, link.server_ip, link.server_ns, link.client_ns, link.client_ip
+            )
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert link.server_ns not in left and link.client_ns not in left
         assert not [ns for ns in namespaces_left() if link.server_ns[4:] in ns]
@@ -109,9 +120,11 @@ def _local_cluster(head: dict[str, float], node: dict[str, float]) -> Iterator[C
     # ray.init() of any other process would find it: keep it to ourselves
     ray._private.utils.write_ray_address = lambda *a, **k: None
     common = {"num_cpus": 1, "object_store_memory": 100_000_000, "temp_dir": tmp}
-    cluster = RayCluster(initialize_head=True, shutdown_at_exit=True,
-                         head_node_args={**common, "resources": head,
-                                         "include_dashboard": False})  # fmt: skip
+    cluster = RayCluster(
+        initialize_head=True,
+        shutdown_at_exit=True,
+        head_node_args={**common, "resources": head, "include_dashboard": False},
+    )
     try:
         cluster.add_node(**common, resources=node)
         yield Cluster(cluster.address, cluster.head_node.node_ip_address)
@@ -123,8 +136,14 @@ def _local_cluster(head: dict[str, float], node: dict[str, float]) -> Iterator[C
 
 def _simulate(cluster: Cluster, out: Path, *args: str) -> tuple[dict, str]:
     before = cluster.veth_bytes() if cluster.worker_ns else (0, 0)
-    done = subprocess.run(cluster.fedq(*args, "--out", str(out), "-q"), cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        cluster.fedq(*args, "--out", str(out), "-q"),
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
     if cluster.worker_ns:  # the clients' traffic (and Ray's) crossed the veth
@@ -148,14 +167,19 @@ def test_federated_run_with_a_site_on_the_other_node(cluster: Cluster, tmp_path:
     from fedq.runtime.shard import write_shards
 
     _, _, run = readme_block()
-    site_b = write_shards(load_scenario(ROOT / "scenarios" / "quickstart.yaml",
-                                        ["fed.num_clients=2", "fed.clients_per_round=2"]),
-                          tmp_path / "data")[1]  # fmt: skip
-    sites = ("[{resource: hub, clients: 1}, "
-             f"{{resource: site_b, clients: 3, data: 'npz:{site_b}'}}]")  # fmt: skip
+    site_b = write_shards(
+        load_scenario(
+            ROOT / "scenarios" / "quickstart.yaml", ["fed.num_clients=2", "fed.clients_per_round=2"]
+        ),
+        tmp_path / "data",
+    )[1]
+    sites = (
+        f"[{{resource: hub, clients: 1}}, {{resource: site_b, clients: 3, data: 'npz:{site_b}'}}]"
+    )
     args = [a.replace("HEAD_IP:6379", cluster.address) for a in run[1:]]
-    summary, shown = _simulate(cluster, tmp_path / "run", *args, "--set", "fed.rounds=2",
-                               "--set", f"runtime.sites={sites}")  # fmt: skip
+    summary, shown = _simulate(
+        cluster, tmp_path / "run", *args, "--set", "fed.rounds=2", "--set", f"runtime.sites={sites}"
+    )
     assert summary["rounds_completed"] == 2 and summary["stopped_reason"] is None
     pl = _check_server(cluster, summary, shown)
     w0, w1 = pl["workers"]["worker-0"], pl["workers"]["worker-1"]
@@ -170,12 +194,23 @@ def test_federated_run_with_a_site_on_the_other_node(cluster: Cluster, tmp_path:
 
 def test_split_run_with_every_client_on_the_other_node(cluster: Cluster, tmp_path: Path) -> None:
     summary, shown = _simulate(
-        cluster, tmp_path / "run", "simulate", "scenarios/split_tiny.yaml",
-        "--set", f"runtime.ray_address={cluster.address}", "--set", "runtime.backend=ray",
-        "--set", "runtime.workers=0", "--set", "fed.rounds=2",
-        "--set", "runtime.server_resource=hub",
-        "--set", "runtime.sites=[{resource: site_b, clients: 2}]",
-    )  # fmt: skip
+        cluster,
+        tmp_path / "run",
+        "simulate",
+        "scenarios/split_tiny.yaml",
+        "--set",
+        f"runtime.ray_address={cluster.address}",
+        "--set",
+        "runtime.backend=ray",
+        "--set",
+        "runtime.workers=0",
+        "--set",
+        "fed.rounds=2",
+        "--set",
+        "runtime.server_resource=hub",
+        "--set",
+        "runtime.sites=[{resource: site_b, clients: 2}]",
+    )
     assert summary["rounds_completed"] == 2 and summary["mode"] == "split"
     pl = _check_server(cluster, summary, shown)
     ((name, w),) = pl["workers"].items()
@@ -191,13 +226,19 @@ def test_netlink_cluster_runs_one_command_on_a_fresh_pair_and_leaves_nothing() -
     """``python -m fedq.runtime.netlink cluster SPEC`` (what BENCHMARKS.md uses): the command runs
     in the head's namespace against both nodes, its exit status comes back, and both namespaces
     are gone (their processes ended, or the tool would have failed)."""
-    probe = ("import ray; ray.init(address='HEAD_ADDRESS', log_to_driver=False); "
-             "print(sorted(k for n in ray.nodes() for k in n['Resources'] if k.startswith('r_'))); "
-             "raise SystemExit(3)")  # fmt: skip
+    probe = (
+        "import ray; ray.init(address='HEAD_ADDRESS', log_to_driver=False); "
+        "print(sorted(k for n in ray.nodes() for k in n['Resources'] if k.startswith('r_'))); "
+        "raise SystemExit(3)"
+    )
     spec = {"head": {"r_head": 1}, "node": {"r_node": 1}, "argv": [sys.executable, "-c", probe]}
-    done = subprocess.run([sys.executable, "-m", "fedq.runtime.netlink", "cluster",
-                           json.dumps(spec)], env=ENV, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "fedq.runtime.netlink", "cluster", json.dumps(spec)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 3, done.stderr
     assert "['r_head', 'r_node']" in done.stdout
     used = re.findall(r"namespace (fq[sc]-[0-9a-f]+)", done.stdout)

@@ -20,9 +20,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FEDQ = Path(sys.executable).with_name("fedq")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-       "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
-       "PATH": f"{FEDQ.parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "PYTHONUNBUFFERED": "1",
+    "PATH": f"{FEDQ.parent}{os.pathsep}{os.environ.get('PATH', '')}",
+}
 
 
 def readme_commands(containing: str) -> list[list[str]]:
@@ -43,14 +48,21 @@ def _port() -> int:
 
 def test_the_recipe_is_what_the_readme_shows() -> None:
     cmds = readme_commands("# terminal 1: the server")
-    assert [c[:2] for c in cmds] == [["fedq", "certs"], ["fedq", "shard"], ["fedq", "serve"],
-                                     ["fedq", "join"], ["fedq", "join"]]  # fmt: skip
+    assert [c[:2] for c in cmds] == [
+        ["fedq", "certs"],
+        ["fedq", "shard"],
+        ["fedq", "serve"],
+        ["fedq", "join"],
+        ["fedq", "join"],
+    ]
 
 
 def test_the_resume_commands_are_what_the_readme_shows() -> None:
     cmds = readme_commands("# fedq serve: start a server that died again")
-    assert [c[:3] for c in cmds] == [["fedq", "simulate", "--resume"],
-                                     ["fedq", "serve", "--resume"]]  # fmt: skip
+    assert [c[:3] for c in cmds] == [
+        ["fedq", "simulate", "--resume"],
+        ["fedq", "serve", "--resume"],
+    ]
     assert len(cmds[0]) == 4  # ``fedq simulate --resume DIR``: run by test_interrupt.py
 
 
@@ -70,13 +82,17 @@ def test_the_readme_serve_and_join_recipe_runs_as_written(tmp_path: Path) -> Non
     ]
     resume = [local(a) for a in readme_commands("# fedq serve: start a server that died")[1]]
     for cmd in (certs, shard):
-        done = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True,
-                              timeout=300)  # fmt: skip
+        done = subprocess.run(
+            cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, (cmd, done.stderr)
     rounds = 10
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-             for cmd in ([*serve, "--set", f"fed.rounds={rounds}"], *joins)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for cmd in ([*serve, "--set", f"fed.rounds={rounds}"], *joins)
+    ]
     metrics = tmp_path / "runs" / "served" / "metrics.jsonl"
     try:
         end = time.monotonic() + 300
@@ -85,8 +101,14 @@ def test_the_readme_serve_and_join_recipe_runs_as_written(tmp_path: Path) -> Non
             time.sleep(0.1)
         procs[0].kill()
         procs[0].wait(30)
-        procs[0] = subprocess.Popen(resume, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        procs[0] = subprocess.Popen(
+            resume,
+            cwd=tmp_path,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         outs = [procs[0].communicate(timeout=300)[0]]  # the server first: if it fails, say why
         assert procs[0].returncode == 0, outs[0]
         outs += [p.communicate(timeout=120)[0] for p in procs[1:]]
@@ -96,8 +118,9 @@ def test_the_readme_serve_and_join_recipe_runs_as_written(tmp_path: Path) -> Non
                 p.kill()
     assert all(p.returncode == 0 for p in procs), outs
     assert "resuming at round" in outs[0] and "done: accuracy" in outs[0]
-    assert all("reconnecting" in o and f"done: completed {rounds} rounds" in o
-               for o in outs[1:]), outs  # fmt: skip
+    assert all("reconnecting" in o and f"done: completed {rounds} rounds" in o for o in outs[1:]), (
+        outs
+    )
     summary = json.loads((tmp_path / "runs" / "served" / "summary.json").read_text())
     assert summary["rounds_completed"] == rounds
     assert set(summary["clients"]) == {"client-0", "client-1"}
@@ -118,8 +141,9 @@ def test_every_option_of_the_readme_usage_lines_is_one_the_cli_takes() -> None:
             assert set(words[2].split("|")) == set(BENCHES), words[2]
         shown = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
         cmd = [words[1], BENCHES[0]] if words[1] == "bench" else [words[1]]  # options per bench
-        helped = subprocess.run([str(FEDQ), *cmd, "--help"], capture_output=True, text=True,
-                                env=ENV, timeout=120)  # fmt: skip
+        helped = subprocess.run(
+            [str(FEDQ), *cmd, "--help"], capture_output=True, text=True, env=ENV, timeout=120
+        )
         assert helped.returncode == 0, helped.stderr
         missing = {o for o in shown if o not in helped.stdout}
         assert not missing, f"{line!r}: fedq {words[1]} takes no {sorted(missing)}"

@@ -25,8 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = str(ROOT / "scenarios" / "quickstart.yaml")
 #: A line written by gRPC's C core itself ("E1207 03:53:58.064060 5574 chttp2_transport.cc:1435]")
 #: or absl's note about logging before its initialisation.
-GRPC_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.cc:\d+\]|absl::InitializeLog",
-                       re.M)  # fmt: skip
+GRPC_LINE = re.compile(
+    r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+\.cc:\d+\]|absl::InitializeLog", re.M
+)
 
 pytestmark = pytest.mark.skipif(not Path(fedq_command()[0]).exists(), reason="no fedq entry point")
 
@@ -34,29 +35,53 @@ pytestmark = pytest.mark.skipif(not Path(fedq_command()[0]).exists(), reason="no
 def _run(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     from fedq.bench.procs import cli_env
 
-    return subprocess.run([*fedq_command(), *args], cwd=cwd, env=cli_env(), capture_output=True,
-                          text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [*fedq_command(), *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("sites")
-    for args in (["certs", str(d / "certs"), "--clients", "3"],
-                 ["certs", str(d / "other"), "--clients", "1"]):  # fmt: skip
+    for args in (
+        ["certs", str(d / "certs"), "--clients", "3"],
+        ["certs", str(d / "other"), "--clients", "1"],
+    ):
         done = _run(args, d)
         assert done.returncode == 0, done.stderr
     return d
 
 
 def _join_args(address: str, cid: str, certs: Path, *extra: str) -> list[str]:
-    return ["join", "--server", address, "--client-id", cid, "--data", "digits",
-            "--token-file", str(certs / "certs" / "clients" / f"{cid}.token"), *extra]  # fmt: skip
+    return [
+        "join",
+        "--server",
+        address,
+        "--client-id",
+        cid,
+        "--data",
+        "digits",
+        "--token-file",
+        str(certs / "certs" / "clients" / f"{cid}.token"),
+        *extra,
+    ]
 
 
 def _mtls(certs: Path, cid: str, ca: Path | None = None) -> list[str]:
     c = certs / "certs"
-    return ["--ca", str(ca or c / "ca.pem"), "--cert", str(c / "clients" / f"{cid}.pem"),
-            "--key", str(c / "clients" / f"{cid}.key")]  # fmt: skip
+    return [
+        "--ca",
+        str(ca or c / "ca.pem"),
+        "--cert",
+        str(c / "clients" / f"{cid}.pem"),
+        "--key",
+        str(c / "clients" / f"{cid}.key"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +89,35 @@ def mtls_server(certs: Path) -> Iterator[tuple[CliProcess, str]]:
     """A ``fedq serve`` under mutual TLS whose run never starts (it waits for all clients),
     accepting keepalive pings every half second."""
     c = certs / "certs"
-    server = CliProcess("server", ["serve", SCENARIO, "--set", "fed.num_clients=3",
-                                   "--set", "fed.clients_per_round=3", "--set", "fed.min_clients=3",
-                                   "--listen", "127.0.0.1:0", "--tokens", str(c / "tokens.yaml"),
-                                   "--cert", str(c / "server.pem"), "--key", str(c / "server.key"),
-                                   "--client-ca", str(c / "ca.pem"), "--min-ping-s", "0.5",
-                                   "--out", str(certs / "run")], certs, timeout=120)  # fmt: skip
+    server = CliProcess(
+        "server",
+        [
+            "serve",
+            SCENARIO,
+            "--set",
+            "fed.num_clients=3",
+            "--set",
+            "fed.clients_per_round=3",
+            "--set",
+            "fed.min_clients=3",
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens",
+            str(c / "tokens.yaml"),
+            "--cert",
+            str(c / "server.pem"),
+            "--key",
+            str(c / "server.key"),
+            "--client-ca",
+            str(c / "ca.pem"),
+            "--min-ping-s",
+            "0.5",
+            "--out",
+            str(certs / "run"),
+        ],
+        certs,
+        timeout=120,
+    )
     try:
         line = server.wait_line(r"^listening on ")[1]
         yield server, line.split()[2]
@@ -157,20 +205,54 @@ def test_sites_busy_training_for_many_keepalive_pings_keep_their_connection(cert
     frequent pings, a site pinging so often got GOAWAY too_many_pings while it trained and lost
     its round."""
     c = certs / "certs"
-    over = ["--set", "fed.num_clients=3", "--set", "fed.clients_per_round=2",
-            "--set", "fed.min_clients=2", "--set", "fed.rounds=1",
-            "--set", "train.local_epochs=80"]  # fmt: skip
-    server = CliProcess("server", ["serve", SCENARIO, *over, "--listen", "127.0.0.1:0",
-                                   "--tokens", str(c / "tokens.yaml"), "--cert",
-                                   str(c / "server.pem"), "--key", str(c / "server.key"),
-                                   "--min-ping-s", "0.5", "--out", str(certs / "busy")],
-                        certs, timeout=120)  # fmt: skip
+    over = [
+        "--set",
+        "fed.num_clients=3",
+        "--set",
+        "fed.clients_per_round=2",
+        "--set",
+        "fed.min_clients=2",
+        "--set",
+        "fed.rounds=1",
+        "--set",
+        "train.local_epochs=80",
+    ]
+    server = CliProcess(
+        "server",
+        [
+            "serve",
+            SCENARIO,
+            *over,
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens",
+            str(c / "tokens.yaml"),
+            "--cert",
+            str(c / "server.pem"),
+            "--key",
+            str(c / "server.key"),
+            "--min-ping-s",
+            "0.5",
+            "--out",
+            str(certs / "busy"),
+        ],
+        certs,
+        timeout=120,
+    )
     sites: list[CliProcess] = []
     try:
         address = server.wait_line(r"^listening on ")[1].split()[2]
-        sites = [CliProcess(f"client-{i}", _join_args(address, f"client-{i}", certs, "--ca",
-                                                      str(c / "ca.pem"), "--keepalive-s", "1"),
-                            certs, timeout=120) for i in (0, 1)]  # fmt: skip
+        sites = [
+            CliProcess(
+                f"client-{i}",
+                _join_args(
+                    address, f"client-{i}", certs, "--ca", str(c / "ca.pem"), "--keepalive-s", "1"
+                ),
+                certs,
+                timeout=120,
+            )
+            for i in (0, 1)
+        ]
         for site in sites:
             assert site.end(120) == 0, site.log()
             assert site.seen(r"^done: completed 1 rounds"), site.log()
@@ -197,8 +279,9 @@ def test_grpc_log_lines_stay_out_of_a_quiet_run(
     handshake at all varies from run to run, so -v is checked where it is decided:
     test_verbose_leaves_grpc_logging_to_grpc.)"""
     server, address = mtls_server
-    args = _join_args(address, "client-1", certs,
-                      *_mtls(certs, "client-1", ca=certs / "other" / "ca.pem"))  # fmt: skip
+    args = _join_args(
+        address, "client-1", certs, *_mtls(certs, "client-1", ca=certs / "other" / "ca.pem")
+    )
     done = _run(args, certs)
     assert done.returncode == 2 and "pass --ca FILE" in done.stderr, done.stderr
     assert not GRPC_LINE.search(done.stdout + done.stderr), done.stderr
@@ -206,8 +289,9 @@ def test_grpc_log_lines_stay_out_of_a_quiet_run(
 
 
 @pytest.mark.parametrize("user", [None, "DEBUG"])
-def test_verbose_leaves_grpc_logging_to_grpc(monkeypatch: pytest.MonkeyPatch,
-                                             user: str | None) -> None:  # fmt: skip
+def test_verbose_leaves_grpc_logging_to_grpc(
+    monkeypatch: pytest.MonkeyPatch, user: str | None
+) -> None:
     """Without -v the CLI silences gRPC's core before grpc is imported, unless the user set
     GRPC_VERBOSITY; with -v it leaves gRPC's own settings alone."""
     from fedq.cli import _quiet_grpc
@@ -284,27 +368,55 @@ def test_a_site_reconnecting_when_the_run_ends_hears_that_it_ended(certs: Path) 
     client-1, back on the network, registers again and is told the run ended: it exits 0.
     Before, the server went away at once and client-1 retried until it gave up (non-zero)."""
     c = certs / "certs"
-    over = ["--set", "fed.num_clients=3", "--set", "fed.clients_per_round=2",
-            "--set", "fed.min_clients=2", "--set", "fed.rounds=2"]  # fmt: skip
-    server = CliProcess("server", ["serve", SCENARIO, *over, "--listen", "127.0.0.1:0",
-                                   "--tokens", str(c / "tokens.yaml"), "--cert",
-                                   str(c / "server.pem"), "--key", str(c / "server.key"),
-                                   "--out", str(certs / "ended")],
-                        certs, timeout=120)  # fmt: skip
+    over = [
+        "--set",
+        "fed.num_clients=3",
+        "--set",
+        "fed.clients_per_round=2",
+        "--set",
+        "fed.min_clients=2",
+        "--set",
+        "fed.rounds=2",
+    ]
+    server = CliProcess(
+        "server",
+        [
+            "serve",
+            SCENARIO,
+            *over,
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens",
+            str(c / "tokens.yaml"),
+            "--cert",
+            str(c / "server.pem"),
+            "--key",
+            str(c / "server.key"),
+            "--out",
+            str(certs / "ended"),
+        ],
+        certs,
+        timeout=120,
+    )
     sites: list[CliProcess] = []
     link: Link | None = None
     try:
         host, port = server.wait_line(r"^listening on ")[1].split()[2].rsplit(":", 1)
         link = Link((host, int(port)))
         ca = ["--ca", str(c / "ca.pem"), "--give-up-after", "90"]
-        away = CliProcess("client-1", _join_args(f"127.0.0.1:{link.port}", "client-1", certs, *ca),
-                          certs)  # fmt: skip
+        away = CliProcess(
+            "client-1", _join_args(f"127.0.0.1:{link.port}", "client-1", certs, *ca), certs
+        )
         sites.append(away)
         away.wait_line(r"^joined run ")
         link.down()  # while the run waits for a second client
         away.wait_line(r"reconnecting")
-        stay = [CliProcess(f"client-{i}", _join_args(f"{host}:{port}", f"client-{i}", certs, *ca),
-                           certs) for i in (0, 2)]  # fmt: skip
+        stay = [
+            CliProcess(
+                f"client-{i}", _join_args(f"{host}:{port}", f"client-{i}", certs, *ca), certs
+            )
+            for i in (0, 2)
+        ]
         sites += stay
         for p in stay:
             assert p.end(120) == 0, p.log()

@@ -174,10 +174,19 @@ def test_mixed_map_codes_round_trip_exactly(layout: BlockLayout) -> None:
         payload = _pack_by_class(codes, bm, layout)
         assert payload.numel() == expected_payload_nbytes(layout, bm)
         p = PackedTensor(
-            layout.shape, "float32", Encoding.QUANTIZED, layout.granularity, layout.axis,
-            layout.group_size, False, "float32", bm, torch.ones(layout.num_blocks),
-            torch.zeros(layout.num_blocks), payload,
-        )  # fmt: skip
+            layout.shape,
+            "float32",
+            Encoding.QUANTIZED,
+            layout.granularity,
+            layout.axis,
+            layout.group_size,
+            False,
+            "float32",
+            bm,
+            torch.ones(layout.num_blocks),
+            torch.zeros(layout.num_blocks),
+            payload,
+        )
         assert torch.equal(_unpack_by_class(p, layout), codes)
         # Decoding with unit scales and zero offsets returns the codes themselves.
         assert torch.equal(dequantize(p), layout.from_blocks(codes.float()))
@@ -216,8 +225,11 @@ def test_mean_bits_and_metadata_for_mixed_maps() -> None:
     p = quantize(x, bm, QuantSpec(symmetric=True, scale_dtype="float32"))
     assert p.metadata_nbytes == 4 * 4 + 4  # no offsets when symmetric
     # Group blocks with a partial last group: lengths [10, 10, 5].
-    p = quantize(torch.randn(25), torch.tensor([8, 1, 4], dtype=torch.uint8), QuantSpec(
-        Granularity.GROUP, group_size=10))  # fmt: skip
+    p = quantize(
+        torch.randn(25),
+        torch.tensor([8, 1, 4], dtype=torch.uint8),
+        QuantSpec(Granularity.GROUP, group_size=10),
+    )
     assert p.mean_bits() == pytest.approx((80 + 10 + 20) / 25)
     assert p.payload_nbytes == 2 + 3 + 10
     assert raw(torch.randn(3, dtype=torch.float16)).mean_bits() == 16.0
@@ -266,10 +278,15 @@ def test_non_finite_input_is_a_codec_error(bad: float, cut: tuple[Granularity, i
 
 @pytest.mark.parametrize(
     "spec",
-    [QuantSpec(range="sigma"), QuantSpec(range="mse"), QuantSpec(axis=-1, row_scale=True),
-     QuantSpec(axis=-1, outlier_ratio=2.0), QuantSpec(scale_dtype="float32")],
+    [
+        QuantSpec(range="sigma"),
+        QuantSpec(range="mse"),
+        QuantSpec(axis=-1, row_scale=True),
+        QuantSpec(axis=-1, outlier_ratio=2.0),
+        QuantSpec(scale_dtype="float32"),
+    ],
     ids=["sigma", "mse", "row_scale", "outliers", "fp32_scales"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_input_is_a_codec_error_with_every_option(spec: QuantSpec, bad: float) -> None:
     x = torch.randn(16, 40)
@@ -513,8 +530,10 @@ def test_mse_range_is_never_worse_than_sigma_or_minmax(bits: int) -> None:
     of their tails. Blocks of MSE_SEARCH_SAMPLES values are scored whole, so "never worse" is
     exact; longer ones partly on a strided sample (next test)."""
     x = _laplace_and_gaussian_blocks(MSE_SEARCH_SAMPLES)
-    err = {r: _block_sq_err(x, bits, QuantSpec(axis=1, range=r, scale_dtype="float32"))
-           for r in ("minmax", "sigma", "mse")}  # fmt: skip
+    err = {
+        r: _block_sq_err(x, bits, QuantSpec(axis=1, range=r, scale_dtype="float32"))
+        for r in ("minmax", "sigma", "mse")
+    }
     tol = 1e-5 * err["minmax"]
     assert bool((err["mse"] <= err["sigma"] + tol).all()), (err["mse"], err["sigma"])
     assert bool((err["mse"] <= err["minmax"] + tol).all()), (err["mse"], err["minmax"])
@@ -529,8 +548,10 @@ def test_mse_range_on_a_sample_of_long_blocks(bits: int) -> None:
     well below sigma from 3 bits up (at 8 bits by far: the Gaussian clip, 3.9 std, cuts their
     tails)."""
     x = _laplace_and_gaussian_blocks(16 * MSE_SEARCH_SAMPLES)
-    err = {r: _block_sq_err(x, bits, QuantSpec(axis=1, range=r, scale_dtype="float32"))
-           for r in ("minmax", "sigma", "mse")}  # fmt: skip
+    err = {
+        r: _block_sq_err(x, bits, QuantSpec(axis=1, range=r, scale_dtype="float32"))
+        for r in ("minmax", "sigma", "mse")
+    }
     best = torch.minimum(err["sigma"], err["minmax"])
     assert bool((err["mse"] <= 1.05 * best).all()), (err["mse"], best)
     if bits >= 3:

@@ -114,8 +114,13 @@ def test_a_key_the_mode_ignores_is_an_error_naming_it(raw: dict, key: str) -> No
 
 
 def test_split_mode_honours_fedavg_and_the_train_section() -> None:
-    cfg = config_from_dict({"mode": "split", "fed": {"strategy": "fedavg"},
-                            "train": {"optimizer": "sgd", "momentum": 0.5, "lr": 0.2}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "mode": "split",
+            "fed": {"strategy": "fedavg"},
+            "train": {"optimizer": "sgd", "momentum": 0.5, "lr": 0.2},
+        }
+    )
     assert (cfg.train.optimizer, cfg.train.momentum, cfg.train.weight_decay) == ("sgd", 0.5, 0.01)
 
 
@@ -154,8 +159,16 @@ def test_split_section_keeps_only_options_a_user_chooses() -> None:
     from fedq.config import SplitConfig
 
     assert len(SplitConfig.__dataclass_fields__) == 16
-    for gone in ("reg_mode", "gate_momentum", "alpha", "per_token", "grad_stochastic",
-                 "row_scale", "gate_freeze_fraction", "act_scale_dtype"):  # fmt: skip
+    for gone in (
+        "reg_mode",
+        "gate_momentum",
+        "alpha",
+        "per_token",
+        "grad_stochastic",
+        "row_scale",
+        "gate_freeze_fraction",
+        "act_scale_dtype",
+    ):
         with pytest.raises(ConfigError, match=f"split.{gone}: unknown key"):
             config_from_dict({"mode": "split", "split": {gone: 1}})
 
@@ -177,8 +190,9 @@ def test_registry_names_and_data_problems_are_found_before_any_host_starts(
     assert name_problems(config_from_dict({"data": {"name": "mnist1d", "num_samples": 5000}})) == []
     with pytest.raises(ConfigError, match=r"data\.num_samples: must be >= 1"):
         config_from_dict({"data": {"name": "mnist1d", "num_samples": 0}})
-    too_many = config_from_dict({"fed": {"num_clients": 1000, "clients_per_round": 5},
-                                 "runtime": {"backend": "inprocess"}})  # fmt: skip
+    too_many = config_from_dict(
+        {"fed": {"num_clients": 1000, "clients_per_round": 5}, "runtime": {"backend": "inprocess"}}
+    )
     with pytest.raises(ConfigError, match=r"dirichlet partition: .*fed\.num_clients=1000"):
         simulate(too_many, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing started, nothing written

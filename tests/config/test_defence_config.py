@@ -28,39 +28,70 @@ def test_defaults_and_saved_config() -> None:
 
 
 def test_bad_values_are_all_reported() -> None:
-    p = _problems({"defence": {"aggregator": "mode", "trim_fraction": 0.5, "krum_m": 0,
-                               "clip_norm": -1, "max_abs_ratio": 0, "max_bad_updates": -1,
-                               "max_examples_per_client": 0, "surprise": 1}})  # fmt: skip
+    p = _problems(
+        {
+            "defence": {
+                "aggregator": "mode",
+                "trim_fraction": 0.5,
+                "krum_m": 0,
+                "clip_norm": -1,
+                "max_abs_ratio": 0,
+                "max_bad_updates": -1,
+                "max_examples_per_client": 0,
+                "surprise": 1,
+            }
+        }
+    )
     text = "\n".join(p)
-    for key in ("defence.aggregator", "defence.trim_fraction", "defence.krum_m",
-                "defence.clip_norm", "defence.max_abs_ratio", "defence.max_bad_updates",
-                "defence.max_examples_per_client", "defence.surprise: unknown key"):  # fmt: skip
+    for key in (
+        "defence.aggregator",
+        "defence.trim_fraction",
+        "defence.krum_m",
+        "defence.clip_norm",
+        "defence.max_abs_ratio",
+        "defence.max_bad_updates",
+        "defence.max_examples_per_client",
+        "defence.surprise: unknown key",
+    ):
         assert key in text, key
 
 
 @pytest.mark.parametrize("aggregator", ["median", "trimmed_mean", "krum"])
 def test_central_dp_takes_the_mean_only(aggregator: str) -> None:
-    raw = {"privacy": {"mechanism": "central", "noise_multiplier": 1.0},
-           "defence": {"aggregator": aggregator}}  # fmt: skip
+    raw = {
+        "privacy": {"mechanism": "central", "noise_multiplier": 1.0},
+        "defence": {"aggregator": aggregator},
+    }
     assert any("does not compose with privacy.mechanism 'central'" in x for x in _problems(raw))
-    local = {"privacy": {"mechanism": "laplace", "target_epsilon": 5.0},
-             "defence": {"aggregator": aggregator, "krum_f": 1}}  # fmt: skip
+    local = {
+        "privacy": {"mechanism": "laplace", "target_epsilon": 5.0},
+        "defence": {"aggregator": aggregator, "krum_f": 1},
+    }
     assert config_from_dict(local).defence.aggregator == aggregator
-    central_mean = {"privacy": {"mechanism": "central", "noise_multiplier": 1.0},
-                    "defence": {"clip_norm": 0.5}}  # fmt: skip
+    central_mean = {
+        "privacy": {"mechanism": "central", "noise_multiplier": 1.0},
+        "defence": {"clip_norm": 0.5},
+    }
     assert config_from_dict(central_mean).defence.clip_norm == 0.5
 
 
 def test_krum_needs_enough_clients() -> None:
-    raw = {"fed": {"num_clients": 8, "clients_per_round": 8},
-           "defence": {"aggregator": "krum", "krum_f": 3, "krum_m": 6}}  # fmt: skip
+    raw = {
+        "fed": {"num_clients": 8, "clients_per_round": 8},
+        "defence": {"aggregator": "krum", "krum_f": 3, "krum_m": 6},
+    }
     p = _problems(raw)
     assert any("needs fed.clients_per_round >= 2f + 3 = 9, got 8" in x for x in p)
     assert any("defence.krum_m: at most clients_per_round - krum_f = 5" in x for x in p)
 
 
 def test_split_mode_refuses_the_section() -> None:
-    p = _problems({"mode": "split", "data": {"name": "rotten_tomatoes"},
-                   "model": {"name": "tiny_bert_lora"},
-                   "defence": {"aggregator": "median"}})  # fmt: skip
+    p = _problems(
+        {
+            "mode": "split",
+            "data": {"name": "rotten_tomatoes"},
+            "model": {"name": "tiny_bert_lora"},
+            "defence": {"aggregator": "median"},
+        }
+    )
     assert any(x.startswith("defence: not used in mode 'split'") for x in p)

@@ -137,8 +137,11 @@ def test_labels_whole_floats_are_classes_fractions_and_huge_ids_are_not() -> Non
     assert ids.tolist() == [0, 2, 1] and k == 3
     ids, k = encode_labels(np.array([True, False]), "f")
     assert ids.tolist() == [1, 0] and k == 2
-    with pytest.raises(ConfigError, match=r"f: labels must be class indices \(whole numbers\), "
-                                          r"got nan at row 1"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"f: labels must be class indices \(whole numbers\), "
+        r"got nan at row 1",
+    ):
         encode_labels(np.array([0.0, np.nan]), "f")
     with pytest.raises(ConfigError, match="got -2 at row 2"):
         encode_labels(np.array(["1", "0", "-2"]), "f")

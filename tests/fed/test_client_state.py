@@ -16,12 +16,15 @@ from fedq.runtime.setup import build_bundle, client_partitions, load_data
 
 
 def test_changes_are_the_states_of_the_clients_that_ran_since_the_last_mark(rounds: Any) -> None:
-    cfg = config_from_dict({
-        "seed": 2, "data": {"name": "digits", "partition": "iid", "max_train": 300},
-        "model": {"name": "mlp", "hidden": 8},
-        "fed": {"num_clients": 12, "clients_per_round": 2, "rounds": 2},
-        "compression": {"uplink": {"policy": "fixed", "bits": 3, "error_feedback": True}},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "seed": 2,
+            "data": {"name": "digits", "partition": "iid", "max_train": 300},
+            "model": {"name": "mlp", "hidden": 8},
+            "fed": {"num_clients": 12, "clients_per_round": 2, "rounds": 2},
+            "compression": {"uplink": {"policy": "fixed", "bits": 3, "error_feedback": True}},
+        }
+    )
     split = load_data(cfg)
     parts = client_partitions(cfg, split.train)
     shards = {client_name(i): Shard(split.train, p) for i, p in enumerate(parts)}

@@ -26,13 +26,20 @@ CLIENTS = 5
 
 
 def _cfg(min_clients: int = 1, **defence: Any) -> RunConfig:
-    return config_from_dict({
-        "data": {"name": "digits", "max_train": 200, "max_test": 100},
-        "model": {"name": "mlp", "hidden": 8},
-        "fed": {"num_clients": CLIENTS, "clients_per_round": CLIENTS, "rounds": 4,
-                "round_timeout_s": 30, "min_clients": min_clients},
-        "defence": defence,
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "data": {"name": "digits", "max_train": 200, "max_test": 100},
+            "model": {"name": "mlp", "hidden": 8},
+            "fed": {
+                "num_clients": CLIENTS,
+                "clients_per_round": CLIENTS,
+                "rounds": 4,
+                "round_timeout_s": 30,
+                "min_clients": min_clients,
+            },
+            "defence": defence,
+        }
+    )
 
 
 def _start(open_rounds: Any, cfg: RunConfig) -> Any:
@@ -47,8 +54,10 @@ def _honest(server: FedServer, cid: str, r: int) -> WireMessage:
     """A client's plausible update, the same whenever it is made (seeded by client and round)."""
     i = int(cid.rsplit("-", 1)[1])
     gen = torch.Generator().manual_seed(1000 * r + i)
-    tensors = {k: quantize(torch.randn(v.shape, generator=gen) * 0.05, 4)
-               for k, v in server.global_state.items()}  # fmt: skip
+    tensors = {
+        k: quantize(torch.randn(v.shape, generator=gen) * 0.05, 4)
+        for k, v in server.global_state.items()
+    }
     loss = 2.0 + float(torch.rand((), generator=gen)) / 3
     return WireMessage("update", cid, r, 0, {"num_samples": 10.0 + i, "loss": loss}, {}, tensors)
 
@@ -68,8 +77,9 @@ def _play(open_rounds: Any, cfg: RunConfig, order: str) -> tuple[dict[str, torch
         msgs = [_honest(run.workload, c, r) for c in selected]
         if order == "late-first":
             first, rest = msgs[0], msgs[1:][::-1]
-            held = threading.Thread(target=lambda m=first: (time.sleep(0.2),
-                                                            run.engine.push_update(m)))  # fmt: skip
+            held = threading.Thread(
+                target=lambda m=first: (time.sleep(0.2), run.engine.push_update(m))
+            )
             held.start()
             for m in rest:
                 run.engine.push_update(m)
@@ -185,10 +195,13 @@ def test_claimed_weight_is_bounded_by_registration_and_the_cap(open_rounds: Any)
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
 def test_a_new_model_that_is_not_finite_is_not_applied(strategy: str) -> None:
-    cfg = config_from_dict({"data": {"name": "digits", "max_train": 100},
-                            "model": {"name": "mlp", "hidden": 8},
-                            "fed": {"num_clients": 2, "clients_per_round": 2, "rounds": 2,
-                                    "strategy": strategy}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "data": {"name": "digits", "max_train": 100},
+            "model": {"name": "mlp", "hidden": 8},
+            "fed": {"num_clients": 2, "clients_per_round": 2, "rounds": 2, "strategy": strategy},
+        }
+    )
     split = load_data(cfg)
     server = FedServer(cfg, build_bundle(cfg, split.train), None)
     before = {k: v.clone() for k, v in server.global_state.items()}
@@ -197,8 +210,9 @@ def test_a_new_model_that_is_not_finite_is_not_applied(strategy: str) -> None:
     ups = [Update(Member(f"client-{i}", i, 10), big, 10.0, {}) for i in range(2)]
     moments = server.strategy.state_dict()
     rec = server.close_round(0, ups, apply=True)
-    assert rec["rejected"] is not None and ("NaN/Inf" in rec["rejected"]
-                                            or "beyond the bound" in rec["rejected"])  # fmt: skip
+    assert rec["rejected"] is not None and (
+        "NaN/Inf" in rec["rejected"] or "beyond the bound" in rec["rejected"]
+    )
     assert server.round_done == -1
     for k, v in before.items():
         assert torch.equal(server.global_state[k], v)
@@ -211,8 +225,10 @@ def _scaled(server: FedServer, cid: str, r: int, factor: float) -> WireMessage:
     """Every entry changed by ``factor`` x (max|w| + 1) of its tensor in the round's model (at
     most float32's largest value)."""
     big = torch.finfo(torch.float32).max
-    tensors = {k: raw(torch.full_like(v, min(factor * (float(v.abs().max()) + 1.0), big)))
-               for k, v in server.global_state.items()}  # fmt: skip
+    tensors = {
+        k: raw(torch.full_like(v, min(factor * (float(v.abs().max()) + 1.0), big)))
+        for k, v in server.global_state.items()
+    }
     return WireMessage("update", cid, r, 0, {"num_samples": 10.0}, {}, tensors)
 
 
@@ -239,8 +255,10 @@ def test_a_magnitude_bound_refuses_a_thousandfold_change_and_slows_a_runaway(
             run.engine.push_update(_honest(s, c, r))
         rec = run.record(r)
         assert rec["applied"] and rec["clients_ok"] == CLIENTS, rec
-        weights = {c: min(10.0 + int(c.rsplit("-", 1)[1]), run.engine._members[c].num_examples)
-                   for c in selected[1:]}  # fmt: skip
+        weights = {
+            c: min(10.0 + int(c.rsplit("-", 1)[1]), run.engine._members[c].num_examples)
+            for c in selected[1:]
+        }
         share = 10.0 / (10.0 + sum(weights.values()))
         for k, v in s.global_state.items():
             grown = float(v.abs().max()) - before[k]

@@ -39,8 +39,9 @@ def test_server_state_is_saved_on_the_cpu_and_loaded_onto_the_models_device() ->
     bundle = build_model("mlp", num_classes=10, input_dim=64, seed=0, hidden=8)
     server = FedServer(cfg, bundle, None)
     state = server.state_dict()
-    other = FedServer(cfg, build_model("mlp", num_classes=10, input_dim=64, seed=1, hidden=8)
-                      .to("meta"), None)  # fmt: skip
+    other = FedServer(
+        cfg, build_model("mlp", num_classes=10, input_dim=64, seed=1, hidden=8).to("meta"), None
+    )
     other.load_state_dict(state)
     assert all(v.device.type == "meta" for v in other.global_state.values())
     moved = to_cpu({"a": [torch.zeros(1)], "b": (1, "x")})  # structure kept (GPU: below)
@@ -75,6 +76,7 @@ def test_federated_run_on_the_gpu_matches_the_cpu_run(tmp_path: Path) -> None:
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.02)
     assert recs["cpu"][-1]["accuracy"] == pytest.approx(recs["cuda"][-1]["accuracy"], abs=0.03)
     # the checkpointed server state is on the CPU
-    state = FedServer(cfg, build_model("mlp", num_classes=10, input_dim=64, seed=0, hidden=8)
-                      .to("cuda"), None).state_dict()  # fmt: skip
+    state = FedServer(
+        cfg, build_model("mlp", num_classes=10, input_dim=64, seed=0, hidden=8).to("cuda"), None
+    ).state_dict()
     assert all(v.device.type == "cpu" for v in state["global_state"].values())

@@ -16,14 +16,17 @@ from fedq.runtime.setup import build_bundle, client_partitions, load_data
 
 
 def test_clients_report_their_own_epsilon_and_the_ledger_agrees(rounds: Any) -> None:
-    cfg = config_from_dict({
-        "seed": 2, "data": {"name": "digits", "max_train": 240},
-        "model": {"name": "mlp", "hidden": 8},
-        "train": {"batch_size": 16, "lr": 0.1},
-        "fed": {"num_clients": 3, "clients_per_round": 2, "rounds": 3},
-        "privacy": {"mechanism": "dpsgd", "noise_multiplier": 1.1, "clip_norm": 1.0},
-        "runtime": {"backend": "inprocess"},
-    })  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "seed": 2,
+            "data": {"name": "digits", "max_train": 240},
+            "model": {"name": "mlp", "hidden": 8},
+            "train": {"batch_size": 16, "lr": 0.1},
+            "fed": {"num_clients": 3, "clients_per_round": 2, "rounds": 3},
+            "privacy": {"mechanism": "dpsgd", "noise_multiplier": 1.1, "clip_norm": 1.0},
+            "runtime": {"backend": "inprocess"},
+        }
+    )
     split = load_data(cfg)
     parts = client_partitions(cfg, split.train)
     shards = {client_name(i): Shard(split.train, p) for i, p in enumerate(parts)}

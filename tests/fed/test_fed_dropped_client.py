@@ -54,11 +54,16 @@ def test_unauthenticated_client_fails_alone_and_round_applies(rounds: Any) -> No
         {
             "data": {"name": "digits", "max_train": 200},
             "model": {"name": "mlp", "hidden": 8},
-            "fed": {"num_clients": 3, "clients_per_round": 3, "rounds": 1, "min_clients": 2,
-                    "round_timeout_s": 3.0},
+            "fed": {
+                "num_clients": 3,
+                "clients_per_round": 3,
+                "rounds": 1,
+                "min_clients": 2,
+                "round_timeout_s": 3.0,
+            },
             "compression": {"uplink": {"policy": "fixed", "bits": 4}},
         }
-    )  # fmt: skip
+    )
     split = load_data(cfg)
     parts = client_partitions(cfg, split.train)
     server = FedServer(cfg, build_bundle(cfg, split.train), split.test)

@@ -32,10 +32,15 @@ def run(open_rounds: Any) -> Any:
             {
                 "data": {"name": "digits", "max_train": 200},
                 "model": {"name": "mlp", "hidden": 8},
-                "fed": {"num_clients": 4, "clients_per_round": 3, "rounds": 2,
-                        "min_clients": min_clients, "round_timeout_s": 1.5},
+                "fed": {
+                    "num_clients": 4,
+                    "clients_per_round": 3,
+                    "rounds": 2,
+                    "min_clients": min_clients,
+                    "round_timeout_s": 1.5,
+                },
             }
-        )  # fmt: skip
+        )
         split = load_data(cfg)
         parts = client_partitions(cfg, split.train)
         server = FedServer(cfg, build_bundle(cfg, split.train), split.test)

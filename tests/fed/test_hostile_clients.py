@@ -18,18 +18,25 @@ ROUNDS = 6
 
 
 def _cfg() -> Any:
-    return config_from_dict({
-        "seed": 1,
-        "data": {"name": "digits", "partition": "iid"},
-        "model": {"name": "mlp", "hidden": 32},
-        "train": {"batch_size": 16, "lr": 0.1},
-        "fed": {"num_clients": 6, "clients_per_round": 6, "rounds": ROUNDS, "eval_every": 1,
-                "round_timeout_s": 60},
-        "compression": {"uplink": {"policy": "fixed", "bits": 8}},
-        "runtime": {"backend": "inprocess"},
-        # the settings docs/algorithms.md recommends for untrusted clients on scaled features
-        "defence": {"aggregator": "median", "max_abs_ratio": 100.0, "max_bad_updates": 0},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "seed": 1,
+            "data": {"name": "digits", "partition": "iid"},
+            "model": {"name": "mlp", "hidden": 32},
+            "train": {"batch_size": 16, "lr": 0.1},
+            "fed": {
+                "num_clients": 6,
+                "clients_per_round": 6,
+                "rounds": ROUNDS,
+                "eval_every": 1,
+                "round_timeout_s": 60,
+            },
+            "compression": {"uplink": {"policy": "fixed", "bits": 8}},
+            "runtime": {"backend": "inprocess"},
+            # the settings docs/algorithms.md recommends for untrusted clients on scaled features
+            "defence": {"aggregator": "median", "max_abs_ratio": 100.0, "max_bad_updates": 0},
+        }
+    )
 
 
 def test_bad_updates_from_an_authenticated_client_are_refused_and_the_run_holds() -> None:
@@ -46,6 +53,8 @@ def test_bad_updates_from_an_authenticated_client_are_refused_and_the_run_holds(
     reasons = " ".join(r["refused"]["client-2"]["reason"] for r in recs)
     assert "beyond the bound" in reasons and "has shape" in reasons
     assert all(math.isfinite(r["loss"]) for r in recs)
-    assert abs(hostile["accuracy"] - clean["accuracy"]) <= 0.01, (hostile["accuracy"],
-                                                                   clean["accuracy"])  # fmt: skip
+    assert abs(hostile["accuracy"] - clean["accuracy"]) <= 0.01, (
+        hostile["accuracy"],
+        clean["accuracy"],
+    )
     assert grown < 300 << 20, f"memory grew by {grown >> 20} MiB over the hostile run"

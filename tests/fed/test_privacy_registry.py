@@ -62,18 +62,25 @@ EPSILON = {"none": None, "dpsgd": 7.990075853636205, "central": 3.05224627487312
 
 
 def _cfg(mechanism: str) -> RunConfig:
-    return config_from_dict({
-        "seed": 1, "train": {"local_epochs": 1, "batch_size": 16},
-        "fed": {"num_clients": 4, "clients_per_round": 2, "rounds": 4},
-        "privacy": PRIVACY[mechanism],
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "seed": 1,
+            "train": {"local_epochs": 1, "batch_size": 16},
+            "fed": {"num_clients": 4, "clients_per_round": 2, "rounds": 4},
+            "privacy": PRIVACY[mechanism],
+        }
+    )
 
 
 def test_the_config_names_are_the_registries() -> None:
     assert tuple(MECHANISMS) == FED_PRIVACY
     assert tuple(LEDGERS) == SPLIT_PRIVACY
-    expected = {"none": ServerPrivacy, "dpsgd": DpsgdPrivacy, "central": CentralPrivacy,
-                "laplace": LaplacePrivacy}  # fmt: skip
+    expected = {
+        "none": ServerPrivacy,
+        "dpsgd": DpsgdPrivacy,
+        "central": CentralPrivacy,
+        "laplace": LaplacePrivacy,
+    }
     for name, cls in expected.items():
         assert type(make_privacy(_cfg(name))) is cls and cls.name == name
         assert mechanism_class(name) is cls

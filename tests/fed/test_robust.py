@@ -31,11 +31,12 @@ def _states(values: list[list[float]]) -> list[dict[str, torch.Tensor]]:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    honest=st.lists(st.lists(st.floats(-10, 10, width=32), min_size=3, max_size=3), min_size=3,
-                    max_size=8),
+    honest=st.lists(
+        st.lists(st.floats(-10, 10, width=32), min_size=3, max_size=3), min_size=3, max_size=8
+    ),
     scale=st.sampled_from([1e3, -1e6, 3e30]),
     data=st.data(),
-)  # fmt: skip
+)
 def test_median_with_a_minority_of_outliers_stays_in_the_honest_range(
     honest: list[list[float]], scale: float, data: st.DataObject
 ) -> None:
@@ -52,8 +53,11 @@ def test_median_of_an_even_count_is_the_mean_of_the_middle_two() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.lists(st.floats(-1e3, 1e3, width=32), min_size=4, max_size=4), min_size=1,
-                max_size=7))  # fmt: skip
+@given(
+    st.lists(
+        st.lists(st.floats(-1e3, 1e3, width=32), min_size=4, max_size=4), min_size=1, max_size=7
+    )
+)
 def test_trimmed_mean_without_trim_is_the_unweighted_mean(values: list[list[float]]) -> None:
     states = _states(values)
     expected = weighted_mean([(s, 1.0) for s in states])["w"]

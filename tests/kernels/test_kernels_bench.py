@@ -26,8 +26,11 @@ def test_cli_without_a_gpu_says_so_and_runs_the_smoke(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the bench sets it
     done = subprocess.run(
         [sys.executable, "-m", "fedq.cli", "bench", "kernels", "--json", str(out)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "GPU numbers need a CUDA device" in done.stdout
     assert "4 cases, all bit-exact" in done.stdout
@@ -69,9 +72,14 @@ def test_peak_table_and_targets() -> None:
 
 def test_verdicts_gate_at_64_mib_and_compare_with_torch() -> None:
     def row(size: float, bits: str, share: float, speedup: float) -> dict[str, object]:
-        return {"size_mib": size, "bits": bits, "quantize_of_peak": share,
-                "dequantize_of_peak": share, "quantize_speedup": speedup,
-                "dequantize_speedup": speedup}  # fmt: skip
+        return {
+            "size_mib": size,
+            "bits": bits,
+            "quantize_of_peak": share,
+            "dequantize_of_peak": share,
+            "quantize_speedup": speedup,
+            "dequantize_speedup": speedup,
+        }
 
     rows = [row(16, "4", 0.1, 2.0), row(64, "4", 0.8, 2.0), row(64, "3", 0.61, 1.5)]
     t = bench._verdicts(rows, 3350.0)

@@ -63,15 +63,26 @@ def _synthetic(layout: BlockLayout, bm: torch.Tensor, symmetric: bool, seed: int
     included), random scales (zeros among them) and offsets of either sign."""
     g = torch.Generator().manual_seed(seed)
     nb = layout.num_blocks
-    payload = torch.randint(0, 256, (expected_payload_nbytes(layout, bm),), generator=g,
-                            dtype=torch.uint8)  # fmt: skip
+    payload = torch.randint(
+        0, 256, (expected_payload_nbytes(layout, bm),), generator=g, dtype=torch.uint8
+    )
     scales = (torch.rand(nb, generator=g) * 4).to(torch.float16)
     scales[::5] = 0
     offsets = None if symmetric else (torch.randn(nb, generator=g) * 10).to(torch.float16)
     return PackedTensor(
-        layout.shape, "float32", Encoding.QUANTIZED, layout.granularity, layout.axis,
-        layout.group_size, symmetric, "float16", bm, scales, offsets, payload,
-    )  # fmt: skip
+        layout.shape,
+        "float32",
+        Encoding.QUANTIZED,
+        layout.granularity,
+        layout.axis,
+        layout.group_size,
+        symmetric,
+        "float16",
+        bm,
+        scales,
+        offsets,
+        payload,
+    )
 
 
 @pytest.mark.parametrize(
@@ -136,12 +147,16 @@ def test_random_layouts_decode_bit_exact(bits_equal: Same) -> None:
         gran = rng.choice(list(Granularity))
         sym = rng.random() < 0.5
         spec = QuantSpec(
-            granularity=gran, axis=rng.randrange(len(shape)), group_size=rng.randint(1, 40),
-            symmetric=sym, stochastic=rng.random() < 0.3,
+            granularity=gran,
+            axis=rng.randrange(len(shape)),
+            group_size=rng.randint(1, 40),
+            symmetric=sym,
+            stochastic=rng.random() < 0.3,
             scale_dtype=rng.choice(["float16", "float32"]),
             range="minmax" if sym else rng.choice(["minmax", "sigma", "mse"]),
-            row_scale=rng.random() < 0.4, outlier_ratio=rng.choice([0.0, 0.0, 2.0]),
-        )  # fmt: skip
+            row_scale=rng.random() < 0.4,
+            outlier_ratio=rng.choice([0.0, 0.0, 2.0]),
+        )
         x = torch.randn(shape, generator=torch.Generator().manual_seed(case)) * 5
         x = x.to(rng.choice(DTYPES))
         nb = spec.layout_for(shape, bit_map=True).num_blocks

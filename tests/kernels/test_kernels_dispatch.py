@@ -49,8 +49,15 @@ def test_compressor_seeds_its_noise_from_its_generator() -> None:
 
 def test_amaq_fake_quant_is_the_decoded_tensor_on_the_kernel_path(bits_equal: Same) -> None:
     torch.manual_seed(0)
-    q = AmaqQuantizer(24, init_bits=3.5, quant_range="mse", row_scale=True, outlier_ratio=3.0,
-                      stochastic=True, seed=5)  # fmt: skip
+    q = AmaqQuantizer(
+        24,
+        init_bits=3.5,
+        quant_range="mse",
+        row_scale=True,
+        outlier_ratio=3.0,
+        stochastic=True,
+        seed=5,
+    )
     x = torch.randn(4, 16, 24, requires_grad=True)
     y, p = q.forward_encode(x)
     with dispatch.torch_only():

@@ -52,8 +52,9 @@ def test_every_width_packs_the_same_bytes(
         got = fedq_kernels.quantize_pack(
             xb, bm, layout, div, centre, symmetric=symmetric, seed=seed
         )
-        want = fedq_kernels.quantize_pack_ref(xb, bm, layout, div, centre, symmetric=symmetric,
-                                              seed=seed)  # fmt: skip
+        want = fedq_kernels.quantize_pack_ref(
+            xb, bm, layout, div, centre, symmetric=symmetric, seed=seed
+        )
         assert torch.equal(got, want), (b, dtype)
 
 
@@ -66,10 +67,12 @@ def test_mixed_maps_pack_the_same_bytes(layout: BlockLayout, seed: int | None) -
         bm[-1] = 5
         for symmetric in (False, True):
             xb, div, centre = _inputs(layout, bm, symmetric, torch.float32, case)
-            got = fedq_kernels.quantize_pack(xb, bm, layout, div, centre, symmetric=symmetric,
-                                             seed=seed)  # fmt: skip
-            want = fedq_kernels.quantize_pack_ref(xb, bm, layout, div, centre,
-                                                  symmetric=symmetric, seed=seed)  # fmt: skip
+            got = fedq_kernels.quantize_pack(
+                xb, bm, layout, div, centre, symmetric=symmetric, seed=seed
+            )
+            want = fedq_kernels.quantize_pack_ref(
+                xb, bm, layout, div, centre, symmetric=symmetric, seed=seed
+            )
             assert torch.equal(got, want), (case, symmetric)
 
 

@@ -59,8 +59,9 @@ def test_chunked_decode_equals_the_whole_decode(
             got = d.feed(p.payload[prev:end])
             prev = end
             # any complete code is decoded at once (no 8-code groups on the kernel path)
-            assert got == sum(min(r.numel, max(0, (end - r.byte_start) * 8 // r.bits))
-                              for r in runs)  # fmt: skip
+            assert got == sum(
+                min(r.numel, max(0, (end - r.byte_start) * 8 // r.bits)) for r in runs
+            )
         y = d.finish(p.row_scales, p.outlier_index, p.outlier_values)
         with dispatch.torch_only():
             assert bits_equal(y, dequantize(p).contiguous())

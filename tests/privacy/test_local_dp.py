@@ -39,9 +39,13 @@ def test_make_private_noise_std_matches_z_c_over_batch() -> None:
     model, z, c, batch = _mlp(), 200.0, 1.0, 16
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     priv = make_private(
-        model, opt, _loader(batch=batch), noise_multiplier=z, max_grad_norm=c,
+        model,
+        opt,
+        _loader(batch=batch),
+        noise_multiplier=z,
+        max_grad_norm=c,
         noise_generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+    )
     assert priv.criterion is None and priv.sample_rate == pytest.approx(0.25)
     before = _params(model)
     x, y = next(iter(priv.data_loader))
@@ -63,9 +67,14 @@ def test_make_private_clips_per_example_gradients(mode: str) -> None:
     raw = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
     assert math.sqrt(sum(float(g.square().sum()) for g in raw)) > 10 * c  # clipping matters
     priv = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=1.0), loader, noise_multiplier=1e-9,
-        max_grad_norm=c, poisson_sampling=False, grad_sample_mode=mode,  # type: ignore[arg-type]
-    )  # fmt: skip
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        loader,
+        noise_multiplier=1e-9,
+        max_grad_norm=c,
+        poisson_sampling=False,
+        grad_sample_mode=mode,  # type: ignore[arg-type]
+    )
     before = _params(model)
     logits = priv.module(x)
     loss = priv.criterion(logits, y) if priv.criterion else nn.functional.cross_entropy(logits, y)
@@ -79,9 +88,13 @@ def test_make_private_clips_per_example_gradients(mode: str) -> None:
 def test_empty_poisson_batch_still_releases_noise_and_is_accounted() -> None:
     model = _mlp()
     priv = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=1.0), _loader(), noise_multiplier=1.0,
-        max_grad_norm=1.0, noise_generator=torch.Generator().manual_seed(0),
-    )  # fmt: skip
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        _loader(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
     before = _params(model)
     _noise_only_step(priv)
     assert not torch.equal(_params(model), before)
@@ -92,9 +105,13 @@ def test_empty_poisson_batch_still_releases_noise_and_is_accounted() -> None:
 def test_ghost_mode_returns_a_wrapped_criterion_and_steps() -> None:
     model = _mlp()
     priv = make_private(
-        model, torch.optim.SGD(model.parameters(), lr=0.5), _loader(), noise_multiplier=1.0,
-        max_grad_norm=1.0, grad_sample_mode="ghost",
-    )  # fmt: skip
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.5),
+        _loader(),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        grad_sample_mode="ghost",
+    )
     assert priv.criterion is not None
     before = _params(model)
     x, y = next(iter(priv.data_loader))
@@ -113,9 +130,16 @@ def test_mlp_bundle_dp_round_is_reproducible_and_accountable() -> None:
         b = build_model("mlp", num_classes=10, input_dim=64, seed=0)
         start = _params(b.module)
         r = dp_local_train(
-            b, data, idx, batch_size=25, epochs=2, noise_multiplier=1.0, max_grad_norm=1.0,
-            generator=torch.Generator().manual_seed(seed), lr=0.5,
-        )  # fmt: skip
+            b,
+            data,
+            idx,
+            batch_size=25,
+            epochs=2,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            generator=torch.Generator().manual_seed(seed),
+            lr=0.5,
+        )
         after = _params(b.module)
         assert not torch.equal(after, start)
         return after, r
@@ -137,10 +161,16 @@ def test_tiny_bert_lora_dp_round_trains_and_unhooks(mode: str) -> None:
     b = build_model("tiny_bert_lora", num_classes=2, seed=0)
     before = b.trainable_state()
     r = dp_local_train(
-        b, data, torch.arange(40), batch_size=8, epochs=1, noise_multiplier=0.5,
-        max_grad_norm=1.0, generator=torch.Generator().manual_seed(0),
+        b,
+        data,
+        torch.arange(40),
+        batch_size=8,
+        epochs=1,
+        noise_multiplier=0.5,
+        max_grad_norm=1.0,
+        generator=torch.Generator().manual_seed(0),
         grad_sample_mode=mode,  # type: ignore[arg-type]
-    )  # fmt: skip
+    )
     after = b.trainable_state()
     assert r.steps == 5 and r.sample_rate == pytest.approx(0.2)
     assert all(not torch.equal(after[k], before[k]) for k in before)  # adapters and head move
@@ -161,9 +191,12 @@ def test_lora_on_embeddings_is_refused_naming_the_layer() -> None:
     model = get_peft_model(enc, cfg)
     with pytest.raises(UnsupportedError, match="word_embeddings") as err:
         make_private(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), _loader(), noise_multiplier=1.0,
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            _loader(),
+            noise_multiplier=1.0,
             max_grad_norm=1.0,
-        )  # fmt: skip
+        )
     assert "target_modules" in str(err.value)
     assert str(err.value).count("  - layer ") == 1  # LoRA on query/value is fine
 
@@ -190,9 +223,13 @@ def test_make_private_rejects_disabled_noise_and_unknown_mode() -> None:
         make_private(model, opt, _loader(), noise_multiplier=0.0, max_grad_norm=1.0)
     with pytest.raises(ConfigError, match="allowed: hooks, ghost"):
         make_private(
-            model, opt, _loader(), noise_multiplier=1.0, max_grad_norm=1.0,
+            model,
+            opt,
+            _loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
             grad_sample_mode="functorch",  # type: ignore[arg-type]
-        )  # fmt: skip
+        )
 
 
 def test_make_private_puts_module_in_train_mode() -> None:
@@ -200,8 +237,11 @@ def test_make_private_puts_module_in_train_mode() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         priv = make_private(
-            model, torch.optim.SGD(model.parameters(), lr=0.1), _loader(),
-            noise_multiplier=1.0, max_grad_norm=1.0,
-        )  # fmt: skip
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            _loader(),
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+        )
     assert model.training
     priv.close()

@@ -23,13 +23,37 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _records() -> list[dict[str, object]]:
     return [
-        {"round": 0, "accuracy": None, "loss": 2.3, "bytes_up": 1000, "bytes_down": 4000,
-         "bytes_fp32": 20000, "mean_bits": 32.0, "epsilon": 0.5},
-        {"round": 1, "accuracy": 0.4, "loss": 1.5, "bytes_up": 800, "bytes_down": 3000,
-         "bytes_fp32": 20000, "mean_bits": 24.0, "epsilon": 1.0},
-        {"round": 2, "accuracy": 0.7, "loss": 0.9, "bytes_up": 500, "bytes_down": 2000,
-         "bytes_fp32": 20000, "mean_bits": 12.0, "epsilon": 1.5},
-    ]  # fmt: skip
+        {
+            "round": 0,
+            "accuracy": None,
+            "loss": 2.3,
+            "bytes_up": 1000,
+            "bytes_down": 4000,
+            "bytes_fp32": 20000,
+            "mean_bits": 32.0,
+            "epsilon": 0.5,
+        },
+        {
+            "round": 1,
+            "accuracy": 0.4,
+            "loss": 1.5,
+            "bytes_up": 800,
+            "bytes_down": 3000,
+            "bytes_fp32": 20000,
+            "mean_bits": 24.0,
+            "epsilon": 1.0,
+        },
+        {
+            "round": 2,
+            "accuracy": 0.7,
+            "loss": 0.9,
+            "bytes_up": 500,
+            "bytes_down": 2000,
+            "bytes_fp32": 20000,
+            "mean_bits": 12.0,
+            "epsilon": 1.5,
+        },
+    ]
 
 
 def test_metrics_writer_flushes_each_line(tmp_path: Path) -> None:

@@ -8,15 +8,33 @@ from fedq.report import SUMMARY_KEYS, cumulative_wire_bytes, summarize
 from fedq.report.plots import use_log_x
 
 RECORDS: list[dict[str, object]] = [
-    {"round": 0, "accuracy": None, "bytes_up": 100, "bytes_down": 400, "bytes_fp32": 4000,
-     "epsilon": 0.5},
-    {"round": 1, "accuracy": 0.6, "bytes_up": 100, "bytes_down": 300, "bytes_fp32": 4000,
-     "epsilon": 1.0},
-    {"round": 2, "accuracy": 0.8, "bytes_up": 50, "bytes_down": 250, "bytes_fp32": 4000,
-     "epsilon": 1.5},
+    {
+        "round": 0,
+        "accuracy": None,
+        "bytes_up": 100,
+        "bytes_down": 400,
+        "bytes_fp32": 4000,
+        "epsilon": 0.5,
+    },
+    {
+        "round": 1,
+        "accuracy": 0.6,
+        "bytes_up": 100,
+        "bytes_down": 300,
+        "bytes_fp32": 4000,
+        "epsilon": 1.0,
+    },
+    {
+        "round": 2,
+        "accuracy": 0.8,
+        "bytes_up": 50,
+        "bytes_down": 250,
+        "bytes_fp32": 4000,
+        "epsilon": 1.5,
+    },
     {"round": 2, "accuracy": 0.75},  # an eval row for the same round, no bytes
     {"round": 3, "bytes_up": 50, "bytes_down": 250, "bytes_fp32": 4000, "epsilon": None},
-]  # fmt: skip
+]
 
 
 def test_summarize_hand_made() -> None:

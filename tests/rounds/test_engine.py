@@ -83,16 +83,28 @@ class Hooks:
         self.reason = reason
 
 
-def _engine(n: int = 3, k: int = 2, rounds: int = 2, min_clients: int = 1, timeout: float = 30,
-            workload: Any = None) -> tuple[RoundEngine, Any, Hooks]:  # fmt: skip
-    fed = {"num_clients": n, "clients_per_round": k, "rounds": rounds,
-           "min_clients": min_clients, "round_timeout_s": timeout}  # fmt: skip
+def _engine(
+    n: int = 3,
+    k: int = 2,
+    rounds: int = 2,
+    min_clients: int = 1,
+    timeout: float = 30,
+    workload: Any = None,
+) -> tuple[RoundEngine, Any, Hooks]:
+    fed = {
+        "num_clients": n,
+        "clients_per_round": k,
+        "rounds": rounds,
+        "min_clients": min_clients,
+        "round_timeout_s": timeout,
+    }
     cfg = config_from_dict({"fed": fed})
     w = workload or Sums()
     hooks = Hooks()
     roster = [client_name(i) for i in range(n)]
-    engine = RoundEngine(cfg, w, roster, run_id="r1", config_json="{}", num_classes=2,
-                         input_dim=4, hooks=hooks)  # fmt: skip
+    engine = RoundEngine(
+        cfg, w, roster, run_id="r1", config_json="{}", num_classes=2, input_dim=4, hooks=hooks
+    )
     return engine, w, hooks
 
 
@@ -199,8 +211,11 @@ def _tasks(streams: Mapping[str, Stream], r: int, n: int, timeout: float = 10) -
     """The clients whose streams received a TASK for round ``r`` (waits for ``n``)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        got = sorted(cid for cid, s in streams.items()
-                     if any(it.action == "task" and it.round == r for it in s.items))  # fmt: skip
+        got = sorted(
+            cid
+            for cid, s in streams.items()
+            if any(it.action == "task" and it.round == r for it in s.items)
+        )
         if len(got) >= n:
             return got
         time.sleep(0.02)
@@ -295,8 +310,7 @@ def test_a_client_that_reports_failure_is_dropped_at_once_not_at_the_deadline() 
     streams[1].wait_for("task", 0)
     _deliver(engine, "client-0", 0, 2.0)
     with pytest.raises(FedqError, match="carries no tensors"):
-        engine.push_update(WireMessage("failed", "client-1", 0,
-                                       tensors={"x": raw(torch.zeros(2))}))  # fmt: skip
+        engine.push_update(WireMessage("failed", "client-1", 0, tensors={"x": raw(torch.zeros(2))}))
     t0 = time.monotonic()
     engine.push_update(WireMessage("failed", "client-1", 0, tags={"error": "out of\nmemory"}))
     assert engine.join(10) and time.monotonic() - t0 < 5  # not the 60 s deadline
@@ -429,6 +443,9 @@ def test_a_site_away_when_the_run_ends_is_told_when_it_comes_back() -> None:
 def test_update_tensors_travel_as_the_workload_decodes_them() -> None:
     w = Sums()
     member = Member("client-0", 0, 3)
-    up = w.accept(0, member, WireMessage("update", "client-0", 0, 0, {"value": 2.5},
-                                         tensors={"x": raw(torch.ones(2))}))  # fmt: skip
+    up = w.accept(
+        0,
+        member,
+        WireMessage("update", "client-0", 0, 0, {"value": 2.5}, tensors={"x": raw(torch.ones(2))}),
+    )
     assert float(up.tensors["v"]) == 2.5 and up.weight == 1.0

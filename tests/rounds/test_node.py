@@ -26,8 +26,15 @@ from fedq.wire.message import WireMessage
 
 
 def _joined(run_id: str = "run-1", **kw: Any) -> Joined:
-    return Joined(run_id=run_id, config_json="{}", client_index={"c": 0}, num_classes=2,
-                  input_dim=4, fedq_version="x", **kw)  # fmt: skip
+    return Joined(
+        run_id=run_id,
+        config_json="{}",
+        client_index={"c": 0},
+        num_classes=2,
+        input_dim=4,
+        fedq_version="x",
+        **kw,
+    )
 
 
 class Feed:
@@ -108,8 +115,17 @@ def _task(r: int) -> WorkItem:
 
 
 def test_runs_tasks_until_done() -> None:
-    conn = Script([_joined()], [[WorkItem("wait", 0, reason="waiting"), _task(0), _task(1),
-                                 WorkItem("done", 2, reason="completed 2 rounds")]])  # fmt: skip
+    conn = Script(
+        [_joined()],
+        [
+            [
+                WorkItem("wait", 0, reason="waiting"),
+                _task(0),
+                _task(1),
+                WorkItem("done", 2, reason="completed 2 rounds"),
+            ]
+        ],
+    )
     node, runner = _node(conn)
     assert node.run() == "completed 2 rounds"
     assert runner.ran == [("c", 0), ("c", 1)] and node.stats["tasks"] == 2
@@ -144,8 +160,10 @@ def test_a_held_client_id_is_waited_for_on_rejoining_and_an_error_on_first_joini
     process holds the id: no retry."""
     gone = TransportError("UNAVAILABLE", "reset")
     held = TransportError("ALREADY_EXISTS", "c is already connected from another process")
-    conn = Script([_joined(), held, held, _joined()],
-                  [[_task(0), gone], [WorkItem("done", 1, reason="completed")]])  # fmt: skip
+    conn = Script(
+        [_joined(), held, held, _joined()],
+        [[_task(0), gone], [WorkItem("done", 1, reason="completed")]],
+    )
     node, runner = _node(conn)
     assert node.run() == "completed" and runner.ran == [("c", 0)]
     assert conn.calls.count("register") == 4
@@ -294,19 +312,37 @@ def test_a_task_that_raises_is_reported_as_failed_and_the_node_takes_the_next_ro
     """An exception that is no FedqError (torch's overflow of a huge learning rate, a bug in local
     training) fails that task only: the server drops the client from the round at once with the
     exception as the reason, and the node, still up, delivers its update in the next round."""
-    cfg = config_from_dict({"fed": {"num_clients": 1, "clients_per_round": 1, "rounds": 2,
-                                    "min_clients": 1, "round_timeout_s": 60}})  # fmt: skip
+    cfg = config_from_dict(
+        {
+            "fed": {
+                "num_clients": 1,
+                "clients_per_round": 1,
+                "rounds": 2,
+                "min_clients": 1,
+                "round_timeout_s": 60,
+            }
+        }
+    )
     work, hooks = _Ones(), _Records()
-    engine = RoundEngine(cfg, work, ["client-0"], run_id="r1", config_json="{}", num_classes=2,
-                         input_dim=4, hooks=hooks)  # fmt: skip
+    engine = RoundEngine(
+        cfg,
+        work,
+        ["client-0"],
+        run_id="r1",
+        config_json="{}",
+        num_classes=2,
+        input_dim=4,
+        hooks=hooks,
+    )
 
     class Overflowing(Runner):
         def run(self, task: Assignment, conn: Any) -> dict[str, Any]:
             conn.get_task(task.round, task.client_id)
             if task.round == 0:
                 raise RuntimeError("value cannot be converted to type float\nwithout overflow")
-            conn.push_update(WireMessage("update", task.client_id, task.round,
-                                         scalars={"value": 1.0}))  # fmt: skip
+            conn.push_update(
+                WireMessage("update", task.client_id, task.round, scalars={"value": 1.0})
+            )
             return super().run(task, conn)
 
     conn = LoopbackConnection(engine, client_id="client-0", counters=ByteCounter())
@@ -323,7 +359,9 @@ def test_a_task_that_raises_is_reported_as_failed_and_the_node_takes_the_next_ro
     assert outcome == ["completed 2 rounds"]  # the node ran to the end of the run
     why = "RuntimeError: value cannot be converted to type float without overflow"
     assert [(r["applied"], r["dropped"]) for r in hooks.records] == [
-        (False, {"client-0": f"the client failed: {why}"}), (True, {})]  # fmt: skip
+        (False, {"client-0": f"the client failed: {why}"}),
+        (True, {}),
+    ]
     assert work.total == 1.0 and runner.ran == [("client-0", 1)]
     assert node.stats == {"tasks": 1, "failed": 1, "reconnects": 0}
     here = [r for r in caplog.records if r.name == "fedq.rounds.node"]

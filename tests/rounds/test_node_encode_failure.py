@@ -20,8 +20,14 @@ class Conn:
         self.pushed: list[Any] = []
 
     def register(self, reg: Any) -> Joined:
-        return Joined(run_id="run-1", config_json="{}", client_index={"c": 0}, num_classes=2,
-                      input_dim=4, fedq_version="x")  # fmt: skip
+        return Joined(
+            run_id="run-1",
+            config_json="{}",
+            client_index={"c": 0},
+            num_classes=2,
+            input_dim=4,
+            fedq_version="x",
+        )
 
     def work(self, run_id: str) -> Any:
         items = self.items

@@ -37,8 +37,9 @@ def test_round_trip_without_leftovers(tmp_path: Path) -> None:
 def test_a_damaged_checkpoint_is_a_clear_error(tmp_path: Path, damage: str) -> None:
     path = save_checkpoint(tmp_path, _state())
     data = path.read_bytes()
-    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00fedq" * 64,
-                      "empty": b""}[damage])  # fmt: skip
+    path.write_bytes(
+        {"truncate": data[: len(data) // 2], "garbage": b"\x00fedq" * 64, "empty": b""}[damage]
+    )
     with pytest.raises(ConfigError, match="corrupt or truncated"):
         load_checkpoint(tmp_path)
 
@@ -117,8 +118,9 @@ def test_unlisted_segments_never_count_and_a_missing_one_is_an_error(tmp_path: P
 
 def test_a_version_2_checkpoint_with_inline_client_states_still_resumes(tmp_path: Path) -> None:
     inline = {"a": {"r": torch.zeros(2)}, "b": {"r": torch.ones(2)}}
-    torch.save({"version": 2, "next_round": 2, "server": {}, "clients": inline},
-               tmp_path / CHECKPOINT_FILE)  # fmt: skip
+    torch.save(
+        {"version": 2, "next_round": 2, "server": {}, "clients": inline}, tmp_path / CHECKPOINT_FILE
+    )
     ckpt = load_checkpoint(tmp_path)
     assert ckpt["clients"].keys() == {"a", "b"}
     log = ClientStateLog(tmp_path, ckpt.get("client_segments", ()), ckpt["clients"])

@@ -17,10 +17,17 @@ def test_the_runner_sets_the_runs_thread_count() -> None:
     try:
         for threads in (2, 1):
             torch.set_num_threads(3)
-            cfg = config_from_dict({"model": {"name": "mlp", "hidden": 4},
-                                    "runtime": {"threads_per_worker": threads}})  # fmt: skip
-            joined = Joined(run_id="r", config_json="{}", client_index={"client-0": 0},
-                            num_classes=10, input_dim=64, fedq_version="x")  # fmt: skip
+            cfg = config_from_dict(
+                {"model": {"name": "mlp", "hidden": 4}, "runtime": {"threads_per_worker": threads}}
+            )
+            joined = Joined(
+                run_id="r",
+                config_json="{}",
+                client_index={"client-0": 0},
+                num_classes=10,
+                input_dim=64,
+                fedq_version="x",
+            )
             make_runner(cfg, {}, joined)
             assert torch.get_num_threads() == threads
     finally:

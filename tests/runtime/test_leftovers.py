@@ -25,14 +25,30 @@ pytestmark = [
 
 
 def test_the_next_start_ends_a_killed_drivers_leftovers(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     out = tmp_path / "run"
     driver = subprocess.Popen(
-        [str(FEDQ), "simulate", str(ROOT / "scenarios" / "quickstart.yaml"), "--set",
-         "fed.rounds=200", "--set", "runtime.object_store_mb=128", "--out", str(out), "-q"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            str(FEDQ),
+            "simulate",
+            str(ROOT / "scenarios" / "quickstart.yaml"),
+            "--set",
+            "fed.rounds=200",
+            "--set",
+            "runtime.object_store_mb=128",
+            "--out",
+            str(out),
+            "-q",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         end = time.monotonic() + 180
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():

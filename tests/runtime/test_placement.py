@@ -48,11 +48,17 @@ def test_sites_parse_from_yaml_and_round_trip_through_config_json(tmp_path: Path
     rt = cfg.runtime
     assert rt.placement == "pack" and rt.server_resource == "head"
     assert rt.cpus_per_worker == 0.5 and rt.gpus_per_worker == 0.25
-    assert rt.sites == (SiteConfig(resource="site_a", clients=4, workers=2, data="npz:/data/a.npz"),
-                        SiteConfig(clients=2))  # fmt: skip
+    assert rt.sites == (
+        SiteConfig(resource="site_a", clients=4, workers=2, data="npz:/data/a.npz"),
+        SiteConfig(clients=2),
+    )
     saved = json.loads(json.dumps(cfg.to_dict()))
-    assert saved["runtime"]["sites"][1] == {"clients": 2, "resource": None, "data": None,
-                                            "workers": 1}  # fmt: skip
+    assert saved["runtime"]["sites"][1] == {
+        "clients": 2,
+        "resource": None,
+        "data": None,
+        "workers": 1,
+    }
     assert config_from_dict(saved) == cfg
     # the same through --set, as YAML flow
     over = load_scenario(f, ["runtime.sites=[{resource: x, clients: 6}]", "runtime.tls=always"])
@@ -62,10 +68,20 @@ def test_sites_parse_from_yaml_and_round_trip_through_config_json(tmp_path: Path
 
 def test_bad_placement_keys_are_all_reported_at_once() -> None:
     with pytest.raises(ConfigError) as ei:
-        _cfg({"workers": 2, "placement": "scatter", "cpus_per_worker": -1, "tls": "on",
-              "placement_timeout_s": 0,
-              "sites": [{"resource": "a", "clients": 3, "workers": 4, "where": 1},
-                        {"clients": 0, "resource": ""}, {"clients": 1, "data": ""}]})  # fmt: skip
+        _cfg(
+            {
+                "workers": 2,
+                "placement": "scatter",
+                "cpus_per_worker": -1,
+                "tls": "on",
+                "placement_timeout_s": 0,
+                "sites": [
+                    {"resource": "a", "clients": 3, "workers": 4, "where": 1},
+                    {"clients": 0, "resource": ""},
+                    {"clients": 1, "data": ""},
+                ],
+            }
+        )
     text = "\n".join(ei.value.problems)
     for expected in (
         "runtime.placement: must be one of 'spread' | 'pack', got 'scatter'",
@@ -77,9 +93,16 @@ def test_bad_placement_keys_are_all_reported_at_once() -> None:
     ):
         assert expected in text, expected
     with pytest.raises(ConfigError) as ei:
-        _cfg({"workers": 2, "sites": [{"resource": "a", "clients": 3, "workers": 4},
-                                      {"clients": 0, "resource": ""},
-                                      {"clients": 1, "data": ""}]})  # fmt: skip
+        _cfg(
+            {
+                "workers": 2,
+                "sites": [
+                    {"resource": "a", "clients": 3, "workers": 4},
+                    {"clients": 0, "resource": ""},
+                    {"clients": 1, "data": ""},
+                ],
+            }
+        )
     text = "\n".join(ei.value.problems)
     for expected in (
         "runtime.sites[0].workers: must be in 1..clients (3), got 4",
@@ -96,8 +119,14 @@ def test_bad_placement_keys_are_all_reported_at_once() -> None:
 
 def test_ray_placement_needs_the_ray_backend() -> None:
     with pytest.raises(ConfigError) as ei:
-        _cfg({"backend": "inprocess", "server_resource": "head", "cpus_per_worker": 1,
-              "sites": [{"resource": "a", "clients": 6}]})  # fmt: skip
+        _cfg(
+            {
+                "backend": "inprocess",
+                "server_resource": "head",
+                "cpus_per_worker": 1,
+                "sites": [{"resource": "a", "clients": 6}],
+            }
+        )
     assert ei.value.problems == [
         f"runtime.{k}: placement on Ray nodes needs runtime.backend 'ray'"
         for k in ("cpus_per_worker", "server_resource", "sites[0].resource")
@@ -114,19 +143,32 @@ def test_without_sites_client_c_is_on_worker_c_mod_k_and_hosts_ask_a_little_cpu(
 
 
 def test_sites_hold_consecutive_clients_each_on_its_own_workers() -> None:
-    cfg = _cfg({"server_resource": "head", "cpus_per_worker": 2, "gpus_per_worker": 0.5,
-                "sites": [{"resource": "site_a", "clients": 5, "workers": 2,
-                           "data": "npz:/data/a.npz"},
-                          {"clients": 3}]}, clients=8)  # fmt: skip
+    cfg = _cfg(
+        {
+            "server_resource": "head",
+            "cpus_per_worker": 2,
+            "gpus_per_worker": 0.5,
+            "sites": [
+                {"resource": "site_a", "clients": 5, "workers": 2, "data": "npz:/data/a.npz"},
+                {"clients": 3},
+            ],
+        },
+        clients=8,
+    )
     server, *workers = plan_hosts(cfg, workers=99)  # K comes from the sites
     assert server.ask == {"CPU": MIN_CPU, "head": LABEL_SHARE}
     assert server.keys["head"] == "runtime.server_resource"
     assert [(w.principal, w.clients, w.site) for w in workers] == [
-        ("worker-0", (0, 2, 4), 0), ("worker-1", (1, 3), 0), ("worker-2", (5, 6, 7), 1),
-    ]  # fmt: skip
+        ("worker-0", (0, 2, 4), 0),
+        ("worker-1", (1, 3), 0),
+        ("worker-2", (5, 6, 7), 1),
+    ]
     assert workers[0].ask == {"CPU": 2.0, "GPU": 0.5, "site_a": LABEL_SHARE}
-    assert workers[0].keys == {"CPU": "runtime.cpus_per_worker", "GPU": "runtime.gpus_per_worker",
-                               "site_a": "runtime.sites[0].resource"}  # fmt: skip
+    assert workers[0].keys == {
+        "CPU": "runtime.cpus_per_worker",
+        "GPU": "runtime.gpus_per_worker",
+        "site_a": "runtime.sites[0].resource",
+    }
     assert workers[2].ask == {"CPU": 2.0, "GPU": 0.5}
     assert workers[0].data == workers[1].data == SiteData("npz:/data/a.npz", first=0, count=5)
     assert workers[2].data is None
@@ -136,8 +178,11 @@ def test_a_site_reads_its_own_data_and_cuts_it_among_its_clients(tmp_path: Path)
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(60, 4)).astype(np.float32), np.arange(60) % 3
     np.savez(tmp_path / "a.npz", x=x, y=y)
-    cfg = _cfg({"sites": [{"clients": 2}, {"clients": 3, "data": f"npz:{tmp_path / 'a.npz'}"}]},
-               clients=5, data={"partition": "iid"})  # fmt: skip
+    cfg = _cfg(
+        {"sites": [{"clients": 2}, {"clients": 3, "data": f"npz:{tmp_path / 'a.npz'}"}]},
+        clients=5,
+        data={"partition": "iid"},
+    )
     site = SiteData(f"npz:{tmp_path / 'a.npz'}", first=2, count=3)
     shards = site.shards(cfg, [2, 4])
     assert list(shards) == ["client-2", "client-4"]
@@ -159,22 +204,41 @@ def test_compact_client_lists() -> None:
 
 
 NODES = [
-    {"node_id": "a", "node_ip": "10.0.0.1", "hostname": "head",
-     "resources": {"CPU": 2.0, "site_a": 1.0, "memory": 1e9, "node:10.0.0.1": 1.0}},
-    {"node_id": "b", "node_ip": "10.0.0.2", "hostname": "gpu",
-     "resources": {"CPU": 4.0, "GPU": 1.0, "site_b": 1.0}},
-]  # fmt: skip
+    {
+        "node_id": "a",
+        "node_ip": "10.0.0.1",
+        "hostname": "head",
+        "resources": {"CPU": 2.0, "site_a": 1.0, "memory": 1e9, "node:10.0.0.1": 1.0},
+    },
+    {
+        "node_id": "b",
+        "node_ip": "10.0.0.2",
+        "hostname": "gpu",
+        "resources": {"CPU": 4.0, "GPU": 1.0, "site_b": 1.0},
+    },
+]
 
 
 def test_a_plan_the_nodes_can_hold_has_no_problems() -> None:
-    cfg = _cfg({"server_resource": "site_a", "cpus_per_worker": 1,
-                "sites": [{"resource": "site_b", "clients": 6, "workers": 3}]})  # fmt: skip
+    cfg = _cfg(
+        {
+            "server_resource": "site_a",
+            "cpus_per_worker": 1,
+            "sites": [{"resource": "site_b", "clients": 6, "workers": 3}],
+        }
+    )
     assert fit_problems(plan_hosts(cfg, 0), NODES) == []
 
 
 def test_unsatisfiable_asks_name_the_key_what_is_missing_and_what_the_nodes_have() -> None:
-    cfg = _cfg({"server_resource": "nowhere", "cpus_per_worker": 8, "gpus_per_worker": 2,
-                "sites": [{"resource": "site_a", "clients": 6, "workers": 2}]})  # fmt: skip
+    cfg = _cfg(
+        {
+            "server_resource": "nowhere",
+            "cpus_per_worker": 8,
+            "gpus_per_worker": 2,
+            "sites": [{"resource": "site_a", "clients": 6, "workers": 2}],
+        }
+    )
     problems = fit_problems(plan_hosts(cfg, 0), NODES)
     assert problems == [
         "runtime.server_resource: the server asks for 0.001 nowhere, but no node has 'nowhere'",
@@ -193,8 +257,9 @@ def test_unsatisfiable_asks_name_the_key_what_is_missing_and_what_the_nodes_have
     )
     # too many hosts for the least share of a CPU each
     many = fit_problems(plan_hosts(_cfg({"workers": 600}, clients=600), 600), NODES)
-    assert many[0] == ("runtime.workers: the run's 601 hosts ask for 6.01 CPU in all, but the "
-                       "cluster has 6")  # fmt: skip
+    assert many[0] == (
+        "runtime.workers: the run's 601 hosts ask for 6.01 CPU in all, but the cluster has 6"
+    )
 
 
 class _Busy:
@@ -224,23 +289,34 @@ def test_a_reservation_that_times_out_is_a_config_error_naming_what_is_free() ->
     assert str(ei.value.problems[0]) == (
         "runtime.placement: Ray could not reserve the run's 3 hosts (pack) within "
         "runtime.placement_timeout_s=5 s; free in the cluster now: CPU 0.5, site_a 1 (other jobs "
-        "may hold the rest)")  # fmt: skip
+        "may hold the rest)"
+    )
 
 
 @pytest.mark.slow
 def test_embedded_ray_refuses_an_unknown_resource_before_any_host_starts(tmp_path: Path) -> None:
     from fedq.runtime.simulate import simulate
 
-    cfg = load_scenario(ROOT / "scenarios" / "quickstart.yaml",
-                        ["runtime.server_resource=site_nobody_has", "runtime.cpus_per_worker=64",
-                         "runtime.workers=2", "runtime.num_cpus=2"])  # fmt: skip
+    cfg = load_scenario(
+        ROOT / "scenarios" / "quickstart.yaml",
+        [
+            "runtime.server_resource=site_nobody_has",
+            "runtime.cpus_per_worker=64",
+            "runtime.workers=2",
+            "runtime.num_cpus=2",
+        ],
+    )
     with pytest.raises(ConfigError) as ei:
         simulate(cfg, tmp_path / "run")
     text = "\n".join(ei.value.problems)
-    assert "runtime.server_resource: the server asks for 0.001 site_nobody_has, but no node has " \
-           "'site_nobody_has'" in text  # fmt: skip
-    assert "runtime.cpus_per_worker: each worker asks for 64 CPU, but the most any node has is 2" \
-           in text  # fmt: skip
+    assert (
+        "runtime.server_resource: the server asks for 0.001 site_nobody_has, but no node has "
+        "'site_nobody_has'" in text
+    )
+    assert (
+        "runtime.cpus_per_worker: each worker asks for 64 CPU, but the most any node has is 2"
+        in text
+    )
     assert "the cluster's nodes: " in text and "CPU 2" in text
     assert not (tmp_path / "run").exists()  # nothing was started or written
     import ray
@@ -257,17 +333,35 @@ def test_sites_with_their_own_data_and_tls_on_loopback_in_process(
     from fedq.runtime.shard import write_shards
 
     scenario = ROOT / "scenarios" / "quickstart.yaml"
-    files = write_shards(load_scenario(scenario, ["fed.num_clients=2", "fed.clients_per_round=2"]),
-                         tmp_path / "data")  # fmt: skip
-    sites = (f"[{{clients: 2, data: 'npz:{files[0]}'}}, "
-             f"{{clients: 1, data: 'npz:{files[1]}'}}]")  # fmt: skip
+    files = write_shards(
+        load_scenario(scenario, ["fed.num_clients=2", "fed.clients_per_round=2"]), tmp_path / "data"
+    )
+    sites = f"[{{clients: 2, data: 'npz:{files[0]}'}}, {{clients: 1, data: 'npz:{files[1]}'}}]"
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as ei:
-        main(["simulate", str(scenario), "--out", str(out), "-q",
-              "--set", "runtime.backend=inprocess", "--set", "runtime.tls=always",
-              "--set", f"runtime.sites={sites}", "--set", "fed.num_clients=3",
-              "--set", "fed.clients_per_round=3", "--set", "fed.rounds=2",
-              "--set", "model.hidden=16"])  # fmt: skip
+        main(
+            [
+                "simulate",
+                str(scenario),
+                "--out",
+                str(out),
+                "-q",
+                "--set",
+                "runtime.backend=inprocess",
+                "--set",
+                "runtime.tls=always",
+                "--set",
+                f"runtime.sites={sites}",
+                "--set",
+                "fed.num_clients=3",
+                "--set",
+                "fed.clients_per_round=3",
+                "--set",
+                "fed.rounds=2",
+                "--set",
+                "model.hidden=16",
+            ]
+        )
     assert ei.value.code == 0
     shown = capsys.readouterr().out
     assert "server in this process, listening on 127.0.0.1:" in shown and "(TLS)" in shown
@@ -279,7 +373,11 @@ def test_sites_with_their_own_data_and_tls_on_loopback_in_process(
     assert pl["address"].startswith("127.0.0.1:")
     w0, w1 = pl["workers"]["worker-0"], pl["workers"]["worker-1"]
     assert (w0["clients"], w0["num_clients"], w0["site"], w0["data"]) == (
-        "0-1", 2, 0, f"npz:{files[0]}")  # fmt: skip
+        "0-1",
+        2,
+        0,
+        f"npz:{files[0]}",
+    )
     assert (w1["clients"], w1["site"], w1["data"]) == ("2", 1, f"npz:{files[1]}")
     assert w0["node_ip"] is None and w0["hostname"]
     # the clients trained on their sites' files: bytes crossed both ways every round

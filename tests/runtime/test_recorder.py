@@ -23,8 +23,13 @@ def _rounds(path: Path) -> list[int]:
 
 
 def _record(r: int) -> dict[str, Any]:
-    return {"round": r, "bytes_up": 100, "bytes_down": 10, "clients_selected": 2,
-            "steps": [{"round": r, "step": 0}, {"round": r, "step": 1}]}  # fmt: skip
+    return {
+        "round": r,
+        "bytes_up": 100,
+        "bytes_down": 10,
+        "clients_selected": 2,
+        "steps": [{"round": r, "step": 0}, {"round": r, "step": 1}],
+    }
 
 
 def test_a_run_that_died_before_logging_its_checkpointed_round_gets_the_lines_on_resume(
@@ -104,8 +109,9 @@ def test_wall_seconds_cover_every_process_of_the_run(
     ckpt = load_checkpoint(tmp_path)
     assert ckpt["wall_seconds"] == 10.0
     clock.now = 100.0
-    second = RunRecorder(tmp_path, cfg, resume_round=1, last_round=ckpt["log"],
-                         wall_before=ckpt["wall_seconds"])  # fmt: skip
+    second = RunRecorder(
+        tmp_path, cfg, resume_round=1, last_round=ckpt["log"], wall_before=ckpt["wall_seconds"]
+    )
     clock.now = 130.0
     summary = second.finish({"interrupted": False, "stopped_reason": None}, None)
     assert summary["wall_seconds"] == (40.0 if how == "killed" else 45.0)

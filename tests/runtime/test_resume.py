@@ -68,17 +68,29 @@ def test_interrupt_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
 def _split_cfg(act_codec: str) -> RunConfig:
     return config_from_dict(
         {
-            "mode": "split", "seed": 4, "name": "split-resume",
-            "data": {"name": "rotten_tomatoes", "partition": "iid", "max_train": 96,
-                     "max_test": 16},
+            "mode": "split",
+            "seed": 4,
+            "name": "split-resume",
+            "data": {
+                "name": "rotten_tomatoes",
+                "partition": "iid",
+                "max_train": 96,
+                "max_test": 16,
+            },
             "model": {"name": "tiny_bert_lora", "hidden": 32, "lora_r": 4, "max_length": 16},
             "train": {"batch_size": 8, "lr": 0.01, "optimizer": "adamw"},
             "fed": {"num_clients": 3, "clients_per_round": 2, "rounds": 4},
-            "split": {"cut": 1, "tiny_layers": 2, "local_steps": 2, "act_codec": act_codec,
-                      "grad_codec": "amaq", "fixed_bits": 3},
+            "split": {
+                "cut": 1,
+                "tiny_layers": 2,
+                "local_steps": 2,
+                "act_codec": act_codec,
+                "grad_codec": "amaq",
+                "fixed_bits": 3,
+            },
             "runtime": {"backend": "inprocess", "workers": 2},
         }
-    )  # fmt: skip
+    )
 
 
 def _steps(out: Path) -> list[dict[str, Any]]:
@@ -104,8 +116,17 @@ def test_split_interrupt_then_resume_matches_uninterrupted(tmp_path: Path, act_c
     resumed = simulate(_split_cfg(act_codec), part, resume=True)
     a, b = _records(tmp_path / "full"), _records(part)
     assert [r["round"] for r in b] == [0, 1, 2, 3]
-    for key in ("train_loss", "bytes_up", "bytes_down", "cum_bytes", "mean_bits", "accuracy",
-                "loss", "bits/cut/act/mean", "bits/cut/grad/mean"):  # fmt: skip
+    for key in (
+        "train_loss",
+        "bytes_up",
+        "bytes_down",
+        "cum_bytes",
+        "mean_bits",
+        "accuracy",
+        "loss",
+        "bits/cut/act/mean",
+        "bits/cut/grad/mean",
+    ):
         assert [r.get(key) for r in a] == [r.get(key) for r in b], key
     assert _steps(tmp_path / "full") == _steps(part)  # every step: loss, bytes, bits
     assert resumed["final_accuracy"] == full["final_accuracy"]
@@ -153,8 +174,11 @@ def test_discarded_rounds_are_counted_and_the_run_still_succeeds(
     monkeypatch.setattr(ClientWorker, "run", fails_in_round_1)
     summary = simulate(_cfg(), tmp_path / "run")
     assert [r["applied"] for r in _records(tmp_path / "run")] == [True, False, True, True]
-    assert (summary["rounds_completed"], summary["rounds_applied"],
-            summary["rounds_discarded"]) == (4, 3, 1)  # fmt: skip
+    assert (
+        summary["rounds_completed"],
+        summary["rounds_applied"],
+        summary["rounds_discarded"],
+    ) == (4, 3, 1)
     assert summary["stopped_reason"] is None
     assert _print_summary(summary, tmp_path / "run") == 0
     assert "| 4 rounds, 3 applied (1 discarded) |" in capsys.readouterr().out

@@ -32,11 +32,18 @@ def test_a_thousand_clients_cost_only_what_the_selected_ones_need(
             hosts.append(self)
 
     monkeypatch.setattr(simulate_module, "WorkerHost", Kept)
-    cfg = load_scenario(ROOT / "scenarios" / "scale_mnist1d.yaml", [
-        "fed.num_clients=1000", "fed.clients_per_round=20", "fed.rounds=3",
-        "data.num_samples=5000", "data.max_test=500", "runtime.backend=inprocess",
-        "runtime.workers=2",
-    ])  # fmt: skip
+    cfg = load_scenario(
+        ROOT / "scenarios" / "scale_mnist1d.yaml",
+        [
+            "fed.num_clients=1000",
+            "fed.clients_per_round=20",
+            "fed.rounds=3",
+            "data.num_samples=5000",
+            "data.max_test=500",
+            "runtime.backend=inprocess",
+            "runtime.workers=2",
+        ],
+    )
     out = tmp_path / "run"
     summary = simulate(cfg, out)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -100,13 +107,22 @@ def test_the_end_of_a_run_is_not_taken_for_dead_workers(
     monkeypatch.setattr(simulate_module, "WorkerHost", Kept)
     monkeypatch.setattr(simulate_module, "ServerHost", LateEnd)
     monkeypatch.setattr(simulate_module, "WORKER_CHECK_S", 0.0)  # check at every event
-    cfg = load_scenario(ROOT / "scenarios" / "quickstart.yaml", [
-        "fed.num_clients=4", "fed.clients_per_round=2", "fed.rounds=2", "model.hidden=8",
-        "data.max_train=200", "runtime.backend=inprocess", "runtime.workers=2",
-    ])  # fmt: skip
+    cfg = load_scenario(
+        ROOT / "scenarios" / "quickstart.yaml",
+        [
+            "fed.num_clients=4",
+            "fed.clients_per_round=2",
+            "fed.rounds=2",
+            "model.hidden=8",
+            "data.max_train=200",
+            "runtime.backend=inprocess",
+            "runtime.workers=2",
+        ],
+    )
     result: dict[str, Any] = {}
-    run = threading.Thread(target=lambda: result.update(simulate(cfg, tmp_path / "run")),
-                           daemon=True)  # fmt: skip
+    run = threading.Thread(
+        target=lambda: result.update(simulate(cfg, tmp_path / "run")), daemon=True
+    )
     run.start()
     run.join(120)
     assert not run.is_alive(), "the driver missed the end of the run"

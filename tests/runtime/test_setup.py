@@ -26,7 +26,8 @@ print(sorted(m for m in late if m.startswith(("torch._dynamo", "torch._inductor"
 
 
 def test_preloading_leaves_nothing_of_torch_dynamo_for_the_first_round() -> None:
-    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", done.stdout

@@ -20,13 +20,21 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(min_clients: int) -> Any:
-    return config_from_dict({
-        "seed": 1, "data": {"name": "digits", "max_train": 400},
-        "model": {"name": "mlp", "hidden": 8},
-        "fed": {"num_clients": 6, "clients_per_round": max(2, min_clients), "rounds": 4,
-                "min_clients": min_clients, "round_timeout_s": 60},
-        "runtime": {"backend": "ray", "workers": 2, "object_store_mb": 128},
-    })  # fmt: skip
+    return config_from_dict(
+        {
+            "seed": 1,
+            "data": {"name": "digits", "max_train": 400},
+            "model": {"name": "mlp", "hidden": 8},
+            "fed": {
+                "num_clients": 6,
+                "clients_per_round": max(2, min_clients),
+                "rounds": 4,
+                "min_clients": min_clients,
+                "round_timeout_s": 60,
+            },
+            "runtime": {"backend": "ray", "workers": 2, "object_store_mb": 128},
+        }
+    )
 
 
 def _kill_a_worker() -> int:

@@ -20,27 +20,35 @@ from fedq.split.codecs import boundary_factory
 from fedq.split.models import SplitModel, build_split_model
 
 
-def tiny_cfg(model: str = "tiny_bert_lora", fed: dict[str, Any] | None = None,
-             **split: Any) -> RunConfig:  # fmt: skip
+def tiny_cfg(
+    model: str = "tiny_bert_lora", fed: dict[str, Any] | None = None, **split: Any
+) -> RunConfig:
     raw = {
-        "mode": "split", "seed": 0,
+        "mode": "split",
+        "seed": 0,
         "data": {"name": "rotten_tomatoes", "partition": "iid", "max_train": 128, "max_test": 32},
         "model": {"name": model, "hidden": 32, "lora_r": 4, "max_length": 24},
         "train": {"batch_size": 8, "lr": 0.01, "optimizer": "adamw"},
         "fed": {"num_clients": 2, "clients_per_round": 2, "rounds": 2, **(fed or {})},
         "split": {"cut": 2, "tiny_layers": 4, "local_steps": 2, **split},
         "runtime": {"backend": "inprocess", "workers": 1},
-    }  # fmt: skip
+    }
     return config_from_dict(raw)
 
 
 def build(cfg: RunConfig) -> SplitModel:
     sc, m = cfg.split, cfg.model
     return build_split_model(
-        m.name, cut=sc.cut, num_classes=2, seed=cfg.seed, lora_r=m.lora_r,
-        max_length=m.max_length, hidden=m.hidden, tiny_layers=sc.tiny_layers,
+        m.name,
+        cut=sc.cut,
+        num_classes=2,
+        seed=cfg.seed,
+        lora_r=m.lora_r,
+        max_length=m.max_length,
+        hidden=m.hidden,
+        tiny_layers=sc.tiny_layers,
         make_boundary=boundary_factory(sc, m.hidden),
-    )  # fmt: skip
+    )
 
 
 def data(cfg: RunConfig) -> tuple[Any, list[Any]]:

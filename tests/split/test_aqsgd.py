@@ -29,8 +29,9 @@ def test_sender_and_receiver_agree_bit_for_bit_and_the_change_codes_better() -> 
     recv = ActivationMemory()
     base = torch.randn(4, 10, 32, generator=g)
     errs = []
-    for visit, (ids, length) in enumerate([([0, 1, 2, 3], 10), ([2, 3, 0, 1], 7),
-                                          ([1, 0, 3, 2], 12)]):  # fmt: skip
+    for visit, (ids, length) in enumerate(
+        [([0, 1, 2, 3], 10), ([2, 3, 0, 1], 7), ([1, 0, 3, 2], 12)]
+    ):
         x = torch.zeros(4, length, 32)
         n = min(length, 10)
         order = torch.tensor(ids)
@@ -68,8 +69,10 @@ def test_repeated_ids_and_a_version_mismatch() -> None:
 
 
 def test_aqsgd_is_checked_in_the_config() -> None:
-    raw = {"mode": "split", "split": {"grad_codec": "aqsgd", "act_codec": "aqsgd",
-                                      "all_boundaries": True}}  # fmt: skip
+    raw = {
+        "mode": "split",
+        "split": {"grad_codec": "aqsgd", "act_codec": "aqsgd", "all_boundaries": True},
+    }
     with pytest.raises(ConfigError) as e:
         config_from_dict(raw)
     text = "\n".join(e.value.problems)
@@ -123,9 +126,11 @@ def test_split_steps_over_the_wire_keep_both_copies_in_step(kit, rounds, metered
         bad_ref = dict(msg.tensors, ref=pack_labels(torch.full((n,), -100.0)))
         short = dict(msg.tensors, ids=pack_labels(torch.zeros(n - 1)))
         no_ids = {k: v for k, v in msg.tensors.items() if k != "ids"}
-        for tensors, match in ((bad_ref, "one non-negative integer per example"),
-                               (short, "one non-negative integer per example"),
-                               (no_ids, "expected activations h/ids/labels/mask/ref")):  # fmt: skip
+        for tensors, match in (
+            (bad_ref, "one non-negative integer per example"),
+            (short, "one non-negative integer per example"),
+            (no_ids, "expected activations h/ids/labels/mask/ref"),
+        ):
             with pytest.raises(FedqError, match=match):
                 server.step(1, member, dataclasses.replace(msg, tensors=tensors))
         assert {i: theirs._m[i][0] for i in ids} == before and len(theirs) == len(mine)
@@ -136,8 +141,13 @@ def member_index(cid: str) -> int:
 
 
 def test_a_lost_reply_puts_the_copies_back_in_step_at_the_next_visit(kit, open_rounds) -> None:  # type: ignore[no-untyped-def]
-    cfg = kit.tiny_cfg(act_codec="aqsgd", grad_codec="fixed", fixed_bits=2, local_steps=3,
-                       fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1})  # fmt: skip
+    cfg = kit.tiny_cfg(
+        act_codec="aqsgd",
+        grad_codec="fixed",
+        fixed_bits=2,
+        local_steps=3,
+        fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+    )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     shards = kit.shards(cfg, split, parts)

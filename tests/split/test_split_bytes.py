@@ -17,8 +17,13 @@ from fedq.wire.pb.service_pb2 import Ack, TaskRequest
 def test_bytes_per_step_match_transport_and_bit_maps(kit, rounds, metered) -> None:  # type: ignore[no-untyped-def]
     # act_outlier_ratio 1: every token above the median one is an outlier row (capped at 1/8),
     # so the float16 rows are on the wire and must be counted too
-    cfg = kit.tiny_cfg(local_steps=3, b_min=1, init_bits=4.0, act_outlier_ratio=1.0,
-                       fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1})  # fmt: skip
+    cfg = kit.tiny_cfg(
+        local_steps=3,
+        b_min=1,
+        init_bits=4.0,
+        act_outlier_ratio=1.0,
+        fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+    )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     # the client state the client downloads holds a mixed activation bit map (1..8 bits)

@@ -45,8 +45,9 @@ def test_cuda_without_a_gpu_is_a_clear_error_before_anything_runs(tmp_path: Path
 
 
 @cuda
-@pytest.mark.parametrize("spec", [QuantSpec(), QuantSpec(range="sigma", row_scale=True,
-                                                         outlier_ratio=3.0)])  # fmt: skip
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(), QuantSpec(range="sigma", row_scale=True, outlier_ratio=3.0)]
+)
 def test_packed_tensor_of_a_gpu_tensor_lives_on_the_cpu_and_decodes_alike(spec: QuantSpec) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 16, 32, generator=g)
@@ -59,8 +60,9 @@ def test_packed_tensor_of_a_gpu_tensor_lives_on_the_cpu_and_decodes_alike(spec: 
     torch.testing.assert_close(y.cpu(), dequantize(p_gpu), rtol=0, atol=0)
     # coding on either device gives the same tensor up to reduction order in the ranges
     step = float(p_gpu.scales.float().max())
-    torch.testing.assert_close(dequantize(p_gpu), dequantize(quantize(x, 3, spec)),
-                               rtol=0, atol=step * 1.01)  # fmt: skip
+    torch.testing.assert_close(
+        dequantize(p_gpu), dequantize(quantize(x, 3, spec)), rtol=0, atol=step * 1.01
+    )
     r = raw(x.cuda())
     assert r.payload.device.type == "cpu" and torch.equal(dequantize(r), x)
 

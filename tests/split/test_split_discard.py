@@ -17,8 +17,13 @@ from fedq.wire.control import Assignment
 def _same(a: Any, b: Any, path: str = "") -> list[str]:
     """Where two nested state dicts differ (tensors bit for bit)."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        ok = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-              and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))  # fmt: skip
+        ok = (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )
         return [] if ok else [path]
     if isinstance(a, dict) and isinstance(b, dict):
         if set(a) != set(b):
@@ -59,9 +64,11 @@ class _FailsAfterItsSteps:
 
 
 def test_a_discarded_round_leaves_the_server_half_as_it_was(kit, open_rounds) -> None:  # type: ignore[no-untyped-def]
-    cfg = kit.tiny_cfg(all_boundaries=True, local_steps=2,
-                       fed={"num_clients": 2, "clients_per_round": 2, "min_clients": 2,
-                            "rounds": 2})  # fmt: skip
+    cfg = kit.tiny_cfg(
+        all_boundaries=True,
+        local_steps=2,
+        fed={"num_clients": 2, "clients_per_round": 2, "min_clients": 2, "rounds": 2},
+    )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     shards = kit.shards(cfg, split, parts)
@@ -96,16 +103,16 @@ def test_a_discarded_round_leaves_the_server_half_as_it_was(kit, open_rounds) ->
     rec = harness.record(1)
     assert rec["applied"] is True and rec["updated"] == ["client-0", "client-1"]
     after = server.state_dict()
-    assert _same(after["top"], start["top"]) and _same(after["client_state"],
-                                                       start["client_state"])  # fmt: skip
+    assert _same(after["top"], start["top"]) and _same(after["client_state"], start["client_state"])
     assert after["steps"] == start["steps"] + 4
 
 
 def test_a_round_open_when_the_run_stops_is_rolled_back(kit, open_rounds) -> None:  # type: ignore[no-untyped-def]
     """The run stops (Ctrl-C, workers lost) after a client's steps: the round is abandoned, and
     what the run reports at its end (bit maps, evaluation) is the last closed round's."""
-    cfg = kit.tiny_cfg(local_steps=2, fed={"num_clients": 2, "clients_per_round": 2,
-                                           "min_clients": 2, "rounds": 1})  # fmt: skip
+    cfg = kit.tiny_cfg(
+        local_steps=2, fed={"num_clients": 2, "clients_per_round": 2, "min_clients": 2, "rounds": 1}
+    )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     shards = kit.shards(cfg, split, parts)
@@ -133,9 +140,11 @@ def test_a_client_state_weighs_no_more_than_the_examples_declared(kit) -> None: 
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     state = {k: raw(v) for k, v in server.client_state.items()}
     member = Member("client-0", 0, 64)
-    honest = server.accept(0, member, WireMessage("update", "client-0", 0, 0,
-                                                  {"num_samples": 40.0}, {}, state))  # fmt: skip
-    greedy = server.accept(0, member, WireMessage("update", "client-0", 0, 0,
-                                                  {"num_samples": 1e6}, {}, state))  # fmt: skip
+    honest = server.accept(
+        0, member, WireMessage("update", "client-0", 0, 0, {"num_samples": 40.0}, {}, state)
+    )
+    greedy = server.accept(
+        0, member, WireMessage("update", "client-0", 0, 0, {"num_samples": 1e6}, {}, state)
+    )
     assert honest.weight == 40.0
     assert greedy.weight == 64.0

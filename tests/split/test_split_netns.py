@@ -21,8 +21,15 @@ REASON = link_unavailable_reason()
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
 
-TINY = ["model.hidden=256", "model.max_length=64", "train.batch_size=32", "split.tiny_layers=2",
-        "split.cut=1", "data.max_train=256", "data.max_test=8"]  # fmt: skip
+TINY = [
+    "model.hidden=256",
+    "model.max_length=64",
+    "train.batch_size=32",
+    "split.tiny_layers=2",
+    "split.cut=1",
+    "data.max_train=256",
+    "data.max_test=8",
+]
 FP32 = ["split.act_codec=none", "split.grad_codec=none"]
 FIXED4 = ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=4"]
 

@@ -15,11 +15,15 @@ from fedq.split.protocol import SplitClientWorker, SplitServer
 
 def _unsplit_loss(sm, batch):  # type: ignore[no-untyped-def]
     if sm.task == "classify":
-        logits = sm.full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         token_type_ids=batch.get("token_type_ids"))  # fmt: skip
+        logits = sm.full(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch.get("token_type_ids"),
+        )
         return F.cross_entropy(logits, batch["labels"])
-    return sm.full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   labels=batch["labels"]).loss  # fmt: skip
+    return sm.full(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+    ).loss
 
 
 @pytest.mark.parametrize("model", ["tiny_bert_lora", "tiny_llama_lora"])
@@ -55,8 +59,12 @@ def test_identity_split_matches_unsplit_loss_and_lora_grads(model: str, kit) -> 
 def test_identity_protocol_step_equals_unsplit_adamw_step(kit, open_rounds) -> None:  # type: ignore[no-untyped-def]
     """One step of client + server through the round engine (wire framing included) == one
     AdamW step of the whole model."""
-    cfg = kit.tiny_cfg(act_codec="none", grad_codec="none", local_steps=1,
-                       fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1})  # fmt: skip
+    cfg = kit.tiny_cfg(
+        act_codec="none",
+        grad_codec="none",
+        local_steps=1,
+        fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+    )
     split, parts = kit.data(cfg)
     srv_model, cli_model, ref_model = kit.build(cfg), kit.build(cfg), kit.build(cfg)
     for m in (srv_model, cli_model, ref_model):

@@ -105,8 +105,12 @@ def test_epsilon_matches_opacus_and_budget_stops_before_target(tmp_path: Path) -
     from opacus.accountants import RDPAccountant
 
     base = load_scenario(ROOT / "scenarios" / "split_tiny.yaml").to_dict()
-    base["privacy"] = {"mechanism": "activations", "noise_multiplier": 1.1, "clip_norm": 1.0,
-                       "delta": 1e-5}  # fmt: skip
+    base["privacy"] = {
+        "mechanism": "activations",
+        "noise_multiplier": 1.1,
+        "clip_norm": 1.0,
+        "delta": 1e-5,
+    }
     base["fed"]["rounds"] = 2
     cfg = config_from_dict(base)
     simulate(cfg, tmp_path / "a")
@@ -129,7 +133,8 @@ def test_activation_mechanism_is_split_only() -> None:
     with pytest.raises(ConfigError, match="not available in mode 'federated'"):
         config_from_dict({"privacy": {"mechanism": "activations", "noise_multiplier": 1.0}})
     with pytest.raises(ConfigError, match="not available in mode 'split'"):
-        config_from_dict({"mode": "split", "privacy": {"mechanism": "laplace",
-                                                       "target_epsilon": 1.0}})  # fmt: skip
+        config_from_dict(
+            {"mode": "split", "privacy": {"mechanism": "laplace", "target_epsilon": 1.0}}
+        )
     with pytest.raises(ConfigError, match="noise_multiplier"):
         config_from_dict({"mode": "split", "privacy": {"mechanism": "activations"}})

@@ -24,13 +24,29 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_split_section_is_validated_with_every_problem_named() -> None:
     with pytest.raises(ConfigError) as e:
-        config_from_dict({"mode": "split", "split": {"cut": 0, "b_min": 5, "b_max": 3,
-                                                      "act_codec": "zip", "nope": 1,
-                                                      "act_outlier_ratio": 0.5,
-                                                      "reg_mode": "mean"}})  # fmt: skip
+        config_from_dict(
+            {
+                "mode": "split",
+                "split": {
+                    "cut": 0,
+                    "b_min": 5,
+                    "b_max": 3,
+                    "act_codec": "zip",
+                    "nope": 1,
+                    "act_outlier_ratio": 0.5,
+                    "reg_mode": "mean",
+                },
+            }
+        )
     text = "\n".join(e.value.problems)
-    for key in ("split.cut", "split.b_min/b_max", "split.act_codec", "split.nope",
-                "split.act_outlier_ratio", "split.reg_mode: unknown key"):  # fmt: skip
+    for key in (
+        "split.cut",
+        "split.b_min/b_max",
+        "split.act_codec",
+        "split.nope",
+        "split.act_outlier_ratio",
+        "split.reg_mode: unknown key",
+    ):
         assert key in text
     with pytest.raises(ConfigError, match="mode"):
         config_from_dict({"mode": "pipeline"})
@@ -41,13 +57,30 @@ def test_split_section_is_validated_with_every_problem_named() -> None:
 def test_simulate_split_writes_the_run_contract(tmp_path: Path) -> None:
     cfg = load_scenario(ROOT / "scenarios" / "split_tiny.yaml")
     summary = simulate(cfg, tmp_path)
-    for name in ("config.json", "metrics.jsonl", "summary.json", "report.png", "bits.jsonl",
-                 "bit_maps.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "report.png",
+        "bits.jsonl",
+        "bit_maps.json",
+    ):
         assert (tmp_path / name).stat().st_size > 0, name
     recs = read_metrics(tmp_path)
     assert [r["round"] for r in recs] == [0, 1, 2]
-    keys = ("step", "accuracy", "loss", "bytes_up", "bytes_down", "bytes_fp32", "mean_bits",
-            "epsilon", "bits/cut/act/mean", "bits/cut/act/min", "bits/cut/grad/max")  # fmt: skip
+    keys = (
+        "step",
+        "accuracy",
+        "loss",
+        "bytes_up",
+        "bytes_down",
+        "bytes_fp32",
+        "mean_bits",
+        "epsilon",
+        "bits/cut/act/mean",
+        "bits/cut/act/min",
+        "bits/cut/grad/max",
+    )
     for key in keys:
         assert key in recs[-1], key
     # the bits fall under the regularizer, and bytes with them
@@ -65,9 +98,14 @@ def test_simulate_split_writes_the_run_contract(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("signal", ["task", "fisher"])
 def test_all_boundaries_quantizes_every_block_boundary(kit, rounds, signal: str) -> None:  # type: ignore[no-untyped-def]
-    cfg = kit.tiny_cfg(all_boundaries=True, local_steps=2, b_min=1, target_bits=2.0,
-                       act_gate_signal=signal,
-                       fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1})  # fmt: skip
+    cfg = kit.tiny_cfg(
+        all_boundaries=True,
+        local_steps=2,
+        b_min=1,
+        target_bits=2.0,
+        act_gate_signal=signal,
+        fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+    )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     before = {k: v.clone() for k, v in server.client_state.items()}
@@ -128,8 +166,13 @@ def test_the_engine_keeps_each_client_to_its_steps_in_order(kit, open_rounds) ->
     """A selected client's steps come in order, no more than the round has, and its client
     state only after the last one; anyone else's step is refused. Nothing refused reaches the
     server's top."""
-    cfg = kit.tiny_cfg(act_codec="fixed", grad_codec="fixed", fixed_bits=4, local_steps=2,
-                       fed={"num_clients": 3, "clients_per_round": 2, "rounds": 1})  # fmt: skip
+    cfg = kit.tiny_cfg(
+        act_codec="fixed",
+        grad_codec="fixed",
+        fixed_bits=4,
+        local_steps=2,
+        fed={"num_clients": 3, "clients_per_round": 2, "rounds": 1},
+    )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
     shards = kit.shards(cfg, split, parts)
@@ -165,11 +208,15 @@ def test_the_engine_keeps_each_client_to_its_steps_in_order(kit, open_rounds) ->
         (lambda: step(0), "out of order"),  # a replay of step 0
         (lambda: step(2), "out of order"),  # skipping step 1
         (lambda: harness.engine.push_update(early), "after 1 of 2 steps"),
-        (lambda: harness.engine.split_step(dataclasses.replace(sent[0], client_id=outsider)),
-         "not selected"),
-        (lambda: harness.engine.split_step(dataclasses.replace(sent[0], round=1)),
-         "round 1 is not open"),
-    ]  # fmt: skip
+        (
+            lambda: harness.engine.split_step(dataclasses.replace(sent[0], client_id=outsider)),
+            "not selected",
+        ),
+        (
+            lambda: harness.engine.split_step(dataclasses.replace(sent[0], round=1)),
+            "round 1 is not open",
+        ),
+    ]
     for call, match in refusals:
         with pytest.raises(FedqError, match=match):
             call()

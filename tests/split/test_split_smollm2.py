@@ -33,8 +33,11 @@ def test_smollm2_split_matches_unsplit_and_caches_fp32() -> None:
     batch = sm.make_batch(text, torch.tensor([1, 0]))
     with torch.no_grad():
         loss, _, n = sm.top(sm.bottom(batch), batch["attention_mask"], batch["labels"])
-        ref = sm.full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      labels=batch["labels"]).loss  # fmt: skip
+        ref = sm.full(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+        ).loss
     assert float(loss) == pytest.approx(float(ref), abs=1e-4)
     assert n == int((batch["labels"][:, 1:] != -100).sum())
     assert 1.0 < float(loss) < 6.0  # a pretrained LM, not random weights (ln 49152 = 10.8)
@@ -44,10 +47,18 @@ def test_simulate_smollm2_scenario_short(tmp_path: Path) -> None:
     from fedq.report import read_metrics
     from fedq.runtime.simulate import simulate
 
-    cfg = load_scenario(ROOT / "scenarios" / "split_smollm2_amaq.yaml",
-                        ["fed.rounds=1", "split.local_steps=2", "fed.num_clients=1",
-                         "fed.clients_per_round=1", "data.max_test=8", "train.batch_size=4",
-                         "model.max_length=24"])  # fmt: skip
+    cfg = load_scenario(
+        ROOT / "scenarios" / "split_smollm2_amaq.yaml",
+        [
+            "fed.rounds=1",
+            "split.local_steps=2",
+            "fed.num_clients=1",
+            "fed.clients_per_round=1",
+            "data.max_test=8",
+            "train.batch_size=4",
+            "model.max_length=24",
+        ],
+    )
     simulate(cfg, tmp_path)
     rec = read_metrics(tmp_path)[-1]
     assert 1.0 < rec["perplexity"] < 500.0 and rec["perplexity"] == pytest.approx(

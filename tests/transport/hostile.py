@@ -51,12 +51,26 @@ def _value(field: FieldDescriptor, rng: random.Random) -> Any:
         return _random_bytes(rng, rng.choice([0, 1, 3, 8, 100, 4096]))
     if t == FieldDescriptor.TYPE_ENUM:
         return rng.choice([0, 1, 2, 3, 7, 99])
-    signed = t in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64,
-                   FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
-                   FieldDescriptor.TYPE_SFIXED32, FieldDescriptor.TYPE_SFIXED64)  # fmt: skip
-    bits = 32 if t in (FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_UINT32,
-                       FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_FIXED32,
-                       FieldDescriptor.TYPE_SFIXED32) else 64  # fmt: skip
+    signed = t in (
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_SFIXED64,
+    )
+    bits = (
+        32
+        if t
+        in (
+            FieldDescriptor.TYPE_INT32,
+            FieldDescriptor.TYPE_UINT32,
+            FieldDescriptor.TYPE_SINT32,
+            FieldDescriptor.TYPE_FIXED32,
+            FieldDescriptor.TYPE_SFIXED32,
+        )
+        else 64
+    )
     pool = _INTS + (_SIGNED if signed else [])
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     return max(lo, min(hi, rng.choice(pool)))

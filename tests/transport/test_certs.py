@@ -30,8 +30,10 @@ HOSTS = ["localhost", "127.0.0.1", "::1", "fedq.example.org"]
 def _certs(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fedq.cli", "certs", str(out), *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture(scope="module")

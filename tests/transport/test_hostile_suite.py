@@ -57,10 +57,16 @@ _PRINTABLE = [chr(c) for c in range(0x20, 0x7F)]
 def _cfg(mode: str) -> Any:
     base: dict[str, Any] = {
         "seed": 3,
-        "fed": {"num_clients": 2, "clients_per_round": 1, "min_clients": 1, "rounds": 100_000,
-                "eval_every": 100_000, "round_timeout_s": 30},
+        "fed": {
+            "num_clients": 2,
+            "clients_per_round": 1,
+            "min_clients": 1,
+            "rounds": 100_000,
+            "eval_every": 100_000,
+            "round_timeout_s": 30,
+        },
         "runtime": {"backend": "inprocess"},
-    }  # fmt: skip
+    }
     if mode == "federated":
         base.update(
             data={"name": "digits", "max_train": 200, "max_test": 20},
@@ -124,7 +130,7 @@ def live(request: pytest.FixtureRequest) -> Iterator[Live]:
         "PushUpdate": _update_frames(host),
         "Step": list(message_to_frame_bytes(step, 512)),
         "Check": health_pb2.HealthCheckRequest(service="fedq.v1.Federated").SerializeToString(),
-    }  # fmt: skip
+    }
     yield Live(host, address, keeper, valid)
     feed.cancel()
     keeper.close()
@@ -163,8 +169,9 @@ def _call(channel: grpc.Channel, rpc: str, data: Any, md: list[tuple[str, str]])
         elif rpc == "PushUpdate":
             channel.stream_unary(FED + rpc)(iter(data), metadata=md, timeout=timeout)
         else:
-            for _ in channel.stream_stream("/fedq.v1.Split/Step")(iter(data), metadata=md,
-                                                                    timeout=timeout):  # fmt: skip
+            for _ in channel.stream_stream("/fedq.v1.Split/Step")(
+                iter(data), metadata=md, timeout=timeout
+            ):
                 pass
     except grpc.RpcError as e:
         return e.code(), e.details()
@@ -217,8 +224,9 @@ def test_every_hostile_call_gets_an_error_status_and_the_server_stays_healthy(li
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     # the server still does its job for a valid client: one registers, and client-0 keeps its
     # place (registering it again while its work stream is open is refused) and its stream
-    with TransportClient(live.address, client_id="client-1", token=TOKENS["client-1"],
-                         timeout=10) as other:  # fmt: skip
+    with TransportClient(
+        live.address, client_id="client-1", token=TOKENS["client-1"], timeout=10
+    ) as other:
         again = other.register(Registration((ClientInfo("client-1", 10),), __version__))
     assert again.run_id == live.host.engine.run_id
     with pytest.raises(TransportError, match="ALREADY_EXISTS: client-0 is already connected"):
@@ -248,10 +256,12 @@ def test_poisoned_and_tampered_updates_are_refused_and_memory_stays_bounded(live
             r = live.host.engine._current
             kind = ("poison", "tamper")[i % 2]
             delta = {k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in state.items()}
-            msg = WireMessage("update", "client-0", r, 0, {"num_samples": 10.0}, {},
-                              attacked(kind, delta, gen))  # fmt: skip
-            code, details = _call(channel, "PushUpdate", list(message_to_frame_bytes(msg, 4096)),
-                                  md)  # fmt: skip
+            msg = WireMessage(
+                "update", "client-0", r, 0, {"num_samples": 10.0}, {}, attacked(kind, delta, gen)
+            )
+            code, details = _call(
+                channel, "PushUpdate", list(message_to_frame_bytes(msg, 4096)), md
+            )
             codes[code.name] = codes.get(code.name, 0) + 1
             assert code is not grpc.StatusCode.OK, (kind, details)
         grown = _rss() - before

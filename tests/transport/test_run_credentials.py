@@ -42,17 +42,17 @@ def test_pem_credentials_secure_a_real_server_after_pickling(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     creds = make_run_credentials(["127.0.0.1"])
-    server_tls, client_tls = (pickle.loads(pickle.dumps(t))
-                              for t in (creds.server_tls(), creds.client_tls()))  # fmt: skip
-    with TransportServer(toy_handler_cls(), host="127.0.0.1", tls=server_tls,
-                         tokens=tokens) as srv:  # fmt: skip
-        with TransportClient(srv.address, client_id="c1", token=tokens["c1"],
-                             tls=client_tls) as c:  # fmt: skip
+    server_tls, client_tls = (
+        pickle.loads(pickle.dumps(t)) for t in (creds.server_tls(), creds.client_tls())
+    )
+    with TransportServer(toy_handler_cls(), host="127.0.0.1", tls=server_tls, tokens=tokens) as srv:
+        with TransportClient(srv.address, client_id="c1", token=tokens["c1"], tls=client_tls) as c:
             assert c.get_task(3).round == 3
         # a client that trusts another run's CA fails the handshake
         other = make_run_credentials(["127.0.0.1"]).client_tls()
-        with TransportClient(srv.address, client_id="c1", token=tokens["c1"], tls=other,
-                             timeout=10) as c:  # fmt: skip
+        with TransportClient(
+            srv.address, client_id="c1", token=tokens["c1"], tls=other, timeout=10
+        ) as c:
             with pytest.raises(TransportError) as exc:
                 c.get_task(3)
             assert exc.value.code == "UNAVAILABLE"

@@ -34,8 +34,13 @@ def test_concurrent_adds_are_exact_and_take_resets() -> None:
     snap = counter.take()
     assert snap["clients"]["c0"] == {"bytes_up": 2 * 2000 * 3, "bytes_down": 2 * 2000 * 5}
     assert snap["bytes_up"] == 48_000 and len(snap["clients"]) == 4
-    assert counter.snapshot() == {"bytes_up": 0, "bytes_down": 0, "clients": {},
-                                  "control_up": 0, "control_down": 0}  # fmt: skip
+    assert counter.snapshot() == {
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "clients": {},
+        "control_up": 0,
+        "control_down": 0,
+    }
     counter.add("c9", up=1)
     counter.reset()
     assert counter.bytes_up == 0

@@ -180,8 +180,9 @@ def test_registering_again_drops_the_split_stream_of_a_server_that_went_away(
         def wake(self) -> None:
             pass
 
-    act = WireMessage(kind="activations", client_id="c1",
-                      tensors={"act": quantize(torch.ones(2, 2), 8)})  # fmt: skip
+    act = WireMessage(
+        kind="activations", client_id="c1", tensors={"act": quantize(torch.ones(2, 2), 8)}
+    )
     reg = Registration(clients=(ClientInfo("c1", 1),), fedq_version="test")
     first = TransportServer(Rounds(), tokens=tokens)
     port = first.start()

@@ -113,16 +113,22 @@ def test_service_tables_cover_every_rpc_of_the_schema() -> None:
     """The server writes its service tables by hand (requests arrive as bytes that fedq parses,
     Frame replies leave as bytes): none is missing, health included."""
     servicer = object.__new__(_Servicer)
-    tables = [(service_pb2.DESCRIPTOR.services_by_name["Federated"], _federated_handlers(servicer)),
-              (service_pb2.DESCRIPTOR.services_by_name["Split"], _split_handlers(servicer)),
-              (health_pb2.DESCRIPTOR.services_by_name["Health"],
-               _health_handlers(servicer, health.HealthServicer()))]  # fmt: skip
+    tables = [
+        (service_pb2.DESCRIPTOR.services_by_name["Federated"], _federated_handlers(servicer)),
+        (service_pb2.DESCRIPTOR.services_by_name["Split"], _split_handlers(servicer)),
+        (
+            health_pb2.DESCRIPTOR.services_by_name["Health"],
+            _health_handlers(servicer, health.HealthServicer()),
+        ),
+    ]
     for service, handlers in tables:
         assert set(handlers) == {m.name for m in service.methods}
         for method in service.methods:
             h = handlers[method.name]
             assert (h.request_streaming, h.response_streaming) == (
-                method.client_streaming, method.server_streaming)  # fmt: skip
+                method.client_streaming,
+                method.server_streaming,
+            )
             frames_out = method.output_type.full_name == "fedq.v1.Frame"
             assert h.request_deserializer is None  # parsed by fedq: bad bytes INVALID_ARGUMENT
             assert (h.response_serializer is None) == frames_out

@@ -20,11 +20,30 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     d = tmp_path_factory.mktemp("tls")
     key, crt = d / "key.pem", d / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-keyout", str(key), "-out", str(crt), "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )  # fmt: skip
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     return str(crt), str(key)
 
 
@@ -33,8 +52,9 @@ def test_mutual_tls_round_trip(tmp_path: Path, toy_handler_cls, tokens) -> None:
     server trusts); another client's certificate or none at all is refused."""
     files = make_credentials(tmp_path / "certs", ["c1", "c2"], ["localhost"]).files
     ca = str(files.ca_cert)
-    server_tls = TlsConfig(str(files.server_cert), str(files.server_key), ca_file=ca,
-                           require_client_cert=True)  # fmt: skip
+    server_tls = TlsConfig(
+        str(files.server_cert), str(files.server_key), ca_file=ca, require_client_cert=True
+    )
     with TransportServer(toy_handler_cls(), host="localhost", tls=server_tls, tokens=tokens) as srv:
         own, other = files.clients["c1"], files.clients["c2"]
         client_tls = TlsConfig(str(own.cert), str(own.key), ca_file=ca, server_name="localhost")

@@ -177,8 +177,11 @@ def decode_tensor(t: pb.PackedTensor, limits: Limits | None = None) -> Decoded:
     if t.encoding == RAW:
         if t.granularity != TENSOR:
             raise _fail(name, "granularity", "RAW needs TENSOR")
-        _require_empty(t, ("bits", "scales", "offsets", "row_scales", "outlier_index",
-                           "outlier_values"), "for RAW")  # fmt: skip
+        _require_empty(
+            t,
+            ("bits", "scales", "offsets", "row_scales", "outlier_index", "outlier_values"),
+            "for RAW",
+        )
         if len(t.payload) != numel * ITEMSIZE[dtype]:
             raise _fail(name, "payload", "wrong length")
         return Decoded(name, DTYPE_NAMES[dtype], shape, bytes(t.payload))
@@ -371,5 +374,6 @@ def decode_frames(frames: Iterable[bytes], limits: Limits | None = None) -> Mess
     if next(it, None) is not None:
         raise SpecError("frames: a frame follows the payload")
     tensors = decode_bundle(bytes(payload), limits) if h.payload_size else []
-    return Message(h.kind, h.client_id, int(h.round), int(h.step), dict(h.scalars), dict(h.tags),
-                   tensors)  # fmt: skip
+    return Message(
+        h.kind, h.client_id, int(h.round), int(h.step), dict(h.scalars), dict(h.tags), tensors
+    )

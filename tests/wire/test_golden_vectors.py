@@ -75,8 +75,11 @@ def test_fedq_decodes_framed_message_bit_exactly(name: str) -> None:
     msg = message_from_frames(frames, LIMITS)
     m = vector["message"]
     assert (msg.kind, msg.client_id, msg.round, msg.step) == (
-        m["kind"], m["client_id"], m["round"], m["step"],
-    )  # fmt: skip
+        m["kind"],
+        m["client_id"],
+        m["round"],
+        m["step"],
+    )
     assert msg.scalars == m["scalars"] and msg.tags == m["tags"]
     assert list(msg.tensors) == [t["name"] for t in vector["tensors"]]
     for t in vector["tensors"]:
@@ -101,8 +104,11 @@ def test_reference_decoder_is_bit_exact(name: str) -> None:
         msg = ref.decode_frames(_frames(vector))
         m = vector["message"]
         assert (msg.kind, msg.client_id, msg.round, msg.step) == (
-            m["kind"], m["client_id"], m["round"], m["step"],
-        )  # fmt: skip
+            m["kind"],
+            m["client_id"],
+            m["round"],
+            m["step"],
+        )
         assert msg.scalars == m["scalars"] and msg.tags == m["tags"]
         decoded = msg.tensors
     assert [d.name for d in decoded] == [t["name"] for t in vector["tensors"]]
@@ -371,14 +377,22 @@ REJECTED: list[tuple[str, str, str, str, Callable[[pb.PackedTensor], None]]] = [
 #: Changes the specification says a receiver ignores: both decoders accept them unchanged.
 ACCEPTED: list[tuple[str, str, str, Callable[[pb.PackedTensor], None]]] = [
     ("unknown_field", "channel_axis0", "w", lambda t: t.MergeFromString(b"\xa0\x06\x05")),
-    ("tensor_ignores_axis_and_group", "tensor_asym_fp16_scales", "w",
-     lambda t: (setattr(t, "axis", 5), setattr(t, "group_size", 3))),
+    (
+        "tensor_ignores_axis_and_group",
+        "tensor_asym_fp16_scales",
+        "w",
+        lambda t: (setattr(t, "axis", 5), setattr(t, "group_size", 3)),
+    ),
     ("group_ignores_axis", "group_partial", "w", _set("axis", 9)),
     ("channel_ignores_group_size", "channel_axis0", "w", _set("group_size", 7)),
-    ("raw_ignores_symmetric_axis", "raw_bf16", "w",
-     lambda t: (setattr(t, "symmetric", True), setattr(t, "axis", 3))),
+    (
+        "raw_ignores_symmetric_axis",
+        "raw_bf16",
+        "w",
+        lambda t: (setattr(t, "symmetric", True), setattr(t, "axis", 3)),
+    ),
     ("unpacked_shape", "channel_axis0", "w", lambda t: None),
-]  # fmt: skip
+]
 
 
 def _mutated(vector: str, name: str, mutate: Callable[[pb.PackedTensor], None]) -> pb.PackedTensor:
@@ -522,12 +536,19 @@ def test_both_decoders_give_nan_for_an_infinite_value_times_a_zero_row_scale() -
     """wire-format §9.5: a finite scale may overflow a block value to infinity, and infinity times
     a row scale of 0 is NaN; the only way a valid tensor decodes to NaN (RAW aside)."""
     t = pb.PackedTensor(
-        format_version=3, name="x", shape=[8, 1], dtype=pb.FLOAT32, encoding=pb.QUANTIZED,
-        granularity=pb.TENSOR, scale_dtype=pb.FLOAT32, bits=bytes([8]),
-        scales=struct.pack("<f", 3e38), offsets=struct.pack("<f", 0.0),
+        format_version=3,
+        name="x",
+        shape=[8, 1],
+        dtype=pb.FLOAT32,
+        encoding=pb.QUANTIZED,
+        granularity=pb.TENSOR,
+        scale_dtype=pb.FLOAT32,
+        bits=bytes([8]),
+        scales=struct.pack("<f", 3e38),
+        offsets=struct.pack("<f", 0.0),
         payload=bytes([255, 255, 1, 0, 0, 0, 0, 0]),
         row_scales=struct.pack("<8e", 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0),
-    )  # fmt: skip
+    )
     got = dequantize(packed_from_proto(t, LIMITS)[1]).reshape(-1)[:4].tolist()
     with np.errstate(invalid="ignore", over="ignore"):
         d = ref.decode_tensor(t)

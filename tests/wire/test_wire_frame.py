@@ -59,8 +59,15 @@ def test_chunk_offset_must_fit_a_uint64() -> None:
 
 
 def test_header_frames_round_trip_through_protobuf() -> None:
-    header = pb.Header(format_version=FORMAT_VERSION, kind="update", client_id="c", round=2,
-                       payload_size=10, scalars={"loss": 0.5}, tags={"a": "b"})  # fmt: skip
+    header = pb.Header(
+        format_version=FORMAT_VERSION,
+        kind="update",
+        client_id="c",
+        round=2,
+        payload_size=10,
+        scalars={"loss": 0.5},
+        tags={"a": "b"},
+    )
     data = encode_header_frame(header)
     assert data == pb.Frame(header=header).SerializeToString()
     assert decode_frame(data, "frame 0") == header
@@ -70,10 +77,16 @@ def test_header_frames_round_trip_through_protobuf() -> None:
 def _message() -> WireMessage:
     gen = torch.Generator().manual_seed(5)
     return WireMessage(
-        kind="update", client_id="c1", round=4, scalars={"n": 3.0}, tags={"s": "fedavg"},
-        tensors={"w": quantize(torch.randn(40, 16, generator=gen), 3),
-                 "b": raw(torch.randn(33, generator=gen))},
-    )  # fmt: skip
+        kind="update",
+        client_id="c1",
+        round=4,
+        scalars={"n": 3.0},
+        tags={"s": "fedavg"},
+        tensors={
+            "w": quantize(torch.randn(40, 16, generator=gen), 3),
+            "b": raw(torch.randn(33, generator=gen)),
+        },
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 100, 1 << 20])
@@ -81,9 +94,15 @@ def test_message_frames_equal_protobufs_frames(chunk_size: int) -> None:
     """Built independently: a protobuf Header frame, then protobuf Chunk frames of the bundle."""
     msg = _message()
     payload = bundle_to_bytes(msg.tensors)
-    header = pb.Header(format_version=FORMAT_VERSION, kind="update", client_id="c1", round=4,
-                       payload_size=len(payload), scalars={"n": 3.0},
-                       tags={"s": "fedavg"})  # fmt: skip
+    header = pb.Header(
+        format_version=FORMAT_VERSION,
+        kind="update",
+        client_id="c1",
+        round=4,
+        payload_size=len(payload),
+        scalars={"n": 3.0},
+        tags={"s": "fedavg"},
+    )
     expected = [pb.Frame(header=header).SerializeToString()] + [
         _pb_chunk(i, payload[i : i + chunk_size]) for i in range(0, len(payload), chunk_size)
     ]

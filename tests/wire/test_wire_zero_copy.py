@@ -32,13 +32,14 @@ def _tensors() -> dict[str, object]:
     x[2] *= 50.0
     return {
         "plain": quantize(x, 3),
-        "rows+outliers": quantize(x, 2, QuantSpec(axis=-1, range="sigma", row_scale=True,
-                                                  outlier_ratio=3.0)),
+        "rows+outliers": quantize(
+            x, 2, QuantSpec(axis=-1, range="sigma", row_scale=True, outlier_ratio=3.0)
+        ),
         "empty": quantize(torch.empty(0, 4), 4, QuantSpec(symmetric=True)),
         "fp16": raw(x.half()),
         "bf16": raw(x.bfloat16()),
         "fp32 scalar": raw(torch.tensor(1.5)),
-    }  # fmt: skip
+    }
 
 
 def test_pieces_are_protobuf_bytes_with_payload_views() -> None:
@@ -99,11 +100,13 @@ def test_split_len_field_keeps_protobuf_semantics() -> None:
     first, last = b"\x01" * 3, b"\x02" * 5
     data = (
         pb.PackedTensor(name="t", axis=1).SerializeToString()
-        + encode_len_field(14, len(first)) + first
+        + encode_len_field(14, len(first))
+        + first
         + b"\x70\x07"  # field 14 as a varint: protobuf keeps it as an unknown field
-        + encode_len_field(14, len(last)) + last
+        + encode_len_field(14, len(last))
+        + last
         + pb.PackedTensor(row_scales=b"\x00\x3c").SerializeToString()
-    )  # fmt: skip
+    )
     rest, payload = split_len_field(memoryview(data), 14, "tensor", {})
     assert payload is not None and bytes(payload) == last  # the last occurrence wins
     whole = pb.PackedTensor.FromString(data)
