@@ -54,22 +54,9 @@ def _describe(cfg: RunConfig) -> str:
         f"{cfg.fed.rounds} rounds | data {cfg.data.name} ({cfg.data.partition}) | "
         f"model {cfg.model.name}"
     )
-    if cfg.mode == "split":
-        sp = cfg.split
-        return (
-            f"{head} | split after block {sp.cut}"
-            + (" (all boundaries)" if sp.all_boundaries else "")
-            + f" | activations {sp.act_codec}, gradients {sp.grad_codec}"
-            + (f" -> {sp.target_bits} bits" if "amaq" in (sp.act_codec, sp.grad_codec) else "")
-        )
-    up, down = cfg.compression.uplink, cfg.compression.downlink
+    from fedq.modes import get_mode
 
-    def link(c: Any) -> str:
-        bits = f" {c.bits}-bit" if c.policy == "fixed" else ""
-        return f"{c.policy}{bits}" + (" +EF" if c.error_feedback else "")
-
-    dp = "" if cfg.privacy.mechanism == "none" else f" | privacy {cfg.privacy.mechanism}"
-    return f"{head} | uplink {link(up)} | downlink {link(down)}{dp}"
+    return head + get_mode(cfg.mode).describe(cfg)
 
 
 def _simulate(args: argparse.Namespace) -> int:

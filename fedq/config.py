@@ -7,7 +7,9 @@ overrides are applied to the raw mapping first, so they are validated the same w
 A key the chosen ``mode`` does not use (the ``split`` section in federated mode; ``compression``,
 the FedProx / FedAdam parameters and ``train.local_epochs`` in split mode) is an error that says
 so, rather than being silently ignored; the saved ``config.json`` holds only what the mode uses.
-Defaults that differ by mode (the optimizer) are resolved here and saved resolved.
+Defaults that differ by mode (the optimizer) are resolved here and saved resolved. What each mode
+checks is data, one :class:`ModeRules` per mode in :data:`MODE_RULES`: the built-in modes' rules
+are here, and a mode registered in :mod:`fedq.modes` brings its own (``register_mode_rules``).
 
 This module imports nothing from fedq but :mod:`fedq.errors`: names that live in registries (data
 sets, models) and problems that need the data are checked by :mod:`fedq.runtime.preflight` before
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,14 +80,6 @@ class ModelConfig:
         if self.max_length < 2:
             p.append(f"model.max_length: must be >= 2, got {self.max_length}")
         return p
-
-
-#: ``train.optimizer`` / ``train.weight_decay`` when the scenario leaves them out, by mode: local
-#: SGD for federated clients; AdamW (torch's default decay) for the LoRA halves of a split model.
-OPTIMIZER_DEFAULTS: dict[str, tuple[str, float]] = {
-    "federated": ("sgd", 0.0),
-    "split": ("adamw", 0.01),
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,7 +199,7 @@ class CompressionConfig:
 
 #: ``privacy.mechanism`` names each mode offers: the keys of its registry of mechanism classes
 #: (``fedq.fed.privacy.MECHANISMS``, ``fedq.split.privacy.LEDGERS``; a test keeps them equal),
-#: named here because ``config`` imports nothing above it.
+#: named here because ``config`` imports nothing above it (:class:`ModeRules`).
 FED_PRIVACY = ("none", "dpsgd", "central", "laplace")
 SPLIT_PRIVACY = ("none", "activations")
 
@@ -499,7 +494,7 @@ class SplitConfig:
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     name: str = "run"
-    mode: Literal["federated", "split"] = "federated"
+    mode: str = "federated"  # a registered mode (MODE_RULES; fedq.modes)
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -518,7 +513,6 @@ class RunConfig:
                 "privacy.mechanism: 'dpsgd' does not support fed.strategy 'fedprox' "
                 "(the proximal term is not per-example clipped); use fedavg or fedadam"
             )
-        split = self.mode == "split"
         sites = self.runtime.sites
         if sites and sum(s.clients for s in sites) != self.fed.num_clients:
             p.append(
@@ -526,9 +520,13 @@ class RunConfig:
                 f"({' + '.join(str(s.clients) for s in sites)}), but fed.num_clients is "
                 f"{self.fed.num_clients}"
             )
-        if split and self.data.standardize:
-            p.append("data.standardize: mode 'split' reads text, which has no features to scale")
-        allowed = SPLIT_PRIVACY if split else FED_PRIVACY
+        rules = MODE_RULES.get(self.mode)
+        if rules is None:
+            names = " | ".join(repr(m) for m in MODE_RULES)
+            return [*p, f"mode: must be one of {names} (the registered modes), got {self.mode!r}"]
+        if rules.check is not None:
+            p += rules.check(self)
+        allowed = rules.privacy
         if self.privacy.mechanism not in allowed:
             p.append(
                 f"privacy.mechanism: {self.privacy.mechanism!r} is not available in mode "
@@ -563,7 +561,7 @@ class RunConfig:
         """The resolved configuration, without the keys the mode does not use (what config.json
         holds, so that it loads back under the same checks)."""
         out = dataclasses.asdict(self)
-        for key in MODE_IGNORES[self.mode]:
+        for key in MODE_RULES[self.mode].unused:
             section, _, name = key.partition(".")
             if name:
                 out[section].pop(name, None)
@@ -572,49 +570,96 @@ class RunConfig:
         return out
 
 
-#: Keys each mode does not use; setting one is an error naming the mode (see module docstring).
-MODE_IGNORES: dict[str, tuple[str, ...]] = {
-    "federated": ("split",),
-    "split": (
-        "compression",
-        "defence",
-        "train.local_epochs",
-        "fed.proximal_mu",
-        "fed.server_lr",
-        "fed.beta1",
-        "fed.beta2",
-        "fed.tau",
-    ),
-}
-_WHY_IGNORED: dict[str, str] = {
-    "split": "split learning settings; this scenario has mode 'federated'",
-    "defence": "update checks and robust aggregation of federated updates",
-    "compression": "mode 'split' codes the cut with split.act_codec / split.grad_codec",
-    "train.local_epochs": "mode 'split' runs split.local_steps steps per round",
-}
+@dataclass(frozen=True)
+class ModeRules:
+    """What the configuration checks for one mode: ``unused``, the keys it does not use (key ->
+    why: setting one is an error saying so, and ``config.json`` leaves them out); ``optimizer``,
+    the ``(train.optimizer, train.weight_decay)`` it defaults to; ``privacy``, the
+    ``privacy.mechanism`` names it offers; ``check``, its problems with a validated config and
+    ``check_raw``, with the scenario as written (both optional)."""
+
+    name: str
+    unused: Mapping[str, str]
+    optimizer: tuple[str, float]
+    privacy: tuple[str, ...]
+    check: Callable[[RunConfig], Problems] | None = None
+    check_raw: Callable[[Mapping[str, Any]], Problems] | None = None
+
+
+_FEDPROX_FEDADAM = "a FedProx / FedAdam parameter; split mode uses fedavg"
+
+
+def _split_problems(cfg: RunConfig) -> Problems:
+    if cfg.data.standardize:
+        return ["data.standardize: mode 'split' reads text, which has no features to scale"]
+    return []
+
+
+def _split_raw_problems(raw: Mapping[str, Any]) -> Problems:
+    strategy = (raw.get("fed") or {}).get("strategy") if isinstance(raw.get("fed"), dict) else None
+    if strategy not in (None, "fedavg"):
+        return [
+            f"fed.strategy: mode 'split' averages the clients' state with fedavg only, "
+            f"got {strategy!r}"
+        ]
+    return []
+
+
+#: The built-in modes' rules (:mod:`fedq.modes` refers to them): local SGD for federated
+#: clients; AdamW (torch's default decay) for the LoRA halves of a split model.
+FEDERATED_RULES = ModeRules(
+    name="federated",
+    unused={"split": "split learning settings; this scenario has mode 'federated'"},
+    optimizer=("sgd", 0.0),
+    privacy=FED_PRIVACY,
+)
+SPLIT_RULES = ModeRules(
+    name="split",
+    unused={
+        "compression": "mode 'split' codes the cut with split.act_codec / split.grad_codec",
+        "defence": "update checks and robust aggregation of federated updates",
+        "train.local_epochs": "mode 'split' runs split.local_steps steps per round",
+        **{f"fed.{k}": _FEDPROX_FEDADAM for k in ("proximal_mu", "server_lr", "beta1", "beta2")},
+        "fed.tau": _FEDPROX_FEDADAM,
+    },
+    optimizer=("adamw", 0.01),
+    privacy=SPLIT_PRIVACY,
+    check=_split_problems,
+    check_raw=_split_raw_problems,
+)
+#: Mode name -> its rules: the built-in modes, and those :mod:`fedq.modes` registered.
+MODE_RULES: dict[str, ModeRules] = {r.name: r for r in (FEDERATED_RULES, SPLIT_RULES)}
+
+
+def register_mode_rules(rules: ModeRules) -> None:
+    """Make ``rules.name`` a valid ``mode`` checked by ``rules`` (:func:`fedq.modes.register`)."""
+    MODE_RULES[rules.name] = rules
+
+
+def unregister_mode_rules(name: str) -> None:
+    MODE_RULES.pop(name, None)
 
 
 def _mode_problems(raw: dict[str, Any], mode: str) -> Problems:
-    """Keys in the scenario that ``mode`` would ignore (every one, each naming why)."""
+    """Keys in the scenario that ``mode`` would ignore (every one, each naming why), and the
+    mode's own checks of the scenario as written."""
+    rules = MODE_RULES.get(mode)
+    if rules is None:
+        return []
     p = []
-    for key in MODE_IGNORES.get(mode, ()):
+    for key, why in rules.unused.items():
         section, _, name = key.partition(".")
         node = raw.get(section)
         present = section in raw if not name else isinstance(node, dict) and name in node
         if present:
-            why = _WHY_IGNORED.get(key, "a FedProx / FedAdam parameter; split mode uses fedavg")
             p.append(f"{key}: not used in mode {mode!r} ({why}); remove it")
-    strategy = (raw.get("fed") or {}).get("strategy") if isinstance(raw.get("fed"), dict) else None
-    if mode == "split" and strategy not in (None, "fedavg"):
-        p.append(
-            f"fed.strategy: mode 'split' averages the clients' state with fedavg only, "
-            f"got {strategy!r}"
-        )
+    if rules.check_raw is not None:
+        p += rules.check_raw(raw)
     return p
 
 
 def _resolve_mode_defaults(cfg: RunConfig) -> RunConfig:
-    optimizer, weight_decay = OPTIMIZER_DEFAULTS[cfg.mode]
+    optimizer, weight_decay = MODE_RULES[cfg.mode].optimizer
     train = dataclasses.replace(
         cfg.train,
         optimizer=cfg.train.optimizer or optimizer,  # type: ignore[arg-type]

@@ -43,8 +43,9 @@ class _Collect:
         take_round_traffic(self.counters, record)
         self.records.append(record)
 
-    def on_done(self, reason: str) -> None:
-        self.reason = reason
+    def on_done(self, outcome) -> None:
+        self.outcome = outcome
+        self.reason = outcome.reason
 
 
 def run_rounds(
@@ -60,6 +61,7 @@ def run_rounds(
     import json
     import threading
 
+    from fedq.modes import get_mode
     from fedq.rounds import client_name
     from fedq.rounds.engine import RoundEngine
     from fedq.rounds.node import ClientNode
@@ -83,6 +85,7 @@ def run_rounds(
         num_classes=num_classes,
         input_dim=input_dim,
         hooks=hooks,
+        policy=get_mode(cfg.mode).round_policy(cfg),
     )
     transport = None
     if grpc:
@@ -202,6 +205,7 @@ class OpenRounds:
         import threading
 
         from fedq import __version__
+        from fedq.modes import get_mode
         from fedq.rounds import client_name
         from fedq.rounds.engine import RoundEngine
         from fedq.transport import ByteCounter
@@ -220,6 +224,7 @@ class OpenRounds:
             num_classes=num_classes,
             input_dim=input_dim,
             hooks=self.hooks,
+            policy=get_mode(cfg.mode).round_policy(cfg),
         )
         infos = tuple(ClientInfo(c, n) for c, n in clients.items())
         self.engine.register("site", Registration(infos, fedq_version=__version__))

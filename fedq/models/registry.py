@@ -1,15 +1,21 @@
-"""Name -> builder registry behind :func:`build_model`.
+"""The model registry of every mode: one :class:`ModelEntry` per model name, saying which modes
+train it, the width of its residual stream, and how it is built.
 
-Builders are plain functions ``fn(*, num_classes, input_dim, seed, **options) -> ModelBundle``.
-``build_model`` checks the options against the builder's signature and seeds torch in a forked RNG,
-so the same seed gives the same initial weights without disturbing the caller's random state.
+A whole-model builder is a plain function ``fn(*, num_classes, input_dim, seed, **options) ->
+ModelBundle`` (federated mode trains it; :func:`build_model` checks the options against the
+builder's signature and seeds torch in a forked RNG, so the same seed gives the same initial
+weights without disturbing the caller's random state). ``family`` names the architecture a split
+cut follows (``bert``: an encoder :func:`build_model` builds; ``llama``: a causal LM that
+:mod:`fedq.split.models` builds itself). Adding a model is one :func:`register_model` (a builder)
+or one :func:`add_model` (an entry only a mode's own builder makes) call.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -20,6 +26,26 @@ from fedq.models.bundle import ModelBundle
 Builder = Callable[..., ModelBundle]
 B = TypeVar("B", bound=Builder)
 
+
+@dataclass(frozen=True, slots=True)
+class ModelEntry:
+    """One registered model: the ``modes`` that train it, ``build`` (the whole model as a
+    :class:`ModelBundle`; None for a model only a mode's own builder makes), ``width`` (its
+    residual stream's width when its checkpoint fixes it; None: the scenario's ``model.hidden``)
+    and ``family`` (the architecture a split cut follows, None when it cannot be cut)."""
+
+    name: str
+    modes: tuple[str, ...]
+    build: Builder | None = None
+    width: int | None = None
+    family: str | None = None
+
+    def hidden(self, configured: int) -> int:
+        """The residual width of this model with ``model.hidden = configured``."""
+        return self.width if self.width is not None else configured
+
+
+_ENTRIES: dict[str, ModelEntry] = {}
 _BUILDERS: dict[str, Builder] = {}
 _COMMON = ("num_classes", "input_dim", "seed")
 #: Fields of a scenario's ``model`` section that every builder accepts (and may ignore).
@@ -27,19 +53,42 @@ SHARED_OPTIONS = frozenset({"hidden", "lora_r", "lora_alpha", "max_length"})
 log = logging.getLogger(__name__)
 
 
-def register_model(name: str) -> Callable[[B], B]:
-    """Decorator: register a builder under ``name``."""
+def add_model(entry: ModelEntry) -> None:
+    """Register ``entry`` (a name registers once)."""
+    if entry.name in _ENTRIES:
+        raise ValueError(f"duplicate model name {entry.name!r}")
+    _ENTRIES[entry.name] = entry
+    if entry.build is not None:
+        _BUILDERS[entry.name] = entry.build
+
+
+def register_model(
+    name: str,
+    *,
+    modes: Sequence[str] = ("federated",),
+    width: int | None = None,
+    family: str | None = None,
+) -> Callable[[B], B]:
+    """Decorator: register a whole-model builder under ``name`` (:class:`ModelEntry`)."""
 
     def deco(fn: B) -> B:
-        if name in _BUILDERS:
-            raise ValueError(f"duplicate model name {name!r}")
-        _BUILDERS[name] = fn
+        add_model(ModelEntry(name, tuple(modes), fn, width, family))
         return fn
 
     return deco
 
 
+def model_entry(name: str) -> ModelEntry | None:
+    return _ENTRIES.get(name)
+
+
+def models_for(mode: str) -> list[ModelEntry]:
+    """The entries ``mode`` trains, in the order they were registered."""
+    return [e for e in _ENTRIES.values() if mode in e.modes]
+
+
 def model_names() -> list[str]:
+    """The models :func:`build_model` builds (whole-model builders), sorted."""
     return sorted(_BUILDERS)
 
 

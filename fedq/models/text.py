@@ -20,7 +20,7 @@ from torch import nn
 from fedq.data.datasets import AnyDataset, TextDataset
 from fedq.models.bundle import Inputs, ModelBundle, StateMismatchError, check_state
 from fedq.models.encoders import load_tokenizer, minilm_path, pretrained_encoder, tiny_encoder
-from fedq.models.registry import register_model
+from fedq.models.registry import ModelEntry, add_model, register_model
 
 ENCODER_PREFIX = "encoder."
 HEAD_PREFIX = "head."
@@ -147,7 +147,7 @@ def _lora_bundle(
     )
 
 
-@register_model("minilm_lora")
+@register_model("minilm_lora", modes=("federated", "split"), width=384, family="bert")
 def build_minilm_lora(
     *,
     num_classes: int,
@@ -170,7 +170,7 @@ def build_minilm_lora(
     )
 
 
-@register_model("tiny_bert_lora")
+@register_model("tiny_bert_lora", modes=("federated", "split"), family="bert")
 def build_tiny_bert_lora(
     *,
     num_classes: int,
@@ -198,3 +198,8 @@ def build_tiny_bert_lora(
         lora_alpha=lora_alpha,
         max_length=max_length,
     )
+
+
+# The causal LMs split mode cuts (built by fedq.split.models from their own checkpoints).
+add_model(ModelEntry("smollm2_lora", ("split",), width=576, family="llama"))
+add_model(ModelEntry("tiny_llama_lora", ("split",), family="llama"))

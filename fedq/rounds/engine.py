@@ -1,7 +1,8 @@
-"""The server's round loop, shared by federated and split mode, simulation and deployment.
+"""The server's round loop, shared by every mode, simulation and deployment.
 
 :class:`RoundEngine` is the transport's handler (``Register``, ``Work``, ``GetTask``,
-``PushUpdate``, split ``Step``) and runs the loop in its own thread:
+``PushUpdate``, and the in-round exchange the ``Step`` RPC carries) and runs the loop in its own
+thread:
 
 1. wait until ``fed.min_clients`` registered clients are *available* (their principal's work
    stream is open);
@@ -13,20 +14,24 @@
    a step failed) or the deadline ``fed.round_timeout_s`` passed;
 5. close the round all or nothing: applied only with at least ``fed.min_clients`` updates; an
    update arriving later is refused and never counted. A discarded round leaves the model as it
-   was when the round opened (in split mode the workload rolls back what the steps trained);
+   was when the round opened (a workload whose exchanges trained something rolls that back);
    the privacy charged when it opened stays spent.
 
 An update the workload refuses (malformed, non-finite, beyond the defence bounds) is a *bad
 update*: counted per client in the round's record, and a client with bad updates in
-``defence.max_bad_updates`` rounds is excluded from the run (never selected again, kept in the
-checkpoint). The workload combines the accepted updates in roster order, so the result never
-depends on when each arrived.
+the mode's :attr:`RoundPolicy.max_bad_updates` rounds is excluded from the run (never selected
+again, kept in the checkpoint). The workload combines the accepted updates in roster order, so the
+result never depends on when each arrived.
 
-Split steps run in one fixed order: the selected clients take their turns in roster order, each
-all its steps of the round (SFL-V2's "clients take turns"; a process hosting several clients runs
-them in that order anyway). Whatever the timing, the shared server top sees the same sequence, so
-split runs are reproducible, and a client that vanishes mid-turn leaves the top as it was after
-its last whole step while the next client takes over.
+A mode may ask for an in-round exchange (:class:`~fedq.rounds.workload.TakeTurns`, split mode's
+steps): the exchanges run in one fixed order, the selected clients taking their turns in roster
+order, each all its steps of the round (SFL-V2's "clients take turns"; a process hosting several
+clients runs them in that order anyway). Whatever the timing, the workload sees the same
+sequence, so such runs are reproducible, and a client that vanishes mid-turn leaves the workload
+as it was after its last whole step while the next client takes over.
+
+The run ends with a :class:`~fedq.rounds.workload.RunOutcome` (completed, stopped, out of privacy
+budget, too few clients, failed), handed to the hooks and kept as :attr:`RoundEngine.outcome`.
 """
 
 from __future__ import annotations
@@ -43,7 +48,17 @@ from fedq.codec.packed import FORMAT_VERSION
 from fedq.config import RunConfig
 from fedq.errors import AlreadyConnected, FedqError, PrivacyBudgetExceeded
 from fedq.rounds.roster import select_clients
-from fedq.rounds.workload import Hooks, Member, RollbackWorkload, StepWorkload, Update, Workload
+from fedq.rounds.workload import (
+    Ending,
+    ExchangeWorkload,
+    Hooks,
+    Member,
+    RollbackWorkload,
+    RoundPolicy,
+    RunOutcome,
+    Update,
+    Workload,
+)
 from fedq.wire.control import PROTOCOL_VERSION, Assignment, Joined, Registration, WorkItem
 from fedq.wire.message import WireMessage
 
@@ -63,10 +78,10 @@ class _Open:
     opened: float
     updates: dict[str, Update] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
-    steps: dict[str, int] = field(default_factory=dict)  # split: steps taken per client
+    steps: dict[str, int] = field(default_factory=dict)  # in-round exchanges made per client
     refused: dict[str, dict[str, Any]] = field(default_factory=dict)  # bad updates: count, reason
     excluded: list[str] = field(default_factory=list)  # clients excluded during this round
-    stepping: set[str] = field(default_factory=set)  # split: clients with a step in progress
+    stepping: set[str] = field(default_factory=set)  # clients with an exchange in progress
 
     def member(self, client_id: str) -> Member | None:
         return next((m for m in self.selected if m.client_id == client_id), None)
@@ -85,7 +100,8 @@ class _Open:
 class RoundEngine:
     """Registration, liveness, selection, privacy charging, deadlines and all-or-nothing rounds
     (module docstring). ``roster`` is every client id the run knows, in order: its position is
-    each client's index (seeds, selection)."""
+    each client's index (seeds, selection). ``policy``: what the mode asks of the loop (an
+    in-round exchange, when to exclude a client); by default neither."""
 
     def __init__(
         self,
@@ -98,9 +114,13 @@ class RoundEngine:
         num_classes: int,
         input_dim: int,
         hooks: Hooks | None = None,
+        policy: RoundPolicy | None = None,
     ) -> None:
         if len(set(roster)) != len(roster) or not roster:
             raise FedqError("the roster must list distinct client ids")
+        self.policy = policy or RoundPolicy()
+        if self.policy.turns is not None and not isinstance(workload, ExchangeWorkload):
+            raise FedqError("a policy with turns needs a workload with an exchange method")
         self.cfg = cfg
         self.workload = workload
         self.roster = list(roster)
@@ -119,7 +139,7 @@ class RoundEngine:
         self._waiting = "starting"
         self._current = 0
         self.next_round = 0
-        self._done: str | None = None
+        self._done: RunOutcome | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -233,7 +253,7 @@ class RoundEngine:
 
     def _item_for(self, principal: str) -> tuple[WorkItem, tuple[Any, ...]]:
         if self._done is not None:
-            return WorkItem("done", self._current, reason=self._done), ("done",)
+            return WorkItem("done", self._current, reason=self._done.reason), ("done",)
         rnd = self._round
         if rnd is None:
             return (
@@ -328,9 +348,9 @@ class RoundEngine:
     def _bad_update(self, r: int, client_id: str, why: str) -> None:
         """Count a refused update; exclude its client once it has sent bad updates in
         ``defence.max_bad_updates`` rounds (the refused client may still send a good update in
-        this round until then). Split mode counts but never excludes (its scenarios have no
-        ``defence`` section)."""
-        limit = self.cfg.defence.max_bad_updates if self.cfg.mode == "federated" else 0
+        this round until then). With ``policy.max_bad_updates`` 0 refusals are counted, and no
+        client is ever excluded."""
+        limit = self.policy.max_bad_updates
         with self._cv:
             rnd = self._round
             if rnd is None or rnd.index != r:
@@ -370,27 +390,30 @@ class RoundEngine:
         log.warning("round %d: %s dropped (it failed: %s)", msg.round, msg.client_id, why)
 
     def _steps_per_round(self) -> int:
-        w = self.workload
-        return w.steps_per_round if isinstance(w, StepWorkload) else 0
+        turns = self.policy.turns
+        return 0 if turns is None else turns.steps
 
-    def split_step(self, msg: WireMessage) -> WireMessage:
-        """One split step of a selected client, run in the round's fixed step order."""
+    def exchange(self, msg: WireMessage) -> WireMessage:
+        """One in-round exchange of a selected client (split mode: a step), run in the turn
+        order of the policy (module docstring)."""
+        spr = self._steps_per_round()
+        if not spr:
+            raise FedqError("this run has no exchanges inside a round")
         w = self.workload
-        if not isinstance(w, StepWorkload):
-            raise FedqError("this run has no split steps")
+        assert isinstance(w, ExchangeWorkload)  # checked when the engine was made
         with self._cv:
             rnd, member = self._selected(msg.client_id, msg.round)
-            local = msg.step - msg.round * w.steps_per_round
+            local = msg.step - msg.round * spr
             done = rnd.steps.get(member.client_id, 0)
-            if done >= w.steps_per_round:
+            if done >= spr:
                 raise FedqError(
-                    f"{member.client_id} has taken all {w.steps_per_round} steps of round "
+                    f"{member.client_id} has taken all {spr} steps of round "
                     f"{msg.round}: step {msg.step} is not one of them"
                 )
             if local != done:
                 raise FedqError(
                     f"{member.client_id}: step {msg.step} out of order (expected step "
-                    f"{msg.round * w.steps_per_round + done} of round {msg.round})"
+                    f"{msg.round * spr + done} of round {msg.round})"
                 )
             if member.client_id in rnd.stepping:  # the same step sent twice at once
                 raise FedqError(f"{member.client_id}: step {msg.step} is already in progress")
@@ -403,14 +426,13 @@ class RoundEngine:
                     earlier = [
                         m
                         for m in rnd.active()
-                        if m.index < member.index
-                        and rnd.steps.get(m.client_id, 0) < w.steps_per_round
+                        if m.index < member.index and rnd.steps.get(m.client_id, 0) < spr
                     ]
                     if not earlier:
                         break
                     self._cv.wait(_TICK)
             try:
-                reply = w.step(msg.round, member, msg)
+                reply = w.exchange(msg.round, member, msg)
             except Exception as e:
                 with self._cv:
                     if member.client_id not in rnd.dropped:
@@ -444,25 +466,30 @@ class RoundEngine:
         return not self._thread.is_alive()
 
     @property
-    def done_reason(self) -> str | None:
+    def outcome(self) -> RunOutcome | None:
+        """How the run ended (None while it runs)."""
         return self._done
 
-    def stop(self, reason: str) -> None:
+    @property
+    def done_reason(self) -> str | None:
+        return None if self._done is None else self._done.reason
+
+    def stop(self, reason: str, ending: Ending = Ending.STOPPED) -> None:
         """End the run: the open round is discarded, every work stream gets DONE."""
         with self._cv:
             self._stopping = True
             if self._done is None:
-                self._done = reason
+                self._done = RunOutcome(ending, reason)
             self._cv.notify_all()
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, outcome: RunOutcome) -> None:
         with self._cv:
             if self._done is None:
-                self._done = reason
+                self._done = outcome
             self._round = None
             self._cv.notify_all()
         if self.hooks is not None:
-            self.hooks.on_done(self._done or reason)
+            self.hooks.on_done(self._done or outcome)
 
     def _run(self) -> None:
         fed = self.cfg.fed
@@ -470,23 +497,23 @@ class RoundEngine:
             for r in range(self.next_round, fed.rounds):
                 selected = self._open(r)
                 if selected is None:
-                    return self._finish(self._done or "stopped")
+                    return self._finish(self._done or RunOutcome(Ending.STOPPED, "stopped"))
                 self._collect()
                 if self._stopping:  # the open round is abandoned: a resume runs it again
                     with self._cv:
                         self._round = None
                     if isinstance(self.workload, RollbackWorkload):
                         self.workload.abandon_round(r)
-                    return self._finish(self._done or "stopped")
+                    return self._finish(self._done or RunOutcome(Ending.STOPPED, "stopped"))
                 record = self._close(r)
                 self.next_round = r + 1
                 if self.hooks is not None:
                     self.hooks.on_round(record)
-            self._finish(f"completed {fed.rounds} rounds")
+            self._finish(RunOutcome(Ending.COMPLETED, f"completed {fed.rounds} rounds"))
         except BaseException as e:  # report, never hang the clients
             self.error = e
             log.exception("round engine failed")
-            self._finish(f"server error: {type(e).__name__}: {e}")
+            self._finish(RunOutcome(Ending.FAILED, f"server error: {type(e).__name__}: {e}"))
 
     def _open(self, r: int) -> list[Member] | None:
         fed = self.cfg.fed
@@ -499,7 +526,7 @@ class RoundEngine:
                 f"needs fed.min_clients={fed.min_clients}"
             )
             log.warning("stopping before round %d: %s", r, why)
-            self.stop(why)
+            self.stop(why, Ending.TOO_FEW_CLIENTS)
             return None
         with self._cv:
             logged = ""
@@ -532,7 +559,7 @@ class RoundEngine:
                 )
         except PrivacyBudgetExceeded as e:
             log.warning("stopping before round %d: %s", r, e)
-            self.stop(str(e))
+            self.stop(str(e), Ending.BUDGET)
             return None
         chosen = select_clients(r, pool, min(k, len(pool)), self.cfg.seed)
         ledger.charge(chosen, sizes)

@@ -4,11 +4,15 @@ hooks through which a run is observed.
 The engine owns everything the two modes share (registration, liveness, selection, privacy
 charging, deadlines, all-or-nothing rounds, checkpoints of its own state); a workload owns what a
 round *is* in its mode: the task a selected client downloads, what an accepted update holds, what
-closing a round does with them, and (split mode) the steps in between.
+closing a round does with them, and any exchange in between (:class:`ExchangeWorkload`, run in
+the order a :class:`RoundPolicy` asks for: split mode's steps).
+
+How a run ends is a :class:`RunOutcome`, typed: what kind of end, and the reason in words.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -94,7 +98,10 @@ class Workload(Protocol):
     split: :class:`fedq.split.protocol.SplitServer`). Called from the engine's thread
     (``open_round`` / ``close_round``) and from transport threads (``task`` / ``accept``)."""
 
-    ledger: Ledger
+    @property
+    def ledger(self) -> Ledger:
+        """The run's privacy ledger (the engine charges it as each round opens)."""
+        ...
 
     def info(self) -> dict[str, Any]:
         """Facts for the start-up line (trainable parameters, ...)."""
@@ -117,14 +124,35 @@ class Workload(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class TakeTurns:
+    """An in-round exchange in turns: every selected member makes ``steps`` exchanges with the
+    server per round (each a request answered at once), and the members take their turns one at
+    a time in roster order, each all its steps. Whatever the timing, the workload sees the same
+    sequence of exchanges, so the run is reproducible; a member's upload is accepted only after
+    its last step."""
+
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class RoundPolicy:
+    """What a mode asks of the round engine beyond the shared loop: ``turns``, an in-round
+    exchange (the workload must then be an :class:`ExchangeWorkload`; None: tasks and uploads
+    only), and ``max_bad_updates``, after how many rounds with a refused update a client is
+    excluded from the run (0: never)."""
+
+    turns: TakeTurns | None = None
+    max_bad_updates: int = 0
+
+
 @runtime_checkable
-class StepWorkload(Protocol):
-    """A workload with steps inside a round (split learning): the engine checks each step's
-    client and orders the steps of all clients deterministically before calling ``step``."""
+class ExchangeWorkload(Protocol):
+    """A workload with exchanges inside a round (split learning's steps): the engine checks each
+    exchange's client and orders them as the run's :class:`RoundPolicy` says before calling
+    ``exchange``."""
 
-    steps_per_round: int
-
-    def step(self, r: int, member: Member, msg: WireMessage) -> WireMessage: ...
+    def exchange(self, r: int, member: Member, msg: WireMessage) -> WireMessage: ...
 
 
 @runtime_checkable
@@ -150,4 +178,32 @@ class Hooks(Protocol):
         """A round closed; the next one opens when this returns (a simulation driver checkpoints
         its clients here)."""
 
-    def on_done(self, reason: str) -> None: ...
+    def on_done(self, outcome: RunOutcome) -> None: ...
+
+
+class Ending(enum.Enum):
+    """How a run ended."""
+
+    COMPLETED = "completed"  # every round of the schedule ran
+    STOPPED = "stopped"  # whoever runs the server stopped it (an operator, a driver)
+    BUDGET = "budget"  # the privacy budget allows no further round
+    TOO_FEW_CLIENTS = "too_few_clients"  # too few clients are left (excluded) for a round
+    FAILED = "failed"  # the server failed
+
+
+@dataclass(frozen=True, slots=True)
+class RunOutcome:
+    """The end of a run: its :class:`Ending` and the reason in words (what clients are told, and
+    what ``summary.json`` says as ``stopped_reason`` unless the run completed)."""
+
+    ending: Ending
+    reason: str
+
+    @property
+    def completed(self) -> bool:
+        return self.ending is Ending.COMPLETED
+
+    @property
+    def stopped_reason(self) -> str | None:
+        """The reason, unless the run completed."""
+        return None if self.completed else self.reason

@@ -29,6 +29,7 @@ from fedq.data.datasets import Shard
 from fedq.data.scaling import scale_warning
 from fedq.errors import FOR_USER, ConfigError
 from fedq.rounds.node import Backoff, ClientNode
+from fedq.rounds.workload import RunOutcome
 from fedq.runtime.checkpoint import load_checkpoint
 from fedq.runtime.hosts import ServerHost, make_runner, run_config, take_round_traffic
 from fedq.runtime.preflight import check_names
@@ -64,7 +65,7 @@ class _ServeHooks:
         self.host: ServerHost | None = None
         self.clients: dict[str, dict[str, int]] = {}
         self.done = threading.Event()
-        self.reason = ""
+        self.outcome: RunOutcome | None = None
         self._t = time.perf_counter()
 
     def _event(self, kind: str, **info: Any) -> None:
@@ -97,8 +98,8 @@ class _ServeHooks:
         self._t = time.perf_counter()
         self._event("round", **rec)
 
-    def on_done(self, reason: str) -> None:
-        self.reason = reason
+    def on_done(self, outcome: RunOutcome) -> None:
+        self.outcome = outcome
         self.done.set()
 
 
@@ -198,8 +199,7 @@ def serve(
         log.warning("interrupted: keeping the rounds finished so far")
     finally:
         server.stop("the server was stopped" if interrupted else "the run is over")
-    reason = hooks.reason or "interrupted"
-    stopped = None if reason.startswith("completed") else reason
+    stopped = "interrupted" if hooks.outcome is None else hooks.outcome.stopped_reason
     extra = {
         "interrupted": interrupted,
         "name": cfg.name,
@@ -208,8 +208,7 @@ def serve(
         "run_id": server.engine.run_id,
         "clients": hooks.clients,
     }
-    bit_maps = server.bit_maps() if cfg.mode == "split" else None
-    return recorder.finish(extra, bit_maps)
+    return recorder.finish(extra, server.report_extras())
 
 
 def _drain(server: ServerHost, linger_s: float, on_event: Events | None) -> None:

@@ -21,40 +21,18 @@ from typing import Any
 from fedq.config import RunConfig, config_from_dict
 from fedq.data.datasets import Shard
 from fedq.errors import FedqError
+from fedq.modes import get_mode
 from fedq.rounds.engine import RoundEngine
 from fedq.rounds.node import Backoff, ClientNode, TaskRunner
+from fedq.rounds.workload import RunOutcome
 from fedq.runtime.placement import SiteData, location
-from fedq.runtime.setup import build_bundle, preload_optimizers, quiet_process, torch_device
+from fedq.runtime.setup import preload_optimizers, quiet_process, torch_device
 from fedq.transport.keepalive import Keepalive
 from fedq.transport.security import TlsConfig
 from fedq.wire.control import ClientInfo, Joined
 from fedq.wire.limits import WireLimits
 
 log = logging.getLogger(__name__)
-
-
-def _hidden_of(cfg: RunConfig) -> int:
-    """Width of a split model's residual stream, known before building (the boundary factory)."""
-    return {"minilm_lora": 384, "smollm2_lora": 576}.get(cfg.model.name, cfg.model.hidden)
-
-
-def build_split_model(cfg: RunConfig, num_classes: int) -> Any:
-    from fedq.split.codecs import boundary_factory
-    from fedq.split.models import build_split_model as build
-
-    m, sc = cfg.model, cfg.split
-    model = build(
-        m.name,
-        cut=sc.cut,
-        num_classes=num_classes,
-        seed=cfg.seed,
-        lora_r=m.lora_r,
-        max_length=m.max_length,
-        hidden=m.hidden,
-        tiny_layers=sc.tiny_layers,
-        make_boundary=boundary_factory(sc, _hidden_of(cfg)),
-    )
-    return model.to(torch_device(cfg.runtime.device))
 
 
 def data_shape(train: Any) -> tuple[int, int]:
@@ -102,8 +80,8 @@ class _Observer:
         self.events.put({"round": record})
         self._go.wait()
 
-    def on_done(self, reason: str) -> None:
-        self.events.put({"done": reason})
+    def on_done(self, outcome: RunOutcome) -> None:
+        self.events.put({"done": outcome})
 
     def proceed(self) -> None:
         self._go.set()
@@ -134,10 +112,12 @@ class ServerHost:
         from fedq.transport.budget import ServerLimits
         from fedq.transport.server import TransportServer
 
+        self.mode = get_mode(cfg.mode)
         split = _load_eval(cfg, eval_data)
         num_classes, input_dim = data_shape(split.train)
         self.cfg = cfg
-        self.workload = _server_workload(cfg, split, num_classes)
+        device = torch_device(cfg.runtime.device)
+        self.workload = self.mode.server_workload(cfg, split, num_classes, input_dim, device)
         principals = len(tokens) if tokens else len(roster)
         limits = WireLimits(chunk_size=cfg.runtime.chunk_bytes)
         budget = ServerLimits(upload_budget_bytes=cfg.runtime.upload_budget_mb << 20)
@@ -164,6 +144,7 @@ class ServerHost:
             num_classes=num_classes,
             input_dim=input_dim,
             hooks=hooks or self.observer,
+            policy=self.mode.round_policy(cfg),
         )
 
     # the transport's handler: the engine
@@ -182,8 +163,8 @@ class ServerHost:
     def push_update(self, msg: Any) -> None:
         self.engine.push_update(msg)
 
-    def split_step(self, msg: Any) -> Any:
-        return self.engine.split_step(msg)
+    def exchange(self, msg: Any) -> Any:
+        return self.engine.exchange(msg)
 
     # lifecycle
     def start(self) -> str:
@@ -214,7 +195,8 @@ class ServerHost:
         self.engine.start(start_round)
 
     def next_event(self, timeout: float) -> dict[str, Any] | None:
-        """The next closed round (``{"round": record}``) or the end (``{"done": reason}``)."""
+        """The next closed round (``{"round": record}``), a round's privacy charge to journal
+        (``{"open": r, "ledger": ...}``) or the end (``{"done": RunOutcome}``)."""
         assert self.observer is not None, "next_event is for runs observed by a driver"
         try:
             return self.observer.events.get(timeout=timeout)
@@ -225,9 +207,10 @@ class ServerHost:
         assert self.observer is not None
         self.observer.proceed()
 
-    def bit_maps(self) -> dict[str, list[int]]:
-        fn = getattr(self.workload, "bit_maps", None)
-        return fn() if fn is not None else {}
+    def report_extras(self) -> dict[str, Any]:
+        """What the mode's workload adds to the run's report at the end (:meth:`Mode.report_extras
+        <fedq.modes.base.Mode.report_extras>`)."""
+        return self.mode.report_extras(self.workload)
 
     def state_dict(self) -> dict[str, Any]:
         return self.engine.state_dict()
@@ -259,25 +242,6 @@ def _load_eval(cfg: RunConfig, eval_data: str | None) -> Any:
     return load_data(cfg, eval_data)
 
 
-def _server_workload(cfg: RunConfig, split: Any, num_classes: int) -> Any:
-    if cfg.mode == "split":
-        from fedq.split.models import CLASSIFY
-        from fedq.split.protocol import SplitServer
-
-        model = build_split_model(cfg, num_classes)
-        labels = num_classes if model.task == CLASSIFY else len(model.tokenizer)
-        return SplitServer(cfg, model, split.test, labels)
-    from fedq.fed.server import FedServer
-
-    bundle = build_bundle(cfg, split.train).to(torch_device(cfg.runtime.device))
-    test = split.test
-    if cfg.data.standardize:  # with the evaluation data's own statistics (fedq.data.scaling)
-        from fedq.data.scaling import standardized
-
-        test = standardized(test, "the evaluation data")
-    return FedServer(cfg, bundle, test)
-
-
 def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> TaskRunner:
     """The task runner of a client process for the run it joined (its model, its shards; with
     ``data.standardize`` each shard standardized with its own rows' statistics).
@@ -291,27 +255,8 @@ def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> 
         from fedq.data.scaling import standardize_shards
 
         shards = standardize_shards(shards)
-    if cfg.mode == "split":
-        from fedq.split.protocol import SplitClientWorker
-
-        model = build_split_model(cfg, joined.num_classes)
-        return SplitClientWorker(cfg, model, shards, joined.client_index)
-    from fedq.fed.client import ClientWorker
-    from fedq.models import build_model
-
-    m = cfg.model
-    bundle = build_model(
-        m.name,
-        num_classes=joined.num_classes,
-        input_dim=joined.input_dim or None,
-        seed=cfg.seed,
-        hidden=m.hidden,
-        lora_r=m.lora_r,
-        max_length=m.max_length,
-    )
-    return ClientWorker(
-        cfg, bundle.to(torch_device(cfg.runtime.device)), shards, joined.client_index
-    )
+    mode = get_mode(cfg.mode)
+    return mode.client_runner(cfg, shards, joined, torch_device(cfg.runtime.device))
 
 
 def run_config(joined: Joined) -> RunConfig:

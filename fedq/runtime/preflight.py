@@ -19,8 +19,7 @@ log = logging.getLogger(__name__)
 def name_problems(cfg: RunConfig) -> list[str]:
     """Registry names the scenario uses that do not exist (reads no data)."""
     from fedq.data import check_dataset_name, dataset_options
-    from fedq.models import model_names
-    from fedq.split.models import BERT_MODELS, LLAMA_MODELS
+    from fedq.modes import get_mode
 
     problems = []
     data = check_dataset_name(cfg.data.name)
@@ -35,7 +34,7 @@ def name_problems(cfg: RunConfig) -> list[str]:
         source = None if site.data is None else check_dataset_name(site.data)
         if source:
             problems.append(f"runtime.sites[{i}].data: {source}")
-    models = BERT_MODELS + LLAMA_MODELS if cfg.mode == "split" else tuple(model_names())
+    models = get_mode(cfg.mode).model_names()
     if cfg.model.name not in models:
         problems.append(
             f"model.name: unknown {cfg.model.name!r} for mode {cfg.mode!r}; "

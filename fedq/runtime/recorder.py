@@ -1,6 +1,7 @@
 """A run's output folder (docs/design.md §5), written the same way by ``fedq simulate`` and
-``fedq serve``: ``config.json``, ``metrics.jsonl`` (one record per round), ``bits.jsonl`` (split:
-one record per step), ``bit_maps.json`` (split), ``summary.json``, ``report.png`` and
+``fedq serve``: ``config.json``, ``metrics.jsonl`` (one record per round), ``bits.jsonl`` (a
+mode's rows per step, when its rounds have steps: split), ``summary.json``, ``report.png`` and the
+mode's other files (:meth:`fedq.modes.base.Mode.write_report`; split: ``bit_maps.json``), and
 ``checkpoint.pt`` (after every round, atomically).
 
 A round's checkpoint is written before its log lines, and carries them: a round in
@@ -20,16 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fedq.config import RunConfig
 from fedq.errors import FOR_USER
+from fedq.modes import get_mode
+from fedq.modes.base import STEPS_FILE
 from fedq.runtime.checkpoint import save_checkpoint, save_privacy_journal
 
 log = logging.getLogger(__name__)
 
-BITS_FILE = "bits.jsonl"
+BITS_FILE = STEPS_FILE
 #: How ``stopped_reason`` begins when a run ended without applying any round.
 NO_ROUND_APPLIED = "no round was applied"
 
@@ -73,8 +77,9 @@ def _no_round_applied(summary: dict[str, Any], cfg: RunConfig) -> str:
 
 
 class RunRecorder:
-    """Writes one run's folder (module docstring). ``trainable_params`` sizes the fp32 baseline
-    of the downlink in federated mode (the same tensors as raw fp32)."""
+    """Writes one run's folder (module docstring). ``trainable_params`` is handed to the mode's
+    :meth:`~fedq.modes.base.Mode.complete_record` (federated mode sizes the fp32 baseline of the
+    downlink with it: the same tensors as raw fp32)."""
 
     def __init__(
         self,
@@ -90,6 +95,7 @@ class RunRecorder:
 
         self.out = out
         self.cfg = cfg
+        self.mode = get_mode(cfg.mode)
         self.t0 = time.perf_counter() if t0 is None else t0  # this process's start
         out.mkdir(parents=True, exist_ok=True)
         # the wall seconds of the processes before this one (module docstring)
@@ -132,9 +138,7 @@ class RunRecorder:
         self._check_collapse(record, record.pop("predictions", None))
         self.cum_bytes += int(record["bytes_up"]) + int(record["bytes_down"])
         record["cum_bytes"] = self.cum_bytes
-        if self.cfg.mode != "split":
-            down = 4 * self.trainable_params * int(record["clients_selected"])
-            record["bytes_fp32"] = int(record.pop("fp32_up", 0)) + down
+        self.mode.complete_record(record, self.trainable_params)
         for key in ("accuracy", "loss", "epsilon", "mean_bits"):
             record.setdefault(key, None)
         record["seconds"] = round(time.perf_counter() - t_round, 3)
@@ -171,9 +175,10 @@ class RunRecorder:
     def journal(self, round_index: int, ledger: dict[str, Any]) -> None:
         save_privacy_journal(self.out, round_index, ledger)
 
-    def finish(self, extra: dict[str, Any], bit_maps: dict[str, list[int]] | None) -> dict:
-        """Write summary.json and report.png (and bit_maps.json in split mode)."""
-        from fedq.report import plot_report, summarize, write_summary
+    def finish(self, extra: dict[str, Any], report_extras: Mapping[str, Any]) -> dict:
+        """Write summary.json, then the mode's files (report.png; split: bit_maps.json) from the
+        records and what the server's workload reported at the end (``report_extras``)."""
+        from fedq.report import summarize, write_summary
 
         self.writer.close()
         records = self.previous + self.writer.records
@@ -181,13 +186,5 @@ class RunRecorder:
         if summary["rounds_applied"] == 0 and not summary.get("interrupted"):
             summary["stopped_reason"] = _no_round_applied(summary, self.cfg)
         write_summary(self.out, summary)
-        if self.cfg.mode == "split":
-            from fedq.split.report import plot_split_report
-
-            (self.out / "bit_maps.json").write_text(json.dumps(bit_maps or {}) + "\n")
-            plot_split_report(
-                records, bit_maps or {}, self.out / "report.png", steps_path=self.out / BITS_FILE
-            )
-        else:
-            plot_report(records, self.out / "report.png")
+        self.mode.write_report(self.out, records, report_extras)
         return summary

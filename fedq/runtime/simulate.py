@@ -29,6 +29,7 @@ from typing import Any
 
 from fedq.config import RunConfig
 from fedq.errors import FedqError
+from fedq.modes import get_mode
 from fedq.rounds import client_name
 from fedq.runtime.backend import make_backend, stop_all
 from fedq.runtime.checkpoint import ClientStateLog, load_checkpoint
@@ -108,7 +109,7 @@ def simulate(
         else ClientStateLog(out, ckpt.get("client_segments", ()), ckpt["clients"])
     )
     marks: dict[str, int] = {}  # worker principal -> its state mark at the last checkpoint
-    bit_maps: dict[str, list[int]] = {}
+    report_extras: dict[str, Any] = {}  # the mode's, from the server at the end
     # Bytes the clients counted: the runs before a resume (from the checkpoint) plus, per
     # worker, its counters as last read (a worker that dies keeps what it counted until then).
     bytes_before = _zero_bytes() if ckpt is None else dict(ckpt.get("client_bytes", _zero_bytes()))
@@ -171,8 +172,7 @@ def simulate(
         while True:
             event = backend.get([backend.call(server, "next_event", 2.0)])[0]
             if event is not None and "done" in event:  # before any liveness check: workers
-                reason = str(event["done"])  # that were told the run is over have ended
-                stopped = None if reason.startswith("completed") else reason
+                stopped = event["done"].stopped_reason  # that were told the run is over ended
                 break
             if event is None or time.perf_counter() - checked > WORKER_CHECK_S:
                 checked = time.perf_counter()
@@ -203,7 +203,7 @@ def simulate(
                 on_round(rec)
             t_round = time.perf_counter()
             backend.get([backend.call(server, "proceed")])
-        bit_maps = backend.get([backend.call(server, "bit_maps")])[0]
+        report_extras = backend.get([backend.call(server, "report_extras")])[0]
     except KeyboardInterrupt:
         interrupted = True
         log.warning("interrupted: stopping Ray and gRPC, keeping metrics of finished rounds")
@@ -227,7 +227,7 @@ def simulate(
         "placement": placement,
         **_add_bytes(bytes_before, *seen.values()),
     }
-    return recorder.finish(extra, bit_maps if cfg.mode == "split" else None)
+    return recorder.finish(extra, report_extras)
 
 
 def _start_workers(
@@ -367,17 +367,6 @@ def info_privacy(cfg: RunConfig) -> dict[str, Any]:
     return {"mechanism": p.mechanism, "target_epsilon": p.target_epsilon, "delta": p.delta}
 
 
-def _client_states(states: list[dict[str, Any]], principals: list[str], cfg: RunConfig) -> dict:
-    """Client states from the workers': per client in federated mode (portable to any number of
-    workers), per worker in split mode (the AQ-SGD copies a worker shares)."""
-    if cfg.mode == "split":
-        return dict(zip(principals, states, strict=True))
-    merged: dict[str, Any] = {}
-    for s in states:
-        merged.update(s)
-    return merged
-
-
 def _checkpoint(
     backend: Any,
     server: Any,
@@ -397,7 +386,8 @@ def _checkpoint(
     server_state = backend.get([backend.call(server, "state_dict")])[0]
     alive = [(w, p) for w, p in zip(workers, principals, strict=True) if p not in lost]
     answers = backend.get([backend.call(w, "state_changes", marks.get(p, 0)) for w, p in alive])
-    changed = _client_states([a[1] for a in answers], [p for _, p in alive], cfg)
+    mode = get_mode(cfg.mode)
+    changed = mode.merge_client_states([a[1] for a in answers], [p for _, p in alive])
     segments = client_log.append(next_round, changed)
     recorder.checkpoint(
         {
@@ -429,13 +419,10 @@ def _restore(
     cfg: RunConfig,
 ) -> None:
     backend.get([backend.call(server, "load_state_dict", ckpt["server"], ckpt["ledger_journal"])])
-    clients = ckpt["clients"]
-    if cfg.mode == "split":
-        calls = [
-            backend.call(w, "load_state_dict", clients.get(p, {}))
-            for w, p in zip(workers, principals, strict=True)
-        ]
-    else:
-        calls = [backend.call(w, "load_state_dict", clients) for w in workers]
+    clients, mode = ckpt["clients"], get_mode(cfg.mode)
+    calls = [
+        backend.call(w, "load_state_dict", mode.client_state_of(clients, p))
+        for w, p in zip(workers, principals, strict=True)
+    ]
     backend.get(calls)
     log.info("resumed at round %d", ckpt["next_round"])

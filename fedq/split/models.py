@@ -43,8 +43,6 @@ from fedq.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
 CLASSIFY, CAUSAL_LM = "classify", "causal_lm"
-BERT_MODELS = ("minilm_lora", "tiny_bert_lora")
-LLAMA_MODELS = ("smollm2_lora", "tiny_llama_lora")
 
 
 class _GradQuant(torch.autograd.Function):
@@ -289,12 +287,16 @@ def build_split_model(
 ) -> SplitModel:
     """Build ``name`` and cut it after block ``cut - 1``. ``make_boundary`` (a callable returning
     a :class:`SimulatedBoundary`) puts quantizers at every inner boundary (all-boundaries mode)."""
-    if name in BERT_MODELS:
+    from fedq.models import model_entry, models_for
+
+    entry = model_entry(name)
+    family = entry.family if entry is not None and "split" in entry.modes else None
+    if family == "bert":
         ops: _Ops = _BertOps()
         full, tokenizer, blocks, bottom_mods, top_mods, width = _build_bert(
             name, num_classes, seed, lora_r, max_length, hidden, tiny_layers
         )
-    elif name in LLAMA_MODELS:
+    elif family == "llama":
         full, tokenizer, config = _build_llama(name, seed, lora_r, hidden, tiny_layers)
         ops = _LlamaOps(config)
         inner = full.base_model.model.model
@@ -305,9 +307,8 @@ def build_split_model(
         bottom_mods["rotary_emb"], top_mods["rotary_emb"] = rotary, rotary
         width = int(config.hidden_size)
     else:
-        raise ConfigError(
-            f"split learning supports models {', '.join(BERT_MODELS + LLAMA_MODELS)}; got {name!r}"
-        )
+        names = ", ".join(e.name for e in models_for("split"))
+        raise ConfigError(f"split learning supports models {names}; got {name!r}")
     n = len(blocks)
     if not 1 <= cut < n:
         raise ConfigError(f"split.cut: must be in 1..{n - 1} for {name!r} ({n} blocks), got {cut}")

@@ -7,7 +7,7 @@ One step (docs/design.md §3; docs/algorithms.md §1.2):
    value *is* the decoded payload, :mod:`fedq.adapt.amaq`);
 2. client -> server ``WireMessage(kind="activations", tensors={"h", "mask", "labels"})``; labels
    travel with the activations (vanilla split learning, §4);
-3. server ``step`` (the round engine's ``split_step`` calls it): decode, ``loss = top(h)``,
+3. server ``step`` (the round engine's in-round ``exchange`` calls it): decode, ``loss = top(h)``,
    backward (+ its bit regularizer), quantize ``dL/dh`` with its gradient gates, step its
    optimizer (top LoRA + head + gates);
 4. server -> client ``WireMessage(kind="gradients", tensors={"g"})`` plus scalars (loss, bits);
@@ -111,7 +111,6 @@ class SplitServer:
         self.test_data = test_data
         self.num_labels = num_labels
         sc = cfg.split
-        self.steps_per_round = sc.local_steps
         self.ledger: Ledger = make_ledger(cfg)
         self.grad_q = make_codec(sc, "grad", model.hidden, seed=cfg.seed)
         self.eval_act_q = make_codec(sc, "act", model.hidden)  # evaluation codes the cut as sent
@@ -265,6 +264,11 @@ class SplitServer:
         with self._lock:  # a stateful receiver's per-peer state is shared by the streams
             received = self.act_rx.receive(msg.tensors, msg.client_id, m.device)
         return received, mask, labels
+
+    def exchange(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
+        """The round engine's in-round exchange: one step, in the turn order split mode asks
+        for (:meth:`fedq.modes.split.SplitMode.round_policy`)."""
+        return self.step(r, member, msg)
 
     def step(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
         """One server step (module docstring, 3-4), recorded as a row of ``bits.jsonl``."""

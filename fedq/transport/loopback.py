@@ -118,7 +118,7 @@ class LoopbackConnection:
     def split_step(self, msg: WireMessage) -> WireMessage:
         decoded, up = self._frames(msg)
         self._count(msg.client_id, up, 0)
-        reply, down = self._frames(self.handler.split_step(decoded))
+        reply, down = self._frames(self.handler.exchange(decoded))
         self._count(msg.client_id, 0, down)
         return reply
 

@@ -103,9 +103,10 @@ class RoundHandler(Protocol):
 
 @runtime_checkable
 class SplitHandler(Protocol):
-    """Optional: a handler with ``split_step`` also gets the ``Split`` service."""
+    """Optional: a handler with ``exchange`` (the round engine's in-round exchange, split mode's
+    steps) also gets the ``Split`` service."""
 
-    def split_step(self, msg: WireMessage) -> WireMessage: ...
+    def exchange(self, msg: WireMessage) -> WireMessage: ...
 
 
 class _Phase(enum.Enum):
@@ -387,7 +388,7 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
                 who = self._check_client(context, authed, msg.client_id)
                 try:
                     reply = self._run(
-                        context, _Phase.HANDLER, functools.partial(self._handler.split_step, msg)
+                        context, _Phase.HANDLER, functools.partial(self._handler.exchange, msg)
                     )
                 finally:
                     del msg  # the step's activations are no longer held here

@@ -60,13 +60,16 @@ def test_standardize_refuses_text_and_token_ids() -> None:
 
 
 def test_the_server_standardizes_its_evaluation_data_with_its_own_statistics() -> None:
-    from fedq.runtime.hosts import _server_workload
+    from fedq.modes import get_mode
 
     data = _data(80)
     split = type("Split", (), {"train": data, "test": _data(40, seed=1)})()
     for standardize in (False, True):
         cfg = config_from_dict({"data": {"standardize": standardize}})
-        test = _server_workload(cfg, split, 2).test_data
+        workload = get_mode(cfg.mode).server_workload(
+            cfg, split, 2, int(data.x.shape[1]), torch.device("cpu")
+        )
+        test = workload.test_data  # type: ignore[attr-defined]
         if standardize:
             own = split.test.x.double()
             want = (own - own.mean(0)) / own.std(0, correction=0)

@@ -1,8 +1,9 @@
 """Imports flow one way (docs/design.md, "Module map"): codec -> adapt -> wire -> transport /
-rounds -> fed / split -> runtime -> cli. privacy, data, models and report know nothing of the
-wire or the transport; ``config`` and ``errors`` sit at the bottom and import nothing above
-them. Function-level (lazy) imports count too, and single-file modules are checked like
-packages."""
+rounds -> fed / split -> modes -> runtime -> cli (``modes``, the registry of training modes,
+sits above the modes' own packages; the runtime knows only the registry). privacy, data,
+models and report know nothing of the wire or the transport; ``config`` and ``errors`` sit at
+the bottom and import nothing above them. Function-level (lazy) imports count too, and
+single-file modules are checked like packages."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ FORBIDDEN: dict[str, set[str]] = {
     "errors": ALL - {"errors"},
     "config": ALL - {"config", "errors"},
     "codec": ALL - {"codec", "errors"},
-    "adapt": {"wire", "transport", "fed", "split", "runtime", "cli", "bench", "privacy"},
-    "wire": {"adapt", "transport", "fed", "split", "runtime", "cli", "bench", "privacy"},
+    "adapt": {"wire", "transport", "fed", "split", "modes", "runtime", "cli", "bench", "privacy"},
+    "wire": {"adapt", "transport", "fed", "split", "modes", "runtime", "cli", "bench", "privacy"},
     "transport": {
         "adapt",
         "fed",
         "split",
+        "modes",
         "runtime",
         "cli",
         "bench",
@@ -42,6 +44,7 @@ FORBIDDEN: dict[str, set[str]] = {
         "transport",
         "fed",
         "split",
+        "modes",
         "runtime",
         "cli",
         "bench",
@@ -50,12 +53,25 @@ FORBIDDEN: dict[str, set[str]] = {
         "models",
         "report",
     },
-    "privacy": {"wire", "transport", "fed", "split", "runtime", "cli", "bench"},
-    "data": {"wire", "transport", "fed", "split", "runtime", "cli", "bench", "privacy", "models"},
-    "models": {"wire", "transport", "fed", "split", "runtime", "cli", "bench", "privacy"},
-    "report": {"wire", "transport", "fed", "split", "runtime", "cli", "bench", "privacy"},
-    "fed": {"split", "runtime", "cli", "bench"},
-    "split": {"fed", "runtime", "cli", "bench"},
+    "privacy": {"wire", "transport", "fed", "split", "modes", "runtime", "cli", "bench"},
+    "data": {
+        "wire",
+        "transport",
+        "fed",
+        "split",
+        "modes",
+        "runtime",
+        "cli",
+        "bench",
+        "privacy",
+        "models",
+    },
+    "models": {"wire", "transport", "fed", "split", "modes", "runtime", "cli", "bench", "privacy"},
+    "report": {"wire", "transport", "fed", "split", "modes", "runtime", "cli", "bench", "privacy"},
+    "fed": {"split", "modes", "runtime", "cli", "bench"},
+    "split": {"fed", "modes", "runtime", "cli", "bench"},
+    # the mode registry: each mode builds on its own package, never on the runtime that runs it
+    "modes": {"runtime", "cli", "bench"},
     "runtime": {"cli", "bench"},
     "bench": {"cli"},
 }

@@ -18,21 +18,29 @@ from fedq.errors import AlreadyConnected, FedqError
 from fedq.rounds import client_name
 from fedq.rounds import engine as engine_module
 from fedq.rounds.engine import RoundEngine
-from fedq.rounds.workload import Member, NoPrivacy, Update
+from fedq.rounds.workload import (
+    Ending,
+    Member,
+    NoPrivacy,
+    RoundPolicy,
+    RunOutcome,
+    TakeTurns,
+    Update,
+)
 from fedq.wire.control import ClientInfo, Registration
 from fedq.wire.message import WireMessage
 
 
 class Sums:
-    """Workload: the task is a counter; an update adds its value; steps echo their index."""
+    """Workload: the task is a counter; an update adds its value; exchanges (steps) echo their
+    index, in turns of ``steps_per_round`` (the engine's policy, :func:`_engine`)."""
 
     def __init__(self, steps_per_round: int = 0) -> None:
         self.ledger = NoPrivacy()
         self.total = 0.0
         self.closed: list[tuple[int, list[str], bool]] = []
         self.steps: list[tuple[str, int]] = []
-        if steps_per_round:
-            self.steps_per_round = steps_per_round
+        self.steps_per_round = steps_per_round
 
     def info(self) -> dict[str, Any]:
         return {"trainable_params": 1}
@@ -54,7 +62,7 @@ class Sums:
         self.closed.append((r, [u.member.client_id for u in updates], apply))
         return {}
 
-    def step(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
+    def exchange(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
         self.steps.append((member.client_id, msg.step))
         return WireMessage("gradients", member.client_id, r, msg.step)
 
@@ -79,8 +87,9 @@ class Hooks:
     def on_round(self, record: dict[str, Any]) -> None:
         self.records.append(record)
 
-    def on_done(self, reason: str) -> None:
-        self.reason = reason
+    def on_done(self, outcome: RunOutcome) -> None:
+        self.outcome = outcome
+        self.reason = outcome.reason
 
 
 def _engine(
@@ -102,8 +111,17 @@ def _engine(
     w = workload or Sums()
     hooks = Hooks()
     roster = [client_name(i) for i in range(n)]
+    spr = getattr(w, "steps_per_round", 0)
     engine = RoundEngine(
-        cfg, w, roster, run_id="r1", config_json="{}", num_classes=2, input_dim=4, hooks=hooks
+        cfg,
+        w,
+        roster,
+        run_id="r1",
+        config_json="{}",
+        num_classes=2,
+        input_dim=4,
+        hooks=hooks,
+        policy=RoundPolicy(turns=TakeTurns(spr) if spr else None),
     )
     return engine, w, hooks
 
@@ -292,7 +310,9 @@ def test_a_client_past_the_deadline_is_dropped_and_the_round_closes_with_the_res
     rec = hooks.records[0]
     assert rec["applied"] and rec["clients_ok"] == 1 and w.total == 4.0
     assert "deadline" in rec["dropped"]["client-1"]
-    assert hooks.reason == "completed 1 rounds"
+    assert hooks.reason == "completed 1 rounds" and hooks.outcome.ending is Ending.COMPLETED
+    assert engine.outcome == RunOutcome(Ending.COMPLETED, "completed 1 rounds")
+    assert hooks.outcome.stopped_reason is None
     with pytest.raises(FedqError):
         _deliver(engine, "client-1", 0)  # too late: refused
     assert streams[1].wait_for("done", None) is not None
@@ -327,9 +347,9 @@ def test_a_step_sent_twice_at_once_is_refused_and_the_first_goes_on() -> None:
     gate = threading.Event()
 
     class Slow(Sums):
-        def step(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
+        def exchange(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
             gate.wait(10)
-            return super().step(r, member, msg)
+            return super().exchange(r, member, msg)
 
     w = Slow(steps_per_round=2)
     engine, _, hooks = _engine(n=1, k=1, rounds=1, min_clients=1, workload=w)
@@ -339,15 +359,15 @@ def test_a_step_sent_twice_at_once_is_refused_and_the_first_goes_on() -> None:
     engine.start()
     stream.wait_for("task", 0)
     first = threading.Thread(
-        target=engine.split_step, args=(WireMessage("activations", "client-0", 0, 0),)
+        target=engine.exchange, args=(WireMessage("activations", "client-0", 0, 0),)
     )
     first.start()
     time.sleep(0.2)
     with pytest.raises(FedqError, match="step 0 is already in progress"):
-        engine.split_step(WireMessage("activations", "client-0", 0, 0))
+        engine.exchange(WireMessage("activations", "client-0", 0, 0))
     gate.set()
     first.join(10)
-    engine.split_step(WireMessage("activations", "client-0", 0, 1))
+    engine.exchange(WireMessage("activations", "client-0", 0, 1))
     engine.push_update(WireMessage("update", "client-0", 0, 0, {"value": 1.0}))
     assert engine.join(10)
     assert w.steps == [("client-0", 0), ("client-0", 1)] and hooks.records[0]["clients_ok"] == 1
@@ -366,13 +386,13 @@ def test_split_steps_run_in_roster_order_whatever_the_timing() -> None:
     engine.start()
     streams[0].wait_for("task", 0)
     with pytest.raises(FedqError, match="out of order"):
-        engine.split_step(WireMessage("activations", "client-2", 0, 1))
+        engine.exchange(WireMessage("activations", "client-2", 0, 1))
 
     def client(i: int) -> None:
         cid = client_name(i)
         engine.get_task(cid, 0)
         for s in range(3):
-            engine.split_step(WireMessage("activations", cid, 0, s))
+            engine.exchange(WireMessage("activations", cid, 0, s))
         engine.push_update(WireMessage("update", cid, 0, 0, {"value": 1.0}))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in (2, 1, 0)]  # last first
@@ -410,6 +430,8 @@ def test_stop_ends_the_run_and_every_stream_gets_done() -> None:
     engine.stop("operator stop")
     assert engine.join(10)
     assert s.wait_for("done", None).reason == "operator stop" and hooks.reason == "operator stop"
+    assert hooks.outcome == RunOutcome(Ending.STOPPED, "operator stop")
+    assert hooks.outcome.stopped_reason == "operator stop"
     assert hooks.records == [] and engine.next_round == 0  # the open round is not counted
     s.close()
 

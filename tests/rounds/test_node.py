@@ -302,7 +302,7 @@ class _Records:
     def on_round(self, record: dict[str, Any]) -> None:
         self.records.append(record)
 
-    def on_done(self, reason: str) -> None:
+    def on_done(self, outcome: Any) -> None:
         return None
 
 

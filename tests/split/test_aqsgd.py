@@ -189,7 +189,7 @@ def test_a_lost_reply_puts_the_copies_back_in_step_at_the_next_visit(kit, open_r
     lose[0] = False
     # the engine refuses a replay of a step it has taken (the step order of the round)
     with pytest.raises(FedqError, match="out of order"):
-        harness.engine.split_step(sent[1])
+        harness.engine.exchange(sent[1])
     assert theirs.versions(ids) == [2] * 8
     step(2)  # version 0: the server starts these examples afresh
     assert worker.act_q.memory.versions(ids) == theirs.versions(ids) == [1] * 8

@@ -209,11 +209,11 @@ def test_the_engine_keeps_each_client_to_its_steps_in_order(kit, open_rounds) ->
         (lambda: step(2), "out of order"),  # skipping step 1
         (lambda: harness.engine.push_update(early), "after 1 of 2 steps"),
         (
-            lambda: harness.engine.split_step(dataclasses.replace(sent[0], client_id=outsider)),
+            lambda: harness.engine.exchange(dataclasses.replace(sent[0], client_id=outsider)),
             "not selected",
         ),
         (
-            lambda: harness.engine.split_step(dataclasses.replace(sent[0], round=1)),
+            lambda: harness.engine.exchange(dataclasses.replace(sent[0], round=1)),
             "round 1 is not open",
         ),
     ]

@@ -45,7 +45,7 @@ class ToyHandler:
     def push_update(self, msg: WireMessage) -> None:
         self.updates.append(msg)
 
-    def split_step(self, msg: WireMessage) -> WireMessage:
+    def exchange(self, msg: WireMessage) -> WireMessage:
         act = dequantize(msg.tensors["act"])
         return WireMessage(
             kind="gradients",

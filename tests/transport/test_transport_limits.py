@@ -62,7 +62,7 @@ class Slow:
         self.gate.wait(20)
         self.updates.append(msg.client_id)
 
-    def split_step(self, msg: WireMessage) -> WireMessage:
+    def exchange(self, msg: WireMessage) -> WireMessage:
         self.gate.wait(20)
         return WireMessage("gradients", msg.client_id, msg.round, msg.step)
 

@@ -173,7 +173,7 @@ def test_health_needs_no_token_and_reports_each_service(server: TransportServer)
 
 
 def test_health_of_a_federated_only_server_has_no_split(toy_handler_cls) -> None:
-    class NoSplit:  # tasks and updates only: no split_step, so no Split service
+    class NoSplit:  # tasks and updates only: no exchange, so no Split service
         def __init__(self) -> None:
             self._toy = toy_handler_cls()
 
