@@ -18,6 +18,7 @@ from fedq.models.registry import (
     model_names,
     models_for,
     register_model,
+    remove_model,
 )
 from fedq.models.text import LoraTextBundle, TextClassifier
 
@@ -33,4 +34,5 @@ __all__ = [
     "model_names",
     "models_for",
     "register_model",
+    "remove_model",
 ]

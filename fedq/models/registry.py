@@ -78,7 +78,14 @@ def register_model(
     return deco
 
 
+def remove_model(name: str) -> None:
+    """Remove a registered model (a test that registered its own)."""
+    _ENTRIES.pop(name, None)
+    _BUILDERS.pop(name, None)
+
+
 def model_entry(name: str) -> ModelEntry | None:
+    """The entry registered as ``name``, or None."""
     return _ENTRIES.get(name)
 
 
