@@ -196,7 +196,7 @@ def run_attacked(
                 records.append(event["round"])
                 server.proceed()
             elif "done" in event:
-                reason = str(event["done"])
+                reason = event["done"].reason  # a RunOutcome
                 break
             else:
                 server.proceed()

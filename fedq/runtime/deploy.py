@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,11 +28,10 @@ from fedq.data.datasets import Shard
 from fedq.data.scaling import scale_warning
 from fedq.errors import FOR_USER, ConfigError
 from fedq.rounds.node import Backoff, ClientNode
-from fedq.rounds.workload import RunOutcome
 from fedq.runtime.checkpoint import load_checkpoint
-from fedq.runtime.hosts import ServerHost, make_runner, run_config, take_round_traffic
+from fedq.runtime.hosts import ServerHost, make_runner, run_config
 from fedq.runtime.preflight import check_names
-from fedq.runtime.recorder import RunRecorder
+from fedq.runtime.recorder import RoundLog, RunRecorder
 from fedq.runtime.setup import preload_optimizers, torch_device
 from fedq.runtime.sitedata import check_site_data, load_site_data
 from fedq.transport.keepalive import Keepalive
@@ -54,53 +52,6 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ConfigError(f"address {text!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
-
-
-class _ServeHooks:
-    """The engine's hooks under ``fedq serve``: write each round, checkpoint, report."""
-
-    def __init__(self, recorder: RunRecorder, on_event: Events | None) -> None:
-        self.recorder = recorder
-        self.on_event = on_event
-        self.host: ServerHost | None = None
-        self.clients: dict[str, dict[str, int]] = {}
-        self.done = threading.Event()
-        self.outcome: RunOutcome | None = None
-        self._t = time.perf_counter()
-
-    def _event(self, kind: str, **info: Any) -> None:
-        if self.on_event is not None:
-            self.on_event(kind, info)
-
-    def on_start(self, info: dict[str, Any]) -> None:
-        return None
-
-    def on_open(self, r: int, ledger: dict[str, Any]) -> None:
-        if ledger:
-            self.recorder.journal(r, ledger)
-
-    def on_round(self, record: dict[str, Any]) -> None:
-        assert self.host is not None
-        for cid, row in take_round_traffic(self.host.transport.counters, record).items():
-            tot = self.clients.setdefault(cid, {"bytes_up": 0, "bytes_down": 0})
-            tot["bytes_up"] += int(row["bytes_up"])
-            tot["bytes_down"] += int(row["bytes_down"])
-        rec = self.recorder.round(record, self._t)
-        state = self.host.state_dict()
-        self.recorder.checkpoint(
-            {
-                "next_round": rec["round"] + 1,
-                "server": state,
-                "clients": {},
-                "client_traffic": self.clients,
-            }
-        )
-        self._t = time.perf_counter()
-        self._event("round", **rec)
-
-    def on_done(self, outcome: RunOutcome) -> None:
-        self.outcome = outcome
-        self.done.set()
 
 
 def serve(
@@ -142,12 +93,22 @@ def serve(
         last_round=ckpt and ckpt.get("log"),
         wall_before=wall,
     )
-    hooks = _ServeHooks(recorder, on_event)
-    if ckpt is not None:  # each client's bytes in the rounds before the restart
-        hooks.clients = {
-            str(c): {k: int(v) for k, v in row.items()}
-            for c, row in ckpt.get("client_traffic", {}).items()
-        }
+
+    def checkpoint(next_round: int) -> None:  # called from the server's engine, once it runs
+        recorder.checkpoint(
+            {
+                "next_round": next_round,
+                "server": server.state_dict(),
+                "clients": {},
+                "client_traffic": server.client_traffic,
+            }
+        )
+
+    def round_done(rec: dict[str, Any]) -> None:
+        if on_event is not None:
+            on_event("round", rec)
+
+    hooks = RoundLog(recorder, checkpoint, round_done)
     server = ServerHost(
         cfg,
         roster,
@@ -161,8 +122,11 @@ def serve(
         keepalive=keepalive,
         run_id=None if ckpt is None else str(ckpt["server"]["run_id"]),
     )
-    hooks.host = server
-    if ckpt is not None:
+    if ckpt is not None:  # each client's bytes in the rounds before the restart
+        server.client_traffic = {
+            str(c): {k: int(v) for k, v in row.items()}
+            for c, row in ckpt.get("client_traffic", {}).items()
+        }
         server.load_state_dict(ckpt["server"], ckpt["ledger_journal"])
     else:  # resumable from the start: round 0 with this run id, roster and initial model
         recorder.checkpoint(
@@ -206,7 +170,7 @@ def serve(
         "mode": cfg.mode,
         "stopped_reason": stopped,
         "run_id": server.engine.run_id,
-        "clients": hooks.clients,
+        "clients": server.client_traffic,
     }
     return recorder.finish(extra, server.report_extras())
 

@@ -24,7 +24,7 @@ from fedq.errors import FedqError
 from fedq.modes import get_mode
 from fedq.rounds.engine import RoundEngine
 from fedq.rounds.node import Backoff, ClientNode, TaskRunner
-from fedq.rounds.workload import RunOutcome
+from fedq.rounds.workload import Hooks, RunOutcome
 from fedq.runtime.placement import SiteData, location
 from fedq.runtime.setup import preload_optimizers, quiet_process, torch_device
 from fedq.transport.keepalive import Keepalive
@@ -56,12 +56,12 @@ def take_round_traffic(counters: Any, record: dict[str, Any]) -> dict[str, Any]:
     return clients
 
 
-class _Observer:
-    """The engine's hooks in a simulation: each closed round waits in a queue until the driver
-    has written and checkpointed it and calls :meth:`proceed`."""
+class _Relay:
+    """The engine's hooks when a driver records the run (a simulation): each event waits in a
+    queue until the driver has handled it (a round written and checkpointed, a privacy charge
+    journaled) and calls :meth:`proceed`; the engine goes on only then."""
 
-    def __init__(self, counters: Any) -> None:
-        self.counters = counters
+    def __init__(self) -> None:
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._go = threading.Event()
 
@@ -75,7 +75,6 @@ class _Observer:
             self._go.wait()
 
     def on_round(self, record: dict[str, Any]) -> None:
-        take_round_traffic(self.counters, record)
         self._go.clear()
         self.events.put({"round": record})
         self._go.wait()
@@ -85,6 +84,33 @@ class _Observer:
 
     def proceed(self) -> None:
         self._go.set()
+
+
+class _Counted:
+    """The engine's hooks as a :class:`ServerHost` passes them on: a closed round's record first
+    gets the bytes the host's transport counted in it (:func:`take_round_traffic`), and the
+    host's per-client totals grow by them."""
+
+    def __init__(self, host: ServerHost, hooks: Hooks) -> None:
+        self.host = host
+        self.hooks = hooks
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.hooks.on_start(info)
+
+    def on_open(self, r: int, ledger: dict[str, Any]) -> None:
+        self.hooks.on_open(r, ledger)
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        rows = take_round_traffic(self.host.transport.counters, record)
+        for cid, row in rows.items():
+            tot = self.host.client_traffic.setdefault(cid, {"bytes_up": 0, "bytes_down": 0})
+            tot["bytes_up"] += int(row["bytes_up"])
+            tot["bytes_down"] += int(row["bytes_down"])
+        self.hooks.on_round(record)
+
+    def on_done(self, outcome: RunOutcome) -> None:
+        self.hooks.on_done(outcome)
 
 
 class ServerHost:
@@ -134,7 +160,12 @@ class ServerHost:
             server_limits=budget,
             keepalive=keepalive,
         )
-        self.observer = _Observer(self.transport.counters) if hooks is None else None
+        #: each client's data bytes up and down as this host counted them, over its rounds
+        self.client_traffic: dict[str, dict[str, int]] = {}
+        #: the relay of a run whose driver records it (no ``hooks`` given), else None
+        self.observer: _Relay | None = None
+        if hooks is None:
+            hooks = self.observer = _Relay()
         self.engine = RoundEngine(
             cfg,
             self.workload,
@@ -143,7 +174,7 @@ class ServerHost:
             config_json=json.dumps(cfg.to_dict()),
             num_classes=num_classes,
             input_dim=input_dim,
-            hooks=hooks or self.observer,
+            hooks=_Counted(self, hooks),
             policy=self.mode.round_policy(cfg),
         )
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from fedq.config import RunConfig
 from fedq.errors import FOR_USER
 from fedq.modes import get_mode
 from fedq.modes.base import STEPS_FILE
+from fedq.rounds.workload import RunOutcome
 from fedq.runtime.checkpoint import save_checkpoint, save_privacy_journal
 
 log = logging.getLogger(__name__)
@@ -188,3 +190,49 @@ class RunRecorder:
         write_summary(self.out, summary)
         self.mode.write_report(self.out, records, report_extras)
         return summary
+
+
+class RoundLog:
+    """The round engine's hooks that record a run, the same for ``fedq simulate`` and ``fedq
+    serve``: a round's privacy charge is journaled before anything of it is released; a closed
+    round's record is completed (:meth:`RunRecorder.round`), then ``checkpoint(next_round)``
+    writes its checkpoint (through :meth:`RunRecorder.checkpoint`, which writes the round's lines
+    after it), then ``on_round`` hears of it; the end is kept as :attr:`outcome`.
+
+    ``fedq serve`` hands it to the engine as its hooks; a simulation's driver, whose engine runs
+    in the server host (maybe another process), feeds it the events the host relays."""
+
+    def __init__(
+        self,
+        recorder: RunRecorder,
+        checkpoint: Callable[[int], None],
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.recorder = recorder
+        self.checkpoint = checkpoint
+        self.on_round_done = on_round
+        self.done = threading.Event()
+        self.outcome: RunOutcome | None = None
+        self._t = time.perf_counter()
+
+    def begin(self) -> None:
+        """The first round's time counts from now (the rounds begin)."""
+        self._t = time.perf_counter()
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        return None
+
+    def on_open(self, r: int, ledger: dict[str, Any]) -> None:
+        if ledger:  # a run with privacy: journaled before any release of the round
+            self.recorder.journal(r, ledger)
+
+    def on_round(self, record: dict[str, Any]) -> None:
+        rec = self.recorder.round(record, self._t)
+        self.checkpoint(int(rec["round"]) + 1)
+        if self.on_round_done is not None:
+            self.on_round_done(rec)
+        self._t = time.perf_counter()
+
+    def on_done(self, outcome: RunOutcome) -> None:
+        self.outcome = outcome
+        self.done.set()
