@@ -69,6 +69,42 @@ _TICK = 0.5
 
 
 @dataclass
+class _Turns:
+    """The ordered turns of the open round (a policy's :class:`TakeTurns`): each selected member
+    makes ``steps`` exchanges, one member at a time in roster order (module docstring)."""
+
+    steps: int
+    made: dict[str, int] = field(default_factory=dict)  # exchanges made per client
+    busy: set[str] = field(default_factory=set)  # clients with an exchange in progress
+
+    def next_of(self, member: Member, msg: WireMessage) -> int:
+        """How many exchanges ``member`` has made, when ``msg`` is its next one; a FedqError
+        when it is not (all made, out of order, or the same one already in progress)."""
+        cid, spr = member.client_id, self.steps
+        done = self.made.get(cid, 0)
+        if done >= spr:
+            raise FedqError(
+                f"{cid} has taken all {spr} steps of round "
+                f"{msg.round}: step {msg.step} is not one of them"
+            )
+        if msg.step - msg.round * spr != done:
+            raise FedqError(
+                f"{cid}: step {msg.step} out of order (expected step "
+                f"{msg.round * spr + done} of round {msg.round})"
+            )
+        if cid in self.busy:  # the same step sent twice at once
+            raise FedqError(f"{cid}: step {msg.step} is already in progress")
+        return done
+
+    def finished(self, client_id: str) -> bool:
+        return self.made.get(client_id, 0) >= self.steps
+
+    def waiting_for(self, member: Member, active: Sequence[Member]) -> list[Member]:
+        """The active members before ``member`` whose turns are not over."""
+        return [m for m in active if m.index < member.index and not self.finished(m.client_id)]
+
+
+@dataclass
 class _Open:
     """The open round."""
 
@@ -78,10 +114,9 @@ class _Open:
     opened: float
     updates: dict[str, Update] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
-    steps: dict[str, int] = field(default_factory=dict)  # in-round exchanges made per client
     refused: dict[str, dict[str, Any]] = field(default_factory=dict)  # bad updates: count, reason
     excluded: list[str] = field(default_factory=list)  # clients excluded during this round
-    stepping: set[str] = field(default_factory=set)  # clients with an exchange in progress
+    turns: _Turns | None = None  # the round's ordered exchanges, when the policy asks for them
 
     def member(self, client_id: str) -> Member | None:
         return next((m for m in self.selected if m.client_id == client_id), None)
@@ -331,10 +366,10 @@ class RoundEngine:
             raise FedqError(f"expected an 'update' or 'failed' message, got {msg.kind!r}")
         with self._cv:
             rnd, member = self._selected(msg.client_id, msg.round)
-            spr = self._steps_per_round()
-            if spr and rnd.steps.get(member.client_id, 0) != spr:
-                done = rnd.steps.get(member.client_id, 0)
-                raise FedqError(f"{member.client_id} uploaded after {done} of {spr} steps")
+            turns = rnd.turns
+            if turns is not None and not turns.finished(member.client_id):
+                done = turns.made.get(member.client_id, 0)
+                raise FedqError(f"{member.client_id} uploaded after {done} of {turns.steps} steps")
         try:
             update = self.workload.accept(msg.round, member, msg)
         except FedqError as e:
@@ -389,46 +424,25 @@ class RoundEngine:
             self._cv.notify_all()
         log.warning("round %d: %s dropped (it failed: %s)", msg.round, msg.client_id, why)
 
-    def _steps_per_round(self) -> int:
-        turns = self.policy.turns
-        return 0 if turns is None else turns.steps
-
     def exchange(self, msg: WireMessage) -> WireMessage:
         """One in-round exchange of a selected client (split mode: a step), run in the turn
         order of the policy (module docstring)."""
-        spr = self._steps_per_round()
-        if not spr:
+        if self.policy.turns is None:
             raise FedqError("this run has no exchanges inside a round")
         w = self.workload
         assert isinstance(w, ExchangeWorkload)  # checked when the engine was made
         with self._cv:
             rnd, member = self._selected(msg.client_id, msg.round)
-            local = msg.step - msg.round * spr
-            done = rnd.steps.get(member.client_id, 0)
-            if done >= spr:
-                raise FedqError(
-                    f"{member.client_id} has taken all {spr} steps of round "
-                    f"{msg.round}: step {msg.step} is not one of them"
-                )
-            if local != done:
-                raise FedqError(
-                    f"{member.client_id}: step {msg.step} out of order (expected step "
-                    f"{msg.round * spr + done} of round {msg.round})"
-                )
-            if member.client_id in rnd.stepping:  # the same step sent twice at once
-                raise FedqError(f"{member.client_id}: step {msg.step} is already in progress")
-            rnd.stepping.add(member.client_id)
+            turns = rnd.turns
+            assert turns is not None  # every round of a policy with turns has them
+            done = turns.next_of(member, msg)
+            turns.busy.add(member.client_id)
         try:
             with self._cv:
                 while True:  # wait for the clients before this one to finish their turns
                     if self._round is not rnd or member.client_id in rnd.dropped:
                         raise FedqError(f"{member.client_id} is no longer in round {msg.round}")
-                    earlier = [
-                        m
-                        for m in rnd.active()
-                        if m.index < member.index and rnd.steps.get(m.client_id, 0) < spr
-                    ]
-                    if not earlier:
+                    if not turns.waiting_for(member, rnd.active()):
                         break
                     self._cv.wait(_TICK)
             try:
@@ -442,11 +456,11 @@ class RoundEngine:
                         )
                 raise
             with self._cv:
-                rnd.steps[member.client_id] = done + 1
+                turns.made[member.client_id] = done + 1
             return reply
         finally:
             with self._cv:
-                rnd.stepping.discard(member.client_id)
+                turns.busy.discard(member.client_id)
                 self._cv.notify_all()
 
     # ------------------------------------------------------------------ the loop
@@ -570,7 +584,9 @@ class RoundEngine:
         self.workload.open_round(r, selected)
         now = time.monotonic()
         with self._cv:
-            self._round = _Open(r, selected, now + fed.round_timeout_s, now)
+            take = self.policy.turns
+            turns = None if take is None else _Turns(take.steps)
+            self._round = _Open(r, selected, now + fed.round_timeout_s, now, turns=turns)
             self._cv.notify_all()
         log.info("round %d: %s", r, ", ".join(m.client_id for m in selected))
         return selected
