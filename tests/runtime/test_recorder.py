@@ -116,3 +116,43 @@ def test_wall_seconds_cover_every_process_of_the_run(
     summary = second.finish({"interrupted": False, "stopped_reason": None}, None)
     assert summary["wall_seconds"] == (40.0 if how == "killed" else 45.0)
     assert summary["rounds_applied"] == 1 and summary["stopped_reason"] is None
+
+
+def test_the_round_log_journals_records_checkpoints_then_reports_each_round(
+    tmp_path: Path,
+) -> None:
+    """RoundLog, the hooks fedq serve gives its engine and the simulate driver feeds: a privacy
+    charge is journaled; a closed round is completed, its checkpoint written (next round) before
+    its lines, and only then reported; the end is kept typed."""
+    import torch
+
+    from fedq.rounds.workload import Ending, RunOutcome
+    from fedq.runtime.checkpoint import PRIVACY_FILE
+    from fedq.runtime.recorder import RoundLog
+
+    cfg = load_scenario(ROOT / "scenarios" / "quickstart.yaml")
+    rec = RunRecorder(tmp_path, cfg)
+    order: list[str] = []
+
+    def checkpoint(next_round: int) -> None:
+        assert not (tmp_path / "metrics.jsonl").read_text()  # the lines come after it
+        order.append(f"checkpoint {next_round}")
+        rec.checkpoint({"next_round": next_round})
+
+    def reported(record: dict[str, Any]) -> None:
+        assert _rounds(tmp_path / "metrics.jsonl") == [record["round"]]
+        order.append(f"round {record['round']} bytes {record['cum_bytes']}")
+
+    log = RoundLog(rec, checkpoint, reported)
+    log.on_open(0, {})  # no privacy: nothing to journal
+    assert not (tmp_path / PRIVACY_FILE).exists()
+    log.on_open(0, {"spent": 1.5})
+    journal = torch.load(tmp_path / PRIVACY_FILE, weights_only=True)
+    assert (journal["round"], journal["ledger"]) == (0, {"spent": 1.5})
+    log.on_round(_record(0))
+    assert order == ["checkpoint 1", "round 0 bytes 110"]
+    assert load_checkpoint(tmp_path)["next_round"] == 1
+    assert not log.done.is_set() and log.outcome is None
+    log.on_done(RunOutcome(Ending.BUDGET, "the privacy budget is spent"))
+    assert log.done.is_set() and log.outcome is not None
+    assert log.outcome.stopped_reason == "the privacy budget is spent"
