@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.loopback import LoopbackConnection
 
 from fedq.config import config_from_dict
 from fedq.errors import FedqError, TlsMismatch, TransportError
@@ -20,7 +21,6 @@ from fedq.rounds.engine import RoundEngine
 from fedq.rounds.node import Backoff, ClientNode
 from fedq.rounds.workload import Member, NoPrivacy, Update
 from fedq.transport.counters import ByteCounter
-from fedq.transport.loopback import LoopbackConnection
 from fedq.wire.control import Assignment, ClientInfo, Joined, Registration, WorkItem
 from fedq.wire.message import WireMessage
 

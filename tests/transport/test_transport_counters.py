@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from support.loopback import LoopbackConnection
 
 from fedq.codec import raw
 from fedq.errors import FedqError, TransportError
 from fedq.transport import ByteCounter, TransportClient, TransportServer
-from fedq.transport.loopback import LoopbackConnection
 from fedq.wire import WireMessage, message_to_frames
 from fedq.wire.pb import service_pb2
 

@@ -1,0 +1,7 @@
+"""Test infrastructure that is no part of fedq: an in-process connection (``loopback``) and
+network namespaces with one veth pair per client (``netns``).
+
+Tests import it as ``support`` (``from support.loopback import LoopbackConnection``): pytest puts
+``tests/`` on ``sys.path`` when it loads ``tests/conftest.py`` (``tests/`` is no package). What
+``fedq bench`` needs at run time lives in :mod:`fedq.bench` instead (the namespaces and shaped
+link of ``fedq bench split --link``, the two-node Ray cluster: :mod:`fedq.bench.netlink`)."""
