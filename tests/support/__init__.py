@@ -1,5 +1,6 @@
-"""Test infrastructure that is no part of fedq: an in-process connection (``loopback``) and
-network namespaces with one veth pair per client (``netns``).
+"""Test infrastructure that is no part of fedq: an in-process connection (``loopback``),
+network namespaces with one veth pair per client (``netns``), and the import graph of fedq with
+the import rules of docs/design.md (``imports``, for the policy tests).
 
 Tests import it as ``support`` (``from support.loopback import LoopbackConnection``): pytest puts
 ``tests/`` on ``sys.path`` when it loads ``tests/conftest.py`` (``tests/`` is no package). What
