@@ -70,7 +70,7 @@ def test_every_rule_is_used() -> None:
 def test_the_checker_catches_what_breaks_a_rule() -> None:
     rules = parse_rules(
         "text\n```imports\nlow ->\nhigh -> low,  # continued\n  mid\nmid -> low\n"
-        "mid.lazy -> high (lazy)\nnet <- high\n```\n"
+        "mid.lazy -> high (lazy)\nnet <- high\nheavy <- mid (lazy)\n```\n"
     )
     assert rules.may == {
         "low": {},
@@ -82,19 +82,21 @@ def test_the_checker_catches_what_breaks_a_rule() -> None:
         "fedq.low": {"fedq.mid"},  # upwards
         "fedq.mid": {"fedq.low", "net"},  # a guarded outside package
         "fedq.mid.lazy": {"fedq.high", "fedq.mid"},  # lazily: fine; its own package: fine
-        "fedq.mid.eager": {"fedq.high"},  # under mid's rule, not mid.lazy's
+        "fedq.mid.eager": {"fedq.high", "heavy"},  # under mid's rule, not mid.lazy's
         "fedq.high": {"fedq.low.x", "fedq", "numpy"},
         "fedq.other": set(),
     }
-    eager = {m: set() for m in graph} | {"fedq.mid.eager": {"fedq.high"}}
+    eager = {m: set() for m in graph} | {"fedq.mid.eager": {"fedq.high", "heavy"}}
     bad, used = violations(rules, graph, eager)
     assert bad == [
         "fedq.low imports fedq.mid (rule 'low')",
         "fedq.mid imports net (only high may)",
         "fedq.mid.eager imports fedq.high (rule 'mid')",
+        "fedq.mid.eager imports heavy at import time (allowed only lazily)",
         "fedq.other: no rule in docs/design.md",
     ]
-    assert used == {("mid", "low"), ("mid.lazy", "high"), ("high", "low")}
+    assert rules.only == {"net": {"high": False}, "heavy": {"mid": True}}
+    assert used == {("mid", "low"), ("mid.lazy", "high"), ("high", "low"), ("heavy", "mid")}
     eager["fedq.mid.lazy"] = {"fedq.high"}
     assert (
         "fedq.mid.lazy imports fedq.high at import time (allowed only lazily)"

@@ -149,11 +149,11 @@ def covers(entry: str, name: str) -> bool:
 @dataclass
 class Rules:
     """``may[key]``: what the modules under ``key`` may import (entry -> only lazily); a module
-    follows its most specific key. ``only[name]``: an outside package and the only modules that may
-    import it."""
+    follows its most specific key. ``only[name]``: the only modules that may import the package
+    ``name`` (importer -> only lazily)."""
 
     may: dict[str, dict[str, bool]] = field(default_factory=dict)
-    only: dict[str, list[str]] = field(default_factory=dict)
+    only: dict[str, dict[str, bool]] = field(default_factory=dict)
 
     def key_of(self, name: str) -> str | None:
         """The most specific rule key covering ``name`` (a short name), or None."""
@@ -170,8 +170,8 @@ def parse_rules(text: str) -> Rules:
     - ``A -> b, c.d, e (lazy)``: the modules under ``A`` import only ``b`` and ``c.d`` and what
       lies under them (and ``e`` only inside functions), besides modules of their own top-level
       package and the ``fedq`` package itself; an empty right side: nothing;
-    - ``pkg <- a, b``: of fedq's modules, only those under ``a`` or ``b`` import the outside
-      package ``pkg``;
+    - ``pkg <- a, b (lazy)``: of fedq's modules, only those under ``a`` or ``b`` import the
+      package ``pkg`` (``b`` only inside functions);
     - ``#`` starts a comment; a line ending in ``,`` continues on the next."""
     m = re.search(r"^```imports[ \t]*\n(.*?)^```", text, re.M | re.S)
     if not m:
@@ -187,16 +187,10 @@ def parse_rules(text: str) -> Rules:
             raise ValueError(f"unreadable rule: {raw!r}")
         left, arrow, right = got.groups()
         entries = [e.strip() for e in right.split(",") if e.strip()]
-        if arrow == "->":
-            if left in rules.may:
-                raise ValueError(f"two rules for {left}")
-            may: dict[str, bool] = {}
-            for e in entries:
-                lazy = e.endswith("(lazy)")
-                may[e.removesuffix("(lazy)").strip()] = lazy
-            rules.may[left] = may
-        else:
-            rules.only[left] = entries
+        table = rules.may if arrow == "->" else rules.only
+        if left in table:
+            raise ValueError(f"two rules for {left}")
+        table[left] = {e.removesuffix("(lazy)").strip(): e.endswith("(lazy)") for e in entries}
     return rules
 
 
@@ -228,6 +222,8 @@ def violations(
                 allowed = [a for a in rules.only[pkg] if covers(a, name)]
                 if not allowed:
                     bad.append(f"{module} imports {pkg} (only {', '.join(rules.only[pkg])} may)")
+                elif all(rules.only[pkg][a] for a in allowed) and target in eager[module]:
+                    bad.append(f"{module} imports {pkg} at import time (allowed only lazily)")
                 used.update((pkg, a) for a in allowed)
                 continue
             if target.split(".")[0] not in ROOTS:
