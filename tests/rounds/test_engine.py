@@ -147,8 +147,8 @@ def _deliver(engine: RoundEngine, cid: str, r: int, value: float = 1.0) -> None:
 
 def test_versions_and_roster_are_checked_at_registration() -> None:
     engine, _, _ = _engine()
-    old = Registration((ClientInfo("client-0", 5),), "0.0.1", protocol_version=1)
-    with pytest.raises(FedqError, match=r"speaks round protocol 2 .* the client speaks 1"):
+    old = Registration((ClientInfo("client-0", 5),), "0.0.1", protocol_version=2)
+    with pytest.raises(FedqError, match=r"speaks round protocol 3 .* the client speaks 2"):
         engine.register("client-0", old)
     fmt = Registration((ClientInfo("client-0", 5),), "0.0.1", wire_format_version=2)
     with pytest.raises(FedqError, match=r"reads wire format 3 .* writes 2"):

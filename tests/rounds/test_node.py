@@ -190,11 +190,13 @@ def test_a_different_run_after_a_restart_is_an_error() -> None:
 
 
 def test_version_mismatch_is_reported_by_the_client() -> None:
-    conn = Script([_joined(protocol_version=3)], [])
+    conn = Script([_joined(protocol_version=2)], [])
     node, _ = _node(conn)
-    with pytest.raises(FedqError, match="the server speaks round protocol 3"):
+    with pytest.raises(
+        FedqError, match=r"the server speaks round protocol 2 .* this client speaks 3"
+    ):
         node.run()
-    refused = TransportError("FAILED_PRECONDITION", "this server speaks round protocol 2")
+    refused = TransportError("FAILED_PRECONDITION", "this server speaks round protocol 4")
     node, _ = _node(Script([refused], []))
     with pytest.raises(TransportError, match="FAILED_PRECONDITION"):
         node.run()  # not retried: only a server that went away is

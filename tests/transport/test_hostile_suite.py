@@ -50,7 +50,7 @@ ALLOWED = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.CANCELLED,  # only ever our own cancel of a Work stream after its first item
 }
-FED = "/fedq.v1.Federated/"
+FED = "/fedq.v2.Rounds/"
 _PRINTABLE = [chr(c) for c in range(0x20, 0x7F)]
 
 
@@ -129,7 +129,7 @@ def live(request: pytest.FixtureRequest) -> Iterator[Live]:
         "GetTask": service_pb2.TaskRequest(client_id="client-0", round=0).SerializeToString(),
         "PushUpdate": _update_frames(host),
         "Step": list(message_to_frame_bytes(step, 512)),
-        "Check": health_pb2.HealthCheckRequest(service="fedq.v1.Federated").SerializeToString(),
+        "Check": health_pb2.HealthCheckRequest(service="fedq.v2.Rounds").SerializeToString(),
     }
     yield Live(host, address, keeper, valid)
     feed.cancel()
@@ -169,7 +169,7 @@ def _call(channel: grpc.Channel, rpc: str, data: Any, md: list[tuple[str, str]])
         elif rpc == "PushUpdate":
             channel.stream_unary(FED + rpc)(iter(data), metadata=md, timeout=timeout)
         else:
-            for _ in channel.stream_stream("/fedq.v1.Split/Step")(
+            for _ in channel.stream_stream("/fedq.v2.Split/Step")(
                 iter(data), metadata=md, timeout=timeout
             ):
                 pass
@@ -217,7 +217,7 @@ def test_every_hostile_call_gets_an_error_status_and_the_server_stays_healthy(li
             "/grpc.health.v1.Health/Check",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )(health_pb2.HealthCheckRequest(service="fedq.v1.Federated"), timeout=10)
+        )(health_pb2.HealthCheckRequest(service="fedq.v2.Rounds"), timeout=10)
     assert not bad, f"{len(bad)} of {CASES} calls got a status they must not:\n" + "\n".join(
         bad[:20]
     )

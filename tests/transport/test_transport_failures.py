@@ -75,7 +75,7 @@ def test_hostile_frames_get_invalid_argument_and_server_survives(
 ) -> None:
     make, field = HOSTILE[case]
     with grpc.insecure_channel(server.address) as channel:
-        stub = service_pb2_grpc.FederatedStub(channel)
+        stub = service_pb2_grpc.RoundsStub(channel)
         with pytest.raises(grpc.RpcError) as exc:
             stub.PushUpdate(iter(make()), metadata=MD, timeout=10)
         split = service_pb2_grpc.SplitStub(channel)
@@ -106,8 +106,8 @@ def test_hostile_frame_bytes_get_invalid_argument(
 ) -> None:
     frames, field = RAW_HOSTILE[case]
     with grpc.insecure_channel(server.address) as channel:
-        push = channel.stream_unary("/fedq.v1.Federated/PushUpdate")  # frames sent as given
-        step = channel.stream_stream("/fedq.v1.Split/Step")
+        push = channel.stream_unary("/fedq.v2.Rounds/PushUpdate")  # frames sent as given
+        step = channel.stream_stream("/fedq.v2.Split/Step")
         with pytest.raises(grpc.RpcError) as exc:
             push(iter(frames), metadata=MD, timeout=10)
         with pytest.raises(grpc.RpcError) as split_exc:
@@ -128,7 +128,7 @@ def test_wrong_or_missing_token_is_unauthenticated(server: TransportServer, clie
                 bad.push_update(_update(cid))
             assert exc.value.code == "UNAUTHENTICATED"
     with grpc.insecure_channel(server.address) as channel:  # no metadata at all
-        stub = service_pb2_grpc.FederatedStub(channel)
+        stub = service_pb2_grpc.RoundsStub(channel)
         with pytest.raises(grpc.RpcError) as raw_exc:
             list(stub.GetTask(service_pb2.TaskRequest(client_id="c1", round=1), timeout=10))
         assert raw_exc.value.code() is grpc.StatusCode.UNAUTHENTICATED
