@@ -151,7 +151,7 @@ class ClientWorker:
             scalars["dp_epsilon"] = epsilon
         state.rounds_done += 1
         self._finished(cid)  # before the upload: once it is accepted, a checkpoint sees this state
-        conn.push_update(WireMessage("update", cid, r, 0, scalars, {}, packed))
+        conn.push_update(WireMessage.update(cid, r, packed, scalars=scalars))
         sent1, recv1 = conn_bytes(conn, cid)
         return {"wire_up": sent1 - sent0, "wire_down": recv1 - recv0, "loss": loss}
 

@@ -52,7 +52,7 @@ def run(open_rounds: Any) -> Any:
 
 def _update(server: FedServer, cid: str, r: int = 0, **kw: Any) -> WireMessage:
     tensors = {k: raw(torch.ones_like(v)) for k, v in server.global_state.items()}
-    msg = WireMessage("update", cid, r, 0, {"num_samples": 10.0}, {}, tensors)
+    msg = WireMessage.update(cid, r, tensors=tensors, scalars={"num_samples": 10.0})
     return dataclasses.replace(msg, **kw)
 
 

@@ -274,7 +274,7 @@ class _Ones:
         return None
 
     def task(self, r: int, member: Member) -> WireMessage:
-        return WireMessage("global", member.client_id, r)
+        return WireMessage.global_model(member.client_id, r)
 
     def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
         return Update(member, {"v": torch.tensor(msg.scalars["value"])}, 1.0, dict(msg.scalars))
@@ -342,9 +342,7 @@ def test_a_task_that_raises_is_reported_as_failed_and_the_node_takes_the_next_ro
             conn.get_task(task.round, task.client_id)
             if task.round == 0:
                 raise RuntimeError("value cannot be converted to type float\nwithout overflow")
-            conn.push_update(
-                WireMessage("update", task.client_id, task.round, scalars={"value": 1.0})
-            )
+            conn.push_update(WireMessage.update(task.client_id, task.round, scalars={"value": 1.0}))
             return super().run(task, conn)
 
     conn = LoopbackConnection(engine, client_id="client-0", counters=ByteCounter())

@@ -97,7 +97,7 @@ def _update_frames(host: ServerHost) -> list[bytes]:
     tensors = {k: quantize(torch.zeros_like(v).float(), 4) for k, v in state.items()} or {
         "act": quantize(torch.randn(4, 8, 16), 4)
     }
-    msg = WireMessage("update", "client-0", 0, 0, {"num_samples": 10.0}, {}, tensors)
+    msg = WireMessage.update("client-0", 0, tensors=tensors, scalars={"num_samples": 10.0})
     return list(message_to_frame_bytes(msg, 256))
 
 
@@ -114,14 +114,11 @@ def live(request: pytest.FixtureRequest) -> Iterator[Live]:
     feed = keeper.work(joined.run_id)
     first = next(iter(feed))
     assert first.action in ("wait", "task")
-    step = WireMessage(
-        "activations",
+    step = WireMessage.activations(
         "client-0",
         0,
         0,
-        {},
-        {},
-        {"act": quantize(torch.randn(2, 8, 16), 4), "mask": raw(torch.ones(2, 8))},
+        tensors={"act": quantize(torch.randn(2, 8, 16), 4), "mask": raw(torch.ones(2, 8))},
     )
     valid = {
         "Register": registration_to_proto(reg).SerializeToString(),
@@ -256,8 +253,8 @@ def test_poisoned_and_tampered_updates_are_refused_and_memory_stays_bounded(live
             r = live.host.engine._current
             kind = ("poison", "tamper")[i % 2]
             delta = {k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in state.items()}
-            msg = WireMessage(
-                "update", "client-0", r, 0, {"num_samples": 10.0}, {}, attacked(kind, delta, gen)
+            msg = WireMessage.update(
+                "client-0", r, tensors=attacked(kind, delta, gen), scalars={"num_samples": 10.0}
             )
             code, details = _call(
                 channel, "PushUpdate", list(message_to_frame_bytes(msg, 4096)), md

@@ -22,9 +22,7 @@ MD = [("x-fedq-client", "c1"), ("authorization", "Bearer secret-1")]
 
 
 def _update(client_id: str = "c1") -> WireMessage:
-    return WireMessage(
-        kind="update", client_id=client_id, tensors={"w": quantize(torch.randn(8, 8), 4)}
-    )
+    return WireMessage.update(client_id, tensors={"w": quantize(torch.randn(8, 8), 4)})
 
 
 def _bad_header() -> list[pb.Frame]:
@@ -60,8 +58,15 @@ def _payload_claim() -> list[pb.Frame]:
     return [pb.Frame(header=header)]
 
 
+def _unknown_kind() -> list[pb.Frame]:
+    frames = list(message_to_frames(_update(), chunk_size=64))
+    frames[0].header.kind = "ack"  # round protocol 3: only the five kinds of wire-format §12
+    return frames
+
+
 HOSTILE: dict[str, tuple[Callable[[], list[pb.Frame]], str]] = {
     "bad header": (_bad_header, "format_version"),
+    "unknown kind": (_unknown_kind, "kind"),
     "wrong chunk offsets": (_bad_offsets, "chunk.offset"),
     "bits 9": (_bits_nine, "bits"),
     "missing header": (_no_header, "header"),
@@ -156,11 +161,9 @@ def test_handler_errors_map_to_status_codes(client: TransportClient) -> None:
 
 def test_split_stream_recovers_after_a_failed_step(client: TransportClient) -> None:
     with pytest.raises(TransportError) as exc:
-        client.split_step(WireMessage(kind="activations", client_id="c1"))  # no "act" tensor
+        client.split_step(WireMessage.activations("c1"))  # no "act" tensor
     assert exc.value.code == "INTERNAL" and "act" in exc.value.reason
-    good = WireMessage(
-        kind="activations", client_id="c1", tensors={"act": quantize(torch.ones(2, 2), 8)}
-    )
+    good = WireMessage.activations("c1", tensors={"act": quantize(torch.ones(2, 2), 8)})
     assert client.split_step(good).kind == "gradients"
 
 
@@ -180,9 +183,7 @@ def test_registering_again_drops_the_split_stream_of_a_server_that_went_away(
         def wake(self) -> None:
             pass
 
-    act = WireMessage(
-        kind="activations", client_id="c1", tensors={"act": quantize(torch.ones(2, 2), 8)}
-    )
+    act = WireMessage.activations("c1", tensors={"act": quantize(torch.ones(2, 2), 8)})
     reg = Registration(clients=(ClientInfo("c1", 1),), fedq_version="test")
     first = TransportServer(Rounds(), tokens=tokens)
     port = first.start()

@@ -56,7 +56,7 @@ class Slow:
         self.updates: list[str] = []
 
     def get_task(self, client_id: str, round: int) -> WireMessage:
-        return WireMessage("global", client_id, round)
+        return WireMessage.global_model(client_id, round)
 
     def push_update(self, msg: WireMessage) -> None:
         self.gate.wait(20)
@@ -64,12 +64,12 @@ class Slow:
 
     def split_step(self, msg: WireMessage) -> WireMessage:
         self.gate.wait(20)
-        return WireMessage("gradients", msg.client_id, msg.round, msg.step)
+        return WireMessage.gradients(msg.client_id, msg.round, msg.step)
 
 
 def _update(cid: str, kib: int) -> WireMessage:
     x = torch.randn(kib * 128, 8)  # 8-bit codes, one byte each: kib KiB of payload
-    return WireMessage("update", cid, 0, 0, {}, {}, {"w": quantize(x, 8)})
+    return WireMessage.update(cid, 0, tensors={"w": quantize(x, 8)})
 
 
 @pytest.fixture

@@ -47,12 +47,11 @@ def test_get_task_and_push_update_round_trip(client, handler, server) -> None:
     assert set(task.tensors) == set(handler.global_tensors)
     for name, p in handler.global_tensors.items():
         assert _same(task.tensors[name], p)
-    update = WireMessage(
-        kind="update",
-        client_id="c1",
-        round=3,
-        scalars={"num_samples": 64.0},
+    update = WireMessage.update(
+        "c1",
+        3,
         tensors={"fc1.weight": quantize(torch.randn(16, 8), 3)},
+        scalars={"num_samples": 64.0},
     )
     sent = client.push_update(update)
     assert sent == _frame_bytes(update)
@@ -63,7 +62,7 @@ def test_get_task_and_push_update_round_trip(client, handler, server) -> None:
 
 def test_payload_over_4mib_is_streamed(client, handler) -> None:
     big = torch.randn(5 * MiB // 4 + 3)
-    update = WireMessage(kind="update", client_id="c1", round=1, tensors={"big": raw(big)})
+    update = WireMessage.update("c1", 1, tensors={"big": raw(big)})
     frames = list(message_to_frames(update))
     assert len(frames) == 7 and max(f.ByteSize() for f in frames) < 2 * MiB
     assert client.push_update(update) > 5 * MiB
@@ -76,7 +75,7 @@ def test_byte_counters_agree_and_equal_frame_sizes(
     server.counters.take()
     with TransportClient(server.address, client_id="c2", token=tokens["c2"]) as c:
         task = c.get_task(5)
-        update = WireMessage(kind="update", client_id="c2", round=5, tensors=task.tensors)
+        update = WireMessage.update("c2", 5, tensors=task.tensors)
         c.push_update(update)
         request = service_pb2.TaskRequest(client_id="c2", round=5)
         ack = service_pb2.Ack(accepted=True, bytes_received=_frame_bytes(update))
@@ -95,9 +94,7 @@ def test_split_steps_share_one_stream(server: TransportServer, client) -> None:
     replies, up = [], 0
     for step in range(2):
         act = torch.randn(4, 6)
-        msg = WireMessage(
-            kind="activations", client_id="c1", step=step, tensors={"act": quantize(act, 8)}
-        )
+        msg = WireMessage.activations("c1", 0, step, tensors={"act": quantize(act, 8)})
         up += _frame_bytes(msg)
         reply = client.split_step(msg)
         assert reply.kind == "gradients" and reply.step == step
