@@ -61,13 +61,14 @@ def run_rounds(
     import json
     import threading
 
+    from support.loopback import LoopbackConnection
+
     from fedq.modes import get_mode
     from fedq.rounds import client_name
     from fedq.rounds.engine import RoundEngine
     from fedq.rounds.node import ClientNode
     from fedq.runtime.hosts import data_shape, make_runner
     from fedq.transport import ByteCounter, TransportClient, TransportServer
-    from fedq.transport.loopback import LoopbackConnection
     from fedq.wire.control import ClientInfo
 
     roster = [client_name(i) for i in range(cfg.fed.num_clients)]
@@ -234,7 +235,7 @@ class OpenRounds:
 
     def connection(self):
         """A loopback connection of the principal (counting into ``counters``)."""
-        from fedq.transport.loopback import LoopbackConnection
+        from support.loopback import LoopbackConnection
 
         return LoopbackConnection(self.engine, client_id="site", counters=self.counters)
 

@@ -113,8 +113,9 @@ class _AttackingConnection:
     def push_update(self, msg: Any) -> int:
         from fedq.codec import dequantize
         from fedq.errors import FedqError
+        from fedq.wire import MessageKind
 
-        if msg.kind == "update":
+        if msg.kind == MessageKind.UPDATE:
             delta = {k: dequantize(p) for k, p in msg.tensors.items()}
             msg = dataclasses.replace(msg, tensors=attacked(self._kind, delta, self._gen))
         try:

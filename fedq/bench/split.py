@@ -12,7 +12,7 @@ Each arm is a ``fedq simulate`` run (in-process hosts, real gRPC) with the split
 ranges, per-token row scales, stochastic gradient rounding).
 
 ``--link 100mbit`` also *measures* seconds per step between two network namespaces over a veth
-shaped with ``tc tbf`` (fp32, fixed 4, AMAQ 4; :mod:`fedq.runtime.netlink`, needs root).
+shaped with ``tc tbf`` (fp32, fixed 4, AMAQ 4; :mod:`fedq.bench.netlink`, needs root).
 
 ``--set KEY=VALUE`` (repeatable) adds an override to every arm (e.g. ``split.quant_range=minmax``
 or ``split.warmup_fraction=0.25``), ``--first-seed`` shifts the seeds (each seed draws its own
@@ -156,9 +156,9 @@ LINK_ARMS: dict[str, list[str]] = {
 
 def run_link(args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per step between two network namespaces over a shaped veth (real gRPC, real
-    link; :mod:`fedq.runtime.netlink`). Goal (issue 5): the speed-up over fp32 reaches >= 80% of
+    link; :mod:`fedq.bench.netlink`). Goal (issue 5): the speed-up over fp32 reaches >= 80% of
     what the byte reduction allows, i.e. of ``t_fp32 / (t_fp32 - (B_fp32 - B_arm) / rate)``."""
-    from fedq.runtime.netlink import LinkUnavailable, rate_bits_per_s, run_link_arm, veth_link
+    from fedq.bench.netlink import LinkUnavailable, rate_bits_per_s, run_link_arm, veth_link
 
     scenario = ROOT / "scenarios" / "split_minilm_amaq.yaml"
     base = [

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # grpc, torch and the codec load when the bench runs, not whe
 
     from fedq.codec import PackedTensor
     from fedq.transport import TlsConfig
-    from fedq.wire import WireMessage
+    from fedq.wire import MessageKind, WireMessage
 
 TARGET_RATIO = 0.8
 BITS = 4
@@ -66,12 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     deploy_rounds.add_arguments(p)
 
 
-def payload_message(size_mib: int, seed: int, kind: str = "update") -> WireMessage:
-    """A message whose tensors carry ``size_mib`` MiB of 4-bit packed payload (seeded)."""
+def payload_message(size_mib: int, seed: int, kind: MessageKind | None = None) -> WireMessage:
+    """A message of ``kind`` (an update by default) whose tensors carry ``size_mib`` MiB of
+    4-bit packed payload (seeded)."""
     import torch
 
     from fedq.codec import QuantSpec, quantize
-    from fedq.wire import WireMessage
+    from fedq.wire import MessageKind, WireMessage
 
     gen = torch.Generator().manual_seed(seed)
     rows_left = size_mib * (1 << 20) * 8 // (BITS * COLS)
@@ -81,7 +82,9 @@ def payload_message(size_mib: int, seed: int, kind: str = "update") -> WireMessa
         x = torch.randn(rows, COLS, generator=gen)
         tensors[f"layer{len(tensors)}.weight"] = quantize(x, BITS, QuantSpec())
         rows_left -= rows
-    return WireMessage(kind=kind, client_id=CLIENT_ID, round=1, tensors=tensors)
+    return WireMessage(
+        kind=kind or MessageKind.UPDATE, client_id=CLIENT_ID, round=1, tensors=tensors
+    )
 
 
 def _same_tensors(a: WireMessage, b: WireMessage) -> bool:
@@ -163,10 +166,10 @@ def _serve(conn: Connection, spec: _ServerSpec) -> None:
     import torch
 
     from fedq.transport import TransportServer, load_tokens
-    from fedq.wire import WireLimits, bundle_to_bytes
+    from fedq.wire import MessageKind, WireLimits, bundle_to_bytes
 
     torch.set_num_threads(1)
-    task = payload_message(spec.size_mib, spec.seed, kind="global")
+    task = payload_message(spec.size_mib, spec.seed, kind=MessageKind.GLOBAL)
     handler = _Handler(task)
     limits = WireLimits(chunk_size=spec.chunk_size)
     tokens = load_tokens(spec.tokens) if isinstance(spec.tokens, str) else spec.tokens

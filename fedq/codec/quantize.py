@@ -274,7 +274,8 @@ def _outlier_rows(
     x: torch.Tensor, ratio: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Rows of the last dim with RMS above ``ratio`` x the median row RMS (at most
-    :data:`MAX_OUTLIER_FRACTION` of them, the largest first): ``(int32 sorted indices, float16
+    :data:`MAX_OUTLIER_FRACTION` of them, the largest first, ties to the lower row index, so the
+    choice is the document's, wire-format §11.4): ``(int32 sorted indices, float16
     values, x with those rows zeroed)``, or None when there are none."""
     rows = x.reshape(-1, x.shape[-1])
     rms = rows.float().square().mean(dim=1).sqrt()
@@ -284,8 +285,8 @@ def _outlier_rows(
         raise CodecError("a row's RMS overflows float32: bring the values into range")
     cand = (rms > ratio * rms.median()).nonzero().squeeze(1)
     cap = int(rows.shape[0] * MAX_OUTLIER_FRACTION)
-    if cand.numel() > cap:
-        cand = cand[rms[cand].topk(cap).indices]
+    if cand.numel() > cap:  # the largest RMS first; of equal ones, the lower row index
+        cand = cand[rms[cand].sort(descending=True, stable=True).indices[:cap]]
     if cand.numel() == 0:
         return None
     idx = cand.sort().values

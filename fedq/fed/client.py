@@ -122,7 +122,10 @@ class ClientWorker:
         shard = self.shards[cid]
         index = self.index[cid]
         gen = torch.Generator().manual_seed(client_seed(self.cfg.seed, index, r))
-        mechanism = mechanism_class(task.tags.get("dp_mechanism", "none"))
+        # Run settings come from the resolved configuration the client got at registration
+        # (the task's tags repeat them for other implementations); numbers the server decides
+        # per round (planned noise, clip, total rounds, largest shard) come as its scalars.
+        mechanism = mechanism_class(self.cfg.privacy.mechanism)
         loss, steps, laplace_sensitivity, epsilon = self._train(cid, task, shard, gen, mechanism)
         trained = self.bundle.trainable_state()
         delta = {k: (trained[k].detach().float() - start[k].float()) for k in start}
@@ -151,7 +154,7 @@ class ClientWorker:
             scalars["dp_epsilon"] = epsilon
         state.rounds_done += 1
         self._finished(cid)  # before the upload: once it is accepted, a checkpoint sees this state
-        conn.push_update(WireMessage("update", cid, r, 0, scalars, {}, packed))
+        conn.push_update(WireMessage.update(cid, r, packed, scalars=scalars))
         sent1, recv1 = conn_bytes(conn, cid)
         return {"wire_up": sent1 - sent0, "wire_down": recv1 - recv0, "loss": loss}
 
@@ -182,7 +185,7 @@ class ClientWorker:
                 grad_sample_mode=self.cfg.privacy.grad_sample_mode,
             )
             return res.loss, res.steps, None, self._account(cid, res)
-        paper = mechanism.smoothness_calibrated(task.tags)
+        paper = mechanism.smoothness_calibrated(self.cfg.privacy.laplace_calibration)
         smooth = None
         if paper:
             from fedq.privacy import SmoothnessEstimator

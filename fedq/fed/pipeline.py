@@ -1,9 +1,14 @@
-"""The one place that fixes what happens to a tensor dict before it crosses the wire.
+"""The coding of a tensor dict for one link: bit policy -> compressor (+ error feedback) ->
+PackedTensor bundle, and back.
 
-Order (docs/algorithms.md §5.26): update -> [privacy: clip -> noise] -> bit policy -> compressor (+
-error feedback) -> PackedTensor bundle. Noise is added before quantization, so quantization is
-post-processing and costs no privacy. ``LinkCodec`` holds one party's state for one direction
-(bit-policy state, error-feedback residuals, stochastic-rounding RNG), all checkpointable.
+It is the last part of the one fixed order (docs/algorithms.md §5.26): update -> privacy -> bit
+policy -> compressor. Privacy is applied before this module sees the update: the client
+(:mod:`fedq.fed.client`) passes it through its mechanism's ``privatize``
+(:mod:`fedq.fed.privacy`: clipping, and noise where the client adds it) and then calls
+:meth:`LinkCodec.encode`; central DP noises the aggregate on the server. Noise comes before
+quantization, so quantization is post-processing and costs no privacy. ``LinkCodec`` holds one
+party's state for one direction (bit-policy state, error-feedback residuals, stochastic-rounding
+RNG), all checkpointable.
 """
 
 from __future__ import annotations

@@ -183,9 +183,10 @@ class ServerPrivacy:
     # -- the client's side (class methods: a client knows the mechanism by its task's tag) ----
 
     @classmethod
-    def smoothness_calibrated(cls, tags: Mapping[str, str]) -> bool:
-        """Whether local training clips each mini-batch gradient in L1 and estimates the loss's
-        smoothness for the update's sensitivity (Laplace, paper calibration)."""
+    def smoothness_calibrated(cls, calibration: str) -> bool:
+        """Whether, under ``privacy.laplace_calibration: calibration``, local training clips each
+        mini-batch gradient in L1 and estimates the loss's smoothness for the update's
+        sensitivity (Laplace, paper calibration)."""
         return False
 
     @classmethod
@@ -235,8 +236,8 @@ def register_mechanism(cls: _P) -> _P:
 
 
 def mechanism_class(name: str) -> type[ServerPrivacy]:
-    """The class of ``privacy.mechanism: name`` (a client reads it from its task's tag); an
-    unknown name is no mechanism."""
+    """The class of ``privacy.mechanism: name`` (a client reads it from the resolved
+    configuration it got at registration); an unknown name is no mechanism."""
     return MECHANISMS.get(name, ServerPrivacy)
 
 
@@ -453,8 +454,8 @@ class LaplacePrivacy(ServerPrivacy):
         return {"dp_clip": self.p.clip_norm, "dp_epsilon_release": self.eps_per_release}
 
     @classmethod
-    def smoothness_calibrated(cls, tags: Mapping[str, str]) -> bool:
-        return tags.get("laplace_calibration") == "paper"
+    def smoothness_calibrated(cls, calibration: str) -> bool:
+        return calibration == "paper"
 
     @classmethod
     def privatize(

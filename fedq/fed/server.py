@@ -116,7 +116,7 @@ class FedServer:
         }
         bounds = abs_bounds(self.global_state, self.cfg.defence.max_abs_ratio)
         with self._lock:
-            self._task = WireMessage("global", "", r, 0, scalars, tags, packed)
+            self._task = WireMessage.global_model("", r, packed, scalars=scalars, tags=tags)
             self._downlink_bits = stats.mean_bits
             self._bounds = bounds
 
@@ -125,7 +125,7 @@ class FedServer:
             t = self._task
         if t is None or t.round != r:
             raise FedqError(f"no task prepared for round {r}")
-        return WireMessage(t.kind, member.client_id, t.round, t.step, t.scalars, t.tags, t.tensors)
+        return t.addressed_to(member.client_id)
 
     def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
         """Validate and decode one client's delta; raises FedqError (nothing kept) if bad."""

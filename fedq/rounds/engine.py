@@ -60,7 +60,7 @@ from fedq.rounds.workload import (
     Workload,
 )
 from fedq.wire.control import PROTOCOL_VERSION, Assignment, Joined, Registration, WorkItem
-from fedq.wire.message import WireMessage
+from fedq.wire.message import MessageKind, WireMessage
 
 log = logging.getLogger(__name__)
 
@@ -357,13 +357,13 @@ class RoundEngine:
 
     def push_update(self, msg: WireMessage) -> None:
         """Validate and keep one client's upload for the open round; FedqError (nothing kept)
-        if it is late, duplicate, unassigned or malformed. A ``"failed"`` message instead says
+        if it is late, duplicate, unassigned or malformed. A ``failed`` message instead says
         the client cannot finish its task (its tag ``error`` says why): it is dropped from the
         round at once rather than at the deadline."""
-        if msg.kind == "failed":
+        if msg.kind == MessageKind.FAILED:
             return self._failed(msg)
-        if msg.kind != "update":
-            raise FedqError(f"expected an 'update' or 'failed' message, got {msg.kind!r}")
+        if msg.kind != MessageKind.UPDATE:
+            raise FedqError(f"expected an 'update' or 'failed' message, got {str(msg.kind)!r}")
         with self._cv:
             rnd, member = self._selected(msg.client_id, msg.round)
             turns = rnd.turns

@@ -284,7 +284,7 @@ class ClientNode:
         self.stats["failed"] += 1
         log.warning("%s: round %d failed: %s", task.client_id, task.round, why)
         self._event("failed", client=task.client_id, round=task.round, error=why)
-        report = WireMessage("failed", task.client_id, task.round, tags={"error": why})
+        report = WireMessage.failed(task.client_id, task.round, why)
         try:
             self.conn.push_update(report)
         except (TransportError, FedqError) as e:  # the round may have closed meanwhile

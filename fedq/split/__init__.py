@@ -9,9 +9,9 @@
 - :mod:`fedq.split.privacy`: DP on the activations sent (``privacy.mechanism: activations``).
 
 Where they run lives in :mod:`fedq.runtime` (imports flow split -> runtime):
-:mod:`fedq.runtime.simulate` (``fedq simulate``, either mode), :mod:`fedq.runtime.deploy`
-(``fedq serve`` / ``fedq join``) and
-:mod:`fedq.runtime.netlink` (server and client in two network namespaces over a shaped veth).
+:mod:`fedq.runtime.simulate` (``fedq simulate``, either mode) and :mod:`fedq.runtime.deploy`
+(``fedq serve`` / ``fedq join``); ``fedq bench split --link`` runs server and client in two
+network namespaces over a shaped veth (:mod:`fedq.bench.netlink`).
 
 Importing this package imports nothing heavy (config only); torch-side modules are imported by
 name.

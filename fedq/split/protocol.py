@@ -5,12 +5,12 @@ One step (docs/design.md §3; docs/algorithms.md §1.2):
 1. client: ``h = bottom(batch)`` (with activation DP: per-example clip + Gaussian noise,
    :mod:`fedq.split.privacy`); ``h_hat, packed = act_q.forward_encode(h)`` (the fake-quantized
    value *is* the decoded payload, :mod:`fedq.adapt.amaq`);
-2. client -> server ``WireMessage(kind="activations", tensors={"h", "mask", "labels"})``; labels
+2. client -> server ``WireMessage.activations(tensors={"h", "mask", "labels"})``; labels
    travel with the activations (vanilla split learning, §4);
 3. server ``step`` (the round engine's in-round ``exchange`` calls it): decode, ``loss = top(h)``,
    backward (+ its bit regularizer), quantize ``dL/dh`` with its gradient gates, step its
    optimizer (top LoRA + head + gates);
-4. server -> client ``WireMessage(kind="gradients", tensors={"g"})`` plus scalars (loss, bits);
+4. server -> client ``WireMessage.gradients(tensors={"g"})`` plus scalars (loss, bits);
 5. client: ``h_hat.backward(g_hat)`` + its regularizer, step (bottom LoRA + activation gates).
 
 With the AQ-SGD baseline (``split.act_codec: aqsgd``, :mod:`fedq.adapt.aqsgd`) step 1 codes the
@@ -80,7 +80,7 @@ from fedq.split.models import CLASSIFY, SplitModel
 from fedq.split.privacy import enabled as dp_enabled
 from fedq.split.privacy import make_ledger, privatize_activations
 from fedq.wire.control import Assignment
-from fedq.wire.message import WireMessage, message_nbytes
+from fedq.wire.message import MessageKind, WireMessage, message_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,9 @@ class SplitServer:
         tensors = {k: raw(v) for k, v in self.client_state.items()}
         with self._lock:
             self._snapshot = RoundSnapshot.take(self)
-            self._task = WireMessage("global", "", r, 0, self.ledger.client_scalars(), {}, tensors)
+            self._task = WireMessage.global_model(
+                "", r, tensors, scalars=self.ledger.client_scalars()
+            )
             self._rows, self._seen = [], {}
 
     def task(self, r: int, member: Member) -> WireMessage:
@@ -147,7 +149,7 @@ class SplitServer:
             self._seen[member.client_id] = time.monotonic()
         if t is None or t.round != r:
             raise FedqError(f"no split task prepared for round {r}")
-        return WireMessage(t.kind, member.client_id, t.round, 0, t.scalars, {}, t.tensors)
+        return t.addressed_to(member.client_id)
 
     def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
         if set(msg.tensors) != set(self.client_state):
@@ -244,9 +246,9 @@ class SplitServer:
     def _decode_step(self, msg: WireMessage) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Validate an activations message and decode it: ``(received, mask, labels)``."""
         names = self.act_rx.wire_names | {"mask", "labels"}
-        if msg.kind != "activations" or set(msg.tensors) != names:
+        if msg.kind != MessageKind.ACTIVATIONS or set(msg.tensors) != names:
             raise FedqError(
-                f"expected activations {'/'.join(sorted(names))}, got {msg.kind!r} "
+                f"expected activations {'/'.join(sorted(names))}, got {str(msg.kind)!r} "
                 f"{sorted(msg.tensors)}"
             )
         ph = msg.tensors["h"]
@@ -302,8 +304,8 @@ class SplitServer:
         }
         for k, v in _stats_row("grad", self.grad_q).items():
             scalars[k.replace("/", "_")] = v
-        reply = WireMessage(
-            "gradients", msg.client_id, msg.round, msg.step, scalars, {}, coded.tensors
+        reply = WireMessage.gradients(
+            msg.client_id, msg.round, msg.step, coded.tensors, scalars=scalars
         )
         now = time.monotonic()
         row: dict[str, Any] = {
@@ -549,8 +551,8 @@ class SplitClientWorker:
         state = _client_state(self.model, self.act_q)
         n = float(shard.size or 1)
         conn.push_update(
-            WireMessage(
-                "update", cid, r, 0, {"num_samples": n}, {}, {k: raw(v) for k, v in state.items()}
+            WireMessage.update(
+                cid, r, {k: raw(v) for k, v in state.items()}, scalars={"num_samples": n}
             )
         )
         return {"loss": sum(losses) / max(len(losses), 1), "steps": len(losses)}
@@ -587,11 +589,11 @@ class SplitClientWorker:
             "mask": pack_mask(batch["attention_mask"]),
             "labels": pack_labels(batch["labels"]),
         }
-        msg = WireMessage("activations", cid, r, step, stats, {}, tensors)
+        msg = WireMessage.activations(cid, r, step, tensors, scalars=stats)
         try:
             reply = conn.split_step(msg)
-            if reply.kind != "gradients" or set(reply.tensors) != self.grad_rx.wire_names:
-                raise FedqError(f"expected a gradients reply, got {reply.kind!r}")
+            if reply.kind != MessageKind.GRADIENTS or set(reply.tensors) != self.grad_rx.wire_names:
+                raise FedqError(f"expected a gradients reply, got {str(reply.kind)!r}")
             pg = reply.tensors["g"]
             if tuple(pg.shape) != tuple(h.shape):
                 raise FedqError(f"gradient shape {list(pg.shape)} != activations {list(h.shape)}")

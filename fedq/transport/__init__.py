@@ -4,13 +4,13 @@ standard health checks. Imports grpc; ``fedq.codec`` and ``fedq.wire`` never do.
 from fedq.transport.client import TransportClient
 from fedq.transport.counters import ByteCounter
 from fedq.transport.security import TlsConfig
-from fedq.transport.server import FederatedHandler, SplitHandler, TransportServer
+from fedq.transport.server import SplitHandler, TaskHandler, TransportServer
 from fedq.transport.tokens import load_tokens, read_token
 
 __all__ = [
     "ByteCounter",
-    "FederatedHandler",
     "SplitHandler",
+    "TaskHandler",
     "TlsConfig",
     "TransportClient",
     "TransportServer",

@@ -25,12 +25,13 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedq import __version__
 from fedq.errors import TlsMismatch, TransportError
 from fedq.transport.budget import BUSY
 from fedq.transport.counters import ByteCounter, CountingFrames
 from fedq.transport.keepalive import Keepalive
 from fedq.transport.security import TlsConfig, client_metadata
-from fedq.transport.server import FEDERATED_SERVICE, SPLIT_SERVICE, check_chunk_size
+from fedq.transport.server import ROUNDS_SERVICE, SPLIT_SERVICE, check_chunk_size
 from fedq.transport.tlsprobe import diagnose_tls
 from fedq.wire import (
     WireLimits,
@@ -40,6 +41,7 @@ from fedq.wire import (
     read_message,
 )
 from fedq.wire.control import (
+    PROTOCOL_VERSION,
     Joined,
     Registration,
     WorkItem,
@@ -60,6 +62,15 @@ def _transport_error(e: grpc.RpcError) -> TransportError:
     code = e.code() if isinstance(e, grpc.Call) else None
     details = e.details() if isinstance(e, grpc.Call) else str(e)
     return TransportError(code.name if code is not None else "UNKNOWN", details or "")
+
+
+def _no_rounds_service(target: str) -> str:
+    """Why ``Register`` met gRPC's UNIMPLEMENTED: the server has no ``Rounds`` service."""
+    return (
+        f"the server at {target} does not serve {ROUNDS_SERVICE}: it is not fedq, or an older "
+        f"fedq (round protocol 2, service fedq.v1.Federated); this client speaks round protocol "
+        f"{PROTOCOL_VERSION} (fedq {__version__}): install the same fedq release on both sides"
+    )
 
 
 class _SplitStream:
@@ -157,15 +168,15 @@ class TransportClient:
             if tls.server_name:
                 options.append(("grpc.ssl_target_name_override", tls.server_name))
             self._channel = grpc.secure_channel(target, tls.channel_credentials(), options)
-        self._federated = service_pb2_grpc.FederatedStub(self._channel)
+        self._rounds = service_pb2_grpc.RoundsStub(self._channel)
         # The Frame streams carry frames as the bytes they are on the wire (no (de)serializer):
         # fedq.wire.frame builds and parses them without protobuf objects for the payload.
         self._get_task = self._channel.unary_stream(
-            f"/{FEDERATED_SERVICE}/GetTask",
+            f"/{ROUNDS_SERVICE}/GetTask",
             request_serializer=service_pb2.TaskRequest.SerializeToString,
         )
         self._push_update = self._channel.stream_unary(
-            f"/{FEDERATED_SERVICE}/PushUpdate", response_deserializer=service_pb2.Ack.FromString
+            f"/{ROUNDS_SERVICE}/PushUpdate", response_deserializer=service_pb2.Ack.FromString
         )
         self._step = self._channel.stream_stream(f"/{SPLIT_SERVICE}/Step")
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -199,13 +210,15 @@ class TransportClient:
         request = registration_to_proto(reg)
         self._count(None, sent=request.ByteSize())
         try:
-            reply = self._federated.Register(request, metadata=self._metadata, timeout=self.timeout)
+            reply = self._rounds.Register(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as e:
             error = _transport_error(e)
             if error.code == "UNAVAILABLE":  # down, or a TLS mistake that a retry cannot fix?
                 why = diagnose_tls(self.target, self.tls)
                 if why is not None:
                     raise TlsMismatch(error.code, why) from e
+            if error.code == "UNIMPLEMENTED" and "Method not found" in error.reason:
+                raise TransportError(error.code, _no_rounds_service(self.target)) from e
             raise error from e
         self._count(None, received=reply.ByteSize())
         return joined_from_proto(reply)
@@ -214,11 +227,11 @@ class TransportClient:
         """Open the work stream of ``run_id`` (no deadline: it lives as long as the run)."""
         request = service_pb2.WorkRequest(run_id=run_id)
         self._count(None, sent=request.ByteSize())
-        return WorkStream(self._federated.Work(request, metadata=self._metadata), self)
+        return WorkStream(self._rounds.Work(request, metadata=self._metadata), self)
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until the server's health service reports the Federated service SERVING."""
-        request = health_pb2.HealthCheckRequest(service=FEDERATED_SERVICE)
+        """Block until the server's health service reports the Rounds service SERVING."""
+        request = health_pb2.HealthCheckRequest(service=ROUNDS_SERVICE)
         try:
             reply = self._health.Check(request, timeout=timeout, wait_for_ready=True)
         except grpc.RpcError as e:

@@ -1,4 +1,4 @@
-"""gRPC server for fedq: the ``Federated`` and ``Split`` services plus standard gRPC health.
+"""gRPC server for fedq: the ``Rounds`` and ``Split`` services plus standard gRPC health.
 
 The server is a thin shell around a plain handler object (the round engine), so the same handler
 runs in-process in tests. Callers authenticate as a *principal* (a client id, or a simulation
@@ -8,7 +8,9 @@ as exceptions: malformed input is INVALID_ARGUMENT, a handler's :class:`~fedq.er
 FAILED_PRECONDITION (ALREADY_EXISTS when a client id is held by another open work stream), a bad
 token UNAUTHENTICATED, a client the principal does not host
 PERMISSION_DENIED, anything else INTERNAL (logged); each ends one RPC only, and the server keeps
-serving.
+serving. A call on a retired service path (``fedq.v1.Federated``, ``fedq.v1.Split``: round
+protocol 2) is FAILED_PRECONDITION naming both protocol versions, so an old client says what to
+upgrade instead of gRPC's bare UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2
 
+from fedq import __version__
 from fedq.errors import (
     AlreadyConnected,
     ConfigError,
@@ -52,6 +55,7 @@ from fedq.wire import (
     read_message,
 )
 from fedq.wire.control import (
+    PROTOCOL_VERSION,
     Joined,
     Registration,
     WorkItem,
@@ -66,7 +70,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
 
-FEDERATED_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Federated"].full_name
+ROUNDS_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Rounds"].full_name
 SPLIT_SERVICE = service_pb2.DESCRIPTOR.services_by_name["Split"].full_name
 #: Largest chunk that keeps every frame under gRPC's default 4 MiB message limit.
 MAX_CHUNK_SIZE = 3 << 20
@@ -74,9 +78,21 @@ MAX_CHUNK_SIZE = 3 << 20
 #: larger with RESOURCE_EXHAUSTED before fedq sees it.
 MAX_RECEIVE_MESSAGE = 4 << 20
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+#: Service paths of round protocol 2 (package fedq.v1): each method and whether its request and
+#: its reply are streams. A call on one is refused with both protocol versions named.
+RETIRED_SERVICES: dict[str, dict[str, tuple[bool, bool]]] = {
+    "fedq.v1.Federated": {
+        "Register": (False, False),
+        "Work": (False, True),
+        "GetTask": (False, True),
+        "PushUpdate": (True, False),
+    },
+    "fedq.v1.Split": {"Step": (True, True)},
+}
+RETIRED_PROTOCOL_VERSION = 2
 
 
-class FederatedHandler(Protocol):
+class TaskHandler(Protocol):
     """Tasks and updates; called from gRPC worker threads (the handler must be thread-safe)."""
 
     def get_task(self, client_id: str, round: int) -> WireMessage: ...
@@ -136,7 +152,7 @@ def check_chunk_size(limits: WireLimits) -> None:
         )
 
 
-class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServicer):
+class _Servicer(service_pb2_grpc.RoundsServicer, service_pb2_grpc.SplitServicer):
     """Implements both services; the Split half is only registered if the handler supports it."""
 
     def __init__(
@@ -251,7 +267,7 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
         yield self._run(context, _Phase.ENCODE, lambda: next(frames))  # serializes every tensor
         yield from frames
 
-    # -- Federated: the round protocol ------------------------------------------------------------
+    # -- Rounds: the round protocol ---------------------------------------------------------------
     def _rounds(self, context: grpc.ServicerContext) -> RoundHandler:
         if not isinstance(self._handler, RoundHandler):
             self._abort(context, grpc.StatusCode.UNIMPLEMENTED, "this server runs no rounds")
@@ -313,7 +329,7 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
             closed.set()
             items.close()
 
-    # -- Federated: tasks and updates -----------------------------------------------------------
+    # -- Rounds: tasks and updates --------------------------------------------------------------
     def GetTask(self, data: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         authed = self._auth(context)
         with contextlib.ExitStack() as stack:
@@ -409,7 +425,7 @@ class _Servicer(service_pb2_grpc.FederatedServicer, service_pb2_grpc.SplitServic
 # them (a Frame with fedq.wire.frame, the rest with protobuf), answering bytes that do not parse
 # with INVALID_ARGUMENT (gRPC's own deserializer failure is INTERNAL). Replies that are Frames go
 # out as bytes; the rest through protobuf.
-def _federated_handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
+def _rounds_handlers(servicer: _Servicer) -> dict[str, grpc.RpcMethodHandler]:
     return {
         "Register": grpc.unary_unary_rpc_method_handler(
             servicer.Register, response_serializer=service_pb2.RegisterReply.SerializeToString
@@ -455,6 +471,29 @@ def _health_handlers(
     }
 
 
+def _retired_handlers(
+    service: str, methods: Mapping[str, tuple[bool, bool]]
+) -> dict[str, grpc.RpcMethodHandler]:
+    """Handlers that refuse every call on a retired service path, before reading a request."""
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    reason = (
+        f"{service} is round protocol {RETIRED_PROTOCOL_VERSION}; this server speaks round "
+        f"protocol {PROTOCOL_VERSION} (fedq {__version__}, service {ROUNDS_SERVICE}): install "
+        "the same fedq release on both sides"
+    )
+
+    def refuse(request: object, context: grpc.ServicerContext) -> NoReturn:
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    return {method: kinds[streams](refuse) for method, streams in methods.items()}
+
+
 def _add_service(
     server: grpc.Server, name: str, handlers: dict[str, grpc.RpcMethodHandler]
 ) -> None:
@@ -473,7 +512,7 @@ class TransportServer:
 
     def __init__(
         self,
-        handler: FederatedHandler,
+        handler: TaskHandler,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
@@ -541,12 +580,14 @@ class TransportServer:
             server_limits=self._server_limits,
         )
         self._servicer = servicer
-        _add_service(server, FEDERATED_SERVICE, _federated_handlers(servicer))
-        services = ["", FEDERATED_SERVICE]
+        _add_service(server, ROUNDS_SERVICE, _rounds_handlers(servicer))
+        services = ["", ROUNDS_SERVICE]
         if self.serves_split:
             _add_service(server, SPLIT_SERVICE, _split_handlers(servicer))
             services.append(SPLIT_SERVICE)
         _add_service(server, HEALTH_SERVICE, _health_handlers(servicer, self._health))
+        for name, methods in RETIRED_SERVICES.items():
+            _add_service(server, name, _retired_handlers(name, methods))
         addr = format_address(self.host, self.port)
         try:
             if self._tls is None:

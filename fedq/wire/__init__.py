@@ -9,6 +9,7 @@ the wire format can be used without a transport.
 from fedq.wire.frame import FrameLike, frame_nbytes
 from fedq.wire.limits import WireLimits
 from fedq.wire.message import (
+    MessageKind,
     WireMessage,
     message_from_frames,
     message_to_frame_bytes,
@@ -27,6 +28,7 @@ from fedq.wire.stream import BundleDecoder, read_message_streaming
 __all__ = [
     "BundleDecoder",
     "FrameLike",
+    "MessageKind",
     "WireLimits",
     "WireMessage",
     "bundle_from_bytes",

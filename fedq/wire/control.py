@@ -1,4 +1,4 @@
-"""Control messages of the round protocol (version 2): registration and the work stream.
+"""Control messages of the round protocol (version 3): registration and the work stream.
 
 Plain dataclasses with ``*_to_proto`` / ``*_from_proto`` pairs (the Flower serde shape). Parsing
 treats every message as hostile, like the tensor path: counts, string lengths and characters are
@@ -19,8 +19,9 @@ from fedq.errors import WireFormatError
 from fedq.wire.limits import WireLimits
 from fedq.wire.pb import service_pb2 as spb
 
-#: Round protocol version spoken by this fedq (1: GetTask / PushUpdate / Step only).
-PROTOCOL_VERSION = 2
+#: Round protocol version spoken by this fedq (1: GetTask / PushUpdate / Step only; 2: Register
+#: and Work added, service fedq.v1.Federated; 3: the same service renamed fedq.v2.Rounds).
+PROTOCOL_VERSION = 3
 #: Client ids and principals: printable, no whitespace, at most this long.
 MAX_ID_LENGTH = 128
 _ID = re.compile(r"[A-Za-z0-9._:@+-]+")

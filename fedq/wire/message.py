@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
 
 import numpy as np
 
@@ -41,16 +42,38 @@ _ALLOCATE_AFTER = 4
 Admit = Callable[[pb.Header], None]
 
 
-@dataclass(slots=True)
-class WireMessage:
-    """One logical message of the protocol (a task, an update, activations, gradients, ...).
+class MessageKind(StrEnum):
+    """What a message is: the Header's ``kind`` on the wire (docs/wire-format.md §12). A received
+    Header of any other kind is refused as malformed."""
 
-    ``kind`` says what it is ("global", "update", "activations", "gradients"),
+    #: server to client, the reply of ``GetTask``: the task's input (global model, client state)
+    GLOBAL = "global"
+    #: client to server, ``PushUpdate``: the task's result
+    UPDATE = "update"
+    #: client to server, ``PushUpdate`` instead of an update: the task cannot be finished (tag
+    #: ``error`` says why), no tensors
+    FAILED = "failed"
+    #: split client to server, ``Split.Step``: the cut activations of one step
+    ACTIVATIONS = "activations"
+    #: split server to client, the reply on the same stream: the gradient at the cut
+    GRADIENTS = "gradients"
+
+
+#: Header ``kind`` strings a receiver accepts.
+KINDS = frozenset(k.value for k in MessageKind)
+
+
+@dataclass(slots=True, kw_only=True)
+class WireMessage:
+    """One logical message of the protocol: a task, an update, a failed task, activations or
+    gradients. Build one with the constructor of its kind (:meth:`global_model`, :meth:`update`,
+    :meth:`failed`, :meth:`activations`, :meth:`gradients`).
+
     ``scalars`` carry small numbers (num_samples, loss, ...), ``tags`` small strings. ``nbytes``
     is set on a received message: the serialized bytes of the frames it arrived in.
     """
 
-    kind: str
+    kind: MessageKind
     client_id: str
     round: int = 0
     step: int = 0
@@ -59,10 +82,109 @@ class WireMessage:
     tensors: dict[str, PackedTensor] = field(default_factory=dict)
     nbytes: int = field(default=0, compare=False)
 
+    @classmethod
+    def global_model(
+        cls,
+        client_id: str,
+        round: int = 0,
+        tensors: dict[str, PackedTensor] | None = None,
+        *,
+        scalars: dict[str, float] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> WireMessage:
+        """A task's input for ``client_id`` (federated: the global model; split: client state)."""
+        return cls(
+            kind=MessageKind.GLOBAL,
+            client_id=client_id,
+            round=round,
+            scalars=scalars or {},
+            tags=tags or {},
+            tensors=tensors or {},
+        )
+
+    @classmethod
+    def update(
+        cls,
+        client_id: str,
+        round: int = 0,
+        tensors: dict[str, PackedTensor] | None = None,
+        *,
+        scalars: dict[str, float] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> WireMessage:
+        """A task's result from ``client_id`` (federated: the delta; split: the client state)."""
+        return cls(
+            kind=MessageKind.UPDATE,
+            client_id=client_id,
+            round=round,
+            scalars=scalars or {},
+            tags=tags or {},
+            tensors=tensors or {},
+        )
+
+    @classmethod
+    def failed(cls, client_id: str, round: int, error: str) -> WireMessage:
+        """``client_id`` cannot finish its task of ``round``, because of ``error``."""
+        return cls(kind=MessageKind.FAILED, client_id=client_id, round=round, tags={"error": error})
+
+    @classmethod
+    def activations(
+        cls,
+        client_id: str,
+        round: int = 0,
+        step: int = 0,
+        tensors: dict[str, PackedTensor] | None = None,
+        *,
+        scalars: dict[str, float] | None = None,
+    ) -> WireMessage:
+        """One split step of ``client_id``: the cut activations (and mask, labels, ...)."""
+        return cls(
+            kind=MessageKind.ACTIVATIONS,
+            client_id=client_id,
+            round=round,
+            step=step,
+            scalars=scalars or {},
+            tensors=tensors or {},
+        )
+
+    @classmethod
+    def gradients(
+        cls,
+        client_id: str,
+        round: int = 0,
+        step: int = 0,
+        tensors: dict[str, PackedTensor] | None = None,
+        *,
+        scalars: dict[str, float] | None = None,
+    ) -> WireMessage:
+        """The server's answer to one split step: the gradient at the cut."""
+        return cls(
+            kind=MessageKind.GRADIENTS,
+            client_id=client_id,
+            round=round,
+            step=step,
+            scalars=scalars or {},
+            tensors=tensors or {},
+        )
+
+    def addressed_to(self, client_id: str) -> WireMessage:
+        """The same message for another client (a round's task, prepared once for all)."""
+        return replace(self, client_id=client_id)
+
+
+def _kind(kind: str) -> MessageKind:
+    if not kind:
+        raise WireFormatError("header: field 'kind': must be non-empty")
+    if kind not in KINDS:
+        raise WireFormatError(
+            f"header: field 'kind': unknown kind {kind[:40]!r} (expected one of "
+            f"{', '.join(k.value for k in MessageKind)})"
+        )
+    return MessageKind(kind)
+
 
 def _header(msg: WireMessage, payload_size: int) -> pb.Header:
-    if not msg.kind:
-        raise WireFormatError("header: field 'kind': must be non-empty")
+    _kind(msg.kind)
     if msg.round < 0 or msg.step < 0:
         raise WireFormatError(
             f"header: field 'round'/'step': must be >= 0, got {msg.round}/{msg.step}"
@@ -135,8 +257,7 @@ def _check_header(header: pb.Header, limits: WireLimits) -> None:
             f"header: field 'format_version': unsupported version {header.format_version} "
             f"(expected {FORMAT_VERSION})"
         )
-    if not header.kind:
-        raise WireFormatError("header: field 'kind': must be non-empty")
+    _kind(header.kind)
     if header.payload_size > limits.max_payload_bytes:
         raise WireFormatError(
             f"header: field 'payload_size': {header.payload_size} bytes exceeds limit "
@@ -151,7 +272,7 @@ def _decode(header: pb.Header, payload: memoryview, limits: WireLimits) -> WireM
     # ``payload`` is ours alone: the tensors may keep views of it rather than copies.
     tensors = bundle_from_bytes(payload, limits, share=True) if header.payload_size else {}
     return WireMessage(
-        kind=header.kind,
+        kind=MessageKind(header.kind),
         client_id=header.client_id,
         round=int(header.round),
         step=int(header.step),

@@ -111,7 +111,7 @@ def _proto_fields(p: PackedTensor, name: str) -> dict[str, Any]:
 
 
 def packed_to_proto(p: PackedTensor, name: str) -> pb.PackedTensor:
-    """Encode ``p`` as a ``fedq.v1.PackedTensor`` message named ``name``."""
+    """Encode ``p`` as a ``fedq.v2.PackedTensor`` message named ``name``."""
     return pb.PackedTensor(
         **_proto_fields(p, name), payload=_tensor_bytes(p.payload.to(torch.uint8))
     )
@@ -138,7 +138,7 @@ def _opt_bytes(t: torch.Tensor | None, dtype: torch.dtype) -> bytes:
 
 
 def packed_from_proto(msg: pb.PackedTensor, limits: WireLimits) -> tuple[str, PackedTensor]:
-    """Validate and decode one ``fedq.v1.PackedTensor``; returns ``(name, tensor)``."""
+    """Validate and decode one ``fedq.v2.PackedTensor``; returns ``(name, tensor)``."""
     return _decode_tensor(msg, memoryview(msg.payload), limits, share=False)
 
 
@@ -224,7 +224,7 @@ def bundle_pieces(tensors: Mapping[str, PackedTensor]) -> Pieces:
 
 
 def bundle_to_bytes(tensors: Mapping[str, PackedTensor]) -> bytes:
-    """Serialize named tensors as one ``fedq.v1.TensorBundle``."""
+    """Serialize named tensors as one ``fedq.v2.TensorBundle``."""
     return b"".join(bundle_pieces(tensors))
 
 

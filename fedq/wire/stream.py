@@ -31,7 +31,7 @@ from fedq.errors import WireFormatError
 from fedq.wire import validate
 from fedq.wire.frame import FrameLike
 from fedq.wire.limits import WireLimits
-from fedq.wire.message import WireMessage, payload_chunks, read_header
+from fedq.wire.message import MessageKind, WireMessage, payload_chunks, read_header
 from fedq.wire.pb import tensor_pb2 as pb
 from fedq.wire.protowire import WIRE_I32, WIRE_I64, WIRE_LEN, WIRE_VARINT
 from fedq.wire.serde import packed_from_proto, packed_header_from_proto
@@ -319,7 +319,7 @@ def read_message_streaming(
             bundle.feed(data)
         decoded = bundle.finish()
     msg = WireMessage(
-        kind=header.kind,
+        kind=MessageKind(header.kind),
         client_id=header.client_id,
         round=int(header.round),
         step=int(header.step),

@@ -1,4 +1,4 @@
-"""Checks on an untrusted ``fedq.v1.PackedTensor`` message, run before anything is allocated.
+"""Checks on an untrusted ``fedq.v2.PackedTensor`` message, run before anything is allocated.
 
 The order matters: cheap header checks (version, enums, rank, element count) come first, then the
 lengths of the byte fields are compared with what the declared shape and bit map imply, and only

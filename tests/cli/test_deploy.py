@@ -347,6 +347,38 @@ def test_join_reports_an_unreachable_server_and_gives_up(certs: Path, tmp_path: 
     assert time.monotonic() - t0 < 60
 
 
+def test_join_names_a_server_without_the_rounds_service(certs: Path, tmp_path: Path) -> None:
+    """A server of round protocol 2 (or not fedq) has no fedq.v2.Rounds: the site stops at once,
+    saying which service and protocol it needs, instead of gRPC's bare UNIMPLEMENTED."""
+    from concurrent import futures
+
+    import grpc
+
+    bare = grpc.server(futures.ThreadPoolExecutor(1))
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        done = _fedq(
+            "join",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--client-id",
+            "client-0",
+            "--token-file",
+            str(certs / "clients" / "client-0.token"),
+            "--data",
+            "digits",
+            "--give-up-after",
+            "30",
+            cwd=tmp_path,
+        )
+    finally:
+        bare.stop(0)
+    assert done.returncode == 2, done.stderr
+    assert "does not serve fedq.v2.Rounds" in done.stderr, done.stderr
+    assert "round protocol 3" in done.stderr and "gave up" not in done.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_join_on_a_site_without_the_gpu_it_asks_for_fails_before_joining(
     certs: Path, tmp_path: Path

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.netns import veth_star
 
-from fedq.runtime.netlink import link_unavailable_reason, veth_star
+from fedq.bench.netlink import link_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 FEDQ = Path(sys.executable).with_name("fedq")

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support.netns import namespaces_left
 
-from fedq.runtime.netlink import link_unavailable_reason, namespaces_left, ray_pair
+from fedq.bench.netlink import link_unavailable_reason, ray_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 FEDQ = Path(sys.executable).with_name("fedq")
@@ -223,7 +224,7 @@ def test_split_run_with_every_client_on_the_other_node(cluster: Cluster, tmp_pat
 @pytest.mark.netns
 @pytest.mark.skipif(REASON is not None, reason=str(REASON))
 def test_netlink_cluster_runs_one_command_on_a_fresh_pair_and_leaves_nothing() -> None:
-    """``python -m fedq.runtime.netlink cluster SPEC`` (what BENCHMARKS.md uses): the command runs
+    """``python -m fedq.bench.netlink cluster SPEC`` (what BENCHMARKS.md uses): the command runs
     in the head's namespace against both nodes, its exit status comes back, and both namespaces
     are gone (their processes ended, or the tool would have failed)."""
     probe = (
@@ -233,7 +234,7 @@ def test_netlink_cluster_runs_one_command_on_a_fresh_pair_and_leaves_nothing() -
     )
     spec = {"head": {"r_head": 1}, "node": {"r_node": 1}, "argv": [sys.executable, "-c", probe]}
     done = subprocess.run(
-        [sys.executable, "-m", "fedq.runtime.netlink", "cluster", json.dumps(spec)],
+        [sys.executable, "-m", "fedq.bench.netlink", "cluster", json.dumps(spec)],
         env=ENV,
         capture_output=True,
         text=True,

@@ -666,6 +666,16 @@ def test_outlier_rows_are_capped_at_an_eighth_of_the_rows_largest_first() -> Non
     assert torch.equal(dequantize(p)[12:20], x[12:20].half().float())
 
 
+def test_outlier_rows_of_equal_rms_at_the_cap_go_to_the_lower_row_index() -> None:
+    """wire-format §11.4: rows tied at the cut are kept lowest index first (not topk's choice)."""
+    x = torch.full((16, 32), 0.1)
+    big = torch.randn(32, generator=torch.Generator().manual_seed(9)) * 5
+    x[[3, 8, 11, 13, 15]] = big  # five identical rows, two places (16 / 8)
+    x[6] = big * 2  # one larger row takes the first place
+    p = quantize(x, 4, QuantSpec(outlier_ratio=2.0))
+    assert p.outlier_index is not None and p.outlier_index.tolist() == [3, 6]
+
+
 def test_outlier_rows_beyond_float16_and_bad_ratios_are_refused() -> None:
     x = torch.randn(16, 8)
     x[0] = 1e6

@@ -59,12 +59,14 @@ def _honest(server: FedServer, cid: str, r: int) -> WireMessage:
         for k, v in server.global_state.items()
     }
     loss = 2.0 + float(torch.rand((), generator=gen)) / 3
-    return WireMessage("update", cid, r, 0, {"num_samples": 10.0 + i, "loss": loss}, {}, tensors)
+    return WireMessage.update(
+        cid, r, tensors=tensors, scalars={"num_samples": 10.0 + i, "loss": loss}
+    )
 
 
 def _poisoned(server: FedServer, cid: str, r: int, value: float = 3e38) -> WireMessage:
     tensors = {k: raw(torch.full_like(v, value)) for k, v in server.global_state.items()}
-    return WireMessage("update", cid, r, 0, {"num_samples": 10.0}, {}, tensors)
+    return WireMessage.update(cid, r, tensors=tensors, scalars={"num_samples": 10.0})
 
 
 def _play(open_rounds: Any, cfg: RunConfig, order: str) -> tuple[dict[str, torch.Tensor], list]:
@@ -143,7 +145,7 @@ def test_a_client_that_keeps_sending_bad_updates_is_excluded_also_after_resume(
         with pytest.raises(FedqError, match=r"NaN/Inf|beyond the bound"):
             run.engine.push_update(_poisoned(s, bad, r, float("inf") if r else 3e38))
         if not r:  # as a client node does when its upload is refused
-            run.engine.push_update(WireMessage("failed", bad, r, tags={"error": "refused"}))
+            run.engine.push_update(WireMessage.failed(bad, r, "refused"))
         for c in selected:
             if c != bad:
                 run.engine.push_update(_honest(s, c, r))
@@ -229,7 +231,7 @@ def _scaled(server: FedServer, cid: str, r: int, factor: float) -> WireMessage:
         k: raw(torch.full_like(v, min(factor * (float(v.abs().max()) + 1.0), big)))
         for k, v in server.global_state.items()
     }
-    return WireMessage("update", cid, r, 0, {"num_samples": 10.0}, {}, tensors)
+    return WireMessage.update(cid, r, tensors=tensors, scalars={"num_samples": 10.0})
 
 
 def test_a_magnitude_bound_refuses_a_thousandfold_change_and_slows_a_runaway(

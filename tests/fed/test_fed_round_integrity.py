@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from fedq.codec import raw
+from fedq.codec import Encoding, Granularity, QuantSpec, quantize, raw
 from fedq.config import RunConfig, config_from_dict
 from fedq.errors import FedqError
 from fedq.fed.server import FedServer
@@ -52,7 +52,7 @@ def run(open_rounds: Any) -> Any:
 
 def _update(server: FedServer, cid: str, r: int = 0, **kw: Any) -> WireMessage:
     tensors = {k: raw(torch.ones_like(v)) for k, v in server.global_state.items()}
-    msg = WireMessage("update", cid, r, 0, {"num_samples": 10.0}, {}, tensors)
+    msg = WireMessage.update(cid, r, tensors=tensors, scalars={"num_samples": 10.0})
     return dataclasses.replace(msg, **kw)
 
 
@@ -95,6 +95,7 @@ def test_rejections_leave_round_untouched(run: Any) -> None:
         f"{outsider} is not selected": _update(s, outsider),
         "client-99 is not selected": _update(s, "client-99"),
         "num_samples must be > 0": _update(s, cid, scalars={"num_samples": 0.0}),
+        "num_samples must be > 0, got 0.0": _update(s, cid, scalars={"loss": 1.0}),  # absent
         "missing": _update(s, cid, tensors={}),
         "has shape": _update(s, cid, tensors=bad_shape),
         "NaN/Inf": _update(s, cid, tensors=nan),
@@ -141,3 +142,30 @@ def test_get_task_only_for_selected_clients_in_open_round(run: Any) -> None:
             r.engine.get_task(cid, 0)
     with pytest.raises(FedqError, match="round 1 is not open"):
         r.engine.get_task(selected[0], 1)
+
+
+def test_update_tensors_may_be_any_dtype_and_encoding(run: Any) -> None:
+    """wire-format §12: the server takes an update's tensors in FLOAT32, FLOAT16 or BFLOAT16, RAW
+    or QUANTIZED, in any mix, and applies the decoded values in binary32."""
+    r = run(min_clients=1)
+    s = r.workload
+    before = _snapshot(s)
+    r.engine.start()
+    cid = r.next_task().tasks[0].client_id
+    encode = [
+        lambda t: raw(t.half()),
+        lambda t: raw(t.bfloat16()),
+        lambda t: quantize(t.bfloat16(), 4, QuantSpec(granularity=Granularity.TENSOR)),
+        lambda t: quantize(t.half(), 8),  # per channel; asymmetric: constant rows decode exactly
+    ]
+    tensors = {
+        k: encode[i % len(encode)](torch.ones_like(v))
+        for i, (k, v) in enumerate(s.global_state.items())
+    }
+    assert {p.dtype for p in tensors.values()} == {"float16", "bfloat16"}
+    assert {p.encoding for p in tensors.values()} == {Encoding.RAW, Encoding.QUANTIZED}
+    r.engine.push_update(WireMessage.update(cid, 0, tensors, scalars={"num_samples": 10.0}))
+    rec = r.record(0)
+    assert rec["applied"] and rec["clients_ok"] == 1
+    for k, v in before.items():
+        assert torch.equal(s.global_state[k], v + 1.0), k  # ones decode exactly in every dtype

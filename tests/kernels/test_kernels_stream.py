@@ -71,7 +71,7 @@ def test_wire_streaming_decodes_through_the_kernels(bits_equal: Same) -> None:
     x = torch.randn(4, 16, 24, generator=torch.Generator().manual_seed(2))
     x[:, 0] *= 40.0
     spec = QuantSpec(axis=-1, row_scale=True, range="sigma", outlier_ratio=3.0)
-    msg = WireMessage("activations", "c", tensors={"h": quantize(x, 3, spec)})
+    msg = WireMessage.activations("c", tensors={"h": quantize(x, 3, spec)})
     frames = list(message_to_frames(msg, chunk_size=97))
     got = read_message_streaming(iter(frames), WireLimits())
     assert got is not None

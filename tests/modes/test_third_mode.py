@@ -57,13 +57,15 @@ class PriorServer:
         self._before, self._turns = 0, []
 
     def task(self, r: int, member: Member) -> WireMessage:
-        return WireMessage("global", member.client_id, r, 0, {"classes": len(self.counts)})
+        return WireMessage.global_model(member.client_id, r, scalars={"classes": len(self.counts)})
 
     def exchange(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
         before = self._before
         self._before += member.num_examples
         self._turns.append(member.client_id)
-        return WireMessage("turn", member.client_id, r, msg.step, {"rows_before": before})
+        # the exchange's reply is of kind "gradients", its request "activations" (the wire's
+        # kinds of Split.Step), whatever a mode exchanges
+        return WireMessage.gradients(member.client_id, r, msg.step, scalars={"rows_before": before})
 
     def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
         counts = [msg.scalars.get(f"count_{c}", -1.0) for c in range(len(self.counts))]
@@ -105,10 +107,10 @@ class PriorClient:
         labels = shard.data.y[shard.idx]
         counts = torch.bincount(labels, minlength=int(got.scalars["classes"]))
         # one exchange per round (TakeTurns(1)): step r * 1 + 0
-        turn = conn.split_step(WireMessage("ask", cid, r, r))
+        turn = conn.split_step(WireMessage.activations(cid, r, r))
         scalars = {f"count_{c}": float(n) for c, n in enumerate(counts.tolist())}
         scalars["rows_before"] = turn.scalars["rows_before"]
-        conn.push_update(WireMessage("update", cid, r, 0, scalars))
+        conn.push_update(WireMessage.update(cid, r, scalars=scalars))
         return {"examples": shard.size}
 
     def round_closed(self, r: int) -> None:

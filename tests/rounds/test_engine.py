@@ -28,7 +28,7 @@ from fedq.rounds.workload import (
     Update,
 )
 from fedq.wire.control import ClientInfo, Registration
-from fedq.wire.message import WireMessage
+from fedq.wire.message import MessageKind, WireMessage
 
 
 class Sums:
@@ -49,7 +49,7 @@ class Sums:
         return None
 
     def task(self, r: int, member: Member) -> WireMessage:
-        return WireMessage("global", member.client_id, r, 0, {"total": self.total})
+        return WireMessage.global_model(member.client_id, r, scalars={"total": self.total})
 
     def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
         if "value" not in msg.scalars:
@@ -64,7 +64,7 @@ class Sums:
 
     def exchange(self, r: int, member: Member, msg: WireMessage) -> WireMessage:
         self.steps.append((member.client_id, msg.step))
-        return WireMessage("gradients", member.client_id, r, msg.step)
+        return WireMessage.gradients(member.client_id, r, msg.step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"total": self.total}
@@ -160,13 +160,13 @@ class Stream:
 
 def _deliver(engine: RoundEngine, cid: str, r: int, value: float = 1.0) -> None:
     engine.get_task(cid, r)
-    engine.push_update(WireMessage("update", cid, r, 0, {"value": value}))
+    engine.push_update(WireMessage.update(cid, r, scalars={"value": value}))
 
 
 def test_versions_and_roster_are_checked_at_registration() -> None:
     engine, _, _ = _engine()
-    old = Registration((ClientInfo("client-0", 5),), "0.0.1", protocol_version=1)
-    with pytest.raises(FedqError, match=r"speaks round protocol 2 .* the client speaks 1"):
+    old = Registration((ClientInfo("client-0", 5),), "0.0.1", protocol_version=2)
+    with pytest.raises(FedqError, match=r"speaks round protocol 3 .* the client speaks 2"):
         engine.register("client-0", old)
     fmt = Registration((ClientInfo("client-0", 5),), "0.0.1", wire_format_version=2)
     with pytest.raises(FedqError, match=r"reads wire format 3 .* writes 2"):
@@ -256,7 +256,7 @@ def test_rounds_wait_for_available_clients_then_run_all_or_nothing() -> None:
     with pytest.raises(FedqError, match="is not selected in round 0"):
         _deliver(engine, unselected, 0)
     with pytest.raises(FedqError, match="no value"):
-        engine.push_update(WireMessage("update", second, 0, 0, {}))  # malformed: nothing kept
+        engine.push_update(WireMessage.update(second, 0))  # malformed: nothing kept
     _deliver(engine, second, 0, 2.0)
     _tasks(streams, 1, 2)
     assert hooks.records[0]["applied"] and w.total == 3.0
@@ -330,15 +330,22 @@ def test_a_client_that_reports_failure_is_dropped_at_once_not_at_the_deadline() 
     streams[1].wait_for("task", 0)
     _deliver(engine, "client-0", 0, 2.0)
     with pytest.raises(FedqError, match="carries no tensors"):
-        engine.push_update(WireMessage("failed", "client-1", 0, tensors={"x": raw(torch.zeros(2))}))
+        engine.push_update(
+            WireMessage(
+                kind=MessageKind.FAILED,
+                client_id="client-1",
+                round=0,
+                tensors={"x": raw(torch.zeros(2))},
+            )
+        )
     t0 = time.monotonic()
-    engine.push_update(WireMessage("failed", "client-1", 0, tags={"error": "out of\nmemory"}))
+    engine.push_update(WireMessage.failed("client-1", 0, "out of\nmemory"))
     assert engine.join(10) and time.monotonic() - t0 < 5  # not the 60 s deadline
     rec = hooks.records[0]
     assert rec["applied"] and rec["updated"] == ["client-0"] and w.total == 2.0
     assert rec["dropped"] == {"client-1": "the client failed: out of memory"}
     with pytest.raises(FedqError, match="expected an 'update' or 'failed' message"):
-        engine.push_update(WireMessage("global", "client-0", 0))
+        engine.push_update(WireMessage.global_model("client-0", 0))
     for s in streams:
         s.close()
 
@@ -359,16 +366,16 @@ def test_a_step_sent_twice_at_once_is_refused_and_the_first_goes_on() -> None:
     engine.start()
     stream.wait_for("task", 0)
     first = threading.Thread(
-        target=engine.exchange, args=(WireMessage("activations", "client-0", 0, 0),)
+        target=engine.exchange, args=(WireMessage.activations("client-0", 0, 0),)
     )
     first.start()
     time.sleep(0.2)
     with pytest.raises(FedqError, match="step 0 is already in progress"):
-        engine.exchange(WireMessage("activations", "client-0", 0, 0))
+        engine.exchange(WireMessage.activations("client-0", 0, 0))
     gate.set()
     first.join(10)
-    engine.exchange(WireMessage("activations", "client-0", 0, 1))
-    engine.push_update(WireMessage("update", "client-0", 0, 0, {"value": 1.0}))
+    engine.exchange(WireMessage.activations("client-0", 0, 1))
+    engine.push_update(WireMessage.update("client-0", 0, scalars={"value": 1.0}))
     assert engine.join(10)
     assert w.steps == [("client-0", 0), ("client-0", 1)] and hooks.records[0]["clients_ok"] == 1
     stream.close()
@@ -386,14 +393,14 @@ def test_split_steps_run_in_roster_order_whatever_the_timing() -> None:
     engine.start()
     streams[0].wait_for("task", 0)
     with pytest.raises(FedqError, match="out of order"):
-        engine.exchange(WireMessage("activations", "client-2", 0, 1))
+        engine.exchange(WireMessage.activations("client-2", 0, 1))
 
     def client(i: int) -> None:
         cid = client_name(i)
         engine.get_task(cid, 0)
         for s in range(3):
-            engine.exchange(WireMessage("activations", cid, 0, s))
-        engine.push_update(WireMessage("update", cid, 0, 0, {"value": 1.0}))
+            engine.exchange(WireMessage.activations(cid, 0, s))
+        engine.push_update(WireMessage.update(cid, 0, scalars={"value": 1.0}))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in (2, 1, 0)]  # last first
     for t in threads:
@@ -468,6 +475,8 @@ def test_update_tensors_travel_as_the_workload_decodes_them() -> None:
     up = w.accept(
         0,
         member,
-        WireMessage("update", "client-0", 0, 0, {"value": 2.5}, tensors={"x": raw(torch.ones(2))}),
+        WireMessage.update(
+            "client-0", 0, tensors={"x": raw(torch.ones(2))}, scalars={"value": 2.5}
+        ),
     )
     assert float(up.tensors["v"]) == 2.5 and up.weight == 1.0

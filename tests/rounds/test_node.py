@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from support.loopback import LoopbackConnection
 
 from fedq.config import config_from_dict
 from fedq.errors import FedqError, TlsMismatch, TransportError
@@ -20,7 +21,6 @@ from fedq.rounds.engine import RoundEngine
 from fedq.rounds.node import Backoff, ClientNode
 from fedq.rounds.workload import Member, NoPrivacy, Update
 from fedq.transport.counters import ByteCounter
-from fedq.transport.loopback import LoopbackConnection
 from fedq.wire.control import Assignment, ClientInfo, Joined, Registration, WorkItem
 from fedq.wire.message import WireMessage
 
@@ -190,11 +190,13 @@ def test_a_different_run_after_a_restart_is_an_error() -> None:
 
 
 def test_version_mismatch_is_reported_by_the_client() -> None:
-    conn = Script([_joined(protocol_version=3)], [])
+    conn = Script([_joined(protocol_version=2)], [])
     node, _ = _node(conn)
-    with pytest.raises(FedqError, match="the server speaks round protocol 3"):
+    with pytest.raises(
+        FedqError, match=r"the server speaks round protocol 2 .* this client speaks 3"
+    ):
         node.run()
-    refused = TransportError("FAILED_PRECONDITION", "this server speaks round protocol 2")
+    refused = TransportError("FAILED_PRECONDITION", "this server speaks round protocol 4")
     node, _ = _node(Script([refused], []))
     with pytest.raises(TransportError, match="FAILED_PRECONDITION"):
         node.run()  # not retried: only a server that went away is
@@ -272,7 +274,7 @@ class _Ones:
         return None
 
     def task(self, r: int, member: Member) -> WireMessage:
-        return WireMessage("global", member.client_id, r)
+        return WireMessage.global_model(member.client_id, r)
 
     def accept(self, r: int, member: Member, msg: WireMessage) -> Update:
         return Update(member, {"v": torch.tensor(msg.scalars["value"])}, 1.0, dict(msg.scalars))
@@ -340,9 +342,7 @@ def test_a_task_that_raises_is_reported_as_failed_and_the_node_takes_the_next_ro
             conn.get_task(task.round, task.client_id)
             if task.round == 0:
                 raise RuntimeError("value cannot be converted to type float\nwithout overflow")
-            conn.push_update(
-                WireMessage("update", task.client_id, task.round, scalars={"value": 1.0})
-            )
+            conn.push_update(WireMessage.update(task.client_id, task.round, scalars={"value": 1.0}))
             return super().run(task, conn)
 
     conn = LoopbackConnection(engine, client_id="client-0", counters=ByteCounter())

@@ -59,7 +59,7 @@ class _FailsAfterItsSteps:
         return self.conn.split_step(msg)
 
     def push_update(self, msg: WireMessage) -> int:
-        failed = WireMessage("failed", msg.client_id, msg.round, tags={"error": "disk full"})
+        failed = WireMessage.failed(msg.client_id, msg.round, "disk full")
         return self.conn.push_update(failed)
 
 
@@ -141,10 +141,10 @@ def test_a_client_state_weighs_no_more_than_the_examples_declared(kit) -> None: 
     state = {k: raw(v) for k, v in server.client_state.items()}
     member = Member("client-0", 0, 64)
     honest = server.accept(
-        0, member, WireMessage("update", "client-0", 0, 0, {"num_samples": 40.0}, {}, state)
+        0, member, WireMessage.update("client-0", 0, tensors=state, scalars={"num_samples": 40.0})
     )
     greedy = server.accept(
-        0, member, WireMessage("update", "client-0", 0, 0, {"num_samples": 1e6}, {}, state)
+        0, member, WireMessage.update("client-0", 0, tensors=state, scalars={"num_samples": 1e6})
     )
     assert honest.weight == 40.0
     assert greedy.weight == 64.0

@@ -7,14 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support.netns import namespaces_left
 
-from fedq.runtime.netlink import (
-    link_unavailable_reason,
-    namespaces_left,
-    rate_bits_per_s,
-    run_link_arm,
-    veth_link,
-)
+from fedq.bench.netlink import link_unavailable_reason, rate_bits_per_s, run_link_arm, veth_link
 
 ROOT = Path(__file__).resolve().parents[2]
 REASON = link_unavailable_reason()

@@ -203,7 +203,7 @@ def test_the_engine_keeps_each_client_to_its_steps_in_order(kit, open_rounds) ->
     step(0)
     before, steps = top(), server.steps
     state = {k: raw(v) for k, v in server.client_state.items()}
-    early = WireMessage("update", cid, 0, 0, {"num_samples": 8.0}, {}, state)
+    early = WireMessage.update(cid, 0, tensors=state, scalars={"num_samples": 8.0})
     refusals = [
         (lambda: step(0), "out of order"),  # a replay of step 0
         (lambda: step(2), "out of order"),  # skipping step 1

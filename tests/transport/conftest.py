@@ -32,14 +32,13 @@ class ToyHandler:
         if round == 98:
             raise RuntimeError("handler bug")
         if round == 97:  # a reply the wire format refuses to encode: a server bug
-            return WireMessage(kind="global", client_id=client_id, scalars={"x": float("nan")})
-        return WireMessage(
-            kind="global",
-            client_id=client_id,
-            round=round,
+            return WireMessage.global_model(client_id, scalars={"x": float("nan")})
+        return WireMessage.global_model(
+            client_id,
+            round,
+            tensors=self.global_tensors,
             scalars={"lr": 0.1},
             tags={"strategy": "fedavg"},
-            tensors=self.global_tensors,
         )
 
     def push_update(self, msg: WireMessage) -> None:
@@ -47,13 +46,12 @@ class ToyHandler:
 
     def exchange(self, msg: WireMessage) -> WireMessage:
         act = dequantize(msg.tensors["act"])
-        return WireMessage(
-            kind="gradients",
-            client_id=msg.client_id,
-            round=msg.round,
-            step=msg.step,
-            scalars={"loss": float(act.sum())},
+        return WireMessage.gradients(
+            msg.client_id,
+            msg.round,
+            msg.step,
             tensors={"grad": quantize(2 * act, 8)},
+            scalars={"loss": float(act.sum())},
         )
 
 

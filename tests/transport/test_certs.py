@@ -62,7 +62,7 @@ def _client_tls(ca: Path | None, cert: Path | None = None, key: Path | None = No
 
 
 def _update(cid: str) -> WireMessage:
-    return WireMessage(kind="update", client_id=cid, tensors={"w": quantize(torch.randn(8, 8), 4)})
+    return WireMessage.update(cid, tensors={"w": quantize(torch.randn(8, 8), 4)})
 
 
 def test_layout_and_private_modes(creds: CredentialFiles) -> None:

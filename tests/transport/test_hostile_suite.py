@@ -50,7 +50,7 @@ ALLOWED = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.CANCELLED,  # only ever our own cancel of a Work stream after its first item
 }
-FED = "/fedq.v1.Federated/"
+FED = "/fedq.v2.Rounds/"
 _PRINTABLE = [chr(c) for c in range(0x20, 0x7F)]
 
 
@@ -97,7 +97,7 @@ def _update_frames(host: ServerHost) -> list[bytes]:
     tensors = {k: quantize(torch.zeros_like(v).float(), 4) for k, v in state.items()} or {
         "act": quantize(torch.randn(4, 8, 16), 4)
     }
-    msg = WireMessage("update", "client-0", 0, 0, {"num_samples": 10.0}, {}, tensors)
+    msg = WireMessage.update("client-0", 0, tensors=tensors, scalars={"num_samples": 10.0})
     return list(message_to_frame_bytes(msg, 256))
 
 
@@ -114,14 +114,11 @@ def live(request: pytest.FixtureRequest) -> Iterator[Live]:
     feed = keeper.work(joined.run_id)
     first = next(iter(feed))
     assert first.action in ("wait", "task")
-    step = WireMessage(
-        "activations",
+    step = WireMessage.activations(
         "client-0",
         0,
         0,
-        {},
-        {},
-        {"act": quantize(torch.randn(2, 8, 16), 4), "mask": raw(torch.ones(2, 8))},
+        tensors={"act": quantize(torch.randn(2, 8, 16), 4), "mask": raw(torch.ones(2, 8))},
     )
     valid = {
         "Register": registration_to_proto(reg).SerializeToString(),
@@ -129,7 +126,7 @@ def live(request: pytest.FixtureRequest) -> Iterator[Live]:
         "GetTask": service_pb2.TaskRequest(client_id="client-0", round=0).SerializeToString(),
         "PushUpdate": _update_frames(host),
         "Step": list(message_to_frame_bytes(step, 512)),
-        "Check": health_pb2.HealthCheckRequest(service="fedq.v1.Federated").SerializeToString(),
+        "Check": health_pb2.HealthCheckRequest(service="fedq.v2.Rounds").SerializeToString(),
     }
     yield Live(host, address, keeper, valid)
     feed.cancel()
@@ -169,7 +166,7 @@ def _call(channel: grpc.Channel, rpc: str, data: Any, md: list[tuple[str, str]])
         elif rpc == "PushUpdate":
             channel.stream_unary(FED + rpc)(iter(data), metadata=md, timeout=timeout)
         else:
-            for _ in channel.stream_stream("/fedq.v1.Split/Step")(
+            for _ in channel.stream_stream("/fedq.v2.Split/Step")(
                 iter(data), metadata=md, timeout=timeout
             ):
                 pass
@@ -217,7 +214,7 @@ def test_every_hostile_call_gets_an_error_status_and_the_server_stays_healthy(li
             "/grpc.health.v1.Health/Check",
             request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
             response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )(health_pb2.HealthCheckRequest(service="fedq.v1.Federated"), timeout=10)
+        )(health_pb2.HealthCheckRequest(service="fedq.v2.Rounds"), timeout=10)
     assert not bad, f"{len(bad)} of {CASES} calls got a status they must not:\n" + "\n".join(
         bad[:20]
     )
@@ -256,8 +253,8 @@ def test_poisoned_and_tampered_updates_are_refused_and_memory_stays_bounded(live
             r = live.host.engine._current
             kind = ("poison", "tamper")[i % 2]
             delta = {k: torch.randn(v.shape, generator=gen) * 0.01 for k, v in state.items()}
-            msg = WireMessage(
-                "update", "client-0", r, 0, {"num_samples": 10.0}, {}, attacked(kind, delta, gen)
+            msg = WireMessage.update(
+                "client-0", r, tensors=attacked(kind, delta, gen), scalars={"num_samples": 10.0}
             )
             code, details = _call(
                 channel, "PushUpdate", list(message_to_frame_bytes(msg, 4096)), md

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from support.loopback import LoopbackConnection
 
 from fedq.codec import raw
 from fedq.errors import FedqError, TransportError
 from fedq.transport import ByteCounter, TransportClient, TransportServer
-from fedq.transport.loopback import LoopbackConnection
 from fedq.wire import WireMessage, message_to_frames
 from fedq.wire.pb import service_pb2
 
@@ -80,7 +80,7 @@ class _Closing:
 @pytest.mark.parametrize("over_grpc", [False, True], ids=["loopback", "grpc"])
 def test_an_update_and_its_ack_are_counted_before_the_handler_keeps_it(over_grpc: bool) -> None:
     handler = _Closing()
-    update = WireMessage(kind="update", client_id="c1", round=0, tensors={"w": raw(torch.ones(5))})
+    update = WireMessage.update("c1", 0, tensors={"w": raw(torch.ones(5))})
     up = sum(f.ByteSize() for f in message_to_frames(update))
     ack = service_pb2.Ack(accepted=True, bytes_received=up).ByteSize()
     server = TransportServer(handler) if over_grpc else None

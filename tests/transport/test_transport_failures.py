@@ -22,9 +22,7 @@ MD = [("x-fedq-client", "c1"), ("authorization", "Bearer secret-1")]
 
 
 def _update(client_id: str = "c1") -> WireMessage:
-    return WireMessage(
-        kind="update", client_id=client_id, tensors={"w": quantize(torch.randn(8, 8), 4)}
-    )
+    return WireMessage.update(client_id, tensors={"w": quantize(torch.randn(8, 8), 4)})
 
 
 def _bad_header() -> list[pb.Frame]:
@@ -60,8 +58,15 @@ def _payload_claim() -> list[pb.Frame]:
     return [pb.Frame(header=header)]
 
 
+def _unknown_kind() -> list[pb.Frame]:
+    frames = list(message_to_frames(_update(), chunk_size=64))
+    frames[0].header.kind = "ack"  # round protocol 3: only the five kinds of wire-format §12
+    return frames
+
+
 HOSTILE: dict[str, tuple[Callable[[], list[pb.Frame]], str]] = {
     "bad header": (_bad_header, "format_version"),
+    "unknown kind": (_unknown_kind, "kind"),
     "wrong chunk offsets": (_bad_offsets, "chunk.offset"),
     "bits 9": (_bits_nine, "bits"),
     "missing header": (_no_header, "header"),
@@ -75,7 +80,7 @@ def test_hostile_frames_get_invalid_argument_and_server_survives(
 ) -> None:
     make, field = HOSTILE[case]
     with grpc.insecure_channel(server.address) as channel:
-        stub = service_pb2_grpc.FederatedStub(channel)
+        stub = service_pb2_grpc.RoundsStub(channel)
         with pytest.raises(grpc.RpcError) as exc:
             stub.PushUpdate(iter(make()), metadata=MD, timeout=10)
         split = service_pb2_grpc.SplitStub(channel)
@@ -106,8 +111,8 @@ def test_hostile_frame_bytes_get_invalid_argument(
 ) -> None:
     frames, field = RAW_HOSTILE[case]
     with grpc.insecure_channel(server.address) as channel:
-        push = channel.stream_unary("/fedq.v1.Federated/PushUpdate")  # frames sent as given
-        step = channel.stream_stream("/fedq.v1.Split/Step")
+        push = channel.stream_unary("/fedq.v2.Rounds/PushUpdate")  # frames sent as given
+        step = channel.stream_stream("/fedq.v2.Split/Step")
         with pytest.raises(grpc.RpcError) as exc:
             push(iter(frames), metadata=MD, timeout=10)
         with pytest.raises(grpc.RpcError) as split_exc:
@@ -128,7 +133,7 @@ def test_wrong_or_missing_token_is_unauthenticated(server: TransportServer, clie
                 bad.push_update(_update(cid))
             assert exc.value.code == "UNAUTHENTICATED"
     with grpc.insecure_channel(server.address) as channel:  # no metadata at all
-        stub = service_pb2_grpc.FederatedStub(channel)
+        stub = service_pb2_grpc.RoundsStub(channel)
         with pytest.raises(grpc.RpcError) as raw_exc:
             list(stub.GetTask(service_pb2.TaskRequest(client_id="c1", round=1), timeout=10))
         assert raw_exc.value.code() is grpc.StatusCode.UNAUTHENTICATED
@@ -156,11 +161,9 @@ def test_handler_errors_map_to_status_codes(client: TransportClient) -> None:
 
 def test_split_stream_recovers_after_a_failed_step(client: TransportClient) -> None:
     with pytest.raises(TransportError) as exc:
-        client.split_step(WireMessage(kind="activations", client_id="c1"))  # no "act" tensor
+        client.split_step(WireMessage.activations("c1"))  # no "act" tensor
     assert exc.value.code == "INTERNAL" and "act" in exc.value.reason
-    good = WireMessage(
-        kind="activations", client_id="c1", tensors={"act": quantize(torch.ones(2, 2), 8)}
-    )
+    good = WireMessage.activations("c1", tensors={"act": quantize(torch.ones(2, 2), 8)})
     assert client.split_step(good).kind == "gradients"
 
 
@@ -180,9 +183,7 @@ def test_registering_again_drops_the_split_stream_of_a_server_that_went_away(
         def wake(self) -> None:
             pass
 
-    act = WireMessage(
-        kind="activations", client_id="c1", tensors={"act": quantize(torch.ones(2, 2), 8)}
-    )
+    act = WireMessage.activations("c1", tensors={"act": quantize(torch.ones(2, 2), 8)})
     reg = Registration(clients=(ClientInfo("c1", 1),), fedq_version="test")
     first = TransportServer(Rounds(), tokens=tokens)
     port = first.start()

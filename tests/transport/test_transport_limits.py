@@ -56,7 +56,7 @@ class Slow:
         self.updates: list[str] = []
 
     def get_task(self, client_id: str, round: int) -> WireMessage:
-        return WireMessage("global", client_id, round)
+        return WireMessage.global_model(client_id, round)
 
     def push_update(self, msg: WireMessage) -> None:
         self.gate.wait(20)
@@ -64,12 +64,12 @@ class Slow:
 
     def exchange(self, msg: WireMessage) -> WireMessage:
         self.gate.wait(20)
-        return WireMessage("gradients", msg.client_id, msg.round, msg.step)
+        return WireMessage.gradients(msg.client_id, msg.round, msg.step)
 
 
 def _update(cid: str, kib: int) -> WireMessage:
     x = torch.randn(kib * 128, 8)  # 8-bit codes, one byte each: kib KiB of payload
-    return WireMessage("update", cid, 0, 0, {}, {}, {"w": quantize(x, 8)})
+    return WireMessage.update(cid, 0, tensors={"w": quantize(x, 8)})
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_too_many_calls_from_one_principal_are_refused_while_others_are_served(s
     md = [("x-fedq-client", "c1"), ("authorization", "Bearer secret-1")]
     frames = list(message_to_frame_bytes(_update("c1", 1)))
     with grpc.insecure_channel(srv.address) as ch:
-        step = ch.stream_stream("/fedq.v1.Split/Step")
+        step = ch.stream_stream("/fedq.v2.Split/Step")
         held = [step(iter(frames), metadata=md, timeout=20) for _ in range(2)]
         time.sleep(0.5)  # both are inside the handler, each holding one of c1's two slots
         with pytest.raises(grpc.RpcError) as e:
@@ -123,7 +123,7 @@ def test_too_many_calls_from_one_principal_are_refused_while_others_are_served(s
 
 def test_a_frame_over_grpcs_message_cap_is_refused_by_grpc() -> None:
     with TransportServer(Slow(), tokens=TOKENS) as srv, grpc.insecure_channel(srv.address) as ch:
-        push = ch.stream_unary("/fedq.v1.Federated/PushUpdate")
+        push = ch.stream_unary("/fedq.v2.Rounds/PushUpdate")
         md = [("x-fedq-client", "c1"), ("authorization", "Bearer secret-1")]
         with pytest.raises(grpc.RpcError) as e:
             push(iter([b"\x0a" + b"\xff" * (5 << 20)]), metadata=md, timeout=20)

@@ -13,12 +13,14 @@ from fedq.codec import PackedTensor, dequantize, quantize, raw
 from fedq.errors import TransportError
 from fedq.transport import TransportClient, TransportServer
 from fedq.transport.server import (
-    _federated_handlers,
+    RETIRED_SERVICES,
     _health_handlers,
+    _rounds_handlers,
     _Servicer,
     _split_handlers,
 )
 from fedq.wire import WireMessage, message_to_frames
+from fedq.wire.control import ClientInfo, Registration
 from fedq.wire.pb import service_pb2
 
 MiB = 1 << 20
@@ -45,12 +47,11 @@ def test_get_task_and_push_update_round_trip(client, handler, server) -> None:
     assert set(task.tensors) == set(handler.global_tensors)
     for name, p in handler.global_tensors.items():
         assert _same(task.tensors[name], p)
-    update = WireMessage(
-        kind="update",
-        client_id="c1",
-        round=3,
-        scalars={"num_samples": 64.0},
+    update = WireMessage.update(
+        "c1",
+        3,
         tensors={"fc1.weight": quantize(torch.randn(16, 8), 3)},
+        scalars={"num_samples": 64.0},
     )
     sent = client.push_update(update)
     assert sent == _frame_bytes(update)
@@ -61,7 +62,7 @@ def test_get_task_and_push_update_round_trip(client, handler, server) -> None:
 
 def test_payload_over_4mib_is_streamed(client, handler) -> None:
     big = torch.randn(5 * MiB // 4 + 3)
-    update = WireMessage(kind="update", client_id="c1", round=1, tensors={"big": raw(big)})
+    update = WireMessage.update("c1", 1, tensors={"big": raw(big)})
     frames = list(message_to_frames(update))
     assert len(frames) == 7 and max(f.ByteSize() for f in frames) < 2 * MiB
     assert client.push_update(update) > 5 * MiB
@@ -74,7 +75,7 @@ def test_byte_counters_agree_and_equal_frame_sizes(
     server.counters.take()
     with TransportClient(server.address, client_id="c2", token=tokens["c2"]) as c:
         task = c.get_task(5)
-        update = WireMessage(kind="update", client_id="c2", round=5, tensors=task.tensors)
+        update = WireMessage.update("c2", 5, tensors=task.tensors)
         c.push_update(update)
         request = service_pb2.TaskRequest(client_id="c2", round=5)
         ack = service_pb2.Ack(accepted=True, bytes_received=_frame_bytes(update))
@@ -93,9 +94,7 @@ def test_split_steps_share_one_stream(server: TransportServer, client) -> None:
     replies, up = [], 0
     for step in range(2):
         act = torch.randn(4, 6)
-        msg = WireMessage(
-            kind="activations", client_id="c1", step=step, tensors={"act": quantize(act, 8)}
-        )
+        msg = WireMessage.activations("c1", 0, step, tensors={"act": quantize(act, 8)})
         up += _frame_bytes(msg)
         reply = client.split_step(msg)
         assert reply.kind == "gradients" and reply.step == step
@@ -114,7 +113,7 @@ def test_service_tables_cover_every_rpc_of_the_schema() -> None:
     Frame replies leave as bytes): none is missing, health included."""
     servicer = object.__new__(_Servicer)
     tables = [
-        (service_pb2.DESCRIPTOR.services_by_name["Federated"], _federated_handlers(servicer)),
+        (service_pb2.DESCRIPTOR.services_by_name["Rounds"], _rounds_handlers(servicer)),
         (service_pb2.DESCRIPTOR.services_by_name["Split"], _split_handlers(servicer)),
         (
             health_pb2.DESCRIPTOR.services_by_name["Health"],
@@ -129,7 +128,7 @@ def test_service_tables_cover_every_rpc_of_the_schema() -> None:
                 method.client_streaming,
                 method.server_streaming,
             )
-            frames_out = method.output_type.full_name == "fedq.v1.Frame"
+            frames_out = method.output_type.full_name == "fedq.v2.Frame"
             assert h.request_deserializer is None  # parsed by fedq: bad bytes INVALID_ARGUMENT
             assert (h.response_serializer is None) == frames_out
 
@@ -165,11 +164,11 @@ def _health_check(address: str, service: str) -> Any:
 
 def test_health_needs_no_token_and_reports_each_service(server: TransportServer) -> None:
     """wire-format §13: health answers without x-fedq-client or a token, even on a server with
-    tokens; SERVING for "", Federated and (split served) Split; NOT_FOUND for other names."""
+    tokens; SERVING for "", Rounds and (split served) Split; NOT_FOUND for other names."""
     serving = health_pb2.HealthCheckResponse.SERVING
-    for name in ("", "fedq.v1.Federated", "fedq.v1.Split"):
+    for name in ("", "fedq.v2.Rounds", "fedq.v2.Split"):
         assert _health_check(server.address, name) == serving, name
-    assert _health_check(server.address, "fedq.v1.Nope") == grpc.StatusCode.NOT_FOUND
+    assert _health_check(server.address, "fedq.v2.Nope") == grpc.StatusCode.NOT_FOUND
 
 
 def test_health_of_a_federated_only_server_has_no_split(toy_handler_cls) -> None:
@@ -186,15 +185,14 @@ def test_health_of_a_federated_only_server_has_no_split(toy_handler_cls) -> None
     with TransportServer(NoSplit()) as srv:
         assert not srv.serves_split
         assert (
-            _health_check(srv.address, "fedq.v1.Federated")
-            == health_pb2.HealthCheckResponse.SERVING
+            _health_check(srv.address, "fedq.v2.Rounds") == health_pb2.HealthCheckResponse.SERVING
         )
-        assert _health_check(srv.address, "fedq.v1.Split") == grpc.StatusCode.NOT_FOUND
+        assert _health_check(srv.address, "fedq.v2.Split") == grpc.StatusCode.NOT_FOUND
 
 
 def _register_status(address: str, metadata: list[tuple[str, str]], data: bytes = b"") -> Any:
     with grpc.insecure_channel(address) as channel:
-        register = channel.unary_unary("/fedq.v1.Federated/Register")  # request sent as given
+        register = channel.unary_unary("/fedq.v2.Rounds/Register")  # request sent as given
         with pytest.raises(grpc.RpcError) as e:
             register(data, metadata=metadata, timeout=10)
     return e.value.code()
@@ -217,3 +215,50 @@ def test_register_checks_the_token_before_the_client_header(
         assert _register_status(open_srv.address, [], garbage) == grpc.StatusCode.INVALID_ARGUMENT
         named = [("x-fedq-client", "c1")]
         assert _register_status(open_srv.address, named, garbage) == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_retired_service_paths_name_both_protocol_versions(server: TransportServer) -> None:
+    """Round protocol 3 renamed fedq.v1.Federated to fedq.v2.Rounds (wire-format §16): a client of
+    protocol 2 calling any old path gets FAILED_PRECONDITION naming both versions, not gRPC's
+    bare UNIMPLEMENTED, before anything is authenticated or read."""
+    assert set(RETIRED_SERVICES) == {"fedq.v1.Federated", "fedq.v1.Split"}
+    with grpc.insecure_channel(server.address) as channel:
+        calls = {
+            "/fedq.v1.Federated/Register": lambda p: channel.unary_unary(p)(b"", timeout=10),
+            "/fedq.v1.Federated/Work": lambda p: list(channel.unary_stream(p)(b"", timeout=10)),
+            "/fedq.v1.Federated/GetTask": lambda p: list(channel.unary_stream(p)(b"", timeout=10)),
+            "/fedq.v1.Federated/PushUpdate": lambda p: channel.stream_unary(p)(
+                iter([b""]), timeout=10
+            ),
+            "/fedq.v1.Split/Step": lambda p: list(
+                channel.stream_stream(p)(iter([b""]), timeout=10)
+            ),
+        }
+        assert {p.split("/")[1] for p in calls} == set(RETIRED_SERVICES)
+        assert sum(len(m) for m in RETIRED_SERVICES.values()) == len(calls)
+        for path, call in calls.items():
+            with pytest.raises(grpc.RpcError) as e:
+                call(path)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, path
+            reason = e.value.details()
+            assert "round protocol 2" in reason and "round protocol 3" in reason, reason
+            assert "fedq.v2.Rounds" in reason, reason
+
+
+def test_client_names_the_missing_rounds_service() -> None:
+    """A server without fedq.v2.Rounds (an older fedq, or not fedq) answers Register with gRPC's
+    UNIMPLEMENTED; the client says which service and protocol it needed."""
+    from concurrent import futures
+
+    bare = grpc.server(futures.ThreadPoolExecutor(1))
+    port = bare.add_insecure_port("127.0.0.1:0")
+    bare.start()
+    try:
+        with TransportClient(f"127.0.0.1:{port}", client_id="c1", timeout=10) as c:
+            reg = Registration((ClientInfo("c1", 1),), "0.0.1")
+            with pytest.raises(TransportError, match="UNIMPLEMENTED") as e:
+                c.register(reg)
+        assert "does not serve fedq.v2.Rounds" in str(e.value)
+        assert "round protocol 2" in str(e.value) and "round protocol 3" in str(e.value)
+    finally:
+        bare.stop(0)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from fedq.codec import Granularity, PackedTensor, QuantSpec, quantize, raw
-from fedq.wire import WireMessage, bundle_to_bytes, message_to_frames
+from fedq.wire import MessageKind, WireMessage, bundle_to_bytes, message_to_frames
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 MANIFEST = GOLDEN_DIR / "vectors.json"
@@ -79,7 +79,7 @@ def encode_bundle(vector: dict[str, Any]) -> bytes:
 def vector_message(vector: dict[str, Any], tensors: dict[str, PackedTensor]) -> WireMessage:
     m = vector["message"]
     return WireMessage(
-        kind=m["kind"],
+        kind=MessageKind(m["kind"]),
         client_id=m["client_id"],
         round=m["round"],
         step=m["step"],

@@ -83,7 +83,7 @@ def test_buffers_come_back_from_other_threads() -> None:
 
 def _big_message(seed: int) -> WireMessage:
     x = torch.randn(3 * MiB // 8, generator=torch.Generator().manual_seed(seed))
-    return WireMessage(kind="update", client_id="c", tensors={"w": raw(x), "v": raw(x[:5])})
+    return WireMessage.update("c", tensors={"w": raw(x), "v": raw(x[:5])})
 
 
 def test_received_payloads_reuse_memory_only_after_their_tensors_are_gone() -> None:

@@ -76,16 +76,15 @@ def test_header_frames_round_trip_through_protobuf() -> None:
 
 def _message() -> WireMessage:
     gen = torch.Generator().manual_seed(5)
-    return WireMessage(
-        kind="update",
-        client_id="c1",
-        round=4,
-        scalars={"n": 3.0},
-        tags={"s": "fedavg"},
+    return WireMessage.update(
+        "c1",
+        4,
         tensors={
             "w": quantize(torch.randn(40, 16, generator=gen), 3),
             "b": raw(torch.randn(33, generator=gen)),
         },
+        scalars={"n": 3.0},
+        tags={"s": "fedavg"},
     )
 
 
@@ -118,7 +117,7 @@ def test_message_frames_equal_protobufs_frames(chunk_size: int) -> None:
 
 
 def test_message_without_tensors_is_one_header_frame() -> None:
-    frames = list(message_to_frame_bytes(WireMessage(kind="ping", client_id="c")))
+    frames = list(message_to_frame_bytes(WireMessage.failed("c", 0, "no data")))
     assert len(frames) == 1
     assert pb.Frame.FromString(frames[0]).header.payload_size == 0
 

@@ -12,6 +12,7 @@ import torch
 from fedq.codec import FORMAT_VERSION, quantize, raw
 from fedq.errors import WireFormatError
 from fedq.wire import (
+    MessageKind,
     WireLimits,
     WireMessage,
     bundle_to_bytes,
@@ -28,7 +29,7 @@ MiB = 1 << 20
 
 def _msg(**tensors: torch.Tensor) -> WireMessage:
     return WireMessage(
-        kind="update",
+        kind=MessageKind.UPDATE,
         client_id="c1",
         round=3,
         step=7,
@@ -72,15 +73,15 @@ def test_chunks_cut_across_tensor_boundaries(chunk_size: int, assert_packed_equa
 
 
 def test_message_without_tensors_has_no_chunks() -> None:
-    frames = list(message_to_frames(WireMessage(kind="ack", client_id="c", round=1)))
+    frames = list(message_to_frames(WireMessage.failed("c", 1, "no data")))
     assert len(frames) == 1 and frames[0].header.payload_size == 0
     back = message_from_frames(frames, LIMITS)
-    assert back == WireMessage(kind="ack", client_id="c", round=1)
+    assert back == WireMessage.failed("c", 1, "no data")
 
 
 def test_read_message_consumes_one_message_per_call() -> None:
     """A bidi stream carries several messages back to back."""
-    first, second = _msg(a=torch.randn(4, 4)), WireMessage(kind="x", client_id="c", step=2)
+    first, second = _msg(a=torch.randn(4, 4)), WireMessage.activations("c", step=2)
     it = iter([*message_to_frames(first, chunk_size=50), *message_to_frames(second)])
     m1, m2 = read_message(it, LIMITS), read_message(it, LIMITS)
     assert m1 is not None and m2 is not None
@@ -124,6 +125,7 @@ FRAME_CORPUS: dict[str, tuple[Callable[[], list[pb.Frame]], str]] = {
     "empty stream": (lambda: [], "header"),
     "header version": (lambda: _mutate_header(format_version=9), "format_version"),
     "empty kind": (lambda: _mutate_header(kind=""), "kind"),
+    "unknown kind": (lambda: _mutate_header(kind="ack"), "kind"),
     "payload over limit": (lambda: _mutate_header(payload_size=(8 << 30) + 1), "payload_size"),
     "NaN scalar": (lambda: _mutate_header(scalars={"loss": float("nan")}), "scalars"),
     "Inf scalar": (lambda: _mutate_header(scalars={"lr": float("-inf")}), "scalars"),
@@ -167,6 +169,8 @@ def test_hostile_payload_size_does_not_preallocate() -> None:
 
 def test_sender_rejects_values_the_receiver_would_reject() -> None:
     with pytest.raises(WireFormatError, match="scalars"):
-        list(message_to_frames(WireMessage(kind="u", client_id="c", scalars={"x": math.nan})))
-    with pytest.raises(WireFormatError, match="kind"):
-        list(message_to_frames(WireMessage(kind="", client_id="c")))
+        list(message_to_frames(WireMessage.update("c", scalars={"x": math.nan})))
+    with pytest.raises(WireFormatError, match="kind': must be non-empty"):
+        list(message_to_frames(WireMessage(kind="", client_id="c")))  # type: ignore[arg-type]
+    with pytest.raises(WireFormatError, match="kind': unknown kind 'ack'"):
+        list(message_to_frames(WireMessage(kind="ack", client_id="c")))  # type: ignore[arg-type]

@@ -46,7 +46,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("chunk", [1, 7, 100, 4096])
 def test_streamed_tensors_equal_the_whole_message_decoded(chunk: int) -> None:
-    msg = WireMessage("update", "c1", round=3, scalars={"n": 5.0}, tensors=_tensors())
+    msg = WireMessage.update("c1", 3, tensors=_tensors(), scalars={"n": 5.0})
     frames = list(message_to_frames(msg, chunk_size=chunk))
     got = read_message_streaming(iter(frames), LIMITS)
     assert got is not None
@@ -71,7 +71,7 @@ def test_a_tensor_is_decoded_before_the_message_ends() -> None:
 
 
 def test_messages_without_tensors_and_clean_ends() -> None:
-    frames = list(message_to_frames(WireMessage("ping", "c1")))
+    frames = list(message_to_frames(WireMessage.failed("c1", 0, "no data")))
     got = read_message_streaming(iter(frames), LIMITS)
     assert got is not None and got[1] == {}
     assert read_message_streaming(iter([]), LIMITS) is None

@@ -59,7 +59,7 @@ def test_pieces_are_protobuf_bytes_with_payload_views() -> None:
 
 def test_reassembled_message_shares_one_writable_buffer(assert_packed_equal) -> None:
     tensors = _tensors()
-    msg = WireMessage(kind="update", client_id="c", tensors=tensors)
+    msg = WireMessage.update("c", tensors=tensors)
     back = message_from_frames(message_to_frames(msg, chunk_size=64), LIMITS)
     for name, p in tensors.items():
         assert_packed_equal(p, back.tensors[name])
@@ -70,7 +70,7 @@ def test_reassembled_message_shares_one_writable_buffer(assert_packed_equal) -> 
 def test_decoding_copies_the_payload_once() -> None:
     """Reassembly is the only copy: the decoded payloads add no memory of their own."""
     big = {f"w{i}": quantize(torch.randn(256, 1024), 8) for i in range(4)}  # 1 MiB of payload
-    msg = WireMessage(kind="update", client_id="c", tensors=big)
+    msg = WireMessage.update("c", tensors=big)
     frames = list(message_to_frames(msg, chunk_size=1 << 16))
     size = frames[0].header.payload_size
     tracemalloc.start()

@@ -26,9 +26,9 @@ if _version_not_supported:
     )
 
 
-class FederatedStub:
-    """Federated and split rounds alike: register, keep a work stream open, and for each task pull its
-    input (the global parameters or the client state) and push the result.
+class RoundsStub:
+    """The rounds of every mode (federated and split alike): register, keep a work stream open, and for
+    each task pull its input (the global parameters or the client state) and push the result.
     """
 
     def __init__(self, channel):
@@ -38,30 +38,30 @@ class FederatedStub:
             channel: A grpc.Channel.
         """
         self.Register = channel.unary_unary(
-                '/fedq.v1.Federated/Register',
+                '/fedq.v2.Rounds/Register',
                 request_serializer=fedq_dot_wire_dot_pb_dot_service__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=fedq_dot_wire_dot_pb_dot_service__pb2.RegisterReply.FromString,
                 _registered_method=True)
         self.Work = channel.unary_stream(
-                '/fedq.v1.Federated/Work',
+                '/fedq.v2.Rounds/Work',
                 request_serializer=fedq_dot_wire_dot_pb_dot_service__pb2.WorkRequest.SerializeToString,
                 response_deserializer=fedq_dot_wire_dot_pb_dot_service__pb2.WorkItem.FromString,
                 _registered_method=True)
         self.GetTask = channel.unary_stream(
-                '/fedq.v1.Federated/GetTask',
+                '/fedq.v2.Rounds/GetTask',
                 request_serializer=fedq_dot_wire_dot_pb_dot_service__pb2.TaskRequest.SerializeToString,
                 response_deserializer=fedq_dot_wire_dot_pb_dot_tensor__pb2.Frame.FromString,
                 _registered_method=True)
         self.PushUpdate = channel.stream_unary(
-                '/fedq.v1.Federated/PushUpdate',
+                '/fedq.v2.Rounds/PushUpdate',
                 request_serializer=fedq_dot_wire_dot_pb_dot_tensor__pb2.Frame.SerializeToString,
                 response_deserializer=fedq_dot_wire_dot_pb_dot_service__pb2.Ack.FromString,
                 _registered_method=True)
 
 
-class FederatedServicer:
-    """Federated and split rounds alike: register, keep a work stream open, and for each task pull its
-    input (the global parameters or the client state) and push the result.
+class RoundsServicer:
+    """The rounds of every mode (federated and split alike): register, keep a work stream open, and for
+    each task pull its input (the global parameters or the client state) and push the result.
     """
 
     def Register(self, request, context):
@@ -95,7 +95,7 @@ class FederatedServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_FederatedServicer_to_server(servicer, server):
+def add_RoundsServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
@@ -119,15 +119,15 @@ def add_FederatedServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fedq.v1.Federated', rpc_method_handlers)
+            'fedq.v2.Rounds', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fedq.v1.Federated', rpc_method_handlers)
+    server.add_registered_method_handlers('fedq.v2.Rounds', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Federated:
-    """Federated and split rounds alike: register, keep a work stream open, and for each task pull its
-    input (the global parameters or the client state) and push the result.
+class Rounds:
+    """The rounds of every mode (federated and split alike): register, keep a work stream open, and for
+    each task pull its input (the global parameters or the client state) and push the result.
     """
 
     @staticmethod
@@ -144,7 +144,7 @@ class Federated:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fedq.v1.Federated/Register',
+            '/fedq.v2.Rounds/Register',
             fedq_dot_wire_dot_pb_dot_service__pb2.RegisterRequest.SerializeToString,
             fedq_dot_wire_dot_pb_dot_service__pb2.RegisterReply.FromString,
             options,
@@ -171,7 +171,7 @@ class Federated:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/fedq.v1.Federated/Work',
+            '/fedq.v2.Rounds/Work',
             fedq_dot_wire_dot_pb_dot_service__pb2.WorkRequest.SerializeToString,
             fedq_dot_wire_dot_pb_dot_service__pb2.WorkItem.FromString,
             options,
@@ -198,7 +198,7 @@ class Federated:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/fedq.v1.Federated/GetTask',
+            '/fedq.v2.Rounds/GetTask',
             fedq_dot_wire_dot_pb_dot_service__pb2.TaskRequest.SerializeToString,
             fedq_dot_wire_dot_pb_dot_tensor__pb2.Frame.FromString,
             options,
@@ -225,7 +225,7 @@ class Federated:
         return grpc.experimental.stream_unary(
             request_iterator,
             target,
-            '/fedq.v1.Federated/PushUpdate',
+            '/fedq.v2.Rounds/PushUpdate',
             fedq_dot_wire_dot_pb_dot_tensor__pb2.Frame.SerializeToString,
             fedq_dot_wire_dot_pb_dot_service__pb2.Ack.FromString,
             options,
@@ -251,7 +251,7 @@ class SplitStub:
             channel: A grpc.Channel.
         """
         self.Step = channel.stream_stream(
-                '/fedq.v1.Split/Step',
+                '/fedq.v2.Split/Step',
                 request_serializer=fedq_dot_wire_dot_pb_dot_tensor__pb2.Frame.SerializeToString,
                 response_deserializer=fedq_dot_wire_dot_pb_dot_tensor__pb2.Frame.FromString,
                 _registered_method=True)
@@ -278,9 +278,9 @@ def add_SplitServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'fedq.v1.Split', rpc_method_handlers)
+            'fedq.v2.Split', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('fedq.v1.Split', rpc_method_handlers)
+    server.add_registered_method_handlers('fedq.v2.Split', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -303,7 +303,7 @@ class Split:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/fedq.v1.Split/Step',
+            '/fedq.v2.Split/Step',
             fedq_dot_wire_dot_pb_dot_tensor__pb2.Frame.SerializeToString,
             fedq_dot_wire_dot_pb_dot_tensor__pb2.Frame.FromString,
             options,

@@ -1,4 +1,5 @@
-"""In-process connection with the same interface as :class:`TransportClient`.
+"""An in-process connection for tests, with the interface of
+:class:`fedq.transport.TransportClient` (the round engine's ``Connection``).
 
 Messages still go through the real wire framing (serialize, chunk, reassemble, validate), the
 control messages through their protobuf serde, and bytes are counted exactly as the gRPC path

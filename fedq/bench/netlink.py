@@ -1,6 +1,8 @@
-"""Split learning over an emulated link: two network namespaces joined by a veth pair shaped with
-``tc tbf`` (docs/algorithms.md §1.9 "multi-machine run": time per step under a fixed bandwidth
-cap, measured, not modelled).
+"""Benchmark tooling: split learning over an emulated link, two network namespaces joined by a
+veth pair shaped with ``tc tbf`` (``fedq bench split --link``; docs/algorithms.md §1.9
+"multi-machine run": time per step under a fixed bandwidth cap, measured, not modelled), and a
+two-node Ray cluster across such a link (the cluster runs of BENCHMARKS.md). Nothing outside
+:mod:`fedq.bench` uses it; the tests build on it too (``tests/support/netns.py``).
 
 :func:`veth_link` creates namespaces ``fqs-<tag>`` (server) and ``fqc-<tag>`` (client), a veth
 pair ``fqs<tag>``/``fqc<tag>`` with addresses from a fresh ``10.200.X.Y/30`` it owns, and a token
@@ -9,10 +11,10 @@ everything is deleted in ``finally`` (deleting a namespace deletes its veth end)
 namespaces and addresses are touched. Root and iproute2 (``ip``, ``tc``) are required;
 :class:`LinkUnavailable` says why not. :func:`ray_pair` starts a two-node Ray cluster across such
 a link (the head in one namespace, a worker node in the other) and ends exactly its processes;
-``python -m fedq.runtime.netlink cluster SPEC`` runs one command on such a cluster
+``python -m fedq.bench.netlink cluster SPEC`` runs one command on such a cluster
 (:func:`on_ray_pair`).
 
-:func:`run_link_arm` starts the split server (``python -m fedq.runtime.netlink serve``) in the
+:func:`run_link_arm` starts the split server (``python -m fedq.bench.netlink serve``) in the
 server namespace and a client (``... client``) in the other with ``ip netns exec``; they talk
 real gRPC over the veth (token-authenticated; plaintext is allowed explicitly because the link is
 a private veth). The client reports seconds per step (compute + serialisation + transfer) and
@@ -62,10 +64,17 @@ def link_unavailable_reason() -> str | None:
     return None
 
 
-def _sh(*args: str) -> None:
+def sh(*args: str) -> None:
+    """Run one iproute2 command; :class:`LinkUnavailable` with its error output if it fails."""
     out = subprocess.run(list(args), capture_output=True, text=True)
     if out.returncode != 0:
         raise LinkUnavailable(f"{' '.join(args)} failed: {out.stderr.strip()}")
+
+
+def shape(ns: str, dev: str, rate: str) -> None:
+    """Cap what ``dev`` (in namespace ``ns``) sends to ``rate`` with a token bucket."""
+    tbf = ["tbf", "rate", rate, "burst", "64kb", "latency", "100ms"]
+    sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", *tbf)
 
 
 @contextmanager
@@ -80,113 +89,20 @@ def veth_link(rate: str = "100mbit") -> Iterator[LinkPair]:
     net, host = rng.randrange(256), 4 * rng.randrange(64)
     ip_s, ip_c = f"10.200.{net}.{host + 1}", f"10.200.{net}.{host + 2}"
     try:
-        _sh("ip", "netns", "add", ns_s)
-        _sh("ip", "netns", "add", ns_c)
-        _sh("ip", "link", "add", if_s, "type", "veth", "peer", "name", if_c)
+        sh("ip", "netns", "add", ns_s)
+        sh("ip", "netns", "add", ns_c)
+        sh("ip", "link", "add", if_s, "type", "veth", "peer", "name", if_c)
         for ns, dev, ip in ((ns_s, if_s, ip_s), (ns_c, if_c, ip_c)):
-            _sh("ip", "link", "set", dev, "netns", ns)
-            _sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
-            _sh("ip", "-n", ns, "link", "set", dev, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh(
-                "ip",
-                "netns",
-                "exec",
-                ns,
-                "tc",
-                "qdisc",
-                "add",
-                "dev",
-                dev,
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                "64kb",
-                "latency",
-                "100ms",
-            )
+            sh("ip", "link", "set", dev, "netns", ns)
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            shape(ns, dev, rate)
         yield LinkPair(ns_s, ns_c, ip_s, ip_c, rate)
     finally:
         for ns in (ns_s, ns_c):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", if_s], capture_output=True)  # if never moved
-
-
-@dataclass(frozen=True)
-class Star:
-    """A server namespace linked to each client namespace by its own veth pair: ``links[i]`` is
-    ``(client namespace, client address, the server's address on that link)``."""
-
-    server_ns: str
-    links: list[tuple[str, str, str]]
-
-    @property
-    def server_ips(self) -> list[str]:
-        return [srv for _, _, srv in self.links]
-
-
-@contextmanager
-def veth_star(clients: int, rate: str | None = None) -> Iterator[Star]:
-    """Namespaces ``fqs-<tag>`` and ``fqc<i>-<tag>``, one veth pair per client with a fresh
-    ``10.200.X.Y/30`` each, optionally shaped (``tc tbf`` at ``rate`` on both ends), so the
-    clients reach the server only across their link; everything is deleted afterwards."""
-    reason = link_unavailable_reason()
-    if reason:
-        raise LinkUnavailable(reason)
-    tag = secrets.token_hex(3)
-    ns_s = f"fqs-{tag}"
-    rng = random.Random(tag)
-    net = rng.randrange(256)
-    made = [ns_s]
-    links = []
-    try:
-        _sh("ip", "netns", "add", ns_s)
-        _sh("ip", "-n", ns_s, "link", "set", "lo", "up")
-        for i in range(clients):
-            ns_c, if_s, if_c = f"fqc{i}-{tag}", f"fs{i}{tag}", f"fc{i}{tag}"
-            ip_s, ip_c = f"10.200.{net}.{4 * i + 1}", f"10.200.{net}.{4 * i + 2}"
-            _sh("ip", "netns", "add", ns_c)
-            made.append(ns_c)
-            _sh("ip", "link", "add", if_s, "type", "veth", "peer", "name", if_c)
-            for ns, dev, ip in ((ns_s, if_s, ip_s), (ns_c, if_c, ip_c)):
-                _sh("ip", "link", "set", dev, "netns", ns)
-                _sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", dev)
-                _sh("ip", "-n", ns, "link", "set", dev, "up")
-                if rate:
-                    _sh(
-                        "ip",
-                        "netns",
-                        "exec",
-                        ns,
-                        "tc",
-                        "qdisc",
-                        "add",
-                        "dev",
-                        dev,
-                        "root",
-                        "tbf",
-                        "rate",
-                        rate,
-                        "burst",
-                        "64kb",
-                        "latency",
-                        "100ms",
-                    )
-            _sh("ip", "-n", ns_c, "link", "set", "lo", "up")
-            links.append((ns_c, ip_c, ip_s))
-        yield Star(ns_s, links)
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-
-
-def namespaces_left(tag_prefix: str = "fq") -> list[str]:
-    """Namespaces whose name starts with ``fqs-``/``fqc-`` (for tests: nothing must leak)."""
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    names = [line.split()[0] for line in out.splitlines() if line.strip()]
-    return [n for n in names if n.startswith((f"{tag_prefix}s-", f"{tag_prefix}c-"))]
 
 
 # ---------------------------------------------------------------- a Ray cluster across a link
@@ -392,7 +308,7 @@ def run_link_arm(
         write_shards(load_scenario(scenario, spec["overrides"]), tmp / "data")[0]
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    py = [sys.executable, "-m", "fedq.runtime.netlink"]
+    py = [sys.executable, "-m", "fedq.bench.netlink"]
     srv = subprocess.Popen(
         ["ip", "netns", "exec", link.server_ns, *py, "serve", json.dumps(spec)],
         stdout=subprocess.PIPE,
