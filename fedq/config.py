@@ -569,11 +569,11 @@ class RunConfig:
             )
         split = self.mode == "split"
         sites = self.runtime.sites
-        if sites and sum(s.clients for s in sites) != self.fed.num_clients:
+        if sites and sum(s.clients for s in sites) != self.rounds.num_clients:
             p.append(
                 f"runtime.sites: the sites hold {sum(s.clients for s in sites)} clients in all "
-                f"({' + '.join(str(s.clients) for s in sites)}), but fed.num_clients is "
-                f"{self.fed.num_clients}"
+                f"({' + '.join(str(s.clients) for s in sites)}), but rounds.num_clients is "
+                f"{self.rounds.num_clients}"
             )
         if split and self.data.standardize:
             p.append("data.standardize: mode 'split' reads text, which has no features to scale")
@@ -587,7 +587,7 @@ class RunConfig:
 
     def _defence_problems(self) -> Problems:
         """Combinations of ``defence`` with the rest of the run that are unsound or impossible."""
-        d, k, p = self.defence, self.fed.clients_per_round, []
+        d, k, p = self.defence, self.rounds.clients_per_round, []
         if self.privacy.mechanism == "central" and d.aggregator != "mean":
             p.append(
                 f"defence.aggregator: {d.aggregator!r} does not compose with privacy.mechanism "
@@ -598,7 +598,7 @@ class RunConfig:
         if d.aggregator == "krum":
             if k < 2 * d.krum_f + 3:
                 p.append(
-                    f"defence.krum_f: Krum with f={d.krum_f} needs fed.clients_per_round >= "
+                    f"defence.krum_f: Krum with f={d.krum_f} needs rounds.clients_per_round >= "
                     f"2f + 3 = {2 * d.krum_f + 3}, got {k}"
                 )
             if d.krum_m > k - d.krum_f:

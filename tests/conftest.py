@@ -68,7 +68,7 @@ def run_rounds(
     from fedq.transport.loopback import LoopbackConnection
     from fedq.wire.control import ClientInfo
 
-    roster = [client_name(i) for i in range(cfg.fed.num_clients)]
+    roster = [client_name(i) for i in range(cfg.rounds.num_clients)]
     hosts = hosts or {c: [c] for c in shards}
     data = next(iter(shards.values())).data
     num_classes, input_dim = data_shape(data)
@@ -210,7 +210,7 @@ class OpenRounds:
         self.workload = workload
         self.counters = ByteCounter()
         self.hooks = _Collect(self.counters)
-        roster = [client_name(i) for i in range(cfg.fed.num_clients)]
+        roster = [client_name(i) for i in range(cfg.rounds.num_clients)]
         self.engine = RoundEngine(
             cfg,
             workload,

@@ -35,13 +35,13 @@ BASE: dict[str, Any] = {
     "data": {"name": "digits", "partition": "iid"},
     "model": {"name": "mlp", "hidden": 64},
     "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
-    "fed": {
+    "rounds": {
+        "count": 10,
         "num_clients": 10,
         "clients_per_round": 10,
         "min_clients": 1,
-        "rounds": 10,
         "eval_every": 10,
-        "round_timeout_s": 120,
+        "timeout_s": 120,
     },
     "compression": {
         "uplink": {"policy": "fixed", "bits": 8},
@@ -159,7 +159,7 @@ def run_attacked(
     from fedq.rounds import client_name
     from fedq.runtime.hosts import ServerHost, WorkerHost
 
-    n = cfg.fed.num_clients
+    n = cfg.rounds.num_clients
     bad = sorted(set(attackers))
     sides = {"honest": [i for i in range(n) if i not in bad], "attacker": bad}
     sides = {k: v for k, v in sides.items() if v}

@@ -51,7 +51,7 @@ WORKER_CHECK_S = 5.0
 def num_workers(cfg: RunConfig, cpus: int | None = None) -> int:
     """K: ``runtime.workers``, else one per core (``cpus``: of the cluster attached to)."""
     k = cfg.runtime.workers or cpus or os.cpu_count() or 1
-    return max(1, min(k, cfg.fed.num_clients))
+    return max(1, min(k, cfg.rounds.num_clients))
 
 
 def simulate(
@@ -86,7 +86,7 @@ def simulate(
     except BaseException:
         backend.shutdown()
         raise
-    n, k = cfg.fed.num_clients, len(plan) - 1
+    n, k = cfg.rounds.num_clients, len(plan) - 1
     roster = [client_name(i) for i in range(n)]
     shares = {h.principal: list(h.clients) for h in plan[1:]}
     tokens = {p: secrets.token_urlsafe(24) for p in shares}
@@ -353,10 +353,10 @@ def _lost_workers(
         more = f" and {len(shares[p]) - 5:,} more" if len(shares[p]) > 5 else ""
         log.error("%s died (clients %s%s): %s", p, clients, more, why)
     left = sum(len(c) for p, c in shares.items() if p not in lost)
-    if found and left < cfg.fed.min_clients:
+    if found and left < cfg.rounds.min_clients:
         reason = (
             f"{len(lost)} worker(s) lost ({', '.join(sorted(lost))}); {left} clients left, "
-            f"a round needs fed.min_clients={cfg.fed.min_clients}"
+            f"a round needs rounds.min_clients={cfg.rounds.min_clients}"
         )
         backend.get([backend.call(server, "stop_run", reason)])
     return found
