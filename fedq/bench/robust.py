@@ -218,7 +218,7 @@ def _config(rounds: int, aggregator: str) -> Any:
     from fedq.config import config_from_dict
 
     raw: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
-    raw["fed"] = {**BASE["fed"], "rounds": rounds, "eval_every": rounds}
+    raw["rounds"] = {**BASE["rounds"], "count": rounds, "eval_every": rounds}
     raw["defence"] = dict(DEFENCE[aggregator])
     return config_from_dict(raw)
 

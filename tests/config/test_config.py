@@ -73,7 +73,7 @@ def test_budget_policy_needs_budget() -> None:
 
 def test_overrides_are_validated(tmp_path: Path) -> None:
     f = tmp_path / "s.yaml"
-    f.write_text("fed:\n  rounds: 2\n")
+    f.write_text("rounds:\n  count: 2\n")
     cfg = load_scenario(f, ["rounds.count=5", "compression.uplink.bits=3", "data.max_train=null"])
     assert cfg.rounds.count == 5 and cfg.compression.uplink.bits == 3
     with pytest.raises(ConfigError, match=r"rounds\.count: expected int"):

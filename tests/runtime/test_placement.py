@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(runtime: dict[str, Any], clients: int = 6, **extra: Any) -> Any:
-    fed = {"num_clients": clients, "clients_per_round": clients}
-    return config_from_dict({"fed": fed, "runtime": runtime, **extra})
+    rounds = {"num_clients": clients, "clients_per_round": clients}
+    return config_from_dict({"rounds": rounds, "runtime": runtime, **extra})
 
 
 def test_sites_parse_from_yaml_and_round_trip_through_config_json(tmp_path: Path) -> None:
     f = tmp_path / "s.yaml"
     f.write_text(
-        "fed: {num_clients: 6, clients_per_round: 6}\n"
+        "rounds: {num_clients: 6, clients_per_round: 6}\n"
         "runtime:\n"
         "  placement: pack\n"
         "  server_resource: head\n"
