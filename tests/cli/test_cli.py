@@ -61,6 +61,7 @@ def test_quickstart_on_ray_then_resume_from_its_folder(fedq_cli: Run, tmp_path: 
         ("rounds.num_clients=1000", "fedq: error: invalid configuration: dirichlet partition"),
         ("model.name=mpl", "fedq: error: invalid configuration: model.name: unknown 'mpl'"),
         ("fed.roundz=3", "fedq: error: invalid configuration: fed.roundz: unknown key"),
+        ("fed.rounds=3", "fedq: error: invalid configuration: fed.rounds: moved to rounds.count"),
     ],
 )
 def test_configuration_problems_are_one_clear_error(
