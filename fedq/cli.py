@@ -50,8 +50,8 @@ def _load(args: argparse.Namespace) -> RunConfig:
 def _describe(cfg: RunConfig) -> str:
     """One line saying what will run: the numbers a user checks before waiting for a run."""
     head = (
-        f"{cfg.name} | {cfg.fed.num_clients} clients, {cfg.fed.clients_per_round}/round, "
-        f"{cfg.fed.rounds} rounds | data {cfg.data.name} ({cfg.data.partition}) | "
+        f"{cfg.name} | {cfg.rounds.num_clients} clients, {cfg.rounds.clients_per_round}/round, "
+        f"{cfg.rounds.count} rounds | data {cfg.data.name} ({cfg.data.partition}) | "
         f"model {cfg.model.name}"
     )
     from fedq.modes import get_mode
@@ -70,7 +70,7 @@ def _simulate(args: argparse.Namespace) -> int:
         args.resume or args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     print(f"fedq simulate: {_describe(cfg)} | out {out}")
-    bar = tqdm(total=cfg.fed.rounds, unit="round", disable=args.quiet, dynamic_ncols=True)
+    bar = tqdm(total=cfg.rounds.count, unit="round", disable=args.quiet, dynamic_ncols=True)
 
     def on_start(info: dict[str, Any]) -> None:
         bar.write(

@@ -7,6 +7,8 @@ overrides are applied to the raw mapping first, so they are validated the same w
 A key the chosen ``mode`` does not use (the ``split`` section in federated mode; ``compression``,
 the FedProx / FedAdam parameters and ``train.local_epochs`` in split mode) is an error that says
 so, rather than being silently ignored; the saved ``config.json`` holds only what the mode uses.
+The round schedule of both modes is the ``rounds`` section; a key that moved there from ``fed``
+is an error naming its new key (:data:`MOVED_FROM_FED`).
 Defaults that differ by mode (the optimizer) are resolved here and saved resolved. What each mode
 checks is data, one :class:`ModeRules` per mode in :data:`MODE_RULES`: the built-in modes' rules
 are here, and a mode registered in :mod:`fedq.modes` brings its own (``register_mode_rules``).
@@ -109,18 +111,44 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FedConfig:
-    """Federated rounds and the server strategy."""
+class RoundsConfig:
+    """``rounds:``: the round schedule, the same in both modes: ``count`` rounds over a roster of
+    ``num_clients``, ``clients_per_round`` selected in each."""
 
-    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    count: int = 10
     num_clients: int = 10
     clients_per_round: int = 10
-    rounds: int = 10
-    eval_every: int = 1
     # a round starts once this many registered clients are available, and is discarded (nothing
     # applied) when fewer updates than this arrive
     min_clients: int = 1
-    round_timeout_s: float = 600.0  # a selected client without an update by then is dropped
+    eval_every: int = 1
+    timeout_s: float = 600.0  # a selected client without an update by then is dropped
+
+    def check(self) -> Problems:
+        p = []
+        for k in ("count", "num_clients", "clients_per_round", "min_clients", "eval_every"):
+            if getattr(self, k) < 1:
+                p.append(f"rounds.{k}: must be >= 1, got {getattr(self, k)}")
+        if self.clients_per_round > self.num_clients:
+            p.append(
+                f"rounds.clients_per_round: {self.clients_per_round} exceeds "
+                f"rounds.num_clients={self.num_clients}"
+            )
+        if self.min_clients > self.clients_per_round:
+            p.append(
+                f"rounds.min_clients: {self.min_clients} exceeds "
+                f"rounds.clients_per_round={self.clients_per_round}"
+            )
+        if not 0 < self.timeout_s < float("inf"):
+            p.append(f"rounds.timeout_s: must be > 0 and finite, got {self.timeout_s}")
+        return p
+
+
+@dataclass(frozen=True, kw_only=True)
+class FedConfig:
+    """``fed:``: the federated server optimizer (the schedule is in ``rounds:``)."""
+
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     proximal_mu: float = 0.01  # fedprox
     server_lr: float = 0.01  # fedadam
     beta1: float = 0.9  # fedadam
@@ -129,21 +157,6 @@ class FedConfig:
 
     def check(self) -> Problems:
         p = []
-        for k in ("num_clients", "clients_per_round", "rounds", "eval_every", "min_clients"):
-            if getattr(self, k) < 1:
-                p.append(f"fed.{k}: must be >= 1, got {getattr(self, k)}")
-        if self.clients_per_round > self.num_clients:
-            p.append(
-                f"fed.clients_per_round: {self.clients_per_round} exceeds "
-                f"fed.num_clients={self.num_clients}"
-            )
-        if self.min_clients > self.clients_per_round:
-            p.append(
-                f"fed.min_clients: {self.min_clients} exceeds "
-                f"fed.clients_per_round={self.clients_per_round}"
-            )
-        if not 0 < self.round_timeout_s < float("inf"):
-            p.append(f"fed.round_timeout_s: must be > 0 and finite, got {self.round_timeout_s}")
         if self.proximal_mu < 0:
             p.append(f"fed.proximal_mu: must be >= 0, got {self.proximal_mu}")
         if self.server_lr <= 0:
@@ -154,6 +167,41 @@ class FedConfig:
         if self.tau <= 0:
             p.append(f"fed.tau: must be > 0, got {self.tau}")
         return p
+
+
+#: Keys of ``fed:`` that moved to ``rounds:`` (name in ``fed`` -> name in ``rounds``): setting one
+#: is an error naming its new key; a run folder's saved ``config.json`` is read with them moved.
+MOVED_FROM_FED: dict[str, str] = {
+    "rounds": "count",
+    "num_clients": "num_clients",
+    "clients_per_round": "clients_per_round",
+    "min_clients": "min_clients",
+    "eval_every": "eval_every",
+    "round_timeout_s": "timeout_s",
+}
+
+
+def _moved_problems(raw: dict[str, Any]) -> tuple[dict[str, Any], Problems]:
+    """``raw`` without the keys that moved out of ``fed``, and one problem per such key."""
+    fed = raw.get("fed")
+    if not isinstance(fed, dict):
+        return raw, []
+    moved = [k for k in fed if k in MOVED_FROM_FED]
+    problems = [f"fed.{k}: moved to rounds.{MOVED_FROM_FED[k]}" for k in moved]
+    return {**raw, "fed": {k: v for k, v in fed.items() if k not in moved}}, problems
+
+
+def migrate_saved(raw: dict[str, Any]) -> dict[str, Any]:
+    """A ``config.json`` saved before the ``rounds:`` section, with its schedule moved there (a key
+    already in ``rounds`` wins, the old one is then left for the error)."""
+    fed, rounds = raw.get("fed"), raw.get("rounds", {})
+    if not isinstance(fed, dict) or not isinstance(rounds, dict):
+        return raw
+    fed, rounds = dict(fed), dict(rounds)
+    for old, new in MOVED_FROM_FED.items():
+        if old in fed and new not in rounds:
+            rounds[new] = fed.pop(old)
+    return {**raw, "fed": fed, "rounds": rounds} if rounds else raw
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -432,8 +480,8 @@ CutCodecName = Literal["amaq", "fixed", "none", "aqsgd"]
 class SplitConfig:
     """``split:``: where the model is cut and how the cut is coded (``mode: split`` only).
 
-    Rounds, clients and the evaluation cadence come from ``fed``, the optimizer of the LoRA halves
-    from ``train``. Only options a user chooses between are here, each with a measured reason
+    Rounds, clients and the evaluation cadence come from ``rounds``, the optimizer of the LoRA
+    halves from ``train``. Only options a user chooses between are here, each with a measured reason
     (BENCHMARKS.md, "Split options"); the fixed choices behind them are in docs/algorithms.md §5.
     """
 
@@ -499,6 +547,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
     fed: FedConfig = field(default_factory=FedConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -514,11 +563,11 @@ class RunConfig:
                 "(the proximal term is not per-example clipped); use fedavg or fedadam"
             )
         sites = self.runtime.sites
-        if sites and sum(s.clients for s in sites) != self.fed.num_clients:
+        if sites and sum(s.clients for s in sites) != self.rounds.num_clients:
             p.append(
                 f"runtime.sites: the sites hold {sum(s.clients for s in sites)} clients in all "
-                f"({' + '.join(str(s.clients) for s in sites)}), but fed.num_clients is "
-                f"{self.fed.num_clients}"
+                f"({' + '.join(str(s.clients) for s in sites)}), but rounds.num_clients is "
+                f"{self.rounds.num_clients}"
             )
         rules = MODE_RULES.get(self.mode)
         if rules is None:
@@ -536,7 +585,7 @@ class RunConfig:
 
     def _defence_problems(self) -> Problems:
         """Combinations of ``defence`` with the rest of the run that are unsound or impossible."""
-        d, k, p = self.defence, self.fed.clients_per_round, []
+        d, k, p = self.defence, self.rounds.clients_per_round, []
         if self.privacy.mechanism == "central" and d.aggregator != "mean":
             p.append(
                 f"defence.aggregator: {d.aggregator!r} does not compose with privacy.mechanism "
@@ -547,7 +596,7 @@ class RunConfig:
         if d.aggregator == "krum":
             if k < 2 * d.krum_f + 3:
                 p.append(
-                    f"defence.krum_f: Krum with f={d.krum_f} needs fed.clients_per_round >= "
+                    f"defence.krum_f: Krum with f={d.krum_f} needs rounds.clients_per_round >= "
                     f"2f + 3 = {2 * d.krum_f + 3}, got {k}"
                 )
             if d.krum_m > k - d.krum_f:
@@ -784,6 +833,8 @@ def config_from_dict(raw: Any) -> RunConfig:
     """Validate a raw mapping; raises ConfigError listing every problem."""
     problems: Problems = []
     raw = raw if raw is not None else {}
+    if isinstance(raw, dict):
+        raw, problems = _moved_problems(raw)
     cfg = _build(RunConfig, raw, "", problems)
     if cfg is not None:
         problems += _checks(cfg)
@@ -816,6 +867,9 @@ def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def load_scenario(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load and validate a scenario YAML file (with optional ``key=value`` overrides)."""
+    """Load and validate a scenario YAML file (with optional ``key=value`` overrides); a ``.json``
+    file is a run's saved ``config.json`` (``--resume``), read with :func:`migrate_saved`."""
     raw = read_yaml_mapping(path, "scenario")
+    if Path(path).suffix == ".json":
+        raw = migrate_saved(raw)
     return config_from_dict(apply_overrides(raw, overrides or []))

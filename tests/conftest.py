@@ -71,7 +71,7 @@ def run_rounds(
     from fedq.transport import ByteCounter, TransportClient, TransportServer
     from fedq.wire.control import ClientInfo
 
-    roster = [client_name(i) for i in range(cfg.fed.num_clients)]
+    roster = [client_name(i) for i in range(cfg.rounds.num_clients)]
     hosts = hosts or {c: [c] for c in shards}
     data = next(iter(shards.values())).data
     num_classes, input_dim = data_shape(data)
@@ -215,7 +215,7 @@ class OpenRounds:
         self.workload = workload
         self.counters = ByteCounter()
         self.hooks = _Collect(self.counters)
-        roster = [client_name(i) for i in range(cfg.fed.num_clients)]
+        roster = [client_name(i) for i in range(cfg.rounds.num_clients)]
         self.engine = RoundEngine(
             cfg,
             workload,

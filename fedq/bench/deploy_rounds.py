@@ -85,10 +85,10 @@ def overrides(args: argparse.Namespace) -> list[str]:
     n = args.clients
     return [
         f"seed={args.seed}",
-        f"fed.num_clients={n}",
-        f"fed.clients_per_round={n}",
-        f"fed.min_clients={n}",
-        f"fed.rounds={args.rounds}",
+        f"rounds.num_clients={n}",
+        f"rounds.clients_per_round={n}",
+        f"rounds.min_clients={n}",
+        f"rounds.count={args.rounds}",
         *args.set,
     ]
 

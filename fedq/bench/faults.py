@@ -10,7 +10,7 @@ its own run, each against baselines of that same run:
   it sees that. Kill -> the server's line for the round, against the round time with all three
   delivering.
 - stalled client: client-0 is SIGSTOPped; its connection stays open and silent, so the round
-  closes ``fed.round_timeout_s`` after it opened. The round's time (open -> close, the server's
+  closes ``rounds.timeout_s`` after it opened. The round's time (open -> close, the server's
   clock) against that deadline.
 - server restart: ``fedq serve`` is SIGKILLed mid-round (the other two delivered) and started
   again with ``--resume``; the joins reconnect with backoff and the round runs again. Restart ->
@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=15.0,
         metavar="S",
-        help="fed.round_timeout_s: when a stalled client is dropped",
+        help="rounds.timeout_s: when a stalled client is dropped",
     )
     p.add_argument(
         "--rounds", type=int, default=3, help="full rounds (all three delivering) before the fault"
@@ -77,17 +77,17 @@ class _Case:
         self.out = work / name
         self.over = [
             "--set",
-            "fed.num_clients=3",
+            "rounds.num_clients=3",
             "--set",
-            "fed.clients_per_round=3",
+            "rounds.clients_per_round=3",
             "--set",
-            f"fed.min_clients={min_clients}",
+            f"rounds.min_clients={min_clients}",
             "--set",
-            "fed.rounds=1000",
+            "rounds.count=1000",
             "--set",
             f"train.local_epochs={args.epochs}",
             "--set",
-            f"fed.round_timeout_s={args.round_timeout:g}",
+            f"rounds.timeout_s={args.round_timeout:g}",
         ]
         self.port = _free_port()
         self.procs: list[CliProcess] = []
@@ -216,7 +216,7 @@ def _setup(work: Path) -> None:
             "shard",
             str(SCENARIO),
             "--set",
-            "fed.num_clients=10",
+            "rounds.num_clients=10",
             "--set",
             "data.partition=iid",
             "--out",
@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
     print(
         f"\nfedq bench faults: quickstart (digits, mlp), fedq serve + 3 fedq join over TLS on "
-        f"loopback, {args.epochs} local epochs, fed.round_timeout_s {args.round_timeout:g}, "
+        f"loopback, {args.epochs} local epochs, rounds.timeout_s {args.round_timeout:g}, "
         "1 torch thread per process | "
         f"{cpu_model()}, {os.cpu_count()} cores"
     )
@@ -331,7 +331,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "stalled client",
             "round open -> closed",
             stalled["fault_round_s"],
-            "fed.round_timeout_s",
+            "rounds.timeout_s",
             stalled["deadline_s"],
             stalled["ratio_to_deadline"],
         ),

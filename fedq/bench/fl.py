@@ -70,9 +70,9 @@ def _base(args: argparse.Namespace) -> list[str]:
         "data.name=digits",
         "data.partition=dirichlet",
         "data.alpha=0.5",
-        "fed.num_clients=20",
-        "fed.clients_per_round=10",
-        f"fed.rounds={args.rounds}",
+        "rounds.num_clients=20",
+        "rounds.clients_per_round=10",
+        f"rounds.count={args.rounds}",
         "fed.strategy=fedavg",
         "model.name=mlp",
         "train.local_epochs=2",
@@ -137,16 +137,16 @@ def _scale(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from fedq.runtime.simulate import simulate
 
     cfg = load_scenario(
-        ROOT / "scenarios" / "digits_100_clients.yaml", [f"fed.rounds={args.scale_rounds}"]
+        ROOT / "scenarios" / "digits_100_clients.yaml", [f"rounds.count={args.scale_rounds}"]
     )
     t0 = time.perf_counter()
     with TreeMemorySampler() as mem:
         s = simulate(cfg, tmp / "scale100")
     per_round = sorted(r["seconds"] for r in _records(tmp / "scale100"))
     out = {
-        "clients": cfg.fed.num_clients,
-        "clients_per_round": cfg.fed.clients_per_round,
-        "rounds": cfg.fed.rounds,
+        "clients": cfg.rounds.num_clients,
+        "clients_per_round": cfg.rounds.clients_per_round,
+        "rounds": cfg.rounds.count,
         "accuracy": s["final_accuracy"],
         "median_seconds_per_round": per_round[len(per_round) // 2],
         "wall_seconds_incl_startup": round(time.perf_counter() - t0, 1),
@@ -155,7 +155,7 @@ def _scale(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     }
     out["memory_goal_met"] = out["peak_rss_gib"] <= 6.0
     print(
-        f"\n100 clients ({cfg.fed.clients_per_round}/round): "
+        f"\n100 clients ({cfg.rounds.clients_per_round}/round): "
         f"{out['median_seconds_per_round']:.2f} s/round (median), peak RSS "
         f"{out['peak_rss_gib']} GiB, PSS {out['peak_pss_gib']} GiB "
         f"(goal RSS <= 6 GiB: {'PASS' if out['memory_goal_met'] else 'FAIL'})"

@@ -295,9 +295,9 @@ def run_link_arm(
         "port": port,
         "overrides": [
             *overrides,
-            "fed.num_clients=1",
-            "fed.clients_per_round=1",
-            "fed.rounds=1",
+            "rounds.num_clients=1",
+            "rounds.clients_per_round=1",
+            "rounds.count=1",
             f"split.local_steps={steps + warmup}",
         ],
         "host": link.server_ip,

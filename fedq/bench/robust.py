@@ -35,13 +35,13 @@ BASE: dict[str, Any] = {
     "data": {"name": "digits", "partition": "iid"},
     "model": {"name": "mlp", "hidden": 64},
     "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
-    "fed": {
+    "rounds": {
+        "count": 10,
         "num_clients": 10,
         "clients_per_round": 10,
         "min_clients": 1,
-        "rounds": 10,
         "eval_every": 10,
-        "round_timeout_s": 120,
+        "timeout_s": 120,
     },
     "compression": {
         "uplink": {"policy": "fixed", "bits": 8},
@@ -160,7 +160,7 @@ def run_attacked(
     from fedq.rounds import client_name
     from fedq.runtime.hosts import ServerHost, WorkerHost
 
-    n = cfg.fed.num_clients
+    n = cfg.rounds.num_clients
     bad = sorted(set(attackers))
     sides = {"honest": [i for i in range(n) if i not in bad], "attacker": bad}
     sides = {k: v for k, v in sides.items() if v}
@@ -219,7 +219,7 @@ def _config(rounds: int, aggregator: str) -> Any:
     from fedq.config import config_from_dict
 
     raw: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in BASE.items()}
-    raw["fed"] = {**BASE["fed"], "rounds": rounds, "eval_every": rounds}
+    raw["rounds"] = {**BASE["rounds"], "count": rounds, "eval_every": rounds}
     raw["defence"] = dict(DEFENCE[aggregator])
     return config_from_dict(raw)
 

@@ -62,9 +62,9 @@ def num_samples_for(clients: int, rows_per_client: int) -> int:
 def overrides(args: argparse.Namespace, clients: int) -> list[str]:
     return [
         f"seed={args.seed}",
-        f"fed.num_clients={clients}",
-        f"fed.clients_per_round={min(args.per_round, clients)}",
-        f"fed.rounds={args.rounds}",
+        f"rounds.num_clients={clients}",
+        f"rounds.clients_per_round={min(args.per_round, clients)}",
+        f"rounds.count={args.rounds}",
         f"data.num_samples={num_samples_for(clients, args.rows_per_client)}",
         f"runtime.backend={args.backend}",
         f"runtime.workers={args.workers}",

@@ -103,9 +103,9 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
     rounds = max(1, args.steps // args.local_steps)
     base = [
         f"seed={seed}",
-        "fed.num_clients=1",
-        "fed.clients_per_round=1",
-        f"fed.rounds={rounds}",
+        "rounds.num_clients=1",
+        "rounds.clients_per_round=1",
+        f"rounds.count={rounds}",
         f"split.local_steps={args.local_steps}",
         "split.b_min=1",
         "runtime.backend=inprocess",

@@ -135,7 +135,7 @@ class ClientWorker:
         )
         ctx = BitContext(
             round=r,
-            total_rounds=int(task.scalars.get("total_rounds", self.cfg.fed.rounds)),
+            total_rounds=int(task.scalars.get("total_rounds", self.cfg.rounds.count)),
             num_samples=shard.size,
             max_samples=int(task.scalars.get("max_samples", shard.size)),
             label_counts=self._label_counts(cid),

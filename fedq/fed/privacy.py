@@ -55,10 +55,10 @@ def laplace_participations(cfg: RunConfig) -> float:
     """Releases the per-client budget is split over. ``sound``: the expected participations
     ceil(T*K/N). ``paper``: T_L = (T/E)*(K/N) of Ardic & Genc (docs/algorithms.md §2.3), kept for a
     faithful replication although dividing by E is not a composition argument."""
-    f = cfg.fed
+    f = cfg.rounds
     if cfg.privacy.laplace_calibration == "paper":
-        return max(f.rounds / cfg.train.local_epochs * f.clients_per_round / f.num_clients, 1e-9)
-    return float(math.ceil(f.rounds * f.clients_per_round / f.num_clients))
+        return max(f.count / cfg.train.local_epochs * f.clients_per_round / f.num_clients, 1e-9)
+    return float(math.ceil(f.count * f.clients_per_round / f.num_clients))
 
 
 class ServerPrivacy:
@@ -82,7 +82,7 @@ class ServerPrivacy:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.p: PrivacyConfig = cfg.privacy
-        p, f = self.p, cfg.fed
+        p, f = self.p, cfg.rounds
         self.guard = BudgetGuard(p.target_epsilon, p.delta) if p.target_epsilon else None
         self.noise_multiplier = p.noise_multiplier or 0.0
         self.planned = p.noise_multiplier is not None or not self.plans_noise
@@ -275,7 +275,7 @@ class DpsgdPrivacy(ServerPrivacy):
         p = self.p
         assert p.target_epsilon is not None
         steps, q = self._steps(min(sizes.values()))
-        participations = math.ceil(self.cfg.fed.rounds * self.sample_rate)
+        participations = math.ceil(self.cfg.rounds.count * self.sample_rate)
         return plan_noise_multiplier(
             p.target_epsilon, p.delta, q, participations * steps, p.accountant
         )
@@ -283,7 +283,7 @@ class DpsgdPrivacy(ServerPrivacy):
     def _plan_numbers(self, sizes: Mapping[int, int]) -> dict[str, Any]:
         p = self.p
         steps, q = self._steps(min(sizes.values()))
-        parts = math.ceil(self.cfg.fed.rounds * self.sample_rate)
+        parts = math.ceil(self.cfg.rounds.count * self.sample_rate)
         return {
             "noise_multiplier": self.noise_multiplier,
             "sample_rate": q,
@@ -345,7 +345,7 @@ class CentralPrivacy(ServerPrivacy):
         p = self.p
         assert p.target_epsilon is not None
         return plan_noise_multiplier(
-            p.target_epsilon, p.delta, self.sample_rate, self.cfg.fed.rounds, p.accountant
+            p.target_epsilon, p.delta, self.sample_rate, self.cfg.rounds.count, p.accountant
         )
 
     def _plan_numbers(self, sizes: Mapping[int, int]) -> dict[str, Any]:
@@ -355,7 +355,11 @@ class CentralPrivacy(ServerPrivacy):
             "sample_rate": self.sample_rate,
             "clip_norm": p.clip_norm,
             "expected_epsilon": expected_epsilon(
-                self.noise_multiplier, self.sample_rate, self.cfg.fed.rounds, p.delta, p.accountant
+                self.noise_multiplier,
+                self.sample_rate,
+                self.cfg.rounds.count,
+                p.delta,
+                p.accountant,
             ),
         }
 
@@ -398,7 +402,7 @@ class CentralPrivacy(ServerPrivacy):
         the planned K clients, Gaussian noise std z*C/K. Its sensitivity argument needs that
         sum, so the config allows only the mean aggregator with it and ``combine`` is not
         used."""
-        k = self.cfg.fed.clients_per_round
+        k = self.cfg.rounds.clients_per_round
         mech = GaussianMechanism(self.p.clip_norm, self.noise_multiplier)
         clipped = [clip_l2(d, self.p.clip_norm)[0] for d, _ in updates]
         total = {name: torch.stack([c[name] for c in clipped]).sum(0) / k for name in clipped[0]}

@@ -97,14 +97,14 @@ class FedServer:
 
     def open_round(self, r: int, selected: Sequence[Member]) -> None:
         """Encode the downlink once (every selected client gets the same bytes)."""
-        fed = self.cfg.fed
+        rounds = self.cfg.rounds
         encoded, self._encoded = self._encoded, None
         if encoded is not None and encoded[0] == r:  # encoded by the check of the new model
             _, packed, stats, self.downlink = encoded
         else:
-            packed, stats = self.downlink.encode(self.global_state, BitContext(r, fed.rounds))
+            packed, stats = self.downlink.encode(self.global_state, BitContext(r, rounds.count))
         scalars = {
-            "total_rounds": float(fed.rounds),
+            "total_rounds": float(rounds.count),
             "max_samples": float(max(self._declared(m) for m in selected)),
         }
         scalars.update(self.strategy.client_scalars())
@@ -213,8 +213,8 @@ class FedServer:
                     if "dp_epsilon" in u.scalars
                 }
             )
-        last = r + 1 == self.cfg.fed.rounds
-        if self.test_data is not None and ((r + 1) % self.cfg.fed.eval_every == 0 or last):
+        last = r + 1 == self.cfg.rounds.count
+        if self.test_data is not None and ((r + 1) % self.cfg.rounds.eval_every == 0 or last):
             out.update(self.evaluate())
         with self._lock:
             self._task = None
@@ -270,7 +270,7 @@ class FedServer:
         trial = LinkCodec(self.cfg.compression.downlink, seed=self.cfg.seed)
         trial.load_state_dict(self.downlink.state_dict())
         try:
-            packed, stats = trial.encode(new, BitContext(r + 1, self.cfg.fed.rounds))
+            packed, stats = trial.encode(new, BitContext(r + 1, self.cfg.rounds.count))
             dev = self.bundle.device
             bad = [
                 k

@@ -4,15 +4,15 @@
 ``PushUpdate``, and the in-round exchange the ``Step`` RPC carries) and runs the loop in its own
 thread:
 
-1. wait until ``fed.min_clients`` registered clients are *available* (their principal's work
+1. wait until ``rounds.min_clients`` registered clients are *available* (their principal's work
    stream is open);
 2. stop if the privacy budget allows no further round; else select ``clients_per_round`` of the
    available clients that stay within the budget (:func:`~fedq.rounds.roster.select_clients`) and
    charge their privacy before anything is released;
 3. publish the tasks (each principal's work stream gets a TASK item for its selected clients);
 4. collect uploads until every selected client delivered or was dropped (its work stream broke,
-   a step failed) or the deadline ``fed.round_timeout_s`` passed;
-5. close the round all or nothing: applied only with at least ``fed.min_clients`` updates; an
+   a step failed) or the deadline ``rounds.timeout_s`` passed;
+5. close the round all or nothing: applied only with at least ``rounds.min_clients`` updates; an
    update arriving later is refused and never counted. A discarded round leaves the model as it
    was when the round opened (a workload whose exchanges trained something rolls that back);
    the privacy charged when it opened stays spent.
@@ -506,9 +506,9 @@ class RoundEngine:
             self.hooks.on_done(self._done or outcome)
 
     def _run(self) -> None:
-        fed = self.cfg.fed
+        rounds = self.cfg.rounds
         try:
-            for r in range(self.next_round, fed.rounds):
+            for r in range(self.next_round, rounds.count):
                 selected = self._open(r)
                 if selected is None:
                     return self._finish(self._done or RunOutcome(Ending.STOPPED, "stopped"))
@@ -523,21 +523,21 @@ class RoundEngine:
                 self.next_round = r + 1
                 if self.hooks is not None:
                     self.hooks.on_round(record)
-            self._finish(RunOutcome(Ending.COMPLETED, f"completed {fed.rounds} rounds"))
+            self._finish(RunOutcome(Ending.COMPLETED, f"completed {rounds.count} rounds"))
         except BaseException as e:  # report, never hang the clients
             self.error = e
             log.exception("round engine failed")
             self._finish(RunOutcome(Ending.FAILED, f"server error: {type(e).__name__}: {e}"))
 
     def _open(self, r: int) -> list[Member] | None:
-        fed = self.cfg.fed
+        rounds = self.cfg.rounds
         with self._cv:
             self._current = r
             remaining = len(self.roster) - len(self.excluded)
-        if remaining < fed.min_clients:
+        if remaining < rounds.min_clients:
             why = (
                 f"only {remaining} of {len(self.roster)} clients are not excluded; a round "
-                f"needs fed.min_clients={fed.min_clients}"
+                f"needs rounds.min_clients={rounds.min_clients}"
             )
             log.warning("stopping before round %d: %s", r, why)
             self.stop(why, Ending.TOO_FEW_CLIENTS)
@@ -546,11 +546,11 @@ class RoundEngine:
             logged = ""
             while not self._stopping:
                 alive = self._available()
-                if len(alive) >= fed.min_clients:
+                if len(alive) >= rounds.min_clients:
                     break
                 self._waiting = (
                     f"round {r}: waiting for clients, {len(alive)} of "
-                    f"{fed.min_clients} needed available"
+                    f"{rounds.min_clients} needed available"
                 )
                 if self._waiting != logged:
                     log.info(self._waiting)
@@ -562,14 +562,14 @@ class RoundEngine:
             sizes = {m.index: m.num_examples for m in self._members.values()}
             self._waiting = f"round {r}: selecting"
         ledger = self.workload.ledger
-        k = min(fed.clients_per_round, len(alive))
+        k = min(rounds.clients_per_round, len(alive))
         try:
             ledger.check_round(sizes, k)
             pool = ledger.eligible([m.index for m in alive], sizes)
-            if len(pool) < min(k, fed.min_clients) or not pool:
+            if len(pool) < min(k, rounds.min_clients) or not pool:
                 raise PrivacyBudgetExceeded(
                     f"privacy budget: only {len(pool)} available clients can take part again "
-                    f"within the target (a round needs {fed.min_clients})"
+                    f"within the target (a round needs {rounds.min_clients})"
                 )
         except PrivacyBudgetExceeded as e:
             log.warning("stopping before round %d: %s", r, e)
@@ -586,7 +586,7 @@ class RoundEngine:
         with self._cv:
             take = self.policy.turns
             turns = None if take is None else _Turns(take.steps)
-            self._round = _Open(r, selected, now + fed.round_timeout_s, now, turns=turns)
+            self._round = _Open(r, selected, now + rounds.timeout_s, now, turns=turns)
             self._cv.notify_all()
         log.info("round %d: %s", r, ", ".join(m.client_id for m in selected))
         return selected
@@ -598,7 +598,7 @@ class RoundEngine:
             while not rnd.complete() and not self._stopping:
                 left = rnd.deadline - time.monotonic()
                 if left <= 0:
-                    why = f"no update before the deadline ({self.cfg.fed.round_timeout_s:g} s)"
+                    why = f"no update before the deadline ({self.cfg.rounds.timeout_s:g} s)"
                     for m in rnd.active():
                         rnd.dropped[m.client_id] = why
                         log.warning("round %d: %s dropped (deadline)", rnd.index, m.client_id)
@@ -613,7 +613,7 @@ class RoundEngine:
             self._waiting = f"round {r} closed"
             self._cv.notify_all()
         updates = sorted(rnd.updates.values(), key=lambda u: u.member.index)
-        apply = len(updates) >= self.cfg.fed.min_clients
+        apply = len(updates) >= self.cfg.rounds.min_clients
         record = self.workload.close_round(r, updates, apply)
         record.setdefault("rejected", None)  # the workload refused the new model: why
         if not apply:
@@ -622,7 +622,7 @@ class RoundEngine:
                 r,
                 len(updates),
                 len(rnd.selected),
-                self.cfg.fed.min_clients,
+                self.cfg.rounds.min_clients,
             )
         record.update(
             round=r,

@@ -73,10 +73,11 @@ def serve(
     (:func:`_drain`)."""
     check_names(cfg)
     roster = list(tokens)
-    if len(roster) != cfg.fed.num_clients:
+    if len(roster) != cfg.rounds.num_clients:
         raise ConfigError(
-            f"fed.num_clients: the tokens file lists {len(roster)} clients but the scenario has "
-            f"fed.num_clients={cfg.fed.num_clients}; pass --set fed.num_clients={len(roster)}"
+            f"rounds.num_clients: the tokens file lists {len(roster)} clients but the scenario has "
+            f"rounds.num_clients={cfg.rounds.num_clients}; pass --set "
+            f"rounds.num_clients={len(roster)}"
         )
     host, port = parse_address(listen)
     # before the run folder exists: a refused start leaves nothing behind

@@ -340,7 +340,7 @@ class WorkerHost:
             token=token,
             limits=limits,
             tls=tls,
-            timeout=cfg.fed.round_timeout_s,
+            timeout=cfg.rounds.timeout_s,
         )
 
         def runner(joined: Joined) -> TaskRunner:

@@ -122,7 +122,7 @@ def plan_hosts(cfg: RunConfig, workers: int) -> list[HostPlan]:
         groups.append((first, s.clients, s.workers, i))
         first += s.clients
     if not rt.sites:
-        groups.append((0, cfg.fed.num_clients, workers, None))
+        groups.append((0, cfg.rounds.num_clients, workers, None))
     for first, count, k, site_index in groups:
         label, data = None, None
         if site_index is not None:

@@ -67,7 +67,7 @@ def client_sizes(cfg: RunConfig) -> list[int]:
         d = cfg.data
         where = (
             f"data.name={d.name!r}, data.partition={d.partition!r}, "
-            f"fed.num_clients={cfg.fed.num_clients}"
+            f"rounds.num_clients={cfg.rounds.num_clients}"
         )
         raise ConfigError([f"{p} ({where})" for p in e.problems]) from None
     return [int(p.numel()) for p in parts]

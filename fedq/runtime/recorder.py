@@ -73,7 +73,7 @@ def _no_round_applied(summary: dict[str, Any], cfg: RunConfig) -> str:
     if n:
         text += (
             f": {n} round{'s' if n > 1 else ''} discarded, each with fewer than "
-            f"fed.min_clients={cfg.fed.min_clients} updates"
+            f"rounds.min_clients={cfg.rounds.min_clients} updates"
         )
     return f"{text}; {why}" if why else text
 

@@ -60,7 +60,7 @@ def client_partitions(cfg: RunConfig, train: Any) -> list[torch.Tensor]:
     d = cfg.data
     return partition(
         train.y,
-        cfg.fed.num_clients,
+        cfg.rounds.num_clients,
         d.partition,
         seed=cfg.seed,
         alpha=d.alpha,

@@ -52,7 +52,7 @@ WORKER_CHECK_S = 5.0
 def num_workers(cfg: RunConfig, cpus: int | None = None) -> int:
     """K: ``runtime.workers``, else one per core (``cpus``: of the cluster attached to)."""
     k = cfg.runtime.workers or cpus or os.cpu_count() or 1
-    return max(1, min(k, cfg.fed.num_clients))
+    return max(1, min(k, cfg.rounds.num_clients))
 
 
 def simulate(
@@ -103,7 +103,7 @@ class Simulation:
             self.backend.shutdown()
             raise
         self.mode = get_mode(cfg.mode)
-        self.roster = [client_name(i) for i in range(cfg.fed.num_clients)]
+        self.roster = [client_name(i) for i in range(cfg.rounds.num_clients)]
         #: worker principal -> its clients (roster indices), in worker order
         self.shares = {h.principal: list(h.clients) for h in self.plan[1:]}
         self.principals = list(self.shares)
@@ -176,7 +176,7 @@ class Simulation:
         cluster, or with ``runtime.tls: always``) TLS credentials made here; wait until every
         client registered; restore a resumed run's state."""
         cfg, backend, plan, ckpt = self.cfg, self.backend, self.plan, self.ckpt
-        n = cfg.fed.num_clients
+        n = cfg.rounds.num_clients
         tokens = {p: secrets.token_urlsafe(24) for p in self.shares}
         hosts = {p: [client_name(c) for c in cs] for p, cs in self.shares.items()}
         # On a cluster the server listens on its node's address, and every host's traffic is
@@ -303,10 +303,10 @@ class Simulation:
             more = f" and {len(shares[p]) - 5:,} more" if len(shares[p]) > 5 else ""
             log.error("%s died (clients %s%s): %s", p, clients, more, why)
         left = sum(len(c) for p, c in shares.items() if p not in lost)
-        if found and left < cfg.fed.min_clients:
+        if found and left < cfg.rounds.min_clients:
             reason = (
                 f"{len(lost)} worker(s) lost ({', '.join(sorted(lost))}); {left} clients left, "
-                f"a round needs fed.min_clients={cfg.fed.min_clients}"
+                f"a round needs rounds.min_clients={cfg.rounds.min_clients}"
             )
             self._server("stop_run", reason)
         return found

@@ -68,8 +68,8 @@ def planned_noise_multiplier(cfg: RunConfig, client_sizes: Sequence[int]) -> flo
     if p.noise_multiplier is not None:
         return float(p.noise_multiplier)
     assert p.target_epsilon is not None  # PrivacyConfig.check
-    f = cfg.fed
-    participations = math.ceil(f.rounds * f.clients_per_round / f.num_clients)
+    f = cfg.rounds
+    participations = math.ceil(f.count * f.clients_per_round / f.num_clients)
     q = sample_rate(cfg, min(client_sizes))
     return plan_noise_multiplier(
         p.target_epsilon, p.delta, q, participations * cfg.split.local_steps, p.accountant

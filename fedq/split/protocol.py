@@ -90,7 +90,7 @@ CLIENT_STATS = ("bits/b", "dp_clipped_frac")
 
 
 def total_steps(cfg: RunConfig) -> int:
-    return cfg.fed.rounds * cfg.split.local_steps
+    return cfg.rounds.count * cfg.split.local_steps
 
 
 def _stats_row(prefix: str, q: torch.nn.Module) -> dict[str, float]:
@@ -183,7 +183,7 @@ class SplitServer:
         rec = round_record(self.cfg, r, rows, updates)
         rec.update(self.bit_summary())
         if self.test_data is not None and (
-            (r + 1) % self.cfg.fed.eval_every == 0 or r + 1 == self.cfg.fed.rounds
+            (r + 1) % self.cfg.rounds.eval_every == 0 or r + 1 == self.cfg.rounds.count
         ):
             rec.update(self.evaluate())
         rec["steps"] = rows

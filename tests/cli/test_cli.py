@@ -29,14 +29,14 @@ def test_help_lists_the_commands(fedq_cli: Run) -> None:
 
 @pytest.mark.slow
 def test_quickstart_on_ray_then_resume_from_its_folder(fedq_cli: Run, tmp_path: Path) -> None:
-    """The README's main job (Ray, real gRPC), then ``--resume DIR --set fed.rounds=N``: the
+    """The README's main job (Ray, real gRPC), then ``--resume DIR --set rounds.count=N``: the
     saved config.json loads back (its 1e-05 delta included) and the run continues."""
     out = tmp_path / "q"
     first = fedq_cli(
         "simulate",
         "scenarios/quickstart.yaml",
         "--set",
-        "fed.rounds=2",
+        "rounds.count=2",
         "--set",
         "runtime.object_store_mb=128",
         "--out",
@@ -48,19 +48,20 @@ def test_quickstart_on_ray_then_resume_from_its_folder(fedq_cli: Run, tmp_path: 
     for name in ("config.json", "metrics.jsonl", "summary.json", "report.png", "checkpoint.pt"):
         assert (out / name).stat().st_size > 0, name
     assert [r["round"] for r in _records(out)] == [0, 1]
-    again = fedq_cli("simulate", "--resume", str(out), "--set", "fed.rounds=3", "-q")
+    again = fedq_cli("simulate", "--resume", str(out), "--set", "rounds.count=3", "-q")
     assert again.returncode == 0, again.stderr
     assert "resuming at round 2" in again.stdout
     assert [r["round"] for r in _records(out)] == [0, 1, 2]
-    assert json.loads((out / "config.json").read_text())["fed"]["rounds"] == 3
+    assert json.loads((out / "config.json").read_text())["rounds"]["count"] == 3
 
 
 @pytest.mark.parametrize(
     ("override", "first_line"),
     [
-        ("fed.num_clients=1000", "fedq: error: invalid configuration: dirichlet partition"),
+        ("rounds.num_clients=1000", "fedq: error: invalid configuration: dirichlet partition"),
         ("model.name=mpl", "fedq: error: invalid configuration: model.name: unknown 'mpl'"),
         ("fed.roundz=3", "fedq: error: invalid configuration: fed.roundz: unknown key"),
+        ("fed.rounds=3", "fedq: error: invalid configuration: fed.rounds: moved to rounds.count"),
     ],
 )
 def test_configuration_problems_are_one_clear_error(
@@ -87,7 +88,7 @@ def test_sweep_runs_a_small_grid(fedq_cli: Run, tmp_path: Path) -> None:
     sweep = tmp_path / "s.yaml"
     sweep.write_text(
         f"scenario: {ROOT / 'scenarios' / 'quickstart.yaml'}\n"
-        "set: {fed.rounds: 1, fed.num_clients: 4, fed.clients_per_round: 2}\n"
+        "set: {rounds.count: 1, rounds.num_clients: 4, rounds.clients_per_round: 2}\n"
         "grid:\n  compression.uplink.bits: [2, 4]\n"
     )
     done = fedq_cli("sweep", str(sweep), "--out", str(tmp_path / "out"))

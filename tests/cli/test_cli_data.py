@@ -22,7 +22,7 @@ def _scenario(tmp_path: Path, data: str, **extra: Any) -> Path:
     raw = {
         "name": "data",
         "data": {"name": data, "partition": "iid", **extra},
-        "fed": {"num_clients": 2, "clients_per_round": 2, "rounds": 3},
+        "rounds": {"count": 3, "num_clients": 2, "clients_per_round": 2},
         "train": {"batch_size": 16, "lr": 0.1},
         "runtime": {"backend": "inprocess"},
     }
@@ -271,11 +271,11 @@ def test_a_joining_site_warns_about_its_unscaled_data_and_the_server_about_the_c
             "--out",
             str(tmp_path / "run"),
             "--set",
-            "fed.num_clients=1",
+            "rounds.num_clients=1",
             "--set",
-            "fed.clients_per_round=1",
+            "rounds.clients_per_round=1",
             "--set",
-            "fed.rounds=2",
+            "rounds.count=2",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -116,13 +116,13 @@ def test_serve_and_three_joins_over_tls_match_simulate(
 ) -> None:
     over = [
         "--set",
-        "fed.num_clients=3",
+        "rounds.num_clients=3",
         "--set",
-        "fed.clients_per_round=3",
+        "rounds.clients_per_round=3",
         "--set",
-        "fed.min_clients=3",
+        "rounds.min_clients=3",
         "--set",
-        "fed.rounds=3",
+        "rounds.count=3",
     ]
     path = str(ROOT / "scenarios" / scenario)
     shard = _fedq("shard", path, *over, "--out", str(tmp_path / "data"), cwd=tmp_path)
@@ -199,13 +199,13 @@ def test_bad_credentials_are_refused_and_the_run_goes_on(certs: Path, tmp_path: 
     os.chmod(tmp_path / "wrong.token", 0o600)
     over = [
         "--set",
-        "fed.num_clients=3",
+        "rounds.num_clients=3",
         "--set",
-        "fed.clients_per_round=2",
+        "rounds.clients_per_round=2",
         "--set",
-        "fed.min_clients=2",
+        "rounds.min_clients=2",
         "--set",
-        "fed.rounds=2",
+        "rounds.count=2",
     ]
     path = str(ROOT / "scenarios" / "quickstart.yaml")
     assert _fedq("shard", path, *over, "--out", str(tmp_path / "d"), cwd=tmp_path).returncode == 0
@@ -296,9 +296,9 @@ def test_serve_refuses_plaintext_off_loopback(certs: Path, tmp_path: Path) -> No
         "--tokens",
         str(certs / "tokens.yaml"),
         "--set",
-        "fed.num_clients=3",
+        "rounds.num_clients=3",
         "--set",
-        "fed.clients_per_round=3",
+        "rounds.clients_per_round=3",
         "--out",
         str(tmp_path / "r"),
         cwd=tmp_path,
@@ -323,7 +323,9 @@ def test_serve_checks_the_roster_against_the_scenario(certs: Path, tmp_path: Pat
         cwd=tmp_path,
     )
     assert done.returncode == 2
-    assert "the tokens file lists 3 clients but the scenario has fed.num_clients=10" in done.stderr
+    assert (
+        "the tokens file lists 3 clients but the scenario has rounds.num_clients=10" in done.stderr
+    )
 
 
 def test_join_reports_an_unreachable_server_and_gives_up(certs: Path, tmp_path: Path) -> None:

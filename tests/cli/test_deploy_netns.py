@@ -41,13 +41,13 @@ def _in(ns: str, *args: str) -> list[str]:
 def test_clients_in_other_namespaces_join_over_tls(tmp_path: Path) -> None:
     over = [
         "--set",
-        "fed.num_clients=2",
+        "rounds.num_clients=2",
         "--set",
-        "fed.clients_per_round=2",
+        "rounds.clients_per_round=2",
         "--set",
-        "fed.min_clients=2",
+        "rounds.min_clients=2",
         "--set",
-        "fed.rounds=2",
+        "rounds.count=2",
     ]
     scenario = str(ROOT / "scenarios" / "quickstart.yaml")
     run = subprocess.run(

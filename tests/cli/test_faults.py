@@ -159,15 +159,15 @@ def test_a_killed_and_a_stalled_client_are_dropped_and_the_run_goes_on(tmp_path:
     rounds = 40  # quick rounds; the faults come once all three clients have taken part in one
     over = [
         "--set",
-        "fed.num_clients=3",
+        "rounds.num_clients=3",
         "--set",
-        "fed.clients_per_round=3",
+        "rounds.clients_per_round=3",
         "--set",
-        "fed.min_clients=1",
+        "rounds.min_clients=1",
         "--set",
-        f"fed.rounds={rounds}",
+        f"rounds.count={rounds}",
         "--set",
-        "fed.round_timeout_s=6",
+        "rounds.timeout_s=6",
     ]
     certs, scenario = _setup(tmp_path, over)
     port, out = _free_port(), tmp_path / "run"
@@ -230,13 +230,13 @@ def test_a_killed_and_a_stalled_client_are_dropped_and_the_run_goes_on(tmp_path:
 def test_a_killed_server_resumes_and_its_clients_come_back(tmp_path: Path) -> None:
     over = [
         "--set",
-        "fed.num_clients=3",
+        "rounds.num_clients=3",
         "--set",
-        "fed.clients_per_round=3",
+        "rounds.clients_per_round=3",
         "--set",
-        "fed.min_clients=3",
+        "rounds.min_clients=3",
         "--set",
-        "fed.rounds=6",
+        "rounds.count=6",
         "--set",
         "train.local_epochs=4",
         "--set",
@@ -334,13 +334,13 @@ def test_a_killed_server_resumes_to_the_uninterrupted_result(tmp_path: Path, mod
     crossed the wire, and they count."""
     over = [
         "--set",
-        "fed.num_clients=2",
+        "rounds.num_clients=2",
         "--set",
-        "fed.clients_per_round=2",
+        "rounds.clients_per_round=2",
         "--set",
-        "fed.min_clients=2",
+        "rounds.min_clients=2",
         "--set",
-        "fed.rounds=4",
+        "rounds.count=4",
     ]
     if mode == "split":
         over += ["--set", "split.local_steps=16"]
@@ -348,7 +348,7 @@ def test_a_killed_server_resumes_to_the_uninterrupted_result(tmp_path: Path, mod
         data = [f"csv:{tmp_path / 'data'}/client-{i}.csv" for i in range(2)]
     else:
         over += ["--set", "train.local_epochs=8"]
-        shards = ["--set", "fed.num_clients=10", "--set", "data.partition=iid"]
+        shards = ["--set", "rounds.num_clients=10", "--set", "data.partition=iid"]
         certs, scenario = _setup(tmp_path, shards, "quickstart.yaml", clients=2)
         data = [f"npz:{tmp_path / 'data'}/client-0.npz", "digits"]
     full, _, outs = _served(tmp_path, certs, scenario, over, data, "full", None)

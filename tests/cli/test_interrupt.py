@@ -45,8 +45,8 @@ INPROCESS = ["--set", "runtime.backend=inprocess"]
 RAY = ["--set", "runtime.backend=ray", "--set", "runtime.object_store_mb=128"]
 #: Rounds of about a second each on a shared 2-core machine: a signal sent when a round opens
 #: lands while it is open.
-FEDERATED = ("quickstart.yaml", ["--set", "fed.rounds=5", "--set", "train.local_epochs=100"])
-SPLIT = ("split_tiny.yaml", ["--set", "fed.rounds=4", "--set", "split.local_steps=16"])
+FEDERATED = ("quickstart.yaml", ["--set", "rounds.count=5", "--set", "train.local_epochs=100"])
+SPLIT = ("split_tiny.yaml", ["--set", "rounds.count=4", "--set", "split.local_steps=16"])
 #: What must match per round (all but timings); absent keys compare as None.
 SAME = (
     "round",

@@ -42,7 +42,7 @@ def test_a_split_run_with_every_round_discarded_says_so_and_fails(
         "--set",
         "train.optimizer=sgd",
         "--set",
-        "fed.rounds=2",
+        "rounds.count=2",
         "--out",
         str(out),
         "-q",
@@ -75,11 +75,11 @@ def test_a_federated_run_with_every_round_discarded_fails(fedq_cli: Any, tmp_pat
         "--set",
         "train.lr=1.0e+38",
         "--set",
-        "fed.rounds=2",
+        "rounds.count=2",
         "--set",
-        "fed.num_clients=2",
+        "rounds.num_clients=2",
         "--set",
-        "fed.clients_per_round=2",
+        "rounds.clients_per_round=2",
         "--set",
         "runtime.backend=inprocess",
         "--set",
@@ -91,7 +91,7 @@ def test_a_federated_run_with_every_round_discarded_fails(fedq_cli: Any, tmp_pat
     )
     assert done.returncode == 3, done.stdout + done.stderr
     assert "| 2 rounds, 0 applied (2 discarded) |" in done.stdout
-    why = "no round was applied: 2 rounds discarded, each with fewer than fed.min_clients=1"
+    why = "no round was applied: 2 rounds discarded, each with fewer than rounds.min_clients=1"
     assert why in done.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_applied"] == 0 and summary["final_accuracy"] is not None
@@ -111,11 +111,11 @@ def test_a_client_task_that_raises_fails_its_round_and_the_worker_carries_on(
         "--set",
         "train.lr=1.0e+300",
         "--set",
-        "fed.rounds=2",
+        "rounds.count=2",
         "--set",
-        "fed.num_clients=2",
+        "rounds.num_clients=2",
         "--set",
-        "fed.clients_per_round=2",
+        "rounds.clients_per_round=2",
         "--set",
         "runtime.backend=inprocess",
         "--set",
@@ -150,13 +150,13 @@ def test_a_served_run_killed_before_its_first_round_resumes(tmp_path: Path) -> N
     scenario = str(ROOT / "scenarios" / "quickstart.yaml")
     over = [
         "--set",
-        "fed.num_clients=2",
+        "rounds.num_clients=2",
         "--set",
-        "fed.clients_per_round=2",
+        "rounds.clients_per_round=2",
         "--set",
-        "fed.min_clients=2",
+        "rounds.min_clients=2",
         "--set",
-        "fed.rounds=2",
+        "rounds.count=2",
     ]
     certs = tmp_path / "certs"
     run_cli(["certs", str(certs), "--clients", "2"], tmp_path, 120)

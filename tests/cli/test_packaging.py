@@ -125,7 +125,7 @@ def test_compose_commands_parse_and_the_scenario_fits_two_clients() -> None:
         assert parser.parse_args(services[cid]["command"]).client_id == cid
     scenario = ROOT / "scenarios" / Path(server.scenario).name
     cfg = load_scenario(scenario, server.set)
-    assert cfg.fed.num_clients == len(CLIENTS) == cfg.fed.min_clients
+    assert cfg.rounds.num_clients == len(CLIENTS) == cfg.rounds.min_clients
 
 
 def test_compose_header_documents_certs_naming_the_server_and_shards() -> None:

@@ -170,7 +170,8 @@ def test_federated_run_with_a_site_on_the_other_node(cluster: Cluster, tmp_path:
     _, _, run = readme_block()
     site_b = write_shards(
         load_scenario(
-            ROOT / "scenarios" / "quickstart.yaml", ["fed.num_clients=2", "fed.clients_per_round=2"]
+            ROOT / "scenarios" / "quickstart.yaml",
+            ["rounds.num_clients=2", "rounds.clients_per_round=2"],
         ),
         tmp_path / "data",
     )[1]
@@ -179,7 +180,13 @@ def test_federated_run_with_a_site_on_the_other_node(cluster: Cluster, tmp_path:
     )
     args = [a.replace("HEAD_IP:6379", cluster.address) for a in run[1:]]
     summary, shown = _simulate(
-        cluster, tmp_path / "run", *args, "--set", "fed.rounds=2", "--set", f"runtime.sites={sites}"
+        cluster,
+        tmp_path / "run",
+        *args,
+        "--set",
+        "rounds.count=2",
+        "--set",
+        f"runtime.sites={sites}",
     )
     assert summary["rounds_completed"] == 2 and summary["stopped_reason"] is None
     pl = _check_server(cluster, summary, shown)
@@ -206,7 +213,7 @@ def test_split_run_with_every_client_on_the_other_node(cluster: Cluster, tmp_pat
         "--set",
         "runtime.workers=0",
         "--set",
-        "fed.rounds=2",
+        "rounds.count=2",
         "--set",
         "runtime.server_resource=hub",
         "--set",

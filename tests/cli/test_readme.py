@@ -91,7 +91,7 @@ def test_the_readme_serve_and_join_recipe_runs_as_written(tmp_path: Path) -> Non
         subprocess.Popen(
             cmd, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        for cmd in ([*serve, "--set", f"fed.rounds={rounds}"], *joins)
+        for cmd in ([*serve, "--set", f"rounds.count={rounds}"], *joins)
     ]
     metrics = tmp_path / "runs" / "served" / "metrics.jsonl"
     try:

@@ -95,11 +95,11 @@ def mtls_server(certs: Path) -> Iterator[tuple[CliProcess, str]]:
             "serve",
             SCENARIO,
             "--set",
-            "fed.num_clients=3",
+            "rounds.num_clients=3",
             "--set",
-            "fed.clients_per_round=3",
+            "rounds.clients_per_round=3",
             "--set",
-            "fed.min_clients=3",
+            "rounds.min_clients=3",
             "--listen",
             "127.0.0.1:0",
             "--tokens",
@@ -207,13 +207,13 @@ def test_sites_busy_training_for_many_keepalive_pings_keep_their_connection(cert
     c = certs / "certs"
     over = [
         "--set",
-        "fed.num_clients=3",
+        "rounds.num_clients=3",
         "--set",
-        "fed.clients_per_round=2",
+        "rounds.clients_per_round=2",
         "--set",
-        "fed.min_clients=2",
+        "rounds.min_clients=2",
         "--set",
-        "fed.rounds=1",
+        "rounds.count=1",
         "--set",
         "train.local_epochs=80",
     ]
@@ -370,13 +370,13 @@ def test_a_site_reconnecting_when_the_run_ends_hears_that_it_ended(certs: Path) 
     c = certs / "certs"
     over = [
         "--set",
-        "fed.num_clients=3",
+        "rounds.num_clients=3",
         "--set",
-        "fed.clients_per_round=2",
+        "rounds.clients_per_round=2",
         "--set",
-        "fed.min_clients=2",
+        "rounds.min_clients=2",
         "--set",
-        "fed.rounds=2",
+        "rounds.count=2",
     ]
     server = CliProcess(
         "server",

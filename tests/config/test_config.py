@@ -16,7 +16,7 @@ SWEEPS = [p for p in SHIPPED if "grid:" in p.read_text()]
 def test_shipped_scenarios_are_valid(path: Path) -> None:
     cfg = load_scenario(path)
     assert isinstance(cfg, RunConfig)
-    assert cfg.fed.clients_per_round <= cfg.fed.num_clients
+    assert cfg.rounds.clients_per_round <= cfg.rounds.num_clients
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
@@ -29,15 +29,16 @@ def test_shipped_sweeps_are_valid(path: Path) -> None:
 
 
 def test_defaults_and_int_widens_to_float() -> None:
-    cfg = config_from_dict({"train": {"lr": 1}, "fed": {"rounds": 3}})
+    cfg = config_from_dict({"train": {"lr": 1}, "rounds": {"count": 3}})
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
-    assert cfg.fed.rounds == 3
+    assert cfg.rounds.count == 3
     assert cfg.compression.downlink.policy == "none"
 
 
 def test_every_problem_reported_at_once_naming_keys() -> None:
     raw = {
-        "fed": {"roundz": 3, "rounds": "x", "clients_per_round": 20, "num_clients": 10},
+        "rounds": {"count": "x", "num_clients": 10, "clients_per_round": 20},
+        "fed": {"roundz": 3},
         "compression": {"uplink": {"bits": 0, "policy": "zzz"}},
         "train": {"lr": -1.0, "batch_size": True},
         "bogus": 1,
@@ -48,8 +49,8 @@ def test_every_problem_reported_at_once_naming_keys() -> None:
     joined = "\n".join(problems)
     for key in (
         "fed.roundz: unknown key",
-        "fed.rounds: expected int",
-        "fed.clients_per_round: 20 exceeds",
+        "rounds.count: expected int",
+        "rounds.clients_per_round: 20 exceeds",
         "compression.uplink.bits",
         "compression.uplink.policy: must be one of",
         "train.lr: must be > 0",
@@ -72,13 +73,13 @@ def test_budget_policy_needs_budget() -> None:
 
 def test_overrides_are_validated(tmp_path: Path) -> None:
     f = tmp_path / "s.yaml"
-    f.write_text("fed:\n  rounds: 2\n")
-    cfg = load_scenario(f, ["fed.rounds=5", "compression.uplink.bits=3", "data.max_train=null"])
-    assert cfg.fed.rounds == 5 and cfg.compression.uplink.bits == 3
-    with pytest.raises(ConfigError, match=r"fed\.rounds: expected int"):
-        load_scenario(f, ["fed.rounds=abc"])
+    f.write_text("rounds:\n  count: 2\n")
+    cfg = load_scenario(f, ["rounds.count=5", "compression.uplink.bits=3", "data.max_train=null"])
+    assert cfg.rounds.count == 5 and cfg.compression.uplink.bits == 3
+    with pytest.raises(ConfigError, match=r"rounds\.count: expected int"):
+        load_scenario(f, ["rounds.count=abc"])
     with pytest.raises(ConfigError, match="expected key=value"):
-        load_scenario(f, ["fed.rounds"])
+        load_scenario(f, ["rounds.count"])
 
 
 def test_broken_files(tmp_path: Path) -> None:
@@ -147,8 +148,8 @@ def test_saved_config_json_loads_back_with_its_numbers(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg.to_dict(), indent=2))
     assert '"delta": 1e-05' in path.read_text()
-    again = load_scenario(path, ["fed.rounds=18"])
-    assert again.privacy.delta == 1e-05 and again.fed.rounds == 18
+    again = load_scenario(path, ["rounds.count=18"])
+    assert again.privacy.delta == 1e-05 and again.rounds.count == 18
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_scenario(path)
@@ -191,9 +192,12 @@ def test_registry_names_and_data_problems_are_found_before_any_host_starts(
     with pytest.raises(ConfigError, match=r"data\.num_samples: must be >= 1"):
         config_from_dict({"data": {"name": "mnist1d", "num_samples": 0}})
     too_many = config_from_dict(
-        {"fed": {"num_clients": 1000, "clients_per_round": 5}, "runtime": {"backend": "inprocess"}}
+        {
+            "rounds": {"num_clients": 1000, "clients_per_round": 5},
+            "runtime": {"backend": "inprocess"},
+        }
     )
-    with pytest.raises(ConfigError, match=r"dirichlet partition: .*fed\.num_clients=1000"):
+    with pytest.raises(ConfigError, match=r"dirichlet partition: .*rounds\.num_clients=1000"):
         simulate(too_many, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
 

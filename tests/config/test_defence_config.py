@@ -77,11 +77,11 @@ def test_central_dp_takes_the_mean_only(aggregator: str) -> None:
 
 def test_krum_needs_enough_clients() -> None:
     raw = {
-        "fed": {"num_clients": 8, "clients_per_round": 8},
+        "rounds": {"num_clients": 8, "clients_per_round": 8},
         "defence": {"aggregator": "krum", "krum_f": 3, "krum_m": 6},
     }
     p = _problems(raw)
-    assert any("needs fed.clients_per_round >= 2f + 3 = 9, got 8" in x for x in p)
+    assert any("needs rounds.clients_per_round >= 2f + 3 = 9, got 8" in x for x in p)
     assert any("defence.krum_m: at most clients_per_round - krum_f = 5" in x for x in p)
 
 

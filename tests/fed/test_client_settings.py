@@ -50,7 +50,7 @@ def test_the_privacy_mechanism_comes_from_the_config_not_the_tags(privacy: dict[
             "seed": 3,
             "data": {"name": "digits", "partition": "iid", "max_train": 200},
             "model": {"name": "mlp", "hidden": 8},
-            "fed": {"num_clients": 4, "clients_per_round": 2, "rounds": 2},
+            "rounds": {"count": 2, "num_clients": 4, "clients_per_round": 2},
             "privacy": privacy,
         }
     )

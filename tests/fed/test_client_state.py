@@ -21,7 +21,7 @@ def test_changes_are_the_states_of_the_clients_that_ran_since_the_last_mark(roun
             "seed": 2,
             "data": {"name": "digits", "partition": "iid", "max_train": 300},
             "model": {"name": "mlp", "hidden": 8},
-            "fed": {"num_clients": 12, "clients_per_round": 2, "rounds": 2},
+            "rounds": {"count": 2, "num_clients": 12, "clients_per_round": 2},
             "compression": {"uplink": {"policy": "fixed", "bits": 3, "error_feedback": True}},
         }
     )

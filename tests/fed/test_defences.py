@@ -30,12 +30,12 @@ def _cfg(min_clients: int = 1, **defence: Any) -> RunConfig:
         {
             "data": {"name": "digits", "max_train": 200, "max_test": 100},
             "model": {"name": "mlp", "hidden": 8},
-            "fed": {
+            "rounds": {
+                "count": 4,
                 "num_clients": CLIENTS,
                 "clients_per_round": CLIENTS,
-                "rounds": 4,
-                "round_timeout_s": 30,
                 "min_clients": min_clients,
+                "timeout_s": 30,
             },
             "defence": defence,
         }
@@ -74,7 +74,7 @@ def _play(open_rounds: Any, cfg: RunConfig, order: str) -> tuple[dict[str, torch
     first roster client's upload held back until every other one was accepted, in reverse)."""
     run = _start(open_rounds, cfg)
     run.engine.start()
-    for r in range(cfg.fed.rounds):
+    for r in range(cfg.rounds.count):
         selected = [a.client_id for a in run.next_task().tasks]
         msgs = [_honest(run.workload, c, r) for c in selected]
         if order == "late-first":
@@ -178,7 +178,7 @@ def test_the_run_stops_when_exclusions_leave_too_few_clients(open_rounds: Any) -
     assert rec["excluded"] == [selected[0]] and rec["applied"] is False  # 4 of min 5 updates
     assert run.engine.join(30)
     want = f"only {CLIENTS - 1} of {CLIENTS} clients are not excluded; a round needs "
-    assert run.engine.done_reason == want + f"fed.min_clients={CLIENTS}"
+    assert run.engine.done_reason == want + f"rounds.min_clients={CLIENTS}"
 
 
 def test_claimed_weight_is_bounded_by_registration_and_the_cap(open_rounds: Any) -> None:
@@ -201,7 +201,8 @@ def test_a_new_model_that_is_not_finite_is_not_applied(strategy: str) -> None:
         {
             "data": {"name": "digits", "max_train": 100},
             "model": {"name": "mlp", "hidden": 8},
-            "fed": {"num_clients": 2, "clients_per_round": 2, "rounds": 2, "strategy": strategy},
+            "rounds": {"count": 2, "num_clients": 2, "clients_per_round": 2},
+            "fed": {"strategy": strategy},
         }
     )
     split = load_data(cfg)
@@ -247,7 +248,7 @@ def test_a_magnitude_bound_refuses_a_thousandfold_change_and_slows_a_runaway(
     run = _start(open_rounds, cfg)
     s = run.workload
     run.engine.start()
-    for r in range(cfg.fed.rounds):
+    for r in range(cfg.rounds.count):
         selected = [a.client_id for a in run.next_task().tasks]
         before = {k: float(v.abs().max()) for k, v in s.global_state.items()}
         with pytest.raises(FedqError, match="beyond the bound"):
@@ -282,7 +283,7 @@ def test_a_runaway_model_stops_where_the_downlink_can_still_carry_it_and_memory_
 
     rounds = 60
     raw_cfg = _cfg(max_bad_updates=0, max_abs_ratio=100.0).to_dict()
-    raw_cfg["fed"]["rounds"] = rounds
+    raw_cfg["rounds"]["count"] = rounds
     raw_cfg["compression"]["downlink"] = {"policy": "fixed", "bits": 8}
     cfg = config_from_dict(raw_cfg)
     run = _start(open_rounds, cfg)

@@ -63,7 +63,7 @@ def test_federated_run_on_the_gpu_matches_the_cpu_run(tmp_path: Path) -> None:
     """Fixed bit widths (so sizes do not depend on values) with nearest rounding: same bytes per
     round; losses and accuracy equal up to float rounding (a code near a rounding edge may
     differ between devices)."""
-    over = ["fed.rounds=4", "runtime.backend=inprocess", "runtime.workers=2"]
+    over = ["rounds.count=4", "runtime.backend=inprocess", "runtime.workers=2"]
     recs = {}
     for dev in ("cpu", "cuda"):
         cfg = load_scenario(

@@ -22,7 +22,7 @@ def test_clients_report_their_own_epsilon_and_the_ledger_agrees(rounds: Any) -> 
             "data": {"name": "digits", "max_train": 240},
             "model": {"name": "mlp", "hidden": 8},
             "train": {"batch_size": 16, "lr": 0.1},
-            "fed": {"num_clients": 3, "clients_per_round": 2, "rounds": 3},
+            "rounds": {"count": 3, "num_clients": 3, "clients_per_round": 2},
             "privacy": {"mechanism": "dpsgd", "noise_multiplier": 1.1, "clip_norm": 1.0},
             "runtime": {"backend": "inprocess"},
         }

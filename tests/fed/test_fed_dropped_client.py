@@ -54,12 +54,12 @@ def test_unauthenticated_client_fails_alone_and_round_applies(rounds: Any) -> No
         {
             "data": {"name": "digits", "max_train": 200},
             "model": {"name": "mlp", "hidden": 8},
-            "fed": {
+            "rounds": {
+                "count": 1,
                 "num_clients": 3,
                 "clients_per_round": 3,
-                "rounds": 1,
                 "min_clients": 2,
-                "round_timeout_s": 3.0,
+                "timeout_s": 3.0,
             },
             "compression": {"uplink": {"policy": "fixed", "bits": 4}},
         }

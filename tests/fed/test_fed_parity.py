@@ -24,7 +24,7 @@ def _cfg(**up: Any) -> RunConfig:
             "data": {"name": "digits", "partition": "dirichlet", "alpha": 0.5, "max_train": 400},
             "model": {"name": "mlp", "hidden": 16},
             "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
-            "fed": {"num_clients": 4, "clients_per_round": 3, "rounds": 2},
+            "rounds": {"count": 2, "num_clients": 4, "clients_per_round": 3},
             "compression": {"uplink": up or {"policy": "none"}, "downlink": {"policy": "none"}},
         }
     )
@@ -51,17 +51,17 @@ def _run(
         return conns[-1]
 
     engine, hooks, _ = rounds(cfg, server, shards, grpc=over_grpc, tokens=tokens, wrap=wrap)
-    assert engine.error is None and hooks.reason == f"completed {cfg.fed.rounds} rounds"
+    assert engine.error is None and hooks.reason == f"completed {cfg.rounds.count} rounds"
     records = hooks.records
-    assert [r["round"] for r in records] == list(range(cfg.fed.rounds))
+    assert [r["round"] for r in records] == list(range(cfg.rounds.count))
     calls = [c for m in conns for c in m.calls]
     for rec in records:
         mine = [c for c in calls if c["round"] == rec["round"]]
         assert {c["kind"] for c in mine} == {"task", "update"}
-        assert len(mine) == 2 * cfg.fed.clients_per_round  # one download, one upload each
+        assert len(mine) == 2 * cfg.rounds.clients_per_round  # one download, one upload each
         rec["client_up"] = sum(c["up"] for c in mine)
         rec["client_down"] = sum(c["down"] for c in mine)
-        assert rec["applied"] and rec["clients_ok"] == cfg.fed.clients_per_round
+        assert rec["applied"] and rec["clients_ok"] == cfg.rounds.clients_per_round
         assert rec["clients_dropped"] == 0 and rec["dropped"] == {}
     return server.global_state, records
 
@@ -71,10 +71,10 @@ def _reference(cfg: RunConfig) -> dict[str, torch.Tensor]:
     split, parts = _parts(cfg)
     bundle = build_bundle(cfg, split.train)
     global_state = {k: v.detach().clone() for k, v in bundle.trainable_state().items()}
-    everyone = list(range(cfg.fed.num_clients))
-    for r in range(cfg.fed.rounds):
+    everyone = list(range(cfg.rounds.num_clients))
+    for r in range(cfg.rounds.count):
         updates = []
-        for cid in select_clients(r, everyone, cfg.fed.clients_per_round, cfg.seed):
+        for cid in select_clients(r, everyone, cfg.rounds.clients_per_round, cfg.seed):
             bundle.load_trainable_state(global_state)
             gen = torch.Generator().manual_seed(client_seed(cfg.seed, cid, r))
             local_train(bundle, split.train, parts[cid], cfg.train, generator=gen)

@@ -24,7 +24,7 @@ def _cfg(privacy: dict[str, Any] | None = None, rounds: int = 3) -> RunConfig:
         "data": {"name": "digits", "max_train": 300},
         "model": {"name": "mlp", "hidden": 16},
         "train": {"local_epochs": 1, "batch_size": 16, "lr": 0.1},
-        "fed": {"num_clients": 4, "clients_per_round": 2, "rounds": rounds},
+        "rounds": {"count": rounds, "num_clients": 4, "clients_per_round": 2},
         "compression": {"uplink": {"policy": "fixed", "bits": 8}},
         "runtime": {"backend": "inprocess", "workers": 1},
     }
@@ -46,7 +46,7 @@ def _rdp_eps(history: list[tuple[float, float, int]], delta: float) -> float:
 def test_central_epsilon_per_round_equals_opacus(tmp_path: Path) -> None:
     cfg = _cfg({"mechanism": "central", "noise_multiplier": 1.3, "clip_norm": 0.5})
     simulate(cfg, tmp_path)
-    q = cfg.fed.clients_per_round / cfg.fed.num_clients
+    q = cfg.rounds.clients_per_round / cfg.rounds.num_clients
     for r, rec in enumerate(_records(tmp_path)):
         assert math.isclose(rec["epsilon"], _rdp_eps([(1.3, q, r + 1)], 1e-5), rel_tol=1e-9)
 
@@ -78,9 +78,9 @@ def test_dpsgd_trains_privately_and_accounts_each_client(tmp_path: Path) -> None
     ] != [r["loss"] for r in _records(tmp_path / "plain")]
     parts = client_partitions(cfg, load_data(cfg).train)
     counts: Counter[int] = Counter()
-    everyone = list(range(cfg.fed.num_clients))
-    for r in range(cfg.fed.rounds):
-        counts.update(select_clients(r, everyone, cfg.fed.clients_per_round, cfg.seed))
+    everyone = list(range(cfg.rounds.num_clients))
+    for r in range(cfg.rounds.count):
+        counts.update(select_clients(r, everyone, cfg.rounds.clients_per_round, cfg.seed))
     expected = max(
         _rdp_eps(
             [(1.1, local_steps(len(parts[c]), 16, 1)[1], n * local_steps(len(parts[c]), 16, 1)[0])],
@@ -116,11 +116,11 @@ def test_laplace_budget_per_client_leaves_spent_clients_out_then_stops(tmp_path:
     out = simulate(cfg, tmp_path)
     recs = _records(tmp_path)
     per, spent, expected = 15.0, Counter[int](), []
-    for r in range(cfg.fed.rounds):  # what the server's selection and ledger must have done
-        pool = [c for c in range(cfg.fed.num_clients) if (spent[c] + 1) * per <= 30.0]
-        if len(pool) < cfg.fed.clients_per_round:
+    for r in range(cfg.rounds.count):  # what the server's selection and ledger must have done
+        pool = [c for c in range(cfg.rounds.num_clients) if (spent[c] + 1) * per <= 30.0]
+        if len(pool) < cfg.rounds.clients_per_round:
             break
-        spent.update(select_clients(r, pool, cfg.fed.clients_per_round, cfg.seed))
+        spent.update(select_clients(r, pool, cfg.rounds.clients_per_round, cfg.seed))
         expected.append(max(spent.values()) * per)
     assert len(expected) == 3  # this seed's draw leaves one client alone with budget left
     assert [r["epsilon"] for r in recs] == expected

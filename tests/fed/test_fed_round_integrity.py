@@ -32,12 +32,12 @@ def run(open_rounds: Any) -> Any:
             {
                 "data": {"name": "digits", "max_train": 200},
                 "model": {"name": "mlp", "hidden": 8},
-                "fed": {
+                "rounds": {
+                    "count": 2,
                     "num_clients": 4,
                     "clients_per_round": 3,
-                    "rounds": 2,
                     "min_clients": min_clients,
-                    "round_timeout_s": 1.5,
+                    "timeout_s": 1.5,
                 },
             }
         )

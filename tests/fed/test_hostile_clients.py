@@ -24,12 +24,12 @@ def _cfg() -> Any:
             "data": {"name": "digits", "partition": "iid"},
             "model": {"name": "mlp", "hidden": 32},
             "train": {"batch_size": 16, "lr": 0.1},
-            "fed": {
+            "rounds": {
+                "count": ROUNDS,
                 "num_clients": 6,
                 "clients_per_round": 6,
-                "rounds": ROUNDS,
                 "eval_every": 1,
-                "round_timeout_s": 60,
+                "timeout_s": 60,
             },
             "compression": {"uplink": {"policy": "fixed", "bits": 8}},
             "runtime": {"backend": "inprocess"},

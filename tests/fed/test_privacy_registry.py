@@ -66,7 +66,7 @@ def _cfg(mechanism: str) -> RunConfig:
         {
             "seed": 1,
             "train": {"local_epochs": 1, "batch_size": 16},
-            "fed": {"num_clients": 4, "clients_per_round": 2, "rounds": 4},
+            "rounds": {"count": 4, "num_clients": 4, "clients_per_round": 2},
             "privacy": PRIVACY[mechanism],
         }
     )

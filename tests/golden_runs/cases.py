@@ -10,27 +10,27 @@ from __future__ import annotations
 INPROC = "runtime.backend=inprocess"
 
 CASES: dict[str, tuple[str, list[str]]] = {
-    "quickstart": ("quickstart.yaml", ["fed.rounds=2", INPROC]),
-    "quickstart_ray": ("quickstart.yaml", ["fed.rounds=2", "runtime.backend=ray"]),
+    "quickstart": ("quickstart.yaml", ["rounds.count=2", INPROC]),
+    "quickstart_ray": ("quickstart.yaml", ["rounds.count=2", "runtime.backend=ray"]),
     "quickstart_fedadam_median": (
         "quickstart.yaml",
-        ["fed.rounds=2", "fed.strategy=fedadam", "defence.aggregator=median", INPROC],
+        ["rounds.count=2", "fed.strategy=fedadam", "defence.aggregator=median", INPROC],
     ),
     "quickstart_central_dp": (
         "quickstart.yaml",
-        ["fed.rounds=2", "privacy.mechanism=central", "privacy.noise_multiplier=0.5", INPROC],
+        ["rounds.count=2", "privacy.mechanism=central", "privacy.noise_multiplier=0.5", INPROC],
     ),
-    "digits_100_clients": ("digits_100_clients.yaml", ["fed.rounds=2", INPROC]),
-    "digits_budget": ("digits_budget.yaml", ["fed.rounds=2", INPROC]),
-    "digits_dpsgd": ("digits_dpsgd.yaml", ["fed.rounds=2", INPROC]),
-    "digits_paper_cosine_client": ("digits_paper_cosine_client.yaml", ["fed.rounds=2", INPROC]),
-    "digits_paper_laplace": ("digits_paper_laplace.yaml", ["fed.rounds=6", INPROC]),
-    "mnist1d_cnn_fedprox": ("mnist1d_cnn_fedprox.yaml", ["fed.rounds=2", INPROC]),
+    "digits_100_clients": ("digits_100_clients.yaml", ["rounds.count=2", INPROC]),
+    "digits_budget": ("digits_budget.yaml", ["rounds.count=2", INPROC]),
+    "digits_dpsgd": ("digits_dpsgd.yaml", ["rounds.count=2", INPROC]),
+    "digits_paper_cosine_client": ("digits_paper_cosine_client.yaml", ["rounds.count=2", INPROC]),
+    "digits_paper_laplace": ("digits_paper_laplace.yaml", ["rounds.count=6", INPROC]),
+    "mnist1d_cnn_fedprox": ("mnist1d_cnn_fedprox.yaml", ["rounds.count=2", INPROC]),
     "rotten_tomatoes_minilm_lora": (
         "rotten_tomatoes_minilm_lora.yaml",
         [
-            "fed.rounds=1",
-            "fed.clients_per_round=2",
+            "rounds.count=1",
+            "rounds.clients_per_round=2",
             "data.max_train=200",
             "data.max_test=64",
             INPROC,
@@ -38,15 +38,15 @@ CASES: dict[str, tuple[str, list[str]]] = {
     ),
     "scale_mnist1d": (
         "scale_mnist1d.yaml",
-        ["fed.rounds=1", "data.num_samples=40000", "data.max_test=500", INPROC],
+        ["rounds.count=1", "data.num_samples=40000", "data.max_test=500", INPROC],
     ),
     "split_minilm_amaq": (
         "split_minilm_amaq.yaml",
-        ["fed.rounds=2", "split.local_steps=3", "data.max_train=300", "data.max_test=64", INPROC],
+        ["rounds.count=2", "split.local_steps=3", "data.max_train=300", "data.max_test=64", INPROC],
     ),
     "split_smollm2_amaq": (
         "split_smollm2_amaq.yaml",
-        ["fed.rounds=1", "fed.eval_every=1", "split.local_steps=2", "data.max_test=16"],
+        ["rounds.count=1", "rounds.eval_every=1", "split.local_steps=2", "data.max_test=16"],
     ),
     "split_tiny": ("split_tiny.yaml", []),
 }

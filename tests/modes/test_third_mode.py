@@ -168,7 +168,7 @@ SCENARIO = {
     "mode": NAME,
     "data": {"name": "digits", "partition": "iid"},
     "model": {"name": MODEL},
-    "fed": {"num_clients": 4, "clients_per_round": 3, "rounds": 2, "min_clients": 3},
+    "rounds": {"count": 2, "num_clients": 4, "clients_per_round": 3, "min_clients": 3},
     "runtime": {"backend": "inprocess", "workers": 2},
 }
 

@@ -100,14 +100,14 @@ def _engine(
     timeout: float = 30,
     workload: Any = None,
 ) -> tuple[RoundEngine, Any, Hooks]:
-    fed = {
+    schedule = {
+        "count": rounds,
         "num_clients": n,
         "clients_per_round": k,
-        "rounds": rounds,
         "min_clients": min_clients,
-        "round_timeout_s": timeout,
+        "timeout_s": timeout,
     }
-    cfg = config_from_dict({"fed": fed})
+    cfg = config_from_dict({"rounds": schedule})
     w = workload or Sums()
     hooks = Hooks()
     roster = [client_name(i) for i in range(n)]

@@ -316,12 +316,12 @@ def test_a_task_that_raises_is_reported_as_failed_and_the_node_takes_the_next_ro
     exception as the reason, and the node, still up, delivers its update in the next round."""
     cfg = config_from_dict(
         {
-            "fed": {
+            "rounds": {
+                "count": 2,
                 "num_clients": 1,
                 "clients_per_round": 1,
-                "rounds": 2,
                 "min_clients": 1,
-                "round_timeout_s": 60,
+                "timeout_s": 60,
             }
         }
     )

@@ -38,7 +38,7 @@ def test_the_next_start_ends_a_killed_drivers_leftovers(tmp_path: Path) -> None:
             "simulate",
             str(ROOT / "scenarios" / "quickstart.yaml"),
             "--set",
-            "fed.rounds=200",
+            "rounds.count=200",
             "--set",
             "runtime.object_store_mb=128",
             "--out",

@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(runtime: dict[str, Any], clients: int = 6, **extra: Any) -> Any:
-    fed = {"num_clients": clients, "clients_per_round": clients}
-    return config_from_dict({"fed": fed, "runtime": runtime, **extra})
+    rounds = {"num_clients": clients, "clients_per_round": clients}
+    return config_from_dict({"rounds": rounds, "runtime": runtime, **extra})
 
 
 def test_sites_parse_from_yaml_and_round_trip_through_config_json(tmp_path: Path) -> None:
     f = tmp_path / "s.yaml"
     f.write_text(
-        "fed: {num_clients: 6, clients_per_round: 6}\n"
+        "rounds: {num_clients: 6, clients_per_round: 6}\n"
         "runtime:\n"
         "  placement: pack\n"
         "  server_resource: head\n"
@@ -110,7 +110,7 @@ def test_bad_placement_keys_are_all_reported_at_once() -> None:
         "runtime.sites[1].resource: must be a Ray resource name or null",
         "runtime.sites[2].data: must be a data source or null",
         "runtime.workers: with runtime.sites each site says how many workers it has",
-        "runtime.sites: the sites hold 4 clients in all (3 + 0 + 1), but fed.num_clients is 6",
+        "runtime.sites: the sites hold 4 clients in all (3 + 0 + 1), but rounds.num_clients is 6",
     ):
         assert expected in text, expected
     with pytest.raises(ConfigError, match=r"runtime\.sites: expected a list, got dict"):
@@ -334,7 +334,8 @@ def test_sites_with_their_own_data_and_tls_on_loopback_in_process(
 
     scenario = ROOT / "scenarios" / "quickstart.yaml"
     files = write_shards(
-        load_scenario(scenario, ["fed.num_clients=2", "fed.clients_per_round=2"]), tmp_path / "data"
+        load_scenario(scenario, ["rounds.num_clients=2", "rounds.clients_per_round=2"]),
+        tmp_path / "data",
     )
     sites = f"[{{clients: 2, data: 'npz:{files[0]}'}}, {{clients: 1, data: 'npz:{files[1]}'}}]"
     out = tmp_path / "run"
@@ -353,11 +354,11 @@ def test_sites_with_their_own_data_and_tls_on_loopback_in_process(
                 "--set",
                 f"runtime.sites={sites}",
                 "--set",
-                "fed.num_clients=3",
+                "rounds.num_clients=3",
                 "--set",
-                "fed.clients_per_round=3",
+                "rounds.clients_per_round=3",
                 "--set",
-                "fed.rounds=2",
+                "rounds.count=2",
                 "--set",
                 "model.hidden=16",
             ]

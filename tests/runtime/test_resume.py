@@ -20,7 +20,7 @@ def _cfg() -> RunConfig:
             "seed": 1,
             "data": {"name": "digits", "max_train": 300},
             "model": {"name": "mlp", "hidden": 16},
-            "fed": {"num_clients": 4, "clients_per_round": 2, "rounds": 4},
+            "rounds": {"count": 4, "num_clients": 4, "clients_per_round": 2},
             "compression": {
                 "uplink": {
                     "policy": "fixed",
@@ -79,7 +79,7 @@ def _split_cfg(act_codec: str) -> RunConfig:
             },
             "model": {"name": "tiny_bert_lora", "hidden": 32, "lora_r": 4, "max_length": 16},
             "train": {"batch_size": 8, "lr": 0.01, "optimizer": "adamw"},
-            "fed": {"num_clients": 3, "clients_per_round": 2, "rounds": 4},
+            "rounds": {"count": 4, "num_clients": 3, "clients_per_round": 2},
             "split": {
                 "cut": 1,
                 "tiny_layers": 2,

@@ -35,9 +35,9 @@ def test_a_thousand_clients_cost_only_what_the_selected_ones_need(
     cfg = load_scenario(
         ROOT / "scenarios" / "scale_mnist1d.yaml",
         [
-            "fed.num_clients=1000",
-            "fed.clients_per_round=20",
-            "fed.rounds=3",
+            "rounds.num_clients=1000",
+            "rounds.clients_per_round=20",
+            "rounds.count=3",
             "data.num_samples=5000",
             "data.max_test=500",
             "runtime.backend=inprocess",
@@ -110,9 +110,9 @@ def test_the_end_of_a_run_is_not_taken_for_dead_workers(
     cfg = load_scenario(
         ROOT / "scenarios" / "quickstart.yaml",
         [
-            "fed.num_clients=4",
-            "fed.clients_per_round=2",
-            "fed.rounds=2",
+            "rounds.num_clients=4",
+            "rounds.clients_per_round=2",
+            "rounds.count=2",
             "model.hidden=8",
             "data.max_train=200",
             "runtime.backend=inprocess",

@@ -24,11 +24,11 @@ def test_simulate_on_ray_writes_contract_files(tmp_path: Path) -> None:
                 str(out),
                 "-q",
                 "--set",
-                "fed.num_clients=3",
+                "rounds.num_clients=3",
                 "--set",
-                "fed.clients_per_round=3",
+                "rounds.clients_per_round=3",
                 "--set",
-                "fed.rounds=2",
+                "rounds.count=2",
                 "--set",
                 "model.hidden=16",
                 "--set",
@@ -39,7 +39,7 @@ def test_simulate_on_ray_writes_contract_files(tmp_path: Path) -> None:
         )
     assert ei.value.code == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["fed"]["rounds"] == 2 and config["runtime"]["backend"] == "ray"
+    assert config["rounds"]["count"] == 2 and config["runtime"]["backend"] == "ray"
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1]
     for r in records:

@@ -26,7 +26,7 @@ def test_every_problem_of_every_run_reported_before_any_run(tmp_path: Path) -> N
         "grid:\n"
         "  compression.uplink.bits: [4, 0]\n"
         "  policy:\n"
-        "    ok: {fed.rounds: 2}\n"
+        "    ok: {rounds.count: 2}\n"
         "    bad: {fed.roundz: 2}\n",
     )
     with pytest.raises(ConfigError) as ei:
@@ -41,7 +41,8 @@ def test_small_sweep_writes_table_and_plot(tmp_path: Path) -> None:
     p = _write(
         tmp_path,
         "parallel: 1\n"
-        "set: {fed.rounds: 1, fed.num_clients: 3, fed.clients_per_round: 3, data.max_train: 200,"
+        "set: {rounds.count: 1, rounds.num_clients: 3, rounds.clients_per_round: 3,"
+        " data.max_train: 200,"
         " model.hidden: 8}\n"
         "grid:\n"
         "  epsilon:\n"
@@ -65,9 +66,9 @@ def test_small_sweep_writes_table_and_plot(tmp_path: Path) -> None:
 def test_broken_base_scenario_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "base.yaml").write_text("fed: [unclosed\n")
     p = tmp_path / "sweep.yaml"
-    p.write_text("scenario: base.yaml\ngrid:\n  fed.rounds: [1, 2]\n")
+    p.write_text("scenario: base.yaml\ngrid:\n  rounds.count: [1, 2]\n")
     with pytest.raises(ConfigError, match=r"scenario: .*not valid YAML"):
         load_sweep(p)
-    (tmp_path / "missing.yaml").write_text("scenario: nowhere.yaml\ngrid: {fed.rounds: [1]}\n")
+    (tmp_path / "missing.yaml").write_text("scenario: nowhere.yaml\ngrid: {rounds.count: [1]}\n")
     with pytest.raises(ConfigError, match="scenario: scenario file not found"):
         load_sweep(tmp_path / "missing.yaml")

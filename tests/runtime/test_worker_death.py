@@ -25,12 +25,12 @@ def _cfg(min_clients: int) -> Any:
             "seed": 1,
             "data": {"name": "digits", "max_train": 400},
             "model": {"name": "mlp", "hidden": 8},
-            "fed": {
+            "rounds": {
+                "count": 4,
                 "num_clients": 6,
                 "clients_per_round": max(2, min_clients),
-                "rounds": 4,
                 "min_clients": min_clients,
-                "round_timeout_s": 60,
+                "timeout_s": 60,
             },
             "runtime": {"backend": "ray", "workers": 2, "object_store_mb": 128},
         }
@@ -72,4 +72,4 @@ def test_a_dead_worker_is_reported_and_the_run_goes_on_or_stops(
         assert recs[0]["applied"] and all(not r["applied"] for r in recs[1:])
         assert len(recs) <= 2  # at most the round that was open when the worker died
         assert "worker(s) lost" in summary["stopped_reason"]
-        assert "fed.min_clients=4" in summary["stopped_reason"]
+        assert "rounds.min_clients=4" in summary["stopped_reason"]

@@ -21,7 +21,7 @@ from fedq.split.models import SplitModel, build_split_model
 
 
 def tiny_cfg(
-    model: str = "tiny_bert_lora", fed: dict[str, Any] | None = None, **split: Any
+    model: str = "tiny_bert_lora", rounds: dict[str, Any] | None = None, **split: Any
 ) -> RunConfig:
     raw = {
         "mode": "split",
@@ -29,7 +29,7 @@ def tiny_cfg(
         "data": {"name": "rotten_tomatoes", "partition": "iid", "max_train": 128, "max_test": 32},
         "model": {"name": model, "hidden": 32, "lora_r": 4, "max_length": 24},
         "train": {"batch_size": 8, "lr": 0.01, "optimizer": "adamw"},
-        "fed": {"num_clients": 2, "clients_per_round": 2, "rounds": 2, **(fed or {})},
+        "rounds": {"count": 2, "num_clients": 2, "clients_per_round": 2, **(rounds or {})},
         "split": {"cut": 2, "tiny_layers": 4, "local_steps": 2, **split},
         "runtime": {"backend": "inprocess", "workers": 1},
     }

@@ -146,7 +146,7 @@ def test_a_lost_reply_puts_the_copies_back_in_step_at_the_next_visit(kit, open_r
         grad_codec="fixed",
         fixed_bits=2,
         local_steps=3,
-        fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+        rounds={"count": 1, "num_clients": 1, "clients_per_round": 1},
     )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)

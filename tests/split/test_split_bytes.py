@@ -22,7 +22,7 @@ def test_bytes_per_step_match_transport_and_bit_maps(kit, rounds, metered) -> No
         b_min=1,
         init_bits=4.0,
         act_outlier_ratio=1.0,
-        fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+        rounds={"count": 1, "num_clients": 1, "clients_per_round": 1},
     )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)

@@ -67,7 +67,7 @@ def test_a_discarded_round_leaves_the_server_half_as_it_was(kit, open_rounds) ->
     cfg = kit.tiny_cfg(
         all_boundaries=True,
         local_steps=2,
-        fed={"num_clients": 2, "clients_per_round": 2, "min_clients": 2, "rounds": 2},
+        rounds={"count": 2, "num_clients": 2, "clients_per_round": 2, "min_clients": 2},
     )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
@@ -111,7 +111,8 @@ def test_a_round_open_when_the_run_stops_is_rolled_back(kit, open_rounds) -> Non
     """The run stops (Ctrl-C, workers lost) after a client's steps: the round is abandoned, and
     what the run reports at its end (bit maps, evaluation) is the last closed round's."""
     cfg = kit.tiny_cfg(
-        local_steps=2, fed={"num_clients": 2, "clients_per_round": 2, "min_clients": 2, "rounds": 1}
+        local_steps=2,
+        rounds={"count": 1, "num_clients": 2, "clients_per_round": 2, "min_clients": 2},
     )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)

@@ -63,7 +63,7 @@ def test_identity_protocol_step_equals_unsplit_adamw_step(kit, open_rounds) -> N
         act_codec="none",
         grad_codec="none",
         local_steps=1,
-        fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+        rounds={"count": 1, "num_clients": 1, "clients_per_round": 1},
     )
     split, parts = kit.data(cfg)
     srv_model, cli_model, ref_model = kit.build(cfg), kit.build(cfg), kit.build(cfg)

@@ -111,7 +111,7 @@ def test_epsilon_matches_opacus_and_budget_stops_before_target(tmp_path: Path) -
         "clip_norm": 1.0,
         "delta": 1e-5,
     }
-    base["fed"]["rounds"] = 2
+    base["rounds"]["count"] = 2
     cfg = config_from_dict(base)
     simulate(cfg, tmp_path / "a")
     recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

@@ -104,7 +104,7 @@ def test_all_boundaries_quantizes_every_block_boundary(kit, rounds, signal: str)
         b_min=1,
         target_bits=2.0,
         act_gate_signal=signal,
-        fed={"num_clients": 1, "clients_per_round": 1, "rounds": 1},
+        rounds={"count": 1, "num_clients": 1, "clients_per_round": 1},
     )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)
@@ -171,7 +171,7 @@ def test_the_engine_keeps_each_client_to_its_steps_in_order(kit, open_rounds) ->
         grad_codec="fixed",
         fixed_bits=4,
         local_steps=2,
-        fed={"num_clients": 3, "clients_per_round": 2, "rounds": 1},
+        rounds={"count": 1, "num_clients": 3, "clients_per_round": 2},
     )
     split, parts = kit.data(cfg)
     server = SplitServer(cfg, kit.build(cfg), split.test, 2)

@@ -50,10 +50,10 @@ def test_simulate_smollm2_scenario_short(tmp_path: Path) -> None:
     cfg = load_scenario(
         ROOT / "scenarios" / "split_smollm2_amaq.yaml",
         [
-            "fed.rounds=1",
+            "rounds.count=1",
             "split.local_steps=2",
-            "fed.num_clients=1",
-            "fed.clients_per_round=1",
+            "rounds.num_clients=1",
+            "rounds.clients_per_round=1",
             "data.max_test=8",
             "train.batch_size=4",
             "model.max_length=24",

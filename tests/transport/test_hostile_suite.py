@@ -57,13 +57,13 @@ _PRINTABLE = [chr(c) for c in range(0x20, 0x7F)]
 def _cfg(mode: str) -> Any:
     base: dict[str, Any] = {
         "seed": 3,
-        "fed": {
+        "rounds": {
+            "count": 100_000,
             "num_clients": 2,
             "clients_per_round": 1,
             "min_clients": 1,
-            "rounds": 100_000,
             "eval_every": 100_000,
-            "round_timeout_s": 30,
+            "timeout_s": 30,
         },
         "runtime": {"backend": "inprocess"},
     }
