@@ -54,10 +54,12 @@ def local_steps(n: int, batch_size: int, epochs: int) -> tuple[int, float]:
 def laplace_participations(cfg: RunConfig) -> float:
     """Releases the per-client budget is split over. ``sound``: the expected participations
     ceil(T*K/N). ``paper``: T_L = (T/E)*(K/N) of Ardic & Genc (docs/algorithms.md §2.3), kept for a
-    faithful replication although dividing by E is not a composition argument."""
+    faithful replication although dividing by E is not a composition argument; at least 1: a
+    T_L below 1 (few rounds, few clients per round or many epochs) would charge each release more
+    than the whole budget, so the ledger could let no client take part at all."""
     f = cfg.rounds
     if cfg.privacy.laplace_calibration == "paper":
-        return max(f.count / cfg.train.local_epochs * f.clients_per_round / f.num_clients, 1e-9)
+        return max(f.count / cfg.train.local_epochs * f.clients_per_round / f.num_clients, 1.0)
     return float(math.ceil(f.count * f.clients_per_round / f.num_clients))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from opacus.accountants import RDPAccountant
 
 from fedq.config import RunConfig, config_from_dict
-from fedq.fed.privacy import local_steps
+from fedq.fed.privacy import laplace_participations, local_steps
 from fedq.rounds import select_clients
 from fedq.runtime.setup import client_partitions, load_data
 from fedq.runtime.simulate import simulate
@@ -138,3 +138,25 @@ def test_dp_disabled_is_exactly_the_non_dp_run(tmp_path: Path) -> None:
         r["loss"] for r in _records(tmp_path / "b")
     ]
     assert a["bytes_wire_total"] == b["bytes_wire_total"]
+
+
+def test_laplace_paper_calibration_of_a_short_run_lets_each_client_release_once(
+    tmp_path: Path,
+) -> None:
+    """The paper's T_L = (T/E)(K/N) is 1 * 2/4 = 0.5 for one round of 2 of 4 clients: split over
+    0.5 releases, one release would cost twice the budget and no client could ever be selected
+    (the run stopped before round 0). The budget is split over max(T_L, 1) releases instead."""
+    privacy = {
+        "mechanism": "laplace",
+        "laplace_calibration": "paper",
+        "target_epsilon": 30.0,
+        "clip_norm": 1.0,
+    }
+    cfg = _cfg(privacy, rounds=1)
+    assert laplace_participations(cfg) == 1.0
+    assert laplace_participations(_cfg(privacy, rounds=6)) == 3.0  # T_L >= 1: the paper's own
+    out = simulate(cfg, tmp_path)
+    recs = _records(tmp_path)
+    assert [r["applied"] for r in recs] == [True]
+    assert recs[0]["clients_ok"] == 2 and recs[0]["epsilon"] == 30.0
+    assert out["rounds_applied"] == 1 and out["epsilon_spent"] == 30.0
