@@ -29,6 +29,7 @@ ENV = {
 
 pytestmark = [
     pytest.mark.netns,
+    pytest.mark.xdist_group("netns"),  # one at a time with the other namespace tests
     pytest.mark.slow,
     pytest.mark.skipif(REASON is not None, reason=str(REASON)),
 ]

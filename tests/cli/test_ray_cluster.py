@@ -40,7 +40,13 @@ REASON = link_unavailable_reason()
 KIND = os.environ.get("FEDQ_TEST_RAY_CLUSTER") or ("netns" if REASON is None else "local")
 
 NO_CLI = "the fedq entry point is not installed"
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not FEDQ.exists(), reason=NO_CLI)]
+# One at a time under pytest-xdist (``--dist loadgroup``), with the other tests that build
+# network namespaces: they list the machine's namespaces and Ray nodes.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not FEDQ.exists(), reason=NO_CLI),
+    pytest.mark.xdist_group("netns"),
+]
 if KIND == "netns":
     pytestmark.append(pytest.mark.netns)
 

@@ -156,7 +156,8 @@ def test_minilm_ships_only_lora_and_head(minilm: LoraTextBundle) -> None:
     assert numel < 0.005 * minilm.num_parameters()
 
 
-def test_minilm_second_build_reuses_cached_base() -> None:
+def test_minilm_second_build_reuses_cached_base(minilm: LoraTextBundle) -> None:
+    # ``minilm`` made the first build in this process (under pytest-xdist, not every worker has)
     hits = encoders._pretrained_base.cache_info().hits
     b = build_model("minilm_lora", num_classes=3, seed=1)
     assert encoders._pretrained_base.cache_info().hits == hits + 1

@@ -4,6 +4,7 @@ ends exactly those (the ones using the dead driver's session folder) and removes
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,11 +26,17 @@ pytestmark = [
 
 
 def test_the_next_start_ends_a_killed_drivers_leftovers(tmp_path: Path) -> None:
+    # The driver keeps its Ray session folder in a temporary folder of this test's own: any
+    # other Ray start on the machine (a parallel test worker's) ends the leftovers it finds in
+    # the shared one, and would end these before this test's own clean-up could. Short, since
+    # Ray's socket paths under it must stay within the OS limit.
+    own = Path(tempfile.mkdtemp(prefix="fq"))
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "TMPDIR": str(own),
     }
     out = tmp_path / "run"
     driver = subprocess.Popen(
@@ -54,17 +61,19 @@ def test_the_next_start_ends_a_killed_drivers_leftovers(tmp_path: Path) -> None:
         while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
             assert time.monotonic() < end and driver.poll() is None, "the run did not start"
             time.sleep(0.5)
-        folders = list(Path(tempfile.gettempdir()).glob(f"{RAY_TMP_PREFIX}{driver.pid}-*"))
+        folders = list(own.glob(f"{RAY_TMP_PREFIX}{driver.pid}-*"))
         assert len(folders) == 1
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(30)
         time.sleep(1)
         left = [p for p in psutil.process_iter() if _uses(p, str(folders[0]))]
         assert left, "expected Ray helpers to outlive a SIGKILLed driver for a while"
-        ended = clean_leftovers()
+        ended = clean_leftovers(str(own))
         assert {p.pid for p in left} <= set(ended)
         assert not folders[0].exists()
         assert not [p for p in psutil.process_iter() if _uses(p, str(folders[0]))]
     finally:
         if driver.poll() is None:
             driver.kill()
+        clean_leftovers(str(own))
+        shutil.rmtree(own, ignore_errors=True)

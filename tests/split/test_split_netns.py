@@ -14,7 +14,13 @@ from fedq.bench.netlink import link_unavailable_reason, rate_bits_per_s, run_lin
 ROOT = Path(__file__).resolve().parents[2]
 REASON = link_unavailable_reason()
 
-pytestmark = [pytest.mark.netns, pytest.mark.skipif(REASON is not None, reason=str(REASON))]
+# One at a time under pytest-xdist with the other namespace tests: it compares the machine's
+# namespaces before and after.
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.xdist_group("netns"),
+    pytest.mark.skipif(REASON is not None, reason=str(REASON)),
+]
 
 TINY = [
     "model.hidden=256",
