@@ -67,12 +67,24 @@ SAME = (
 )
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C reaches the run as it does from a terminal, however the tests were started: a shell
+    that runs a command in the background without job control starts it with SIGINT ignored,
+    and a child inherits that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """A ``fedq`` process whose output is collected as it comes, so a test can act on a line."""
 
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [str(FEDQ), *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            [str(FEDQ), *args],
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            preexec_fn=_as_from_a_terminal,
         )
         self.lines: list[str] = []
         self._cv = threading.Condition()
