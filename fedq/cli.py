@@ -134,10 +134,16 @@ def _print_summary(summary: dict[str, Any], out: Path) -> int:
     """The end line of a run (simulate and serve alike); returns the exit status: 130 when
     interrupted, 3 when no round was applied, else 0."""
     acc = summary.get("final_accuracy")
+    ppl = summary.get("final_perplexity")
     n, applied = summary.get("rounds_completed", 0), summary.get("rounds_applied", 0)
     discarded = summary.get("rounds_discarded", 0)
+    metric = (
+        f"perplexity {ppl:.3f}"
+        if ppl is not None and acc is None
+        else f"accuracy {acc if acc is None else f'{acc:.4f}'}"
+    )
     print(
-        f"done: accuracy {acc if acc is None else f'{acc:.4f}'} | "
+        f"done: {metric} | "
         + f"{n} round{'' if n == 1 else 's'}, {applied} applied"
         + (f" ({discarded} discarded)" if discarded else "")
         + " | "
@@ -155,6 +161,15 @@ def _print_summary(summary: dict[str, Any], out: Path) -> int:
     return EXIT_NO_ROUND_APPLIED if failed else 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from fedq.runtime.export import export_run
+
+    out = export_run(args.run, args.out, merge=args.merge)
+    what = "merged model (transformers)" if args.merge else "adapter (PEFT)"
+    print(f"wrote {what} to {out}")
+    return 0
+
+
 def _resume_args(args: argparse.Namespace, command: str) -> None:
     """``--resume DIR``: the scenario is DIR/config.json unless given, and DIR is the output."""
     if args.resume:
@@ -166,12 +181,13 @@ def _resume_args(args: argparse.Namespace, command: str) -> None:
 
 
 def _round_line(rec: dict[str, Any]) -> str:
-    acc, eps = rec.get("accuracy"), rec.get("epsilon")
+    acc, eps, ppl = rec.get("accuracy"), rec.get("epsilon"), rec.get("perplexity")
     dropped = rec.get("dropped") or {}
     return (
         f"round {rec['round']}: {rec['clients_ok']}/{rec['clients_selected']} updates"
         + ("" if rec.get("applied", True) else " (discarded: too few)")
         + (f", accuracy {acc:.4f}" if acc is not None else "")
+        + (f", perplexity {ppl:.3f}" if ppl is not None else "")
         + (f", epsilon {eps:.4g}" if eps else "")
         + f", wire {_fmt_bytes(rec['bytes_up'] + rec['bytes_down'])}"
         + f", {rec['seconds']:.1f} s"
@@ -290,7 +306,13 @@ def _join(args: argparse.Namespace) -> int:
         keepalive=keepalive,
     ) as conn:
         result = join(
-            conn, args.client_id, args.data, backoff=backoff, on_event=on_event, device=args.device
+            conn,
+            args.client_id,
+            args.data,
+            backoff=backoff,
+            on_event=on_event,
+            device=args.device,
+            model_path=args.model,
         )
     print(
         f"done: {result['reason']} | {result['tasks']} rounds ({result['failed']} failed) | "
@@ -436,7 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         required=True,
         metavar="SOURCE",
-        help="this site's data: csv:PATH, npz:PATH, py:module:fn or a built-in",
+        help="this site's data: csv:PATH, npz:PATH, jsonl:PATH, py:module:fn or a built-in",
+    )
+    j.add_argument(
+        "--model",
+        metavar="PATH",
+        help="this site's own copy of the base model (a Hugging Face directory); it must be the "
+        "one the server trains on (checked by fingerprint before any round)",
     )
     j.add_argument("--ca", metavar="FILE", help="CA that signed the server's certificate")
     j.add_argument("--cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")
@@ -484,6 +512,18 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--out", required=True, metavar="DIR", help="folder for <client id>.npz/.csv")
     h.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
     h.set_defaults(func=_shard)
+
+    x = sub.add_parser(
+        "export", help="write a run's final LoRA adapter (PEFT format) or merged model"
+    )
+    x.add_argument("run", metavar="RUN", help="a run folder (config.json + checkpoint.pt)")
+    x.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    x.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the adapter into the base and write a plain transformers model",
+    )
+    x.set_defaults(func=_export)
 
     w = sub.add_parser("sweep", help="run a grid of scenarios (e.g. epsilon x bit policy)")
     w.add_argument("sweep", help="sweep YAML file, e.g. scenarios/privacy_sweep.yaml")

@@ -67,14 +67,68 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    name: str = "mlp"  # mlp | cnn | minilm_lora | tiny_bert_lora
-    hidden: int = 64
-    lora_r: int = 8
-    max_length: int = 64
+class LoraOptions:
+    """``model.lora``: PEFT's ``LoraConfig`` options under PEFT's own names. Null keeps the
+    model's default (``r``: ``model.lora_r``; ``lora_alpha``: 16 for encoders, 2r for causal LMs;
+    ``target_modules``: PEFT's default for the architecture)."""
+
+    r: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] | None = None
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
 
     def check(self) -> Problems:
         p = []
+        if self.r is not None and self.r < 1:
+            p.append(f"model.lora.r: must be >= 1, got {self.r}")
+        if self.lora_alpha is not None and self.lora_alpha < 1:
+            p.append(f"model.lora.lora_alpha: must be >= 1, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            p.append(f"model.lora.lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            p.append("model.lora.target_modules: name at least one module, or null for the default")
+        return p
+
+    def options(self) -> dict[str, Any]:
+        """The options set (what :func:`fedq.models.hf.lora_config` gets)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "mlp"  # mlp | cnn | minilm_lora | tiny_bert_lora | smollm2_instruct | hf:PATH
+    hidden: int = 64
+    lora_r: int = 8
+    max_length: int = 64
+    # hf: checkpoints: "auto" takes the model's own task (a ...ForCausalLM is a causal LM)
+    task: Literal["auto", "classification", "causal_lm"] = "auto"
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    # causal LMs: greedy answers to these prompts (default: the first 3 evaluation records) are
+    # written to generations.jsonl at each evaluation; an empty list writes none
+    sample_prompts: tuple[str, ...] | None = None
+    sample_tokens: int = 32
+    # SHA-256 of a Hugging Face base's config and weight files (fedq.models.hf.fingerprint):
+    # the server fills it in; every client checks its own copy against it before any round
+    base_sha256: str | None = None
+
+    def build_options(self) -> dict[str, Any]:
+        """What every model builder gets (``fedq.models.build_model``); ``model.lora.r``, when
+        set, wins over ``model.lora_r``."""
+        return {
+            "hidden": self.hidden,
+            "lora_r": self.lora.r or self.lora_r,
+            "max_length": self.max_length,
+            "lora": self.lora.options(),
+            "task": self.task,
+        }
+
+    def check(self) -> Problems:
+        p = []
+        if self.sample_tokens < 1:
+            p.append(f"model.sample_tokens: must be >= 1, got {self.sample_tokens}")
         if self.hidden < 1:
             p.append(f"model.hidden: must be >= 1, got {self.hidden}")
         if self.lora_r < 1:

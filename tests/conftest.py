@@ -272,3 +272,20 @@ def open_rounds() -> Iterator[object]:
     yield make
     for o in made:
         o.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random causal-LM directory (config.json, safetensors, tokenizer with a chat
+    template), saved with ``save_pretrained``: what a user's ``hf:PATH`` holds."""
+    from support.hf_models import save_tiny_causal_lm
+
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("hf") / "tiny-lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random BERT encoder directory, saved with ``save_pretrained``."""
+    from support.hf_models import save_tiny_encoder
+
+    return save_tiny_encoder(tmp_path_factory.mktemp("hf") / "tiny-encoder")

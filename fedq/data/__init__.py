@@ -7,8 +7,17 @@ by the loaders that need them).
 """
 
 from fedq.data import builtin as _builtin  # noqa: F401  (registers digits, mnist1d, rotten_tomatoes)
+from fedq.data import instruct as _instruct  # noqa: F401  (registers jsonl:, instructions)
 from fedq.data import user as _user  # noqa: F401  (registers npz:, csv:, py:)
-from fedq.data.datasets import AnyDataset, ArrayDataset, DataSplit, Shard, TextDataset
+from fedq.data.datasets import (
+    AnyDataset,
+    ArrayDataset,
+    DataSplit,
+    InstructionDataset,
+    Record,
+    Shard,
+    TextDataset,
+)
 from fedq.data.holdout import stratified_holdout
 from fedq.data.partition import SCHEMES, label_histogram, partition
 from fedq.data.registry import (
@@ -25,6 +34,8 @@ __all__ = [
     "AnyDataset",
     "ArrayDataset",
     "DataSplit",
+    "InstructionDataset",
+    "Record",
     "Shard",
     "TextDataset",
     "check_dataset_name",

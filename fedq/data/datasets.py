@@ -9,7 +9,7 @@ reads it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -95,7 +95,46 @@ class TextDataset(Dataset[tuple[str, torch.Tensor]]):
         return TextDataset(picked, self.y[idx], self.num_classes, self.name)
 
 
-AnyDataset: TypeAlias = ArrayDataset | TextDataset
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One example: ``kind`` is ``alpaca``, ``chat`` or ``text``. ``prompt`` is the instruction
+    (with its input) or the chat turns before the answer; ``response`` is what the loss is on."""
+
+    kind: str
+    response: str
+    instruction: str = ""
+    input: str = ""
+    messages: tuple[tuple[str, str], ...] = ()
+
+
+class InstructionDataset(Dataset[Record]):
+    """Raw records for a causal LM. One ``label`` (class 0) per record so that partitioners,
+    holdouts and shards treat it like any other data set (``iid`` is the partition that makes
+    sense; label-skewed ones see a single class)."""
+
+    task = "causal_lm"
+
+    def __init__(self, records: Sequence[Record], name: str) -> None:
+        self.records = list(records)
+        self.y = torch.zeros(len(self.records), dtype=torch.int64)
+        self.num_classes = 1
+        self.name = name
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.y
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[i]
+
+    def subset(self, idx: torch.Tensor) -> InstructionDataset:
+        return InstructionDataset([self.records[int(i)] for i in idx.tolist()], self.name)
+
+
+AnyDataset: TypeAlias = ArrayDataset | TextDataset | InstructionDataset
 
 
 @dataclass(frozen=True)

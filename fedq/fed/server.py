@@ -51,6 +51,24 @@ def abs_bounds(state: Mapping[str, torch.Tensor], ratio: float | None) -> dict[s
     }
 
 
+def sample_prompts(cfg: RunConfig, test_data: Any) -> list[Any]:
+    """The records whose answers a causal-LM run writes at each evaluation: ``model.
+    sample_prompts`` as instructions, else the first three evaluation records with a prompt
+    (instruction or chat; plain text records have none)."""
+    from fedq.data.instruct import Record
+
+    given = cfg.model.sample_prompts
+    if given is not None:
+        return [Record("alpaca", "", instruction=p) for p in given]
+    return [r for r in test_data.records if r.kind != "text"][:3]
+
+
+def describe_prompt(record: Any) -> str:
+    if record.kind == "chat":
+        return record.messages[-1][1]
+    return record.instruction + (f"\n\n{record.input}" if record.input else "")
+
+
 def to_cpu(tree: Any) -> Any:
     """``tree`` (dicts, lists, tuples of tensors and plain values) with every tensor on the CPU."""
     if isinstance(tree, torch.Tensor):
@@ -288,8 +306,18 @@ class FedServer:
         return None
 
     def evaluate(self) -> dict[str, Any]:
+        """The global model on the evaluation data; a causal LM adds its greedy answers to the
+        sample prompts (``samples``, which the recorder writes to ``generations.jsonl``)."""
         self.bundle.load_trainable_state(self.global_state)
-        return evaluation(self.bundle, self.test_data)
+        out = evaluation(self.bundle, self.test_data)
+        if self.bundle.task == "causal_lm":
+            prompts = sample_prompts(self.cfg, self.test_data)
+            answers = self.bundle.generate(prompts, self.cfg.model.sample_tokens)
+            out["samples"] = [
+                {"prompt": describe_prompt(p), "answer": a}
+                for p, a in zip(prompts, answers, strict=True)
+            ]
+        return out
 
     # -------------------------------------------------------------- checkpoint
 
@@ -302,6 +330,11 @@ class FedServer:
                 "strategy": self.strategy.state_dict(),
                 "downlink": self.downlink.state_dict(),
                 "privacy": self.privacy.state_dict(),
+                # what rebuilds the model from this state alone (fedq export)
+                "model_shape": {
+                    "num_classes": int(self.bundle.num_classes),
+                    "input_dim": int(self.bundle.input_dim or 0),
+                },
             }
         )
 

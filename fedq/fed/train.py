@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,7 +57,7 @@ def local_train(
     for _ in range(cfg.local_epochs):
         for batch_index, b in enumerate(batches(idx, cfg.batch_size, generator)):
             inputs, labels = bundle.batch(data, b)
-            loss = F.cross_entropy(bundle.forward(inputs), labels)
+            loss = bundle.loss(inputs, labels)
             if proximal_mu > 0:
                 prox = sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox
@@ -77,7 +78,10 @@ def local_train(
 def evaluation(bundle: Any, data: Any, *, batch_size: int = 256) -> dict[str, Any]:
     """``accuracy``, mean cross-entropy ``loss`` and ``predictions`` (how many rows the model
     assigns to each class) of ``bundle`` on all of ``data``. The histogram shows a model that
-    predicts one class for everything (:func:`collapsed_class`), whatever its accuracy."""
+    predicts one class for everything (:func:`collapsed_class`), whatever its accuracy. A causal
+    LM reports its held-out ``loss`` and ``perplexity`` instead (:func:`lm_evaluation`)."""
+    if bundle.task == "causal_lm":
+        return lm_evaluation(bundle, data, batch_size=min(batch_size, 16))
     model = bundle.module
     was_training = model.training
     model.eval()
@@ -98,6 +102,27 @@ def evaluation(bundle: Any, data: Any, *, batch_size: int = 256) -> dict[str, An
         "loss": loss_sum / max(n, 1),
         "predictions": counts.tolist(),
     }
+
+
+@torch.no_grad()
+def lm_evaluation(bundle: Any, data: Any, *, batch_size: int = 16) -> dict[str, Any]:
+    """Mean next-token cross-entropy ``loss`` over every response token of ``data`` (each token
+    weighs the same, whatever its record's length) and ``perplexity = exp(loss)``."""
+    from fedq.models.hf import token_losses
+
+    model = bundle.module
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    n = len(data)
+    for start in range(0, n, batch_size):
+        inputs, labels = bundle.batch(data, torch.arange(start, min(start + batch_size, n)))
+        s, c = token_losses(bundle.forward(inputs), labels)
+        total += float(s)
+        count += c
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval_tokens": count}
 
 
 def evaluate(bundle: Any, data: Any, *, batch_size: int = 256) -> tuple[float, float]:

@@ -8,16 +8,19 @@ when called.
 """
 
 from fedq.models import small as _small  # noqa: F401  (registers mlp, cnn)
+from fedq.models import sources as _sources  # noqa: F401  (registers hf:PATH, smollm2_instruct)
 from fedq.models import text as _text  # noqa: F401  (registers minilm_lora, tiny_bert_lora)
 from fedq.models.bundle import ModelBundle, StateMismatchError
 from fedq.models.registry import (
     ModelEntry,
     add_model,
     build_model,
+    check_model_name,
     model_entry,
     model_names,
     models_for,
     register_model,
+    register_model_source,
     remove_model,
 )
 from fedq.models.text import LoraTextBundle, TextClassifier
@@ -30,9 +33,11 @@ __all__ = [
     "TextClassifier",
     "add_model",
     "build_model",
+    "check_model_name",
     "model_entry",
     "model_names",
     "models_for",
     "register_model",
+    "register_model_source",
     "remove_model",
 ]

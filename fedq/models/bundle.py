@@ -49,13 +49,19 @@ def check_state(
 class ModelBundle:
     """A module whose every parameter trains and travels (the small MLP / CNN case).
 
-    Subclasses (see :mod:`fedq.models.text`) narrow what travels and change how batches are made.
+    Subclasses (see :mod:`fedq.models.text`) narrow what travels and change how batches are made;
+    a causal LM (:mod:`fedq.models.hf`) also changes the loss (:meth:`loss`) and ``task``.
     """
+
+    #: ``classification`` (logits per class, accuracy) or ``causal_lm`` (next-token loss on
+    #: the response tokens, perplexity).
+    task = "classification"
 
     def __init__(self, module: nn.Module, *, name: str, num_classes: int) -> None:
         self.module = module
         self.name = name
         self.num_classes = num_classes
+        self.input_dim: int | None = None  # set by build_model: what it was built for
 
     # -- what travels -------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -103,6 +109,12 @@ class ModelBundle:
                 "(use a text model such as 'minilm_lora')"
             )
         return dataset.x[idx].float(), dataset.y[idx]
+
+    def loss(self, inputs: Inputs, labels: torch.Tensor) -> torch.Tensor:
+        """The mean training loss of a batch (cross-entropy of the class logits)."""
+        import torch.nn.functional as F
+
+        return F.cross_entropy(self.forward(inputs), labels)
 
     def forward(self, inputs: Inputs) -> torch.Tensor:
         """Logits of shape ``(batch, num_classes)``."""

@@ -31,14 +31,21 @@ B = TypeVar("B", bound=Builder)
 class ModelEntry:
     """One registered model: the ``modes`` that train it, ``build`` (the whole model as a
     :class:`ModelBundle`; None for a model only a mode's own builder makes), ``width`` (its
-    residual stream's width when its checkpoint fixes it; None: the scenario's ``model.hidden``)
-    and ``family`` (the architecture a split cut follows, None when it cannot be cut)."""
+    residual stream's width when its checkpoint fixes it; None: the scenario's ``model.hidden``),
+    ``family`` (the architecture a split cut follows, None when it cannot be cut) and ``task``
+    (``classification`` or ``causal_lm``: the data it trains on; ``model.task`` may override it
+    for a Hugging Face checkpoint); ``base`` locates the frozen base's files when the model
+    has one that every party loads itself."""
 
     name: str
     modes: tuple[str, ...]
     build: Builder | None = None
     width: int | None = None
     family: str | None = None
+    task: str = "classification"
+    #: Where the frozen base's files are (a Hugging Face checkpoint), for its fingerprint;
+    #: called only when needed (it may build the files, as the packaged SmolLM2 does).
+    base: Callable[[], str] | None = None
 
     def hidden(self, configured: int) -> int:
         """The residual width of this model with ``model.hidden = configured``."""
@@ -47,9 +54,13 @@ class ModelEntry:
 
 _ENTRIES: dict[str, ModelEntry] = {}
 _BUILDERS: dict[str, Builder] = {}
+#: Prefix -> resolver of names ``"<prefix>:<arg>"`` (``hf:PATH``): ``resolve(name, arg)`` returns
+#: the entry (reading at most a config file) or raises ConfigError saying what is missing.
+_SOURCES: dict[str, Callable[[str, str], ModelEntry]] = {}
+_SOURCE_MODES: dict[str, tuple[str, ...]] = {}
 _COMMON = ("num_classes", "input_dim", "seed")
 #: Fields of a scenario's ``model`` section that every builder accepts (and may ignore).
-SHARED_OPTIONS = frozenset({"hidden", "lora_r", "lora_alpha", "max_length"})
+SHARED_OPTIONS = frozenset({"hidden", "lora_r", "lora_alpha", "max_length", "lora", "task"})
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +89,17 @@ def register_model(
     return deco
 
 
+def register_model_source(
+    prefix: str, resolve: Callable[[str, str], ModelEntry], modes: Sequence[str]
+) -> None:
+    """Register ``resolve(name, arg) -> ModelEntry`` for model names ``"<prefix>:<arg>"``;
+    ``modes`` are the modes some of its models serve (each entry says which it does)."""
+    if prefix in _SOURCES or ":" in prefix:
+        raise ValueError(f"bad or duplicate model source prefix {prefix!r}")
+    _SOURCES[prefix] = resolve
+    _SOURCE_MODES[prefix] = tuple(modes)
+
+
 def remove_model(name: str) -> None:
     """Remove a registered model (a test that registered its own)."""
     _ENTRIES.pop(name, None)
@@ -85,8 +107,32 @@ def remove_model(name: str) -> None:
 
 
 def model_entry(name: str) -> ModelEntry | None:
-    """The entry registered as ``name``, or None."""
-    return _ENTRIES.get(name)
+    """The entry registered as ``name`` or resolved by its source (``hf:PATH``), or None. A
+    source name whose argument is unusable raises :class:`ConfigError` saying why."""
+    if name in _ENTRIES:
+        return _ENTRIES[name]
+    prefix, sep, arg = name.partition(":")
+    if sep and prefix in _SOURCES:
+        if not arg:
+            raise ConfigError(f"model {name!r}: missing the part after {prefix + ':'!r}")
+        return _SOURCES[prefix](name, arg)
+    return None
+
+
+def check_model_name(name: str, mode: str) -> str | None:
+    """The problem with ``name`` as the model of ``mode`` (unknown, another mode's, or a source
+    whose checkpoint is unusable), or None."""
+    try:
+        entry = model_entry(name)
+    except ConfigError as e:
+        return "; ".join(e.problems)
+    if entry is not None and mode in entry.modes:
+        return None
+    known = [e.name for e in models_for(mode)]
+    known += [f"{p}:PATH" for p in sorted(_SOURCES) if mode in _SOURCE_MODES[p]]
+    if entry is not None and name not in _ENTRIES:  # a source's model, another mode's
+        return f"{name!r} cannot be trained by mode {mode!r} (it serves {', '.join(entry.modes)})"
+    return f"unknown {name!r} for mode {mode!r}; registered: {', '.join(known)}"
 
 
 def models_for(mode: str) -> list[ModelEntry]:
@@ -109,9 +155,11 @@ def build_model(
     serves every model. Any other unknown option, or an unknown name, raises :class:`ConfigError`
     listing what is allowed.
     """
-    if name not in _BUILDERS:
-        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(model_names())}")
-    fn = _BUILDERS[name]
+    entry = model_entry(name)
+    if entry is None or entry.build is None:
+        known = model_names() + [f"{p}:PATH" for p in sorted(_SOURCES)]
+        raise ConfigError(f"unknown model {name!r}; registered: {', '.join(known)}")
+    fn = entry.build
     allowed = [p for p in inspect.signature(fn).parameters if p not in _COMMON]
     problems = [
         f"model {name!r}: unknown option {k!r} (allowed: {allowed})"
@@ -128,4 +176,6 @@ def build_model(
     options = {k: v for k, v in kw.items() if k in allowed}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return fn(num_classes=num_classes, input_dim=input_dim, seed=seed, **options)
+        bundle = fn(num_classes=num_classes, input_dim=input_dim, seed=seed, **options)
+    bundle.input_dim = input_dim
+    return bundle

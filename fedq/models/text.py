@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedq.data.datasets import AnyDataset, TextDataset
+from fedq.data.datasets import AnyDataset, ArrayDataset, TextDataset
+from fedq.errors import ConfigError
 from fedq.models.bundle import Inputs, ModelBundle, StateMismatchError, check_state
 from fedq.models.encoders import load_tokenizer, minilm_path, pretrained_encoder, tiny_encoder
 from fedq.models.registry import ModelEntry, add_model, register_model
@@ -119,27 +120,42 @@ class LoraTextBundle(ModelBundle):
         """Tokenize ``dataset[idx]`` (padding to the longest, truncating at ``max_length``)."""
         if isinstance(dataset, TextDataset):
             return self.tokenize([dataset.texts[int(i)] for i in idx.tolist()]), dataset.y[idx]
-        return self._ids_to_inputs(dataset.x[idx]), dataset.y[idx]
+        if isinstance(dataset, ArrayDataset):
+            return self._ids_to_inputs(dataset.x[idx]), dataset.y[idx]
+        raise ConfigError(
+            f"model {self.name!r} is a text classifier; data set {dataset.name!r} holds "
+            "instruction records for a causal LM"
+        )
 
 
-def _lora_bundle(
+def lora_text_bundle(
     encoder: nn.Module,
     tokenizer: Any,
     *,
     name: str,
     num_classes: int,
+    lora: Mapping[str, Any] | None,
     lora_r: int,
     lora_alpha: int,
     max_length: int,
+    target_modules: Sequence[str] | None = ("query", "value"),
 ) -> LoraTextBundle:
-    from peft import LoraConfig, get_peft_model
+    """``encoder`` with LoRA (:func:`fedq.models.hf.lora_config`: the scenario's ``model.lora``
+    over these defaults; ``target_modules`` None takes PEFT's default for the architecture),
+    mean pooling and a linear head."""
+    from fedq.models.hf import attach_lora, lora_config
 
-    config = LoraConfig(
-        r=lora_r, lora_alpha=lora_alpha, target_modules=["query", "value"], lora_dropout=0.0
+    config = lora_config(
+        lora,
+        r=lora_r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules,
+        model_type=getattr(encoder.config, "model_type", None),
+        module=encoder,
     )
     config_hf: Any = encoder.config
     hidden = int(config_hf.hidden_size)
-    peft_encoder = get_peft_model(encoder, config)
+    peft_encoder = attach_lora(encoder, config, name)
     module = TextClassifier(peft_encoder, hidden, num_classes)
     module.train()  # from_pretrained returns eval mode; Opacus and dropout need train mode
     return LoraTextBundle(
@@ -156,14 +172,16 @@ def build_minilm_lora(
     lora_r: int = 8,
     lora_alpha: int = 16,
     max_length: int = 64,
+    lora: Mapping[str, Any] | None = None,
 ) -> LoraTextBundle:
     """Pretrained all-MiniLM-L6-v2 (22.7M, frozen) + LoRA on query/value + a linear head."""
     path = minilm_path()
-    return _lora_bundle(
+    return lora_text_bundle(
         pretrained_encoder(path),
         load_tokenizer(path),
         name="minilm_lora",
         num_classes=num_classes,
+        lora=lora,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         max_length=max_length,
@@ -183,17 +201,19 @@ def build_tiny_bert_lora(
     layers: int = 2,
     heads: int = 2,
     base_seed: int = 0,
+    lora: Mapping[str, Any] | None = None,
 ) -> LoraTextBundle:
     """The ``minilm_lora`` code path on a tiny random BERT with MiniLM's tokenizer (tests)."""
     tokenizer = load_tokenizer(minilm_path())
     encoder = tiny_encoder(
         len(tokenizer), hidden=width, layers=layers, heads=heads, base_seed=base_seed
     )
-    return _lora_bundle(
+    return lora_text_bundle(
         encoder,
         tokenizer,
         name="tiny_bert_lora",
         num_classes=num_classes,
+        lora=lora,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         max_length=max_length,
@@ -201,5 +221,5 @@ def build_tiny_bert_lora(
 
 
 # The causal LMs split mode cuts (built by fedq.split.models from their own checkpoints).
-add_model(ModelEntry("smollm2_lora", ("split",), width=576, family="llama"))
-add_model(ModelEntry("tiny_llama_lora", ("split",), family="llama"))
+add_model(ModelEntry("smollm2_lora", ("split",), width=576, family="llama", task="causal_lm"))
+add_model(ModelEntry("tiny_llama_lora", ("split",), family="llama", task="causal_lm"))

@@ -123,6 +123,12 @@ class Mode(abc.ABC):
         """What the server's workload adds to the report at the end of a run (JSON values)."""
         return {}
 
+    def trained_model(self, cfg: RunConfig, server_state: Mapping[str, Any]) -> Any | None:
+        """The run's model with the trained state of a checkpoint's ``server_state`` (what
+        ``fedq export`` writes and ``adapter/`` holds), or None when this mode's server does not
+        hold the whole model (the default)."""
+        return None
+
     def write_report(
         self, out: Path, records: Sequence[Mapping[str, Any]], extras: Mapping[str, Any]
     ) -> None:

@@ -24,15 +24,12 @@ def build_bundle(cfg: RunConfig, num_classes: int, input_dim: int) -> ModelBundl
     """The run's whole model (same seed, same weights in every process)."""
     from fedq.models import build_model
 
-    m = cfg.model
     return build_model(
-        m.name,
+        cfg.model.name,
         num_classes=num_classes,
         input_dim=input_dim or None,
         seed=cfg.seed,
-        hidden=m.hidden,
-        lora_r=m.lora_r,
-        max_length=m.max_length,
+        **cfg.model.build_options(),
     )
 
 
@@ -75,6 +72,18 @@ class FederatedMode(Mode):
 
         bundle = build_bundle(cfg, joined.num_classes, joined.input_dim)
         return ClientWorker(cfg, bundle.to(device), shards, joined.client_index)
+
+    def trained_model(self, cfg: RunConfig, server_state: Mapping[str, Any]) -> Any | None:
+        """The global model of a checkpoint (the server workload's state), built for the shape
+        the server recorded."""
+        shape = server_state.get("model_shape")
+        if shape is None:
+            return None  # a checkpoint written before fedq recorded it
+        num_classes, input_dim = int(shape["num_classes"]), int(shape["input_dim"])
+        state = server_state["global_state"]
+        bundle = build_bundle(cfg, num_classes, input_dim)
+        bundle.load_trainable_state(state)
+        return bundle
 
     def describe(self, cfg: RunConfig) -> str:
         up, down = cfg.compression.uplink, cfg.compression.downlink

@@ -40,10 +40,11 @@ def build_split_model(cfg: RunConfig, num_classes: int, device: torch.device) ->
         cut=sc.cut,
         num_classes=num_classes,
         seed=cfg.seed,
-        lora_r=m.lora_r,
+        lora_r=m.lora.r or m.lora_r,
         max_length=m.max_length,
         hidden=m.hidden,
         tiny_layers=sc.tiny_layers,
+        lora=m.lora.options(),
         make_boundary=boundary_factory(sc, width),
     )
     return model.to(device)

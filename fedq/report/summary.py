@@ -68,6 +68,10 @@ def summarize(
         "rounds_discarded": len(discarded),
         "wall_seconds": float(wall_seconds),
     }
+    ppl = values(records, "perplexity")
+    if ppl:  # a causal LM: held-out perplexity instead of accuracy
+        summary["final_perplexity"] = ppl[-1]
+        summary["best_perplexity"] = min(ppl)
     clash = sorted(set(extra or {}) & set(summary))
     if clash:
         raise ValueError(f"extra summary keys would overwrite computed ones: {clash}")

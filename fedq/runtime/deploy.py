@@ -16,6 +16,7 @@ until the server says the run is over, reconnecting (with backoff) if the server
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import socket
 import time
@@ -198,10 +199,13 @@ def join(
     backoff: Backoff | None = None,
     on_event: Events | None = None,
     device: Literal["cpu", "cuda", "auto"] | None = None,
+    model_path: str | None = None,
 ) -> dict[str, Any]:
     """Take part in the server's run as ``client_id`` with the data of ``data_source``; returns
     when the run is over (the reason, tasks done, and the bytes this client counted). ``device``
-    (cpu, cuda, auto) is where this site trains; by default the run's ``runtime.device``."""
+    (cpu, cuda, auto) is where this site trains; by default the run's ``runtime.device``.
+    ``model_path``: this site's own copy of the base model (a Hugging Face directory), which
+    must have the fingerprint the server sends (``model.base_sha256``)."""
     if device is not None:
         torch_device(device)  # a site without the GPU it asks for fails before joining
     data = load_site_data(data_source)
@@ -213,8 +217,12 @@ def join(
 
     def runner(joined: Joined) -> Any:
         nonlocal warned
-        check_site_data(data, joined)
         cfg = run_config(joined)
+        if model_path is not None:
+            model = dataclasses.replace(cfg.model, name=f"hf:{model_path}")
+            cfg = dataclasses.replace(cfg, model=model)
+            joined = dataclasses.replace(joined, config_json=json.dumps(cfg.to_dict()))
+        check_site_data(data, joined)
         warning = None if cfg.data.standardize else scale_warning(data, f"--data {data_source}")
         if warning and not warned:
             log.warning(warning, extra=FOR_USER)

@@ -135,9 +135,11 @@ class ServerHost:
         keepalive: Keepalive | None = None,
     ) -> None:
         quiet_process(cfg.runtime.threads_per_worker)
+        from fedq.runtime.setup import pin_base
         from fedq.transport.budget import ServerLimits
         from fedq.transport.server import TransportServer
 
+        cfg = pin_base(cfg)  # clients check their own base against it before any round
         self.mode = get_mode(cfg.mode)
         split = _load_eval(cfg, eval_data)
         num_classes, input_dim = data_shape(split.train)
@@ -282,6 +284,9 @@ def make_runner(cfg: RunConfig, shards: Mapping[str, Shard], joined: Joined) -> 
     of threads may sum a batch's float32 loss in another order, so a deployment's reported
     training loss would differ in its last bits from the simulation's."""
     quiet_process(cfg.runtime.threads_per_worker)
+    from fedq.runtime.setup import check_base
+
+    check_base(cfg)
     if cfg.data.standardize:
         from fedq.data.scaling import standardize_shards
 

@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def name_problems(cfg: RunConfig) -> list[str]:
     """Registry names the scenario uses that do not exist (reads no data)."""
     from fedq.data import check_dataset_name, dataset_options
-    from fedq.modes import get_mode
+    from fedq.models import check_model_name
 
     problems = []
     data = check_dataset_name(cfg.data.name)
@@ -34,13 +34,27 @@ def name_problems(cfg: RunConfig) -> list[str]:
         source = None if site.data is None else check_dataset_name(site.data)
         if source:
             problems.append(f"runtime.sites[{i}].data: {source}")
-    models = get_mode(cfg.mode).model_names()
-    if cfg.model.name not in models:
+    model = check_model_name(cfg.model.name, cfg.mode)
+    if model:
+        problems.append(f"model.name: {model}")
+    elif model_task(cfg) == "causal_lm" and cfg.privacy.mechanism == "dpsgd":
         problems.append(
-            f"model.name: unknown {cfg.model.name!r} for mode {cfg.mode!r}; "
-            f"registered: {', '.join(models)}"
+            "privacy.mechanism: 'dpsgd' is not offered for causal-LM fine-tuning (fedq's "
+            "DP-SGD clips per-example gradients of a classification loss; a per-example "
+            "token loss over a PEFT-wrapped LM is not wired to Opacus); use 'laplace' or "
+            "'central' (noise on the clipped updates), which work for any model"
         )
     return problems
+
+
+def model_task(cfg: RunConfig) -> str:
+    """The task the run trains: ``model.task`` when set, else the model's own."""
+    from fedq.models import model_entry
+
+    if cfg.model.task != "auto":
+        return cfg.model.task
+    entry = model_entry(cfg.model.name)
+    return "classification" if entry is None else entry.task
 
 
 def check_names(cfg: RunConfig) -> None:
@@ -82,6 +96,26 @@ def check_data(cfg: RunConfig, split: Any) -> None:
     from fedq.data.scaling import check_standardizable, scale_warning
 
     name = cfg.data.name
+    data_task = getattr(split.train, "task", "classification")
+    task = model_task(cfg)
+    if data_task != task:
+        if task == "causal_lm":
+            raise ConfigError(
+                f"data.name: model {cfg.model.name!r} is a causal LM; it trains on instruction "
+                f"or text records (jsonl:PATH, instructions), not {name!r}"
+            )
+        raise ConfigError(
+            f"data.name: {name!r} holds instruction/text records for a causal LM; model "
+            f"{cfg.model.name!r} is a classifier (set model.task: causal_lm for a causal LM "
+            "checkpoint, or use labelled data)"
+        )
+    if data_task == "causal_lm":
+        if cfg.mode != "federated":
+            raise ConfigError(
+                f"data.name: {name!r} is instruction data; mode {cfg.mode!r} trains on plain "
+                "text rows only so far (use mode: federated for instruction tuning)"
+            )
+        return
     seen = torch.unique(split.train.y).tolist()
     if len(seen) < 2:
         raise ConfigError(

@@ -2,7 +2,9 @@
 ``fedq serve``: ``config.json``, ``metrics.jsonl`` (one record per round), ``bits.jsonl`` (a
 mode's rows per step, when its rounds have steps: split), ``summary.json``, ``report.png`` and the
 mode's other files (:meth:`fedq.modes.base.Mode.write_report`; split: ``bit_maps.json``), and
-``checkpoint.pt`` (after every round, atomically).
+``checkpoint.pt`` (after every round, atomically); a causal LM's ``generations.jsonl`` (its
+answers to the sample prompts at each evaluation) and ``adapter/`` (the final adapter in PEFT's
+format, :mod:`fedq.runtime.export`).
 
 A round's checkpoint is written before its log lines, and carries them: a round in
 ``metrics.jsonl`` can always be resumed after. On resume the logs are cut back to the rounds the
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fedq.config import RunConfig
-from fedq.errors import FOR_USER
+from fedq.errors import FOR_USER, ConfigError
 from fedq.modes import get_mode
 from fedq.modes.base import STEPS_FILE
 from fedq.rounds.workload import RunOutcome
@@ -36,6 +38,8 @@ from fedq.runtime.checkpoint import save_checkpoint, save_privacy_journal
 log = logging.getLogger(__name__)
 
 BITS_FILE = STEPS_FILE
+#: A causal LM's greedy answers to the sample prompts, one row per prompt and evaluation.
+GENERATIONS_FILE = "generations.jsonl"
 #: How ``stopped_reason`` begins when a run ended without applying any round.
 NO_ROUND_APPLIED = "no round was applied"
 
@@ -105,11 +109,12 @@ class RunRecorder:
         write_config(out, cfg.to_dict())
         self.previous: list[dict[str, Any]] = []
         if resume_round is None:
-            for name in ("metrics.jsonl", BITS_FILE):
+            for name in ("metrics.jsonl", BITS_FILE, GENERATIONS_FILE):
                 (out / name).unlink(missing_ok=True)
         else:
             self.previous = _cut_log(out / "metrics.jsonl", resume_round)
             _cut_log(out / BITS_FILE, resume_round)
+            _cut_log(out / GENERATIONS_FILE, resume_round)
         self.writer = MetricsWriter(out)
         done = int(self.previous[-1]["round"]) if self.previous else -1
         if last_round is not None and int(last_round["record"]["round"]) > done:
@@ -129,6 +134,12 @@ class RunRecorder:
         if entry["steps"]:
             with (self.out / BITS_FILE).open("a", encoding="utf-8") as f:
                 f.writelines(json.dumps(row, sort_keys=True) + "\n" for row in entry["steps"])
+        if entry.get("samples"):
+            with (self.out / GENERATIONS_FILE).open("a", encoding="utf-8") as f:
+                f.writelines(
+                    json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n"
+                    for row in entry["samples"]
+                )
         self.writer.write(entry["record"])
 
     def round(self, record: dict[str, Any], t_round: float) -> dict[str, Any]:
@@ -137,6 +148,7 @@ class RunRecorder:
         from fedq.report import to_json_value
 
         steps = record.pop("steps", None)
+        samples = record.pop("samples", None)
         self._check_collapse(record, record.pop("predictions", None))
         self.cum_bytes += int(record["bytes_up"]) + int(record["bytes_down"])
         record["cum_bytes"] = self.cum_bytes
@@ -145,7 +157,11 @@ class RunRecorder:
             record.setdefault(key, None)
         record["seconds"] = round(time.perf_counter() - t_round, 3)
         clean = to_json_value(record)
-        self._pending = {"record": clean, "steps": list(steps or [])}
+        self._pending = {
+            "record": clean,
+            "steps": list(steps or []),
+            "samples": [{"round": clean["round"], **s} for s in samples or []],
+        }
         return dict(clean)
 
     def _check_collapse(self, record: dict[str, Any], predictions: list[int] | None) -> None:
@@ -189,7 +205,21 @@ class RunRecorder:
             summary["stopped_reason"] = _no_round_applied(summary, self.cfg)
         write_summary(self.out, summary)
         self.mode.write_report(self.out, records, report_extras)
+        if summary["rounds_applied"]:
+            self._write_adapter()
         return summary
+
+    def _write_adapter(self) -> None:
+        """``adapter/``: the final LoRA adapter in PEFT's format (:mod:`fedq.runtime.export`)."""
+        from fedq.runtime.export import write_run_adapter
+
+        try:
+            where = write_run_adapter(self.out)
+        except (ConfigError, OSError, RuntimeError, ValueError) as e:
+            log.warning("the final adapter was not written: %s", e, extra=FOR_USER)
+            return
+        if where is not None:
+            log.info("final adapter (PEFT format): %s", where)
 
 
 class RoundLog:

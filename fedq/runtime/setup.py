@@ -69,16 +69,45 @@ def client_partitions(cfg: RunConfig, train: Any) -> list[torch.Tensor]:
 
 
 def build_bundle(cfg: RunConfig, train: Any) -> Any:
-    from fedq.models import build_model
+    from fedq.modes.federated import build_bundle as build
 
-    m = cfg.model
-    input_dim = int(train.x.shape[1]) if hasattr(train, "x") and train.x.dim() == 2 else None
-    return build_model(
-        m.name,
-        num_classes=int(train.num_classes),
-        input_dim=input_dim,
-        seed=cfg.seed,
-        hidden=m.hidden,
-        lora_r=m.lora_r,
-        max_length=m.max_length,
-    )
+    input_dim = int(train.x.shape[1]) if hasattr(train, "x") and train.x.dim() == 2 else 0
+    return build(cfg, int(train.num_classes), input_dim)
+
+
+def pin_base(cfg: RunConfig) -> RunConfig:
+    """The server's config with ``model.base_sha256`` set to its base's fingerprint (a model
+    with a Hugging Face base); a pinned value that differs from the base it holds is an error."""
+    import dataclasses
+
+    from fedq.models.sources import base_fingerprint
+
+    found = base_fingerprint(cfg.model.name)
+    if found is None:
+        return cfg
+    pinned = cfg.model.base_sha256
+    if pinned and pinned != found:
+        raise ConfigError(
+            f"model.base_sha256: the scenario pins base {pinned[:16]}..., but {cfg.model.name!r} "
+            f"on this machine is {found[:16]}...; point model.name at the pinned weights"
+        )
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_sha256=found))
+
+
+def check_base(cfg: RunConfig) -> None:
+    """Before a client trains: its own copy of the base must be the one the server trains on
+    (``model.base_sha256``); a different one is refused, naming both."""
+    from fedq.errors import FedqError
+    from fedq.models.sources import base_fingerprint
+
+    want = cfg.model.base_sha256
+    if not want:
+        return
+    have = base_fingerprint(cfg.model.name)
+    if have != want:
+        where = cfg.model.name[3:] if cfg.model.name.startswith("hf:") else cfg.model.name
+        raise FedqError(
+            f"this site's base model ({where}, sha256 {str(have)[:16]}...) is not the one the "
+            f"server trains on (sha256 {want[:16]}...): every site needs the same base weights "
+            "(copy the server's model directory, or pass it with --model PATH)"
+        )

@@ -4,7 +4,8 @@ deployment with real, disjoint data, and so that a deployment can be checked aga
 equivalent simulation (same shards, same rows in the same order).
 
 Array data sets become ``<client id>.npz`` (``x``, ``y``); text data sets ``<client id>.csv``
-(``text,label``). Labels are written as class ids.
+(``text,label``); instruction data ``<client id>.jsonl`` (the records as read). Labels are
+written as class ids.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from fedq.config import RunConfig
-from fedq.data.datasets import TextDataset
+from fedq.data.datasets import InstructionDataset, TextDataset
+from fedq.data.instruct import write_jsonl
 from fedq.rounds import client_name
 from fedq.runtime.preflight import check_names
 from fedq.runtime.setup import client_partitions, load_data
@@ -32,7 +34,10 @@ def write_shards(cfg: RunConfig, out: Path) -> list[Path]:
     for i, idx in enumerate(parts):
         rows = idx.tolist()
         y = train.y[idx].numpy()
-        if isinstance(train, TextDataset):
+        if isinstance(train, InstructionDataset):
+            path = out / f"{client_name(i)}.jsonl"
+            write_jsonl([train.records[r] for r in rows], path)
+        elif isinstance(train, TextDataset):
             path = out / f"{client_name(i)}.csv"
             with path.open("w", newline="", encoding="utf-8") as f:
                 w = csv.writer(f)

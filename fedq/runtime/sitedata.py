@@ -26,6 +26,21 @@ def load_site_data(source: str, seed: int = 0) -> Any:
 
 def check_site_data(data: Any, joined: Joined) -> None:
     """The site's data must fit the model the server runs."""
+    import json
+
+    model = json.loads(joined.config_json).get("model", {})
+    records = getattr(data, "records", None) is not None
+    causal = _causal(model)
+    if causal and not records:
+        raise FedqError(
+            f"--data is labelled data, but the run fine-tunes the causal LM {model.get('name')!r}"
+            " on instruction or text records (a jsonl: source)"
+        )
+    if records and not causal:
+        raise FedqError(
+            f"--data holds instruction records, but the run's model {model.get('name')!r} is "
+            "a classifier"
+        )
     n_cls = int(joined.num_classes)
     top = int(data.y.max()) + 1 if len(data) else 0
     if top > n_cls:
@@ -41,3 +56,17 @@ def check_site_data(data: Any, joined: Joined) -> None:
         )
     if not joined.input_dim and x is not None:
         raise FedqError("--data holds arrays, but the run's model reads text (a csv: source)")
+
+
+def _causal(model: dict[str, Any]) -> bool:
+    """Whether the run's model (its resolved config section) is a causal LM."""
+    task = model.get("task", "auto")
+    if task != "auto":
+        return bool(task == "causal_lm")
+    from fedq.models import model_entry
+
+    try:
+        entry = model_entry(str(model.get("name", "")))
+    except ConfigError:
+        return False
+    return entry is not None and entry.task == "causal_lm"

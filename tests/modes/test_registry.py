@@ -47,12 +47,19 @@ def test_each_mode_asks_the_engine_for_its_own_policy() -> None:
 
 
 def test_one_model_registry_serves_both_modes() -> None:
-    assert get_mode("federated").model_names() == ["cnn", "minilm_lora", "mlp", "tiny_bert_lora"]
+    assert get_mode("federated").model_names() == [
+        "cnn",
+        "minilm_lora",
+        "mlp",
+        "smollm2_instruct",
+        "tiny_bert_lora",
+    ]
     assert get_mode("split").model_names() == [
         "minilm_lora",
         "tiny_bert_lora",
         "smollm2_lora",
         "tiny_llama_lora",
+        "smollm2_instruct",
     ]
     for e in models_for("split"):
         assert e.family in ("bert", "llama"), e

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_smollm2_split_matches_unsplit_and_caches_fp32() -> None:
-    from fedq.split.models import build_split_model, smollm2_cache_dir
+    from fedq.models.packaged import smollm2_cache_dir
+    from fedq.split.models import build_split_model
 
     sm = build_split_model("smollm2_lora", cut=4, num_classes=2, seed=0, lora_r=8, max_length=32)
     assert (smollm2_cache_dir() / "model.safetensors").exists()  # the fp32 copy is kept

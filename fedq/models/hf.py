@@ -1,0 +1,466 @@
+"""Any local Hugging Face checkpoint as a fedq model: ``model.name: hf:PATH``.
+
+``PATH`` is a directory that ``transformers`` loads offline (``config.json``, safetensors or
+``.bin`` weights, tokenizer files), or a ``.gguf`` file (or a directory holding one ``.gguf`` and
+no ``config.json``) that transformers dequantizes to fp32. The task is the model's own: a
+``...ForCausalLM`` architecture fine-tunes as a causal LM, anything else as a sequence classifier
+(the encoder + mean pooling + linear head of :mod:`fedq.models.text`); ``model.task`` overrides it.
+
+LoRA comes from PEFT with the scenario's ``model.lora`` options under PEFT's own names (``r``,
+``lora_alpha``, ``lora_dropout``, ``target_modules``, ``use_dora``, ``modules_to_save``,
+``bias``); :func:`lora_config` is the one place every model (the packaged ones too) gets its
+``LoraConfig``. Target modules default to PEFT's table for the architecture; an architecture PEFT
+has no default for needs ``model.lora.target_modules``, and the error lists its linear layers.
+
+Every party loads the frozen base itself; what travels is PEFT's adapter state (plus any
+``modules_to_save``), compressed like any other update. :func:`fingerprint` names the base by the
+SHA-256 of its config and weight files, so a site whose base differs is refused before a round.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedq.data.datasets import AnyDataset
+from fedq.errors import ConfigError
+from fedq.models.bundle import Inputs, ModelBundle, StateMismatchError, check_state
+
+PREFIX = "hf:"
+CAUSAL_LM, CLASSIFICATION = "causal_lm", "classification"
+TASKS = (CAUSAL_LM, CLASSIFICATION)
+#: Files that make up a base model's identity (:func:`fingerprint`).
+_WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+#: Prompt layout for instruction records when the tokenizer has no chat template (Alpaca's).
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+ALPACA_PROMPT_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+# ------------------------------------------------------------------------ locating a checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Where a Hugging Face model lives: ``root`` (what ``from_pretrained`` gets) and, for a GGUF
+    file, its name inside ``root``."""
+
+    root: Path
+    gguf: str | None = None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {"gguf_file": self.gguf} if self.gguf else {}
+
+    def __str__(self) -> str:
+        return str(self.root / self.gguf) if self.gguf else str(self.root)
+
+
+def locate(path: str | Path) -> Checkpoint:
+    """The checkpoint at ``path``, or a ConfigError saying what is missing."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return Checkpoint(p.parent.resolve(), p.name)
+    if not p.is_dir():
+        raise ConfigError(f"model {PREFIX}{path}: no such directory (or .gguf file)")
+    p = p.resolve()
+    if (p / "config.json").is_file():
+        return Checkpoint(p)
+    ggufs = sorted(q.name for q in p.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return Checkpoint(p, ggufs[0])
+    raise ConfigError(
+        f"model {PREFIX}{path}: not a Hugging Face model directory (no config.json"
+        + (f"; {len(ggufs)} .gguf files, name one" if ggufs else "")
+        + "); save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)"
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _config(ckpt: Checkpoint) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(ckpt.root), local_files_only=True, **ckpt.kwargs)
+    except (ValueError, OSError, KeyError) as e:
+        why = f"model {PREFIX}{ckpt}: transformers cannot read its config ({e})"
+        raise ConfigError(why) from None
+
+
+def model_config(path: str | Path) -> Any:
+    """The transformers config of the checkpoint at ``path`` (reads no weights)."""
+    return _config(locate(path))
+
+
+def default_task(config: Any) -> str:
+    """The task a checkpoint was made for: causal LM for a ``...ForCausalLM`` architecture."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return CAUSAL_LM
+    if getattr(config, "is_decoder", False) and not archs:
+        return CAUSAL_LM
+    return CLASSIFICATION
+
+
+def resolve_task(config: Any, task: str) -> str:
+    if task in ("", "auto"):
+        return default_task(config)
+    if task not in TASKS:
+        raise ConfigError(f"model.task: one of auto, {', '.join(TASKS)}; got {task!r}")
+    return task
+
+
+def width_of(config: Any) -> int | None:
+    for key in ("hidden_size", "d_model", "n_embd", "dim"):
+        v = getattr(config, key, None)
+        if isinstance(v, int):
+            return v
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(ckpt: Checkpoint) -> str:
+    files = [ckpt.root / ckpt.gguf] if ckpt.gguf else []
+    if not ckpt.gguf:
+        files = [ckpt.root / "config.json"]
+        files += sorted(f for f in ckpt.root.iterdir() if f.suffix in _WEIGHTS and f.is_file())
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def fingerprint(path: str | Path) -> str:
+    """SHA-256 over the checkpoint's config and weight files (names and bytes, in name order):
+    two sites with equal fingerprints train the same frozen base."""
+    return _fingerprint(locate(path))
+
+
+# ------------------------------------------------------------------------ LoRA settings
+
+
+def lora_config(
+    options: Mapping[str, Any] | None,
+    *,
+    r: int,
+    lora_alpha: int,
+    target_modules: Sequence[str] | None = None,
+    model_type: str | None = None,
+    module: nn.Module | None = None,
+    task_type: str | None = None,
+) -> Any:
+    """PEFT's ``LoraConfig`` from a scenario's ``model.lora`` (PEFT's option names; None values
+    keep the caller's defaults ``r``, ``lora_alpha``, ``target_modules``). Without target
+    modules, PEFT's default for ``model_type``; an architecture PEFT has no default for is a
+    ConfigError listing the linear layers of ``module`` to choose from."""
+    from peft import LoraConfig
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    opts = {k: v for k, v in dict(options or {}).items() if v is not None}
+    opts.setdefault("r", r)
+    opts.setdefault("lora_alpha", lora_alpha)
+    opts.setdefault("lora_dropout", 0.0)
+    targets = opts.get("target_modules") or target_modules
+    if not targets:
+        if model_type not in DEFAULTS:
+            linear = sorted(
+                {
+                    n.rsplit(".", 1)[-1]
+                    for n, m in (module or nn.Module()).named_modules()
+                    if isinstance(m, nn.Linear)
+                }
+            )
+            raise ConfigError(
+                f"model.lora.target_modules: PEFT has no default LoRA targets for model type "
+                f"{model_type!r}; name the linear layers to adapt (this model has: "
+                f"{', '.join(linear[:20]) or 'none'})"
+            )
+        targets = DEFAULTS[model_type]
+    opts["target_modules"] = list(targets)
+    if opts.get("modules_to_save") is not None:
+        opts["modules_to_save"] = list(opts["modules_to_save"])
+    if task_type:
+        opts["task_type"] = task_type
+    try:
+        return LoraConfig(**opts)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.lora: PEFT refuses these options ({e})") from None
+
+
+def attach_lora(module: nn.Module, config: Any, where: str) -> Any:
+    """``get_peft_model`` with an error that names the modules when none of them matched."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(module, config)
+    except ValueError as e:
+        raise ConfigError(f"model.lora.target_modules ({where}): {e}") from None
+
+
+# ------------------------------------------------------------------------ loading the base
+
+
+@functools.lru_cache(maxsize=2)
+def _base(ckpt: Checkpoint, task: str) -> nn.Module:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM if task == CAUSAL_LM else AutoModel
+    try:
+        model = cls.from_pretrained(
+            str(ckpt.root), local_files_only=True, dtype=torch.float32, **ckpt.kwargs
+        )
+    except (ValueError, OSError, KeyError) as e:
+        arch = getattr(_config(ckpt), "model_type", "?")
+        raise ConfigError(
+            f"model {PREFIX}{ckpt}: transformers cannot load it as a {task} model "
+            f"(model type {arch!r}): {e}"
+        ) from None
+    if getattr(model.config, "quantization_config", None) is not None and ckpt.gguf:
+        del model.config.quantization_config  # dequantized to fp32 on load
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(ckpt: Checkpoint) -> Any:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(ckpt.root), local_files_only=True, **ckpt.kwargs)
+    except (ValueError, OSError, KeyError) as e:
+        why = f"model {PREFIX}{ckpt}: no tokenizer transformers can load ({e})"
+        raise ConfigError(why) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ConfigError(f"model {PREFIX}{ckpt}: the tokenizer has neither pad nor eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def base_model(path: str | Path, task: str) -> nn.Module:
+    """A fresh copy of the frozen base at ``path`` (loaded once per process)."""
+    return copy.deepcopy(_base(locate(path), task))
+
+
+def tokenizer(path: str | Path) -> Any:
+    return _tokenizer(locate(path))
+
+
+# ------------------------------------------------------------------------ causal-LM bundle
+
+
+def render(tok: Any, record: Any) -> tuple[str, str, bool]:
+    """``(prompt, response, prompt_has_special_tokens)`` of an instruction record: a chat
+    template when the tokenizer has one, else Alpaca's prompt layout; plain text has no prompt."""
+    if record.kind == "text":
+        return "", record.response, False
+    if record.kind == "alpaca":
+        user = record.instruction + (f"\n\n{record.input}" if record.input else "")
+        turns: list[tuple[str, str]] = [("user", user)]
+    else:
+        turns = list(record.messages)
+    if getattr(tok, "chat_template", None):
+        msgs = [{"role": r, "content": c} for r, c in turns]
+        prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return str(prompt), record.response, True
+    if record.kind == "alpaca":
+        layout = ALPACA_PROMPT_INPUT if record.input else ALPACA_PROMPT
+        return (
+            layout.format(instruction=record.instruction, input=record.input),
+            record.response,
+            False,
+        )
+    text = "".join(f"{r}: {c}\n" for r, c in turns) + "assistant: "
+    return text, record.response, False
+
+
+def encode_records(
+    tok: Any, records: Sequence[Any], max_length: int
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Token ids, attention mask and labels of ``records``: prompt then response then EOS,
+    truncated to ``max_length`` tokens from the right (no packing: one record per row, padded
+    to the batch's longest). Labels are the token ids on the response (every token of a plain
+    text record) and -100 on the prompt and the padding, so the loss is on the response only."""
+    rows: list[list[int]] = []
+    labels: list[list[int]] = []
+    eos = tok.eos_token_id
+    for rec in records:
+        prompt, response, templated = render(tok, rec)
+        p_ids = tok(prompt, add_special_tokens=not templated)["input_ids"] if prompt else []
+        if not prompt and rec.kind == "text":
+            r_ids = tok(response, add_special_tokens=True)["input_ids"]
+        else:
+            r_ids = tok(response, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            r_ids = [*r_ids, eos]
+        ids = (list(p_ids) + list(r_ids))[:max_length]
+        lab = ([-100] * len(p_ids) + list(r_ids))[:max_length]
+        rows.append(ids)
+        labels.append(lab)
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (ids, lab) in enumerate(zip(rows, labels, strict=True)):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, : len(ids)] = 1
+        target[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask}, target
+
+
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(summed next-token cross-entropy over labelled positions, their count)."""
+    pred = logits[:, :-1].reshape(-1, logits.shape[-1])
+    target = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(pred.float(), target, ignore_index=-100, reduction="sum")
+    return total, int((target != -100).sum())
+
+
+class CausalLMBundle(ModelBundle):
+    """A PEFT-wrapped causal LM: the adapters (and ``modules_to_save``) train and travel;
+    batches are instruction records (:class:`fedq.data.instruct.InstructionDataset`)."""
+
+    task = CAUSAL_LM
+    module: Any  # a peft.PeftModel
+
+    def __init__(
+        self, module: nn.Module, tok: Any, *, name: str, max_length: int, base: str
+    ) -> None:
+        super().__init__(module, name=name, num_classes=1)
+        self.tokenizer = tok
+        self.max_length = max_length
+        self.base = base  # what PeftModel.from_pretrained(base, adapter) loads the base from
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.module, save_embedding_layers=False)
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def load_trainable_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        check_state(self.trainable_state(), state, self.name)
+        result = set_peft_model_state_dict(self.module, dict(state))
+        unexpected = sorted(getattr(result, "unexpected_keys", []))
+        if unexpected:
+            raise StateMismatchError(f"PEFT did not place {unexpected[:5]}")
+
+    def make_batch(self, dataset: AnyDataset, idx: torch.Tensor) -> tuple[Inputs, torch.Tensor]:
+        records = getattr(dataset, "records", None)
+        if records is None:
+            raise ConfigError(
+                f"model {self.name!r} is a causal LM: it needs instruction or text data "
+                f"(jsonl:PATH, instructions), not {dataset.name!r}"
+            )
+        return encode_records(
+            self.tokenizer, [records[int(i)] for i in idx.tolist()], self.max_length
+        )
+
+    def forward(self, inputs: Inputs) -> torch.Tensor:
+        assert isinstance(inputs, dict)
+        return self.module(**inputs).logits
+
+    __call__ = forward
+
+    def loss(self, inputs: Inputs, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the batch's response tokens."""
+        total, count = token_losses(self.forward(inputs), labels)
+        return total / max(count, 1)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Any], max_new_tokens: int = 32) -> list[str]:
+        """Greedy continuations of instruction records' prompts (for the run's sample file)."""
+        out = []
+        was = self.module.training
+        self.module.eval()
+        for rec in prompts:
+            prompt, _, templated = render(self.tokenizer, rec)
+            enc = self.tokenizer(prompt, add_special_tokens=not templated, return_tensors="pt")
+            enc = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
+            ids = self.module.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            out.append(
+                self.tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            )
+        self.module.train(was)
+        return out
+
+    def save_adapter(self, out: str | Path) -> Path:
+        """The adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``,
+        loadable with ``PeftModel.from_pretrained(base, out)``) and the tokenizer."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.module.peft_config["default"].base_model_name_or_path = self.base
+        self.module.save_pretrained(str(out), save_embedding_layers=False)
+        self.tokenizer.save_pretrained(str(out))
+        return out
+
+    def merged(self) -> Any:
+        """A copy of the base with the adapters merged in (a plain transformers model)."""
+        return copy.deepcopy(self.module).merge_and_unload()
+
+
+def build_causal_lm(
+    path: str | Path,
+    *,
+    name: str,
+    seed: int,
+    lora: Mapping[str, Any] | None,
+    lora_r: int,
+    max_length: int,
+) -> CausalLMBundle:
+    """The causal LM at ``path`` with LoRA (PEFT defaults: alpha 2r, the architecture's targets)."""
+    module = base_model(path, CAUSAL_LM)
+    cfg = lora_config(
+        lora,
+        r=lora_r,
+        lora_alpha=2 * int((lora or {}).get("r") or lora_r),
+        model_type=getattr(module.config, "model_type", None),
+        module=module,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = attach_lora(module, cfg, name)
+    peft_model.train()
+    return CausalLMBundle(
+        peft_model, tokenizer(path), name=name, max_length=max_length, base=str(locate(path))
+    )
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint is, for errors and the run's start line: model type, task, width."""
+    config = model_config(path)
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "task": default_task(config),
+        "width": width_of(config),
+    }
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as f:
+        out: dict[str, Any] = json.load(f)
+    return out

@@ -1,0 +1,124 @@
+"""A federated run's model in formats other tools load (``fedq export``, and ``adapter/`` in the
+run folder at the end of a run).
+
+The run folder's ``config.json`` rebuilds the model (same seed, same frozen base) and its
+``checkpoint.pt`` holds the global trainable state; together they give:
+
+- a causal LM: the adapter in PEFT's format (``adapter_config.json`` +
+  ``adapter_model.safetensors`` + the tokenizer), loadable with
+  ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)``; with
+  ``merge``, the base with the adapter merged in, a plain transformers model directory;
+- a LoRA text classifier: the encoder's adapter in PEFT's format (on ``AutoModel``) and the
+  classification head as ``head.safetensors`` (``weight``, ``bias``; mean pooling over the
+  attention mask, as fedq trains it), described in ``fedq_head.json``; with ``merge``, the merged
+  encoder plus the same head files.
+
+A model without adapters (``mlp``, ``cnn``) is refused with the reason: its weights are the
+checkpoint's ``global_state``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from fedq.errors import ConfigError
+
+log = logging.getLogger(__name__)
+ADAPTER_DIR = "adapter"
+
+
+def _run_model(run: Path) -> tuple[Any, Any]:
+    """(config, the run's final model) of the run folder ``run``: the mode rebuilds it from the
+    config and the checkpoint's server state (:meth:`fedq.modes.base.Mode.trained_model`)."""
+    from fedq.config import load_scenario
+    from fedq.modes import get_mode
+    from fedq.runtime.checkpoint import load_checkpoint
+
+    if not (run / "config.json").is_file():
+        raise ConfigError(f"{run}: not a run folder (no config.json)")
+    cfg = load_scenario(run / "config.json")
+    ckpt = load_checkpoint(run)
+    bundle = get_mode(cfg.mode).trained_model(cfg, ckpt["server"]["workload"])
+    if bundle is None:
+        raise ConfigError(
+            f"{run}: no model to export: a {cfg.mode} run whose server does not hold the whole "
+            "model (a split model's halves live on the server and on each client), or a "
+            "checkpoint from a fedq that did not record the model's shape"
+        )
+    return cfg, bundle
+
+
+def has_adapter(bundle: Any) -> bool:
+    from fedq.models.hf import CausalLMBundle
+    from fedq.models.text import LoraTextBundle
+
+    return isinstance(bundle, CausalLMBundle | LoraTextBundle)
+
+
+def export_bundle(bundle: Any, out: Path, *, merge: bool = False, base: str = "") -> Path:
+    """Write ``bundle``'s adapter (or merged model) to ``out`` (module docstring)."""
+    from fedq.models.hf import CausalLMBundle
+    from fedq.models.text import LoraTextBundle
+
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(bundle, CausalLMBundle):
+        if not merge:
+            return bundle.save_adapter(out)
+        bundle.merged().save_pretrained(str(out))
+        bundle.tokenizer.save_pretrained(str(out))
+        return out
+    if isinstance(bundle, LoraTextBundle):
+        from safetensors.torch import save_file
+
+        encoder: Any = bundle.module.encoder  # a peft.PeftModel
+        if merge:
+            import copy
+
+            copy.deepcopy(encoder).merge_and_unload().save_pretrained(str(out))
+        else:
+            if base:
+                encoder.peft_config["default"].base_model_name_or_path = base
+            encoder.save_pretrained(str(out), save_embedding_layers=False)
+        bundle.tokenizer.save_pretrained(str(out))
+        head = {k: v.detach().contiguous() for k, v in bundle.module.head.state_dict().items()}
+        save_file(head, str(out / "head.safetensors"))
+        (out / "fedq_head.json").write_text(
+            json.dumps(
+                {
+                    "pooling": "mean over attention_mask",
+                    "num_classes": bundle.num_classes,
+                    "model": bundle.name,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        return out
+    raise ConfigError(
+        f"model {bundle.name!r} has no adapter to export; its weights are the checkpoint's "
+        "global_state (torch.load(run/'checkpoint.pt')['server']['global_state'])"
+    )
+
+
+def export_run(run: str | Path, out: str | Path, *, merge: bool = False) -> Path:
+    """``fedq export RUN [--merge] --out DIR``: the run's final model in PEFT / transformers
+    format (module docstring)."""
+    run = Path(run)
+    cfg, bundle = _run_model(run)
+    base = cfg.model.name[3:] if cfg.model.name.startswith("hf:") else cfg.model.name
+    return export_bundle(bundle, Path(out), merge=merge, base=base)
+
+
+def write_run_adapter(run: Path) -> Path | None:
+    """At the end of a federated run of a LoRA model: ``run/adapter`` (module docstring).
+    Returns None for a model without adapters or a run without a checkpoint."""
+    if not (run / "checkpoint.pt").is_file():
+        return None
+    cfg, bundle = _run_model(run)
+    if not has_adapter(bundle):
+        return None
+    base = cfg.model.name[3:] if cfg.model.name.startswith("hf:") else cfg.model.name
+    return export_bundle(bundle, run / ADAPTER_DIR, base=base)

@@ -1,0 +1,163 @@
+"""``hf:PATH`` models: loading a local checkpoint, LoRA from PEFT's own options, the response-only
+loss mask (token by token), and adapters other tools load with the same logits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedq.data import Record
+from fedq.errors import ConfigError
+from fedq.models import build_model, check_model_name, model_entry
+from fedq.models.hf import CausalLMBundle, encode_records, fingerprint, lora_config
+
+ALPACA = Record("alpaca", "cba", instruction="Reverse it.", input="abc")
+CHAT = Record("chat", "Paris", messages=(("user", "Capital of France?"),))
+TEXT = Record("text", "plain words here")
+
+
+def _lm(path: Path, **kw: object) -> CausalLMBundle:
+    bundle = build_model(f"hf:{path}", num_classes=1, seed=0, max_length=64, **kw)
+    assert isinstance(bundle, CausalLMBundle)
+    return bundle
+
+
+def test_the_task_and_the_modes_come_from_the_checkpoint(tiny_lm: Path, tiny_encoder: Path) -> None:
+    lm, enc = model_entry(f"hf:{tiny_lm}"), model_entry(f"hf:{tiny_encoder}")
+    assert lm is not None and (lm.task, lm.family, lm.width) == ("causal_lm", "llama", 32)
+    assert lm.modes == ("federated", "split")
+    assert enc is not None and (enc.task, enc.modes) == ("classification", ("federated",))
+    assert check_model_name(f"hf:{tiny_encoder}", "split") == (
+        f"'hf:{tiny_encoder}' cannot be trained by mode 'split' (it serves federated)"
+    )
+
+
+def test_a_directory_fedq_cannot_load_is_one_clear_error(tmp_path: Path, tiny_lm: Path) -> None:
+    assert "no such directory" in str(check_model_name(f"hf:{tmp_path / 'absent'}", "federated"))
+    (tmp_path / "empty").mkdir()
+    assert "not a Hugging Face model directory (no config.json" in str(
+        check_model_name(f"hf:{tmp_path / 'empty'}", "federated")
+    )
+    odd = tmp_path / "odd"
+    shutil.copytree(tiny_lm, odd)
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "model_type": "no-such-arch"}))
+    problem = str(check_model_name(f"hf:{odd}", "federated"))
+    assert problem.startswith(f"model hf:{odd}: transformers cannot read its config"), problem
+    assert "no-such-arch" in problem
+
+
+def test_lora_takes_peft_options_and_an_unknown_architecture_needs_targets() -> None:
+    from torch import nn
+
+    cfg = lora_config(
+        {"r": 4, "use_dora": True, "target_modules": ["up"], "modules_to_save": ["head"]},
+        r=8,
+        lora_alpha=16,
+        model_type="llama",
+    )
+    assert (cfg.r, cfg.lora_alpha, cfg.use_dora) == (4, 16, True)
+    assert set(cfg.target_modules) == {"up"} and cfg.modules_to_save == ["head"]
+    assert set(lora_config(None, r=8, lora_alpha=16, model_type="llama").target_modules) == {
+        "q_proj",
+        "v_proj",
+    }
+    module = nn.Sequential()
+    module.add_module("proj_in", nn.Linear(2, 2))
+    module.add_module("act", nn.ReLU())
+    with pytest.raises(
+        ConfigError,
+        match=r"no default LoRA targets for model type 'mystery'.*"
+        r"this model has: proj_in",
+    ):
+        lora_config(None, r=8, lora_alpha=16, model_type="mystery", module=module)
+
+
+def test_target_modules_that_match_nothing_are_a_config_error(tiny_lm: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model\.lora\.target_modules"):
+        _lm(tiny_lm, lora={"target_modules": ("no_such_proj",)})
+
+
+@pytest.mark.parametrize("record", [ALPACA, CHAT, TEXT], ids=["alpaca", "chat", "text"])
+def test_the_loss_is_on_the_response_tokens_only(tiny_lm: Path, record: Record) -> None:
+    bundle = _lm(tiny_lm)
+    tok = bundle.tokenizer
+    inputs, labels = encode_records(tok, [record, TEXT], max_length=64)
+    ids, mask = inputs["input_ids"][0], inputs["attention_mask"][0]
+    response = tok(record.response, add_special_tokens=record.kind == "text")["input_ids"]
+    response = [*response, tok.eos_token_id]
+    n = int(mask.sum())
+    start = n - len(response)
+    assert ids[start:n].tolist() == response  # the response and EOS end the row
+    for i in range(ids.numel()):  # token by token: a label exactly where the response is
+        want = int(ids[i]) if start <= i < n else -100
+        assert int(labels[0, i]) == want, (i, tok.convert_ids_to_tokens(int(ids[i])))
+    if record.kind == "chat":  # the chat template rendered the prompt
+        assert tok.decode(ids[:start]).replace(" ", "").startswith("<user>capitaloffrance?")
+    if record.kind == "text":
+        assert start == 0
+    if record.kind == "alpaca":
+        assert "<assistant>" in tok.decode(ids[:start]).replace(" ", "")
+
+
+def test_truncation_keeps_the_prompt_and_cuts_the_response(tiny_lm: Path) -> None:
+    bundle = _lm(tiny_lm)
+    long = Record("alpaca", " ".join(["word"] * 100), instruction="Say word many times.")
+    inputs, labels = encode_records(bundle.tokenizer, [long], max_length=20)
+    assert inputs["input_ids"].shape == (1, 20)
+    assert (labels[0] != -100).sum() > 0 and labels[0, 0] == -100
+
+
+def test_the_exported_adapter_loads_in_peft_with_the_same_logits(
+    tiny_lm: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    bundle = _lm(tiny_lm, lora={"r": 4})
+    gen = torch.Generator().manual_seed(1)
+    state = {
+        k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in bundle.trainable_state().items()
+    }
+    bundle.load_trainable_state(state)
+    bundle.eval()
+    inputs, _ = encode_records(bundle.tokenizer, [ALPACA, CHAT], max_length=64)
+    ours = bundle.forward(inputs)
+    out = bundle.save_adapter(tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in out.iterdir()}
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_lm), dtype=torch.float32)
+    theirs = PeftModel.from_pretrained(base, str(out)).eval()(**inputs).logits
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+    merged = bundle.merged().eval()(**inputs).logits
+    torch.testing.assert_close(merged, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fingerprint_names_the_weights(tiny_lm: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_lm, copy)
+    assert fingerprint(copy) == fingerprint(tiny_lm)
+    other = tmp_path / "other"
+    shutil.copytree(tiny_lm, other)
+    weights = other / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert fingerprint(other) != fingerprint(tiny_lm)
+
+
+def test_an_encoder_checkpoint_trains_as_a_text_classifier(tiny_encoder: Path) -> None:
+    from fedq.models import LoraTextBundle
+
+    bundle = build_model(
+        f"hf:{tiny_encoder}", num_classes=3, seed=0, lora={"r": 2, "lora_alpha": 4}
+    )
+    assert isinstance(bundle, LoraTextBundle)
+    names = sorted(bundle.trainable_state())
+    assert names[-2:] == ["head.bias", "head.weight"]
+    assert any("query" in n for n in names) and any("value" in n for n in names)
+    logits = bundle.forward(bundle.tokenize(["a b c", "d"]))
+    assert logits.shape == (2, 3)

@@ -1,0 +1,259 @@
+"""Bring your own model and data, through the real CLI: a local Hugging Face checkpoint
+(``hf:PATH``) fine-tuned with LoRA on instruction records (``jsonl:PATH``), its adapter exported
+and reloaded with PEFT, an encoder checkpoint as a classifier, and a site whose base differs
+refused before any round."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+Run = Any
+ERR = "fedq: error: invalid configuration: "
+TOKEN = "t" * 40
+
+
+def _records(n: int) -> list[dict]:
+    rows: list[dict] = []
+    for i in range(n):
+        if i % 3 == 0:
+            rows.append({"instruction": f"Add {i} and {i + 1}.", "output": str(2 * i + 1)})
+        elif i % 3 == 1:
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Say the number {i}."},
+                        {"role": "assistant", "content": str(i)},
+                    ]
+                }
+            )
+        else:
+            rows.append({"text": f"The number {i} comes after {i - 1}."})
+    return rows
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _scenario(tmp_path: Path, model_name: str, data: str, **sections: Any) -> Path:
+    raw: dict[str, Any] = {
+        "name": "byom",
+        "seed": 0,
+        "data": {"name": data, "partition": "iid"},
+        "model": {"name": model_name, "max_length": 48, "lora": {"r": 4}},
+        "train": {"batch_size": 8, "lr": 0.01, "optimizer": "adam"},
+        "rounds": {"count": 2, "num_clients": 2, "clients_per_round": 2},
+        "compression": {"uplink": {"policy": "fixed", "bits": 4}},
+        "runtime": {"workers": 1},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    path = tmp_path / "scenario.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_local_causal_lm_is_instruction_tuned_and_its_adapter_loads_in_peft(
+    fedq_cli: Run, tmp_path: Path, tiny_lm: Path
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedq.config import load_scenario
+    from fedq.models.hf import encode_records
+    from fedq.modes import get_mode
+    from fedq.runtime.checkpoint import load_checkpoint
+
+    data = _jsonl(tmp_path / "train.jsonl", _records(40))
+    scenario = _scenario(tmp_path, f"hf:{tiny_lm}", f"jsonl:{data}")
+    run = tmp_path / "run"
+    done = fedq_cli("simulate", str(scenario), "--out", str(run))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "done: perplexity " in done.stdout, done.stdout
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1]
+    for r in records:
+        assert r["accuracy"] is None and r["perplexity"] > 1 and r["eval_tokens"] > 0
+        assert abs(r["perplexity"] - torch.tensor(r["loss"]).exp().item()) < 1e-3 * r["perplexity"]
+        assert r["mean_bits"] == 4.0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_perplexity"] == records[-1]["perplexity"]
+    samples = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    per_round = [sum(s["round"] == r for s in samples) for r in (0, 1)]
+    assert per_round[0] == per_round[1] and 1 <= per_round[0] <= 3, samples
+    assert all(isinstance(s["answer"], str) and s["prompt"] for s in samples)
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["lora"]["r"] == 4
+
+    # The run folder's adapter and `fedq export` give the global model's logits in PEFT.
+    adapter = run / "adapter"
+    assert (adapter / "adapter_config.json").is_file(), sorted(p.name for p in run.iterdir())
+    exported = tmp_path / "exported"
+    done = fedq_cli("export", str(run), "--out", str(exported))
+    assert done.returncode == 0 and f"wrote adapter (PEFT) to {exported}" in done.stdout, done
+    merged = tmp_path / "merged"
+    done = fedq_cli("export", str(run), "--out", str(merged), "--merge")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    cfg = load_scenario(run / "config.json")
+    ours = get_mode("federated").trained_model(cfg, load_checkpoint(run)["server"]["workload"])
+    ours.eval()
+    rows = [r for r in (ours.tokenizer,)]  # the tokenizer the run trained with
+    from fedq.data.instruct import read_jsonl
+
+    inputs, _ = encode_records(rows[0], read_jsonl(data)[:4], max_length=48)
+    want = ours.forward(inputs)
+    for folder in (adapter, exported):
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_lm), dtype=torch.float32)
+        got = PeftModel.from_pretrained(base, str(folder)).eval()(**inputs).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    torch.testing.assert_close(plain(**inputs).logits, want, rtol=1e-4, atol=1e-4)
+    assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_a_local_encoder_fine_tunes_as_a_classifier(
+    fedq_cli: Run, tmp_path: Path, tiny_encoder: Path
+) -> None:
+    csv = tmp_path / "reviews.csv"
+    rows = [f"good film {i},pos" if i % 2 else f"bad film {i},neg" for i in range(40)]
+    csv.write_text("text,label\n" + "\n".join(rows) + "\n")
+    scenario = _scenario(
+        tmp_path, f"hf:{tiny_encoder}", f"csv:{csv}", rounds={"count": 1}, model={"lora": {"r": 2}}
+    )
+    run = tmp_path / "run"
+    done = fedq_cli("simulate", str(scenario), "--out", str(run))
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["accuracy"] <= 1.0 and "perplexity" not in record
+    adapter = run / "adapter"
+    names = {p.name for p in adapter.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"} <= names
+    assert json.loads((adapter / "fedq_head.json").read_text())["num_classes"] == 2
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "extra", "problem"),
+    [
+        ("lm", "bad", {}, "data.name: {bad}:2: missing field 'output'"),
+        (
+            "lm",
+            "good",
+            {"privacy": {"mechanism": "dpsgd", "noise_multiplier": 1.0}},
+            "privacy.mechanism: 'dpsgd' is not offered for causal-LM fine-tuning",
+        ),
+        ("encoder", "good", {}, "data.name: 'jsonl:{good}' holds instruction/text records"),
+        ("lm", "digits", {}, "data.name: model 'hf:{lm}' is a causal LM; it trains on"),
+    ],
+    ids=["bad-record", "dpsgd", "classifier-on-records", "causal-lm-on-labels"],
+)
+def test_what_cannot_train_is_one_error_before_anything_starts(
+    fedq_cli: Run,
+    tmp_path: Path,
+    tiny_lm: Path,
+    tiny_encoder: Path,
+    model: str,
+    data: str,
+    extra: dict,
+    problem: str,
+) -> None:
+    good = _jsonl(tmp_path / "good.jsonl", _records(20))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(_records(1)[0]) + '\n{"instruction": "x"}\n')
+    paths = {"lm": tiny_lm, "encoder": tiny_encoder, "good": good, "bad": bad}
+    source = "digits" if data == "digits" else f"jsonl:{paths[data]}"
+    scenario = _scenario(tmp_path, f"hf:{paths[model]}", source, **extra)
+    done = fedq_cli("simulate", str(scenario), "--out", str(tmp_path / "run"), "-q")
+    assert done.returncode == 2, done.stdout + done.stderr
+    want = ERR + problem.format(bad=bad, good=good, lm=tiny_lm)
+    assert done.stderr.startswith(want) and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_site_with_a_different_base_is_refused_before_any_round(
+    fedq_cli: Run, tmp_path: Path, tiny_lm: Path
+) -> None:
+    """``fedq join --model PATH``: the site's own copy of the base must match the fingerprint
+    the server sends; a different one is refused with both named, a byte-identical copy trains."""
+    from support.hf_models import save_tiny_causal_lm
+
+    same = tmp_path / "site-copy"
+    shutil.copytree(tiny_lm, same)
+    other = save_tiny_causal_lm(tmp_path / "other-base", seed=1)
+    site = _jsonl(tmp_path / "site.jsonl", _records(12))
+    scenario = _scenario(
+        tmp_path,
+        f"hf:{tiny_lm}",
+        f"jsonl:{_jsonl(tmp_path / 'eval.jsonl', _records(10))}",
+        rounds={"count": 1, "num_clients": 1, "clients_per_round": 1},
+    )
+    tokens, token = tmp_path / "tokens.yaml", tmp_path / "client-0.token"
+    tokens.write_text(f"client-0: {TOKEN}\n")
+    token.write_text(TOKEN)
+    for f in (tokens, token):
+        f.chmod(0o600)
+    fedq = str(Path(sys.executable).with_name("fedq"))
+    server = subprocess.Popen(
+        [
+            fedq,
+            "serve",
+            str(scenario),
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens",
+            str(tokens),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        lines = []
+        for line in server.stdout:
+            lines.append(line)
+            if line.startswith("listening on "):
+                break
+        address = lines[-1].split()[2]
+
+        def join(base: Path) -> Any:
+            return fedq_cli(
+                "join",
+                "--server",
+                address,
+                "--client-id",
+                "client-0",
+                "--token-file",
+                str(token),
+                "--data",
+                f"jsonl:{site}",
+                "--model",
+                str(base),
+                timeout=180,
+            )
+
+        refused = join(other)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"fedq: error: this site's base model ({other}, sha256 " in refused.stderr
+        assert "is not the one the server trains on (sha256 " in refused.stderr
+        assert "Traceback" not in refused.stderr and "round 0" not in refused.stdout
+        joined = join(same)
+        out, _ = server.communicate(timeout=180)
+    finally:
+        server.kill()
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    assert "done: perplexity " in out, out
+    pinned = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert pinned["name"] == f"hf:{tiny_lm}"
