@@ -13,4 +13,5 @@ BENCHES = (
     "scale",
     "faults",
     "robust",
+    "llm",
 )

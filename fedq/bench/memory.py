@@ -18,6 +18,9 @@ class TreeMemorySampler:
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_processes = 0
+        #: the largest RSS each process reached, by its command line (first 60 characters;
+        #: a Ray actor's reads ``ray::<Class>...``)
+        self.peak_by_process: dict[str, int] = {}
         self._roots: list[int | None] = [pid]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -47,6 +50,12 @@ class TreeMemorySampler:
             rss += info.rss
             pss += getattr(info, "pss", info.rss)
             n += 1
+            try:
+                title = " ".join(p.cmdline())[:60] or p.name()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                title = str(p.pid)
+            key = f"{title} [{p.pid}]"
+            self.peak_by_process[key] = max(self.peak_by_process.get(key, 0), info.rss)
         self.peak_rss = max(self.peak_rss, rss)
         self.peak_pss = max(self.peak_pss, pss)
         self.peak_processes = max(self.peak_processes, n)

@@ -1,4 +1,6 @@
-"""Record the golden runs: `python tests/golden_runs/record.py [case ...]` (see cases.py)."""
+"""Record the golden runs on this machine: `python tests/golden_runs/record.py [case ...]` writes
+them under this machine's CPU signature in recorded.json (see cases.py and machine.py); the
+reference recorded before issue 23's refactor is never rewritten by it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 from cases import CASES, DROP_ROUND, DROP_SUMMARY  # noqa: E402
+from machine import cpu_signature  # noqa: E402
 
 
 def outcome(out: Path) -> dict:
@@ -39,11 +42,16 @@ def run(case: str, tmp: Path) -> dict:
 
 def main(names: list[str]) -> None:
     path = HERE / "recorded.json"
-    recorded = json.loads(path.read_text()) if path.exists() else {}
+    recorded = json.loads(path.read_text())
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    mine = recorded["machines"].setdefault(cpu_signature(), {"commit": commit, "cases": {}})
+    mine["commit"] = commit
     with tempfile.TemporaryDirectory() as tmp:
         for case in names or list(CASES):
-            recorded[case] = run(case, Path(tmp))
-            print(case, recorded[case]["summary"].get("final_accuracy"), flush=True)
+            mine["cases"][case] = run(case, Path(tmp))
+            print(case, mine["cases"][case]["summary"].get("final_accuracy"), flush=True)
             path.write_text(json.dumps(recorded, indent=1, sort_keys=True) + "\n")
 
 

@@ -1,0 +1,185 @@
+"""Federated LoRA instruction tuning of a causal LM: held-out perplexity against adapter bits.
+
+SmolLM2-135M-Instruct (the packaged model, or ``--model hf:PATH``) on the generated
+``instructions`` data, 4 clients (one per worker process), every client every round. Arms: the
+adapter traffic both ways at fp32 (no compression) and at fixed 8, 4 and 2 bits. Per arm and seed:
+the base model's held-out perplexity (before any round), the final one, wire bytes per round,
+median seconds per round, and the peak RSS of one client process. Seeds are paired (the same seed
+gives every arm the same data, holdout and LoRA initialisation); the table reports each arm's mean
+over seeds and the seed-to-seed spread of the fp32 arm's perplexity gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fedq.bench.machine import cpu_model, machine_info
+from fedq.bench.memory import TreeMemorySampler
+
+ROOT = Path(__file__).resolve().parents[2]
+ARMS: dict[str, list[str]] = {
+    "fp32": ["compression.uplink.policy=none", "compression.downlink.policy=none"],
+    **{
+        f"{b}-bit": [
+            "compression.uplink.policy=fixed",
+            f"compression.uplink.bits={b}",
+            "compression.downlink.policy=fixed",
+            f"compression.downlink.bits={b}",
+        ]
+        for b in (8, 4, 2)
+    },
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2_instruct", help="model.name (hf:PATH works)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--num-samples", type=int, default=240, help="instruction records in all")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+
+
+def _overrides(args: argparse.Namespace, seed: int) -> list[str]:
+    return [
+        "name=bench_llm",
+        f"seed={seed}",
+        f"model.name={args.model}",
+        f"data.num_samples={args.num_samples}",
+        f"rounds.count={args.rounds}",
+        "rounds.num_clients=4",
+        "rounds.clients_per_round=4",
+        "runtime.workers=4",
+        "model.sample_prompts=[]",
+    ]
+
+
+def base_perplexity(cfg: Any) -> float:
+    """The held-out perplexity of the model before any round (LoRA's B starts at zero, so this
+    is the base model's), on the evaluation split the run uses."""
+    from fedq.fed.train import evaluation
+    from fedq.modes.federated import build_bundle
+    from fedq.runtime.setup import load_data
+
+    split = load_data(cfg)
+    bundle = build_bundle(cfg, 1, 0)
+    return float(evaluation(bundle, split.test)["perplexity"])
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from fedq.config import load_scenario
+    from fedq.runtime.simulate import simulate
+
+    tmp = Path(tempfile.mkdtemp(prefix="fedq-bench-llm-"))
+    scenario = ROOT / "scenarios" / "smollm2_instruct_lora.yaml"
+    rows: list[dict[str, Any]] = []
+    for seed in args.seeds:
+        base_cfg = load_scenario(scenario, _overrides(args, seed))
+        before = base_perplexity(base_cfg)
+        for arm in args.arms:
+            cfg = load_scenario(scenario, _overrides(args, seed) + ARMS[arm])
+            out = tmp / f"{arm}-seed{seed}"
+            with TreeMemorySampler() as mem:
+                s = simulate(cfg, out)
+            records = _records(out)
+            seconds = sorted(r["seconds"] for r in records)
+            clients = [v for k, v in mem.peak_by_process.items() if "WorkerHost" in k]
+            row = {
+                "arm": arm,
+                "seed": seed,
+                "perplexity_before": before,
+                "perplexity_after": s.get("final_perplexity"),
+                "bytes_per_round": s["bytes_wire_total"] / max(len(records), 1),
+                "bytes_up_per_round": s["bytes_up_total"] / max(len(records), 1),
+                "median_seconds_per_round": seconds[len(seconds) // 2],
+                "peak_rss_client_gib": round(max(clients, default=0) / 2**30, 2),
+                "peak_rss_tree_gib": round(mem.peak_rss / 2**30, 2),
+            }
+            rows.append(row)
+            print(
+                f"  seed {seed} {arm:6s}: perplexity {before:.3f} -> "
+                f"{row['perplexity_after']:.3f}, {row['bytes_per_round']:,.0f} B/round, "
+                f"{row['median_seconds_per_round']:.1f} s/round, client peak RSS "
+                f"{row['peak_rss_client_gib']} GiB",
+                flush=True,
+            )
+    return _table(args, rows)
+
+
+def _table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    print(
+        f"\nfedq bench llm: {args.model}, instructions ({args.num_samples} records), 4 clients, "
+        f"{args.rounds} rounds, seeds {args.seeds} | {cpu_model()}, {os.cpu_count()} cores"
+    )
+    print(
+        f"{'arm':7s} {'ppl before':>10s} {'ppl after':>10s} {'vs fp32':>8s} {'B/round':>12s} "
+        f"{'fewer B':>8s} {'s/round':>8s} {'client GiB':>10s}"
+    )
+    by_arm = {a: [r for r in rows if r["arm"] == a] for a in args.arms}
+    fp32 = by_arm.get("fp32", [])
+    summary: dict[str, Any] = {}
+    for arm, rs in by_arm.items():
+        after = statistics.mean(r["perplexity_after"] for r in rs)
+        before = statistics.mean(r["perplexity_before"] for r in rs)
+        size = statistics.mean(r["bytes_per_round"] for r in rs)
+        rel = ref_bytes = None
+        if fp32:
+            # paired by seed: this arm's final perplexity over fp32's, per seed, then the mean
+            pairs = [
+                (r["perplexity_after"] / f["perplexity_after"])
+                for r in rs
+                for f in fp32
+                if f["seed"] == r["seed"]
+            ]
+            rel = statistics.mean(pairs) - 1.0
+            ref_bytes = statistics.mean(f["bytes_per_round"] for f in fp32) / size
+        summary[arm] = {
+            "perplexity_before": before,
+            "perplexity_after": after,
+            "perplexity_vs_fp32": rel,
+            "bytes_per_round": size,
+            "fewer_bytes_than_fp32": ref_bytes,
+            "median_seconds_per_round": statistics.median(
+                r["median_seconds_per_round"] for r in rs
+            ),
+            "peak_rss_client_gib": max(r["peak_rss_client_gib"] for r in rs),
+        }
+        print(
+            f"{arm:7s} {before:10.3f} {after:10.3f} "
+            f"{'' if rel is None else f'{100 * rel:+7.2f}%':>8s} {size:12,.0f} "
+            f"{'' if ref_bytes is None else f'{ref_bytes:7.2f}x':>8s} "
+            f"{summary[arm]['median_seconds_per_round']:8.1f} "
+            f"{summary[arm]['peak_rss_client_gib']:10.2f}"
+        )
+    result: dict[str, Any] = {"rows": rows, "arms": summary, "machine": machine_info()}
+    if fp32:
+        gains = [f["perplexity_before"] - f["perplexity_after"] for f in fp32]
+        spread = statistics.stdev([f["perplexity_after"] for f in fp32]) if len(fp32) > 1 else 0.0
+        result["fp32_gain"] = statistics.mean(gains)
+        result["fp32_seed_spread"] = spread
+        print(
+            f"perplexity gain over the base (fp32): {statistics.mean(gains):.3f}; seed-to-seed "
+            f"spread (std of final perplexity over {len(fp32)} seeds): {spread:.3f}"
+        )
+        four = summary.get("4-bit")
+        if four and four["perplexity_vs_fp32"] is not None:
+            met = four["perplexity_vs_fp32"] <= 0.02 and (four["fewer_bytes_than_fp32"] or 0) >= 8
+            result["goal_4bit_met"] = bool(met)
+            print(
+                "goal (4-bit within 2% of fp32 perplexity at >= 8x fewer bytes): "
+                f"{'PASS' if met else 'FAIL'}"
+            )
+        if len(fp32) > 1:
+            result["goal_gain_met"] = bool(statistics.mean(gains) > 2 * spread)
+    return result
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if x.strip()]
