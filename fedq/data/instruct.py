@@ -224,7 +224,7 @@ def instruction_records(n: int, seed: int) -> list[Record]:
 
 
 @register_dataset("instructions")
-def load_instructions(seed: int = 0, num_samples: int = 600) -> DataSplit:
+def load_instructions(seed: int = 0, num_samples: int = 400) -> DataSplit:
     """Generated instruction data (module docstring): ``num_samples`` records, 10% held out.
     The records come from a fixed generator seed so that every run sees the same data; ``seed``
     picks the holdout."""

@@ -62,6 +62,24 @@ class Mode(abc.ABC):
 
         return [e.name for e in models_for(self.name)]
 
+    def data_problem(self, cfg: RunConfig, train: Any, task: str) -> str | None:
+        """Why this mode cannot train the model (its ``task``: classification or causal_lm)
+        on ``train``, or None. Default: the data's task must be the model's (instruction or
+        text records for a causal LM, labelled rows for a classifier)."""
+        data_task = getattr(train, "task", "classification")
+        if data_task == task:
+            return None
+        if task == "causal_lm":
+            return (
+                f"model {cfg.model.name!r} is a causal LM; it trains on instruction or text "
+                f"records (jsonl:PATH, instructions), not {cfg.data.name!r}"
+            )
+        return (
+            f"{cfg.data.name!r} holds instruction/text records for a causal LM; model "
+            f"{cfg.model.name!r} is a classifier (set model.task: causal_lm for a causal LM "
+            "checkpoint, or use labelled data)"
+        )
+
     # ---------------------------------------------------------------- server
     @abc.abstractmethod
     def server_workload(

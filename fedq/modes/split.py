@@ -56,6 +56,16 @@ class SplitMode(Mode):
     # the AQ-SGD copies a worker shares among its clients are checkpointed per worker
     states_by_worker = True
 
+    def data_problem(self, cfg: RunConfig, train: Any, task: str) -> str | None:
+        """Split mode trains on text rows: a classifier on their labels, a causal LM on their
+        tokens; instruction records are federated mode's so far."""
+        if getattr(train, "task", "classification") == "causal_lm":
+            return (
+                f"{cfg.data.name!r} is instruction data; split mode trains on plain text rows "
+                "only so far (use mode: federated for instruction tuning)"
+            )
+        return None
+
     def server_workload(
         self,
         cfg: RunConfig,

@@ -30,9 +30,10 @@ log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 
 
-def _run_model(run: Path) -> tuple[Any, Any]:
+def _run_model(run: Path, *, required: bool = True) -> tuple[Any, Any]:
     """(config, the run's final model) of the run folder ``run``: the mode rebuilds it from the
-    config and the checkpoint's server state (:meth:`fedq.modes.base.Mode.trained_model`)."""
+    config and the checkpoint's server state (:meth:`fedq.modes.base.Mode.trained_model`);
+    None for the model when the mode cannot and ``required`` is false."""
     from fedq.config import load_scenario
     from fedq.modes import get_mode
     from fedq.runtime.checkpoint import load_checkpoint
@@ -42,7 +43,7 @@ def _run_model(run: Path) -> tuple[Any, Any]:
     cfg = load_scenario(run / "config.json")
     ckpt = load_checkpoint(run)
     bundle = get_mode(cfg.mode).trained_model(cfg, ckpt["server"]["workload"])
-    if bundle is None:
+    if bundle is None and required:
         raise ConfigError(
             f"{run}: no model to export: a {cfg.mode} run whose server does not hold the whole "
             "model (a split model's halves live on the server and on each client), or a "
@@ -117,8 +118,8 @@ def write_run_adapter(run: Path) -> Path | None:
     Returns None for a model without adapters or a run without a checkpoint."""
     if not (run / "checkpoint.pt").is_file():
         return None
-    cfg, bundle = _run_model(run)
-    if not has_adapter(bundle):
+    cfg, bundle = _run_model(run, required=False)
+    if bundle is None or not has_adapter(bundle):
         return None
     base = cfg.model.name[3:] if cfg.model.name.startswith("hf:") else cfg.model.name
     return export_bundle(bundle, run / ADAPTER_DIR, base=base)

@@ -96,26 +96,13 @@ def check_data(cfg: RunConfig, split: Any) -> None:
     from fedq.data.scaling import check_standardizable, scale_warning
 
     name = cfg.data.name
-    data_task = getattr(split.train, "task", "classification")
-    task = model_task(cfg)
-    if data_task != task:
-        if task == "causal_lm":
-            raise ConfigError(
-                f"data.name: model {cfg.model.name!r} is a causal LM; it trains on instruction "
-                f"or text records (jsonl:PATH, instructions), not {name!r}"
-            )
-        raise ConfigError(
-            f"data.name: {name!r} holds instruction/text records for a causal LM; model "
-            f"{cfg.model.name!r} is a classifier (set model.task: causal_lm for a causal LM "
-            "checkpoint, or use labelled data)"
-        )
-    if data_task == "causal_lm":
-        if cfg.mode != "federated":
-            raise ConfigError(
-                f"data.name: {name!r} is instruction data; mode {cfg.mode!r} trains on plain "
-                "text rows only so far (use mode: federated for instruction tuning)"
-            )
-        return
+    from fedq.modes import get_mode
+
+    problem = get_mode(cfg.mode).data_problem(cfg, split.train, model_task(cfg))
+    if problem:
+        raise ConfigError(f"data.name: {problem}")
+    if getattr(split.train, "task", "classification") == "causal_lm":
+        return  # records: no classes, no features to scale
     seen = torch.unique(split.train.y).tolist()
     if len(seen) < 2:
         raise ConfigError(

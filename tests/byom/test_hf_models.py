@@ -161,3 +161,17 @@ def test_an_encoder_checkpoint_trains_as_a_text_classifier(tiny_encoder: Path) -
     assert any("query" in n for n in names) and any("value" in n for n in names)
     logits = bundle.forward(bundle.tokenize(["a b c", "d"]))
     assert logits.shape == (2, 3)
+
+
+def test_split_mode_cuts_a_local_llama_like_checkpoint(tiny_lm: Path) -> None:
+    from fedq.split.models import build_split_model
+
+    model = build_split_model(
+        f"hf:{tiny_lm}", cut=1, num_classes=2, seed=0, lora={"r": 2, "use_dora": False}
+    )
+    assert (model.task, model.num_blocks, model.hidden) == ("causal_lm", 2, 32)
+    batch = model.make_batch(["one two three", "four"], torch.zeros(2, dtype=torch.long))
+    h = model.bottom(batch)
+    loss, _, count = model.top(h, batch["attention_mask"], batch["labels"])
+    assert torch.isfinite(loss) and count > 0
+    assert model.full.peft_config["default"].r == 2

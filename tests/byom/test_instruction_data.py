@@ -108,6 +108,7 @@ def test_the_generated_instruction_set_is_the_same_in_every_process() -> None:
     assert a == b and len({r.instruction for r in a}) > 5
     split = load_dataset("instructions", num_samples=100)
     assert (len(split.train), len(split.test)) == (90, 10)
+    assert len(load_dataset("instructions").train) == 360  # 400 records by default
     add = next(r for r in a if r.instruction.startswith("Add "))
     x, y = (int(w.strip(".")) for w in add.instruction.split()[1::2])
     assert add.response == str(x + y)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+ROOT = Path(__file__).resolve().parents[2]
 Run = Any
 ERR = "fedq: error: invalid configuration: "
 TOKEN = "t" * 40
@@ -56,7 +57,10 @@ def _scenario(tmp_path: Path, model_name: str, data: str, **sections: Any) -> Pa
         "runtime": {"workers": 1},
     }
     for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
+        if value is None or not isinstance(value, dict):
+            raw.pop(key, None) if value is None else raw.update({key: value})
+        else:
+            raw[key] = {**raw.get(key, {}), **value}
     path = tmp_path / "scenario.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -142,6 +146,26 @@ def test_a_local_encoder_fine_tunes_as_a_classifier(
     assert json.loads((adapter / "fedq_head.json").read_text())["num_classes"] == 2
 
 
+def test_split_mode_cuts_a_local_causal_lm(fedq_cli: Run, tmp_path: Path, tiny_lm: Path) -> None:
+    done = fedq_cli(
+        "simulate",
+        str(ROOT / "scenarios" / "split_tiny.yaml"),
+        "--set",
+        f"model.name=hf:{tiny_lm}",
+        "--set",
+        "split.cut=1",
+        "--set",
+        "rounds.count=1",
+        "--out",
+        str(tmp_path / "run"),
+        "-q",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "warning" not in done.stderr, done.stderr
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["perplexity"] > 1 and record["act_bits"] > 0
+
+
 @pytest.mark.parametrize(
     ("model", "data", "extra", "problem"),
     [
@@ -154,8 +178,14 @@ def test_a_local_encoder_fine_tunes_as_a_classifier(
         ),
         ("encoder", "good", {}, "data.name: 'jsonl:{good}' holds instruction/text records"),
         ("lm", "digits", {}, "data.name: model 'hf:{lm}' is a causal LM; it trains on"),
+        (
+            "lm",
+            "good",
+            {"mode": "split", "compression": None, "train": {"optimizer": "adamw"}},
+            "data.name: 'jsonl:{good}' is instruction data; split mode trains on plain text",
+        ),
     ],
-    ids=["bad-record", "dpsgd", "classifier-on-records", "causal-lm-on-labels"],
+    ids=["bad-record", "dpsgd", "classifier-on-records", "causal-lm-on-labels", "split-records"],
 )
 def test_what_cannot_train_is_one_error_before_anything_starts(
     fedq_cli: Run,
@@ -257,3 +287,26 @@ def test_a_site_with_a_different_base_is_refused_before_any_round(
     assert "done: perplexity " in out, out
     pinned = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
     assert pinned["name"] == f"hf:{tiny_lm}"
+
+
+def test_the_readme_commands_for_your_own_model_run_as_written(
+    tmp_path: Path, tiny_lm: Path
+) -> None:
+    """The README's "Your own model" block, run as written in a scratch folder holding
+    ``my-model`` (a tiny causal LM) and ``train.jsonl`` (one round instead of four)."""
+    from test_readme import ENV, ROOT, readme_commands
+
+    cmds = readme_commands("# your base model in ./my-model")
+    assert [c[:2] for c in cmds] == [["fedq", "simulate"], ["fedq", "export"], ["fedq", "export"]]
+    shutil.copytree(tiny_lm, tmp_path / "my-model")
+    _jsonl(tmp_path / "train.jsonl", _records(30))
+    (tmp_path / "scenarios").symlink_to(ROOT / "scenarios")
+    cmds[0] += ["--set", "rounds.count=1", "--set", "runtime.workers=1", "-q"]
+    for cmd in cmds:
+        done = subprocess.run(
+            cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, (cmd, done.stdout, done.stderr)
+    assert (tmp_path / "runs" / "mine" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "my-adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "my-merged" / "config.json").is_file()
