@@ -42,7 +42,8 @@ def _run_model(run: Path, *, required: bool = True) -> tuple[Any, Any]:
         raise ConfigError(f"{run}: not a run folder (no config.json)")
     cfg = load_scenario(run / "config.json")
     ckpt = load_checkpoint(run)
-    bundle = get_mode(cfg.mode).trained_model(cfg, ckpt["server"]["workload"])
+    workload = (ckpt.get("server") or {}).get("workload")
+    bundle = None if workload is None else get_mode(cfg.mode).trained_model(cfg, workload)
     if bundle is None and required:
         raise ConfigError(
             f"{run}: no model to export: a {cfg.mode} run whose server does not hold the whole "

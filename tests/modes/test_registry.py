@@ -54,12 +54,12 @@ def test_one_model_registry_serves_both_modes() -> None:
         "smollm2_instruct",
         "tiny_bert_lora",
     ]
-    assert get_mode("split").model_names() == [
+    assert get_mode("split").model_names() == [  # in the order they were registered
+        "smollm2_instruct",
         "minilm_lora",
         "tiny_bert_lora",
         "smollm2_lora",
         "tiny_llama_lora",
-        "smollm2_instruct",
     ]
     for e in models_for("split"):
         assert e.family in ("bert", "llama"), e
