@@ -310,3 +310,20 @@ def test_the_readme_commands_for_your_own_model_run_as_written(
     assert (tmp_path / "runs" / "mine" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "my-adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "my-merged" / "config.json").is_file()
+
+
+def test_shard_writes_each_sites_instruction_records(fedq_cli: Run, tmp_path: Path) -> None:
+    """``fedq shard`` of instruction data: one ``client-<i>.jsonl`` per client, the records the
+    simulation would give it, readable again as ``jsonl:`` site data."""
+    from fedq.config import load_scenario
+    from fedq.data.instruct import read_jsonl
+    from fedq.runtime.setup import client_partitions, load_data
+
+    scenario = ROOT / "scenarios" / "smollm2_instruct_lora.yaml"
+    done = fedq_cli("shard", str(scenario), "--out", str(tmp_path / "data"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    cfg = load_scenario(scenario)
+    split = load_data(cfg)
+    for i, idx in enumerate(client_partitions(cfg, split.train)):
+        got = read_jsonl(tmp_path / "data" / f"client-{i}.jsonl")
+        assert got == [split.train.records[j] for j in idx.tolist()]
