@@ -215,7 +215,6 @@ def attach_lora(module: nn.Module, config: Any, where: str) -> Any:
 # ------------------------------------------------------------------------ loading the base
 
 
-@functools.lru_cache(maxsize=2)
 def _base(ckpt: Checkpoint, task: str) -> nn.Module:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoModelForCausalLM
@@ -254,8 +253,10 @@ def _tokenizer(ckpt: Checkpoint) -> Any:
 
 
 def base_model(path: str | Path, task: str) -> nn.Module:
-    """A fresh copy of the frozen base at ``path`` (loaded once per process)."""
-    return copy.deepcopy(_base(locate(path), task))
+    """The frozen base at ``path``, loaded from disk. Not cached: a process builds its model
+    once (a worker's clients share it), and a cached pristine copy would hold a second set of
+    base weights for the whole run (for SmolLM2-135M, 0.5 GiB per process)."""
+    return _base(locate(path), task)
 
 
 def tokenizer(path: str | Path) -> Any:

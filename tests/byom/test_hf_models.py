@@ -112,13 +112,20 @@ def test_truncation_keeps_the_prompt_and_cuts_the_response(tiny_lm: Path) -> Non
     assert (labels[0] != -100).sum() > 0 and labels[0, 0] == -100
 
 
+@pytest.mark.parametrize(
+    "lora",
+    [{"r": 4}, {"r": 2, "use_dora": True, "target_modules": ("q_proj", "k_proj", "up_proj")}],
+    ids=["lora", "dora"],
+)
 def test_the_exported_adapter_loads_in_peft_with_the_same_logits(
-    tiny_lm: Path, tmp_path: Path
+    tiny_lm: Path, tmp_path: Path, lora: dict
 ) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    bundle = _lm(tiny_lm, lora={"r": 4})
+    bundle = _lm(tiny_lm, lora=lora)
+    if lora.get("use_dora"):  # DoRA's magnitude vectors train and travel with the adapters
+        assert any("magnitude" in k for k in bundle.trainable_state())
     gen = torch.Generator().manual_seed(1)
     state = {
         k: torch.randn(v.shape, generator=gen) * 0.1 for k, v in bundle.trainable_state().items()
