@@ -2,8 +2,9 @@
 
 (a) accuracy vs round, (b) accuracy vs cumulative wire bytes (up + down; the paper's
 accuracy-vs-bytes comparison against fp32, docs/algorithms.md §2.1), (c) mean bits vs round, and
-(d) ε vs round when the run is private. matplotlib is imported here, lazily, and drawn through
-the Agg canvas directly, so importing fedq stays fast and no global pyplot backend is touched.
+(d) ε vs round when the run is private; a causal LM's run plots perplexity in place of accuracy.
+matplotlib is imported here, lazily, and drawn through the Agg canvas directly, so importing fedq
+stays fast and no global pyplot backend is touched.
 """
 
 from __future__ import annotations
@@ -64,19 +65,26 @@ def plot_report(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[st
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2).ravel() if private else fig.subplots(1, 3)
 
+    # a causal LM reports held-out perplexity, not accuracy
+    metric = (
+        "perplexity"
+        if not any(r.get("accuracy") is not None for r in records)
+        and any(r.get("perplexity") is not None for r in records)
+        else "accuracy"
+    )
     ax = axes[0]
-    ax.plot(*_series(records, rounds, "accuracy"), marker="o", ms=3)
-    ax.set(title="(a) accuracy vs round", xlabel="round", ylabel="accuracy")
+    ax.plot(*_series(records, rounds, metric), marker="o", ms=3)
+    ax.set(title=f"(a) {metric} vs round", xlabel="round", ylabel=metric)
 
     ax = axes[1]
     wire = cumulative_wire_bytes(records)
-    xs, ys = _series(records, wire, "accuracy")
+    xs, ys = _series(records, wire, metric)
     if use_log_x(wire):
         xs, ys = [x for x in xs if x > 0], [y for x, y in zip(xs, ys, strict=True) if x > 0]
         ax.set_xscale("log")
     ax.plot(xs, ys, marker="o", ms=3)
     ax.set(
-        title="(b) accuracy vs wire bytes", xlabel="cumulative bytes (up + down)", ylabel="accuracy"
+        title=f"(b) {metric} vs wire bytes", xlabel="cumulative bytes (up + down)", ylabel=metric
     )
 
     ax = axes[2]
