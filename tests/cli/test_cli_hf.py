@@ -79,7 +79,10 @@ def test_a_local_causal_lm_is_instruction_tuned_and_its_adapter_loads_in_peft(
     from fedq.runtime.checkpoint import load_checkpoint
 
     data = _jsonl(tmp_path / "train.jsonl", _records(40))
-    scenario = _scenario(tmp_path, f"hf:{tiny_lm}", f"jsonl:{data}")
+    # in one process: the README test below runs the same path on Ray
+    scenario = _scenario(
+        tmp_path, f"hf:{tiny_lm}", f"jsonl:{data}", runtime={"backend": "inprocess"}
+    )
     run = tmp_path / "run"
     done = fedq_cli("simulate", str(scenario), "--out", str(run))
     assert done.returncode == 0, done.stdout + done.stderr

@@ -1,0 +1,45 @@
+"""``fedq bench llm`` from the real CLI, on a tiny local causal LM: every arm and seed runs, the
+base perplexity is the same for every arm of a seed (paired), fewer bits send fewer bytes, and
+the JSON holds the per-seed rows and the per-arm means."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_llm_cli_runs_each_arm_paired_by_seed(tmp_path: Path, tiny_lm: Path) -> None:
+    out = tmp_path / "llm.json"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "fedq.cli", "bench", "llm", "--model", f"hf:{tiny_lm}"),
+            *("--num-samples", "40", "--rounds", "1", "--seeds", "0", "1"),
+            *("--arms", "fp32", "4-bit", "--json", str(out)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["seed"], r["arm"]) for r in rows] == [
+        (0, "fp32"),
+        (0, "4-bit"),
+        (1, "fp32"),
+        (1, "4-bit"),
+    ]
+    for seed in (0, 1):
+        a, b = (r for r in rows if r["seed"] == seed)
+        assert a["perplexity_before"] == b["perplexity_before"]  # paired: same base, same data
+        assert b["bytes_per_round"] < a["bytes_per_round"] / 3
+        assert a["peak_rss_client_gib"] > 0
+    four = result["arms"]["4-bit"]
+    assert four["fewer_bytes_than_fp32"] > 3 and four["perplexity_vs_fp32"] is not None
+    assert "fp32_seed_spread" in result and "perplexity gain over the base" in done.stdout
