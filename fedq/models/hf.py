@@ -106,9 +106,23 @@ def model_config(path: str | Path) -> Any:
 def default_task(config: Any) -> str:
     """The task a checkpoint was made for: causal LM for a ``...ForCausalLM`` architecture."""
     archs = list(getattr(config, "architectures", None) or [])
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return CAUSAL_LM
-    if getattr(config, "is_decoder", False) and not archs:
+    if archs:
+        return (
+            CAUSAL_LM
+            if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+            else (CLASSIFICATION)
+        )
+    # no architectures recorded (a config read from a GGUF file): a decoder-only model type,
+    # one transformers has a causal-LM class for and no masked-LM class
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    if getattr(config, "is_decoder", False) or (
+        kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    ):
         return CAUSAL_LM
     return CLASSIFICATION
 

@@ -182,3 +182,18 @@ def test_split_mode_cuts_a_local_llama_like_checkpoint(tiny_lm: Path) -> None:
     loss, _, count = model.top(h, batch["attention_mask"], batch["labels"])
     assert torch.isfinite(loss) and count > 0
     assert model.full.peft_config["default"].r == 2
+
+
+def test_a_config_without_architectures_takes_its_task_from_the_model_type() -> None:
+    """A config read from a GGUF file records no architectures: a decoder-only model type is a
+    causal LM (the packaged SmolLM2 GGUF through ``hf:`` gives the fp32 copy's logits exactly,
+    checked by hand), an encoder type a classifier."""
+    from transformers import BertConfig, LlamaConfig, Qwen2Config
+
+    from fedq.models.hf import default_task
+
+    assert [default_task(c()) for c in (LlamaConfig, Qwen2Config, BertConfig)] == [
+        "causal_lm",
+        "causal_lm",
+        "classification",
+    ]
