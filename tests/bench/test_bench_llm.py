@@ -19,7 +19,7 @@ def test_bench_llm_cli_runs_each_arm_paired_by_seed(tmp_path: Path, tiny_lm: Pat
     done = subprocess.run(
         [
             *(sys.executable, "-m", "fedq.cli", "bench", "llm", "--model", f"hf:{tiny_lm}"),
-            *("--num-samples", "40", "--rounds", "1", "--seeds", "0", "1"),
+            *("--num-samples", "40", "--rounds", "1", "--seeds", "3"),
             *("--arms", "fp32", "4-bit", "--json", str(out)),
         ],
         capture_output=True,
@@ -29,17 +29,12 @@ def test_bench_llm_cli_runs_each_arm_paired_by_seed(tmp_path: Path, tiny_lm: Pat
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
     rows = result["rows"]
-    assert [(r["seed"], r["arm"]) for r in rows] == [
-        (0, "fp32"),
-        (0, "4-bit"),
-        (1, "fp32"),
-        (1, "4-bit"),
-    ]
-    for seed in (0, 1):
-        a, b = (r for r in rows if r["seed"] == seed)
-        assert a["perplexity_before"] == b["perplexity_before"]  # paired: same base, same data
-        assert b["bytes_per_round"] < a["bytes_per_round"] / 3
-        assert a["peak_rss_client_gib"] > 0
+    assert [(r["seed"], r["arm"]) for r in rows] == [(3, "fp32"), (3, "4-bit")]
+    a, b = rows
+    assert a["perplexity_before"] == b["perplexity_before"]  # paired: same base, same data
+    assert b["bytes_per_round"] < a["bytes_per_round"] / 3
+    assert a["peak_rss_client_gib"] > 0
     four = result["arms"]["4-bit"]
     assert four["fewer_bytes_than_fp32"] > 3 and four["perplexity_vs_fp32"] is not None
-    assert "fp32_seed_spread" in result and "perplexity gain over the base" in done.stdout
+    assert result["fp32_seed_spread"] == 0.0  # one seed: no spread to report
+    assert "perplexity gain over the base" in done.stdout
