@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -463,19 +462,3 @@ def build_causal_lm(
     return CausalLMBundle(
         peft_model, tokenizer(path), name=name, max_length=max_length, base=str(locate(path))
     )
-
-
-def describe(path: str | Path) -> dict[str, Any]:
-    """What a checkpoint is, for errors and the run's start line: model type, task, width."""
-    config = model_config(path)
-    return {
-        "model_type": getattr(config, "model_type", None),
-        "task": default_task(config),
-        "width": width_of(config),
-    }
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    with path.open(encoding="utf-8") as f:
-        out: dict[str, Any] = json.load(f)
-    return out

@@ -8,7 +8,7 @@ any host starts: a missing directory, an unreadable config or a task fedq cannot
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedq.models import hf
@@ -20,8 +20,9 @@ from fedq.models.registry import ModelEntry, add_model, register_model_source
 LLAMA_LIKE = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo", "granite"})
 
 
-def hf_builder(path: str, name: str) -> Any:
-    """The whole-model builder of the checkpoint at ``path`` (both tasks)."""
+def hf_builder(where: Callable[[], str], name: str) -> Any:
+    """The whole-model builder of the checkpoint at ``where()`` (both tasks; the path is asked
+    for only when a model is built, as the packaged SmolLM2 makes its directory then)."""
 
     def build(
         *,
@@ -33,6 +34,7 @@ def hf_builder(path: str, name: str) -> Any:
         lora: Mapping[str, Any] | None = None,
         task: str = "auto",
     ) -> ModelBundle:
+        path = where()
         resolved = hf.resolve_task(hf.model_config(path), task)
         if resolved == hf.CAUSAL_LM:
             return hf.build_causal_lm(
@@ -65,7 +67,7 @@ def hf_entry(name: str, path: str) -> ModelEntry:
         family, modes = "llama", ("federated", "split")
     task = hf.default_task(config)
     return ModelEntry(
-        name, modes, hf_builder(path, name), hf.width_of(config), family, task, lambda: path
+        name, modes, hf_builder(lambda: path, name), hf.width_of(config), family, task, lambda: path
     )
 
 
@@ -83,33 +85,11 @@ def smollm2_instruct_path() -> str:
     return str(smollm2_fp32_cache())
 
 
-def _smollm2_build(
-    *,
-    num_classes: int,
-    input_dim: int | None,
-    seed: int,
-    lora_r: int = 8,
-    max_length: int = 64,
-    lora: Mapping[str, Any] | None = None,
-    task: str = "auto",
-) -> ModelBundle:
-    """SmolLM2-135M-Instruct (packaged GGUF, dequantized once) with LoRA, as ``hf:`` builds it."""
-    return hf_builder(smollm2_instruct_path(), "smollm2_instruct")(
-        num_classes=num_classes,
-        input_dim=input_dim,
-        seed=seed,
-        lora_r=lora_r,
-        max_length=max_length,
-        lora=lora,
-        task=task,
-    )
-
-
 add_model(
     ModelEntry(
         "smollm2_instruct",
         ("federated", "split"),
-        _smollm2_build,
+        hf_builder(smollm2_instruct_path, "smollm2_instruct"),
         576,
         "llama",
         "causal_lm",

@@ -110,8 +110,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = False) -> Path
     format (module docstring)."""
     run = Path(run)
     cfg, bundle = _run_model(run)
-    base = cfg.model.name[3:] if cfg.model.name.startswith("hf:") else cfg.model.name
-    return export_bundle(bundle, Path(out), merge=merge, base=base)
+    return export_bundle(bundle, Path(out), merge=merge, base=_base_name(cfg))
 
 
 def write_run_adapter(run: Path) -> Path | None:
@@ -122,5 +121,10 @@ def write_run_adapter(run: Path) -> Path | None:
     cfg, bundle = _run_model(run, required=False)
     if bundle is None or not has_adapter(bundle):
         return None
-    base = cfg.model.name[3:] if cfg.model.name.startswith("hf:") else cfg.model.name
-    return export_bundle(bundle, run / ADAPTER_DIR, base=base)
+    return export_bundle(bundle, run / ADAPTER_DIR, base=_base_name(cfg))
+
+
+def _base_name(cfg: Any) -> str:
+    """What an adapter names as its base: the directory of an ``hf:`` model, else the name."""
+    name = str(cfg.model.name)
+    return name.removeprefix("hf:")

@@ -59,14 +59,13 @@ def check_site_data(data: Any, joined: Joined) -> None:
 
 
 def _causal(model: dict[str, Any]) -> bool:
-    """Whether the run's model (its resolved config section) is a causal LM."""
-    task = model.get("task", "auto")
-    if task != "auto":
-        return bool(task == "causal_lm")
-    from fedq.models import model_entry
+    """Whether the run's model (its resolved config section) is a causal LM; a checkpoint this
+    site cannot read counts as not (its own ``--model`` copy is checked when it builds)."""
+    from fedq.config import config_from_dict
+    from fedq.runtime.preflight import model_task
 
     try:
-        entry = model_entry(str(model.get("name", "")))
+        cfg = config_from_dict({"model": model})
+        return model_task(cfg) == "causal_lm"
     except ConfigError:
         return False
-    return entry is not None and entry.task == "causal_lm"
