@@ -3,11 +3,14 @@
 SmolLM2-135M-Instruct (the packaged model, or ``--model hf:PATH``) on the generated
 ``instructions`` data, 4 clients (one per worker process), every client every round. Arms: the
 adapter traffic both ways at fp32 (no compression), at fixed 8, 4 and 2 bits (one scale per row),
-and at 4 bits with one scale per group of 256 values. Per arm and seed:
+and at 4 bits with one scale per group of 256 values; and the same data in split mode (cut after
+block 3, the steps of a federated local epoch per client per round) with the cut at fp32, fixed 4
+bits, or AMAQ towards 4 bits. Per arm and seed:
 the base model's held-out perplexity (before any round), the final one, wire bytes per round,
 median seconds per round, and the peak RSS of one client process. Seeds are paired (the same seed
 gives every arm the same data, holdout and LoRA initialisation); the table reports each arm's mean
-over seeds and the seed-to-seed spread (standard deviation) of the fp32 arm's final perplexity.
+over seeds, against the fp32 arm of its mode, and the seed-to-seed spread (standard deviation) of
+the fp32 arm's final perplexity.
 """
 
 from __future__ import annotations
@@ -40,7 +43,13 @@ ARMS: dict[str, list[str]] = {
         for link in ("uplink", "downlink")
         for key in ("policy=fixed", "bits=4", "granularity=group", "group_size=256")
     ],
+    # split mode on the same data: the client holds blocks [0, 3), the server the rest; each
+    # client takes SPLIT_STEPS steps per round (the steps of its federated local epoch)
+    "split-fp32": ["split.act_codec=none", "split.grad_codec=none"],
+    "split-4-bit": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=4"],
+    "split-amaq": ["split.act_codec=amaq", "split.grad_codec=amaq", "split.target_bits=4"],
 }
+SPLIT_CUT, SPLIT_STEPS = 3, 7
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,6 +76,23 @@ def _overrides(args: argparse.Namespace, seed: int) -> list[str]:
     ]
 
 
+def scenario_for(arm: str, tmp: Path) -> Path:
+    """The scenario an arm runs: the shipped one, or (``split-*``) the same run in split mode
+    (no ``compression:`` section; the cut and its steps set)."""
+    import yaml
+
+    scenario = ROOT / "scenarios" / "smollm2_instruct_lora.yaml"
+    if not arm.startswith("split"):
+        return scenario
+    raw = yaml.safe_load(scenario.read_text())
+    raw.pop("compression", None)
+    raw["mode"] = "split"
+    raw["split"] = {"cut": SPLIT_CUT, "local_steps": SPLIT_STEPS}
+    out = tmp / "split_scenario.yaml"
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
 def base_perplexity(cfg: Any) -> float:
     """The held-out perplexity of the model before any round (LoRA's B starts at zero, so this
     is the base model's), on the evaluation split the run uses."""
@@ -84,13 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fedq.runtime.simulate import simulate
 
     tmp = Path(tempfile.mkdtemp(prefix="fedq-bench-llm-"))
-    scenario = ROOT / "scenarios" / "smollm2_instruct_lora.yaml"
     rows: list[dict[str, Any]] = []
     for seed in args.seeds:
-        base_cfg = load_scenario(scenario, _overrides(args, seed))
+        base_cfg = load_scenario(scenario_for("fp32", tmp), _overrides(args, seed))
         before = base_perplexity(base_cfg)
         for arm in args.arms:
-            cfg = load_scenario(scenario, _overrides(args, seed) + ARMS[arm])
+            cfg = load_scenario(scenario_for(arm, tmp), _overrides(args, seed) + ARMS[arm])
             out = tmp / f"{arm}-seed{seed}"
             with TreeMemorySampler() as mem:
                 s = simulate(cfg, out)
@@ -110,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             rows.append(row)
             print(
-                f"  seed {seed} {arm:6s}: perplexity {before:.3f} -> "
+                f"  seed {seed} {arm:11s}: perplexity {before:.3f} -> "
                 f"{row['perplexity_after']:.3f}, {row['bytes_per_round']:,.0f} B/round, "
                 f"{row['median_seconds_per_round']:.1f} s/round, client peak RSS "
                 f"{row['peak_rss_client_gib']} GiB",
@@ -125,27 +150,29 @@ def _table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
         f"{args.rounds} rounds, seeds {args.seeds} | {cpu_model()}, {os.cpu_count()} cores"
     )
     print(
-        f"{'arm':7s} {'ppl before':>10s} {'ppl after':>10s} {'vs fp32':>8s} {'B/round':>12s} "
+        f"{'arm':11s} {'ppl before':>10s} {'ppl after':>10s} {'vs fp32':>8s} {'B/round':>12s} "
         f"{'fewer B':>8s} {'s/round':>8s} {'client GiB':>10s}"
     )
     by_arm = {a: [r for r in rows if r["arm"] == a] for a in args.arms}
     fp32 = by_arm.get("fp32", [])
     summary: dict[str, Any] = {}
     for arm, rs in by_arm.items():
+        # each mode against its own fp32 arm (split's bytes are activations and gradients)
+        ref = by_arm.get("split-fp32", []) if arm.startswith("split") else fp32
         after = statistics.mean(r["perplexity_after"] for r in rs)
         before = statistics.mean(r["perplexity_before"] for r in rs)
         size = statistics.mean(r["bytes_per_round"] for r in rs)
         rel = ref_bytes = None
-        if fp32:
+        if ref:
             # paired by seed: this arm's final perplexity over fp32's, per seed, then the mean
             pairs = [
                 (r["perplexity_after"] / f["perplexity_after"])
                 for r in rs
-                for f in fp32
+                for f in ref
                 if f["seed"] == r["seed"]
             ]
             rel = statistics.mean(pairs) - 1.0
-            ref_bytes = statistics.mean(f["bytes_per_round"] for f in fp32) / size
+            ref_bytes = statistics.mean(f["bytes_per_round"] for f in ref) / size
         summary[arm] = {
             "perplexity_before": before,
             "perplexity_after": after,
@@ -158,7 +185,7 @@ def _table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
             "peak_rss_client_gib": max(r["peak_rss_client_gib"] for r in rs),
         }
         print(
-            f"{arm:7s} {before:10.3f} {after:10.3f} "
+            f"{arm:11s} {before:10.3f} {after:10.3f} "
             f"{'' if rel is None else f'{100 * rel:+7.2f}%':>8s} {size:12,.0f} "
             f"{'' if ref_bytes is None else f'{ref_bytes:7.2f}x':>8s} "
             f"{summary[arm]['median_seconds_per_round']:8.1f} "

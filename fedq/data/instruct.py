@@ -139,6 +139,29 @@ def load_jsonl(
     )
 
 
+def sample_prompts(given: Sequence[str] | None, test_data: Any) -> list[Record]:
+    """The records whose answers a causal-LM run writes at each evaluation: ``given``
+    (``model.sample_prompts``) as instructions, else the first three evaluation records with a
+    prompt (instruction or chat; plain text records have none, nor do plain text rows)."""
+    if given is not None:
+        return [Record("alpaca", "", instruction=p) for p in given]
+    return [r for r in getattr(test_data, "records", ()) if r.kind != "text"][:3]
+
+
+def describe_prompt(record: Record) -> str:
+    """What ``generations.jsonl`` shows as a record's prompt."""
+    if record.kind == "chat":
+        return record.messages[-1][1]
+    return record.instruction + (f"\n\n{record.input}" if record.input else "")
+
+
+def answer_rows(prompts: Sequence[Record], answers: Sequence[str]) -> list[dict[str, str]]:
+    """``generations.jsonl`` rows (without the round) of ``prompts`` and their answers."""
+    return [
+        {"prompt": describe_prompt(p), "answer": a} for p, a in zip(prompts, answers, strict=True)
+    ]
+
+
 # ------------------------------------------------------------------ a generated instruction set
 
 _WORDS = [

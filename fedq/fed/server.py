@@ -25,6 +25,7 @@ import torch
 from fedq.adapt import BitContext
 from fedq.codec import PackedTensor, dequantize
 from fedq.config import RunConfig
+from fedq.data.instruct import answer_rows, sample_prompts
 from fedq.errors import CodecError, FedqError
 from fedq.fed.pipeline import EncodeStats, LinkCodec
 from fedq.fed.privacy import ServerPrivacy, make_privacy
@@ -49,24 +50,6 @@ def abs_bounds(state: Mapping[str, torch.Tensor], ratio: float | None) -> dict[s
         k: ratio * (float(v.detach().abs().max()) + 1.0) if v.numel() else ratio
         for k, v in state.items()
     }
-
-
-def sample_prompts(cfg: RunConfig, test_data: Any) -> list[Any]:
-    """The records whose answers a causal-LM run writes at each evaluation: ``model.
-    sample_prompts`` as instructions, else the first three evaluation records with a prompt
-    (instruction or chat; plain text records have none)."""
-    from fedq.data.instruct import Record
-
-    given = cfg.model.sample_prompts
-    if given is not None:
-        return [Record("alpaca", "", instruction=p) for p in given]
-    return [r for r in test_data.records if r.kind != "text"][:3]
-
-
-def describe_prompt(record: Any) -> str:
-    if record.kind == "chat":
-        return record.messages[-1][1]
-    return record.instruction + (f"\n\n{record.input}" if record.input else "")
 
 
 def to_cpu(tree: Any) -> Any:
@@ -311,12 +294,9 @@ class FedServer:
         self.bundle.load_trainable_state(self.global_state)
         out = evaluation(self.bundle, self.test_data)
         if self.bundle.task == "causal_lm":
-            prompts = sample_prompts(self.cfg, self.test_data)
+            prompts = sample_prompts(self.cfg.model.sample_prompts, self.test_data)
             answers = self.bundle.generate(prompts, self.cfg.model.sample_tokens)
-            out["samples"] = [
-                {"prompt": describe_prompt(p), "answer": a}
-                for p, a in zip(prompts, answers, strict=True)
-            ]
+            out["samples"] = answer_rows(prompts, answers)
         return out
 
     # -------------------------------------------------------------- checkpoint

@@ -347,6 +347,29 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return total, int((target != -100).sum())
 
 
+@torch.no_grad()
+def generate(
+    module: Any, tok: Any, prompts: Sequence[Any], max_new_tokens: int, device: torch.device
+) -> list[str]:
+    """Greedy continuations by ``module`` (a causal LM with ``generate``) of instruction
+    records' prompts, rendered as for training; the module's train/eval mode is kept."""
+    out = []
+    was = module.training
+    module.eval()
+    try:
+        for rec in prompts:
+            prompt, _, templated = render(tok, rec)
+            enc = tok(prompt, add_special_tokens=not templated, return_tensors="pt")
+            enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+            ids = module.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            out.append(tok.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    finally:
+        module.train(was)
+    return out
+
+
 class CausalLMBundle(ModelBundle):
     """A PEFT-wrapped causal LM: the adapters (and ``modules_to_save``) train and travel;
     batches are instruction records (:class:`fedq.data.instruct.InstructionDataset`)."""
@@ -399,27 +422,9 @@ class CausalLMBundle(ModelBundle):
         total, count = token_losses(self.forward(inputs), labels)
         return total / max(count, 1)
 
-    @torch.no_grad()
     def generate(self, prompts: Sequence[Any], max_new_tokens: int = 32) -> list[str]:
         """Greedy continuations of instruction records' prompts (for the run's sample file)."""
-        out = []
-        was = self.module.training
-        self.module.eval()
-        for rec in prompts:
-            prompt, _, templated = render(self.tokenizer, rec)
-            enc = self.tokenizer(prompt, add_special_tokens=not templated, return_tensors="pt")
-            enc = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
-            ids = self.module.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            out.append(
-                self.tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-            )
-        self.module.train(was)
-        return out
+        return generate(self.module, self.tokenizer, prompts, max_new_tokens, self.device)
 
     def save_adapter(self, out: str | Path) -> Path:
         """The adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``,

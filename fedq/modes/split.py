@@ -57,14 +57,11 @@ class SplitMode(Mode):
     states_by_worker = True
 
     def data_problem(self, cfg: RunConfig, train: Any, task: str) -> str | None:
-        """Split mode trains on text rows: a classifier on their labels, a causal LM on their
-        tokens; instruction records are federated mode's so far."""
-        if getattr(train, "task", "classification") == "causal_lm":
-            return (
-                f"{cfg.data.name!r} is instruction data; split mode trains on plain text rows "
-                "only so far (use mode: federated for instruction tuning)"
-            )
-        return None
+        """As in federated mode (:meth:`Mode.data_problem`), and a causal LM also trains on
+        plain text rows (the loss on every token)."""
+        if task == "causal_lm" and hasattr(train, "texts"):
+            return None
+        return super().data_problem(cfg, train, task)
 
     def server_workload(
         self,

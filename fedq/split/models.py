@@ -254,6 +254,26 @@ class SplitModel:
             batch = {k: v.to(self.device) for k, v in batch.items()}
         return batch
 
+    def batch(self, data: Any, idx: torch.Tensor | Sequence[int]) -> Batch:
+        """The rows ``idx`` of ``data`` as a batch: instruction or text records (a causal LM:
+        prompt and response tokens, loss on the response only, as in federated mode,
+        :func:`fedq.models.hf.encode_records`) or text rows (:meth:`make_batch`)."""
+        rows = [int(i) for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx)]
+        records = getattr(data, "records", None)
+        if records is None:
+            return self.make_batch([data.texts[i] for i in rows], data.y[rows])
+        if self.task != CAUSAL_LM:
+            raise ConfigError(
+                f"{data.name!r} holds instruction/text records; this split model is a classifier"
+            )
+        from fedq.models.hf import encode_records
+
+        inputs, labels = encode_records(self.tokenizer, [records[i] for i in rows], self.max_length)
+        batch = {**inputs, "labels": labels}
+        if self.device.type != "cpu":
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+        return batch
+
     def bottom_state(self) -> dict[str, torch.Tensor]:
         """Trainable client tensors (LoRA, and gates of inner boundaries), detached copies."""
         return {n: p.detach().clone() for n, p in self.bottom.named_parameters() if p.requires_grad}

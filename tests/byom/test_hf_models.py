@@ -184,6 +184,30 @@ def test_split_mode_cuts_a_local_llama_like_checkpoint(tiny_lm: Path) -> None:
     assert model.full.peft_config["default"].r == 2
 
 
+def test_split_mode_trains_on_the_response_tokens_of_instruction_records(tiny_lm: Path) -> None:
+    """Split batches of records are federated mode's (labels token by token), and the cut model
+    gives the federated model's loss on them: the same base, adapters that start as identity."""
+    from fedq.data.datasets import InstructionDataset
+    from fedq.split.models import build_split_model
+
+    data = InstructionDataset([ALPACA, CHAT, TEXT], "three")
+    split = build_split_model(f"hf:{tiny_lm}", cut=1, num_classes=1, seed=0, max_length=64)
+    fed = _lm(tiny_lm)
+    batch = split.batch(data, torch.tensor([2, 0, 1]))
+    inputs, labels = fed.make_batch(data, torch.tensor([2, 0, 1]))
+    assert torch.equal(batch["labels"], labels)
+    assert torch.equal(batch["input_ids"], inputs["input_ids"])
+    with torch.no_grad():
+        h = split.bottom(batch)
+        loss, _, count = split.top(h, batch["attention_mask"], batch["labels"])
+        want = fed.loss(inputs, labels)
+    assert count == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    encoder = build_split_model("tiny_bert_lora", cut=1, num_classes=2, seed=0, hidden=16)
+    with pytest.raises(ConfigError, match="holds instruction/text records"):
+        encoder.batch(data, torch.tensor([0]))
+
+
 def test_a_config_without_architectures_takes_its_task_from_the_model_type() -> None:
     """A config read from a GGUF file records no architectures: a decoder-only model type is a
     causal LM (the packaged SmolLM2 GGUF through ``hf:`` gives the fp32 copy's logits exactly,

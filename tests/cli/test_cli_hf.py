@@ -149,24 +149,40 @@ def test_a_local_encoder_fine_tunes_as_a_classifier(
     assert json.loads((adapter / "fedq_head.json").read_text())["num_classes"] == 2
 
 
-def test_split_mode_cuts_a_local_causal_lm(fedq_cli: Run, tmp_path: Path, tiny_lm: Path) -> None:
+def test_split_mode_instruction_tunes_a_local_causal_lm(
+    fedq_cli: Run, tmp_path: Path, tiny_lm: Path
+) -> None:
+    """The same instruction records as federated mode (Alpaca, chat and plain text in one file),
+    cut after block 1 with AMAQ at the cut: perplexity on the held-out records, and the sample
+    prompts' answers in generations.jsonl."""
+    data = _jsonl(tmp_path / "train.jsonl", _records(24))
     done = fedq_cli(
         "simulate",
         str(ROOT / "scenarios" / "split_tiny.yaml"),
         "--set",
         f"model.name=hf:{tiny_lm}",
         "--set",
+        f"data.name=jsonl:{data}",
+        "--set",
         "split.cut=1",
         "--set",
         "rounds.count=1",
+        "--set",
+        "model.sample_prompts=[Add 2 and 3.]",
+        "--set",
+        "model.sample_tokens=4",
         "--out",
         str(tmp_path / "run"),
         "-q",
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "warning" not in done.stderr, done.stderr
-    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    run = tmp_path / "run"
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["perplexity"] > 1 and record["act_bits"] > 0
+    samples = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
+    assert [(s["round"], s["prompt"]) for s in samples] == [(0, "Add 2 and 3.")]
+    assert isinstance(samples[0]["answer"], str)
 
 
 @pytest.mark.parametrize(
@@ -182,13 +198,19 @@ def test_split_mode_cuts_a_local_causal_lm(fedq_cli: Run, tmp_path: Path, tiny_l
         ("encoder", "good", {}, "data.name: 'jsonl:{good}' holds instruction/text records"),
         ("lm", "digits", {}, "data.name: model 'hf:{lm}' is a causal LM; it trains on"),
         (
-            "lm",
+            "tiny_bert_lora",
             "good",
             {"mode": "split", "compression": None, "train": {"optimizer": "adamw"}},
-            "data.name: 'jsonl:{good}' is instruction data; split mode trains on plain text",
+            "data.name: 'jsonl:{good}' holds instruction/text records for a causal LM",
         ),
     ],
-    ids=["bad-record", "dpsgd", "classifier-on-records", "causal-lm-on-labels", "split-records"],
+    ids=[
+        "bad-record",
+        "dpsgd",
+        "classifier-on-records",
+        "causal-lm-on-labels",
+        "split-classifier-on-records",
+    ],
 )
 def test_what_cannot_train_is_one_error_before_anything_starts(
     fedq_cli: Run,
@@ -205,7 +227,8 @@ def test_what_cannot_train_is_one_error_before_anything_starts(
     bad.write_text(json.dumps(_records(1)[0]) + '\n{"instruction": "x"}\n')
     paths = {"lm": tiny_lm, "encoder": tiny_encoder, "good": good, "bad": bad}
     source = "digits" if data == "digits" else f"jsonl:{paths[data]}"
-    scenario = _scenario(tmp_path, f"hf:{paths[model]}", source, **extra)
+    name = model if model == "tiny_bert_lora" else f"hf:{paths[model]}"
+    scenario = _scenario(tmp_path, name, source, **extra)
     done = fedq_cli("simulate", str(scenario), "--out", str(tmp_path / "run"), "-q")
     assert done.returncode == 2, done.stdout + done.stderr
     want = ERR + problem.format(bad=bad, good=good, lm=tiny_lm)
