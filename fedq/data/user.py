@@ -1,4 +1,5 @@
-"""User data sources: ``npz:PATH``, ``csv:PATH`` and ``py:module:function``.
+"""User data sources: ``npz:PATH``, ``csv:PATH``, ``parquet:PATH`` and ``py:module:function``
+(``jsonl:PATH`` is in :mod:`fedq.data.instruct`).
 
 Each turns the user's files into the same :class:`DataSplit` the built-ins return, so partitioners,
 models and reports never special-case user data. Problems (missing file, a file that is not UTF-8
@@ -235,55 +236,155 @@ def _utf8_text(p: Path) -> str:
         ) from None
 
 
-def _read_text_csv(p: Path) -> tuple[list[str], list[str]]:
+def _read_csv(p: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header (stripped names) and ``(line, row)`` of every row of a UTF-8 CSV file."""
     try:
         reader = csv.DictReader(io.StringIO(_utf8_text(p), newline=""))
         fields = [c.strip() for c in (reader.fieldnames or [])]
-        if "text" not in fields or "label" not in fields:
-            raise ConfigError(f"{p}: need a header with columns 'text' and 'label', got {fields}")
         reader.fieldnames = fields
-        rows = []
-        for r in reader:
-            if r["text"] is None or r["label"] is None:
-                raise ConfigError(
-                    f"{p}: line {reader.line_num} has no "
-                    f"{'text' if r['text'] is None else 'label'} column"
-                )
-            rows.append((r["text"], r["label"]))
+        rows = [(reader.line_num, r) for r in reader]
     except csv.Error as e:
         raise ConfigError(f"{p}: not a readable CSV file ({e})") from None
     if not rows:
         raise ConfigError(f"{p}: no rows")
-    return [t for t, _ in rows], [lab for _, lab in rows]
+    return fields, rows
+
+
+def _text_rows(
+    p: Path, fields: Sequence[str], rows: Sequence[tuple[int, dict[str, Any]]], unit: str = "line"
+) -> Any:
+    """``(texts, labels)`` of a ``text,label`` table; a row without either names its line (CSV)
+    or row (Parquet, counted from 0)."""
+    if "text" not in fields or "label" not in fields:
+        raise ConfigError(f"{p}: need a header with columns 'text' and 'label', got {list(fields)}")
+    for line, r in rows:
+        for col in ("text", "label"):
+            if r.get(col) is None:
+                raise ConfigError(f"{p}: {unit} {line} has no {col} column")
+    return [r["text"] for _, r in rows], [r["label"] for _, r in rows]
+
+
+def _is_records(fields: Sequence[str]) -> bool:
+    """A table of instruction or text records (no ``label`` column; an instruction/output, a
+    messages or a text column), not a text classification table."""
+    return "label" not in fields and bool(
+        {"instruction", "output", "messages", "text"} & set(fields)
+    )
+
+
+def _table_records(
+    p: Path, rows: Sequence[tuple[int, dict[str, Any]]], unit: str = "line"
+) -> list[Any]:
+    """Rows of a CSV or Parquet table as instruction records (the JSON Lines shapes of
+    :mod:`fedq.data.instruct`); empty cells count as absent, so one file may mix shapes; a
+    ``messages`` cell may hold the JSON list of turns. Problems name ``file:line`` (CSV) or
+    ``file row N`` (Parquet)."""
+    import json
+
+    from fedq.data.instruct import parse_record
+
+    out = []
+    for n, row in rows:
+        at = f"{p}:{n}" if unit == "line" else f"{p} row {n}"
+        obj = {k: v for k, v in row.items() if v is not None and v != ""}
+        msgs = obj.get("messages")
+        if isinstance(msgs, str):
+            try:
+                obj["messages"] = json.loads(msgs)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{at}: messages is not a JSON list ({e.msg})") from None
+        out.append(parse_record(obj, at))
+    return out
+
+
+def _text_split(
+    p: Path,
+    train: tuple[list[str], list[Any]],
+    test: tuple[list[str], list[Any]] | None,
+    seed: int,
+    test_fraction: float,
+) -> DataSplit:
+    """Text classification rows -> DataSplit: labels of both files mapped together; without a
+    test file, a stratified holdout by ``seed``."""
+    texts, raw = train
+    ids, k = encode_labels(np.asarray(raw + (test[1] if test else [])), str(p))
+    n = len(texts)
+    y = torch.from_numpy(ids)
+    if test is not None:
+        return DataSplit(
+            TextDataset(texts, y[:n], k, p.stem), TextDataset(test[0], y[n:], k, p.stem)
+        )
+    tr, te = stratified_holdout(ids[:n], test_fraction, seed)
+    return DataSplit(
+        TextDataset([texts[i] for i in tr], y[torch.from_numpy(tr)], k, p.stem),
+        TextDataset([texts[i] for i in te], y[torch.from_numpy(te)], k, p.stem),
+    )
+
+
+def _records_split(
+    p: Path, records: list[Any], test: list[Any] | None, seed: int, test_fraction: float
+) -> DataSplit:
+    from fedq.data.instruct import records_to_split
+
+    return records_to_split(records, p.stem, test=test, seed=seed, test_fraction=test_fraction)
 
 
 @register_source("csv")
 def load_csv(
     path: str, seed: int = 0, test_fraction: float = 0.2, test_path: str | None = None
 ) -> DataSplit:
-    """Text classification from a CSV with a header ``text,label`` (labels may be strings).
+    """A CSV file with a header: text classification (columns ``text`` and ``label``; labels may
+    be strings), or instruction records for a causal LM (no ``label`` column; ``instruction``,
+    ``input``, ``output``, or ``messages`` as a JSON list, or ``text``).
 
     With ``test_path`` that file is the test set (labels mapped together with the train file's);
-    otherwise a stratified holdout by ``seed``.
+    otherwise a holdout by ``seed`` (stratified by label for classification).
     """
     p = _existing(path, "csv")
-    texts, raw = _read_text_csv(p)
-    test_texts: list[str] = []
-    if test_path is not None:
-        test_texts, raw_test = _read_text_csv(_existing(test_path, "csv"))
-        raw = raw + raw_test
-    ids, k = encode_labels(np.asarray(raw, dtype=str), str(p))
-    n = len(texts)
-    y = torch.from_numpy(ids)
-    if test_path is not None:
-        return DataSplit(
-            TextDataset(texts, y[:n], k, p.stem), TextDataset(test_texts, y[n:], k, p.stem)
-        )
-    tr, te = stratified_holdout(ids, test_fraction, seed)
-    return DataSplit(
-        TextDataset([texts[i] for i in tr], y[torch.from_numpy(tr)], k, p.stem),
-        TextDataset([texts[i] for i in te], y[torch.from_numpy(te)], k, p.stem),
-    )
+    fields, rows = _read_csv(p)
+    q = _existing(test_path, "csv") if test_path is not None else None
+    if _is_records(fields):
+        test = None if q is None else _table_records(q, _read_csv(q)[1])
+        return _records_split(p, _table_records(p, rows), test, seed, test_fraction)
+    train = _text_rows(p, fields, rows)
+    test_rows = None if q is None else _text_rows(q, *_read_csv(q))
+    return _text_split(p, train, test_rows, seed, test_fraction)
+
+
+def _read_parquet(p: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """Column names and ``(N, row)`` of a Parquet file (pyarrow, the ``parquet`` extra)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError(
+            f"{p}: reading Parquet needs pyarrow (pip install 'fedq[parquet]')"
+        ) from None
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # pyarrow's ArrowInvalid / OSError for what is not Parquet
+        raise ConfigError(f"{p}: not a readable Parquet file ({_why(e)})") from None
+    rows = list(enumerate(table.to_pylist()))
+    if not rows:
+        raise ConfigError(f"{p}: no rows")
+    return list(table.column_names), rows
+
+
+@register_source("parquet")
+def load_parquet(
+    path: str, seed: int = 0, test_fraction: float = 0.2, test_path: str | None = None
+) -> DataSplit:
+    """A Parquet file with the columns of :func:`load_csv`: ``text`` and ``label`` for text
+    classification, or instruction records (``messages`` may be a list of role/content
+    structs, as Hugging Face data sets store chats)."""
+    p = _existing(path, "parquet")
+    fields, rows = _read_parquet(p)
+    q = _existing(test_path, "parquet") if test_path is not None else None
+    if _is_records(fields):
+        test = None if q is None else _table_records(q, _read_parquet(q)[1], "row")
+        return _records_split(p, _table_records(p, rows, "row"), test, seed, test_fraction)
+    train = _text_rows(p, fields, rows, "row")
+    test_rows = None if q is None else _text_rows(q, *_read_parquet(q), "row")
+    return _text_split(p, train, test_rows, seed, test_fraction)
 
 
 @register_source("py")

@@ -112,3 +112,80 @@ def test_the_generated_instruction_set_is_the_same_in_every_process() -> None:
     add = next(r for r in a if r.instruction.startswith("Add "))
     x, y = (int(w.strip(".")) for w in add.instruction.split()[1::2])
     assert add.response == str(x + y)
+
+
+def _csv(path: Path, header: list[str], *rows: list[str]) -> Path:
+    import csv
+
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+def test_a_csv_without_labels_holds_records_of_every_shape(tmp_path: Path) -> None:
+    """Columns instruction/input/output, messages (a JSON list) and text in one file: empty cells
+    are absent, so each row is the shape its filled cells make; a ``label`` column keeps the file
+    a classification table."""
+    chat = json.dumps(CHAT["messages"])
+    path = _csv(
+        tmp_path / "mixed.csv",
+        ["instruction", "input", "output", "messages", "text"],
+        ["Add 2 and 3.", "", "5", "", ""],
+        ["Reverse it.", "abc", "cba", "", ""],
+        ["", "", "", chat, ""],
+        ["", "", "", "", "Plain text to model."],
+    )
+    split = load_dataset(f"csv:{path}", test_path=str(path))
+    assert isinstance(split.train, InstructionDataset)
+    assert split.train.records == read_jsonl(
+        _jsonl(tmp_path / "same.jsonl", ALPACA, WITH_INPUT, CHAT, TEXT)
+    )
+    labelled = _csv(tmp_path / "cls.csv", ["text", "label"], ["good", "pos"], ["bad", "neg"])
+    assert load_dataset(f"csv:{labelled}", test_path=str(labelled)).num_classes == 2
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        (["Add 2 and 3.", ""], "{p}:3: missing field 'output'"),
+        (["", "5"], "{p}:3: missing field 'instruction'"),
+    ],
+)
+def test_a_bad_csv_row_names_its_file_and_line(
+    tmp_path: Path, row: list[str], problem: str
+) -> None:
+    p = _csv(tmp_path / "bad.csv", ["instruction", "output"], ["Add 1 and 1.", "2"], row)
+    with pytest.raises(ConfigError) as e:
+        load_dataset(f"csv:{p}")
+    assert e.value.problems == [problem.format(p=p)]
+
+
+def test_parquet_holds_records_or_a_classification_table(tmp_path: Path) -> None:
+    """Parquet as Hugging Face data sets write it: chats as lists of role/content structs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def table(*rows: dict) -> object:  # every column in every row, None where absent
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        return pa.Table.from_pylist([{k: r.get(k) for k in keys} for r in rows])
+
+    path = tmp_path / "chat.parquet"
+    rows = [ALPACA, WITH_INPUT, CHAT, TEXT]
+    pq.write_table(table(*rows), path)
+    split = load_dataset(f"parquet:{path}", test_path=str(path))
+    assert split.test.records == read_jsonl(_jsonl(tmp_path / "same.jsonl", *rows))
+    labelled = tmp_path / "cls.parquet"
+    pq.write_table(pa.table({"text": ["good", "bad", "fine"], "label": [1, 0, 1]}), labelled)
+    cls = load_dataset(f"parquet:{labelled}", test_path=str(labelled))
+    assert cls.train.texts == ["good", "bad", "fine"] and cls.train.y.tolist() == [1, 0, 1]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(table(ALPACA, {"instruction": "Say hi."}), bad)
+    with pytest.raises(ConfigError) as e:
+        load_dataset(f"parquet:{bad}")
+    assert e.value.problems == [f"{bad} row 1: missing field 'output'"]
+    fake = tmp_path / "fake.parquet"
+    fake.write_text("instruction,output\n")
+    with pytest.raises(ConfigError, match=r"fake.parquet: not a readable Parquet file"):
+        load_dataset(f"parquet:{fake}")
