@@ -95,6 +95,27 @@ class SplitMode(Mode):
         model = build_split_model(cfg, joined.num_classes, device)
         return SplitClientWorker(cfg, model, shards, joined.client_index)
 
+    def trained_model(self, cfg: RunConfig, server_state: Mapping[str, Any]) -> Any | None:
+        """The whole model of a checkpoint: the server's top (its LoRA, and a classifier's head)
+        with the averaged client state's bottom, as a fedq bundle (a causal LM's, or a LoRA
+        text classifier's); the cut's quantizers are not part of it."""
+        import torch
+
+        top, client = server_state.get("top"), server_state.get("client_state")
+        if top is None or client is None:
+            return None
+        head = top.get("mods.head.weight")
+        num_classes = 1 if head is None else int(head.shape[0])
+        model = build_split_model(cfg, num_classes, torch.device("cpu"))
+        model.load_bottom_state({k: v for k, v in client.items() if not k.startswith("act_q.")})
+        params = dict(model.top.named_parameters())
+        if set(top) - set(params):
+            return None  # a checkpoint of another model
+        with torch.no_grad():
+            for n, v in top.items():
+                params[n].copy_(v)
+        return model.bundle
+
     def describe(self, cfg: RunConfig) -> str:
         sp = cfg.split
         return (

@@ -1,8 +1,9 @@
-"""A federated run's model in formats other tools load (``fedq export``, and ``adapter/`` in the
-run folder at the end of a run).
+"""A run's model in formats other tools load (``fedq export``, and ``adapter/`` in the run folder
+at the end of a run).
 
 The run folder's ``config.json`` rebuilds the model (same seed, same frozen base) and its
-``checkpoint.pt`` holds the global trainable state; together they give:
+``checkpoint.pt`` holds the trained state (a federated run's global model; a split run's server
+top with the averaged client bottom, the cut's quantizers left out); together they give:
 
 - a causal LM: the adapter in PEFT's format (``adapter_config.json`` +
   ``adapter_model.safetensors`` + the tokenizer), loadable with
@@ -46,9 +47,8 @@ def _run_model(run: Path, *, required: bool = True) -> tuple[Any, Any]:
     bundle = None if workload is None else get_mode(cfg.mode).trained_model(cfg, workload)
     if bundle is None and required:
         raise ConfigError(
-            f"{run}: no model to export: a {cfg.mode} run whose server does not hold the whole "
-            "model (a split model's halves live on the server and on each client), or a "
-            "checkpoint from a fedq that did not record the model's shape"
+            f"{run}: no model to export: a {cfg.mode} run whose checkpoint does not hold the "
+            "whole model, or a checkpoint from a fedq that did not record the model's shape"
         )
     return cfg, bundle
 
@@ -114,7 +114,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = False) -> Path
 
 
 def write_run_adapter(run: Path) -> Path | None:
-    """At the end of a federated run of a LoRA model: ``run/adapter`` (module docstring).
+    """At the end of a run of a LoRA model: ``run/adapter`` (module docstring).
     Returns None for a model without adapters or a run without a checkpoint."""
     if not (run / "checkpoint.pt").is_file():
         return None

@@ -223,6 +223,9 @@ class SplitModel:
     max_length: int
     hidden: int
     num_blocks: int
+    #: the whole model as a fedq bundle sharing these modules (a causal LM's or a LoRA text
+    #: classifier's), which ``fedq export`` and the run's ``adapter/`` write
+    bundle: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def to(self, device: torch.device | str) -> SplitModel:
@@ -311,13 +314,20 @@ def build_split_model(
 
     entry = model_entry(name)
     family = entry.family if entry is not None and "split" in entry.modes else None
+    bundle: Any
     if family == "bert":
         ops: _Ops = _BertOps()
-        full, tokenizer, blocks, bottom_mods, top_mods, width = _build_bert(
+        bundle, blocks, bottom_mods, top_mods, width = _build_bert(
             name, num_classes, seed, lora_r, max_length, hidden, tiny_layers, lora
         )
+        full, tokenizer = bundle.module, bundle.tokenizer
     elif family == "llama":
+        from fedq.models.hf import CausalLMBundle
+
         full, tokenizer, config = _build_llama(name, seed, lora_r, hidden, tiny_layers, lora)
+        bundle = CausalLMBundle(
+            full, tokenizer, name=name, max_length=max_length, base=_llama_base_path(name)
+        )
         ops = _LlamaOps(config)
         inner = full.base_model.model.model
         blocks = list(inner.layers)
@@ -335,7 +345,7 @@ def build_split_model(
     mk = make_boundary
     bottom = ClientBottom(ops, bottom_mods, blocks[:cut], _boundaries(cut - 1, mk) if mk else [])
     top = ServerTop(ops, top_mods, blocks[cut:], _boundaries(n - cut - 1, mk) if mk else [])
-    return SplitModel(ops.task, bottom, top, full, tokenizer, max_length, width, n)
+    return SplitModel(ops.task, bottom, top, full, tokenizer, max_length, width, n, bundle)
 
 
 def _build_bert(
@@ -347,7 +357,7 @@ def _build_bert(
     hidden: int,
     layers: int,
     lora: Any = None,
-) -> tuple[nn.Module, Any, list[nn.Module], nn.ModuleDict, nn.ModuleDict, int]:
+) -> tuple[Any, list[nn.Module], nn.ModuleDict, nn.ModuleDict, int]:
     from fedq.models import build_model
 
     extra = {"width": hidden, "layers": layers, "heads": 2} if name == "tiny_bert_lora" else {}
@@ -364,14 +374,20 @@ def _build_bert(
     bert = module.encoder.base_model.model
     mods_b = nn.ModuleDict({"embeddings": bert.embeddings})
     mods_t = nn.ModuleDict({"head": module.head})
-    return (
-        module,
-        bundle.tokenizer,
-        list(bert.encoder.layer),
-        mods_b,
-        mods_t,
-        bert.config.hidden_size,
-    )
+    return bundle, list(bert.encoder.layer), mods_b, mods_t, bert.config.hidden_size
+
+
+def _llama_base_path(name: str) -> str:
+    """Where a LLaMA-like model's base weights are read from (what an exported adapter names as
+    its base); the random test model has none but its name."""
+    if name.startswith("hf:") or name == "smollm2_instruct":
+        from fedq.models.hf import locate
+        from fedq.models.sources import smollm2_instruct_path
+
+        return str(locate(name[3:] if name.startswith("hf:") else smollm2_instruct_path()))
+    if name == "smollm2_lora":
+        return str(smollm2_fp32_cache())
+    return name
 
 
 @functools.lru_cache(maxsize=2)

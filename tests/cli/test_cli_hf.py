@@ -184,6 +184,28 @@ def test_split_mode_instruction_tunes_a_local_causal_lm(
     assert [(s["round"], s["prompt"]) for s in samples] == [(0, "Add 2 and 3.")]
     assert isinstance(samples[0]["answer"], str)
 
+    # Both halves' adapters in one PEFT adapter: the trained split model's logits in PEFT.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedq.config import load_scenario
+    from fedq.data.instruct import read_jsonl
+    from fedq.models.hf import encode_records
+    from fedq.modes import get_mode
+    from fedq.runtime.checkpoint import load_checkpoint
+
+    cfg = load_scenario(run / "config.json")
+    ours = get_mode("split").trained_model(cfg, load_checkpoint(run)["server"]["workload"])
+    ours.eval()
+    inputs, _ = encode_records(ours.tokenizer, read_jsonl(data)[:4], max_length=32)
+    want = ours.forward(inputs)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_lm), dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, str(run / "adapter")).eval()
+    lora_b = [p for n, p in peft.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 4 and all(bool(p.abs().sum() > 0) for p in lora_b)  # both halves
+    torch.testing.assert_close(peft(**inputs).logits, want, rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize(
     ("model", "data", "extra", "problem"),
