@@ -25,7 +25,6 @@ between every pair of blocks inside each half too, the "all-layer quantization" 
 from __future__ import annotations
 
 import abc
-import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -390,8 +389,9 @@ def _llama_base_path(name: str) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=2)
 def _llama_base(name: str, hidden: int, layers: int) -> tuple[nn.Module, Any]:
+    """A fresh copy of the frozen base and its tokenizer, every call (a process builds its
+    model once; keeping a pristine copy to clone would hold the base twice)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -429,12 +429,9 @@ def _llama_base(name: str, hidden: int, layers: int) -> tuple[nn.Module, Any]:
 def _build_llama(
     name: str, seed: int, lora_r: int, hidden: int, layers: int, lora: Any = None
 ) -> tuple[Any, Any, Any]:
-    import copy
-
     from fedq.models.hf import attach_lora, lora_config
 
-    base, tok = _llama_base(name, hidden, layers)
-    model = copy.deepcopy(base)
+    model, tok = _llama_base(name, hidden, layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = lora_config(
