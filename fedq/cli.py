@@ -92,9 +92,10 @@ def _simulate(args: argparse.Namespace) -> int:
         bar.update(info["start_round"])
 
     def on_round(rec: dict[str, Any]) -> None:
-        acc = rec.get("accuracy")
+        acc, site = rec.get("accuracy"), rec.get("site_accuracy")
         bar.set_postfix_str(
             (f"acc {acc:.3f} " if acc is not None else "")
+            + (f"sites {site:.3f} " if site is not None else "")
             + f"wire {_fmt_bytes(rec['cum_bytes'])} bits {rec.get('mean_bits') or 0:.1f}"
         )
         bar.update(1)
@@ -142,6 +143,13 @@ def _print_summary(summary: dict[str, Any], out: Path) -> int:
         if ppl is not None and acc is None
         else f"accuracy {acc if acc is None else f'{acc:.4f}'}"
     )
+    site_acc, site_ppl = summary.get("last_site_accuracy"), summary.get("last_site_perplexity")
+    if site_acc is not None or site_ppl is not None:  # data.site_holdout
+        metric += (
+            f" (sites' own rows: accuracy {site_acc:.4f})"
+            if site_acc is not None
+            else f" (sites' own rows: perplexity {site_ppl:.3f})"
+        )
     print(
         f"done: {metric} | "
         + f"{n} round{'' if n == 1 else 's'}, {applied} applied"
@@ -180,6 +188,16 @@ def _resume_args(args: argparse.Namespace, command: str) -> None:
         raise ConfigError(f"{command} needs a SCENARIO file (or --resume DIR)")
 
 
+def _site_part(rec: dict[str, Any]) -> str:
+    """The sites' own evaluation (``data.site_holdout``), pooled, when the round has one."""
+    sites = rec.get("site_eval") or {}
+    if not sites:
+        return ""
+    acc, ppl = rec.get("site_accuracy"), rec.get("site_perplexity")
+    what = f"accuracy {acc:.4f}" if acc is not None else f"perplexity {ppl:.3f}"
+    return f", sites' own rows ({len(sites)}): {what}"
+
+
 def _round_line(rec: dict[str, Any]) -> str:
     acc, eps, ppl = rec.get("accuracy"), rec.get("epsilon"), rec.get("perplexity")
     dropped = rec.get("dropped") or {}
@@ -188,6 +206,7 @@ def _round_line(rec: dict[str, Any]) -> str:
         + ("" if rec.get("applied", True) else " (discarded: too few)")
         + (f", accuracy {acc:.4f}" if acc is not None else "")
         + (f", perplexity {ppl:.3f}" if ppl is not None else "")
+        + _site_part(rec)
         + (f", epsilon {eps:.4g}" if eps else "")
         + f", wire {_fmt_bytes(rec['bytes_up'] + rec['bytes_down'])}"
         + f", {rec['seconds']:.1f} s"

@@ -50,9 +50,14 @@ class DataConfig:
     # each client's features standardized with its own rows' mean/std, the server's evaluation
     # data with its own (fedq.data.scaling); float features only
     standardize: bool = False
+    # each client keeps this fraction of its own rows (seeded) out of training and evaluates the
+    # model each evaluation round starts from on them (per-site and pooled metrics; 0: off)
+    site_holdout: float = 0.0
 
     def check(self) -> Problems:
         p = []
+        if not 0 <= self.site_holdout <= 0.5:
+            p.append(f"data.site_holdout: must be in [0, 0.5], got {self.site_holdout}")
         if self.num_samples is not None and self.num_samples < 1:
             p.append(f"data.num_samples: must be >= 1 or null, got {self.num_samples}")
         if self.alpha <= 0:
@@ -721,6 +726,7 @@ SPLIT_RULES = ModeRules(
     unused={
         "compression": "mode 'split' codes the cut with split.act_codec / split.grad_codec",
         "defence": "update checks and robust aggregation of federated updates",
+        "data.site_holdout": "evaluation on the sites' own rows is federated mode's so far",
         "train.local_epochs": "mode 'split' runs split.local_steps steps per round",
         **{f"fed.{k}": _FEDPROX_FEDADAM for k in ("proximal_mu", "server_lr", "beta1", "beta2")},
         "fed.tau": _FEDPROX_FEDADAM,

@@ -61,8 +61,13 @@ class ClientWorker:
     ) -> None:
         self.cfg = cfg
         self.bundle = bundle
-        self.shards = dict(shards)
         self.index = dict(index)
+        self.shards: dict[str, Shard] = {}
+        self.holdout: dict[str, Shard] = {}  # data.site_holdout: rows kept out of training
+        for cid, shard in shards.items():
+            self.shards[cid], held = site_holdout(shard, cfg, self.index[cid])
+            if held is not None:
+                self.holdout[cid] = held
         self.states: dict[str, ClientState] = {}
         self._before: dict[str, tuple[int, dict[str, Any]]] = {}  # client -> (round, state)
         self._running: str | None = None
@@ -125,6 +130,7 @@ class ClientWorker:
         # Run settings come from the resolved configuration the client got at registration
         # (the task's tags repeat them for other implementations); numbers the server decides
         # per round (planned noise, clip, total rounds, largest shard) come as its scalars.
+        site = self._site_evaluation(cid, r)  # the model this round starts from
         mechanism = mechanism_class(self.cfg.privacy.mechanism)
         loss, steps, laplace_sensitivity, epsilon = self._train(cid, task, shard, gen, mechanism)
         trained = self.bundle.trainable_state()
@@ -152,11 +158,28 @@ class ClientWorker:
         }
         if epsilon is not None:  # accounted where the data is, reported with the update
             scalars["dp_epsilon"] = epsilon
+        scalars.update(site)
         state.rounds_done += 1
         self._finished(cid)  # before the upload: once it is accepted, a checkpoint sees this state
         conn.push_update(WireMessage.update(cid, r, packed, scalars=scalars))
         sent1, recv1 = conn_bytes(conn, cid)
         return {"wire_up": sent1 - sent0, "wire_down": recv1 - recv0, "loss": loss}
+
+    def _site_evaluation(self, cid: str, r: int) -> dict[str, float]:
+        """In an evaluation round, the loaded model on this client's held-out rows, as update
+        scalars (``site_loss``, ``site_count``: rows, or a causal LM's answer tokens, and
+        ``site_correct`` for a classifier); nothing otherwise."""
+        held = self.holdout.get(cid)
+        rc = self.cfg.rounds
+        if held is None or not ((r + 1) % rc.eval_every == 0 or r + 1 == rc.count):
+            return {}
+        from fedq.fed.train import evaluation
+
+        ev = evaluation(self.bundle, held.data.subset(held.idx))
+        if self.bundle.task == "causal_lm":
+            return {"site_loss": ev["loss"], "site_count": float(ev["eval_tokens"])}
+        n = float(held.size)
+        return {"site_loss": ev["loss"], "site_count": n, "site_correct": ev["accuracy"] * n}
 
     def _train(
         self,
@@ -267,6 +290,24 @@ class ClientWorker:
         for cid, s in state.items():
             if cid in self.shards:
                 self._load_client(str(cid), s)
+
+
+#: XOR-ed into a client's seed for the draw of its held-out rows (fixed for the run).
+_HOLDOUT_STREAM = 0x51_7E_E7
+
+
+def site_holdout(shard: Shard, cfg: RunConfig, index: int) -> tuple[Shard, Shard | None]:
+    """``(training rows, held-out rows)`` of a client's shard: ``data.site_holdout`` of its rows
+    (at least one, and at least one left to train on), drawn by its seed, the same every round
+    and in every process; ``(shard, None)`` when off or the shard is too small."""
+    frac = cfg.data.site_holdout
+    k = min(max(1, round(frac * shard.size)), shard.size - 1) if frac > 0 else 0
+    if k < 1:
+        return shard, None
+    gen = torch.Generator().manual_seed(client_seed(cfg.seed, index, 0) ^ _HOLDOUT_STREAM)
+    perm = torch.randperm(shard.size, generator=gen)
+    keep = torch.sort(perm[k:]).values  # training rows in their original order
+    return Shard(shard.data, shard.idx[keep]), Shard(shard.data, shard.idx[perm[:k]])
 
 
 def conn_bytes(conn: Any, client_id: str) -> tuple[int, int]:

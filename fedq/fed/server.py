@@ -52,6 +52,40 @@ def abs_bounds(state: Mapping[str, torch.Tensor], ratio: float | None) -> dict[s
     }
 
 
+def site_metrics(updates: Sequence[Update], task: str) -> dict[str, Any]:
+    """What the sites measured on their own held-out rows (``data.site_holdout``), from their
+    updates' scalars, in roster order: ``site_eval`` (client id -> its ``loss``, ``count`` and
+    ``accuracy`` or ``perplexity``) and the pooled ``site_loss`` with ``site_accuracy`` or
+    ``site_perplexity`` (every row, or answer token, weighing the same). Empty when no update
+    carries them; a report with a count that is not a positive whole number is left out."""
+    rows: dict[str, dict[str, float]] = {}
+    loss_sum = correct = count = 0.0
+    for u in sorted(updates, key=lambda u: u.member.index):
+        sc = u.scalars
+        n, loss = sc.get("site_count", 0.0), sc.get("site_loss")
+        if loss is None or not (n >= 1 and n == int(n)):
+            continue
+        row = {"loss": loss, "count": int(n)}
+        if task == "causal_lm":
+            row["perplexity"] = math.exp(min(loss, 50.0))
+        else:
+            right = min(max(sc.get("site_correct", 0.0), 0.0), n)
+            row["accuracy"] = right / n
+            correct += right
+        rows[u.member.client_id] = row
+        loss_sum += loss * n
+        count += n
+    if not rows:
+        return {}
+    pooled = loss_sum / count
+    out: dict[str, Any] = {"site_eval": rows, "site_loss": pooled}
+    if task == "causal_lm":
+        out["site_perplexity"] = math.exp(min(pooled, 50.0))
+    else:
+        out["site_accuracy"] = correct / count
+    return out
+
+
 def to_cpu(tree: Any) -> Any:
     """``tree`` (dicts, lists, tuples of tensors and plain values) with every tensor on the CPU."""
     if isinstance(tree, torch.Tensor):
@@ -214,6 +248,7 @@ class FedServer:
                     if "dp_epsilon" in u.scalars
                 }
             )
+        out.update(site_metrics(updates, self.bundle.task))
         last = r + 1 == self.cfg.rounds.count
         if self.test_data is not None and ((r + 1) % self.cfg.rounds.eval_every == 0 or last):
             out.update(self.evaluate())

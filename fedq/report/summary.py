@@ -72,6 +72,10 @@ def summarize(
     if ppl:  # a causal LM: held-out perplexity instead of accuracy
         summary["final_perplexity"] = ppl[-1]
         summary["best_perplexity"] = min(ppl)
+    for key in ("site_accuracy", "site_perplexity"):  # data.site_holdout: the sites' own rows
+        seen = values(records, key)
+        if seen:
+            summary[f"last_{key}"] = seen[-1]
     clash = sorted(set(extra or {}) & set(summary))
     if clash:
         raise ValueError(f"extra summary keys would overwrite computed ones: {clash}")

@@ -45,11 +45,11 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _scenario(tmp_path: Path, model_name: str, data: str, **sections: Any) -> Path:
+def _scenario(tmp_path: Path, model_name: str, source: str, **sections: Any) -> Path:
     raw: dict[str, Any] = {
         "name": "byom",
         "seed": 0,
-        "data": {"name": data, "partition": "iid"},
+        "data": {"name": source, "partition": "iid"},
         "model": {"name": model_name, "max_length": 48, "lora": {"r": 4}},
         "train": {"batch_size": 8, "lr": 0.01, "optimizer": "adam"},
         "rounds": {"count": 2, "num_clients": 2, "clients_per_round": 2},
@@ -81,7 +81,11 @@ def test_a_local_causal_lm_is_instruction_tuned_and_its_adapter_loads_in_peft(
     data = _jsonl(tmp_path / "train.jsonl", _records(40))
     # in one process: the README test below runs the same path on Ray
     scenario = _scenario(
-        tmp_path, f"hf:{tiny_lm}", f"jsonl:{data}", runtime={"backend": "inprocess"}
+        tmp_path,
+        f"hf:{tiny_lm}",
+        f"jsonl:{data}",
+        runtime={"backend": "inprocess"},
+        data={"site_holdout": 0.2},  # each site also measures the model on 4 of its own records
     )
     run = tmp_path / "run"
     done = fedq_cli("simulate", str(scenario), "--out", str(run))
@@ -93,6 +97,9 @@ def test_a_local_causal_lm_is_instruction_tuned_and_its_adapter_loads_in_peft(
         assert r["accuracy"] is None and r["perplexity"] > 1 and r["eval_tokens"] > 0
         assert abs(r["perplexity"] - torch.tensor(r["loss"]).exp().item()) < 1e-3 * r["perplexity"]
         assert r["mean_bits"] == 4.0
+        sites = r["site_eval"]
+        assert list(sites) == ["client-0", "client-1"] and r["site_perplexity"] > 1
+        assert all(s["count"] > 0 and s["perplexity"] > 1 for s in sites.values())
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_perplexity"] == records[-1]["perplexity"]
     samples = [json.loads(line) for line in (run / "generations.jsonl").read_text().splitlines()]
