@@ -62,10 +62,10 @@ def _describe(cfg: RunConfig) -> str:
 def _simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    _resume_args(args, "simulate")
+    cfg = _load(args)  # a scenario's problems come before the heavy imports (torch, Ray)
     from fedq.runtime.simulate import simulate
 
-    _resume_args(args, "simulate")
-    cfg = _load(args)
     out = Path(
         args.resume or args.out or Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
@@ -215,13 +215,13 @@ def _round_line(rec: dict[str, Any]) -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    _resume_args(args, "serve")
+    cfg = _load(args)  # a scenario's problems come before the heavy imports (torch, grpc)
     from fedq.runtime.deploy import LINGER_S, serve
     from fedq.transport.keepalive import DEFAULT_MIN_PING_S, Keepalive
     from fedq.transport.security import TlsConfig
     from fedq.transport.tokens import load_tokens
 
-    _resume_args(args, "serve")
-    cfg = _load(args)
     if bool(args.cert) != bool(args.key):
         raise ConfigError("serve: give both --cert and --key (the server's TLS identity)")
     if args.client_ca and not args.cert:

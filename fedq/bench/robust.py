@@ -19,11 +19,12 @@ import argparse
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fedq.bench.machine import machine_info
+
+if TYPE_CHECKING:  # torch is imported where used: `fedq --help` lists this bench
+    import torch
 
 ATTACKS = ("sign_flip", "scaled", "noise")
 BAD = ("poison", "oversized", "tamper")
@@ -76,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def attacked(kind: str, delta: Mapping[str, torch.Tensor], gen: torch.Generator) -> dict[str, Any]:
     """The update an attacker sends instead of its honest ``delta`` (packed tensors)."""
+    import torch
+
     from fedq.codec import quantize, raw
 
     if kind == "sign_flip":
@@ -132,6 +135,8 @@ class _AttackingRunner:
     """A client runner that trains honestly and sends ``kind``'s update instead."""
 
     def __init__(self, inner: Any, kinds: Sequence[str], seed: int) -> None:
+        import torch
+
         self._inner, self._kinds = inner, list(kinds)
         self._gen = torch.Generator().manual_seed(seed)
         self.sent = 0
