@@ -1,7 +1,7 @@
 """Federated LoRA instruction tuning of a causal LM: held-out perplexity against adapter bits.
 
 SmolLM2-135M-Instruct (the packaged model, or ``--model hf:PATH``) on the generated
-``instructions`` data, 4 clients (one per worker process), every client every round. Arms: the
+``instructions`` data, 4 clients (one per worker process; ``--workers`` fewer), every client every round. Arms: the
 adapter traffic both ways at fp32 (no compression), at fixed 8, 4 and 2 bits (one scale per row),
 and at 4 bits with one scale per group of 256 values; and the same data in split mode (cut after
 block 3, the steps of a federated local epoch per client per round) with the cut at fp32, fixed 4
@@ -58,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--num-samples", type=int, default=240, help="instruction records in all")
     p.add_argument(
+        "--workers",
+        type=int,
+        default=4,
+        help="worker processes for the 4 clients (runtime.workers)",
+    )
+    p.add_argument(
         "--arms", nargs="+", default=["fp32", "8-bit", "4-bit", "2-bit"], choices=list(ARMS)
     )
 
@@ -71,7 +77,7 @@ def _overrides(args: argparse.Namespace, seed: int) -> list[str]:
         f"rounds.count={args.rounds}",
         "rounds.num_clients=4",
         "rounds.clients_per_round=4",
-        "runtime.workers=4",
+        f"runtime.workers={args.workers}",
         "model.sample_prompts=[]",
     ]
 
@@ -146,7 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
     print(
-        f"\nfedq bench llm: {args.model}, instructions ({args.num_samples} records), 4 clients, "
+        f"\nfedq bench llm: {args.model}, instructions ({args.num_samples} records), 4 clients "
+        f"on {args.workers} workers, "
         f"{args.rounds} rounds, seeds {args.seeds} | {cpu_model()}, {os.cpu_count()} cores"
     )
     print(
