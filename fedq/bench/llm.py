@@ -1,9 +1,10 @@
 """Federated LoRA instruction tuning of a causal LM: held-out perplexity against adapter bits.
 
 SmolLM2-135M-Instruct (the packaged model, or ``--model hf:PATH``) on the generated
-``instructions`` data, 4 clients (one per worker process; ``--workers`` fewer), every client every round. Arms: the
-adapter traffic both ways at fp32 (no compression), at fixed 8, 4 and 2 bits (one scale per row),
-and at 4 bits with one scale per group of 256 values; and the same data in split mode (cut after
+``instructions`` data, 4 clients (one per worker process, or fewer with ``--workers``), every
+client every round. Arms: the adapter traffic both ways at fp32 (no compression), at fixed 8, 4
+and 2 bits (one scale per row), and at 4 bits with one scale per group of 256 values; and the
+same data in split mode (cut after
 block 3, the steps of a federated local epoch per client per round) with the cut at fp32, fixed 4
 bits, or AMAQ towards 4 bits. Per arm and seed:
 the base model's held-out perplexity (before any round), the final one, wire bytes per round,
