@@ -45,17 +45,22 @@ def _dirichlet(
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     smallest = 0
     for _try in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(k)]
+        # a draw is judged by its sizes alone; the rows are cut only for the draw that is kept
+        draw = []
+        sizes = np.zeros(k, dtype=np.int64)
         for rows in by_class:
             rows = rng.permutation(rows)
             shares = rng.dirichlet(np.full(k, alpha))
             cuts = (np.cumsum(shares)[:-1] * len(rows)).astype(np.int64)
-            for client, chunk in enumerate(np.split(rows, cuts)):
-                parts[client].append(chunk)
-        merged = [np.concatenate(p) for p in parts]
-        smallest = min(len(p) for p in merged)
+            sizes += np.diff(cuts, prepend=0, append=len(rows))
+            draw.append((rows, cuts))
+        smallest = int(sizes.min())
         if smallest >= min_size:
-            return merged
+            parts: list[list[np.ndarray]] = [[] for _ in range(k)]
+            for rows, cuts in draw:
+                for client, chunk in enumerate(np.split(rows, cuts)):
+                    parts[client].append(chunk)
+            return [np.concatenate(p) for p in parts]
     raise ConfigError(
         f"dirichlet partition: after {max_tries} draws some client still had fewer than "
         f"{min_size} samples (last draw: {smallest}); use a larger alpha, fewer clients "
