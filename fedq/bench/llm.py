@@ -219,6 +219,16 @@ def _table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
             )
         if len(fp32) > 1:
             result["goal_gain_met"] = bool(statistics.mean(gains) > 2 * spread)
+    split = by_arm.get("split-fp32", [])
+    if split:  # the same figures for split mode's own fp32 arm
+        gains = [f["perplexity_before"] - f["perplexity_after"] for f in split]
+        spread = statistics.stdev([f["perplexity_after"] for f in split]) if len(split) > 1 else 0.0
+        result["split_fp32_gain"] = statistics.mean(gains)
+        result["split_fp32_seed_spread"] = spread
+        print(
+            f"perplexity gain over the base (split-fp32): {statistics.mean(gains):.3f}; "
+            f"seed-to-seed spread (std of final perplexity over {len(split)} seeds): {spread:.3f}"
+        )
     return result
 
 
