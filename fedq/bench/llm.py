@@ -4,10 +4,9 @@ SmolLM2-135M-Instruct (the packaged model, or ``--model hf:PATH``) on the genera
 ``instructions`` data, 4 clients (one per worker process, or fewer with ``--workers``), every
 client every round. Arms: the adapter traffic both ways at fp32 (no compression), at fixed 8, 4
 and 2 bits (one scale per row), and at 4 bits with one scale per group of 256 values; and the
-same data in split mode (cut after
-block 3, the steps of a federated local epoch per client per round) with the cut at fp32, fixed 4
-bits, or AMAQ towards 4 bits. Per arm and seed:
-the base model's held-out perplexity (before any round), the final one, wire bytes per round,
+same data in split mode (cut after block 3, or ``--cut``; the steps of a federated local epoch
+per client per round) with the cut at fp32, fixed 4 bits, or AMAQ towards 4 bits. Per arm and
+seed: the base model's held-out perplexity (before any round), the final one, wire bytes per round,
 median seconds per round, and the peak RSS of one client process. Seeds are paired (the same seed
 gives every arm the same data, holdout and LoRA initialisation); the table reports each arm's mean
 over seeds, against the fp32 arm of its mode, and the seed-to-seed spread (standard deviation) of
@@ -50,7 +49,7 @@ ARMS: dict[str, list[str]] = {
     "split-4-bit": ["split.act_codec=fixed", "split.grad_codec=fixed", "split.fixed_bits=4"],
     "split-amaq": ["split.act_codec=amaq", "split.grad_codec=amaq", "split.target_bits=4"],
 }
-SPLIT_CUT, SPLIT_STEPS = 3, 7
+SPLIT_STEPS = 7
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,6 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=4,
         help="worker processes for the 4 clients (runtime.workers)",
     )
+    p.add_argument("--cut", type=int, default=3, help="split arms: split.cut (client blocks)")
     p.add_argument(
         "--arms", nargs="+", default=["fp32", "8-bit", "4-bit", "2-bit"], choices=list(ARMS)
     )
@@ -83,7 +83,7 @@ def _overrides(args: argparse.Namespace, seed: int) -> list[str]:
     ]
 
 
-def scenario_for(arm: str, tmp: Path) -> Path:
+def scenario_for(arm: str, tmp: Path, cut: int = 3) -> Path:
     """The scenario an arm runs: the shipped one, or (``split-*``) the same run in split mode
     (no ``compression:`` section; the cut and its steps set)."""
     import yaml
@@ -94,7 +94,7 @@ def scenario_for(arm: str, tmp: Path) -> Path:
     raw = yaml.safe_load(scenario.read_text())
     raw.pop("compression", None)
     raw["mode"] = "split"
-    raw["split"] = {"cut": SPLIT_CUT, "local_steps": SPLIT_STEPS}
+    raw["split"] = {"cut": cut, "local_steps": SPLIT_STEPS}
     out = tmp / "split_scenario.yaml"
     out.write_text(yaml.safe_dump(raw))
     return out
@@ -122,7 +122,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         base_cfg = load_scenario(scenario_for("fp32", tmp), _overrides(args, seed))
         before = base_perplexity(base_cfg)
         for arm in args.arms:
-            cfg = load_scenario(scenario_for(arm, tmp), _overrides(args, seed) + ARMS[arm])
+            cfg = load_scenario(
+                scenario_for(arm, tmp, args.cut), _overrides(args, seed) + ARMS[arm]
+            )
             out = tmp / f"{arm}-seed{seed}"
             with TreeMemorySampler() as mem:
                 s = simulate(cfg, out)

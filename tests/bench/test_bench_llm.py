@@ -21,7 +21,7 @@ def test_bench_llm_cli_runs_each_arm_paired_by_seed(tmp_path: Path, tiny_lm: Pat
             *(sys.executable, "-m", "fedq.cli", "bench", "llm", "--model", f"hf:{tiny_lm}"),
             *("--num-samples", "40", "--rounds", "1", "--seeds", "3"),
             *("--arms", "fp32", "4-bit", "split-fp32", "split-amaq"),
-            *("--workers", "2", "--json", str(out)),
+            *("--cut", "1", "--workers", "2", "--json", str(out)),
         ],
         capture_output=True,
         text=True,
