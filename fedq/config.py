@@ -621,6 +621,12 @@ class RunConfig:
                 "privacy.mechanism: 'dpsgd' does not support fed.strategy 'fedprox' "
                 "(the proximal term is not per-example clipped); use fedavg or fedadam"
             )
+        if self.data.site_holdout > 0 and self.privacy.mechanism != "none":
+            p.append(
+                f"data.site_holdout: the sites' own evaluation figures are sent without noise and "
+                f"are not in the privacy accounting of privacy.mechanism "
+                f"{self.privacy.mechanism!r}; use one or the other"
+            )
         sites = self.runtime.sites
         if sites and sum(s.clients for s in sites) != self.rounds.num_clients:
             p.append(

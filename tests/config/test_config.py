@@ -212,3 +212,25 @@ def test_chunk_size_limit_matches_the_transport() -> None:
     config_from_dict({"runtime": {"chunk_bytes": MAX_CHUNK_BYTES}})
     with pytest.raises(ConfigError, match=r"runtime\.chunk_bytes"):
         config_from_dict({"runtime": {"chunk_bytes": MAX_CHUNK_BYTES + 1}})
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ({"data": {"site_holdout": 0.6}}, "data.site_holdout: must be in [0, 0.5], got 0.6"),
+        (
+            {
+                "data": {"site_holdout": 0.1},
+                "privacy": {"mechanism": "laplace", "target_epsilon": 5},
+            },
+            "data.site_holdout: the sites' own evaluation figures are sent without noise",
+        ),
+    ],
+)
+def test_site_holdout_is_a_share_of_rows_and_stays_out_of_private_runs(
+    raw: dict, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw)
+    assert len(e.value.problems) == 1 and e.value.problems[0].startswith(problem)
+    assert config_from_dict({"data": {"site_holdout": 0.1}}).data.site_holdout == 0.1
