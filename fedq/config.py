@@ -118,6 +118,10 @@ class ModelConfig:
     # SHA-256 of a Hugging Face base's config and weight files (fedq.models.hf.fingerprint):
     # the server fills it in; every client checks its own copy against it before any round
     base_sha256: str | None = None
+    # causal LMs in federated mode: the frozen linear weights held packed at this many bits (one
+    # scale and offset per base_group_size values), decoded per layer call (fedq.models.lowbit)
+    base_bits: int | None = None
+    base_group_size: int = 64
 
     def build_options(self) -> dict[str, Any]:
         """What every model builder gets (``fedq.models.build_model``); ``model.lora.r``, when
@@ -128,6 +132,8 @@ class ModelConfig:
             "max_length": self.max_length,
             "lora": self.lora.options(),
             "task": self.task,
+            "base_bits": self.base_bits,
+            "base_group_size": self.base_group_size,
         }
 
     def check(self) -> Problems:
@@ -140,6 +146,10 @@ class ModelConfig:
             p.append(f"model.lora_r: must be >= 1, got {self.lora_r}")
         if self.max_length < 2:
             p.append(f"model.max_length: must be >= 2, got {self.max_length}")
+        if self.base_bits is not None and not 2 <= self.base_bits <= 8:
+            p.append(f"model.base_bits: must be in 2..8 or null, got {self.base_bits}")
+        if self.base_group_size < 1:
+            p.append(f"model.base_group_size: must be >= 1, got {self.base_group_size}")
         return p
 
 
@@ -733,6 +743,7 @@ SPLIT_RULES = ModeRules(
         "compression": "mode 'split' codes the cut with split.act_codec / split.grad_codec",
         "defence": "update checks and robust aggregation of federated updates",
         "data.site_holdout": "evaluation on the sites' own rows is federated mode's so far",
+        "model.base_bits": "a packed frozen base is federated mode's so far",
         "train.local_epochs": "mode 'split' runs split.local_steps steps per round",
         **{f"fed.{k}": _FEDPROX_FEDADAM for k in ("proximal_mu", "server_lr", "beta1", "beta2")},
         "fed.tau": _FEDPROX_FEDADAM,

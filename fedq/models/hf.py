@@ -449,8 +449,11 @@ def build_causal_lm(
     lora: Mapping[str, Any] | None,
     lora_r: int,
     max_length: int,
+    base_bits: int | None = None,
+    base_group_size: int = 64,
 ) -> CausalLMBundle:
-    """The causal LM at ``path`` with LoRA (PEFT defaults: alpha 2r, the architecture's targets)."""
+    """The causal LM at ``path`` with LoRA (PEFT defaults: alpha 2r, the architecture's targets);
+    with ``base_bits`` its frozen linear weights held packed (:mod:`fedq.models.lowbit`)."""
     module = base_model(path, CAUSAL_LM)
     cfg = lora_config(
         lora,
@@ -463,6 +466,10 @@ def build_causal_lm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = attach_lora(module, cfg, name)
+    if base_bits is not None:
+        from fedq.models.lowbit import quantize_base
+
+        quantize_base(peft_model, base_bits, base_group_size)
     peft_model.train()
     return CausalLMBundle(
         peft_model, tokenizer(path), name=name, max_length=max_length, base=str(locate(path))

@@ -60,7 +60,9 @@ _SOURCES: dict[str, Callable[[str, str], ModelEntry]] = {}
 _SOURCE_MODES: dict[str, tuple[str, ...]] = {}
 _COMMON = ("num_classes", "input_dim", "seed")
 #: Fields of a scenario's ``model`` section that every builder accepts (and may ignore).
-SHARED_OPTIONS = frozenset({"hidden", "lora_r", "lora_alpha", "max_length", "lora", "task"})
+SHARED_OPTIONS = frozenset(
+    {"hidden", "lora_r", "lora_alpha", "max_length", "lora", "task", "base_bits", "base_group_size"}
+)
 log = logging.getLogger(__name__)
 
 

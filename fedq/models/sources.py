@@ -33,12 +33,21 @@ def hf_builder(where: Callable[[], str], name: str) -> Any:
         max_length: int = 64,
         lora: Mapping[str, Any] | None = None,
         task: str = "auto",
+        base_bits: int | None = None,
+        base_group_size: int = 64,
     ) -> ModelBundle:
         path = where()
         resolved = hf.resolve_task(hf.model_config(path), task)
         if resolved == hf.CAUSAL_LM:
             return hf.build_causal_lm(
-                path, name=name, seed=seed, lora=lora, lora_r=lora_r, max_length=max_length
+                path,
+                name=name,
+                seed=seed,
+                lora=lora,
+                lora_r=lora_r,
+                max_length=max_length,
+                base_bits=base_bits,
+                base_group_size=base_group_size,
             )
         from fedq.models.text import lora_text_bundle
 

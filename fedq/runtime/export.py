@@ -31,10 +31,12 @@ log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 
 
-def _run_model(run: Path, *, required: bool = True) -> tuple[Any, Any]:
+def _run_model(run: Path, *, required: bool = True, full_base: bool = False) -> tuple[Any, Any]:
     """(config, the run's final model) of the run folder ``run``: the mode rebuilds it from the
     config and the checkpoint's server state (:meth:`fedq.modes.base.Mode.trained_model`);
-    None for the model when the mode cannot and ``required`` is false."""
+    None for the model when the mode cannot and ``required`` is false. ``full_base``: a run
+    trained on a packed base (``model.base_bits``) is rebuilt on the full-precision base, which
+    a merged model is made from (the adapter merged into the base it will run with)."""
     from fedq.config import load_scenario
     from fedq.modes import get_mode
     from fedq.runtime.checkpoint import load_checkpoint
@@ -42,6 +44,10 @@ def _run_model(run: Path, *, required: bool = True) -> tuple[Any, Any]:
     if not (run / "config.json").is_file():
         raise ConfigError(f"{run}: not a run folder (no config.json)")
     cfg = load_scenario(run / "config.json")
+    if full_base and cfg.model.base_bits is not None:
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_bits=None))
     ckpt = load_checkpoint(run)
     workload = (ckpt.get("server") or {}).get("workload")
     bundle = None if workload is None else get_mode(cfg.mode).trained_model(cfg, workload)
@@ -109,7 +115,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = False) -> Path
     """``fedq export RUN [--merge] --out DIR``: the run's final model in PEFT / transformers
     format (module docstring)."""
     run = Path(run)
-    cfg, bundle = _run_model(run)
+    cfg, bundle = _run_model(run, full_base=merge)
     return export_bundle(bundle, Path(out), merge=merge, base=_base_name(cfg))
 
 

@@ -37,6 +37,11 @@ def name_problems(cfg: RunConfig) -> list[str]:
     model = check_model_name(cfg.model.name, cfg.mode)
     if model:
         problems.append(f"model.name: {model}")
+    elif cfg.model.base_bits is not None and model_task(cfg) != "causal_lm":
+        problems.append(
+            "model.base_bits: a packed frozen base is offered for causal LMs (hf: checkpoints, "
+            f"smollm2_instruct) so far; {cfg.model.name!r} is not one"
+        )
     elif model_task(cfg) == "causal_lm" and cfg.privacy.mechanism == "dpsgd":
         problems.append(
             "privacy.mechanism: 'dpsgd' is not offered for causal-LM fine-tuning (fedq's "

@@ -232,6 +232,23 @@ def test_split_mode_instruction_tunes_a_local_causal_lm(
             {"mode": "split", "compression": None, "train": {"optimizer": "adamw"}},
             "data.name: 'jsonl:{good}' holds instruction/text records for a causal LM",
         ),
+        (
+            "encoder",
+            "good",
+            {"model": {"base_bits": 4}},
+            "model.base_bits: a packed frozen base is offered for causal LMs",
+        ),
+        (
+            "lm",
+            "good",
+            {
+                "mode": "split",
+                "compression": None,
+                "train": {"optimizer": "adamw"},
+                "model": {"base_bits": 4},
+            },
+            "model.base_bits: not used in mode 'split'",
+        ),
     ],
     ids=[
         "bad-record",
@@ -239,6 +256,8 @@ def test_split_mode_instruction_tunes_a_local_causal_lm(
         "classifier-on-records",
         "causal-lm-on-labels",
         "split-classifier-on-records",
+        "packed-base-classifier",
+        "packed-base-split",
     ],
 )
 def test_what_cannot_train_is_one_error_before_anything_starts(
@@ -382,3 +401,41 @@ def test_shard_writes_each_sites_instruction_records(fedq_cli: Run, tmp_path: Pa
     for i, idx in enumerate(client_partitions(cfg, split.train)):
         got = read_jsonl(tmp_path / "data" / f"client-{i}.jsonl")
         assert got == [split.train.records[j] for j in idx.tolist()]
+
+
+def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
+    fedq_cli: Run, tmp_path: Path, tiny_lm: Path
+) -> None:
+    """``model.base_bits: 4``: the frozen linear weights held packed while the adapters train;
+    ``fedq export --merge`` merges the adapter into the full-precision base (what PEFT gives
+    for that base and the adapter)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from fedq.data.instruct import read_jsonl
+    from fedq.models.hf import encode_records, tokenizer
+
+    data = _jsonl(tmp_path / "train.jsonl", _records(24))
+    scenario = _scenario(
+        tmp_path,
+        f"hf:{tiny_lm}",
+        f"jsonl:{data}",
+        model={"base_bits": 4},
+        rounds={"count": 1},
+        runtime={"backend": "inprocess"},
+    )
+    run = tmp_path / "run"
+    done = fedq_cli("simulate", str(scenario), "--out", str(run), "-q")
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["perplexity"] > 1
+    assert json.loads((run / "config.json").read_text())["model"]["base_bits"] == 4
+    merged = tmp_path / "merged"
+    done = fedq_cli("export", str(run), "--merge", "--out", str(merged))
+    assert done.returncode == 0, done.stdout + done.stderr
+    inputs, _ = encode_records(tokenizer(tiny_lm), read_jsonl(data)[:3], max_length=48)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_lm), dtype=torch.float32)
+    want = PeftModel.from_pretrained(base, str(run / "adapter")).eval()(**inputs).logits
+    got = AutoModelForCausalLM.from_pretrained(str(merged)).eval()(**inputs).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
