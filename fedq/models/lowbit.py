@@ -4,13 +4,10 @@ Every frozen ``nn.Linear`` of a model (PEFT's LoRA layers keep theirs as ``base_
 replaced by a :class:`PackedLinear`: its weight quantized once with fedq's codec (one scale and
 offset per group of ``group_size`` values along each row, the least-error clip per group, at a
 fixed width) and kept only as the packed tensor. Each forward decodes the weight for that one
-matrix multiply through the codec's dispatch (the Triton kernels on CUDA, the torch path
-elsewhere) and drops it; the backward pass decodes it again for the input's gradient, so no
-fp32 copy of a weight outlives the layer's call. LoRA, norms, embeddings and the (tied) LM head
-stay as they are.
-
-[I] One width for every matrix and minmax-free (least-error) group ranges; LQ-LoRA's budgeted
-per-matrix widths and its residual-initialised low-rank part are not here yet.
+matrix multiply through the codec's dispatch (the Triton kernels on CUDA, not yet run on a GPU;
+the torch path elsewhere) and drops it; the backward pass decodes it again for the input's
+gradient, so no fp32 copy of a weight outlives the layer's call. LoRA, norms, embeddings and the
+(tied) LM head stay as they are. The choices: docs/algorithms.md §6.7.
 """
 
 from __future__ import annotations
