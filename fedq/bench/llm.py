@@ -203,14 +203,7 @@ def _table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
         )
     result: dict[str, Any] = {"rows": rows, "arms": summary, "machine": machine_info()}
     if fp32:
-        gains = [f["perplexity_before"] - f["perplexity_after"] for f in fp32]
-        spread = statistics.stdev([f["perplexity_after"] for f in fp32]) if len(fp32) > 1 else 0.0
-        result["fp32_gain"] = statistics.mean(gains)
-        result["fp32_seed_spread"] = spread
-        print(
-            f"perplexity gain over the base (fp32): {statistics.mean(gains):.3f}; seed-to-seed "
-            f"spread (std of final perplexity over {len(fp32)} seeds): {spread:.3f}"
-        )
+        gain, spread = _gain_and_spread(result, "fp32", fp32)
         four = summary.get("4-bit/g256") or summary.get("4-bit")
         if four and four["perplexity_vs_fp32"] is not None:
             met = four["perplexity_vs_fp32"] <= 0.02 and (four["fewer_bytes_than_fp32"] or 0) >= 8
@@ -220,18 +213,27 @@ def _table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, An
                 f"{'PASS' if met else 'FAIL'}"
             )
         if len(fp32) > 1:
-            result["goal_gain_met"] = bool(statistics.mean(gains) > 2 * spread)
-    split = by_arm.get("split-fp32", [])
-    if split:  # the same figures for split mode's own fp32 arm
-        gains = [f["perplexity_before"] - f["perplexity_after"] for f in split]
-        spread = statistics.stdev([f["perplexity_after"] for f in split]) if len(split) > 1 else 0.0
-        result["split_fp32_gain"] = statistics.mean(gains)
-        result["split_fp32_seed_spread"] = spread
-        print(
-            f"perplexity gain over the base (split-fp32): {statistics.mean(gains):.3f}; "
-            f"seed-to-seed spread (std of final perplexity over {len(split)} seeds): {spread:.3f}"
-        )
+            result["goal_gain_met"] = bool(gain > 2 * spread)
+    if by_arm.get("split-fp32"):  # the same figures for split mode's own fp32 arm
+        _gain_and_spread(result, "split-fp32", by_arm["split-fp32"])
     return result
+
+
+def _gain_and_spread(
+    result: dict[str, Any], arm: str, rows: list[dict[str, Any]]
+) -> tuple[float, float]:
+    """``arm``'s mean perplexity gain over the base and the seed-to-seed spread (std of its final
+    perplexity; 0 with one seed), printed and put into ``result`` as ``<arm>_gain`` and
+    ``<arm>_seed_spread`` (``-`` as ``_``)."""
+    gain = statistics.mean(f["perplexity_before"] - f["perplexity_after"] for f in rows)
+    spread = statistics.stdev([f["perplexity_after"] for f in rows]) if len(rows) > 1 else 0.0
+    key = arm.replace("-", "_")
+    result[f"{key}_gain"], result[f"{key}_seed_spread"] = gain, spread
+    print(
+        f"perplexity gain over the base ({arm}): {gain:.3f}; seed-to-seed spread (std of final "
+        f"perplexity over {len(rows)} seeds): {spread:.3f}"
+    )
+    return gain, spread
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
