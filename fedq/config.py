@@ -122,6 +122,12 @@ class ModelConfig:
     # scale and offset per base_group_size values), decoded per layer call (fedq.models.lowbit)
     base_bits: int | None = None
     base_group_size: int = 64
+    # instead of base_bits: the packed linear weights fit this many MiB (payload and scales),
+    # each matrix's width and group size chosen for the least error (fedq.models.lowbit.allocate)
+    base_budget_mb: float | None = None
+    # causal LMs in federated mode: keep only each decoder layer's input for the backward pass
+    # and recompute the rest (transformers' gradient checkpointing): less memory, more time
+    gradient_checkpointing: bool = False
 
     def build_options(self) -> dict[str, Any]:
         """What every model builder gets (``fedq.models.build_model``); ``model.lora.r``, when
@@ -134,6 +140,8 @@ class ModelConfig:
             "task": self.task,
             "base_bits": self.base_bits,
             "base_group_size": self.base_group_size,
+            "base_budget_mb": self.base_budget_mb,
+            "gradient_checkpointing": self.gradient_checkpointing,
         }
 
     def check(self) -> Problems:
@@ -150,7 +158,17 @@ class ModelConfig:
             p.append(f"model.base_bits: must be in 2..8 or null, got {self.base_bits}")
         if self.base_group_size < 1:
             p.append(f"model.base_group_size: must be >= 1, got {self.base_group_size}")
+        if self.base_budget_mb is not None:
+            if self.base_bits is not None:
+                p.append("model.base_budget_mb: set it or model.base_bits, not both")
+            if not self.base_budget_mb > 0:
+                p.append(f"model.base_budget_mb: must be > 0, got {self.base_budget_mb}")
         return p
+
+    @property
+    def packed_base(self) -> bool:
+        """Whether the frozen base is held packed (``base_bits`` or ``base_budget_mb``)."""
+        return self.base_bits is not None or self.base_budget_mb is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -744,6 +762,8 @@ SPLIT_RULES = ModeRules(
         "defence": "update checks and robust aggregation of federated updates",
         "data.site_holdout": "evaluation on the sites' own rows is federated mode's so far",
         "model.base_bits": "a packed frozen base is federated mode's so far",
+        "model.base_budget_mb": "a packed frozen base is federated mode's so far",
+        "model.gradient_checkpointing": "gradient checkpointing is federated mode's so far",
         "train.local_epochs": "mode 'split' runs split.local_steps steps per round",
         **{f"fed.{k}": _FEDPROX_FEDADAM for k in ("proximal_mu", "server_lr", "beta1", "beta2")},
         "fed.tau": _FEDPROX_FEDADAM,

@@ -14,4 +14,5 @@ BENCHES = (
     "faults",
     "robust",
     "llm",
+    "base",
 )

@@ -117,7 +117,8 @@ def lm_evaluation(bundle: Any, data: Any, *, batch_size: int = 16) -> dict[str, 
     n = len(data)
     for start in range(0, n, batch_size):
         inputs, labels = bundle.batch(data, torch.arange(start, min(start + batch_size, n)))
-        s, c = token_losses(bundle.forward(inputs), labels)
+        own = getattr(bundle, "token_losses", None)  # a causal LM's: logits where labelled
+        s, c = own(inputs, labels) if own else token_losses(bundle.forward(inputs), labels)
         total += float(s)
         count += c
     model.train(was_training)

@@ -272,6 +272,25 @@ def base_model(path: str | Path, task: str) -> nn.Module:
     return _base(locate(path), task)
 
 
+def packed_base(
+    path: str | Path, bits: int | None, group_size: int = 64, budget_mb: float | None = None
+) -> nn.Module:
+    """The causal LM at ``path`` with its frozen linear layers packed to ``bits``, or within
+    ``budget_mb`` MiB (:mod:`fedq.models.lowbit`): read packed tensor by tensor from a
+    safetensors checkpoint, or, for other checkpoints, loaded whole and then packed."""
+    from fedq.models.lowbit import load_packed_causal_lm, quantize_base
+
+    ckpt = locate(path)
+    budget = None if budget_mb is None else budget_mb * 2**20
+    if ckpt.gguf is None:
+        model = load_packed_causal_lm(ckpt.root, _config(ckpt), bits, group_size, budget)
+        if model is not None:
+            return model
+    model = _base(ckpt, CAUSAL_LM).requires_grad_(False)
+    quantize_base(model, bits, group_size, budget)
+    return model
+
+
 def tokenizer(path: str | Path) -> Any:
     return _tokenizer(locate(path))
 
@@ -419,8 +438,33 @@ class CausalLMBundle(ModelBundle):
 
     def loss(self, inputs: Inputs, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the batch's response tokens."""
-        total, count = token_losses(self.forward(inputs), labels)
+        total, count = self.token_losses(inputs, labels)
         return total / max(count, 1)
+
+    def token_losses(self, inputs: Inputs, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """:func:`token_losses` of the model's logits, with the LM head run only at the positions
+        that predict a labelled token where the model can (transformers' ``logits_to_keep`` as a
+        boolean mask): the logits of a batch are [labelled tokens, vocabulary], not [batch,
+        length, vocabulary] (for SmolLM2's 49,152-word vocabulary, most of a step's memory)."""
+        assert isinstance(inputs, dict)
+        target = labels[:, 1:]
+        labelled = target != -100
+        if self._keeps_logits:
+            keep = F.pad(labelled, (0, 1))  # position t predicts token t + 1
+            logits = self.module(**inputs, logits_to_keep=keep).logits
+            count = int(labelled.sum())
+            if logits.dim() == 2 and logits.shape[0] == count:
+                total = F.cross_entropy(logits.float(), target[labelled], reduction="sum")
+                return total, count
+            self._keeps_logits = False  # this model keeps positions another way
+        return token_losses(self.forward(inputs), labels)
+
+    @functools.cached_property
+    def _keeps_logits(self) -> bool:
+        import inspect
+
+        base = self.module.get_base_model()
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
 
     def generate(self, prompts: Sequence[Any], max_new_tokens: int = 32) -> list[str]:
         """Greedy continuations of instruction records' prompts (for the run's sample file)."""
@@ -451,10 +495,18 @@ def build_causal_lm(
     max_length: int,
     base_bits: int | None = None,
     base_group_size: int = 64,
+    base_budget_mb: float | None = None,
+    gradient_checkpointing: bool = False,
 ) -> CausalLMBundle:
     """The causal LM at ``path`` with LoRA (PEFT defaults: alpha 2r, the architecture's targets);
-    with ``base_bits`` its frozen linear weights held packed (:mod:`fedq.models.lowbit`)."""
-    module = base_model(path, CAUSAL_LM)
+    with ``base_bits`` (or ``base_budget_mb``) its frozen linear weights held packed
+    (:func:`packed_base`), LoRA on top."""
+    packed = base_bits is not None or base_budget_mb is not None
+    module = (
+        packed_base(path, base_bits, base_group_size, base_budget_mb)
+        if packed
+        else base_model(path, CAUSAL_LM)
+    )
     cfg = lora_config(
         lora,
         r=lora_r,
@@ -463,13 +515,19 @@ def build_causal_lm(
         module=module,
         task_type="CAUSAL_LM",
     )
+    if packed:
+        from fedq.models.lowbit import lora_on_packed
+
+        cfg = lora_on_packed(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = attach_lora(module, cfg, name)
-    if base_bits is not None:
-        from fedq.models.lowbit import quantize_base
-
-        quantize_base(peft_model, base_bits, base_group_size)
+    if gradient_checkpointing:
+        # non-reentrant: the recomputed layer's LoRA weights get their gradients although the
+        # layer's input (the frozen embeddings' output) needs none
+        peft_model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
     peft_model.train()
     return CausalLMBundle(
         peft_model, tokenizer(path), name=name, max_length=max_length, base=str(locate(path))

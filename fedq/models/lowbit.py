@@ -8,17 +8,31 @@ matrix multiply through the codec's dispatch (the Triton kernels on CUDA, not ye
 the torch path elsewhere) and drops it; the backward pass decodes it again for the input's
 gradient, so no fp32 copy of a weight outlives the layer's call. LoRA, norms, embeddings and the
 (tied) LM head stay as they are. The choices: docs/algorithms.md §6.7.
+
+:func:`load_packed_causal_lm` builds such a base straight from a safetensors checkpoint: the
+model's skeleton is made without weights (accelerate's empty initialisation), and the checkpoint is
+read one tensor at a time, each frozen linear weight packed as it is read, so the whole base never
+exists in fp32 (peak: the packed base, the unpacked tensors, and one fp32 matrix). LoRA then goes
+on top through PEFT (:class:`PackedLoraLinear` is PEFT's own LoRA linear layer, told how to read a
+packed layer's shape), in the same module order and so with the same initialisation as on the
+full-precision base.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as _LoraLinear
 from torch import nn
 
 from fedq.codec import Granularity, PackedTensor, QuantSpec, dequantize, quantize
+from fedq.codec.packed import expected_payload_nbytes
 from fedq.errors import ConfigError
 
 #: Linear layers left in full precision whatever ``base_bits`` says (the LM head is often tied
@@ -40,22 +54,146 @@ class _PackedMatmul(torch.autograd.Function):
         return g @ ctx.layer.weight_like(g), None
 
 
+@dataclass(frozen=True, slots=True)
+class Width:
+    """How one matrix is packed: ``bits`` per value, one scale and offset per ``group_size``."""
+
+    bits: int
+    group_size: int
+
+
+#: What a memory budget (``model.base_budget_mb``) chooses among, per matrix.
+BUDGET_WIDTHS = tuple(Width(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 128))
+
+
+#: Rows of a matrix the error of each width is measured on (every k-th row; the error is scaled
+#: to the whole matrix), so a budget costs a few quantizations of a sample, not of every matrix.
+SAMPLE_ROWS = 64
+
+
+def width_options(weight: torch.Tensor) -> list[tuple[int, float]]:
+    """``(packed bytes, squared reconstruction error)`` of ``weight`` at each of
+    :data:`BUDGET_WIDTHS`: the bytes exactly (payload and metadata), the error measured on every
+    k-th row (at most :data:`SAMPLE_ROWS` rows) and scaled to the whole matrix."""
+    w = weight.detach().float().cpu()
+    sample = w[:: max(1, w.shape[0] // SAMPLE_ROWS)]
+    out = []
+    for width in BUDGET_WIDTHS:
+        spec = _spec(width.group_size)
+        p = quantize(sample, width.bits, spec)
+        err = float((dequantize(p) - sample).square().sum()) * w.shape[0] / sample.shape[0]
+        full, part = spec.layout_for(tuple(w.shape)), spec.layout_for(tuple(sample.shape))
+        widths = torch.full((full.num_blocks,), width.bits, dtype=torch.uint8)
+        meta = p.metadata_nbytes // part.num_blocks * full.num_blocks  # the same per block
+        out.append((expected_payload_nbytes(full, widths) + meta, err))
+    return out
+
+
+def allocate(
+    options: Mapping[str, Sequence[tuple[int, float]]], budget_bytes: float
+) -> dict[str, Width]:
+    """The width per matrix (one of :data:`BUDGET_WIDTHS`, whose ``(bytes, error)`` each matrix's
+    ``options`` lists) with the least total squared error whose bytes fit ``budget_bytes``: a
+    multiple-choice knapsack, solved exactly as an integer program (scipy's HiGHS)."""
+    import numpy as np
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    names = sorted(options)
+    k = len(BUDGET_WIDTHS)
+    cost = np.array([options[n][j][0] for n in names for j in range(k)], dtype=np.float64)
+    least = float(sum(min(b for b, _ in options[n]) for n in names))
+    if budget_bytes < least:
+        raise ConfigError(
+            f"model.base_budget_mb: {budget_bytes / 2**20:.2f} MiB is below the smallest packed "
+            f"base ({least / 2**20:.2f} MiB: every matrix at 2 bits)"
+        )
+    # errors in units of the mean error: HiGHS's tolerances are absolute
+    err = np.array([options[n][j][1] for n in names for j in range(k)], dtype=np.float64)
+    err = err / max(float(err.mean()), 1e-30)
+    one_each = np.kron(np.eye(len(names)), np.ones(k))
+    result = milp(
+        err,
+        integrality=np.ones(err.size),
+        bounds=Bounds(0, 1),
+        constraints=[
+            LinearConstraint(one_each, 1, 1),
+            LinearConstraint(cost[None, :], 0, budget_bytes),
+        ],
+    )
+    if result.x is None:
+        raise ConfigError(f"model.base_budget_mb: no allocation found ({result.message})")
+    x = result.x.reshape(len(names), k)
+    return {n: BUDGET_WIDTHS[int(x[i].argmax())] for i, n in enumerate(names)}
+
+
+def plan_widths(
+    names: Iterable[str],
+    read: Callable[[str], torch.Tensor],
+    *,
+    bits: int | None,
+    group_size: int = 64,
+    budget_bytes: float | None = None,
+) -> dict[str, Width]:
+    """The width of each of the weights ``names``: ``bits`` and ``group_size`` for all, or
+    (``budget_bytes``) the allocation of :func:`allocate`, which reads each weight (``read``) to
+    measure its error at every width."""
+    if budget_bytes is None:
+        if bits is None:
+            raise ConfigError("a packed base needs model.base_bits or model.base_budget_mb")
+        if not 2 <= bits <= 8:
+            raise ConfigError(f"model.base_bits: must be in 2..8, got {bits}")
+        return {name: Width(bits, group_size) for name in names}
+    return allocate({name: width_options(read(name)) for name in names}, budget_bytes)
+
+
+def _spec(group_size: int) -> QuantSpec:
+    return QuantSpec(granularity=Granularity.GROUP, group_size=group_size, range="mse")
+
+
+def kept(name: str) -> bool:
+    """Whether the linear layer called ``name`` stays in full precision (:data:`KEEP`)."""
+    return any(name.endswith(k) or f"{k}." in name for k in KEEP)
+
+
 class PackedLinear(nn.Module):
     """A frozen linear layer whose weight lives packed (module docstring)."""
 
     bias: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int = 64) -> None:
+    def __init__(
+        self,
+        packed: PackedTensor,
+        bias: torch.Tensor | None = None,
+        *,
+        bits: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         super().__init__()
+        self.out_features, self.in_features = (int(n) for n in packed.shape)
+        self.bits = bits
+        self.packed = packed
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._device = torch.device(device)
+
+    @classmethod
+    def pack(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        bits: int,
+        group_size: int = 64,
+    ) -> PackedLinear:
+        """The layer ``x @ weight.T + bias`` with ``weight`` quantized to ``bits`` (one scale and
+        offset per ``group_size`` values of a row, least-error clip)."""
         if not 2 <= bits <= 8:
             raise ConfigError(f"model.base_bits: must be in 2..8, got {bits}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.bits = bits
-        spec = QuantSpec(granularity=Granularity.GROUP, group_size=group_size, range="mse")
-        self.packed: PackedTensor = quantize(linear.weight.detach().float().cpu(), bits, spec)
-        bias = linear.bias
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._device = linear.weight.device
+        packed = quantize(weight.detach().float().cpu(), bits, _spec(group_size))
+        return cls(packed, bias, bits=bits, device=weight.device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 64) -> PackedLinear:
+        return cls.pack(linear.weight, linear.bias, bits=bits, group_size=group_size)
 
     def weight_like(self, x: torch.Tensor) -> torch.Tensor:
         """The decoded weight, on ``x``'s device and in its dtype."""
@@ -76,24 +214,181 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}"
 
 
-def quantize_base(model: nn.Module, bits: int, group_size: int = 64) -> dict[str, int]:
+def quantize_base(
+    model: nn.Module,
+    bits: int | None,
+    group_size: int = 64,
+    budget_bytes: float | None = None,
+) -> dict[str, int]:
     """Replace every frozen ``nn.Linear`` of ``model`` (not those named in :data:`KEEP`, not
-    trainable ones such as LoRA's A and B) by a :class:`PackedLinear`; returns ``{"layers": n,
-    "fp32_bytes": ..., "packed_bytes": ...}`` of what was replaced."""
-    swaps: list[tuple[nn.Module, str, nn.Linear]] = []
+    trainable ones such as LoRA's A and B) by a :class:`PackedLinear`, at ``bits`` or within
+    ``budget_bytes`` (:func:`plan_widths`); returns ``{"layers": n, "fp32_bytes": ...,
+    "packed_bytes": ...}`` of what was replaced."""
+    swaps: dict[str, tuple[nn.Module, str, nn.Linear]] = {}
     for name, parent in model.named_modules():
         for child_name, child in parent.named_children():
             full = f"{name}.{child_name}" if name else child_name
-            if (
-                type(child) is nn.Linear
-                and not child.weight.requires_grad
-                and not any(full.endswith(k) or f"{k}." in full for k in KEEP)
-            ):
-                swaps.append((parent, child_name, child))
+            if type(child) is nn.Linear and not child.weight.requires_grad and not kept(full):
+                swaps[full] = (parent, child_name, child)
+    plan = plan_widths(
+        swaps,
+        lambda n: swaps[n][2].weight,
+        bits=bits,
+        group_size=group_size,
+        budget_bytes=budget_bytes,
+    )
     fp32 = packed = 0
-    for parent, child_name, child in swaps:
-        layer = PackedLinear(child, bits, group_size)
+    for full, (parent, child_name, child) in swaps.items():
+        width = plan[full]
+        layer = PackedLinear.pack(
+            child.weight, child.bias, bits=width.bits, group_size=width.group_size
+        )
         fp32 += child.weight.numel() * 4
         packed += layer.packed_nbytes()
         setattr(parent, child_name, layer)
+    release_freed_memory()
     return {"layers": len(swaps), "fp32_bytes": fp32, "packed_bytes": packed}
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes of every packed weight in ``model`` (payload and scales)."""
+    return sum(m.packed_nbytes() for m in model.modules() if isinstance(m, PackedLinear))
+
+
+# ------------------------------------------------------------------------ loading packed
+
+
+def packable_params(config: Any) -> int:
+    """Weights of the linear layers a packed base packs, for the causal LM of ``config`` (no
+    weights read): a budget of ``b`` bits per weight is ``b * this / 8`` bytes."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return sum(
+        m.weight.numel() for n, m in model.named_modules() if type(m) is nn.Linear and not kept(n)
+    )
+
+
+def release_freed_memory() -> None:
+    """Hand memory the allocator holds but no longer uses back to the system (glibc's
+    ``malloc_trim``; nothing elsewhere). Packing a base frees many matrix-sized temporaries,
+    which glibc keeps in its heap: for SmolLM2-135M about 240 MiB a site would hold for the
+    whole run."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
+def safetensors_files(root: Path) -> list[Path]:
+    """The safetensors files of the checkpoint directory ``root`` (one file, or the shards its
+    index names); empty when its weights are in another format."""
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        shards = json.loads(index.read_text()).get("weight_map", {}).values()
+        return sorted({root / s for s in shards})
+    single = root / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def load_packed_causal_lm(
+    root: Path,
+    config: Any,
+    bits: int | None,
+    group_size: int = 64,
+    budget_bytes: float | None = None,
+) -> nn.Module | None:
+    """The causal LM of ``config`` with its weights read from the safetensors checkpoint at
+    ``root``, every frozen linear layer (not :data:`KEEP`) packed as its weight is read, at
+    ``bits`` or within ``budget_bytes`` (a first pass over those weights measures each width's
+    error, :func:`plan_widths`); frozen, in eval mode. None when the checkpoint is not
+    safetensors or its tensor names are not the model's own (a checkpoint transformers must
+    rename on load): the caller then loads the base whole and packs it (:func:`quantize_base`)."""
+    files = safetensors_files(root)
+    if not files:
+        return None
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    with init_empty_weights(include_buffers=False):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    targets = {n for n, m in model.named_modules() if type(m) is nn.Linear and not kept(n)}
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers()}
+    where: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            where.update((key, file) for key in f.keys())  # noqa: SIM118 (not a mapping)
+    weight_of = {f"{t}.weight": t for t in targets}
+    if set(weight_of) - where.keys() or set(where) - names - weight_of.keys():
+        return None  # names the model does not have, or lacks: transformers would rename them
+
+    def read(key: str) -> torch.Tensor:
+        # one tensor per opening: the file is memory-mapped, and the pages read stay resident
+        # while it is open; reopening keeps the peak to one tensor's pages. A copy: a tensor
+        # viewing the mapped file would keep all of it mapped.
+        with safe_open(str(where[key]), framework="pt") as f:
+            value = f.get_tensor(key)
+            dtype = torch.float32 if value.is_floating_point() else value.dtype
+            return value.to(dtype, copy=True)
+
+    plan = plan_widths(
+        sorted(targets),
+        lambda name: read(f"{name}.weight"),
+        bits=bits,
+        group_size=group_size,
+        budget_bytes=budget_bytes,
+    )
+    for key in where:
+        if key in weight_of:
+            name = weight_of[key]
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            linear = getattr(parent, child_name)
+            if linear.bias is not None and linear.bias.is_meta:
+                bias_key = f"{name}.bias"
+                set_module_tensor_to_device(model, bias_key, "cpu", value=read(bias_key))
+            width = plan[name]
+            layer = PackedLinear.pack(
+                read(key), linear.bias, bits=width.bits, group_size=width.group_size
+            )
+            setattr(parent, child_name, layer)
+        elif not key.endswith(".bias") or key.rpartition(".")[0] not in targets:
+            set_module_tensor_to_device(model, key, "cpu", value=read(key))
+    model.tie_weights()
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        return None  # something the checkpoint did not hold (and transformers would make)
+    model.requires_grad_(False)
+    release_freed_memory()
+    return model.eval()
+
+
+# ------------------------------------------------------------------------ LoRA on a packed base
+
+
+class PackedLoraLinear(_LoraLinear):
+    """PEFT's LoRA linear layer around a :class:`PackedLinear` (PEFT reads a layer's shape from
+    known layer types only; everything else is PEFT's)."""
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return int(module.in_features), int(module.out_features)
+
+
+def lora_on_packed(config: Any) -> Any:
+    """``config`` (PEFT's ``LoraConfig``) told to wrap :class:`PackedLinear` layers with
+    :class:`PackedLoraLinear`."""
+    config._register_custom_module({PackedLinear: PackedLoraLinear})
+    return config

@@ -61,7 +61,18 @@ _SOURCE_MODES: dict[str, tuple[str, ...]] = {}
 _COMMON = ("num_classes", "input_dim", "seed")
 #: Fields of a scenario's ``model`` section that every builder accepts (and may ignore).
 SHARED_OPTIONS = frozenset(
-    {"hidden", "lora_r", "lora_alpha", "max_length", "lora", "task", "base_bits", "base_group_size"}
+    {
+        "hidden",
+        "lora_r",
+        "lora_alpha",
+        "max_length",
+        "lora",
+        "task",
+        "base_bits",
+        "base_group_size",
+        "base_budget_mb",
+        "gradient_checkpointing",
+    }
 )
 log = logging.getLogger(__name__)
 

@@ -35,6 +35,8 @@ def hf_builder(where: Callable[[], str], name: str) -> Any:
         task: str = "auto",
         base_bits: int | None = None,
         base_group_size: int = 64,
+        base_budget_mb: float | None = None,
+        gradient_checkpointing: bool = False,
     ) -> ModelBundle:
         path = where()
         resolved = hf.resolve_task(hf.model_config(path), task)
@@ -48,6 +50,8 @@ def hf_builder(where: Callable[[], str], name: str) -> Any:
                 max_length=max_length,
                 base_bits=base_bits,
                 base_group_size=base_group_size,
+                base_budget_mb=base_budget_mb,
+                gradient_checkpointing=gradient_checkpointing,
             )
         from fedq.models.text import lora_text_bundle
 

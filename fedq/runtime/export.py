@@ -35,8 +35,9 @@ def _run_model(run: Path, *, required: bool = True, full_base: bool = False) -> 
     """(config, the run's final model) of the run folder ``run``: the mode rebuilds it from the
     config and the checkpoint's server state (:meth:`fedq.modes.base.Mode.trained_model`);
     None for the model when the mode cannot and ``required`` is false. ``full_base``: a run
-    trained on a packed base (``model.base_bits``) is rebuilt on the full-precision base, which
-    a merged model is made from (the adapter merged into the base it will run with)."""
+    trained on a packed base (``model.base_bits`` or ``base_budget_mb``) is rebuilt on the
+    full-precision base, which a merged model is made from (the adapter merged into the base it
+    will run with)."""
     from fedq.config import load_scenario
     from fedq.modes import get_mode
     from fedq.runtime.checkpoint import load_checkpoint
@@ -44,10 +45,11 @@ def _run_model(run: Path, *, required: bool = True, full_base: bool = False) -> 
     if not (run / "config.json").is_file():
         raise ConfigError(f"{run}: not a run folder (no config.json)")
     cfg = load_scenario(run / "config.json")
-    if full_base and cfg.model.base_bits is not None:
+    if full_base and cfg.model.packed_base:
         import dataclasses
 
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base_bits=None))
+        model = dataclasses.replace(cfg.model, base_bits=None, base_budget_mb=None)
+        cfg = dataclasses.replace(cfg, model=model)
     ckpt = load_checkpoint(run)
     workload = (ckpt.get("server") or {}).get("workload")
     bundle = None if workload is None else get_mode(cfg.mode).trained_model(cfg, workload)

@@ -37,9 +37,15 @@ def name_problems(cfg: RunConfig) -> list[str]:
     model = check_model_name(cfg.model.name, cfg.mode)
     if model:
         problems.append(f"model.name: {model}")
-    elif cfg.model.base_bits is not None and model_task(cfg) != "causal_lm":
+    elif cfg.model.packed_base and model_task(cfg) != "causal_lm":
+        key = "base_bits" if cfg.model.base_bits is not None else "base_budget_mb"
         problems.append(
-            "model.base_bits: a packed frozen base is offered for causal LMs (hf: checkpoints, "
+            f"model.{key}: a packed frozen base is offered for causal LMs (hf: checkpoints, "
+            f"smollm2_instruct) so far; {cfg.model.name!r} is not one"
+        )
+    elif cfg.model.gradient_checkpointing and model_task(cfg) != "causal_lm":
+        problems.append(
+            "model.gradient_checkpointing: offered for causal LMs (hf: checkpoints, "
             f"smollm2_instruct) so far; {cfg.model.name!r} is not one"
         )
     elif model_task(cfg) == "causal_lm" and cfg.privacy.mechanism == "dpsgd":
