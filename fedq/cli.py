@@ -178,6 +178,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize_base(args: argparse.Namespace) -> int:
+    from fedq.runtime.export import quantize_base
+
+    done = quantize_base(
+        args.model,
+        args.out,
+        bits=args.bits,
+        budget_mb=args.budget_mb,
+        group_size=args.group_size,
+    )
+    widths = ", ".join(f"{n} at {b} bits" for b, n in done["widths"].items())
+    print(
+        f"wrote {done['out']}: {done['layers']} linear layers packed ({widths}), "
+        f"{_fmt_bytes(done['packed_bytes'])}; base SHA-256 {done['sha256']}, made from "
+        f"{done['source']} (SHA-256 {done['source_sha256']}); use it as model.name: "
+        f"hf:{done['out']}"
+    )
+    return 0
+
+
 def _resume_args(args: argparse.Namespace, command: str) -> None:
     """``--resume DIR``: the scenario is DIR/config.json unless given, and DIR is the output."""
     if args.resume:
@@ -543,6 +563,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="merge the adapter into the base and write a plain transformers model",
     )
     x.set_defaults(func=_export)
+
+    q = sub.add_parser(
+        "quantize-base", help="pack a causal LM's frozen base once, for sites to load packed"
+    )
+    q.add_argument("model", metavar="MODEL", help="hf:PATH or a packaged model (smollm2_instruct)")
+    q.add_argument("--out", required=True, metavar="DIR", help="folder to write (a model dir)")
+    width = q.add_mutually_exclusive_group(required=True)
+    width.add_argument("--bits", type=int, help="every linear layer at this width (2..8)")
+    width.add_argument(
+        "--budget-mb",
+        type=float,
+        metavar="MIB",
+        help="fit the packed layers in this many MiB, each at the width of least error",
+    )
+    q.add_argument(
+        "--group-size", type=int, default=64, help="values per scale and offset (with --bits)"
+    )
+    q.set_defaults(func=_quantize_base)
 
     w = sub.add_parser("sweep", help="run a grid of scenarios (e.g. epsilon x bit policy)")
     w.add_argument("sweep", help="sweep YAML file, e.g. scenarios/privacy_sweep.yaml")

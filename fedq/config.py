@@ -170,6 +170,16 @@ class ModelConfig:
         """Whether the frozen base is held packed (``base_bits`` or ``base_budget_mb``)."""
         return self.base_bits is not None or self.base_budget_mb is not None
 
+    def packing(self) -> dict[str, Any] | None:
+        """How the frozen base is packed (``bits``, ``group_size``, ``budget_mb``), or None."""
+        if not self.packed_base:
+            return None
+        return {
+            "bits": self.base_bits,
+            "group_size": self.base_group_size,
+            "budget_mb": self.base_budget_mb,
+        }
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -761,8 +771,6 @@ SPLIT_RULES = ModeRules(
         "compression": "mode 'split' codes the cut with split.act_codec / split.grad_codec",
         "defence": "update checks and robust aggregation of federated updates",
         "data.site_holdout": "evaluation on the sites' own rows is federated mode's so far",
-        "model.base_bits": "a packed frozen base is federated mode's so far",
-        "model.base_budget_mb": "a packed frozen base is federated mode's so far",
         "model.gradient_checkpointing": "gradient checkpointing is federated mode's so far",
         "train.local_epochs": "mode 'split' runs split.local_steps steps per round",
         **{f"fed.{k}": _FEDPROX_FEDADAM for k in ("proximal_mu", "server_lr", "beta1", "beta2")},

@@ -52,8 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=["fp32", "fp32/gc", "8-bit", "4-bit", "4-bit/gc", "3-bit", "2.75-avg/gc"],
         choices=ARMS,
         metavar="ARM",
-        help="fp32, N-bit (N in 8, 4, 3, 2), or X-avg (X in 3.5, 2.75, 2.5) (a budget of X bits per weight); /gc: with gradient "
-        "checkpointing (every arm against fp32)",
+        help="fp32, N-bit (N in 8, 4, 3, 2), or X-avg (a budget of X bits per weight, X in "
+        "3.5, 2.75, 2.5); /gc: with gradient checkpointing (every arm against fp32)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--num-samples", type=int, default=240, help="instruction records in all")

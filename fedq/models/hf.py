@@ -272,6 +272,30 @@ def base_model(path: str | Path, task: str) -> nn.Module:
     return _base(locate(path), task)
 
 
+def frozen_causal_lm(
+    path: str | Path,
+    bits: int | None = None,
+    group_size: int = 64,
+    budget_mb: float | None = None,
+) -> nn.Module:
+    """The frozen base of a causal LM at ``path``: in full precision, packed as asked
+    (:func:`packed_base`), or, for a directory ``fedq quantize-base`` wrote, packed as it was
+    made (then ``bits`` and ``budget_mb`` must be unset: its widths are its own)."""
+    from fedq.models.lowbit import is_packed_checkpoint, load_packed_checkpoint
+
+    ckpt = locate(path)
+    if ckpt.gguf is None and is_packed_checkpoint(ckpt.root):
+        if bits is not None or budget_mb is not None:
+            raise ConfigError(
+                f"model {PREFIX}{ckpt}: a base packed by fedq quantize-base; leave "
+                "model.base_bits and model.base_budget_mb unset (its widths are its own)"
+            )
+        return load_packed_checkpoint(ckpt.root, _config(ckpt))
+    if bits is None and budget_mb is None:
+        return _base(ckpt, CAUSAL_LM)
+    return packed_base(path, bits, group_size, budget_mb)
+
+
 def packed_base(
     path: str | Path, bits: int | None, group_size: int = 64, budget_mb: float | None = None
 ) -> nn.Module:
@@ -481,7 +505,17 @@ class CausalLMBundle(ModelBundle):
         return out
 
     def merged(self) -> Any:
-        """A copy of the base with the adapters merged in (a plain transformers model)."""
+        """A copy of the base with the adapters merged in (a plain transformers model). A base
+        that is packed as made (``fedq quantize-base``) has no full-precision weights to merge
+        into: a ConfigError."""
+        from fedq.models.lowbit import PackedLinear
+
+        if any(isinstance(m, PackedLinear) for m in self.module.modules()):
+            raise ConfigError(
+                f"--merge needs the full-precision base; {self.base} is a packed one (fedq "
+                "quantize-base): export the adapter and merge it into the checkpoint the base "
+                "was made from"
+            )
         return copy.deepcopy(self.module).merge_and_unload()
 
 
@@ -499,14 +533,12 @@ def build_causal_lm(
     gradient_checkpointing: bool = False,
 ) -> CausalLMBundle:
     """The causal LM at ``path`` with LoRA (PEFT defaults: alpha 2r, the architecture's targets);
-    with ``base_bits`` (or ``base_budget_mb``) its frozen linear weights held packed
-    (:func:`packed_base`), LoRA on top."""
-    packed = base_bits is not None or base_budget_mb is not None
-    module = (
-        packed_base(path, base_bits, base_group_size, base_budget_mb)
-        if packed
-        else base_model(path, CAUSAL_LM)
-    )
+    with ``base_bits`` (or ``base_budget_mb``, or a base packed by ``fedq quantize-base``) its
+    frozen linear weights held packed (:func:`frozen_causal_lm`), LoRA on top."""
+    from fedq.models.lowbit import PackedLinear
+
+    module = frozen_causal_lm(path, base_bits, base_group_size, base_budget_mb)
+    packed = any(isinstance(m, PackedLinear) for m in module.modules())
     cfg = lora_config(
         lora,
         r=lora_r,

@@ -376,6 +376,143 @@ def load_packed_causal_lm(
     return model.eval()
 
 
+# ------------------------------------------------------------------------ a packed base on disk
+
+#: The file ``fedq quantize-base`` writes beside the model's config and tokenizer: the packed
+#: layers' fields and the other weights, with the layers' description in its metadata.
+PACKED_FILE = "fedq-packed-base.safetensors"
+#: Version of that file's layout.
+PACKED_FORMAT = 1
+_FIELDS = ("bits", "scales", "offsets", "payload", "row_scales", "outlier_index", "outlier_values")
+
+
+def is_packed_checkpoint(root: Path) -> bool:
+    """Whether the model directory ``root`` holds a base made by :func:`save_packed`."""
+    return (root / PACKED_FILE).is_file()
+
+
+def save_packed(model: nn.Module, out: Path, *, source_sha256: str) -> dict[str, Any]:
+    """Write ``model``'s weights, its packed layers as they are, to ``out /`` :data:`PACKED_FILE`
+    (tied tensors once); returns the description stored in the file's metadata."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear):
+            p = m.packed
+            for field in _FIELDS:
+                t = getattr(p, field)
+                if t is not None:
+                    tensors[f"{name}.packed.{field}"] = t.contiguous()
+            layers[name] = {
+                "shape": list(p.shape),
+                "dtype": p.dtype,
+                "encoding": p.encoding.value,
+                "granularity": p.granularity.value,
+                "axis": p.axis,
+                "group_size": p.group_size,
+                "symmetric": p.symmetric,
+                "scale_dtype": p.scale_dtype,
+                "version": p.version,
+                "bits": m.bits,
+            }
+    seen: set[int] = set()
+    for key, t in model.state_dict().items():
+        if t.data_ptr() in seen:
+            continue  # tied to a tensor written already (the LM head to the embeddings)
+        seen.add(t.data_ptr())
+        tensors[key] = t.contiguous()
+    info = {
+        "format": PACKED_FORMAT,
+        "layers": layers,
+        "source_sha256": source_sha256,
+        "packed_bytes": packed_bytes(model),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / PACKED_FILE), metadata={"fedq": json.dumps(info)})
+    return info
+
+
+def packed_info(root: Path) -> dict[str, Any]:
+    """The description :func:`save_packed` stored in ``root``'s packed file."""
+    from safetensors import safe_open
+
+    with safe_open(str(root / PACKED_FILE), framework="pt") as f:
+        meta = f.metadata() or {}
+    try:
+        info = json.loads(meta["fedq"])
+    except (KeyError, ValueError):
+        raise ConfigError(f"{root / PACKED_FILE}: not a packed base written by fedq") from None
+    if info.get("format") != PACKED_FORMAT:
+        raise ConfigError(
+            f"{root / PACKED_FILE}: packed base format {info.get('format')!r}; this fedq reads "
+            f"format {PACKED_FORMAT} (make it again with fedq quantize-base)"
+        )
+    return dict(info)
+
+
+def load_packed_checkpoint(root: Path, config: Any) -> nn.Module:
+    """The causal LM of ``config`` from the packed base in ``root`` (:func:`save_packed`), read
+    one tensor at a time; frozen, in eval mode."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from safetensors import safe_open
+
+    from fedq.codec import Encoding
+
+    info = packed_info(root)
+    file = str(root / PACKED_FILE)
+    with init_empty_weights(include_buffers=False):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(file, framework="pt") as f:  # one tensor's pages at a time
+            return f.get_tensor(key).clone()
+
+    with safe_open(file, framework="pt") as f:
+        keys = set(f.keys())
+    layers: dict[str, dict[str, Any]] = info["layers"]
+    for name, desc in layers.items():
+        fields = {k: read(f"{name}.packed.{k}") for k in _FIELDS if f"{name}.packed.{k}" in keys}
+        packed = PackedTensor(
+            shape=tuple(desc["shape"]),
+            dtype=desc["dtype"],
+            encoding=Encoding(desc["encoding"]),
+            granularity=Granularity(desc["granularity"]),
+            axis=int(desc["axis"]),
+            group_size=int(desc["group_size"]),
+            symmetric=bool(desc["symmetric"]),
+            scale_dtype=desc["scale_dtype"],
+            bits=fields["bits"],
+            scales=fields["scales"],
+            offsets=fields.get("offsets"),
+            payload=fields["payload"],
+            row_scales=fields.get("row_scales"),
+            outlier_index=fields.get("outlier_index"),
+            outlier_values=fields.get("outlier_values"),
+            version=int(desc["version"]),
+        )
+        bias = read(f"{name}.bias") if f"{name}.bias" in keys else None
+        parent_name, _, child_name = name.rpartition(".")
+        layer = PackedLinear(packed, bias, bits=int(desc["bits"]))
+        setattr(model.get_submodule(parent_name), child_name, layer)
+    for key in sorted(keys):
+        owner = key.rpartition(".")[0]
+        if ".packed." in key or owner in layers:
+            continue
+        set_module_tensor_to_device(model, key, "cpu", value=read(key))
+    model.tie_weights()
+    missing = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if missing:
+        raise ConfigError(f"{file}: the packed base lacks {missing[:3]}")
+    model.requires_grad_(False)
+    release_freed_memory()
+    return model.eval()
+
+
 # ------------------------------------------------------------------------ LoRA on a packed base
 
 

@@ -46,6 +46,7 @@ def build_split_model(cfg: RunConfig, num_classes: int, device: torch.device) ->
         tiny_layers=sc.tiny_layers,
         lora=m.lora.options(),
         make_boundary=boundary_factory(sc, width),
+        packing=m.packing(),
     )
     return model.to(device)
 

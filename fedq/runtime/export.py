@@ -136,3 +136,52 @@ def _base_name(cfg: Any) -> str:
     """What an adapter names as its base: the directory of an ``hf:`` model, else the name."""
     name = str(cfg.model.name)
     return name.removeprefix("hf:")
+
+
+def quantize_base(
+    model: str,
+    out: str | Path,
+    *,
+    bits: int | None = None,
+    budget_mb: float | None = None,
+    group_size: int = 64,
+) -> dict[str, Any]:
+    """``fedq quantize-base``: the frozen base of causal LM ``model`` (a registered name, or
+    ``hf:PATH``) packed at ``bits`` or within ``budget_mb`` MiB, written to ``out`` as a model
+    directory (config, tokenizer, the packed weights) that ``model.name: hf:OUT`` loads packed
+    on any site, without the full-precision checkpoint and without packing it again."""
+    from collections import Counter
+
+    from fedq.models import hf, model_entry
+    from fedq.models.lowbit import PackedLinear, save_packed
+
+    if (bits is None) == (budget_mb is None):
+        raise ConfigError("fedq quantize-base: give --bits or --budget-mb (one of them)")
+    if bits is not None and not 2 <= bits <= 8:
+        raise ConfigError(f"--bits: must be in 2..8, got {bits}")
+    if budget_mb is not None and not budget_mb > 0:
+        raise ConfigError(f"--budget-mb: must be > 0, got {budget_mb}")
+    entry = model_entry(model)
+    if entry is None or entry.base is None or entry.task != hf.CAUSAL_LM:
+        raise ConfigError(
+            f"fedq quantize-base: {model!r} is not a causal LM with a Hugging Face base "
+            "(hf:PATH, smollm2_instruct)"
+        )
+    source = entry.base()
+    out = Path(out)
+    if (out / "config.json").exists():
+        raise ConfigError(f"{out}: holds a model already; choose an empty folder")
+    module = hf.packed_base(source, bits, group_size, budget_mb)
+    info = save_packed(module, out, source_sha256=hf.fingerprint(source))
+    module.config.save_pretrained(str(out))
+    hf.tokenizer(source).save_pretrained(str(out))
+    widths = Counter(m.bits for m in module.modules() if isinstance(m, PackedLinear))
+    return {
+        "out": str(out),
+        "source": str(source),
+        "source_sha256": info["source_sha256"],
+        "sha256": hf.fingerprint(out),
+        "packed_bytes": info["packed_bytes"],
+        "layers": len(info["layers"]),
+        "widths": dict(sorted(widths.items())),
+    }

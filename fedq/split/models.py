@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -306,9 +306,12 @@ def build_split_model(
     tiny_layers: int = 4,
     make_boundary: Any = None,
     lora: Any = None,
+    packing: Mapping[str, Any] | None = None,
 ) -> SplitModel:
     """Build ``name`` and cut it after block ``cut - 1``. ``make_boundary`` (a callable returning
-    a :class:`SimulatedBoundary`) puts quantizers at every inner boundary (all-boundaries mode)."""
+    a :class:`SimulatedBoundary`) puts quantizers at every inner boundary (all-boundaries mode).
+    ``packing`` (``bits``, ``group_size``, ``budget_mb``; LLaMA-like models): the frozen base's
+    linear layers held packed (:mod:`fedq.models.lowbit`) on both sides of the cut."""
     from fedq.models import model_entry, models_for
 
     entry = model_entry(name)
@@ -323,7 +326,9 @@ def build_split_model(
     elif family == "llama":
         from fedq.models.hf import CausalLMBundle
 
-        full, tokenizer, config = _build_llama(name, seed, lora_r, hidden, tiny_layers, lora)
+        full, tokenizer, config = _build_llama(
+            name, seed, lora_r, hidden, tiny_layers, lora, packing
+        )
         bundle = CausalLMBundle(
             full, tokenizer, name=name, max_length=max_length, base=_llama_base_path(name)
         )
@@ -389,18 +394,33 @@ def _llama_base_path(name: str) -> str:
     return name
 
 
-def _llama_base(name: str, hidden: int, layers: int) -> tuple[nn.Module, Any]:
+def _llama_base(
+    name: str, hidden: int, layers: int, packing: Mapping[str, Any] | None = None
+) -> tuple[nn.Module, Any]:
     """A fresh copy of the frozen base and its tokenizer, every call (a process builds its
-    model once; keeping a pristine copy to clone would hold the base twice)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
+    model once; keeping a pristine copy to clone would hold the base twice); with ``packing``,
+    its linear layers packed (read packed from a Hugging Face checkpoint, else packed after)."""
     if name.startswith("hf:") or name == "smollm2_instruct":
         from fedq.models import hf
         from fedq.models.sources import smollm2_instruct_path
 
         where = name[3:] if name.startswith("hf:") else smollm2_instruct_path()
-        return hf.base_model(where, hf.CAUSAL_LM).eval(), hf.tokenizer(where)
+        return hf.frozen_causal_lm(where, **(packing or {})).eval(), hf.tokenizer(where)
+    if packing is not None:
+        from fedq.models.lowbit import quantize_base
+
+        model, tok = _llama_base(name, hidden, layers)
+        budget = packing.get("budget_mb")
+        quantize_base(
+            model.requires_grad_(False),
+            packing.get("bits"),
+            packing.get("group_size", 64),
+            None if budget is None else budget * 2**20,
+        )
+        return model, tok
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
     if name == "smollm2_lora":
         path = smollm2_fp32_cache()
         tok = AutoTokenizer.from_pretrained(str(path))
@@ -427,16 +447,26 @@ def _llama_base(name: str, hidden: int, layers: int) -> tuple[nn.Module, Any]:
 
 
 def _build_llama(
-    name: str, seed: int, lora_r: int, hidden: int, layers: int, lora: Any = None
+    name: str,
+    seed: int,
+    lora_r: int,
+    hidden: int,
+    layers: int,
+    lora: Any = None,
+    packing: Mapping[str, Any] | None = None,
 ) -> tuple[Any, Any, Any]:
     from fedq.models.hf import attach_lora, lora_config
 
-    model, tok = _llama_base(name, hidden, layers)
+    model, tok = _llama_base(name, hidden, layers, packing)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         config = lora_config(
             lora, r=lora_r, lora_alpha=2 * lora_r, target_modules=("q_proj", "v_proj")
         )
+        from fedq.models.lowbit import PackedLinear, lora_on_packed
+
+        if any(isinstance(m, PackedLinear) for m in model.modules()):
+            config = lora_on_packed(config)
         full = attach_lora(model, config, name)
     full.train()
     return full, tok, model.config

@@ -208,6 +208,44 @@ def test_split_mode_trains_on_the_response_tokens_of_instruction_records(tiny_lm
         encoder.batch(data, torch.tensor([0]))
 
 
+def test_split_mode_holds_a_packed_base_on_both_sides_of_the_cut(tiny_lm: Path) -> None:
+    """``model.base_bits`` in split mode: the blocks of both halves are packed, and the cut model
+    gives the federated packed model's loss (the same packed base, the same adapters)."""
+    from fedq.data.datasets import InstructionDataset
+    from fedq.models.lowbit import PackedLinear
+    from fedq.split.models import build_split_model
+
+    data = InstructionDataset([ALPACA, CHAT, TEXT], "three")
+    packing = {"bits": 4, "group_size": 32, "budget_mb": None}
+    split = build_split_model(
+        f"hf:{tiny_lm}", cut=1, num_classes=1, seed=0, max_length=64, packing=packing
+    )
+    for half in (split.bottom, split.top):
+        assert any(isinstance(m, PackedLinear) for m in half.modules())
+    fed = build_model(
+        f"hf:{tiny_lm}", num_classes=1, seed=0, max_length=64, base_bits=4, base_group_size=32
+    )
+    batch = split.batch(data, torch.tensor([2, 0, 1]))
+    inputs, labels = fed.make_batch(data, torch.tensor([2, 0, 1]))
+    with torch.no_grad():
+        loss, _, _ = split.top(split.bottom(batch), batch["attention_mask"], batch["labels"])
+        want = fed.loss(inputs, labels)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    # a model without a checkpoint (the random test LLaMA) is packed after it is made
+    tiny = build_split_model(
+        "tiny_llama_lora",
+        cut=1,
+        num_classes=1,
+        seed=0,
+        hidden=16,
+        tiny_layers=2,
+        packing={"bits": None, "group_size": 64, "budget_mb": 0.05},
+    )
+    assert any(isinstance(m, PackedLinear) for m in tiny.top.modules())
+    trainable = [n for n, p in tiny.full.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+
+
 def test_a_config_without_architectures_takes_its_task_from_the_model_type() -> None:
     """A config read from a GGUF file records no architectures: a decoder-only model type is a
     causal LM (the packaged SmolLM2 GGUF through ``hf:`` gives the fp32 copy's logits exactly,

@@ -245,9 +245,9 @@ def test_split_mode_instruction_tunes_a_local_causal_lm(
                 "mode": "split",
                 "compression": None,
                 "train": {"optimizer": "adamw"},
-                "model": {"base_bits": 4},
+                "model": {"gradient_checkpointing": True},
             },
-            "model.base_bits: not used in mode 'split'",
+            "model.gradient_checkpointing: not used in mode 'split'",
         ),
     ],
     ids=[
@@ -257,7 +257,7 @@ def test_split_mode_instruction_tunes_a_local_causal_lm(
         "causal-lm-on-labels",
         "split-classifier-on-records",
         "packed-base-classifier",
-        "packed-base-split",
+        "checkpointing-split",
     ],
 )
 def test_what_cannot_train_is_one_error_before_anything_starts(
@@ -403,12 +403,21 @@ def test_shard_writes_each_sites_instruction_records(fedq_cli: Run, tmp_path: Pa
         assert got == [split.train.records[j] for j in idx.tolist()]
 
 
+@pytest.mark.parametrize(
+    ("mode", "packing"),
+    [
+        ("federated", {"base_bits": 4, "gradient_checkpointing": True}),
+        ("split", {"base_budget_mb": 0.02}),
+    ],
+    ids=["federated-4-bit", "split-budget"],
+)
 def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
-    fedq_cli: Run, tmp_path: Path, tiny_lm: Path
+    fedq_cli: Run, tmp_path: Path, tiny_lm: Path, mode: str, packing: dict[str, Any]
 ) -> None:
-    """``model.base_bits: 4``: the frozen linear weights held packed while the adapters train;
-    ``fedq export --merge`` merges the adapter into the full-precision base (what PEFT gives
-    for that base and the adapter)."""
+    """``model.base_bits: 4`` (federated, with gradient checkpointing) and a memory budget
+    (split): the frozen linear weights held packed while the adapters train; ``fedq export
+    --merge`` merges the adapter into the full-precision base (what PEFT gives for that base and
+    the adapter)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -417,20 +426,23 @@ def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
     from fedq.models.hf import encode_records, tokenizer
 
     data = _jsonl(tmp_path / "train.jsonl", _records(24))
+    split = {"mode": "split", "compression": None, "split": {"cut": 1, "local_steps": 2}}
     scenario = _scenario(
         tmp_path,
         f"hf:{tiny_lm}",
         f"jsonl:{data}",
-        model={"base_bits": 4},
+        model=packing,
         rounds={"count": 1},
         runtime={"backend": "inprocess"},
+        **(split if mode == "split" else {}),
     )
     run = tmp_path / "run"
     done = fedq_cli("simulate", str(scenario), "--out", str(run), "-q")
     assert done.returncode == 0, done.stdout + done.stderr
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["perplexity"] > 1
-    assert json.loads((run / "config.json").read_text())["model"]["base_bits"] == 4
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["mode"] == mode and all(saved["model"][k] == v for k, v in packing.items())
     merged = tmp_path / "merged"
     done = fedq_cli("export", str(run), "--merge", "--out", str(merged))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -439,3 +451,48 @@ def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
     want = PeftModel.from_pretrained(base, str(run / "adapter")).eval()(**inputs).logits
     got = AutoModelForCausalLM.from_pretrained(str(merged)).eval()(**inputs).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_base_writes_a_packed_base_that_runs_as_a_model(
+    fedq_cli: Run, tmp_path: Path, tiny_lm: Path
+) -> None:
+    """``fedq quantize-base``: a model directory whose base loads packed (the same layers as
+    packing the checkpoint on the site), with its own fingerprint; a run fine-tunes on it and
+    exports its adapter; ``--merge`` is refused with the reason (no full-precision base)."""
+    import torch
+
+    from fedq.errors import ConfigError
+    from fedq.models.hf import fingerprint, frozen_causal_lm, packed_base
+
+    out = tmp_path / "packed"
+    done = fedq_cli(
+        "quantize-base", f"hf:{tiny_lm}", "--bits", "4", "--group-size", "32", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "14 linear layers packed (14 at 4 bits)" in done.stdout
+    assert f"use it as model.name: hf:{out}" in done.stdout
+    assert fingerprint(out) in done.stdout and fingerprint(tiny_lm) in done.stdout
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        got = frozen_causal_lm(out)(ids).logits
+        want = packed_base(tiny_lm, 4, 32)(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match=r"leave model\.base_bits and"):
+        frozen_causal_lm(out, bits=4)
+    again = fedq_cli("quantize-base", f"hf:{tiny_lm}", "--bits", "4", "--out", str(out))
+    assert again.returncode != 0 and "holds a model already" in again.stderr
+    data = _jsonl(tmp_path / "train.jsonl", _records(24))
+    scenario = _scenario(
+        tmp_path,
+        f"hf:{out}",
+        f"jsonl:{data}",
+        rounds={"count": 1},
+        runtime={"backend": "inprocess"},
+    )
+    run = tmp_path / "run"
+    done = fedq_cli("simulate", str(scenario), "--out", str(run), "-q")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    done = fedq_cli("export", str(run), "--merge", "--out", str(tmp_path / "merged"))
+    assert done.returncode != 0
+    assert "--merge needs the full-precision base" in done.stderr
