@@ -30,18 +30,35 @@ ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = ROOT / "scenarios" / "smollm2_instruct_lora.yaml"
 #: fixed widths: arm name -> model.base_bits (None: the fp32 base)
 WIDTHS: dict[str, int | None] = {"fp32": None, "8-bit": 8, "4-bit": 4, "3-bit": 3, "2-bit": 2}
-#: budgets: arm name -> average bits per packed weight, scales and widths included
-#: (model.base_budget_mb = that many bits for each weight of the packed linear layers)
-BUDGETS: dict[str, float] = {"3.5-avg": 3.5, "2.75-avg": 2.75, "2.5-avg": 2.5}
-ARMS = [*WIDTHS, *BUDGETS]
-ARMS += [f"{a}/gc" for a in ARMS]
+#: A budget arm is ``X-avg``: model.base_budget_mb set to X bits for each weight of the packed
+#: linear layers (scales and widths included), e.g. ``2.75-avg``.
+BUDGET_SUFFIX = "-avg"
 
 
 def arm_settings(arm: str) -> tuple[int | None, float | None, bool]:
     """``(model.base_bits, average bits of a budget, model.gradient_checkpointing)`` of an
-    arm (``/gc``: with gradient checkpointing)."""
+    arm: ``fp32``, ``N-bit`` or ``X-avg``, with ``/gc`` for gradient checkpointing."""
     width, _, gc = arm.partition("/")
-    return WIDTHS.get(width), BUDGETS.get(width), gc == "gc"
+    if gc not in ("", "gc"):
+        raise ValueError(arm)
+    if width in WIDTHS:
+        return WIDTHS[width], None, gc == "gc"
+    if width.endswith(BUDGET_SUFFIX):
+        avg = float(width.removesuffix(BUDGET_SUFFIX))
+        if 2 <= avg <= 9:
+            return None, avg, gc == "gc"
+    raise ValueError(arm)
+
+
+def _arm(text: str) -> str:
+    try:
+        arm_settings(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: an arm is fp32, N-bit (N in 8, 4, 3, 2) or X-avg (X bits per weight, "
+            "2 to 9), optionally with /gc"
+        ) from None
+    return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,10 +67,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--arms",
         nargs="+",
         default=["fp32", "fp32/gc", "8-bit", "4-bit", "4-bit/gc", "3-bit", "2.75-avg/gc"],
-        choices=ARMS,
+        type=_arm,
         metavar="ARM",
-        help="fp32, N-bit (N in 8, 4, 3, 2), or X-avg (a budget of X bits per weight, X in "
-        "3.5, 2.75, 2.5); /gc: with gradient checkpointing (every arm against fp32)",
+        help="fp32, N-bit (N in 8, 4, 3, 2), or X-avg (a budget of X bits per weight, scales "
+        "included); /gc: with gradient checkpointing (every arm against fp32)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--num-samples", type=int, default=240, help="instruction records in all")

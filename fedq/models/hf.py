@@ -296,22 +296,54 @@ def frozen_causal_lm(
     return packed_base(path, bits, group_size, budget_mb)
 
 
+#: Generator seed of the instruction records a memory budget is calibrated on (not the seed of
+#: the packaged ``instructions`` data set's records, 1234).
+CALIBRATION_SEED = 20261207
+CALIBRATION_RECORDS = 32
+
+
+def calibration_moments(path: str | Path) -> dict[str, torch.Tensor]:
+    """Each packed layer's input second moments (:func:`fedq.models.lowbit.input_moments`) for
+    the causal LM at ``path``, over :data:`CALIBRATION_RECORDS` generated instruction records,
+    with the base packed at 8 bits (close to full precision, a quarter of its memory). The same
+    on every site: the records come from a fixed seed."""
+    from fedq.data.instruct import instruction_records
+    from fedq.models.lowbit import input_moments, release_freed_memory
+
+    model = packed_base(path, 8)
+    tok = tokenizer(path)
+    records = instruction_records(CALIBRATION_RECORDS, CALIBRATION_SEED)
+    batches = []
+    for start in range(0, len(records), 8):
+        inputs, _ = encode_records(tok, records[start : start + 8], 64)
+        batches.append(inputs)
+    try:
+        return input_moments(model, batches)
+    finally:
+        del model
+        release_freed_memory()
+
+
 def packed_base(
     path: str | Path, bits: int | None, group_size: int = 64, budget_mb: float | None = None
 ) -> nn.Module:
     """The causal LM at ``path`` with its frozen linear layers packed to ``bits``, or within
-    ``budget_mb`` MiB (:mod:`fedq.models.lowbit`): read packed tensor by tensor from a
+    ``budget_mb`` MiB (:mod:`fedq.models.lowbit`; a budget's errors weighted by the layers'
+    input moments, :func:`calibration_moments`): read packed tensor by tensor from a
     safetensors checkpoint, or, for other checkpoints, loaded whole and then packed."""
     from fedq.models.lowbit import load_packed_causal_lm, quantize_base
 
     ckpt = locate(path)
     budget = None if budget_mb is None else budget_mb * 2**20
+    moments = None if budget is None else calibration_moments(path)
     if ckpt.gguf is None:
-        model = load_packed_causal_lm(ckpt.root, _config(ckpt), bits, group_size, budget)
+        model = load_packed_causal_lm(
+            ckpt.root, _config(ckpt), bits, group_size, budget, moments=moments
+        )
         if model is not None:
             return model
     model = _base(ckpt, CAUSAL_LM).requires_grad_(False)
-    quantize_base(model, bits, group_size, budget)
+    quantize_base(model, bits, group_size, budget, moments=moments)
     return model
 
 

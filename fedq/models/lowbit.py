@@ -71,22 +71,57 @@ BUDGET_WIDTHS = tuple(Width(b, g) for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 
 SAMPLE_ROWS = 64
 
 
-def width_options(weight: torch.Tensor) -> list[tuple[int, float]]:
-    """``(packed bytes, squared reconstruction error)`` of ``weight`` at each of
-    :data:`BUDGET_WIDTHS`: the bytes exactly (payload and metadata), the error measured on every
-    k-th row (at most :data:`SAMPLE_ROWS` rows) and scaled to the whole matrix."""
+def width_options(
+    weight: torch.Tensor, moments: torch.Tensor | None = None
+) -> list[tuple[int, float]]:
+    """``(packed bytes, error)`` of ``weight`` at each of :data:`BUDGET_WIDTHS`: the bytes
+    exactly (payload and metadata), the error measured on every k-th row (at most
+    :data:`SAMPLE_ROWS` rows) and scaled to the whole matrix. The error is the squared
+    reconstruction error, each column weighted by ``moments`` (the mean square of that input
+    feature, :func:`input_moments`) when given: then it estimates ``E ||(W - Q) x||^2``, the
+    error the layer's output takes, rather than the weights'."""
     w = weight.detach().float().cpu()
     sample = w[:: max(1, w.shape[0] // SAMPLE_ROWS)]
+    weights = None if moments is None else moments.float().cpu().reshape(1, -1)
     out = []
     for width in BUDGET_WIDTHS:
         spec = _spec(width.group_size)
         p = quantize(sample, width.bits, spec)
-        err = float((dequantize(p) - sample).square().sum()) * w.shape[0] / sample.shape[0]
+        sq = (dequantize(p) - sample).square()
+        if weights is not None:
+            sq = sq * weights
+        err = float(sq.sum()) * w.shape[0] / sample.shape[0]
         full, part = spec.layout_for(tuple(w.shape)), spec.layout_for(tuple(sample.shape))
         widths = torch.full((full.num_blocks,), width.bits, dtype=torch.uint8)
         meta = p.metadata_nbytes // part.num_blocks * full.num_blocks  # the same per block
         out.append((expected_payload_nbytes(full, widths) + meta, err))
     return out
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, batches: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The mean square of each input feature of every linear layer a packed base packs, over
+    the tokens of ``batches`` (keyword inputs of ``model``): by layer name, a vector of
+    ``in_features`` values (the diagonal of the inputs' second-moment matrix)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, PackedLinear) or (type(m) is nn.Linear and not kept(name)):
+
+            def record(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                sums[name] = sums.get(name, 0) + x.square().sum(dim=0)
+                counts[name] = counts.get(name, 0) + x.shape[0]
+
+            hooks.append(m.register_forward_hook(record))
+    try:
+        for batch in batches:
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: sums[n] / max(counts[n], 1) for n in sums}
 
 
 def allocate(
@@ -133,17 +168,19 @@ def plan_widths(
     bits: int | None,
     group_size: int = 64,
     budget_bytes: float | None = None,
+    moments: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Width]:
     """The width of each of the weights ``names``: ``bits`` and ``group_size`` for all, or
     (``budget_bytes``) the allocation of :func:`allocate`, which reads each weight (``read``) to
-    measure its error at every width."""
+    measure its error at every width (weighted by its inputs' ``moments`` where given)."""
     if budget_bytes is None:
         if bits is None:
             raise ConfigError("a packed base needs model.base_bits or model.base_budget_mb")
         if not 2 <= bits <= 8:
             raise ConfigError(f"model.base_bits: must be in 2..8, got {bits}")
         return {name: Width(bits, group_size) for name in names}
-    return allocate({name: width_options(read(name)) for name in names}, budget_bytes)
+    m = moments or {}
+    return allocate({n: width_options(read(n), m.get(n)) for n in names}, budget_bytes)
 
 
 def _spec(group_size: int) -> QuantSpec:
@@ -219,6 +256,7 @@ def quantize_base(
     bits: int | None,
     group_size: int = 64,
     budget_bytes: float | None = None,
+    moments: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, int]:
     """Replace every frozen ``nn.Linear`` of ``model`` (not those named in :data:`KEEP`, not
     trainable ones such as LoRA's A and B) by a :class:`PackedLinear`, at ``bits`` or within
@@ -236,6 +274,7 @@ def quantize_base(
         bits=bits,
         group_size=group_size,
         budget_bytes=budget_bytes,
+        moments=moments,
     )
     fp32 = packed = 0
     for full, (parent, child_name, child) in swaps.items():
@@ -307,6 +346,7 @@ def load_packed_causal_lm(
     bits: int | None,
     group_size: int = 64,
     budget_bytes: float | None = None,
+    moments: Mapping[str, torch.Tensor] | None = None,
 ) -> nn.Module | None:
     """The causal LM of ``config`` with its weights read from the safetensors checkpoint at
     ``root``, every frozen linear layer (not :data:`KEEP`) packed as its weight is read, at
@@ -351,6 +391,7 @@ def load_packed_causal_lm(
         bits=bits,
         group_size=group_size,
         budget_bytes=budget_bytes,
+        moments=moments,
     )
     for key in where:
         if key in weight_of:

@@ -211,3 +211,23 @@ def test_the_loss_runs_the_lm_head_only_where_a_token_is_labelled(tiny_lm: Path)
         grads.append([p.grad.clone() for p in bundle.module.parameters() if p.grad is not None])
     for got, want in zip(*grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_budget_weighs_each_matrix_error_by_its_inputs(tiny_lm: Path) -> None:
+    """Calibration: each packed layer's input second moments (the same on every call: fixed
+    records), and option errors weighted by them (all-ones moments give the plain error)."""
+    from fedq.models.hf import calibration_moments
+    from fedq.models.lowbit import width_options
+
+    moments = calibration_moments(tiny_lm)
+    assert len(moments) == 14 and all(m.shape in ((32,), (64,)) for m in moments.values())
+    assert all(bool((m >= 0).all()) and float(m.sum()) > 0 for m in moments.values())
+    again = calibration_moments(tiny_lm)
+    assert all(torch.equal(again[n], m) for n, m in moments.items())
+    torch.manual_seed(0)
+    w = torch.randn(16, 64)
+    plain = width_options(w)
+    assert width_options(w, torch.ones(64)) == plain
+    half = torch.cat([torch.ones(32), torch.zeros(32)])
+    for (b1, e1), (b2, e2) in zip(width_options(w, half), plain, strict=True):
+        assert b1 == b2 and 0 < e1 < e2

@@ -403,21 +403,13 @@ def test_shard_writes_each_sites_instruction_records(fedq_cli: Run, tmp_path: Pa
         assert got == [split.train.records[j] for j in idx.tolist()]
 
 
-@pytest.mark.parametrize(
-    ("mode", "packing"),
-    [
-        ("federated", {"base_bits": 4, "gradient_checkpointing": True}),
-        ("split", {"base_budget_mb": 0.02}),
-    ],
-    ids=["federated-4-bit", "split-budget"],
-)
 def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
-    fedq_cli: Run, tmp_path: Path, tiny_lm: Path, mode: str, packing: dict[str, Any]
+    fedq_cli: Run, tmp_path: Path, tiny_lm: Path
 ) -> None:
-    """``model.base_bits: 4`` (federated, with gradient checkpointing) and a memory budget
-    (split): the frozen linear weights held packed while the adapters train; ``fedq export
-    --merge`` merges the adapter into the full-precision base (what PEFT gives for that base and
-    the adapter)."""
+    """A memory budget for the base (``model.base_budget_mb``, with gradient checkpointing):
+    the frozen linear weights held packed while the adapters train; ``fedq export --merge``
+    merges the adapter into the full-precision base (what PEFT gives for that base and the
+    adapter). (``model.base_bits`` and split mode: the ``quantize-base`` test below.)"""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -426,7 +418,7 @@ def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
     from fedq.models.hf import encode_records, tokenizer
 
     data = _jsonl(tmp_path / "train.jsonl", _records(24))
-    split = {"mode": "split", "compression": None, "split": {"cut": 1, "local_steps": 2}}
+    packing = {"base_budget_mb": 0.02, "gradient_checkpointing": True}
     scenario = _scenario(
         tmp_path,
         f"hf:{tiny_lm}",
@@ -434,7 +426,6 @@ def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
         model=packing,
         rounds={"count": 1},
         runtime={"backend": "inprocess"},
-        **(split if mode == "split" else {}),
     )
     run = tmp_path / "run"
     done = fedq_cli("simulate", str(scenario), "--out", str(run), "-q")
@@ -442,7 +433,7 @@ def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["perplexity"] > 1
     saved = json.loads((run / "config.json").read_text())
-    assert saved["mode"] == mode and all(saved["model"][k] == v for k, v in packing.items())
+    assert all(saved["model"][k] == v for k, v in packing.items())
     merged = tmp_path / "merged"
     done = fedq_cli("export", str(run), "--merge", "--out", str(merged))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -457,8 +448,9 @@ def test_quantize_base_writes_a_packed_base_that_runs_as_a_model(
     fedq_cli: Run, tmp_path: Path, tiny_lm: Path
 ) -> None:
     """``fedq quantize-base``: a model directory whose base loads packed (the same layers as
-    packing the checkpoint on the site), with its own fingerprint; a run fine-tunes on it and
-    exports its adapter; ``--merge`` is refused with the reason (no full-precision base)."""
+    packing the checkpoint on the site), with its own fingerprint; a split run fine-tunes on it
+    (both halves packed) and exports its adapter; ``--merge`` is refused with the reason (no
+    full-precision base)."""
     import torch
 
     from fedq.errors import ConfigError
@@ -486,6 +478,10 @@ def test_quantize_base_writes_a_packed_base_that_runs_as_a_model(
         tmp_path,
         f"hf:{out}",
         f"jsonl:{data}",
+        mode="split",
+        compression=None,
+        split={"cut": 1, "local_steps": 2},
+        train={"optimizer": "adamw"},
         rounds={"count": 1},
         runtime={"backend": "inprocess"},
     )
