@@ -517,29 +517,41 @@ def load_packed_checkpoint(root: Path, config: Any) -> nn.Module:
         keys = set(f.keys())
     layers: dict[str, dict[str, Any]] = info["layers"]
     for name, desc in layers.items():
-        fields = {k: read(f"{name}.packed.{k}") for k in _FIELDS if f"{name}.packed.{k}" in keys}
-        packed = PackedTensor(
-            shape=tuple(desc["shape"]),
-            dtype=desc["dtype"],
-            encoding=Encoding(desc["encoding"]),
-            granularity=Granularity(desc["granularity"]),
-            axis=int(desc["axis"]),
-            group_size=int(desc["group_size"]),
-            symmetric=bool(desc["symmetric"]),
-            scale_dtype=desc["scale_dtype"],
-            bits=fields["bits"],
-            scales=fields["scales"],
-            offsets=fields.get("offsets"),
-            payload=fields["payload"],
-            row_scales=fields.get("row_scales"),
-            outlier_index=fields.get("outlier_index"),
-            outlier_values=fields.get("outlier_values"),
-            version=int(desc["version"]),
-        )
-        bias = read(f"{name}.bias") if f"{name}.bias" in keys else None
-        parent_name, _, child_name = name.rpartition(".")
-        layer = PackedLinear(packed, bias, bits=int(desc["bits"]))
-        setattr(model.get_submodule(parent_name), child_name, layer)
+        try:
+            present = [k for k in _FIELDS if f"{name}.packed.{k}" in keys]
+            fields = {k: read(f"{name}.packed.{k}") for k in present}
+            packed = PackedTensor(
+                shape=tuple(desc["shape"]),
+                dtype=desc["dtype"],
+                encoding=Encoding(desc["encoding"]),
+                granularity=Granularity(desc["granularity"]),
+                axis=int(desc["axis"]),
+                group_size=int(desc["group_size"]),
+                symmetric=bool(desc["symmetric"]),
+                scale_dtype=desc["scale_dtype"],
+                bits=fields["bits"],
+                scales=fields["scales"],
+                offsets=fields.get("offsets"),
+                payload=fields["payload"],
+                row_scales=fields.get("row_scales"),
+                outlier_index=fields.get("outlier_index"),
+                outlier_values=fields.get("outlier_values"),
+                version=int(desc["version"]),
+            )
+            layout = packed.layout
+            if not (
+                packed.bits.numel() == packed.scales.numel() == layout.num_blocks
+                and packed.payload.numel() == expected_payload_nbytes(layout, packed.bits)
+            ):
+                raise ConfigError(f"{file}: layer {name}'s packed fields do not match its shape")
+            bias = read(f"{name}.bias") if f"{name}.bias" in keys else None
+            parent_name, _, child_name = name.rpartition(".")
+            layer = PackedLinear(packed, bias, bits=int(desc["bits"]))
+            setattr(model.get_submodule(parent_name), child_name, layer)
+        except ConfigError:
+            raise
+        except (KeyError, AttributeError, ValueError, TypeError) as e:
+            raise ConfigError(f"{file}: layer {name} cannot be rebuilt ({e!r})") from None
     for key in sorted(keys):
         owner = key.rpartition(".")[0]
         if ".packed." in key or owner in layers:

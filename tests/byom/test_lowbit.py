@@ -231,3 +231,44 @@ def test_a_budget_weighs_each_matrix_error_by_its_inputs(tiny_lm: Path) -> None:
     half = torch.cat([torch.ones(32), torch.zeros(32)])
     for (b1, e1), (b2, e2) in zip(width_options(w, half), plain, strict=True):
         assert b1 == b2 and 0 < e1 < e2
+
+
+def test_a_packed_base_on_disk_round_trips_and_a_damaged_one_is_refused(
+    tiny_lm: Path, tmp_path: Path
+) -> None:
+    """:func:`save_packed` / :func:`load_packed_checkpoint`: the same layers back, bit for bit;
+    a file whose fields do not fit a layer's shape, or that lacks one, is a ConfigError naming
+    it."""
+    import json as json_
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fedq.models.lowbit import PACKED_FILE, load_packed_checkpoint, save_packed
+
+    model = load_packed_causal_lm(tiny_lm, model_config(tiny_lm), 3, 32)
+    assert model is not None
+    info = save_packed(model, tmp_path, source_sha256="abc")
+    assert info["source_sha256"] == "abc" and len(info["layers"]) == 14
+    back = load_packed_checkpoint(tmp_path, model_config(tiny_lm))
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    with safe_open(str(tmp_path / PACKED_FILE), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    name = sorted(info["layers"])[0]
+    for damage in ("truncate", "drop"):
+        bad = dict(tensors)
+        key = f"{name}.packed.payload"
+        if damage == "truncate":
+            bad[key] = bad[key][:-1].clone()
+        else:
+            del bad[key]
+        save_file(bad, str(tmp_path / PACKED_FILE), metadata=meta)
+        with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+            load_packed_checkpoint(tmp_path, model_config(tiny_lm))
+    future = {**json_.loads(meta["fedq"]), "format": 99}
+    save_file(tensors, str(tmp_path / PACKED_FILE), metadata={"fedq": json_.dumps(future)})
+    with pytest.raises(ConfigError, match="make it again with fedq quantize-base"):
+        load_packed_checkpoint(tmp_path, model_config(tiny_lm))
