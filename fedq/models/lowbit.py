@@ -574,7 +574,8 @@ class PackedLoraLinear(_LoraLinear):
     known layer types only; everything else is PEFT's)."""
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return int(module.in_features), int(module.out_features)
+        assert isinstance(module, PackedLinear)
+        return module.in_features, module.out_features
 
 
 def lora_on_packed(config: Any) -> Any:

@@ -171,7 +171,7 @@ def quantize_base(
     out = Path(out)
     if (out / "config.json").exists():
         raise ConfigError(f"{out}: holds a model already; choose an empty folder")
-    module = hf.packed_base(source, bits, group_size, budget_mb)
+    module: Any = hf.packed_base(source, bits, group_size, budget_mb)
     info = save_packed(module, out, source_sha256=hf.fingerprint(source))
     module.config.save_pretrained(str(out))
     hf.tokenizer(source).save_pretrained(str(out))
