@@ -13,13 +13,14 @@ gradient, so no fp32 copy of a weight outlives the layer's call. LoRA, norms, em
 model's skeleton is made without weights (accelerate's empty initialisation), and the checkpoint is
 read one tensor at a time, each frozen linear weight packed as it is read, so the whole base never
 exists in fp32 (peak: the packed base, the unpacked tensors, and one fp32 matrix). LoRA then goes
-on top through PEFT (:class:`PackedLoraLinear` is PEFT's own LoRA linear layer, told how to read a
+on top through PEFT (:func:`packed_lora_linear` is PEFT's own LoRA linear layer, told how to read a
 packed layer's shape), in the same module order and so with the same initialisation as on the
 full-precision base.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora.layer import Linear as _LoraLinear
 from torch import nn
 
 from fedq.codec import Granularity, PackedTensor, QuantSpec, dequantize, quantize
@@ -569,17 +569,23 @@ def load_packed_checkpoint(root: Path, config: Any) -> nn.Module:
 # ------------------------------------------------------------------------ LoRA on a packed base
 
 
-class PackedLoraLinear(_LoraLinear):
-    """PEFT's LoRA linear layer around a :class:`PackedLinear` (PEFT reads a layer's shape from
-    known layer types only; everything else is PEFT's)."""
+@functools.cache
+def packed_lora_linear() -> type:
+    """PEFT's LoRA linear layer for a :class:`PackedLinear` base layer: PEFT's own class, told
+    how to read a packed layer's shape (PEFT reads it from known layer types only). Made on
+    first use, as PEFT is imported only when a model needs it."""
+    from peft.tuners.lora.layer import Linear
 
-    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        assert isinstance(module, PackedLinear)
-        return module.in_features, module.out_features
+    class PackedLoraLinear(Linear):
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            assert isinstance(module, PackedLinear)
+            return module.in_features, module.out_features
+
+    return PackedLoraLinear
 
 
 def lora_on_packed(config: Any) -> Any:
     """``config`` (PEFT's ``LoraConfig``) told to wrap :class:`PackedLinear` layers with
-    :class:`PackedLoraLinear`."""
-    config._register_custom_module({PackedLinear: PackedLoraLinear})
+    :func:`packed_lora_linear`'s class."""
+    config._register_custom_module({PackedLinear: packed_lora_linear()})
     return config
