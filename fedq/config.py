@@ -128,6 +128,9 @@ class ModelConfig:
     # causal LMs in federated mode: keep only each decoder layer's input for the backward pass
     # and recompute the rest (transformers' gradient checkpointing): less memory, more time
     gradient_checkpointing: bool = False
+    # with a packed base: LoRA starts as the rank-r part of each adapted matrix that packing
+    # loses (LQ-LoRA's decomposition W ~ Q + BA, fedq.models.lowbit.lowrank_init), not at zero
+    base_lowrank_init: bool = False
 
     def build_options(self) -> dict[str, Any]:
         """What every model builder gets (``fedq.models.build_model``); ``model.lora.r``, when
@@ -142,6 +145,7 @@ class ModelConfig:
             "base_group_size": self.base_group_size,
             "base_budget_mb": self.base_budget_mb,
             "gradient_checkpointing": self.gradient_checkpointing,
+            "base_lowrank_init": self.base_lowrank_init,
         }
 
     def check(self) -> Problems:
@@ -163,6 +167,11 @@ class ModelConfig:
                 p.append("model.base_budget_mb: set it or model.base_bits, not both")
             if not self.base_budget_mb > 0:
                 p.append(f"model.base_budget_mb: must be > 0, got {self.base_budget_mb}")
+        if self.base_lowrank_init and not self.packed_base:
+            p.append(
+                "model.base_lowrank_init: starts LoRA from what packing the base loses; set "
+                "model.base_bits or model.base_budget_mb too"
+            )
         return p
 
     @property
@@ -772,6 +781,7 @@ SPLIT_RULES = ModeRules(
         "defence": "update checks and robust aggregation of federated updates",
         "data.site_holdout": "evaluation on the sites' own rows is federated mode's so far",
         "model.gradient_checkpointing": "gradient checkpointing is federated mode's so far",
+        "model.base_lowrank_init": "LoRA from the packing residual is federated mode's so far",
         "train.local_epochs": "mode 'split' runs split.local_steps steps per round",
         **{f"fed.{k}": _FEDPROX_FEDADAM for k in ("proximal_mu", "server_lr", "beta1", "beta2")},
         "fed.tau": _FEDPROX_FEDADAM,

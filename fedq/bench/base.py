@@ -2,14 +2,17 @@
 
 One site fine-tunes the causal LM (SmolLM2-135M-Instruct, or ``--model hf:PATH``) with LoRA on the
 shipped instruction-tuning scenario's data and settings, the same steps in every arm, each arm
-and seed in a fresh process: the base in fp32, or its frozen linear layers packed to 8, 4 or 3
-bits (``--arms``). Per arm and seed: the peak resident memory of the site process (the kernel's
-high-water mark, ``VmHWM``), the part of it above the process after its imports (torch,
-transformers and fedq loaded, no model: what the model, its data and its training take), the
-bytes of the base's linear weights as held, seconds per training step, and held-out perplexity
-before and after the fine-tuning. Seeds are paired: a seed gives every arm the same data, holdout
-and LoRA initialisation. The table gives each arm's mean against the fp32 arm, and the
-seed-to-seed spread (standard deviation) of the fp32 arm's final perplexity.
+and seed in a fresh process (``--arms``): the base in fp32, its frozen linear layers packed at
+8, 4, 3 or 2 bits (``N-bit``), or within a budget of X bits per weight (``X-avg``,
+``model.base_budget_mb``); ``/gc`` adds gradient checkpointing, ``/lq`` starts LoRA from what
+packing loses (``model.base_lowrank_init``). Per arm and seed: the peak resident memory of the
+site process (the kernel's high-water mark, ``VmHWM``) while loading the model and while training
+it (the held-out evaluations, the server's work in a run, are left out), that peak above the
+process after its imports and data, the bytes of the base's linear weights as held, seconds per
+training step, and held-out perplexity before and after the fine-tuning. Seeds are paired: a seed
+gives every arm the same data, holdout and LoRA initialisation. The table gives each arm's mean
+against the fp32 arm, and the seed-to-seed spread (standard deviation) of the fp32 arm's final
+perplexity.
 """
 
 from __future__ import annotations
@@ -35,18 +38,20 @@ WIDTHS: dict[str, int | None] = {"fp32": None, "8-bit": 8, "4-bit": 4, "3-bit": 
 BUDGET_SUFFIX = "-avg"
 
 
-def arm_settings(arm: str) -> tuple[int | None, float | None, bool]:
-    """``(model.base_bits, average bits of a budget, model.gradient_checkpointing)`` of an
-    arm: ``fp32``, ``N-bit`` or ``X-avg``, with ``/gc`` for gradient checkpointing."""
-    width, _, gc = arm.partition("/")
-    if gc not in ("", "gc"):
+def arm_settings(arm: str) -> tuple[int | None, float | None, bool, bool]:
+    """``(model.base_bits, average bits of a budget, model.gradient_checkpointing,
+    model.base_lowrank_init)`` of an arm: ``fp32``, ``N-bit`` or ``X-avg``, then any of ``/gc``
+    (gradient checkpointing) and ``/lq`` (LoRA started from the packing residual)."""
+    width, *flags = arm.split("/")
+    if not set(flags) <= {"gc", "lq"} or len(set(flags)) < len(flags):
         raise ValueError(arm)
-    if width in WIDTHS:
-        return WIDTHS[width], None, gc == "gc"
+    gc, lq = "gc" in flags, "lq" in flags
+    if width in WIDTHS and not (lq and WIDTHS[width] is None):
+        return WIDTHS[width], None, gc, lq
     if width.endswith(BUDGET_SUFFIX):
         avg = float(width.removesuffix(BUDGET_SUFFIX))
         if 2 <= avg <= 9:
-            return None, avg, gc == "gc"
+            return None, avg, gc, lq
     raise ValueError(arm)
 
 
@@ -56,7 +61,7 @@ def _arm(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: an arm is fp32, N-bit (N in 8, 4, 3, 2) or X-avg (X bits per weight, "
-            "2 to 9), optionally with /gc"
+            "2 to 9), optionally with /gc and (packed) /lq"
         ) from None
     return text
 
@@ -70,7 +75,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_arm,
         metavar="ARM",
         help="fp32, N-bit (N in 8, 4, 3, 2), or X-avg (a budget of X bits per weight, scales "
-        "included); /gc: with gradient checkpointing (every arm against fp32)",
+        "included); /gc: with gradient checkpointing; /lq: LoRA started from what packing "
+        "loses (every arm against fp32)",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--num-samples", type=int, default=240, help="instruction records in all")
@@ -105,6 +111,7 @@ def site(
     group_size: int,
     avg_bits: float | None = None,
     checkpointing: bool = False,
+    lowrank: bool = False,
 ) -> dict[str, Any]:
     """One site's fine-tuning in this process (a fresh one: its peak memory is the arm's). The
     site's peak is the larger of two phases: loading the model, and training it; the held-out
@@ -128,6 +135,7 @@ def site(
         f"model.base_group_size={group_size}",
         "model.sample_prompts=[]",
         f"model.gradient_checkpointing={str(checkpointing).lower()}",
+        f"model.base_lowrank_init={str(lowrank).lower()}",
     ]
     if bits is not None:
         overrides.append(f"model.base_bits={bits}")
@@ -165,6 +173,7 @@ def site(
         "bits": bits,
         "avg_bits_budget": avg_bits,
         "gradient_checkpointing": checkpointing,
+        "base_lowrank_init": lowrank,
         "seed": seed,
         "perplexity_before": before,
         "perplexity_after": after,
@@ -183,12 +192,13 @@ def site(
 
 
 def _child(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    bits, avg_bits, checkpointing = arm_settings(arm)
+    bits, avg_bits, checkpointing, lowrank = arm_settings(arm)
     spec = {
         "model": args.model,
         "bits": bits,
         "avg_bits": avg_bits,
         "checkpointing": checkpointing,
+        "lowrank": lowrank,
         "seed": seed,
         "num_samples": args.num_samples,
         "epochs": args.epochs,

@@ -459,6 +459,8 @@ class CausalLMBundle(ModelBundle):
         self.tokenizer = tok
         self.max_length = max_length
         self.base = base  # what PeftModel.from_pretrained(base, adapter) loads the base from
+        #: each LoRA layer's starting (A, B) when it started from a packing residual
+        self.lowrank_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
@@ -528,27 +530,62 @@ class CausalLMBundle(ModelBundle):
 
     def save_adapter(self, out: str | Path) -> Path:
         """The adapter in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``,
-        loadable with ``PeftModel.from_pretrained(base, out)``) and the tokenizer."""
+        loadable with ``PeftModel.from_pretrained(base, out)``) and the tokenizer. An adapter
+        that started from a packing residual (``model.base_lowrank_init``) is written for the
+        full-precision base: at rank 2r, ``[B, -B0] [A; A0]`` at the same scale, so the base gets
+        exactly what training added, ``scaling * (B A - B0 A0)``."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        self.module.peft_config["default"].base_model_name_or_path = self.base
-        self.module.save_pretrained(str(out), save_embedding_layers=False)
+        config = self.module.peft_config["default"]
+        config.base_model_name_or_path = self.base
+        if not self.lowrank_start:
+            self.module.save_pretrained(str(out), save_embedding_layers=False)
+        else:
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            state = get_peft_model_state_dict(self.module, save_embedding_layers=False)
+            for key in list(state):
+                owner, _, part = key.removeprefix("base_model.model.").partition(".lora_")
+                if owner not in self.lowrank_start:
+                    continue
+                a0, b0 = self.lowrank_start[owner]
+                if part.startswith("A."):
+                    state[key] = torch.cat([state[key], a0], dim=0)
+                elif part.startswith("B."):
+                    state[key] = torch.cat([state[key], -b0], dim=1)
+            doubled = copy.deepcopy(config)
+            doubled.r, doubled.lora_alpha = 2 * config.r, 2 * config.lora_alpha
+            doubled.save_pretrained(str(out))
+            state = {k: v.detach().contiguous() for k, v in state.items()}
+            save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
         self.tokenizer.save_pretrained(str(out))
         return out
 
     def merged(self) -> Any:
-        """A copy of the base with the adapters merged in (a plain transformers model). A base
-        that is packed as made (``fedq quantize-base``) has no full-precision weights to merge
-        into: a ConfigError."""
-        from fedq.models.lowbit import PackedLinear
+        """A full-precision copy of the base with the adapters merged in (a plain transformers
+        model). A packed base's adapter is merged into the full-precision checkpoint it was
+        packed from (through :meth:`save_adapter` and PEFT); a base that is packed as made
+        (``fedq quantize-base``) has no full-precision weights to merge into: a ConfigError."""
+        from fedq.models.lowbit import PackedLinear, is_packed_checkpoint
 
-        if any(isinstance(m, PackedLinear) for m in self.module.modules()):
+        if not any(isinstance(m, PackedLinear) for m in self.module.modules()):
+            return copy.deepcopy(self.module).merge_and_unload()
+        ckpt = locate(self.base)
+        if ckpt.gguf is None and is_packed_checkpoint(ckpt.root):
             raise ConfigError(
                 f"--merge needs the full-precision base; {self.base} is a packed one (fedq "
                 "quantize-base): export the adapter and merge it into the checkpoint the base "
                 "was made from"
             )
-        return copy.deepcopy(self.module).merge_and_unload()
+        import tempfile
+
+        from peft import PeftModel
+
+        with tempfile.TemporaryDirectory(prefix="fedq-merge-") as tmp:
+            self.save_adapter(tmp)
+            full = PeftModel.from_pretrained(_base(ckpt, CAUSAL_LM), tmp)
+            return full.merge_and_unload()
 
 
 def build_causal_lm(
@@ -563,6 +600,7 @@ def build_causal_lm(
     base_group_size: int = 64,
     base_budget_mb: float | None = None,
     gradient_checkpointing: bool = False,
+    base_lowrank_init: bool = False,
 ) -> CausalLMBundle:
     """The causal LM at ``path`` with LoRA (PEFT defaults: alpha 2r, the architecture's targets);
     with ``base_bits`` (or ``base_budget_mb``, or a base packed by ``fedq quantize-base``) its
@@ -583,9 +621,17 @@ def build_causal_lm(
         from fedq.models.lowbit import lora_on_packed
 
         cfg = lora_on_packed(cfg)
+    if base_lowrank_init and (cfg.use_dora or cfg.use_rslora):
+        raise ConfigError(
+            "model.base_lowrank_init: not with DoRA or rsLoRA (its exported adapter doubles "
+            "the rank at the same scale, which those change)"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = attach_lora(module, cfg, name)
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if base_lowrank_init:
+        start = _lowrank_start(peft_model, path)
     if gradient_checkpointing:
         # non-reentrant: the recomputed layer's LoRA weights get their gradients although the
         # layer's input (the frozen embeddings' output) needs none
@@ -593,6 +639,31 @@ def build_causal_lm(
             activation_checkpointing_kwargs={"use_reentrant": False}
         )
     peft_model.train()
-    return CausalLMBundle(
+    bundle = CausalLMBundle(
         peft_model, tokenizer(path), name=name, max_length=max_length, base=str(locate(path))
     )
+    bundle.lowrank_start = start
+    return bundle
+
+
+def _lowrank_start(model: Any, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`fedq.models.lowbit.lowrank_init` with the full-precision weights of the checkpoint
+    at ``path`` (read one at a time; a checkpoint that is not safetensors is loaded whole)."""
+    from fedq.models.lowbit import checkpoint_weights, is_packed_checkpoint, lowrank_init
+
+    ckpt = locate(path)
+    if ckpt.gguf is None and is_packed_checkpoint(ckpt.root):
+        raise ConfigError(
+            "model.base_lowrank_init: needs the full-precision checkpoint; "
+            f"{ckpt} is a base packed by fedq quantize-base"
+        )
+    read = None if ckpt.gguf else checkpoint_weights(ckpt.root)
+    if read is None:
+        state = _base(ckpt, CAUSAL_LM).state_dict()
+        read = state.__getitem__
+    try:
+        return lowrank_init(model, read)
+    except KeyError as e:
+        raise ConfigError(
+            f"model.base_lowrank_init: {ckpt} has no tensor {e} (names transformers renames)"
+        ) from None

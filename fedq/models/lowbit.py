@@ -569,6 +569,80 @@ def load_packed_checkpoint(root: Path, config: Any) -> nn.Module:
 # ------------------------------------------------------------------------ LoRA on a packed base
 
 
+#: Alternations of LQ-LoRA's decomposition at most (it stops early when the error rises).
+LOWRANK_ITERATIONS = 5
+
+
+def checkpoint_weights(root: Path) -> Callable[[str], torch.Tensor] | None:
+    """A reader of one fp32 tensor of the safetensors checkpoint at ``root`` by name (the file
+    reopened per call, as in :func:`load_packed_causal_lm`); None for other checkpoints."""
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for file in safetensors_files(root):
+        with safe_open(str(file), framework="pt") as f:
+            where.update((key, file) for key in f.keys())  # noqa: SIM118 (not a mapping)
+    if not where:
+        return None
+
+    def read(key: str) -> torch.Tensor:
+        with safe_open(str(where[key]), framework="pt") as f:
+            return f.get_tensor(key).to(torch.float32, copy=True)
+
+    return read
+
+
+@torch.no_grad()
+def lowrank_init(
+    model: nn.Module,
+    weight: Callable[[str], torch.Tensor],
+    adapter: str = "default",
+    iterations: int = LOWRANK_ITERATIONS,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LQ-LoRA's start for every LoRA layer of ``model`` (a PEFT model) over a
+    :class:`PackedLinear`: with ``W = weight(name + ".weight")`` (the full-precision matrix, by
+    its name in the base model), alternate ``L = SVD_r(W - Q)`` and ``Q = pack(W - L)`` from
+    ``Q = 0`` at the layer's width and group size, keeping the pair with the least
+    ``||W - Q - L||_F`` (at most ``iterations``; stops when the error rises, and keeps plain
+    packing with ``L = 0`` when that is best). The layer then holds ``Q``, and LoRA starts at
+    ``B A * scaling = L`` (``A = sqrt(S) V^T / sqrt(scaling)``, ``B = U sqrt(S) /
+    sqrt(scaling)``). Returns each layer's starting ``(A, B)`` by name: what an adapter for the
+    full-precision base must subtract (:meth:`fedq.models.hf.CausalLMBundle.save_adapter`)."""
+    peft_model: Any = model
+    base: nn.Module = peft_model.get_base_model() if hasattr(model, "get_base_model") else model
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    layer: Any
+    for name, layer in base.named_modules():
+        inner = getattr(layer, "base_layer", None)
+        if not isinstance(inner, PackedLinear) or adapter not in getattr(layer, "lora_A", {}):
+            continue
+        w = weight(f"{name}.weight").float()
+        r = int(layer.r[adapter])
+        scaling = float(layer.scaling[adapter])
+        spec = _spec(inner.packed.group_size)
+        best_err = float((w - dequantize(inner.packed)).norm())
+        best: tuple[PackedTensor, torch.Tensor, torch.Tensor] | None = None
+        q_dec = torch.zeros_like(w)
+        for _ in range(iterations):
+            u, sv, vh = torch.linalg.svd(w - q_dec, full_matrices=False)
+            root = sv[:r].sqrt()
+            b, a = u[:, :r] * root, root[:, None] * vh[:r]
+            low = b @ a
+            q = quantize(w - low, inner.bits, spec)
+            q_dec = dequantize(q)
+            err = float((w - q_dec - low).norm())
+            if err >= best_err:
+                break
+            best_err, best = err, (q, a, b)
+        a_layer, b_layer = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        if best is not None:
+            inner.packed = best[0]
+            a_layer.copy_(best[1] / scaling**0.5)
+            b_layer.copy_(best[2] / scaling**0.5)
+        start[name] = (a_layer.detach().clone(), b_layer.detach().clone())
+    return start
+
+
 @functools.cache
 def packed_lora_linear() -> type:
     """PEFT's LoRA linear layer for a :class:`PackedLinear` base layer: PEFT's own class, told

@@ -72,6 +72,7 @@ SHARED_OPTIONS = frozenset(
         "base_group_size",
         "base_budget_mb",
         "gradient_checkpointing",
+        "base_lowrank_init",
     }
 )
 log = logging.getLogger(__name__)

@@ -37,6 +37,7 @@ def hf_builder(where: Callable[[], str], name: str) -> Any:
         base_group_size: int = 64,
         base_budget_mb: float | None = None,
         gradient_checkpointing: bool = False,
+        base_lowrank_init: bool = False,
     ) -> ModelBundle:
         path = where()
         resolved = hf.resolve_task(hf.model_config(path), task)
@@ -52,6 +53,7 @@ def hf_builder(where: Callable[[], str], name: str) -> Any:
                 base_group_size=base_group_size,
                 base_budget_mb=base_budget_mb,
                 gradient_checkpointing=gradient_checkpointing,
+                base_lowrank_init=base_lowrank_init,
             )
         from fedq.models.text import lora_text_bundle
 

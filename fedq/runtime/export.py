@@ -31,13 +31,12 @@ log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"
 
 
-def _run_model(run: Path, *, required: bool = True, full_base: bool = False) -> tuple[Any, Any]:
+def _run_model(run: Path, *, required: bool = True) -> tuple[Any, Any]:
     """(config, the run's final model) of the run folder ``run``: the mode rebuilds it from the
     config and the checkpoint's server state (:meth:`fedq.modes.base.Mode.trained_model`);
-    None for the model when the mode cannot and ``required`` is false. ``full_base``: a run
-    trained on a packed base (``model.base_bits`` or ``base_budget_mb``) is rebuilt on the
-    full-precision base, which a merged model is made from (the adapter merged into the base it
-    will run with)."""
+    None for the model when the mode cannot and ``required`` is false. A run on a packed base
+    is rebuilt packed, as it trained; its merged model is made on the full-precision base
+    (:meth:`fedq.models.hf.CausalLMBundle.merged`)."""
     from fedq.config import load_scenario
     from fedq.modes import get_mode
     from fedq.runtime.checkpoint import load_checkpoint
@@ -45,11 +44,6 @@ def _run_model(run: Path, *, required: bool = True, full_base: bool = False) -> 
     if not (run / "config.json").is_file():
         raise ConfigError(f"{run}: not a run folder (no config.json)")
     cfg = load_scenario(run / "config.json")
-    if full_base and cfg.model.packed_base:
-        import dataclasses
-
-        model = dataclasses.replace(cfg.model, base_bits=None, base_budget_mb=None)
-        cfg = dataclasses.replace(cfg, model=model)
     ckpt = load_checkpoint(run)
     workload = (ckpt.get("server") or {}).get("workload")
     bundle = None if workload is None else get_mode(cfg.mode).trained_model(cfg, workload)
@@ -117,7 +111,7 @@ def export_run(run: str | Path, out: str | Path, *, merge: bool = False) -> Path
     """``fedq export RUN [--merge] --out DIR``: the run's final model in PEFT / transformers
     format (module docstring)."""
     run = Path(run)
-    cfg, bundle = _run_model(run, full_base=merge)
+    cfg, bundle = _run_model(run)
     return export_bundle(bundle, Path(out), merge=merge, base=_base_name(cfg))
 
 

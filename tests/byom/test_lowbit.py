@@ -272,3 +272,54 @@ def test_a_packed_base_on_disk_round_trips_and_a_damaged_one_is_refused(
     save_file(tensors, str(tmp_path / PACKED_FILE), metadata={"fedq": json_.dumps(future)})
     with pytest.raises(ConfigError, match="make it again with fedq quantize-base"):
         load_packed_checkpoint(tmp_path, model_config(tiny_lm))
+
+
+def test_lora_can_start_from_what_packing_loses(tiny_lm: Path) -> None:
+    """``model.base_lowrank_init`` (LQ-LoRA's start): the adapted layers hold ``Q`` and LoRA
+    starts at ``L`` with ``Q + L`` closer to the full-precision weight than plain packing; the
+    model's output is closer to the fp32 model's; the exported adapter gives the full-precision
+    base exactly what training added, ``scaling * (B A - B0 A0)``."""
+    import tempfile
+
+    from peft import PeftModel
+
+    from fedq.models.hf import base_model
+
+    fp32 = build_model(f"hf:{tiny_lm}", num_classes=1, seed=0, max_length=32)
+    plain = build_model(f"hf:{tiny_lm}", num_classes=1, seed=0, max_length=32, base_bits=3)
+    lq = build_model(
+        f"hf:{tiny_lm}", num_classes=1, seed=0, max_length=32, base_bits=3, base_lowrank_init=True
+    )
+    assert sorted(lq.lowrank_start) == sorted(
+        n for n, m in lq.module.get_base_model().named_modules() if hasattr(m, "lora_A")
+    )
+    inputs, labels = encode_records(lq.tokenizer, RECORDS, 32)
+    with torch.no_grad():
+        want = fp32.forward(inputs)
+        err_plain = float((plain.forward(inputs) - want).norm())
+        err_lq = float((lq.forward(inputs) - want).norm())
+    assert err_lq < err_plain
+    # train a step, then the adapter exported for the full-precision base
+    lq.loss(inputs, labels).backward()
+    with torch.no_grad():
+        for p in lq.module.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    with tempfile.TemporaryDirectory() as tmp:
+        lq.save_adapter(tmp)
+        merged = PeftModel.from_pretrained(base_model(tiny_lm, "causal_lm"), tmp)
+        merged = merged.merge_and_unload()
+    full = dict(base_model(tiny_lm, "causal_lm").named_parameters())
+    got = dict(merged.named_parameters())
+    base = lq.module.get_base_model()
+    for name, (a0, b0) in lq.lowrank_start.items():
+        layer = base.get_submodule(name)
+        s = layer.scaling["default"]
+        delta = s * (layer.lora_B["default"].weight @ layer.lora_A["default"].weight - b0 @ a0)
+        torch.testing.assert_close(
+            got[f"{name}.weight"] - full[f"{name}.weight"], delta, rtol=1e-4, atol=1e-6
+        )
+    # fedq export --merge's model is that merge (the packed base is not what it merges into)
+    again = dict(lq.merged().named_parameters())
+    for key, value in got.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=0)

@@ -406,10 +406,11 @@ def test_shard_writes_each_sites_instruction_records(fedq_cli: Run, tmp_path: Pa
 def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
     fedq_cli: Run, tmp_path: Path, tiny_lm: Path
 ) -> None:
-    """A memory budget for the base (``model.base_budget_mb``, with gradient checkpointing):
-    the frozen linear weights held packed while the adapters train; ``fedq export --merge``
-    merges the adapter into the full-precision base (what PEFT gives for that base and the
-    adapter). (``model.base_bits`` and split mode: the ``quantize-base`` test below.)"""
+    """A memory budget for the base (``model.base_budget_mb``, with gradient checkpointing and
+    LoRA started from the packing residual): the frozen linear weights held packed while the
+    adapters train; ``fedq export --merge`` merges the adapter into the full-precision base
+    (what PEFT gives for that base and the exported adapter, which is rank 2r here).
+    (``model.base_bits`` and split mode: the ``quantize-base`` test below.)"""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -418,7 +419,7 @@ def test_a_causal_lm_trains_on_a_packed_base_and_merges_into_the_full_one(
     from fedq.models.hf import encode_records, tokenizer
 
     data = _jsonl(tmp_path / "train.jsonl", _records(24))
-    packing = {"base_budget_mb": 0.02, "gradient_checkpointing": True}
+    packing = {"base_budget_mb": 0.02, "gradient_checkpointing": True, "base_lowrank_init": True}
     scenario = _scenario(
         tmp_path,
         f"hf:{tiny_lm}",
