@@ -146,7 +146,10 @@ def site(
         overrides.append(f"model.base_budget_mb={budget}")
     cfg = load_scenario(SCENARIO, overrides)
     split = load_data(cfg)
-    imports = _status_mib()["VmRSS"]  # torch, fedq and the data; no model yet
+    import peft  # noqa: F401  (the libraries every arm loads, so "imports" means the same in all)
+    import transformers.modeling_utils  # noqa: F401
+
+    imports = _status_mib()["VmRSS"]  # torch, transformers, PEFT, fedq, the data; no model yet
     _reset_peak()
     t0 = time.perf_counter()
     bundle = build_bundle(cfg, 1, 0)
