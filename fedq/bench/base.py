@@ -120,6 +120,7 @@ def site(
 
     from fedq.config import load_scenario
     from fedq.fed.train import lm_evaluation, local_train
+    from fedq.models import hf
     from fedq.models.hf import model_config
     from fedq.models.lowbit import PackedLinear, kept, packable_params
     from fedq.models.registry import model_entry
@@ -146,9 +147,7 @@ def site(
         overrides.append(f"model.base_budget_mb={budget}")
     cfg = load_scenario(SCENARIO, overrides)
     split = load_data(cfg)
-    import peft  # noqa: F401  (the libraries every arm loads, so "imports" means the same in all)
-    import transformers.modeling_utils  # noqa: F401
-
+    hf.import_libraries()  # what every arm loads, so "imports" means the same in all
     imports = _status_mib()["VmRSS"]  # torch, transformers, PEFT, fedq, the data; no model yet
     _reset_peak()
     t0 = time.perf_counter()

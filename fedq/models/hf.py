@@ -347,6 +347,13 @@ def packed_base(
     return model
 
 
+def import_libraries() -> None:
+    """Import transformers' model code and PEFT now (for a measurement whose baseline should
+    hold them whatever the model)."""
+    import peft  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+
 def tokenizer(path: str | Path) -> Any:
     return _tokenizer(locate(path))
 
