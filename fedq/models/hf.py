@@ -656,7 +656,7 @@ def build_causal_lm(
 def _lowrank_start(model: Any, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """:func:`fedq.models.lowbit.lowrank_init` with the full-precision weights of the checkpoint
     at ``path`` (read one at a time; a checkpoint that is not safetensors is loaded whole)."""
-    from fedq.models.lowbit import checkpoint_weights, is_packed_checkpoint, lowrank_init
+    from fedq.models.lowbit import checkpoint_tensors, is_packed_checkpoint, lowrank_init
 
     ckpt = locate(path)
     if ckpt.gguf is None and is_packed_checkpoint(ckpt.root):
@@ -664,8 +664,8 @@ def _lowrank_start(model: Any, path: str | Path) -> dict[str, tuple[torch.Tensor
             "model.base_lowrank_init: needs the full-precision checkpoint; "
             f"{ckpt} is a base packed by fedq quantize-base"
         )
-    read = None if ckpt.gguf else checkpoint_weights(ckpt.root)
-    if read is None:
+    where, read = checkpoint_tensors(ckpt.root) if ckpt.gguf is None else ({}, None)
+    if not where or read is None:
         state = _base(ckpt, CAUSAL_LM).state_dict()
         read = state.__getitem__
     try:

@@ -354,12 +354,11 @@ def load_packed_causal_lm(
     error, :func:`plan_widths`); frozen, in eval mode. None when the checkpoint is not
     safetensors or its tensor names are not the model's own (a checkpoint transformers must
     rename on load): the caller then loads the base whole and packs it (:func:`quantize_base`)."""
-    files = safetensors_files(root)
-    if not files:
+    where, read = checkpoint_tensors(root)
+    if not where:
         return None
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
-    from safetensors import safe_open
 
     with init_empty_weights(include_buffers=False):
         from transformers import AutoModelForCausalLM
@@ -368,23 +367,9 @@ def load_packed_causal_lm(
     targets = {n for n, m in model.named_modules() if type(m) is nn.Linear and not kept(n)}
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     names |= {n for n, _ in model.named_buffers()}
-    where: dict[str, Path] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            where.update((key, file) for key in f.keys())  # noqa: SIM118 (not a mapping)
     weight_of = {f"{t}.weight": t for t in targets}
     if set(weight_of) - where.keys() or set(where) - names - weight_of.keys():
         return None  # names the model does not have, or lacks: transformers would rename them
-
-    def read(key: str) -> torch.Tensor:
-        # one tensor per opening: the file is memory-mapped, and the pages read stay resident
-        # while it is open; reopening keeps the peak to one tensor's pages. A copy: a tensor
-        # viewing the mapped file would keep all of it mapped.
-        with safe_open(str(where[key]), framework="pt") as f:
-            value = f.get_tensor(key)
-            dtype = torch.float32 if value.is_floating_point() else value.dtype
-            return value.to(dtype, copy=True)
-
     plan = plan_widths(
         sorted(targets),
         lambda name: read(f"{name}.weight"),
@@ -573,23 +558,26 @@ def load_packed_checkpoint(root: Path, config: Any) -> nn.Module:
 LOWRANK_ITERATIONS = 5
 
 
-def checkpoint_weights(root: Path) -> Callable[[str], torch.Tensor] | None:
-    """A reader of one fp32 tensor of the safetensors checkpoint at ``root`` by name (the file
-    reopened per call, as in :func:`load_packed_causal_lm`); None for other checkpoints."""
+def checkpoint_tensors(root: Path) -> tuple[dict[str, Path], Callable[[str], torch.Tensor]]:
+    """The tensors of the safetensors checkpoint at ``root`` (name -> file; empty for a
+    checkpoint in another format) and a reader of one of them by name, floats as fp32. The file
+    is reopened for every tensor: it is memory-mapped, and the pages read stay resident while it
+    is open, so this keeps the peak to one tensor's pages; the tensor is a copy, as one viewing
+    the mapping would keep the whole file mapped."""
     from safetensors import safe_open
 
     where: dict[str, Path] = {}
     for file in safetensors_files(root):
         with safe_open(str(file), framework="pt") as f:
             where.update((key, file) for key in f.keys())  # noqa: SIM118 (not a mapping)
-    if not where:
-        return None
 
     def read(key: str) -> torch.Tensor:
         with safe_open(str(where[key]), framework="pt") as f:
-            return f.get_tensor(key).to(torch.float32, copy=True)
+            value = f.get_tensor(key)
+            dtype = torch.float32 if value.is_floating_point() else value.dtype
+            return value.to(dtype, copy=True)
 
-    return read
+    return where, read
 
 
 @torch.no_grad()
