@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -599,7 +600,9 @@ class SplitConfig:
     # none (fp32); activations only: aqsgd (each example's change since its last visit)
     act_codec: CutCodecName = "amaq"
     grad_codec: CutCodecName = "amaq"
-    fixed_bits: int = 4  # fixed and aqsgd
+    # fixed and aqsgd; a fractional width (e.g. 1.5) sends a fixed mix of the two widths around
+    # it, spread over the channels: the fixed baseline at any average width
+    fixed_bits: float = 4
     # block ranges: the least-error clip per channel (mse), or plain min-max (cheaper to encode)
     quant_range: Literal["minmax", "sigma", "mse"] = "mse"
     # activation rows (tokens) with RMS above this many times the median go as float16 (0 = off)
@@ -615,9 +618,26 @@ class SplitConfig:
     # what trains the activation gates: the task loss (task) or the gradient-weighted coding
     # error (fisher: better for causal LMs at 3+ bits)
     act_gate_signal: Literal["task", "fisher"] = "task"
+    # AMAQ under a run-level byte budget: the cut's traffic over the whole run (activations up and
+    # gradients down, as framed on the wire, warm-up included) comes to this many bytes; the bits
+    # after the warm-up are what the budget leaves (target_bits is then not used). 0: off
+    budget_bytes: float = 0
 
     def check(self) -> Problems:
         p = []
+        if self.budget_bytes < 0 or not math.isfinite(self.budget_bytes):
+            p.append(f"split.budget_bytes: must be >= 0 (0: off), got {self.budget_bytes}")
+        elif self.budget_bytes > 0:
+            if self.act_codec != "amaq" or self.grad_codec != "amaq":
+                p.append(
+                    "split.budget_bytes: the byte budget is spent by learned bits; needs "
+                    f"act_codec and grad_codec amaq, got {self.act_codec} / {self.grad_codec}"
+                )
+            if self.all_boundaries:
+                p.append(
+                    "split.budget_bytes: counts the cut's bytes at the transport; the inner "
+                    "boundaries of all_boundaries are not on the wire (use target_bits there)"
+                )
         for k in ("cut", "local_steps", "tiny_layers"):
             if getattr(self, k) < 1:
                 p.append(f"split.{k}: must be >= 1, got {getattr(self, k)}")

@@ -251,15 +251,29 @@ class AmaqQuantizer(CutCodec):
         )
 
 
+def spread_bits(width: int, bits: float) -> torch.Tensor:
+    """A fixed per-channel bit map of mean ``bits`` (to within ``1 / width``): ``floor(bits)``
+    everywhere, and one bit more on ``round(frac * width)`` channels spread evenly over the
+    channel index (channel ``c`` gets it when ``floor((c + 1) k / width) > floor(c k / width)``).
+    Data-blind, so it is the same map at every step: the fixed-precision baseline at a
+    fractional width (docs/algorithms.md §5, "Fractional fixed widths")."""
+    lo = math.floor(bits)
+    k = round((bits - lo) * width)
+    c = torch.arange(width)
+    extra = ((c + 1) * k) // width - (c * k) // width
+    return (lo + extra).clamp(1, 8).to(torch.uint8)
+
+
 class FixedQuantizer(CutCodec):
     """Fixed ``bits`` per channel (or group) with straight-through training, the QAT baseline:
-    same codec, no gates."""
+    same codec, no gates. A fractional ``bits`` (per channel only) sends the fixed mixed map of
+    :func:`spread_bits`, the baseline at any average width."""
 
     name = "fixed"
 
     def __init__(
         self,
-        bits: int,
+        bits: float,
         *,
         granularity: Literal["channel", "group", "tensor"] = "channel",
         group_size: int = 128,
@@ -274,7 +288,10 @@ class FixedQuantizer(CutCodec):
         super().__init__(direction)
         if not 1 <= bits <= 8:
             raise ConfigError(f"fixed bits must be in 1..8, got {bits}")
-        self.bits = int(bits)
+        if bits != int(bits) and granularity != "channel":
+            raise ConfigError(f"fractional fixed bits ({bits}) need per-channel granularity")
+        self.bits: float = int(bits) if bits == int(bits) else float(bits)
+        self._map: torch.Tensor | None = None  # the spread map of a fractional width
         self.spec = QuantSpec(
             granularity=Granularity(granularity),
             axis=-1,
@@ -288,7 +305,15 @@ class FixedQuantizer(CutCodec):
         self.compressor = QuantCompressor(self.spec, seed=seed)
 
     def encode(self, x: torch.Tensor) -> PackedTensor:
-        return self.compressor.compress("", x.detach(), self.bits)
+        return self.compressor.compress("", x.detach(), self.wire_bits(int(x.shape[-1])))
+
+    def wire_bits(self, width: int) -> int | torch.Tensor:
+        """What the compressor is given: the integer width, or the fractional width's map."""
+        if isinstance(self.bits, int):
+            return self.bits
+        if self._map is None or self._map.numel() != width:
+            self._map = spread_bits(width, self.bits)
+        return self._map
 
     def forward_encode(self, x: torch.Tensor) -> tuple[torch.Tensor, PackedTensor]:
         p = self.encode(x)
@@ -390,9 +415,12 @@ class GateController:
         return [q.gate for g in self.groups for q in g]
 
     @torch.no_grad()
-    def step(self, step: int) -> None:
-        """Update, project to ``target_at(step + 1)`` and zero the gates' gradients."""
-        target = self.schedule.target_at(step + 1)
+    def step(self, step: int, target: float | None = None) -> None:
+        """Update, project to ``target`` (default: the schedule's ``target_at(step + 1)``; a run
+        under a byte budget passes its planned bits, :mod:`fedq.split.budget`) and zero the
+        gates' gradients."""
+        if target is None:
+            target = self.schedule.target_at(step + 1)
         for i, group in enumerate(self.groups):
             self._task_step(i, group)
             project_budget(group, target)

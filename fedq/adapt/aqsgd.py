@@ -137,7 +137,7 @@ class DeltaQuantizer(FixedQuantizer):
     name = "aqsgd"
     directions: ClassVar[tuple[Direction, ...]] = ("act",)
 
-    def __init__(self, bits: int, **kwargs: Any) -> None:
+    def __init__(self, bits: float, **kwargs: Any) -> None:
         super().__init__(bits, **kwargs)
         self.memory = ActivationMemory()
 

@@ -67,7 +67,7 @@ def make_cut_codec(
     *,
     width: int,
     seed: int = 0,
-    fixed_bits: int = 4,
+    fixed_bits: float = 4,
     quant_range: QuantRange = "mse",
     outlier_ratio: float = 0.0,
     b_min: int = 2,

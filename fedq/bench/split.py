@@ -91,6 +91,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--link-steps", type=int, default=8, help="timed steps per link arm")
     p.add_argument("--link-batch", type=int, default=32, help="batch of the link arms")
+    p.add_argument(
+        "--frontier",
+        choices=["minilm", "smollm2"],
+        default=None,
+        help="instead of --arms: the metric against the run's total cut bytes, fixed widths "
+        "(--widths) and AMAQ under the bytes each --budgets width's fixed run sent (same seed)",
+    )
+    p.add_argument("--widths", default="1,1.5,2,3,4,8", help="fixed widths of the frontier")
+    p.add_argument(
+        "--budgets", default="1.5,2,3", help="frontier widths whose bytes the AMAQ arms get"
+    )
+    p.add_argument(
+        "--amaq-arm",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="a frontier AMAQ variant with its own overrides (repeatable; default: one arm "
+        "'amaq' with the scenario's AMAQ settings), e.g. 'short:split.warmup_fraction=0.1'",
+    )
+    p.add_argument("--jobs", type=int, default=1, help="frontier runs at once (processes)")
+    p.add_argument("--out", default=None, help="frontier: folder for frontier.png / .json")
 
 
 def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -119,6 +140,7 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
         recs = read_metrics(Path(out))
     steps = rounds * args.local_steps
     wire = summary["bytes_wire_total"] - sum(r.get("state_bytes", 0) for r in recs)
+    run_bytes = sum(r["cut_bytes"] for r in recs)  # the steps' messages both ways, as framed
     step_bytes = sum(r["step_bytes_up"] + r["step_bytes_down"] for r in recs) / len(recs)
     compute = sum(r["seconds"] for r in recs) / steps
     link = step_bytes * 8 / (args.mbps * 1e6) + 2 * args.latency_ms / 1000
@@ -131,6 +153,9 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
         "mean_bits_final": last["mean_bits"],
         "step_bytes": step_bytes,
         "cut_bytes": wire,
+        "run_bytes": run_bytes,
+        "budget_spent": last.get("budget_spent"),
+        "budget_level": last.get("budget_level"),
         "act_wire_bits_final": last.get("act_wire_bits"),
         "act_bits_range_final": [last.get("bits/cut/act/min"), last.get("bits/cut/act/max")],
         "s_per_step_compute": compute,
@@ -198,7 +223,182 @@ def run_link(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _fixed(width: float) -> list[str]:
+    return ["split.act_codec=fixed", "split.grad_codec=fixed", f"split.fixed_bits={width:g}"]
+
+
+def _pool_map(jobs: list[tuple[str, list[str], int]], args: argparse.Namespace) -> list[Any]:
+    """``_run`` over ``jobs`` (name, overrides, seed), ``args.jobs`` processes at once; results
+    in the order of ``jobs`` whatever order they finish in."""
+    if args.jobs <= 1:
+        return [_run(n, ov, s, args) for n, ov, s in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_run, n, ov, s, args) for n, ov, s in jobs]
+        return [f.result() for f in futures]
+
+
+def _spread(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def run_frontier(args: argparse.Namespace) -> dict[str, Any]:
+    """The byte frontier (issue: split learning under a byte budget). Every seed runs fp32, the
+    fixed widths (fractional ones as a fixed per-channel mix) and, for each budget width, AMAQ
+    with ``split.budget_bytes`` set to the bytes the fixed run at that width sent on the same
+    seed. The paired difference AMAQ minus fixed is the result; the goal's test (a gap to fp32
+    above twice the seed spread) is printed with it."""
+    smol = args.frontier == "smollm2"
+    pre = "smol " if smol else ""
+    metric = "perplexity" if smol else "accuracy"
+    widths = [float(w) for w in args.widths.split(",") if w]
+    budgets = [float(w) for w in args.budgets.split(",") if w]
+    missing = [w for w in budgets if w not in widths]
+    if missing:
+        raise SystemExit(f"--budgets {missing} must be among --widths {widths}")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    first = [(pre + "fp32", ARMS["fp32"], s) for s in seeds]
+    first += [(f"{pre}fixed {w:g}", _fixed(w), s) for s in seeds for w in widths]
+    done = _pool_map(first, args)
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for (name, _, _), r in zip(first, done, strict=True):
+        runs.setdefault(name.removeprefix(pre), []).append(r)
+    variants: dict[str, list[str]] = {}
+    for spec in args.amaq_arm or ["amaq:"]:
+        name, _, sets = spec.partition(":")
+        variants["amaq" if name == "amaq" else f"amaq {name}"] = [x for x in sets.split(",") if x]
+    second = []
+    for w in budgets:
+        for v, extra in variants.items():
+            for i, s in enumerate(seeds):
+                budget = runs[f"fixed {w:g}"][i]["run_bytes"]
+                ov = [
+                    "split.act_codec=amaq",
+                    "split.grad_codec=amaq",
+                    f"split.budget_bytes={budget}",
+                ]
+                second.append((f"{pre}{v} @{w:g}", ov + extra, s))
+    for (name, _, _), r in zip(second, _pool_map(second, args), strict=True):
+        runs.setdefault(name.removeprefix(pre), []).append(r)
+    scale = 1.0 if smol else 100.0
+
+    def vals(name: str) -> list[float]:
+        return [r[metric] * scale for r in runs[name]]
+
+    fp32 = statistics.fmean(vals("fp32"))
+    print(
+        f"\nsplit frontier ({args.frontier}): {args.steps} steps, seeds {seeds}; "
+        f"{metric} against the run's cut bytes (both ways, as framed)"
+    )
+    print(f"{'arm':<12} {'MiB/run':>9} {'bits/run':>9} {metric:>16}  per seed")
+    table: dict[str, Any] = {}
+    for name in runs:
+        v = vals(name)
+        mib = statistics.fmean(r["run_bytes"] for r in runs[name]) / 2**20
+        bits = statistics.fmean(r["mean_bits_run"] for r in runs[name])
+        row = {"mib": mib, "bits_run": bits, "values": v, "mean": statistics.fmean(v)}
+        row["spread"] = _spread(v)
+        table[name] = row
+        per = " / ".join(f"{x:.1f}" for x in v)
+        print(
+            f"{name:<12} {mib:>9.2f} {bits:>9.2f} {row['mean']:>10.2f}±{row['spread']:<5.2f}  {per}"
+        )
+    print("\nAMAQ against fixed bits at the same bytes (paired by seed):")
+    goals = {}
+    for w, v in ((w, v) for w in budgets for v in variants):
+        arm = f"{v} @{w:g}"
+        a, f = table[arm], table[f"fixed {w:g}"]
+        over = [100 * (r["budget_spent"] - r["run_bytes"]) / r["run_bytes"] for r in runs[arm]]
+        byte_err = [
+            100 * (ra["run_bytes"] - rf["run_bytes"]) / rf["run_bytes"]
+            for ra, rf in zip(runs[arm], runs[f"fixed {w:g}"], strict=True)
+        ]
+        if smol:  # lower is better: the gain in percent of the fixed arm's perplexity
+            diff = [100 * (y - x) / y for x, y in zip(a["values"], f["values"], strict=True)]
+            gap = 100 * (f["mean"] - fp32) / fp32
+            spread = 100 * f["spread"] / f["mean"]
+            need = 3.0
+        else:
+            diff = [x - y for x, y in zip(a["values"], f["values"], strict=True)]
+            gap, spread, need = fp32 - f["mean"], f["spread"], 1.0
+        mean = statistics.fmean(diff)
+        judged = gap > 2 * spread
+        goals[arm] = {
+            "diff": diff,
+            "mean_diff": mean,
+            "gap_to_fp32": gap,
+            "seed_spread": spread,
+            "judged": judged,
+            "met": judged and mean >= need,
+            "bytes_vs_fixed_pct": byte_err,
+            "ledger_vs_transport_pct": over,
+        }
+        unit = "% ppl" if smol else " points"
+        print(
+            f"  {arm}: AMAQ - fixed {mean:+.2f}{unit} (per seed "
+            f"{' '.join(f'{d:+.1f}' for d in diff)}); bytes vs fixed "
+            f"{' '.join(f'{e:+.2f}%' for e in byte_err)}; frontier gap to fp32 {gap:.2f}, "
+            f"2x seed spread {2 * spread:.2f}: "
+            + ("judged" if judged else "gap within the noise, not judged")
+            + (f", goal (>= {need:g}) {'met' if mean >= need else 'not met'}" if judged else "")
+        )
+    out = {"args": vars(args) | {"func": None}, "arms": table, "goals": goals, "runs": runs}
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        _plot_frontier(table, fp32, metric, folder / "frontier.png", args)
+        import json
+
+        (folder / "frontier.json").write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {folder / 'frontier.png'} and frontier.json")
+    return out
+
+
+def _plot_frontier(
+    table: dict[str, Any], fp32: float, metric: str, path: Path, args: argparse.Namespace
+) -> None:
+    """Metric against MiB per run: the fixed frontier (line, seed spread as error bars), AMAQ
+    at the budgets (points), fp32 (dashed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    series: dict[str, list[tuple[float, float, float, str]]] = {}
+    for n, r in table.items():  # "fixed 2" -> fixed; "amaq short @2" -> amaq short
+        if n != "fp32":
+            kind, _, at = n.rpartition(" @") if " @" in n else ("fixed", "", n.split(" ")[1])
+            series.setdefault(kind, []).append((r["mib"], r["mean"], r["spread"], at))
+    for i, (kind, rows) in enumerate(series.items()):
+        style = "o-" if kind == "fixed" else "sDv^<>"[i % 6]
+        x, y, e, names = zip(*sorted(rows), strict=True)
+        ax.errorbar(x, y, yerr=e, fmt=style, capsize=3, label=kind)
+        if kind == "fixed":
+            for xi, yi, n in zip(x, y, names, strict=True):
+                ax.annotate(
+                    n,
+                    (xi, yi),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    ax.axhline(fp32, linestyle="--", color="grey", label="fp32")
+    ax.set_xscale("log")
+    ax.set_xlabel("cut bytes per run (MiB, both ways)")
+    ax.set_ylabel(metric + (" (%)" if metric == "accuracy" else ""))
+    ax.set_title(f"split {args.frontier}: {args.steps} steps, {args.seeds} seeds", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.frontier:
+        return run_frontier(args)
     known = ARMS | SMOL_ARMS
     unknown = [a for a in args.arms.split(",") if a and a not in known]
     if unknown:

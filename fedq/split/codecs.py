@@ -18,9 +18,10 @@ from fedq.adapt import CUT_CODECS, BitSchedule, CutCodec, CutReceiver, GateContr
 from fedq.adapt.cut import Direction
 from fedq.adapt.registry import make_cut_codec
 from fedq.codec import Granularity, PackedTensor, QuantSpec, dequantize, quantize, raw
-from fedq.config import SplitConfig, TrainConfig
+from fedq.config import RunConfig, SplitConfig, TrainConfig
 from fedq.errors import FedqError
 from fedq.models.optim import make_optimizer
+from fedq.split.budget import CutBudget
 from fedq.split.models import SimulatedBoundary
 
 
@@ -69,6 +70,23 @@ def bit_schedule(sc: SplitConfig, total_steps: int) -> BitSchedule:
         target_bits=sc.target_bits,
         start_bits=sc.init_bits,
         warmup_steps=max(1, round(sc.warmup_fraction * total_steps)),
+    )
+
+
+def cut_budget(cfg: RunConfig) -> CutBudget | None:
+    """The server's byte account of the run (``split.budget_bytes``), or None without one. Its
+    steps are the server's: every selected client's ``local_steps`` in every round."""
+    sc = cfg.split
+    if sc.budget_bytes <= 0:
+        return None
+    steps = cfg.rounds.count * cfg.rounds.clients_per_round * sc.local_steps
+    return CutBudget(
+        total_bytes=float(sc.budget_bytes),
+        total_steps=steps,
+        start_bits=sc.init_bits,
+        warmup_steps=max(1, round(sc.warmup_fraction * steps)) if sc.warmup_fraction > 0 else 0,
+        b_min=sc.b_min,
+        b_max=sc.b_max,
     )
 
 

@@ -68,6 +68,7 @@ from fedq.rounds.node import Connection
 from fedq.rounds.workload import Ledger, Member, Update
 from fedq.split.codecs import (
     bit_schedule,
+    cut_budget,
     gate_controller,
     lora_optimizer,
     make_codec,
@@ -120,6 +121,7 @@ class SplitServer:
         self.eval_act_q.to(model.device)
         self.schedule = bit_schedule(sc, total_steps(cfg))
         self.gates = gate_controller(sc, _gate_groups(model.top, grad=[self.grad_q]), self.schedule)
+        self.budget = cut_budget(cfg)  # the run's byte account (split.budget_bytes), or None
         lora = [p for n, p in model.top.named_parameters() if p.requires_grad and "gate" not in n]
         self.opt = lora_optimizer(lora, cfg.train)
         self.client_state = _client_state(model, self.eval_act_q)
@@ -183,6 +185,10 @@ class SplitServer:
             self.client_state = weighted_mean([(dict(u.tensors), u.weight) for u in updates])
         rec = round_record(self.cfg, r, rows, updates)
         rec.update(self.bit_summary())
+        if self.budget is not None:  # the run's byte account so far (fedq.split.budget)
+            rec["budget_spent"] = self.budget.spent
+            level = self.budget.level
+            rec["budget_level"] = None if math.isnan(level) else level
         if self.test_data is not None and (
             (r + 1) % self.cfg.rounds.eval_every == 0 or r + 1 == self.cfg.rounds.count
         ):
@@ -299,35 +305,24 @@ class SplitServer:
                 assert h.grad is not None
                 coded = self.grad_q.send(h.grad)
                 self.opt.step()
+                reply, bytes_down, target = self._reply(msg, coded, loss, correct, count)
                 if self.gates is not None:
-                    self.gates.step(msg.step)
+                    self.gates.step(msg.step, target)
             finally:  # a step that failed half-way leaves no gradient for the next one
                 self.opt.zero_grad(set_to_none=True)
                 _clear_grads(self.model.top, self.grad_q)
             self.act_rx.settle(msg.client_id, received, ok=True)
             self.steps += 1
         pg, ph = coded.tensors["g"], msg.tensors["h"]
-        scalars = {
-            "loss": float(loss.detach()),
-            "correct": float(correct),
-            "count": float(count),
-            "grad_rel_err": coded.stats["rel_err"],
-            "grad_bits": pg.mean_bits(),
-        }
-        for k, v in _stats_row("grad", self.grad_q).items():
-            scalars[k.replace("/", "_")] = v
-        reply = WireMessage.gradients(
-            msg.client_id, msg.round, msg.step, coded.tensors, scalars=scalars
-        )
         now = time.monotonic()
         row: dict[str, Any] = {
             "round": r,
             "client": member.client_id,
             "step": msg.step,
             "count": count,
-            "loss": scalars["loss"],
+            "loss": reply.scalars["loss"],
             "bytes_up": msg.nbytes,
-            "bytes_down": message_nbytes(reply, self.cfg.runtime.chunk_bytes),
+            "bytes_down": bytes_down,
             "numel": ph.numel,
             "act_bits": ph.mean_bits(),
             "grad_bits": pg.mean_bits(),
@@ -352,6 +347,39 @@ class SplitServer:
             self._rows.append(row)
         return reply
 
+    def _reply(
+        self, msg: WireMessage, coded: Any, loss: torch.Tensor, correct: int, count: int
+    ) -> tuple[WireMessage, int, float | None]:
+        """The gradients message of a step, its bytes as framed, and (under a byte budget) the
+        bits planned for the next step, which the message carries to the client as
+        ``act_target_bits`` once this step's bytes both ways are in the account."""
+        pg = coded.tensors["g"]
+        scalars = {
+            "loss": float(loss.detach()),
+            "correct": float(correct),
+            "count": float(count),
+            "grad_rel_err": coded.stats["rel_err"],
+            "grad_bits": pg.mean_bits(),
+        }
+        for k, v in _stats_row("grad", self.grad_q).items():
+            scalars[k.replace("/", "_")] = v
+        if self.budget is not None:  # a non-zero stand-in of the same size (a double)
+            scalars["act_target_bits"] = float(self.budget.b_max)
+        reply = WireMessage.gradients(
+            msg.client_id, msg.round, msg.step, coded.tensors, scalars=scalars
+        )
+        nbytes = message_nbytes(reply, self.cfg.runtime.chunk_bytes)
+        if self.budget is None:
+            return reply, nbytes, None
+        ph = msg.tensors["h"]
+        self.budget.record(msg.nbytes + nbytes, ph.payload_nbytes + pg.payload_nbytes, ph.numel)
+        target = self.budget.target()
+        scalars["act_target_bits"] = target
+        reply = WireMessage.gradients(
+            msg.client_id, msg.round, msg.step, coded.tensors, scalars=scalars
+        )
+        return reply, nbytes, target
+
     # -- checkpoint -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         top = {
@@ -366,6 +394,7 @@ class SplitServer:
             "client_state": {k: v.clone() for k, v in self.client_state.items()},
             "steps": self.steps,
             "ledger": self.ledger.state_dict(),
+            "budget": None if self.budget is None else self.budget.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -381,6 +410,8 @@ class SplitServer:
         self.client_state = {k: v.clone() for k, v in state["client_state"].items()}
         self.steps = int(state["steps"])
         self.ledger.load_state_dict(state["ledger"])
+        if self.budget is not None and state.get("budget") is not None:
+            self.budget.load_state_dict(state["budget"])
 
 
 class RoundSnapshot:
@@ -455,6 +486,7 @@ def round_record(
     rec["step_bytes_up"] = sum(s["bytes_up"] for s in rows) / max(len(rows), 1)
     rec["step_bytes_down"] = sum(s["bytes_down"] for s in rows) / max(len(rows), 1)
     rec["state_bytes"] = sum(u.nbytes for u in updates)
+    rec["cut_bytes"] = sum(s["bytes_up"] + s["bytes_down"] for s in rows)
     n = sum(s["count"] for s in rows)
     rec["train_loss"] = sum(s["loss"] * s["count"] for s in rows) / n if n else None
     clipped = [s["dp_clipped_frac"] for s in rows if "dp_clipped_frac" in s]
@@ -618,8 +650,8 @@ class SplitClientWorker:
         coded.value.backward(received.value.to(coded.value.dtype))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if gates is not None:
-            gates.step(step)
+        if gates is not None:  # under a byte budget the server plans the next step's bits
+            gates.step(step, reply.scalars.get("act_target_bits"))
         return float(reply.scalars.get("loss", float("nan")))
 
     def state_dict(self) -> dict[str, Any]:
