@@ -256,7 +256,7 @@ def spread_bits(width: int, bits: float) -> torch.Tensor:
     everywhere, and one bit more on ``round(frac * width)`` channels spread evenly over the
     channel index (channel ``c`` gets it when ``floor((c + 1) k / width) > floor(c k / width)``).
     Data-blind, so it is the same map at every step: the fixed-precision baseline at a
-    fractional width (docs/algorithms.md §5, "Fractional fixed widths")."""
+    fractional width (docs/algorithms.md §7.2)."""
     lo = math.floor(bits)
     k = round((bits - lo) * width)
     c = torch.arange(width)

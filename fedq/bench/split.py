@@ -296,13 +296,13 @@ def run_frontier(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{'arm':<12} {'MiB/run':>9} {'bits/run':>9} {metric:>16}  per seed")
     table: dict[str, Any] = {}
     for name in runs:
-        v = vals(name)
+        got = vals(name)
         mib = statistics.fmean(r["run_bytes"] for r in runs[name]) / 2**20
         bits = statistics.fmean(r["mean_bits_run"] for r in runs[name])
-        row = {"mib": mib, "bits_run": bits, "values": v, "mean": statistics.fmean(v)}
-        row["spread"] = _spread(v)
+        row = {"mib": mib, "bits_run": bits, "values": got, "mean": statistics.fmean(got)}
+        row["spread"] = _spread(got)
         table[name] = row
-        per = " / ".join(f"{x:.1f}" for x in v)
+        per = " / ".join(f"{x:.1f}" for x in got)
         print(
             f"{name:<12} {mib:>9.2f} {bits:>9.2f} {row['mean']:>10.2f}±{row['spread']:<5.2f}  {per}"
         )

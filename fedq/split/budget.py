@@ -5,7 +5,7 @@ What a split run costs a user is the bytes of all its steps, warm-up included: w
 schedule (``init_bits`` down to ``target_bits`` over ``warmup_fraction`` of the steps) an AMAQ-2
 run averages well over 2 bits. Here the server, which sees every step's messages both ways (the
 activations it receives and the gradients it sends, their sizes as framed on the wire), keeps the
-account and plans the rest of the run after every step (docs/algorithms.md §5, "Byte budget"):
+account and plans the rest of the run after every step (docs/algorithms.md §7.1):
 
 - every step spends ``overhead + 2 * numel * b / 8`` bytes at ``b`` bits per value in each
   direction; ``overhead`` (headers, scales, bit maps, row scales, outlier rows, mask, labels) and

@@ -159,7 +159,7 @@ def test_split_section_keeps_only_options_a_user_chooses() -> None:
     """The split section's keys (ablation knobs that lost are gone: each is an unknown key)."""
     from fedq.config import SplitConfig
 
-    assert len(SplitConfig.__dataclass_fields__) == 16
+    assert len(SplitConfig.__dataclass_fields__) == 17  # budget_bytes: BENCHMARKS "byte budget"
     for gone in (
         "reg_mode",
         "gate_momentum",
