@@ -143,3 +143,8 @@ def test_amaq_spends_a_fixed_runs_bytes_at_the_transport(kit, rounds, metered) -
     act_bits = [c["msg"].tensors["h"].mean_bits() for c in calls]
     assert act_bits[0] == pytest.approx(6.0, abs=0.1)  # the warm-up is paid for inside
     assert min(act_bits) < 1.5
+    # the account is part of the server's checkpoint: a resume goes on from it
+    again = SplitServer(cfg, kit.build(cfg), None, 2)
+    assert again.budget is not None and again.budget.spent == 0
+    again.load_state_dict(server.state_dict())
+    assert again.budget.spent == got and again.budget.steps == len(calls)
