@@ -349,7 +349,10 @@ def run_frontier(args: argparse.Namespace) -> dict[str, Any]:
             + ("judged" if judged else "gap within the noise, not judged")
             + (f", goal (>= {need:g}) {'met' if mean >= need else 'not met'}" if judged else "")
         )
-    out = {"args": vars(args) | {"func": None}, "arms": table, "goals": goals, "runs": runs}
+    from fedq.bench.machine import machine_info
+
+    out = {"args": vars(args) | {"func": None}, "machine": machine_info()}
+    out |= {"arms": table, "goals": goals, "runs": runs}
     if args.out:
         folder = Path(args.out)
         folder.mkdir(parents=True, exist_ok=True)
