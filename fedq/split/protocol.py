@@ -363,7 +363,9 @@ class SplitServer:
         }
         for k, v in _stats_row("grad", self.grad_q).items():
             scalars[k.replace("/", "_")] = v
-        if self.budget is not None:  # a non-zero stand-in of the same size (a double)
+        # a non-zero stand-in of the same size (a double): the real target needs this message's
+        # bytes in the account first (the budget test checks the account equals the transport's)
+        if self.budget is not None:
             scalars["act_target_bits"] = float(self.budget.b_max)
         reply = WireMessage.gradients(
             msg.client_id, msg.round, msg.step, coded.tensors, scalars=scalars
@@ -639,6 +641,9 @@ class SplitClientWorker:
             if reply.kind != MessageKind.GRADIENTS or set(reply.tensors) != self.grad_rx.wire_names:
                 raise FedqError(f"expected a gradients reply, got {str(reply.kind)!r}")
             pg = reply.tensors["g"]
+            target = reply.scalars.get("act_target_bits")  # under a byte budget (the server's)
+            if target is not None and not math.isfinite(target):
+                raise FedqError(f"act_target_bits from the server must be finite, got {target}")
             if tuple(pg.shape) != tuple(h.shape):
                 raise FedqError(f"gradient shape {list(pg.shape)} != activations {list(h.shape)}")
             received = self.grad_rx.receive(reply.tensors, "server", coded.value.device)
@@ -651,7 +656,7 @@ class SplitClientWorker:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if gates is not None:  # under a byte budget the server plans the next step's bits
-            gates.step(step, reply.scalars.get("act_target_bits"))
+            gates.step(step, target)
         return float(reply.scalars.get("loss", float("nan")))
 
     def state_dict(self) -> dict[str, Any]:

@@ -148,3 +148,38 @@ def test_amaq_spends_a_fixed_runs_bytes_at_the_transport(kit, rounds, metered) -
     assert again.budget is not None and again.budget.spent == 0
     again.load_state_dict(server.state_dict())
     assert again.budget.spent == got and again.budget.steps == len(calls)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_client_refuses_a_target_that_is_not_finite(kit, bad: float) -> None:  # type: ignore[no-untyped-def]
+    """A hostile or broken server's ``act_target_bits`` is one clear error on the client, before
+    its gates move."""
+    from fedq.codec import raw
+    from fedq.errors import FedqError
+    from fedq.split.protocol import SplitClientWorker
+    from fedq.wire.control import Assignment
+    from fedq.wire.message import WireMessage
+
+    cfg = kit.tiny_cfg(
+        budget_bytes=1e6, rounds={"count": 1, "num_clients": 1, "clients_per_round": 1}
+    )
+    split, parts = kit.data(cfg)
+    server = SplitServer(cfg, kit.build(cfg), None, 2)
+    worker = SplitClientWorker(cfg, kit.build(cfg), kit.shards(cfg, split, parts), {"client-0": 0})
+    gates = worker.act_q.gate.detach().clone()
+
+    class Conn:
+        def get_task(self, r: int, cid: str) -> WireMessage:
+            state = {k: raw(v) for k, v in server.client_state.items()}
+            return WireMessage.global_model(cid, r, state)
+
+        def split_step(self, msg: WireMessage) -> WireMessage:
+            g = raw(torch.zeros(msg.tensors["h"].shape))
+            scalars = {"loss": 1.0, "act_target_bits": bad}
+            return WireMessage.gradients(
+                msg.client_id, msg.round, msg.step, {"g": g}, scalars=scalars
+            )
+
+    with pytest.raises(FedqError, match="act_target_bits from the server must be finite"):
+        worker.run(Assignment("client-0", 0, 60.0), Conn())  # type: ignore[arg-type]
+    assert torch.equal(worker.act_q.gate.detach(), gates)
