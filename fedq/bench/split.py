@@ -140,7 +140,11 @@ def _run(name: str, overrides: list[str], seed: int, args: argparse.Namespace) -
         recs = read_metrics(Path(out))
     steps = rounds * args.local_steps
     wire = summary["bytes_wire_total"] - sum(r.get("state_bytes", 0) for r in recs)
-    run_bytes = sum(r["cut_bytes"] for r in recs)  # the steps' messages both ways, as framed
+    # the steps' messages both ways, as framed: each round's mean per step times its steps
+    # (one client, so a round is local_steps steps)
+    run_bytes = round(
+        sum((r["step_bytes_up"] + r["step_bytes_down"]) for r in recs) * args.local_steps
+    )
     step_bytes = sum(r["step_bytes_up"] + r["step_bytes_down"] for r in recs) / len(recs)
     compute = sum(r["seconds"] for r in recs) / steps
     link = step_bytes * 8 / (args.mbps * 1e6) + 2 * args.latency_ms / 1000

@@ -488,7 +488,6 @@ def round_record(
     rec["step_bytes_up"] = sum(s["bytes_up"] for s in rows) / max(len(rows), 1)
     rec["step_bytes_down"] = sum(s["bytes_down"] for s in rows) / max(len(rows), 1)
     rec["state_bytes"] = sum(u.nbytes for u in updates)
-    rec["cut_bytes"] = sum(s["bytes_up"] + s["bytes_down"] for s in rows)
     n = sum(s["count"] for s in rows)
     rec["train_loss"] = sum(s["loss"] * s["count"] for s in rows) / n if n else None
     clipped = [s["dp_clipped_frac"] for s in rows if "dp_clipped_frac" in s]
